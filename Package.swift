@@ -1,0 +1,49 @@
+// swift-tools-version:6.0
+// swift-qlora: QLoRA finetuning of Llama-family models in Swift.
+// Targets follow DESIGN.md: CLI -> QLoRA (umbrella) -> ... -> {Kernels, Formats} -> Core.
+import PackageDescription
+
+let package = Package(
+    name: "swift-qlora",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "QLoRA", targets: ["QLoRA"]),
+        .executable(name: "qlora", targets: ["qlora"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+    ],
+    targets: [
+        // OpenBLAS on Linux (Debian: libopenblas-dev); Accelerate is used instead on Apple platforms.
+        .systemLibrary(
+            name: "CBLAS",
+            path: "Sources/CBLAS",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        // Hot loops only: scalar references beside AVX2 / AVX-512 variants picked at run time.
+        .target(name: "CKernels", path: "Sources/CKernels"),
+        .target(name: "QLoRACore"),
+        .target(
+            name: "QLoRAKernels",
+            dependencies: [
+                "QLoRACore", "CKernels",
+                .target(name: "CBLAS", condition: .when(platforms: [.linux])),
+            ]
+        ),
+        .target(name: "QLoRAFormats", dependencies: ["QLoRACore"]),
+        .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRAModel"]),
+        .executableTarget(
+            name: "qlora",
+            dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(name: "qlora-bench", dependencies: ["QLoRA"], path: "bench/Sources/qlora-bench"),
+        // Fixtures are read from Tests/<Target>/Resources through #filePath (the source tree), not bundled.
+        .target(name: "QLoRATestSupport", dependencies: ["QLoRACore", "QLoRAFormats"], path: "Tests/Support"),
+        .testTarget(name: "QLoRACoreTests", dependencies: ["QLoRACore", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRAKernelsTests", dependencies: ["QLoRAKernels", "QLoRAFormats", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRAFormatsTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,58 @@
+// Hot loops of swift-qlora, in C so that each can carry its own instruction-set attribute.
+// Every kernel has a scalar `_reference` version (the spec, and the fallback) and, on x86-64, `_avx2`
+// and `_avx512` versions. Swift picks one set once at start-up (QLoRAKernels/KernelTable.swift).
+// Calling an `_avx2`/`_avx512` function on a CPU without that feature is undefined: check
+// qk_cpu_supports() first.
+#ifndef CKERNELS_H
+#define CKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Instruction-set levels, in increasing order.
+enum { QK_LEVEL_REFERENCE = 0, QK_LEVEL_AVX2 = 1, QK_LEVEL_AVX512 = 2 };
+
+/// 1 if this CPU (and this build) can run kernels of `level`, else 0.
+int qk_cpu_supports(int level);
+
+/// Blockwise 4-bit quantization (bitsandbytes semantics).
+/// x: n floats, all finite. Blocks of `blocksize` (even, >= 2); the last block may be short.
+/// Full blocks scale by x * (1/absmax); the short last block by x / absmax (as bitsandbytes does),
+/// absmax clamped to >= 1e-38 (and stored clamped for the short block only). The code index is the number of `thresholds` (15 ascending
+/// midpoints) strictly below the clamped scaled value, mapped through `remap` (16 entries).
+/// packed: (n+1)/2 bytes, first element in the high nibble, an odd count padded with the code of 0.0;
+/// absmax: ceil(n/blocksize) floats.
+/// Returns -1, or the index of the first block holding a NaN or infinity (outputs then undefined).
+long long qk_quantize4_reference(const float *x, size_t n, size_t blocksize, const float *thresholds,
+                                 const uint8_t *remap, uint8_t *packed, float *absmax);
+long long qk_quantize4_avx2(const float *x, size_t n, size_t blocksize, const float *thresholds,
+                            const uint8_t *remap, uint8_t *packed, float *absmax);
+long long qk_quantize4_avx512(const float *x, size_t n, size_t blocksize, const float *thresholds,
+                              const uint8_t *remap, uint8_t *packed, float *absmax);
+
+/// out[i] = code[nibble(i)] * absmax[i / blocksize] for i < n (f32, one rounding per element).
+void qk_dequantize4_reference(const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                              const float *code, float *out);
+void qk_dequantize4_avx2(const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                         const float *code, float *out);
+void qk_dequantize4_avx512(const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                           const float *code, float *out);
+
+/// Fused dequantize-and-dot: sum_i x[i] * code[nibble(i)] * absmax[i / blocksize], for a run of n
+/// elements that starts on a block boundary (packed and absmax point at that block).
+/// Per block, the code-times-x products are summed and then scaled by the block's absmax.
+float qk_dot4_reference(const float *x, const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                        const float *code);
+float qk_dot4_avx2(const float *x, const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                   const float *code);
+float qk_dot4_avx512(const float *x, const uint8_t *packed, const float *absmax, size_t n, size_t blocksize,
+                     const float *code);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

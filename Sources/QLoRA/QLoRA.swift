@@ -1,0 +1,5 @@
+// swift-qlora: QLoRA finetuning of Llama-family models. Import this module to get the whole library.
+@_exported import QLoRACore
+@_exported import QLoRAFormats
+@_exported import QLoRAKernels
+@_exported import QLoRAModel

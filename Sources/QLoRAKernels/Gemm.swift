@@ -1,0 +1,45 @@
+// Single-precision matrix multiply: every GEMM in the package goes through `gemm`, which calls BLAS
+// (OpenBLAS on Linux, Accelerate on Apple platforms); `gemmReference` is the triple loop the tests
+// compare it with. Row-major throughout.
+#if canImport(Accelerate)
+import Accelerate
+#else
+import CBLAS
+#endif
+
+public enum Gemm {
+    /// C[M, N] = alpha * op(A) * op(B) + beta * C, row-major, where op(A) is [M, K] and op(B) is [K, N].
+    /// With `transposeB`, B is stored [N, K] (the layout of a linear layer's weight).
+    public static func gemm(
+        _ c: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>,
+        m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false,
+        alpha: Float = 1, beta: Float = 0
+    ) {
+        guard m > 0, n > 0 else { return }
+        let lda = transposeA ? m : k
+        let ldb = transposeB ? k : n
+        cblas_sgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(n))
+    }
+
+    /// The same contract as `gemm`, as plain loops accumulated in f64.
+    public static func gemmReference(
+        _ c: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>,
+        m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false,
+        alpha: Float = 1, beta: Float = 0
+    ) {
+        for i in 0..<m {
+            for j in 0..<n {
+                var sum = 0.0
+                for p in 0..<k {
+                    let av = transposeA ? a[p * m + i] : a[i * k + p]
+                    let bv = transposeB ? b[j * k + p] : b[p * n + j]
+                    sum += Double(av) * Double(bv)
+                }
+                let prior = beta == 0 ? 0 : Double(beta) * Double(c[i * n + j])
+                c[i * n + j] = Float(Double(alpha) * sum + prior)
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+// One dispatch table for the C kernels, picked once per process: the best level the CPU supports,
+// or the one forced by QLORA_KERNELS=reference|avx2|avx512 (for tests and triage).
+import CKernels
+import QLoRACore
+
+/// Instruction-set level of a kernel set.
+public enum KernelLevel: Int, CaseIterable, Sendable, CustomStringConvertible {
+    case reference = 0
+    case avx2 = 1
+    case avx512 = 2
+
+    public var description: String {
+        switch self {
+        case .reference: return "reference"
+        case .avx2: return "avx2"
+        case .avx512: return "avx512"
+        }
+    }
+
+    /// Whether this CPU can run this level.
+    public var isSupported: Bool { qk_cpu_supports(Int32(rawValue)) != 0 }
+
+    public init?(name: String) {
+        guard let level = KernelLevel.allCases.first(where: { $0.description == name.lowercased() }) else { return nil }
+        self = level
+    }
+}
+
+public typealias Quantize4Function = @convention(c) (
+    UnsafePointer<Float>?, Int, Int, UnsafePointer<Float>?, UnsafePointer<UInt8>?, UnsafeMutablePointer<UInt8>?,
+    UnsafeMutablePointer<Float>?
+) -> Int64
+public typealias Dequantize4Function = @convention(c) (
+    UnsafePointer<UInt8>?, UnsafePointer<Float>?, Int, Int, UnsafePointer<Float>?, UnsafeMutablePointer<Float>?
+) -> Void
+public typealias Dot4Function = @convention(c) (
+    UnsafePointer<Float>?, UnsafePointer<UInt8>?, UnsafePointer<Float>?, Int, Int, UnsafePointer<Float>?
+) -> Float
+
+/// The kernels of one instruction-set level.
+public struct KernelTable: Sendable {
+    public let level: KernelLevel
+    public let quantize4: Quantize4Function
+    public let dequantize4: Dequantize4Function
+    public let dot4: Dot4Function
+
+    /// The table for `level`, or nil if this CPU cannot run it.
+    public static func forLevel(_ level: KernelLevel) -> KernelTable? {
+        guard level.isSupported else { return nil }
+        switch level {
+        case .reference:
+            return KernelTable(level: level, quantize4: qk_quantize4_reference, dequantize4: qk_dequantize4_reference, dot4: qk_dot4_reference)
+        case .avx2:
+            return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2)
+        case .avx512:
+            return KernelTable(level: level, quantize4: qk_quantize4_avx512, dequantize4: qk_dequantize4_avx512, dot4: qk_dot4_avx512)
+        }
+    }
+
+    /// Every level this CPU supports, reference first.
+    public static var available: [KernelTable] { KernelLevel.allCases.compactMap(forLevel) }
+
+    /// The environment variable that forces a level.
+    public static let environmentVariable = "QLORA_KERNELS"
+
+    /// The process-wide table: the best supported level, unless QLORA_KERNELS names another.
+    public static let current: KernelTable = {
+        let best = available.last!
+        guard let forced = Environment.get(environmentVariable), !forced.isEmpty else { return best }
+        guard let level = KernelLevel(name: forced) else {
+            Log.info("warning: \(environmentVariable)=\(forced) is not one of reference, avx2, avx512; using \(best.level)")
+            return best
+        }
+        guard let table = forLevel(level) else {
+            Log.info("warning: \(environmentVariable)=\(forced) is not supported by this CPU; using \(best.level)")
+            return best
+        }
+        return table
+    }()
+}

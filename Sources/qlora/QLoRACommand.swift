@@ -1,0 +1,70 @@
+// The `qlora` command line. Each subcommand parses its options, calls the library and prints;
+// results go to stdout (one JSON object with --json), progress and logs to stderr, and errors are
+// one `error: ...` line on stderr with a non-zero exit.
+import ArgumentParser
+import QLoRA
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+@main
+struct QLoRACommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qlora",
+        abstract: "QLoRA finetuning of Llama-family models: 4-bit NormalFloat base weights, LoRA adapters.",
+        discussion: """
+            Results go to stdout (add --json for one JSON object), progress and logs to stderr.
+            Kernels: QLORA_KERNELS=reference|avx2|avx512 forces an instruction set; QLORA_THREADS sets the thread count.
+            """,
+        version: QLoRAVersion.string,
+        subcommands: [Quantize.self, Inspect.self]
+    )
+
+    static func main() {
+        var command: ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            exit(withError: error)
+        }
+        do {
+            try command.run()
+        } catch let error as ExitCode {
+            exit(withError: error)
+        } catch let error as ValidationError {
+            exit(withError: error)
+        } catch let error as CleanExit {
+            exit(withError: error)
+        } catch {
+            let message = "\(error)".split(separator: "\n").joined(separator: " ")
+            Log.write("error: \(message)\n")
+            Glibc.exit(1)
+        }
+    }
+}
+
+/// Prints one JSON object on stdout.
+func printJSON(_ value: JSONValue) {
+    print(JSON.serialize(value, pretty: true))
+}
+
+/// Formats a byte count for people.
+func formatBytes(_ n: Int) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"]
+    var v = Double(n), u = 0
+    while v >= 1000 && u < units.count - 1 { v /= 1000; u += 1 }
+    return u == 0 ? "\(n) B" : "\(formatFixed(v, 2)) \(units[u])"
+}
+
+func formatFixed(_ v: Double, _ digits: Int) -> String {
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let r = (abs(v) * scale).rounded()
+    let whole = Int(r / scale)
+    var frac = String(Int(r.truncatingRemainder(dividingBy: scale)))
+    while frac.count < digits { frac = "0" + frac }
+    return (v < 0 && r != 0 ? "-" : "") + (digits > 0 ? "\(whole).\(frac)" : "\(whole)")
+}

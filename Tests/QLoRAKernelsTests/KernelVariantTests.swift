@@ -1,0 +1,108 @@
+// Every kernel variant this CPU supports against the scalar reference, over lengths with tails
+// (as ggml's test-quantize-fns sweeps them).
+import QLoRACore
+import QLoRATestSupport
+import Testing
+
+@testable import QLoRAKernels
+
+private let lengths = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 4097, 12345]
+
+private func randomValues(_ n: Int, seed: UInt64) -> [Float] {
+    var rng = SeededRandom(seed: seed)
+    return (0..<n).map { i in
+        let v = rng.normal() * 0.02
+        return i % 97 == 0 ? v * 50 : v  // a few outliers
+    }
+}
+
+@Suite("kernel variants")
+struct KernelVariantTests {
+    static let levels = KernelTable.available.map(\.level).filter { $0 != .reference }
+    let reference = KernelTable.forLevel(.reference)!
+
+    @Test("the reference level is always available and QLORA_KERNELS names levels")
+    func levels() {
+        #expect(KernelTable.forLevel(.reference) != nil)
+        #expect(KernelLevel(name: "AVX2") == .avx2)
+        #expect(KernelLevel(name: "neon") == nil)
+        #expect(KernelTable.current.level.isSupported)
+    }
+
+    @Test("quantize: identical bytes and absmax to the reference", arguments: levels)
+    func quantize(level: KernelLevel) throws {
+        let kernels = KernelTable.forLevel(level)!
+        for qt in QuantType.allCases {
+            for bs in [32, 64, 128, 4096] {
+                for n in lengths {
+                    let x = randomValues(n, seed: UInt64(n * 31 + bs))
+                    let a = try Quantized4Bit(x, type: qt, blockSize: bs, doubleQuant: false, kernels: reference)
+                    let b = try Quantized4Bit(x, type: qt, blockSize: bs, doubleQuant: false, kernels: kernels)
+                    #expect(a == b, "\(level) \(qt) block \(bs) length \(n)")
+                }
+            }
+        }
+    }
+
+    @Test("dequantize: bit-identical to the reference", arguments: levels)
+    func dequantize(level: KernelLevel) throws {
+        let kernels = KernelTable.forLevel(level)!
+        for qt in QuantType.allCases {
+            for bs in [32, 64, 256] {
+                for n in lengths {
+                    let q = try Quantized4Bit(randomValues(n, seed: UInt64(n)), type: qt, blockSize: bs, doubleQuant: true, kernels: reference)
+                    #expect(Compare.bitEqual(q.dequantize(kernels: kernels), q.dequantize(kernels: reference), "\(level) \(qt) \(bs) \(n)") == nil)
+                }
+            }
+        }
+    }
+
+    @Test("fused 4-bit dot product: within f32 summation error of the reference", arguments: levels)
+    func dot(level: KernelLevel) throws {
+        let kernels = KernelTable.forLevel(level)!
+        for bs in [32, 64, 128] {
+            for n in lengths {
+                let w = randomValues(n, seed: UInt64(7 * n + 1))
+                let x = randomValues(n, seed: UInt64(11 * n + 3)).map { $0 * 40 }
+                let q = try Quantized4Bit(w, type: .nf4, blockSize: bs, doubleQuant: false, kernels: reference)
+                let scales = q.blockScales()
+                let code = QuantType.nf4.codebook
+                let dequantized = q.dequantize(kernels: reference)
+                var exact = 0.0, magnitude = 0.0
+                for i in 0..<n { exact += Double(dequantized[i]) * Double(x[i]); magnitude += abs(Double(dequantized[i]) * Double(x[i])) }
+                let got = q.packed.withUnsafeBufferPointer { p in
+                    scales.withUnsafeBufferPointer { a in
+                        kernels.dot4(x, p.baseAddress, a.baseAddress, n, bs, code)
+                    }
+                }
+                let ref = q.packed.withUnsafeBufferPointer { p in
+                    scales.withUnsafeBufferPointer { a in
+                        reference.dot4(x, p.baseAddress, a.baseAddress, n, bs, code)
+                    }
+                }
+                // f32 accumulation: error bounded by a few ulps of the sum of magnitudes.
+                let bound = magnitude * 1e-6 + 1e-12
+                #expect(abs(Double(got) - exact) <= bound, "\(level) block \(bs) length \(n): \(got) vs \(exact)")
+                #expect(abs(Double(ref) - exact) <= bound, "reference block \(bs) length \(n): \(ref) vs \(exact)")
+            }
+        }
+    }
+
+    @Test("gemv over a 4-bit matrix equals dequantize-then-multiply")
+    func gemv() throws {
+        let rows = 96, cols = 320
+        let w = randomValues(rows * cols, seed: 5)
+        let x = randomValues(cols, seed: 6)
+        for (c, bs) in [(cols, 64), (cols, 32), (cols - 1, 64)] {
+            let wv = Array(w.prefix(rows * c))
+            let xv = Array(x.prefix(c))
+            let q = try Quantized4Bit(wv, shape: [rows, c], type: .nf4, blockSize: bs, doubleQuant: true)
+            let y = q.gemv(xv, scales: q.blockScales())
+            let d = q.dequantize()
+            let expected: [Float] = (0..<rows).map { r in
+                Float((0..<c).reduce(0.0) { $0 + Double(d[r * c + $1]) * Double(xv[$1]) })
+            }
+            #expect(Compare.close(y, expected, atol: 1e-5, rtol: 1e-4, "gemv \(rows)x\(c) block \(bs)") == nil)
+        }
+    }
+}

@@ -1,0 +1,101 @@
+// Helpers shared by the test targets: fixture paths and comparisons that report where they differ.
+import QLoRACore
+import QLoRAFormats
+
+public enum Fixtures {
+    /// The Resources folder beside the calling test file.
+    public static func resources(_ file: String = #filePath) -> String {
+        FileSystem.join(FileSystem.directoryName(file), "Resources")
+    }
+
+    /// The repository root (two levels above a test file).
+    public static func repositoryRoot(_ file: String = #filePath) -> String {
+        FileSystem.directoryName(FileSystem.directoryName(FileSystem.directoryName(file)))
+    }
+
+    public static func open(_ name: String, _ file: String = #filePath) throws -> SafetensorsFile {
+        try SafetensorsFile(path: FileSystem.join(resources(file), name))
+    }
+
+    /// A fresh empty temporary folder.
+    public static func temporaryDirectory(_ label: String) throws -> String {
+        let base = Environment.get("TMPDIR") ?? "/tmp"
+        var n = 0
+        while true {
+            let dir = FileSystem.join(base, "qlora-test-\(label)-\(Clock.seconds().bitPattern % 1_000_000_007)-\(n)")
+            if !FileSystem.exists(dir) {
+                try FileSystem.makeDirectory(dir)
+                return dir
+            }
+            n += 1
+        }
+    }
+}
+
+public enum Compare {
+    /// nil when `actual` and `expected` are bit-identical; else a message naming the first difference.
+    public static func bitEqual(_ actual: [Float], _ expected: [Float], _ label: String) -> String? {
+        guard actual.count == expected.count else { return "\(label): \(actual.count) values, expected \(expected.count)" }
+        var mismatches = 0
+        var first = -1
+        for i in 0..<actual.count where actual[i].bitPattern != expected[i].bitPattern {
+            if first < 0 { first = i }
+            mismatches += 1
+        }
+        if mismatches == 0 { return nil }
+        return "\(label): \(mismatches) of \(actual.count) differ; first at \(first): \(actual[first]) vs \(expected[first])"
+    }
+
+    /// As `bitEqual`, but +0.0 and -0.0 count as equal (bitsandbytes itself is inconsistent about the
+    /// sign of FP4's zero code, see scripts/reference/NOTES.md).
+    public static func bitEqualIgnoringZeroSign(_ actual: [Float], _ expected: [Float], _ label: String) -> String? {
+        bitEqual(actual.map { $0 == 0 ? 0 : $0 }, expected.map { $0 == 0 ? 0 : $0 }, label)
+    }
+
+    public static func equal(_ actual: [UInt8], _ expected: [UInt8], _ label: String) -> String? {
+        guard actual.count == expected.count else { return "\(label): \(actual.count) bytes, expected \(expected.count)" }
+        let diffs = actual.indices.filter { actual[$0] != expected[$0] }
+        if diffs.isEmpty { return nil }
+        let i = diffs[0]
+        return "\(label): \(diffs.count) of \(actual.count) bytes differ; first at \(i): \(actual[i]) vs \(expected[i])"
+    }
+
+    /// nil when |a - e| <= atol + rtol * |e| everywhere; else the worst element.
+    public static func close(_ actual: [Float], _ expected: [Float], atol: Float, rtol: Float, _ label: String) -> String? {
+        guard actual.count == expected.count else { return "\(label): \(actual.count) values, expected \(expected.count)" }
+        var worst = -1
+        var worstExcess: Float = 0
+        for i in 0..<actual.count {
+            let excess = abs(actual[i] - expected[i]) - (atol + rtol * abs(expected[i]))
+            if excess > worstExcess || (actual[i].isNaN != expected[i].isNaN) { worst = i; worstExcess = excess.isNaN ? .infinity : excess }
+        }
+        if worst < 0 { return nil }
+        return "\(label): element \(worst) is \(actual[worst]), expected \(expected[worst]) (atol \(atol), rtol \(rtol))"
+    }
+}
+
+/// A seeded generator (SplitMix64) so tests are repeatable.
+public struct SeededRandom: RandomNumberGenerator {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// A standard normal sample (Box-Muller).
+    public mutating func normal() -> Float {
+        let u1 = max(Double.random(in: 0..<1, using: &self), 1e-300)
+        let u2 = Double.random(in: 0..<1, using: &self)
+        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
