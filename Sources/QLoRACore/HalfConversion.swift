@@ -87,6 +87,12 @@ public func convertToFloat32(
         for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self)) }
     case .i8:
         for i in 0..<count { destination[i] = Float(source.load(fromByteOffset: i, as: Int8.self)) }
+    case .u64:
+        for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)) }
+    case .u32:
+        for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)) }
+    case .u16:
+        for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
     case .u8, .bool:
         for i in 0..<count { destination[i] = Float(source.load(fromByteOffset: i, as: UInt8.self)) }
     }

@@ -31,7 +31,7 @@ public struct TensorView: @unchecked Sendable {
 
     /// Reads the elements as `T` (which must match the dtype's size).
     public func values<T>(as type: T.Type) -> [T] {
-        precondition(MemoryLayout<T>.size == dtype.byteSize)
+        if MemoryLayout<T>.size != dtype.byteSize { fatalError("TensorView: \(T.self) does not match \(dtype)") }
         let n = elementCount
         return [T](unsafeUninitializedCapacity: n) { buf, count in
             if n > 0 { UnsafeMutableRawPointer(buf.baseAddress!).copyMemory(from: bytes.baseAddress!, byteCount: n * dtype.byteSize) }
@@ -41,7 +41,8 @@ public struct TensorView: @unchecked Sendable {
 
     /// A view built over an owned copy of `values`.
     public static func make<T>(_ values: [T], dtype: DType, shape: [Int]) -> TensorView {
-        precondition(MemoryLayout<T>.size == dtype.byteSize)
+        if MemoryLayout<T>.size != dtype.byteSize { fatalError("TensorView: \(T.self) does not match \(dtype)") }
+        if values.count != shape.reduce(1, *) { fatalError("TensorView: \(values.count) values for shape \(shape)") }
         let byteCount = values.count * dtype.byteSize
         let buffer = HeapBuffer(byteCount: byteCount)
         if byteCount > 0 { values.withUnsafeBytes { buffer.pointer.copyMemory(from: $0.baseAddress!, byteCount: byteCount) } }

@@ -55,11 +55,13 @@ public struct NestedAbsmax: Sendable, Equatable {
         }
     }
 
-    /// The mean of the constants, accumulated in f64 and rounded once to f32.
-    /// (bitsandbytes uses torch's f32 mean, whose summation order depends on the tensor size and the
-    /// thread count; the f64 mean is the exact-rounded value it approximates.)
+    /// The mean of the constants as bitsandbytes computes it (torch's f32 mean, see TorchSum), so
+    /// offsets match to the bit. Where that f32 sum overflows (constants near Float.greatestFiniteMagnitude)
+    /// bitsandbytes gets an infinite offset and a NaN tensor; we take the f64 mean instead.
     public static func mean(_ values: [Float]) -> Float {
         guard !values.isEmpty else { return 0 }
+        let m = TorchSum.mean(values)
+        if m.isFinite { return m }
         var sum = 0.0
         for v in values { sum += Double(v) }
         return Float(sum / Double(values.count))

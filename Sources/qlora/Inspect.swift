@@ -5,8 +5,8 @@ struct Inspect: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "List the tensors of a checkpoint, with quantization settings and bits per parameter.",
         discussion: """
-            PATH is a .safetensors file or a model folder (single or sharded safetensors). Quantized weights stored in
-            bitsandbytes' layout are shown as one tensor with their type, block size, double quantization and bits per
+            PATH is a .safetensors file or a model folder (single or sharded safetensors). Quantized weights stored in \
+            bitsandbytes' layout are shown as one tensor with their type, block size, double quantization and bits per \
             parameter. --system prints the machine and the kernels in use instead.
             """
     )

@@ -38,6 +38,8 @@ struct QLoRACommand: ParsableCommand {
             exit(withError: error)
         } catch let error as CleanExit {
             exit(withError: error)
+        } catch where String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") {
+            exit(withError: error)  // help, usage and parse errors keep ArgumentParser's own format
         } catch {
             let message = "\(error)".split(separator: "\n").joined(separator: " ")
             Log.write("error: \(message)\n")

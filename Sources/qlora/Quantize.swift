@@ -5,10 +5,10 @@ struct Quantize: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Quantize a model or tensor file to a bitsandbytes 4-bit checkpoint.",
         discussion: """
-            INPUT is a Hugging Face model folder (config.json + model.safetensors or shards) or a .safetensors file.
-            For a model folder, exactly the tensors bitsandbytes would quantize are quantized (linear-layer weights; not
-            embeddings, norms or lm_head), everything else is copied, and config.json gets a quantization_config, so
-            transformers loads the result as it loads its own 4-bit checkpoints. For a bare tensor file, every 2-D
+            INPUT is a Hugging Face model folder (config.json + model.safetensors or shards) or a .safetensors file. \
+            For a model folder, exactly the tensors bitsandbytes would quantize are quantized (linear-layer weights; not \
+            embeddings, norms or lm_head), everything else is copied, and config.json gets a quantization_config, so \
+            transformers loads the result as it loads its own 4-bit checkpoints. For a bare tensor file, every 2-D \
             floating-point tensor is quantized, or those matching --include.
             """
     )

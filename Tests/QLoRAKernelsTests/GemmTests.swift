@@ -1,7 +1,7 @@
 import QLoRATestSupport
 import Testing
 
-@testable import QLoRAKernels
+import QLoRAKernels
 
 @Suite("gemm")
 struct GemmTests {

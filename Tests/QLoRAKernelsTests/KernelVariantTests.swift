@@ -4,7 +4,7 @@ import QLoRACore
 import QLoRATestSupport
 import Testing
 
-@testable import QLoRAKernels
+import QLoRAKernels
 
 private let lengths = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 4097, 12345]
 

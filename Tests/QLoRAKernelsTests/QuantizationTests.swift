@@ -3,7 +3,7 @@ import QLoRACore
 import QLoRATestSupport
 import Testing
 
-@testable import QLoRAKernels
+import QLoRAKernels
 
 @Suite("quantization")
 struct QuantizationTests {

@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both run scripts/setup.sh first.
+SWIFT ?= swift
+CONFIG ?= release
+QLORA_CACHE ?= $(HOME)/.cache/swift-qlora
+export QLORA_CACHE
+BIN = .build/$(CONFIG)/qlora
+
+.PHONY: all setup build test demo bench clean
+
+all: build
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(SWIFT) build -c $(CONFIG) --product qlora
+
+# Numerics are tested in release mode (as they run); tests never need Python.
+test: setup
+	$(SWIFT) build -c $(CONFIG) --build-tests
+	$(SWIFT) test -c $(CONFIG) --skip-build
+
+demo: build
+	@bash scripts/demo.sh $(BIN)
+
+# Side-by-side benchmarks against the Python reference stack (needs bench/requirements.txt in a venv).
+bench: setup
+	$(SWIFT) build -c release --product qlora-bench --product qlora
+	@bash bench/run.sh
+
+clean:
+	rm -rf .build

@@ -1,0 +1,140 @@
+// The `qlora` binary as users and scripts see it: exit codes, one-line errors on stderr, JSON on stdout.
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs the qlora binary that was built beside this test bundle.
+func runQLoRA(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
+    let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
+    let dir = try Fixtures.temporaryDirectory("cli")
+    let out = FileSystem.join(dir, "stdout"), err = FileSystem.join(dir, "stderr")
+    func quote(_ s: String) -> String { "'" + s.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'" }
+    let env = environment.map { "\($0.key)=\(quote($0.value))" }.joined(separator: " ")
+    let command = "\(env) \(quote(binary)) \(arguments.map(quote).joined(separator: " ")) >\(quote(out)) 2>\(quote(err)) </dev/null"
+    let raw = system(command)
+    let status = (raw >> 8) & 0xFF
+    let o = String(decoding: try FileSystem.readFile(out), as: UTF8.self)
+    let e = String(decoding: try FileSystem.readFile(err), as: UTF8.self)
+    return (status, o, e)
+}
+
+@Suite("command line")
+struct CLITests {
+    @Test("qlora exists beside the tests")
+    func binary() {
+        #expect(FileSystem.exists(FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")))
+    }
+
+    @Test("bad safetensors files: non-zero exit and one 'error:' line naming the file and tensor", arguments: SafetensorsCLICase.all)
+    func badFiles(_ c: SafetensorsCLICase) throws {
+        let dir = try Fixtures.temporaryDirectory("badcli")
+        let path = FileSystem.join(dir, "bad.safetensors")
+        try FileSystem.writeFileAtomically(path, bytes: c.bytes)
+        let r = try runQLoRA(["inspect", path])
+        #expect(r.status != 0)
+        let lines = r.stderr.split(separator: "\n")
+        #expect(lines.count == 1, "\(c.label): \(r.stderr)")
+        #expect(r.stderr.hasPrefix("error: \(path)"), "\(c.label): \(r.stderr)")
+        if let t = c.tensor { #expect(r.stderr.contains(t), "\(c.label): \(r.stderr)") }
+        #expect(r.stdout.isEmpty)
+        // quantize refuses the same file and writes nothing.
+        let out = FileSystem.join(dir, "out")
+        let q = try runQLoRA(["quantize", path, "--output", out, "--quiet"])
+        #expect(q.status != 0)
+        #expect(q.stderr.hasPrefix("error: "))
+        #expect(!FileSystem.exists(FileSystem.join(out, "model.safetensors")))
+    }
+
+    @Test("quantize then inspect: 4.5 bits/parameter without double quantization, about 4.127 with it")
+    func quantizeInspect() throws {
+        let dir = try Fixtures.temporaryDirectory("qi")
+        var rng = SeededRandom(seed: 9)
+        let rows = 512, cols = 4096
+        let w = (0..<(rows * cols)).map { _ in rng.normal() * 0.02 }
+        let input = FileSystem.join(dir, "w.safetensors")
+        try SafetensorsWriter.write(path: input, tensors: [
+            ("proj.weight", .make(w, dtype: .f32, shape: [rows, cols])),
+            ("norm.weight", .make([Float](repeating: 1, count: cols), dtype: .f32, shape: [cols])),
+        ])
+        for (flags, bits) in [([String](), 4.127), (["--no-double-quant"], 4.5)] {
+            let out = FileSystem.join(dir, flags.isEmpty ? "dq" : "plain")
+            let q = try runQLoRA(["quantize", input, "--output", out, "--json"] + flags)
+            #expect(q.status == 0, "\(q.stderr)")
+            let report = try JSON.parse(q.stdout)
+            #expect(report["quantized_tensors"]?.intValue == 1)
+            #expect(report["copied_tensors"]?.intValue == 1)
+            #expect(report["relative_rmse"]!.doubleValue! < 0.12)
+            let i = try runQLoRA(["inspect", out, "--json"])
+            #expect(i.status == 0, "\(i.stderr)")
+            let info = try JSON.parse(i.stdout)
+            let measured = info["quantized_bits_per_parameter"]!.doubleValue!
+            #expect(abs(measured - bits) < 0.005, "\(flags): \(measured) bits/parameter")
+            let tensors = info["tensors"]!.arrayValue!
+            let proj = tensors.first { $0["name"]?.stringValue == "proj.weight" }!
+            #expect(proj["quant_type"]?.stringValue == "nf4")
+            #expect(proj["double_quant"]?.boolValue == flags.isEmpty)
+        }
+        // An existing output is not overwritten without --force.
+        let again = try runQLoRA(["quantize", input, "--output", FileSystem.join(dir, "dq"), "--quiet"])
+        #expect(again.status != 0 && again.stderr.contains("--force"))
+    }
+
+    @Test("a NaN weight stops quantize with the tensor name and index")
+    func nanWeight() throws {
+        let dir = try Fixtures.temporaryDirectory("nan")
+        var w = [Float](repeating: 0.1, count: 256)
+        w[130] = .nan
+        let input = FileSystem.join(dir, "w.safetensors")
+        try SafetensorsWriter.write(path: input, tensors: [("layer.weight", .make(w, dtype: .f32, shape: [4, 64]))])
+        let r = try runQLoRA(["quantize", input, "--output", FileSystem.join(dir, "out"), "--quiet"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("layer.weight") && r.stderr.contains("element 130"), "\(r.stderr)")
+        #expect(!FileSystem.exists(FileSystem.join(dir, "out", "model.safetensors")))
+    }
+
+    @Test("inspect --system names the kernel set, and QLORA_KERNELS forces it")
+    func system() throws {
+        let r = try runQLoRA(["inspect", "--system", "--json"], environment: ["QLORA_KERNELS": "reference"])
+        #expect(r.status == 0)
+        #expect(try JSON.parse(r.stdout)["kernels"]?.stringValue == "reference")
+        let best = try runQLoRA(["inspect", "--system", "--json"])
+        #expect(try JSON.parse(best.stdout)["kernels"]?.stringValue == KernelTable.available.last!.level.description)
+    }
+
+    @Test("argument errors exit non-zero and --help documents the defaults")
+    func usage() throws {
+        let r = try runQLoRA(["quantize", "x.safetensors", "--output", "o", "--block-size", "48"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("--block-size"))
+        let h = try runQLoRA(["quantize", "--help"])
+        #expect(h.status == 0)
+        #expect(h.stdout.contains("default: nf4") && h.stdout.contains("default: 64"))
+    }
+}
+
+struct SafetensorsCLICase: CustomStringConvertible, Sendable {
+    let label: String
+    let bytes: [UInt8]
+    let tensor: String?
+    var description: String { label }
+
+    static func raw(_ header: String, _ data: [UInt8], length: UInt64? = nil) -> [UInt8] {
+        let h = Array(header.utf8)
+        var l = (length ?? UInt64(h.count)).littleEndian
+        return withUnsafeBytes(of: &l) { Array($0) } + h + data
+    }
+
+    static let all: [SafetensorsCLICase] = [
+        .init(label: "truncated", bytes: raw(#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#, [0, 0, 0, 0]), tensor: "w"),
+        .init(label: "bad JSON", bytes: raw("{\"w\": [", []), tensor: nil),
+        .init(label: "overlap", bytes: raw(#"{"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}"#, [UInt8](repeating: 0, count: 6)), tensor: "b"),
+        .init(label: "out of range", bytes: raw(#"{"w": {"dtype": "U8", "shape": [4], "data_offsets": [100, 104]}}"#, [0]), tensor: "w"),
+        .init(label: "absurd header length", bytes: raw("{}", [], length: 1 << 50), tensor: nil),
+        .init(label: "wrong byte count", bytes: raw(#"{"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 4]}}"#, [0, 0, 0, 0]), tensor: "w"),
+        .init(label: "unknown dtype", bytes: raw(#"{"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}"#, [UInt8](repeating: 0, count: 8)), tensor: "w"),
+    ]
+}
