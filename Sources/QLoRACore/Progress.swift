@@ -53,16 +53,14 @@ public final class ProgressBar {
 
     private static func format(_ seconds: Double) -> String {
         let s = Int(seconds.rounded())
-        return s >= 60 ? "\(s / 60)m\(String(format2: s % 60))s" : String(format: "%.1fs", seconds)
+        if s >= 60 { return "\(s / 60)m\(String(format2: s % 60))s" }
+        let tenths = Int((seconds * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10)s"
     }
 }
 
 private extension String {
     init(format2 value: Int) { self = value < 10 ? "0\(value)" : "\(value)" }
-    init(format: String, _ value: Double) {
-        let tenths = Int((value * 10).rounded())
-        self = "\(tenths / 10).\(tenths % 10)"
-    }
 }
 
 /// Monotonic time.

@@ -63,10 +63,11 @@ public enum CheckpointQuantizer {
         return true
     }
 
-    /// Quantizes `input` (an HF model folder or a .safetensors file) into folder `output`.
+    /// Quantizes `input` (an HF model folder, a .safetensors file, or a .gguf file read as a bare tensor
+    /// file with its own tensor names) into folder `output`.
     public static func quantize(input: String, output: String, options: QuantizeOptions) throws -> QuantizeReport {
         let start = Clock.seconds()
-        let tensors = try TensorCollection(path: input)
+        let tensors = try openTensorSource(input)
         let isModelFolder = FileSystem.isDirectory(input)
         var config: JSONValue?
         if isModelFolder {
@@ -81,8 +82,8 @@ public enum CheckpointQuantizer {
             }
         }
         let pattern = try options.include.map { try Regex($0) }
-        func selected(_ e: SafetensorsEntry) -> Bool {
-            guard e.dtype.isFloatingPoint, e.elementCount > 0 else { return false }
+        func selected(_ e: TensorInfo) -> Bool {
+            guard e.isFloatingPoint, e.elementCount > 0 else { return false }
             if let pattern { return (try? pattern.firstMatch(in: e.name)) != nil }
             if isModelFolder { return isLinearWeight(e.name, shape: e.shape) }
             return e.shape.count == 2
@@ -95,15 +96,22 @@ public enum CheckpointQuantizer {
 
         // Pass 1: quantize each selected tensor (only one f32 copy alive at a time).
         var quantized: [String: (Quantized4Bit, DType)] = [:]
+        var converted: [String: TensorView] = [:]
         var reports: [QuantizedTensorReport] = []
         var copied: [String] = []
-        let selectedNames = tensors.names.filter { selected(tensors.entry($0)!) }
+        let selectedNames = tensors.tensorNames.filter { selected(tensors.info($0)!) }
         let progress = ProgressBar("quantize", total: max(selectedNames.count, 1), enabled: options.showProgress)
-        for name in tensors.names {
-            let entry = tensors.entry(name)!
-            guard selected(entry) else { copied.append(name); continue }
-            let view = tensors.tensor(name)!
-            let values = view.floats()
+        for name in tensors.tensorNames {
+            let entry = tensors.info(name)!
+            guard selected(entry) else {
+                copied.append(name)
+                // Block-quantized tensors (GGUF) that stay unquantized here are written as f32.
+                if tensors.plainView(name) == nil {
+                    converted[name] = .make(try tensors.floats(name), dtype: .f32, shape: entry.shape)
+                }
+                continue
+            }
+            let values = try tensors.floats(name)
             let q = try Quantized4Bit(values, shape: entry.shape, type: options.quantType, blockSize: options.blockSize,
                                       doubleQuant: options.doubleQuant, name: name)
             let restored = q.dequantize()
@@ -113,9 +121,10 @@ public enum CheckpointQuantizer {
                 err += d * d
                 ref += Double(values[i]) * Double(values[i])
             }
-            quantized[name] = (q, entry.dtype)
+            let sourceDType = entry.dtype ?? .f32
+            quantized[name] = (q, sourceDType)
             reports.append(QuantizedTensorReport(
-                name: name, shape: entry.shape, sourceDType: entry.dtype, bitsPerParameter: q.bitsPerParameter,
+                name: name, shape: entry.shape, sourceDType: sourceDType, bitsPerParameter: q.bitsPerParameter,
                 relativeRMSE: ref > 0 ? (err / ref).squareRoot() : 0))
             progress.advance(note: name)
         }
@@ -123,11 +132,11 @@ public enum CheckpointQuantizer {
 
         // Pass 2: stream the output file in the input's tensor order.
         var layout: [(String, TensorView)] = []
-        for name in tensors.names {
+        for name in tensors.tensorNames {
             if let (q, dtype) = quantized[name] {
                 layout += BnB4bit.tensors(for: q, name: name, sourceDType: dtype)
             } else {
-                layout.append((name, tensors.tensor(name)!))
+                layout.append((name, converted[name] ?? tensors.plainView(name)!))
             }
         }
         var metadata: [(String, String)] = [("format", "pt")]
@@ -137,7 +146,7 @@ public enum CheckpointQuantizer {
         if isModelFolder {
             try copyCompanionFiles(from: input, to: output, config: config, options: options)
         }
-        let inputBytes = tensors.files.reduce(0) { $0 + $1.mapping.size }
+        let inputBytes = tensors.tensorNames.reduce(0) { $0 + (tensors.info($1)?.byteCount ?? 0) }
         let outputBytes = (try? MappedFile(path: outputFile).size) ?? 0
         return QuantizeReport(output: output, quantized: reports, copied: copied, inputBytes: inputBytes,
                               outputBytes: outputBytes, seconds: Clock.seconds() - start)

@@ -80,7 +80,7 @@ struct Quantize: ParsableCommand {
         }
         print("Wrote \(FileSystem.join(report.output, "model.safetensors"))")
         print("  quantized \(report.quantized.count) tensors (\(report.quantizedParameters) parameters) to \(quantType), block \(blockSize), double quantization \(noDoubleQuant ? "off" : "on")")
-        print("  copied \(report.copied.count) tensors unchanged")
+        print("  kept \(report.copied.count) other tensors unquantized")
         print("  bits per parameter: \(formatFixed(report.bitsPerParameter, 3))")
         print("  relative RMS reconstruction error: \(formatFixed(report.relativeRMSE * 100, 2))%")
         print("  size: \(formatBytes(report.inputBytes)) -> \(formatBytes(report.outputBytes)) in \(formatFixed(report.seconds, 2)) s")
