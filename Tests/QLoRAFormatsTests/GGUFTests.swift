@@ -1,0 +1,137 @@
+// GGUF reading against the `gguf` Python package: metadata of every value type, and every tensor type
+// dequantized bit-for-bit like gguf-py (Resources/mixed*.gguf, from scripts/reference/make_gguf_fixtures.py).
+import QLoRACore
+import QLoRAFormats
+import QLoRATestSupport
+import Testing
+
+private let resources = Fixtures.resources()
+private let expected = try! SafetensorsFile(path: FileSystem.join(resources, "mixed_gguf_expected.safetensors"))
+
+/// A GGUF value as the JSON the fixture stores (nested arrays kept).
+private func asJSON(_ v: GGUFValue) -> JSONValue {
+    switch v {
+    case let .uint(u): return .number(String(u))
+    case let .int(i): return .number(String(i))
+    case let .float(d): return .number("\(d)")
+    case let .bool(b): return .bool(b)
+    case let .string(s): return .string(s)
+    case let .array(a): return .array(a.map(asJSON))
+    }
+}
+
+@Suite("GGUF")
+struct GGUFTests {
+    @Test("metadata: every value type equals what gguf-py wrote")
+    func metadata() throws {
+        let g = try GGUFFile(path: FileSystem.join(resources, "mixed.gguf"))
+        #expect(g.version == 3)
+        let reference = try JSON.parse(expected.metadataValue("metadata.json")!)
+        let keys = reference.objectValue!.map(\.0)
+        #expect(keys.count >= 25)
+        for key in keys {
+            guard let ours = g.value(key) else { Issue.record("missing key \(key)"); continue }
+            #expect(asJSON(ours) == reference[key]!, "\(key)")
+        }
+        #expect(g.value("test.u64") == .uint(18_364_758_544_493_064_720))
+        #expect(g.value("tokenizer.chat_template")?.stringValue?.contains("{%") == true)
+    }
+
+    @Test("every tensor type dequantizes bit-exactly like gguf-py")
+    func tensors() throws {
+        let g = try GGUFFile(path: FileSystem.join(resources, "mixed.gguf"))
+        #expect(g.tensors.count == 12)
+        var types = Set<String>()
+        for t in g.tensors {
+            let want = expected.tensor(t.name)!.values(as: Float.self)
+            #expect(expected.metadataValue("type.\(t.name)") == t.type.description)
+            #expect(expected.metadataValue("shape.\(t.name)") == t.dims.map(String.init).joined(separator: ","))
+            #expect(Compare.bitEqual(try g.floats(t), want, t.name) == nil)
+            types.insert(t.type.description)
+        }
+        #expect(types == ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+    }
+
+    @Test("version 2 with a custom alignment")
+    func version2() throws {
+        let g = try GGUFFile(path: FileSystem.join(resources, "mixed-v2.gguf"))
+        #expect(g.version == 2 && g.alignment == 64)
+        #expect(try g.floats(g.tensor("v2.a")!) == [0, 0.5, 1, 1.5, 2, 2.5])
+        #expect(g.tensor("v2.a")!.shape == [2, 3])
+        #expect(try g.floats(g.tensor("v2.b")!) == [-2, -1, 0, 1, 2])
+    }
+
+    @Test("the default model's GGUF: llama metadata, 272 tensors, Q4_1 weights")
+    func defaultModel() throws {
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        let path = FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        // scripts/setup.sh fetches the model before `make test`; a missing model is a failure, not a skip.
+        let g = try GGUFFile(path: path)
+        #expect(g.value("general.architecture")?.stringValue == "llama")
+        #expect(g.value("llama.block_count")?.intValue == 30)
+        #expect(g.tensors.count == 272)
+        let w = g.tensor("blk.0.ffn_down.weight")!
+        #expect(w.type == .q4_1 && w.shape == [576, 1536])
+        let values = try g.floats(w)
+        #expect(values.allSatisfy { $0.isFinite })
+    }
+
+    struct BadCase: CustomStringConvertible, Sendable {
+        let label: String
+        let mutate: @Sendable ([UInt8]) -> [UInt8]
+        let expected: String
+        var description: String { label }
+    }
+
+    static func putU64(_ b: inout [UInt8], _ at: Int, _ v: UInt64) {
+        for i in 0..<8 { b[at + i] = UInt8((v >> (8 * UInt64(i))) & 0xFF) }
+    }
+
+    static let badCases: [BadCase] = [
+        BadCase(label: "not GGUF", mutate: { var b = $0; b[0] = 0x50; return b }, expected: "not a GGUF file"),
+        BadCase(label: "version 1", mutate: { var b = $0; b[4] = 1; return b }, expected: "version 1"),
+        BadCase(label: "truncated in metadata", mutate: { Array($0.prefix(100)) }, expected: "truncated"),
+        BadCase(label: "truncated data", mutate: { Array($0.prefix($0.count - 500)) }, expected: "runs past the end"),
+        BadCase(label: "absurd tensor count", mutate: { var b = $0; putU64(&b, 8, 1 << 60); return b }, expected: "tensor count"),
+        BadCase(label: "absurd string length", mutate: { var b = $0; putU64(&b, 24, 1 << 62); return b }, expected: "claims"),
+    ]
+
+    @Test("hostile GGUF files give typed errors naming the file", arguments: badCases)
+    func hostile(_ c: BadCase) throws {
+        let bytes = c.mutate(try FileSystem.readFile(FileSystem.join(resources, "mixed.gguf")))
+        let dir = try Fixtures.temporaryDirectory("gguf")
+        let path = FileSystem.join(dir, "bad.gguf")
+        try FileSystem.writeFileAtomically(path, bytes: bytes)
+        do {
+            _ = try GGUFFile(path: path)
+            Issue.record("\(c.label): accepted")
+        } catch let e as GGUFError {
+            #expect(e.description.hasPrefix(path) && e.description.contains(c.expected), "\(c.label): \(e)")
+        }
+    }
+
+    @Test("a tensor with an unknown type or misaligned offset is named in the error")
+    func badTensor() throws {
+        var bytes = try FileSystem.readFile(FileSystem.join(resources, "mixed.gguf"))
+        let g = try GGUFFile(path: FileSystem.join(resources, "mixed.gguf"))
+        // The last tensor info ends right before the padding to the data section: its u64 offset is the
+        // last 8 bytes and its u32 type the 4 before them. Find the info of the last tensor by its name.
+        let last = g.tensors.last!
+        let name = Array(last.name.utf8)
+        var at = -1
+        for i in stride(from: g.dataStart - name.count, through: 0, by: -1) where Array(bytes[i..<(i + name.count)]) == name { at = i; break }
+        #expect(at > 0)
+        let typeAt = at + name.count + 4 + 8 * last.dims.count
+        let dir = try Fixtures.temporaryDirectory("ggufbad")
+        var unknown = bytes
+        unknown[typeAt] = 99
+        try FileSystem.writeFileAtomically(FileSystem.join(dir, "a.gguf"), bytes: unknown)
+        #expect(throws: GGUFError.self) { _ = try GGUFFile(path: FileSystem.join(dir, "a.gguf")) }
+        do { _ = try GGUFFile(path: FileSystem.join(dir, "a.gguf")) } catch { #expect("\(error)".contains(last.name) && "\(error)".contains("99")) }
+        bytes[typeAt + 4] &+= 4  // offset no longer a multiple of the alignment
+        try FileSystem.writeFileAtomically(FileSystem.join(dir, "b.gguf"), bytes: bytes)
+        do { _ = try GGUFFile(path: FileSystem.join(dir, "b.gguf")); Issue.record("accepted") } catch {
+            #expect("\(error)".contains(last.name) && "\(error)".contains("aligned"))
+        }
+    }
+}
