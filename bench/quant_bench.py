@@ -30,7 +30,8 @@ def best(fn):
 
 def bnb_side(path):
     tensors = load_file(path)
-    totals = {"quantize_nf4_dq": 0.0, "quantize_nf4": 0.0, "dequantize_nf4_dq": 0.0, "dequantize_nf4": 0.0}
+    totals = {"quantize_nf4_dq": 0.0, "quantize_nf4": 0.0, "dequantize_nf4_dq": 0.0, "dequantize_nf4": 0.0,
+              "dequantize_nf4_dq_reused": 0.0}
     nbytes = 0
     for name, w in tensors.items():
         w = w.float().contiguous()
@@ -49,6 +50,14 @@ def bnb_side(path):
         totals["dequantize_nf4_dq"] += best(lambda: F.dequantize_4bit(packed, state))
         packed2, state2 = holder["plain"]
         totals["dequantize_nf4"] += best(lambda: F.dequantize_4bit(packed2, state2))
+        # bitsandbytes 0.50 registers no CPU kernel for dequantize_4bit's out= variant: there the
+        # allocating call is its only path, and it is what this row times for bitsandbytes.
+        out = torch.empty_like(w)
+        try:
+            F.dequantize_4bit(packed, state, out=out)
+            totals["dequantize_nf4_dq_reused"] += best(lambda: F.dequantize_4bit(packed, state, out=out))
+        except (NotImplementedError, RuntimeError):
+            totals["dequantize_nf4_dq_reused"] += best(lambda: F.dequantize_4bit(packed, state))
     return nbytes, totals
 
 
@@ -81,7 +90,8 @@ def main():
     print("| tensors | operation | bitsandbytes GB/s | swift-qlora GB/s | ratio |")
     print("|---|---|---:|---:|---:|")
     names = {"quantize_nf4_dq": "quantize NF4 + DQ", "quantize_nf4": "quantize NF4",
-             "dequantize_nf4_dq": "dequantize NF4 + DQ", "dequantize_nf4": "dequantize NF4"}
+             "dequantize_nf4_dq": "dequantize NF4 + DQ", "dequantize_nf4": "dequantize NF4",
+             "dequantize_nf4_dq_reused": "dequantize NF4 + DQ into a reused buffer (bnb: no CPU out= kernel, allocates)"}
     for row in results:
         for k, label in names.items():
             r = row[k]

@@ -47,11 +47,19 @@ public struct NestedAbsmax: Sendable, Equatable {
     /// roundings in f32, as bitsandbytes computes them). A sum past the largest float (only for
     /// constants within a rounding of Float.greatestFiniteMagnitude) is held at that value.
     public func dequantize() -> [Float] {
-        let table = Codebooks.dynamic8
-        return codes.indices.map { i in
-            let scaled = table[Int(codes[i])] * nestedAbsmax[i / Self.blockSize]
-            let value = scaled + offset
-            return value.isFinite ? value : .greatestFiniteMagnitude
+        let n = codes.count
+        return [Float](unsafeUninitializedCapacity: n) { out, count in
+            Codebooks.dynamic8.withUnsafeBufferPointer { table in
+                codes.withUnsafeBufferPointer { q in
+                    nestedAbsmax.withUnsafeBufferPointer { scale in
+                        for i in 0..<n {
+                            let value = table[Int(q[i])] * scale[i / Self.blockSize] + offset
+                            out[i] = value.isFinite ? value : .greatestFiniteMagnitude
+                        }
+                    }
+                }
+            }
+            count = n
         }
     }
 
@@ -164,21 +172,40 @@ public struct Quantized4Bit: Sendable, Equatable {
     public func dequantize(kernels: KernelTable = .current) -> [Float] {
         let n = elementCount
         let scales = blockScales()
-        let code = quantType.codebook
         return [Float](unsafeUninitializedCapacity: n) { out, count in
-            packed.withUnsafeBufferPointer { p in
-                scales.withUnsafeBufferPointer { a in
-                    code.withUnsafeBufferPointer { c in
-                        let outBase = out.baseAddress!
-                        Parallel.forChunks(count: n, granularity: blockSize, minimumChunk: 1 << 16) { _, range in
-                            kernels.dequantize4(
-                                p.baseAddress! + range.lowerBound / 2, a.baseAddress! + range.lowerBound / blockSize,
-                                range.count, blockSize, c.baseAddress, outBase + range.lowerBound)
-                        }
+            dequantize(elements: 0..<n, scales: scales, into: out.baseAddress!, kernels: kernels)
+            count = n
+        }
+    }
+
+    /// Dequantizes the flat elements `elements` into `out` (which must hold `elements.count` floats), with
+    /// `scales` from `blockScales()` (decode them once and reuse them). This is how a matrix product
+    /// dequantizes a tile of rows into a reused buffer; the range may start and end anywhere.
+    public func dequantize(elements: Range<Int>, scales: [Float], into out: UnsafeMutablePointer<Float>,
+                           kernels: KernelTable = .current) {
+        precondition(elements.lowerBound >= 0 && elements.upperBound <= elementCount && scales.count == blockCount)
+        let code = quantType.codebook
+        let bs = blockSize
+        // Head: up to the first block boundary, in scalar code (it may start mid-byte).
+        let firstBoundary = min(elements.upperBound, (elements.lowerBound + bs - 1) / bs * bs)
+        for i in elements.lowerBound..<firstBoundary {
+            let byte = packed[i >> 1]
+            let q = (i & 1) == 1 ? byte & 0x0F : byte >> 4
+            out[i - elements.lowerBound] = code[Int(q)] * scales[i / bs]
+        }
+        let body = firstBoundary..<elements.upperBound
+        guard !body.isEmpty else { return }
+        let outBody = out + (firstBoundary - elements.lowerBound)
+        packed.withUnsafeBufferPointer { p in
+            scales.withUnsafeBufferPointer { a in
+                code.withUnsafeBufferPointer { c in
+                    Parallel.forChunks(count: body.count, granularity: bs, minimumChunk: 1 << 16) { _, range in
+                        let start = body.lowerBound + range.lowerBound
+                        kernels.dequantize4(p.baseAddress! + start / 2, a.baseAddress! + start / bs, range.count, bs,
+                                            c.baseAddress, outBody + range.lowerBound)
                     }
                 }
             }
-            count = n
         }
     }
 
