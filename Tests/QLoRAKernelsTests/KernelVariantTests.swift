@@ -106,3 +106,25 @@ struct KernelVariantTests {
         }
     }
 }
+
+@Suite("partial dequantization")
+struct PartialDequantizeTests {
+    @Test("any element range, odd starts and mid-block ends included, equals the same slice of the whole")
+    func ranges() throws {
+        var rng = SeededRandom(seed: 12)
+        let n = 64 * 40 + 17
+        let x = (0..<n).map { _ in rng.normal() }
+        for bs in [32, 64, 256] {
+            let q = try Quantized4Bit(x, type: .nf4, blockSize: bs, doubleQuant: true)
+            let whole = q.dequantize()
+            let scales = q.blockScales()
+            for range in [0..<n, 1..<n, 3..<70, 63..<64, 64..<128, 100..<2000, 511..<n, n..<n] {
+                var out = [Float](repeating: .nan, count: range.count)
+                out.withUnsafeMutableBufferPointer { o in
+                    if let base = o.baseAddress { q.dequantize(elements: range, scales: scales, into: base) }
+                }
+                #expect(Compare.bitEqual(out, Array(whole[range]), "block \(bs) range \(range)") == nil)
+            }
+        }
+    }
+}
