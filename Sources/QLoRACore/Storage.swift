@@ -46,4 +46,14 @@ public final class MappedFile: @unchecked Sendable {
 
     /// The mapped bytes. Do not let the pointer escape beyond the lifetime of this object.
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
+
+    /// Tells the kernel that the pages wholly inside `range` (byte offsets) are not needed for now, so
+    /// they leave the resident set; a later read maps them in again from the file.
+    public func releasePages(_ range: Range<Int>) {
+        guard let base, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (range.lowerBound + page - 1) / page * page
+        let end = min(size, range.upperBound) / page * page
+        if end > start { Syscalls.adviseDontNeed(base + start, count: end - start) }
+    }
 }

@@ -55,6 +55,10 @@ enum Syscalls {
         _ = munmap(UnsafeMutableRawPointer(mutating: pointer), size)
     }
 
+    static func adviseDontNeed(_ pointer: UnsafeRawPointer, count: Int) {
+        _ = madvise(UnsafeMutableRawPointer(mutating: pointer), count, MADV_DONTNEED)
+    }
+
     static func close(_ fd: Int32) {
         _ = systemClose(fd)
     }

@@ -71,6 +71,11 @@ public final class SafetensorsFile: @unchecked Sendable {
 
     public func metadataValue(_ key: String) -> String? { metadata.first { $0.0 == key }?.1 }
 
+    /// Lets the pages of a tensor leave memory once read (see MappedFile.releasePages).
+    public func releasePages(_ e: SafetensorsEntry) {
+        mapping.releasePages((dataStart + e.begin)..<(dataStart + e.end))
+    }
+
     // MARK: - Header validation
 
     struct Header {

@@ -29,6 +29,9 @@ public protocol TensorSource: AnyObject {
     func plainView(_ name: String) -> TensorView?
     /// The files read.
     var filePaths: [String] { get }
+    /// Lets the pages of a tensor's bytes leave memory (after they were read), to keep the resident set
+    /// small while a whole checkpoint streams through.
+    func releasePages(_ name: String)
 }
 
 /// Opens a .gguf file, a .safetensors file, or a model folder.
@@ -53,6 +56,11 @@ extension TensorCollection: TensorSource {
     }
 
     public func plainView(_ name: String) -> TensorView? { tensor(name) }
+
+    public func releasePages(_ name: String) {
+        guard let path = file(of: name), let f = files.first(where: { $0.path == path }), let e = f.entry(name) else { return }
+        f.releasePages(e)
+    }
 }
 
 extension GGUFFile: TensorSource {
@@ -73,5 +81,10 @@ extension GGUFFile: TensorSource {
     public func plainView(_ name: String) -> TensorView? {
         guard let t = tensor(name), let dtype = t.type.plainDType else { return nil }
         return TensorView(dtype: dtype, shape: t.shape, bytes: bytes(of: t), owner: mapping)
+    }
+
+    public func releasePages(_ name: String) {
+        guard let t = tensor(name) else { return }
+        mapping.releasePages((dataStart + t.offset)..<(dataStart + t.offset + t.byteCount))
     }
 }

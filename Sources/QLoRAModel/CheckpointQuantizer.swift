@@ -112,6 +112,7 @@ public enum CheckpointQuantizer {
                 continue
             }
             let values = try tensors.floats(name)
+            tensors.releasePages(name)
             let q = try Quantized4Bit(values, shape: entry.shape, type: options.quantType, blockSize: options.blockSize,
                                       doubleQuant: options.doubleQuant, name: name)
             let restored = q.dequantize()
@@ -130,18 +131,23 @@ public enum CheckpointQuantizer {
         }
         if selectedNames.isEmpty { progress.advance() }
 
-        // Pass 2: stream the output file in the input's tensor order.
-        var layout: [(String, TensorView)] = []
-        for name in tensors.tensorNames {
-            if let (q, dtype) = quantized[name] {
-                layout += BnB4bit.tensors(for: q, name: name, sourceDType: dtype)
-            } else {
-                layout.append((name, converted[name] ?? tensors.plainView(name)!))
-            }
+        // Pass 2: stream the output file in the input's tensor order, one tensor in flight at a time.
+        func parts(_ name: String) -> [(String, TensorView)] {
+            if let (q, dtype) = quantized[name] { return BnB4bit.tensors(for: q, name: name, sourceDType: dtype) }
+            return [(name, converted[name] ?? tensors.plainView(name)!)]
         }
-        var metadata: [(String, String)] = [("format", "pt")]
-        metadata.append(("quantized_by", "swift-qlora"))
-        try SafetensorsWriter.write(path: outputFile, tensors: layout, metadata: metadata)
+        var declarations: [SafetensorsWriter.Declaration] = []
+        for name in tensors.tensorNames {
+            for (n, view) in parts(name) { declarations.append(.init(name: n, dtype: view.dtype, shape: view.shape)) }
+        }
+        let writer = try SafetensorsWriter(path: outputFile, tensors: declarations,
+                                           metadata: [("format", "pt"), ("quantized_by", "swift-qlora")])
+        for name in tensors.tensorNames {
+            for (n, view) in parts(name) { try writer.append(n, bytes: view.bytes) }
+            tensors.releasePages(name)
+            converted[name] = nil
+        }
+        try writer.finish()
 
         if isModelFolder {
             try copyCompanionFiles(from: input, to: output, config: config, options: options)
