@@ -123,9 +123,7 @@ struct SafetensorsCLICase: CustomStringConvertible, Sendable {
     var description: String { label }
 
     static func raw(_ header: String, _ data: [UInt8], length: UInt64? = nil) -> [UInt8] {
-        let h = Array(header.utf8)
-        var l = (length ?? UInt64(h.count)).littleEndian
-        return withUnsafeBytes(of: &l) { Array($0) } + h + data
+        Fixtures.rawSafetensors(header, data: data, length: length)
     }
 
     static let all: [SafetensorsCLICase] = [

@@ -5,14 +5,8 @@ import QLoRAFormats
 import QLoRATestSupport
 import Testing
 
-/// Builds a safetensors file from a raw header string and a data section.
 func rawSafetensors(_ header: String, data: [UInt8], lengthOverride: UInt64? = nil) -> [UInt8] {
-    let h = Array(header.utf8)
-    var length = (lengthOverride ?? UInt64(h.count)).littleEndian
-    var out = withUnsafeBytes(of: &length) { Array($0) }
-    out += h
-    out += data
-    return out
+    Fixtures.rawSafetensors(header, data: data, length: lengthOverride)
 }
 
 func writeTemp(_ bytes: [UInt8], name: String) throws -> String {

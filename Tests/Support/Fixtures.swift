@@ -32,6 +32,16 @@ public enum Fixtures {
     }
 }
 
+extension Fixtures {
+    /// A safetensors file from a raw header string and a data section; `length` overrides the header
+    /// length field (for hostile-input tests).
+    public static func rawSafetensors(_ header: String, data: [UInt8], length: UInt64? = nil) -> [UInt8] {
+        let h = Array(header.utf8)
+        var l = (length ?? UInt64(h.count)).littleEndian
+        return withUnsafeBytes(of: &l) { Array($0) } + h + data
+    }
+}
+
 public enum Compare {
     /// nil when `actual` and `expected` are bit-identical; else a message naming the first difference.
     public static func bitEqual(_ actual: [Float], _ expected: [Float], _ label: String) -> String? {
