@@ -23,6 +23,24 @@ public enum Gemm {
             Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(n))
     }
 
+    /// `gemm` with explicit leading dimensions (row strides, in elements) for sub-matrices.
+    public static func gemm(
+        _ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int,
+        m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false, alpha: Float = 1, beta: Float = 0
+    ) {
+        guard m > 0, n > 0 else { return }
+        cblas_sgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// y[m] = alpha * A[m, n] x[n] + beta * y (row-major A with row stride lda).
+    public static func gemv(_ y: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, lda: Int, _ x: UnsafePointer<Float>,
+                            m: Int, n: Int, alpha: Float = 1, beta: Float = 0) {
+        guard m > 0 else { return }
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(m), Int32(n), alpha, a, Int32(lda), x, 1, beta, y, 1)
+    }
+
     /// The same contract as `gemm`, as plain loops accumulated in f64.
     public static func gemmReference(
         _ c: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>,

@@ -1,0 +1,108 @@
+// A linear layer y = x Wᵀ + b whose weight W [out, in] is either frozen 4-bit (the QLoRA base) or dense
+// f32 (`--quant-type none`, reference runs). Many rows (prefill, training) dequantize W tile by tile into
+// a reused buffer and multiply with BLAS; one row (decoding) uses the fused dequantize-and-dot kernel.
+import QLoRACore
+import QLoRAKernels
+
+public struct Linear: Sendable {
+    public enum Weight: Sendable {
+        case dense([Float])
+        /// The 4-bit weight and its decoded per-block scales (kept so no step decodes them again).
+        case quantized(Quantized4Bit, scales: [Float])
+    }
+
+    public let outFeatures: Int
+    public let inFeatures: Int
+    public var weight: Weight
+    public var bias: [Float]?
+
+    public init(weight: Weight, outFeatures: Int, inFeatures: Int, bias: [Float]? = nil) {
+        self.weight = weight
+        self.outFeatures = outFeatures
+        self.inFeatures = inFeatures
+        self.bias = bias
+    }
+
+    /// Bytes held by the weight (codes, constants and decoded scales; or f32).
+    public var weightBytes: Int {
+        switch weight {
+        case let .dense(w): return w.count * 4
+        case let .quantized(q, scales): return q.storedByteCount + scales.count * 4
+        }
+    }
+
+    /// Rows of W dequantized per tile: about 256 KB of f32, so a tile stays in L2 while BLAS reads it.
+    var tileRows: Int { max(8, min(outFeatures, (256 * 1024) / max(4 * inFeatures, 1))) }
+
+    /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `tileRows * inFeatures` floats when the
+    /// weight is quantized and rows > 1.
+    public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
+                        scratch: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
+        switch weight {
+        case let .dense(w):
+            w.withUnsafeBufferPointer { wp in
+                if rows == 1 {
+                    Gemm.gemv(y, wp.baseAddress!, lda: inFeatures, x, m: outFeatures, n: inFeatures)
+                } else {
+                    Gemm.gemm(y, ldc: outFeatures, x, lda: inFeatures, wp.baseAddress!, ldb: inFeatures,
+                              m: rows, n: outFeatures, k: inFeatures, transposeB: true)
+                }
+            }
+        case let .quantized(q, scales):
+            if rows == 1 && inFeatures % q.blockSize == 0 {
+                fusedGemv(q, scales: scales, x, y, kernels: kernels)
+            } else {
+                var r0 = 0
+                let tile = tileRows
+                while r0 < outFeatures {
+                    let r1 = min(outFeatures, r0 + tile)
+                    q.dequantize(elements: (r0 * inFeatures)..<(r1 * inFeatures), scales: scales, into: scratch, kernels: kernels)
+                    Gemm.gemm(y + r0, ldc: outFeatures, x, lda: inFeatures, scratch, ldb: inFeatures,
+                              m: rows, n: r1 - r0, k: inFeatures, transposeB: true)
+                    r0 = r1
+                }
+            }
+        }
+        if let bias {
+            bias.withUnsafeBufferPointer { b in
+                for r in 0..<rows {
+                    let row = y + r * outFeatures
+                    for j in 0..<outFeatures { row[j] += b[j] }
+                }
+            }
+        }
+    }
+
+    /// Scratch floats `forward` needs.
+    public var scratchCount: Int {
+        if case .quantized = weight { return tileRows * inFeatures }
+        return 0
+    }
+
+    private func fusedGemv(_ q: Quantized4Bit, scales: [Float], _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>,
+                           kernels: KernelTable) {
+        let cols = inFeatures
+        let blocksPerRow = cols / q.blockSize
+        let code = q.quantType.codebook
+        q.packed.withUnsafeBufferPointer { p in
+            scales.withUnsafeBufferPointer { a in
+                code.withUnsafeBufferPointer { c in
+                    Parallel.forChunks(count: outFeatures, minimumChunk: 32) { _, range in
+                        for r in range {
+                            y[r] = kernels.dot4(x, p.baseAddress! + r * cols / 2, a.baseAddress! + r * blocksPerRow,
+                                                cols, q.blockSize, c.baseAddress)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// W as f32 [out, in] (dequantized if needed).
+    public func denseWeight() -> [Float] {
+        switch weight {
+        case let .dense(w): return w
+        case let .quantized(q, _): return q.dequantize()
+        }
+    }
+}

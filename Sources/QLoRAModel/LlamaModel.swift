@@ -1,0 +1,267 @@
+// A Llama-family causal language model (Llama 1-3, Mistral, Qwen2, SmolLM) on frozen 4-bit weights:
+// embedding, N blocks [RMSNorm, attention with RoPE and grouped KV heads, RMSNorm, SwiGLU MLP], final
+// norm, LM head. Port of transformers' modeling_llama.py (5.x) forward, without the training parts.
+import QLoRACore
+import QLoRAFormats
+import QLoRAKernels
+
+public struct LlamaLayer: Sendable {
+    public var inputNorm: [Float]
+    public var q: Linear
+    public var k: Linear
+    public var v: Linear
+    public var o: Linear
+    public var postAttentionNorm: [Float]
+    public var gate: Linear
+    public var up: Linear
+    public var down: Linear
+
+    public var linears: [Linear] { [q, k, v, o, gate, up, down] }
+}
+
+/// How to load: the base-weight format and the progress bar.
+public struct LoadOptions: Sendable {
+    /// 4-bit type for frozen linear weights, or nil to keep them in f32 (reference runs).
+    public var quantType: QuantType? = .nf4
+    public var blockSize = 64
+    public var doubleQuant = true
+    public var showProgress = true
+
+    public init() {}
+}
+
+public final class LlamaModel: @unchecked Sendable {
+    public let config: LlamaConfig
+    /// [vocab, hidden] f32.
+    public let embedding: [Float]
+    public let layers: [LlamaLayer]
+    public let finalNorm: [Float]
+    /// nil when tied to the embedding.
+    public let lmHead: Linear?
+    /// Where the weights came from.
+    public let source: String
+    let inverseFrequencies: [Float]
+
+    public init(config: LlamaConfig, embedding: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
+        self.config = config
+        self.embedding = embedding
+        self.layers = layers
+        self.finalNorm = finalNorm
+        self.lmHead = lmHead
+        self.source = source
+        inverseFrequencies = config.ropeInverseFrequencies()
+    }
+
+    /// Bytes of weights held in memory.
+    public var weightBytes: Int {
+        let linear = layers.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } }
+        let norms = layers.count * 2 * config.hiddenSize * 4 + finalNorm.count * 4
+        return embedding.count * 4 + linear + norms + (lmHead?.weightBytes ?? 0)
+    }
+}
+
+// MARK: - Loading
+
+/// Names of a layer's tensors in one checkpoint convention.
+struct TensorNaming {
+    let embedding: String
+    let finalNorm: String
+    let lmHead: String
+    let layer: (Int, String) -> String
+    /// GGUF stores Q and K rows permuted for llama.cpp's rotary layout.
+    let permutedQK: Bool
+
+    static let huggingFace = TensorNaming(
+        embedding: "model.embed_tokens.weight", finalNorm: "model.norm.weight", lmHead: "lm_head.weight",
+        layer: { i, part in
+            let map = ["input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
+                       "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                       "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"]
+            let (base, suffix) = split(part)
+            return "model.layers.\(i).\(map[base]!).\(suffix)"
+        }, permutedQK: false)
+
+    static let gguf = TensorNaming(
+        embedding: "token_embd.weight", finalNorm: "output_norm.weight", lmHead: "output.weight",
+        layer: { i, part in
+            let map = ["input_norm": "attn_norm", "post_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
+                       "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"]
+            let (base, suffix) = split(part)
+            return "blk.\(i).\(map[base]!).\(suffix)"
+        }, permutedQK: true)
+
+    static func split(_ part: String) -> (String, String) {
+        let pieces = part.split(separator: ".")
+        return (String(pieces[0]), pieces.count > 1 ? String(pieces[1]) : "weight")
+    }
+}
+
+extension LlamaModel {
+    /// Loads a model from a Hugging Face folder (f32/f16/bf16 safetensors, single or sharded, or a
+    /// bitsandbytes 4-bit checkpoint), a .gguf file, or `org/name` in the local Hugging Face cache.
+    /// Linear weights are quantized one at a time as they are read, so peak memory stays near the
+    /// quantized model plus one layer in f32.
+    public static func load(_ model: String, options: LoadOptions = LoadOptions()) throws -> LlamaModel {
+        let path = try ModelLocator.resolve(model)
+        if path.lowercased().hasSuffix(".gguf") {
+            let g = try GGUFFile(path: path)
+            return try load(config: try LlamaConfig(gguf: g), tensors: g, naming: .gguf, options: options, source: path)
+        }
+        guard FileSystem.isDirectory(path) else {
+            throw ModelError.notFound(model: model, reason: "\(path) is neither a model folder nor a .gguf file")
+        }
+        let configPath = FileSystem.join(path, "config.json")
+        guard FileSystem.exists(configPath) else { throw ModelError.notFound(model: model, reason: "\(path) has no config.json") }
+        var config = try LlamaConfig(configFile: configPath)
+        let generation = FileSystem.join(path, "generation_config.json")
+        if FileSystem.exists(generation), let g = try? JSON.parse(try FileSystem.readFile(generation)) {
+            if let e = g["eos_token_id"] {
+                let ids = e.arrayValue?.compactMap(\.intValue) ?? [e.intValue].compactMap { $0 }
+                if !ids.isEmpty { config.eosTokenIDs = ids }
+            }
+            if let b = g["bos_token_id"]?.intValue { config.bosTokenID = b }
+        }
+        let tensors = try TensorCollection(path: path)
+        return try load(config: config, tensors: tensors, naming: .huggingFace, options: options, source: path)
+    }
+
+    static func load(config: LlamaConfig, tensors: TensorSource, naming: TensorNaming, options: LoadOptions, source: String) throws -> LlamaModel {
+        var used = Set<String>()
+        let file = tensors.path
+        let collection = tensors as? TensorCollection
+
+        func floats(_ name: String, shape: [Int]) throws -> [Float] {
+            guard let info = tensors.info(name) else { throw ModelError.missingTensor(file: file, tensor: name) }
+            guard info.shape == shape else { throw ModelError.shapeMismatch(file: file, tensor: name, expected: shape, found: info.shape) }
+            used.insert(name)
+            let values = try tensors.floats(name)
+            tensors.releasePages(name)
+            return values
+        }
+
+        /// Un-permutes GGUF's Q/K rows: GGUF row h*d + 2i + s holds HF row h*d + s*d/2 + i.
+        func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] {
+            let d = w.count / cols / heads
+            var out = [Float](repeating: 0, count: w.count)
+            for h in 0..<heads {
+                for i in 0..<(d / 2) {
+                    for s in 0..<2 {
+                        let src = (h * d + 2 * i + s) * cols
+                        let dst = (h * d + s * (d / 2) + i) * cols
+                        for c in 0..<cols { out[dst + c] = w[src + c] }
+                    }
+                }
+            }
+            return out
+        }
+
+        func linear(_ name: String, out: Int, in inFeatures: Int, permuteHeads: Int? = nil, biasName: String? = nil) throws -> Linear {
+            var bias: [Float]?
+            if let biasName {
+                bias = try floats(biasName, shape: [out])
+                if let heads = permuteHeads, naming.permutedQK { bias = unpermute(bias!, heads: heads, cols: 1) }
+            }
+            if let collection, BnB4bit.quantStateName(for: name, in: collection) != nil {
+                // A bitsandbytes checkpoint: used as stored, without requantizing.
+                let (q, state) = try BnB4bit.load(name, from: collection)
+                guard state.shape == [out, inFeatures] else {
+                    throw ModelError.shapeMismatch(file: file, tensor: name, expected: [out, inFeatures], found: state.shape)
+                }
+                BnB4bit.tensorNames(for: name, state: state).forEach { used.insert($0) }
+                return Linear(weight: .quantized(q, scales: q.blockScales()), outFeatures: out, inFeatures: inFeatures, bias: bias)
+            }
+            var w = try floats(name, shape: [out, inFeatures])
+            if let heads = permuteHeads, naming.permutedQK { w = unpermute(w, heads: heads, cols: inFeatures) }
+            guard let qt = options.quantType else {
+                return Linear(weight: .dense(w), outFeatures: out, inFeatures: inFeatures, bias: bias)
+            }
+            let q = try Quantized4Bit(w, shape: [out, inFeatures], type: qt, blockSize: options.blockSize,
+                                      doubleQuant: options.doubleQuant, name: name)
+            return Linear(weight: .quantized(q, scales: q.blockScales()), outFeatures: out, inFeatures: inFeatures, bias: bias)
+        }
+
+        let c = config
+        let hidden = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
+        let progress = ProgressBar("load", total: c.layerCount + 2, enabled: options.showProgress)
+        let embedding = try floats(naming.embedding, shape: [c.vocabSize, hidden])
+        progress.advance(note: naming.embedding)
+        var layers: [LlamaLayer] = []
+        for i in 0..<c.layerCount {
+            let n = { naming.layer(i, $0) }
+            let bias = c.attentionBias
+            layers.append(LlamaLayer(
+                inputNorm: try floats(n("input_norm"), shape: [hidden]),
+                q: try linear(n("q"), out: qDim, in: hidden, permuteHeads: c.headCount, biasName: bias ? n("q.bias") : nil),
+                k: try linear(n("k"), out: kvDim, in: hidden, permuteHeads: c.kvHeadCount, biasName: bias ? n("k.bias") : nil),
+                v: try linear(n("v"), out: kvDim, in: hidden, biasName: bias ? n("v.bias") : nil),
+                o: try linear(n("o"), out: hidden, in: qDim),
+                postAttentionNorm: try floats(n("post_norm"), shape: [hidden]),
+                gate: try linear(n("gate"), out: c.intermediateSize, in: hidden),
+                up: try linear(n("up"), out: c.intermediateSize, in: hidden),
+                down: try linear(n("down"), out: hidden, in: c.intermediateSize)))
+            progress.advance(note: "layer \(i)")
+        }
+        let finalNorm = try floats(naming.finalNorm, shape: [hidden])
+        var lmHead: Linear?
+        if !c.tieWordEmbeddings || tensors.info(naming.lmHead) != nil {
+            // The output head stays in its own precision (bitsandbytes does not quantize lm_head either).
+            let w = try floats(naming.lmHead, shape: [c.vocabSize, hidden])
+            lmHead = Linear(weight: .dense(w), outFeatures: c.vocabSize, inFeatures: hidden)
+        }
+        progress.advance(note: "head")
+        let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") }
+        if !unused.isEmpty { throw ModelError.unusedTensors(file: file, names: unused) }
+        return LlamaModel(config: c, embedding: embedding, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+    }
+}
+
+/// Finds a model: a path, or `org/name` in the local Hugging Face cache.
+public enum ModelLocator {
+    public static func resolve(_ model: String) throws -> String {
+        if FileSystem.exists(model) { return model }
+        let parts = model.split(separator: "/")
+        let lower = model.lowercased()
+        if lower.hasSuffix(".bin") || lower.hasSuffix(".pt") || lower.hasSuffix(".pth") {
+            throw FormatError.pickleRefused(file: model)
+        }
+        guard parts.count == 2, !model.hasPrefix("."), !model.hasPrefix("/") else {
+            throw ModelError.notFound(model: model, reason: "no such file or folder")
+        }
+        let hubCaches = hubCacheFolders()
+        let folderName = "models--\(parts[0])--\(parts[1])"
+        for hub in hubCaches {
+            let repo = FileSystem.join(hub, folderName)
+            guard FileSystem.isDirectory(repo) else { continue }
+            let snapshots = FileSystem.join(repo, "snapshots")
+            // Prefer the revision refs/main points at; else the only (or last) snapshot.
+            if let ref = try? FileSystem.readFile(FileSystem.join(repo, "refs/main")) {
+                let rev = String(decoding: ref, as: UTF8.self).trimmingWhitespace()
+                let snap = FileSystem.join(snapshots, rev)
+                if FileSystem.isDirectory(snap) { return snap }
+            }
+            if let revs = try? FileSystem.listDirectory(snapshots), let last = revs.last {
+                return FileSystem.join(snapshots, last)
+            }
+        }
+        throw ModelError.notFound(
+            model: model,
+            reason: "not in the local Hugging Face cache (looked in \(hubCaches.joined(separator: ", "))); there is no download here: copy or download the model folder and pass its path")
+    }
+
+    /// HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+    public static func hubCacheFolders() -> [String] {
+        if let c = Environment.get("HF_HUB_CACHE"), !c.isEmpty { return [c] }
+        if let h = Environment.get("HF_HOME"), !h.isEmpty { return [FileSystem.join(h, "hub")] }
+        let home = Environment.get("HOME") ?? "/root"
+        return [FileSystem.join(home, ".cache/huggingface/hub")]
+    }
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s.removeFirst() }
+        while let l = s.last, l.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}
