@@ -31,8 +31,10 @@ let package = Package(
             ]
         ),
         .target(name: "QLoRAFormats", dependencies: ["QLoRACore"]),
+        .target(name: "QLoRATokenizer", dependencies: ["QLoRACore", "QLoRAFormats"]),
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
-        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRAModel"]),
+        .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration"]),
         .executableTarget(
             name: "qlora",
             dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser")]

@@ -3,3 +3,5 @@
 @_exported import QLoRAFormats
 @_exported import QLoRAKernels
 @_exported import QLoRAModel
+@_exported import QLoRATokenizer
+@_exported import QLoRAGeneration

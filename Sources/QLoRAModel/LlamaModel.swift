@@ -17,6 +17,19 @@ public struct LlamaLayer: Sendable {
     public var down: Linear
 
     public var linears: [Linear] { [q, k, v, o, gate, up, down] }
+
+    public init(inputNorm: [Float], q: Linear, k: Linear, v: Linear, o: Linear, postAttentionNorm: [Float],
+                gate: Linear, up: Linear, down: Linear) {
+        self.inputNorm = inputNorm
+        self.q = q
+        self.k = k
+        self.v = v
+        self.o = o
+        self.postAttentionNorm = postAttentionNorm
+        self.gate = gate
+        self.up = up
+        self.down = down
+    }
 }
 
 /// How to load: the base-weight format and the progress bar.

@@ -191,7 +191,7 @@ TINY = [
 def randomize(model):
     """Re-draw every parameter so that every part of the forward matters (the default init, std 0.02 and
     unit norms / zero biases, makes attention nearly uniform and hides norm-weight and bias mistakes).
-    Linear weights ~ N(0, 1/in), embeddings ~ N(0, 1), norm weights 1 + 0.2 N(0,1), biases 0.1 N(0,1)."""
+    Linear weights ~ N(0, 1/in), embeddings ~ N(0, 0.25^2), norm weights 1 + 0.2 N(0,1), biases 0.1 N(0,1)."""
     g = torch.Generator().manual_seed(SEED)
     seen = set()
     for name, p in model.named_parameters():  # tied lm_head appears once (named_parameters dedups)
@@ -203,7 +203,7 @@ def randomize(model):
         elif "norm" in name:
             p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
         elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
+            p.copy_(0.25 * torch.randn(p.shape, generator=g))
         else:
             p.copy_(torch.randn(p.shape, generator=g) / (p.shape[1] ** 0.5))
 
@@ -295,6 +295,39 @@ def layer0_activations(model, ids):
     return {f"act.{k}": v for k, v in acts.items()}, logits
 
 
+def expected_inv_freq(cfg):
+    """inv_freq from config.json alone (float64 here), the formulas MODEL_NOTES.md states."""
+    rp = cfg["rope_parameters"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv = 1.0 / (rp["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    kind = rp.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / rp["factor"]
+    elif kind == "llama3":
+        f, lo, hi, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
+        wl = 2 * np.pi / inv
+        smooth = (old / wl - lo) / (hi - lo)
+        out = np.where(wl > old / lo, inv / f, inv)  # long wavelengths: divide by factor
+        mid = (wl >= old / hi) & (wl <= old / lo)
+        inv = np.where(mid, (1 - smooth) * inv / f + smooth * inv, out)
+    else:
+        assert kind == "default", kind
+    return inv
+
+
+def check_rope(cfg, inv_freq, cos, sin):
+    mine = expected_inv_freq(cfg)
+    rel = float(np.max(np.abs(inv_freq.double().numpy() - mine) / mine))
+    assert rel < 1e-6, rel
+    pos = np.arange(cos.shape[0], dtype=np.float64)[:, None]
+    ang = pos * inv_freq.double().numpy()[None, :]
+    emb = np.concatenate([ang, ang], axis=1)  # [cos(p*f0..f_{d/2-1}), same again]
+    dc = float(np.max(np.abs(np.cos(emb) - cos.double().numpy())))
+    ds = float(np.max(np.abs(np.sin(emb) - sin.double().numpy())))
+    assert dc < 1e-5 and ds < 1e-5, (dc, ds)
+    return rel, max(dc, ds)
+
+
 def load_tiny(cls, folder, **kw):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kw).eval()
 
@@ -335,6 +368,7 @@ def make_tiny():
         }
         with open(os.path.join(folder, "config.json")) as f:
             cfg_json = json.load(f)
+        rope_rel, rope_abs = check_rope(cfg_json, inv_freq, cos, sin)
         meta = versions("tiny")
         meta.update(
             {
@@ -346,10 +380,11 @@ def make_tiny():
                 "max_abs_diff_eager_vs_sdpa": repr(d_sdpa),
                 "max_abs_logits": repr(float(logits.abs().max())),
                 "config_json": json.dumps(cfg_json, sort_keys=True),
-                "init": "Linear ~ N(0,1/in), embed ~ N(0,1), norm 1+0.2N(0,1), bias 0.1N(0,1), generator seed 0",
+                "init": "Linear ~ N(0,1/in), embed ~ N(0,0.0625), norm 1+0.2N(0,1), bias 0.1N(0,1), generator seed 0",
             }
         )
-        info = {"step": d_step, "sdpa": d_sdpa, "max|logits|": float(logits.abs().max())}
+        meta["rope_check"] = f"inv_freq rel err vs formula {rope_rel:.3g}; cos/sin abs err vs float64 {rope_abs:.3g}"
+        info = {"step": d_step, "sdpa": d_sdpa, "max|logits|": float(logits.abs().max()), "rope": [rope_rel, rope_abs]}
 
         if name == "tiny-llama-gqa":
             acts, logits0 = layer0_activations(m, ids)
@@ -373,6 +408,28 @@ def make_tiny():
             disable_bf16_repack(again)
             again.eval()
             assert torch.equal(full_logits(again, ids), logits_nf4), "saved 4-bit checkpoint reloads differently"
+            # bitsandbytes 0.50.2's AVX-512 dequantize_4bit indexes absmax per row, which is wrong when a
+            # row is not a whole number of blocks (down_proj here: 160 inputs, blocks of 64). The reference
+            # is therefore the f32 model with every 4-bit weight dequantized by bitsandbytes' own Python
+            # path (backends/default/ops.py), which indexes blocks over the flattened tensor as the
+            # format defines; the kernel's logits are kept as logits_nf4_bnb_cpu_kernel.
+            from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+            from bitsandbytes.backends.utils import _get_4bit_code
+            reference = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+            state = reference.state_dict()
+            for mod_name, mod in q.named_modules():
+                if isinstance(mod, bnb.nn.Linear4bit):
+                    qs = mod.weight.quant_state
+                    absmax = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+                    w = _dequantize_4bit_compute(mod.weight.data.reshape(-1), absmax.float(), _get_4bit_code(qs.quant_type, "cpu"),
+                                                 qs.blocksize, tuple(qs.shape), torch.float32)
+                    state[mod_name + ".weight"] = w
+            reference.load_state_dict(state)
+            reference.eval()
+            tensors["logits_nf4_bnb_cpu_kernel"] = f32(logits_nf4)
+            meta["max_abs_diff_nf4_flat_blocks_vs_bnb_cpu_kernel"] = repr(maxdiff(full_logits(reference, ids), logits_nf4))
+            logits_nf4 = full_logits(reference, ids)
+            nf4_step = step_logits(reference, ids)
             tensors["logits_nf4"] = f32(logits_nf4)
             d_nf4 = maxdiff(logits, logits_nf4)
             meta["max_abs_diff_logits_vs_logits_nf4"] = repr(d_nf4)
@@ -461,7 +518,13 @@ def make_smollm2():
     # NF4: write the dequantized f32 weights as a plain HF folder, load that with the bnb config
     tmp = tempfile.mkdtemp(prefix="smollm2-f32-")
     try:
-        cfg.save_pretrained(tmp)
+        # the GGUF-loaded config carries quantization_config (GgufConfig), which from_pretrained would refuse to
+        # merge with a BitsAndBytesConfig: write config.json by hand without it
+        cfg_dict = cfg.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict["architectures"] = ["LlamaForCausalLM"]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg_dict, f, indent=1)
         sd = {k: v.detach().contiguous().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         back = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()

@@ -1,0 +1,89 @@
+// The generation loop: prefill the prompt through the KV cache, then one token at a time until an end
+// token, a stop string or the token limit; text is streamed as it becomes complete.
+import QLoRACore
+import QLoRAModel
+import QLoRATokenizer
+
+public struct GenerationOptions: Sendable {
+    public var maxTokens = 256
+    public var sampling = SamplingOptions()
+    /// Strings that end the reply (not included in it).
+    public var stopStrings: [String] = []
+    /// End-of-sequence ids; defaults to the model's (generation_config.json) and the tokenizer's EOS.
+    public var eosTokenIDs: [Int]?
+
+    public init() {}
+}
+
+public struct GenerationResult: Sendable {
+    public let text: String
+    public let tokenIDs: [Int]
+    public let promptTokens: Int
+    /// "eos", "stop", "length" or "interrupted".
+    public let finishReason: String
+    public let prefillSeconds: Double
+    public let decodeSeconds: Double
+
+    public var tokensPerSecond: Double { decodeSeconds > 0 ? Double(max(tokenIDs.count - 1, 0)) / decodeSeconds : 0 }
+}
+
+public final class Generator {
+    public let model: LlamaModel
+    public let tokenizer: Tokenizer
+    public let cache: KVCache
+
+    public init(model: LlamaModel, tokenizer: Tokenizer, contextLength: Int? = nil) {
+        self.model = model
+        self.tokenizer = tokenizer
+        cache = KVCache(config: model.config, capacity: min(contextLength ?? model.config.maxPositions, model.config.maxPositions))
+    }
+
+    /// The end ids in force for `options`.
+    public func eosIDs(_ options: GenerationOptions) -> Set<Int> {
+        if let ids = options.eosTokenIDs { return Set(ids) }
+        var ids = Set(model.config.eosTokenIDs)
+        if let e = tokenizer.eosTokenID { ids.insert(e) }
+        return ids
+    }
+
+    /// Generates a continuation of `prompt` (token ids). `onText` receives streamed text and returns
+    /// false to stop early (e.g. Ctrl-C). The cache keeps the conversation: call `cache.reset()` for a
+    /// new one; a prompt continues from the cache's current length.
+    public func generate(prompt: [Int], options: GenerationOptions, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+        var sampler = Sampler(options: options.sampling)
+        let eos = eosIDs(options)
+        let stream = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+        let start = Clock.seconds()
+        var logits = try model.forward(prompt, cache: cache, logits: .last)
+        let prefill = Clock.seconds() - start
+        var context = prompt
+        var generated: [Int] = []
+        var reason = "length"
+        var text = ""
+        let decodeStart = Clock.seconds()
+        while generated.count < options.maxTokens {
+            let next = sampler.next(logits: logits, context: context)
+            if eos.contains(next) { reason = "eos"; break }
+            generated.append(next)
+            context.append(next)
+            let piece = stream.add(next)
+            if !piece.isEmpty {
+                let before = text.count
+                text += piece
+                if let stop = options.stopStrings.first(where: { text.contains($0) }) {
+                    let range = text.range(of: stop)!
+                    let kept = String(text[..<range.lowerBound])
+                    if kept.count > before { _ = onText(String(kept.dropFirst(before))) }
+                    text = kept
+                    reason = "stop"
+                    break
+                }
+                if !onText(piece) { reason = "interrupted"; break }
+            }
+            if generated.count == options.maxTokens || cache.length >= cache.capacity { break }
+            logits = try model.forward([next], cache: cache, logits: .last)
+        }
+        return GenerationResult(text: text, tokenIDs: generated, promptTokens: prompt.count, finishReason: reason,
+                                prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart)
+    }
+}

@@ -1,0 +1,253 @@
+// Building a Tokenizer from tokenizer.json (+ tokenizer_config.json) or from GGUF metadata.
+import Foundation
+import QLoRACore
+import QLoRAFormats
+
+extension Tokenizer {
+    /// Loads the tokenizer of a model folder (tokenizer.json; chat template from tokenizer_config.json or
+    /// chat_template.jinja) or of a .gguf file.
+    public static func load(model path: String) throws -> Tokenizer {
+        if path.lowercased().hasSuffix(".gguf") { return try Tokenizer(gguf: try GGUFFile(path: path)) }
+        let file = FileSystem.isDirectory(path) ? FileSystem.join(path, "tokenizer.json") : path
+        guard FileSystem.exists(file) else {
+            throw TokenizerError.invalidFile(file: file, reason: "no tokenizer.json (only the fast-tokenizer format is read; save it with transformers' tokenizer.save_pretrained)")
+        }
+        let t = try Tokenizer(jsonFile: file)
+        let folder = FileSystem.isDirectory(path) ? path : FileSystem.directoryName(path)
+        try t.readConfig(folder: folder)
+        return t
+    }
+
+    /// Reads special tokens and the chat template from tokenizer_config.json and chat_template.jinja
+    /// (transformers 5 writes the template to the latter).
+    func readConfig(folder: String) throws {
+        let configPath = FileSystem.join(folder, "tokenizer_config.json")
+        if FileSystem.exists(configPath) {
+            let json: JSONValue
+            do { json = try JSON.parse(try FileSystem.readFile(configPath, limit: 64 << 20)) } catch let e as JSONError {
+                throw TokenizerError.invalidFile(file: configPath, reason: "not valid JSON: \(e)")
+            }
+            func tokenString(_ v: JSONValue?) -> String? { v?.stringValue ?? v?["content"]?.stringValue }
+            bosToken = tokenString(json["bos_token"]) ?? bosToken
+            eosToken = tokenString(json["eos_token"]) ?? eosToken
+            if let t = json["chat_template"]?.stringValue {
+                chatTemplate = t
+            } else if let list = json["chat_template"]?.arrayValue {
+                // A list of named templates: take "default".
+                chatTemplate = list.first { $0["name"]?.stringValue == "default" }?["template"]?.stringValue
+            }
+        }
+        let jinja = FileSystem.join(folder, "chat_template.jinja")
+        if FileSystem.exists(jinja) { chatTemplate = String(decoding: try FileSystem.readFile(jinja), as: UTF8.self) }
+    }
+
+    public convenience init(jsonFile path: String) throws {
+        let json: JSONValue
+        do { json = try JSON.parse(try FileSystem.readFile(path, limit: 512 << 20)) } catch let e as JSONError {
+            throw TokenizerError.invalidFile(file: path, reason: "not valid JSON: \(e)")
+        }
+        try self.init(json: json, file: path)
+    }
+
+    convenience init(json: JSONValue, file: String) throws {
+        func bad(_ r: String) -> TokenizerError { .invalidFile(file: file, reason: r) }
+        guard let m = json["model"] else { throw bad("no \"model\"") }
+        let type = m["type"]?.stringValue ?? "BPE"
+        guard type == "BPE" else { throw TokenizerError.unsupported(file: file, what: "model type '\(type)'", supported: "BPE") }
+        guard let vocabEntries = m["vocab"]?.objectValue else { throw bad("BPE model without a vocab object") }
+        var vocab: [String: Int] = [:]
+        vocab.reserveCapacity(vocabEntries.count)
+        for (t, v) in vocabEntries {
+            guard let id = v.intValue, id >= 0, id < 10_000_000 else { throw bad("vocab id of '\(t)' is not a valid integer") }
+            vocab[t] = id
+        }
+        var merges: [(String, String)] = []
+        for (i, entry) in (m["merges"]?.arrayValue ?? []).enumerated() {
+            if let s = entry.stringValue {
+                guard let space = s.firstIndex(of: " ") else { throw bad("merge \(i) '\(s)' has no space") }
+                merges.append((String(s[..<space]), String(s[s.index(after: space)...])))
+            } else if let pair = entry.arrayValue, pair.count == 2, let a = pair[0].stringValue, let b = pair[1].stringValue {
+                merges.append((a, b))
+            } else {
+                throw bad("merge \(i) is neither \"a b\" nor [a, b]")
+            }
+        }
+        if m["continuing_subword_prefix"]?.stringValue?.isEmpty == false || m["end_of_word_suffix"]?.stringValue?.isEmpty == false {
+            throw TokenizerError.unsupported(file: file, what: "continuing_subword_prefix / end_of_word_suffix", supported: "plain BPE")
+        }
+        let model = BPEModel(vocab: vocab, merges: merges, byteFallback: m["byte_fallback"]?.boolValue ?? false,
+                             unkToken: m["unk_token"]?.stringValue, fuseUnk: m["fuse_unk"]?.boolValue ?? false,
+                             ignoreMerges: m["ignore_merges"]?.boolValue ?? false)
+        var added: [AddedToken] = []
+        for a in json["added_tokens"]?.arrayValue ?? [] {
+            guard let id = a["id"]?.intValue, let content = a["content"]?.stringValue else { throw bad("added token without id/content") }
+            added.append(AddedToken(id: id, content: content, special: a["special"]?.boolValue ?? false,
+                                    lstrip: a["lstrip"]?.boolValue ?? false, rstrip: a["rstrip"]?.boolValue ?? false,
+                                    singleWord: a["single_word"]?.boolValue ?? false))
+        }
+        let normalizer = try json["normalizer"].flatMap { $0 == .null ? nil : try Self.normalizer($0, file: file) }
+        let pre = try json["pre_tokenizer"].flatMap { $0 == .null ? nil : try Self.preTokenizer($0, file: file) }
+        let decoder = try json["decoder"].flatMap { $0 == .null ? nil : try Self.decoder($0, file: file) }
+        var prefix: [Int] = [], suffix: [Int] = []
+        if let post = json["post_processor"], post != .null {
+            (prefix, suffix) = try Self.postProcessor(post, file: file, lookup: { name in added.first(where: { $0.content == name })?.id ?? vocab[name] })
+        }
+        self.init(model: model, normalizer: normalizer, preTokenizer: pre, decoder: decoder, prefixIDs: prefix, suffixIDs: suffix,
+                  added: added, source: file)
+    }
+
+    static func normalizer(_ j: JSONValue, file: String) throws -> Normalizer {
+        let type = j["type"]?.stringValue ?? "?"
+        switch type {
+        case "NFC": return .nfc
+        case "NFKC": return .nfkc
+        case "NFD": return .nfd
+        case "NFKD": return .nfkd
+        case "Lowercase": return .lowercase
+        case "Prepend": return .prepend(j["prepend"]?.stringValue ?? "")
+        case "Replace":
+            guard let p = j["pattern"]?["String"]?.stringValue else {
+                throw TokenizerError.unsupported(file: file, what: "Replace normalizer with a regex pattern", supported: "String patterns")
+            }
+            return .replace(pattern: p, content: j["content"]?.stringValue ?? "")
+        case "Strip": return .strip(left: j["strip_left"]?.boolValue ?? true, right: j["strip_right"]?.boolValue ?? true)
+        case "Sequence": return .sequence(try (j["normalizers"]?.arrayValue ?? []).map { try normalizer($0, file: file) })
+        default:
+            throw TokenizerError.unsupported(file: file, what: "normalizer '\(type)'", supported: "NFC, NFKC, NFD, NFKD, Lowercase, Prepend, Replace, Strip, Sequence")
+        }
+    }
+
+    static func preTokenizer(_ j: JSONValue, file: String) throws -> PreTokenizer {
+        let type = j["type"]?.stringValue ?? "?"
+        switch type {
+        case "ByteLevel":
+            return .byteLevel(addPrefixSpace: j["add_prefix_space"]?.boolValue ?? false, useRegex: j["use_regex"]?.boolValue ?? true)
+        case "Split":
+            let pattern: SplitPattern
+            if let r = j["pattern"]?["Regex"]?.stringValue {
+                do { pattern = try SplitPattern(regex: r) } catch {
+                    throw TokenizerError.invalidFile(file: file, reason: "Split pattern does not compile: \(error)")
+                }
+            } else if let s = j["pattern"]?["String"]?.stringValue {
+                pattern = SplitPattern(literal: s)
+            } else {
+                throw TokenizerError.invalidFile(file: file, reason: "Split pre-tokenizer without a pattern")
+            }
+            guard let behavior = SplitBehavior(rawValue: j["behavior"]?.stringValue ?? "Isolated") else {
+                throw TokenizerError.unsupported(file: file, what: "Split behavior '\(j["behavior"]?.stringValue ?? "")'", supported: "Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous")
+            }
+            return .split(pattern, behavior, invert: j["invert"]?.boolValue ?? false)
+        case "Digits": return .digits(individual: j["individual_digits"]?.boolValue ?? false)
+        case "Metaspace":
+            let scheme = j["prepend_scheme"]?.stringValue ?? ((j["add_prefix_space"]?.boolValue ?? true) ? "always" : "never")
+            return .metaspace(replacement: j["replacement"]?.stringValue ?? "▁", prependScheme: scheme, split: j["split"]?.boolValue ?? true)
+        case "WhitespaceSplit": return .whitespaceSplit
+        case "Sequence": return .sequence(try (j["pretokenizers"]?.arrayValue ?? []).map { try preTokenizer($0, file: file) })
+        default:
+            throw TokenizerError.unsupported(file: file, what: "pre-tokenizer '\(type)'", supported: "ByteLevel, Split, Digits, Metaspace, WhitespaceSplit, Sequence")
+        }
+    }
+
+    static func decoder(_ j: JSONValue, file: String) throws -> TokenDecoder {
+        let type = j["type"]?.stringValue ?? "?"
+        switch type {
+        case "ByteLevel": return .byteLevel
+        case "ByteFallback": return .byteFallback
+        case "Fuse": return .fuse
+        case "Replace":
+            guard let p = j["pattern"]?["String"]?.stringValue else {
+                throw TokenizerError.unsupported(file: file, what: "Replace decoder with a regex", supported: "String patterns")
+            }
+            return .replace(pattern: p, content: j["content"]?.stringValue ?? "")
+        case "Strip":
+            let content = j["content"]?.stringValue?.first ?? " "
+            return .strip(content: content, start: j["start"]?.intValue ?? 0, stop: j["stop"]?.intValue ?? 0)
+        case "Metaspace":
+            let scheme = j["prepend_scheme"]?.stringValue ?? ((j["add_prefix_space"]?.boolValue ?? true) ? "always" : "never")
+            return .metaspace(replacement: j["replacement"]?.stringValue ?? "▁", prependScheme: scheme)
+        case "Sequence": return .sequence(try (j["decoders"]?.arrayValue ?? []).map { try decoder($0, file: file) })
+        default:
+            throw TokenizerError.unsupported(file: file, what: "decoder '\(type)'", supported: "ByteLevel, ByteFallback, Fuse, Replace, Strip, Metaspace, Sequence")
+        }
+    }
+
+    /// The ids a post-processor puts before and after a single sequence.
+    static func postProcessor(_ j: JSONValue, file: String, lookup: (String) -> Int?) throws -> ([Int], [Int]) {
+        let type = j["type"]?.stringValue ?? "?"
+        switch type {
+        case "ByteLevel": return ([], [])
+        case "Sequence":
+            var prefix: [Int] = [], suffix: [Int] = []
+            for p in j["processors"]?.arrayValue ?? [] {
+                let (a, b) = try postProcessor(p, file: file, lookup: lookup)
+                prefix += a
+                suffix += b
+            }
+            return (prefix, suffix)
+        case "TemplateProcessing":
+            var prefix: [Int] = [], suffix: [Int] = []
+            var seenSequence = false
+            for piece in j["single"]?.arrayValue ?? [] {
+                if piece["Sequence"] != nil { seenSequence = true; continue }
+                guard let name = piece["SpecialToken"]?["id"]?.stringValue else { continue }
+                let ids = j["special_tokens"]?[name]?["ids"]?.arrayValue?.compactMap(\.intValue) ?? [lookup(name)].compactMap { $0 }
+                if seenSequence { suffix += ids } else { prefix += ids }
+            }
+            return (prefix, suffix)
+        default:
+            throw TokenizerError.unsupported(file: file, what: "post-processor '\(type)'", supported: "TemplateProcessing, ByteLevel, Sequence")
+        }
+    }
+
+    /// The tokenizer in a GGUF file's metadata (tokenizer.ggml.model "gpt2": byte-level BPE).
+    public convenience init(gguf g: GGUFFile) throws {
+        let kind = g.value("tokenizer.ggml.model")?.stringValue ?? "?"
+        guard kind == "gpt2" else {
+            throw TokenizerError.unsupported(file: g.path, what: "GGUF tokenizer model '\(kind)'", supported: "gpt2 (byte-level BPE); for sentencepiece models use the Hugging Face folder's tokenizer.json")
+        }
+        guard let tokens = g.value("tokenizer.ggml.tokens")?.arrayValue?.compactMap(\.stringValue) else {
+            throw TokenizerError.invalidFile(file: g.path, reason: "no tokenizer.ggml.tokens")
+        }
+        var vocab: [String: Int] = [:]
+        for (i, t) in tokens.enumerated() where vocab[t] == nil { vocab[t] = i }
+        let merges: [(String, String)] = (g.value("tokenizer.ggml.merges")?.arrayValue ?? []).compactMap {
+            guard let s = $0.stringValue, let sp = s.firstIndex(of: " ") else { return nil }
+            return (String(s[..<sp]), String(s[s.index(after: sp)...]))
+        }
+        let types = g.value("tokenizer.ggml.token_type")?.arrayValue?.compactMap(\.intValue) ?? []
+        // Token types 3 (control) and 4 (user defined) are added tokens, matched before BPE.
+        var added: [AddedToken] = []
+        for (i, t) in types.enumerated() where (t == 3 || t == 4) && i < tokens.count {
+            added.append(AddedToken(id: i, content: tokens[i], special: t == 3, lstrip: false, rstrip: false, singleWord: false))
+        }
+        let pre = g.value("tokenizer.ggml.pre")?.stringValue ?? "default"
+        let preTokenizer: PreTokenizer
+        switch pre {
+        case "default", "gpt2", "gpt-2":
+            preTokenizer = .byteLevel(addPrefixSpace: false, useRegex: true)
+        case "smollm", "starcoder", "refact":
+            preTokenizer = .sequence([.digits(individual: true), .byteLevel(addPrefixSpace: false, useRegex: true)])
+        case "llama-bpe", "llama3", "llama-v3":
+            preTokenizer = .sequence([.split(try SplitPattern(regex: GGUFPatterns.llama3), .isolated, invert: false),
+                                      .byteLevel(addPrefixSpace: false, useRegex: false)])
+        case "qwen2":
+            preTokenizer = .sequence([.split(try SplitPattern(regex: GGUFPatterns.qwen2), .isolated, invert: false),
+                                      .byteLevel(addPrefixSpace: false, useRegex: false)])
+        default:
+            throw TokenizerError.unsupported(file: g.path, what: "GGUF pre-tokenizer '\(pre)'", supported: "default, gpt2, smollm, starcoder, llama-bpe, qwen2")
+        }
+        let model = BPEModel(vocab: vocab, merges: merges, byteFallback: false, unkToken: nil, fuseUnk: false, ignoreMerges: false)
+        let bos = g.value("tokenizer.ggml.bos_token_id")?.intValue
+        let addBOS = g.value("tokenizer.ggml.add_bos_token")?.boolValue ?? false
+        self.init(model: model, normalizer: nil, preTokenizer: preTokenizer, decoder: .byteLevel,
+                  prefixIDs: addBOS ? [bos].compactMap { $0 } : [], suffixIDs: [], added: added, source: g.path)
+        bosToken = bos.flatMap { $0 < tokens.count ? tokens[$0] : nil }
+        eosToken = g.value("tokenizer.ggml.eos_token_id")?.intValue.flatMap { $0 < tokens.count ? tokens[$0] : nil }
+        chatTemplate = g.value("tokenizer.chat_template")?.stringValue
+    }
+}
+
+enum GGUFPatterns {
+    static let llama3 = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+    static let qwen2 = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+}

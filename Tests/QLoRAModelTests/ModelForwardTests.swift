@@ -1,0 +1,154 @@
+// The forward pass against transformers 5.24 (eager attention, f32) on tiny random Llama, Mistral and
+// Qwen2 models with GQA, tied embeddings, llama3 and linear RoPE scaling and an explicit head_dim, and on
+// the real default model read from its GGUF (Resources/, from scripts/reference/make_model_fixtures.py).
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+private let resources = Fixtures.resources()
+
+/// Logits agree when |ours - theirs| <= 1e-4 * max|theirs| + 1e-4 * |theirs| (f32 reference runs).
+private let logitTolerance: Float = 1e-4
+
+private func load(_ model: String, _ quant: QuantType? = nil) throws -> LlamaModel {
+    var o = LoadOptions()
+    o.quantType = quant
+    o.showProgress = false
+    return try LlamaModel.load(model, options: o)
+}
+
+private func checkClose(_ ours: [Float], _ theirs: [Float], _ label: String, tolerance: Float = logitTolerance) -> String? {
+    let scale = theirs.map(abs).max() ?? 1
+    return Compare.close(ours, theirs, atol: tolerance * scale, rtol: tolerance, label)
+}
+
+@Suite("model forward")
+struct ModelForwardTests {
+    static let tinyModels = ["tiny-llama-gqa", "tiny-llama3-rope", "tiny-llama-linear-rope", "tiny-mistral", "tiny-qwen2", "tiny-llama-headdim"]
+
+    @Test("f32 logits equal transformers' for every tiny architecture", arguments: tinyModels)
+    func logits(_ name: String) throws {
+        let folder = FileSystem.join(resources, name)
+        let reference = try SafetensorsFile(path: FileSystem.join(folder, "logits.safetensors"))
+        let model = try load(folder)
+        let ids = reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let expected = reference.tensor("logits")!.values(as: Float.self)
+        let T = ids.count / 2, V = model.config.vocabSize
+        for b in 0..<2 {
+            let seq = Array(ids[(b * T)..<((b + 1) * T)])
+            let ours = try model.forward(seq, cache: KVCache(config: model.config, capacity: 64), logits: .all)
+            #expect(checkClose(ours, Array(expected[(b * T * V)..<((b + 1) * T * V)]), "\(name) sequence \(b)") == nil)
+            // Prefill 8, then one token at a time through the cache.
+            let cache = KVCache(config: model.config, capacity: 64)
+            var stepped = try model.forward(Array(seq[0..<8]), cache: cache, logits: .all)
+            for t in 8..<T { stepped += try model.forward([seq[t]], cache: cache, logits: .last) }
+            #expect(checkClose(stepped, Array(expected[(b * T * V)..<((b + 1) * T * V)]), "\(name) cached steps \(b)") == nil)
+        }
+    }
+
+    @Test("rotary frequencies equal transformers' (default, llama3 and linear scaling)", arguments: tinyModels)
+    func rope(_ name: String) throws {
+        let folder = FileSystem.join(resources, name)
+        let reference = try SafetensorsFile(path: FileSystem.join(folder, "logits.safetensors"))
+        let config = try LlamaConfig(configFile: FileSystem.join(folder, "config.json"))
+        let expected = reference.tensor("rope.inv_freq")!.values(as: Float.self)
+        #expect(Compare.close(config.ropeInverseFrequencies(), expected, atol: 0, rtol: 2e-7, "\(name) inv_freq") == nil)
+    }
+
+    @Test("NF4 with double quantization equals transformers + bitsandbytes NF4, also from its saved checkpoint")
+    func nf4() throws {
+        let folder = FileSystem.join(resources, "tiny-llama-gqa")
+        let reference = try SafetensorsFile(path: FileSystem.join(folder, "logits.safetensors"))
+        let ids = Array(reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)[0..<12])
+        let expected = Array(reference.tensor("logits_nf4")!.values(as: Float.self)[0..<(12 * 320)])
+        let ours = try load(folder, .nf4)
+        let r1 = checkClose(try ours.forward(ids, cache: KVCache(config: ours.config, capacity: 32), logits: .all), expected, "nf4")
+        #expect(r1 == nil, "\(r1 ?? "")")
+        let stored = try load(FileSystem.join(resources, "tiny-llama-gqa-bnb-nf4"), .fp4)  // used as stored: no requantization
+        let r2 = checkClose(try stored.forward(ids, cache: KVCache(config: stored.config, capacity: 32), logits: .all), expected, "stored nf4")
+        #expect(r2 == nil, "\(r2 ?? "")")
+        // And the f32 model differs visibly from the 4-bit one (the test would notice quantization going missing).
+        let f32 = reference.tensor("logits")!.values(as: Float.self)[0..<(12 * 320)]
+        #expect(zip(expected, f32).map { abs($0 - $1) }.max()! > 0.1)
+    }
+
+    @Test("generation_config.json's list of EOS ids is read")
+    func eosList() throws {
+        let model = try load(FileSystem.join(resources, "tiny-llama-gqa"))
+        #expect(model.config.eosTokenIDs == [2, 5])
+    }
+
+    @Test("a config of an unsupported architecture is a clear error")
+    func unsupported() throws {
+        let json = try JSON.parse(#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}"#)
+        #expect(throws: ModelError.unsupportedArchitecture(file: "config.json", found: "GPT2LMHeadModel")) {
+            _ = try LlamaConfig(json: json, file: "config.json")
+        }
+        #expect(ModelError.unsupportedArchitecture(file: "c", found: "X").description.contains("LlamaForCausalLM"))
+    }
+
+    @Test("`org/name` resolves in the Hugging Face cache layout; a missing one says where it looked")
+    func hubCache() throws {
+        let hub = try Fixtures.temporaryDirectory("hub")
+        let snap = FileSystem.join(hub, "models--acme--tiny/snapshots/abc123")
+        try FileSystem.makeDirectory(FileSystem.join(hub, "models--acme--tiny"))
+        try FileSystem.makeDirectory(FileSystem.join(hub, "models--acme--tiny/snapshots"))
+        try FileSystem.makeDirectory(snap)
+        try FileSystem.makeDirectory(FileSystem.join(hub, "models--acme--tiny/refs"))
+        try FileSystem.writeFileAtomically(FileSystem.join(hub, "models--acme--tiny/refs/main"), bytes: Array("abc123\n".utf8))
+        setenv("HF_HUB_CACHE", hub, 1)
+        defer { unsetenv("HF_HUB_CACHE") }
+        #expect(try ModelLocator.resolve("acme/tiny") == snap)
+        do {
+            _ = try ModelLocator.resolve("acme/absent")
+            Issue.record("resolved a missing model")
+        } catch {
+            #expect("\(error)".contains(hub))
+        }
+    }
+}
+
+@Suite("default model")
+struct DefaultModelTests {
+    static let gguf: String = {
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        return FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    }()
+    let reference = try! SafetensorsFile(path: FileSystem.join(resources, "smollm2-logits.safetensors"))
+
+    func run(_ quant: QuantType?, logitsName: String, greedyName: String, stopAtEOS: Bool) throws {
+        let model = try load(Self.gguf, quant)
+        let ids = reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let cache = KVCache(config: model.config, capacity: 64)
+        // Logits at the last four prompt positions, then greedy decoding.
+        let all = try model.forward(ids, cache: cache, logits: .all)
+        let V = model.config.vocabSize
+        let ours = Array(all[((ids.count - 4) * V)...])
+        let theirs = reference.tensor(logitsName)!.values(as: Float.self)
+        #expect(checkClose(ours, theirs, "\(logitsName)") == nil)
+        var next = (0..<V).max { all[(ids.count - 1) * V + $0] < all[(ids.count - 1) * V + $1] }!
+        var generated: [Int] = []
+        let expected = reference.tensor(greedyName)!.values(as: Int64.self).map(Int.init)
+        while generated.count < expected.count {
+            generated.append(next)
+            if stopAtEOS && model.config.eosTokenIDs.contains(next) { break }
+            let l = try model.forward([next], cache: cache, logits: .last)
+            next = (0..<V).max { l[$0] < l[$1] }!
+        }
+        #expect(generated == expected)
+    }
+
+    @Test("SmolLM2 from GGUF, f32: logits and greedy tokens equal transformers'")
+    func f32() throws {
+        try run(nil, logitsName: "logits_last", greedyName: "greedy_ids", stopAtEOS: true)
+    }
+
+    @Test("SmolLM2 from GGUF in NF4 + DQ: logits and greedy tokens equal transformers + bitsandbytes'")
+    func nf4() throws {
+        try run(.nf4, logitsName: "logits_last_nf4", greedyName: "greedy_ids_nf4", stopAtEOS: false)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
