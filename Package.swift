@@ -45,6 +45,7 @@ let package = Package(
         .testTarget(name: "QLoRACoreTests", dependencies: ["QLoRACore", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAKernelsTests", dependencies: ["QLoRAKernels", "QLoRAFormats", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAFormatsTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRATokenizerTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora"]),
     ],

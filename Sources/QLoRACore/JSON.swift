@@ -183,7 +183,9 @@ public enum JSON {
         mutating func parseObject(depth: Int) throws -> JSONValue {
             index += 1
             var entries: [(String, JSONValue)] = []
-            var seen = Set<String>()
+            // Keys compare by their exact scalars: Swift's String equality is canonical equivalence,
+            // under which distinct vocabulary entries (e.g. U+1F77 and U+03AF) would collide.
+            var seen = Set<[UInt8]>()
             skipWhitespace()
             if index < bytes.count && bytes[index] == UInt8(ascii: "}") { index += 1; return .object(entries) }
             while true {
@@ -191,7 +193,7 @@ public enum JSON {
                 guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a string key") }
                 let keyStart = index
                 let key = try parseString()
-                guard seen.insert(key).inserted else {
+                guard seen.insert(Array(key.utf8)).inserted else {
                     throw JSONError(message: "duplicate key \"\(key)\"", offset: keyStart)
                 }
                 skipWhitespace()

@@ -1,11 +1,22 @@
-// Byte-pair encoding: a word starts as its characters (or bytes) and the adjacent pair with the lowest
-// merge rank is merged until no ranked pair is left. Implemented with a linked list of symbols and a
-// min-heap of candidate pairs, so a long word (a sentencepiece-style text is one word) costs n log n.
+// Byte-pair encoding: a word starts as its Unicode scalars (or, with byte fallback, the bytes of
+// scalars outside the vocabulary) and the adjacent pair with the lowest merge rank is merged until no
+// ranked pair is left. A linked list of symbols and a min-heap of candidate pairs make a long word
+// (a sentencepiece-style text is one word) cost n log n.
+// Tokens are compared by their exact UTF-8 bytes, never by Swift String equality, which treats
+// canonically equivalent strings (e.g. U+1F77 and U+03AF) as equal.
+
+/// A token's exact bytes, as a dictionary key.
+struct TokenBytes: Hashable {
+    let bytes: [UInt8]
+    init(_ s: String) { bytes = Array(s.utf8) }
+    init(bytes: [UInt8]) { self.bytes = bytes }
+}
+
 struct BPEModel {
-    let vocab: [String: Int]
+    let vocab: [TokenBytes: Int]
     let idToToken: [String]
-    /// "left right" pair -> rank.
-    let merges: [PairKey: Int]
+    /// (left id, right id) -> (rank, merged id).
+    let merges: [PairKey: (rank: Int, merged: Int)]
     let byteFallback: Bool
     let unkID: Int?
     let fuseUnk: Bool
@@ -18,45 +29,52 @@ struct BPEModel {
         let right: Int
     }
 
-    init(vocab: [String: Int], merges: [(String, String)], byteFallback: Bool, unkToken: String?, fuseUnk: Bool, ignoreMerges: Bool) {
+    init(vocab entries: [(String, Int)], merges: [(String, String)], byteFallback: Bool, unkToken: String?, fuseUnk: Bool, ignoreMerges: Bool) {
+        var vocab: [TokenBytes: Int] = [:]
+        vocab.reserveCapacity(entries.count)
+        var idToToken = [String](repeating: "", count: (entries.map(\.1).max() ?? -1) + 1)
+        for (t, i) in entries {
+            if vocab[TokenBytes(t)] == nil { vocab[TokenBytes(t)] = i }
+            idToToken[i] = t
+        }
         self.vocab = vocab
-        var idToToken = [String](repeating: "", count: (vocab.values.max() ?? -1) + 1)
-        for (t, i) in vocab { idToToken[i] = t }
         self.idToToken = idToToken
-        var m: [PairKey: Int] = [:]
+        var m: [PairKey: (rank: Int, merged: Int)] = [:]
         m.reserveCapacity(merges.count)
         for (rank, (a, b)) in merges.enumerated() {
-            guard let ia = vocab[a], let ib = vocab[b] else { continue }
+            guard let ia = vocab[TokenBytes(a)], let ib = vocab[TokenBytes(b)],
+                  let merged = vocab[TokenBytes(bytes: Array(a.utf8) + Array(b.utf8))] else { continue }
             let key = PairKey(left: ia, right: ib)
-            if m[key] == nil { m[key] = rank }
+            if m[key] == nil { m[key] = (rank, merged) }
         }
         self.merges = m
         self.byteFallback = byteFallback
-        unkID = unkToken.flatMap { vocab[$0] }
+        unkID = unkToken.flatMap { vocab[TokenBytes($0)] }
         self.fuseUnk = fuseUnk
         self.ignoreMerges = ignoreMerges
         byteTokens = (0..<256).map { b in
             let hex = String(b, radix: 16, uppercase: true)
-            return vocab["<0x" + (hex.count == 1 ? "0" + hex : hex) + ">"]
+            return vocab[TokenBytes("<0x" + (hex.count == 1 ? "0" + hex : hex) + ">")]
         }
     }
 
-    /// The merged token id of a pair (the vocabulary id of the concatenation).
-    func mergedID(_ a: Int, _ b: Int) -> Int? { vocab[idToToken[a] + idToToken[b]] }
+    func id(of token: String) -> Int? { vocab[TokenBytes(token)] }
 
     /// Token ids of one word.
     func encode(_ word: String) -> [Int] {
         if word.isEmpty { return [] }
-        if ignoreMerges, let id = vocab[word] { return [id] }
-        // Initial symbols: characters in the vocabulary; others become byte tokens or unk.
+        if ignoreMerges, let id = vocab[TokenBytes(word)] { return [id] }
         var ids: [Int] = []
         var lastWasUnk = false
-        for ch in word {
-            if let id = vocab[String(ch)] {
+        for scalar in word.unicodeScalars {
+            var utf8: [UInt8] = []
+            utf8.reserveCapacity(4)
+            for b in String(scalar).utf8 { utf8.append(b) }
+            if let id = vocab[TokenBytes(bytes: utf8)] {
                 ids.append(id)
                 lastWasUnk = false
             } else if byteFallback {
-                for b in String(ch).utf8 {
+                for b in utf8 {
                     if let id = byteTokens[Int(b)] { ids.append(id) } else if let u = unkID { ids.append(u) }
                 }
                 lastWasUnk = false
@@ -78,8 +96,8 @@ struct BPEModel {
         var heap = PairHeap()
         func push(_ i: Int) {
             let j = next[i]
-            guard j < n, let rank = merges[PairKey(left: ids[i], right: ids[j])] else { return }
-            heap.push(rank: rank, position: i, left: ids[i], right: ids[j])
+            guard j < n, let m = merges[PairKey(left: ids[i], right: ids[j])] else { return }
+            heap.push(rank: m.rank, position: i, left: ids[i], right: ids[j], merged: m.merged)
         }
         for i in 0..<(n - 1) { push(i) }
         while let top = heap.pop() {
@@ -87,8 +105,7 @@ struct BPEModel {
             guard alive[i], ids[i] == top.left else { continue }
             let j = next[i]
             guard j < n, alive[j], ids[j] == top.right else { continue }
-            guard let merged = mergedID(top.left, top.right) else { continue }
-            ids[i] = merged
+            ids[i] = top.merged
             alive[j] = false
             next[i] = next[j]
             if next[j] < n { prev[next[j]] = i }
@@ -109,6 +126,7 @@ struct PairHeap {
         let position: Int
         let left: Int
         let right: Int
+        let merged: Int
     }
 
     private var items: [Entry] = []
@@ -117,8 +135,8 @@ struct PairHeap {
         a.rank < b.rank || (a.rank == b.rank && a.position < b.position)
     }
 
-    mutating func push(rank: Int, position: Int, left: Int, right: Int) {
-        items.append(Entry(rank: rank, position: position, left: left, right: right))
+    mutating func push(rank: Int, position: Int, left: Int, right: Int, merged: Int) {
+        items.append(Entry(rank: rank, position: position, left: left, right: right, merged: merged))
         var c = items.count - 1
         while c > 0 {
             let p = (c - 1) / 2

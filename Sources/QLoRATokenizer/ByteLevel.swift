@@ -16,25 +16,28 @@ enum ByteLevel {
         return table
     }()
 
-    static let charToByte: [Character: UInt8] = {
-        var map: [Character: UInt8] = [:]
-        for (b, c) in byteToChar.enumerated() { map[c] = UInt8(b) }
+    static let scalarToByte: [UInt32: UInt8] = {
+        var map: [UInt32: UInt8] = [:]
+        for (b, c) in byteToChar.enumerated() { map[c.unicodeScalars.first!.value] = UInt8(b) }
         return map
     }()
 
     /// The byte-level string of some text.
     static func encode(_ s: Substring) -> String {
-        var out = String()
-        out.reserveCapacity(s.utf8.count)
-        for b in s.utf8 { out.append(byteToChar[Int(b)]) }
-        return out
+        var out = String.UnicodeScalarView()
+        for b in s.utf8 { out.append(byteScalars[Int(b)]) }
+        return String(out)
     }
 
-    /// The bytes of a byte-level token (characters outside the table are kept as their UTF-8).
+    static let byteScalars: [Unicode.Scalar] = byteToChar.map { $0.unicodeScalars.first! }
+
+    /// The bytes of a byte-level token; a token with any character outside the table (an added token
+    /// such as "<|im_end|>" is inside it, but "é" is not) is kept as its own UTF-8, as tokenizers does.
     static func decode(_ token: String) -> [UInt8] {
         var bytes: [UInt8] = []
-        for c in token {
-            if let b = charToByte[c] { bytes.append(b) } else { bytes += Array(String(c).utf8) }
+        for u in token.unicodeScalars {
+            guard let b = scalarToByte[u.value] else { return Array(token.utf8) }
+            bytes.append(b)
         }
         return bytes
     }

@@ -5,6 +5,30 @@
 import Foundation
 import QLoRACore
 
+// MARK: - Literal replacement
+
+extension String {
+    /// Replaces every occurrence of `target` by `replacement`, comparing exact scalars (Foundation's
+    /// replacingOccurrences treats a space followed by a combining mark as one unit and misses it).
+    func replacingScalars(_ target: String, with replacement: String) -> String {
+        let t = Array(target.unicodeScalars)
+        guard !t.isEmpty else { return self }
+        let source = Array(unicodeScalars)
+        var out = String.UnicodeScalarView()
+        var i = 0
+        while i < source.count {
+            if source[i] == t[0], i + t.count <= source.count, Array(source[i..<(i + t.count)]) == t {
+                out.append(contentsOf: replacement.unicodeScalars)
+                i += t.count
+            } else {
+                out.append(source[i])
+                i += 1
+            }
+        }
+        return String(out)
+    }
+}
+
 // MARK: - Normalizers
 
 indirect enum Normalizer {
@@ -22,7 +46,7 @@ indirect enum Normalizer {
         case .nfkd: return s.decomposedStringWithCompatibilityMapping
         case .lowercase: return s.lowercased()
         case let .prepend(p): return s.isEmpty ? s : p + s
-        case let .replace(pattern, content): return s.replacingOccurrences(of: pattern, with: content)
+        case let .replace(pattern, content): return s.replacingScalars(pattern, with: content)
         case let .strip(left, right):
             var t = Substring(s)
             if left { while let f = t.first, f.isWhitespace { t.removeFirst() } }
@@ -97,19 +121,20 @@ indirect enum PreTokenizer {
             }
         case let .metaspace(replacement, scheme, split):
             return pieces.flatMap { piece, first -> [(String, Bool)] in
-                var text = piece.replacingOccurrences(of: " ", with: replacement)
+                var text = piece.replacingScalars(" ", with: replacement)
                 if scheme == "always" || (scheme == "first" && first) {
-                    if !text.hasPrefix(replacement) { text = replacement + text }
+                    if !text.utf8.starts(with: replacement.utf8) { text = replacement + text }
                 }
                 guard split else { return [(text, first)] }
-                // Split before each replacement character (it starts the next piece).
+                // Split before each replacement scalar (it starts the next piece).
+                let mark = replacement.unicodeScalars.first
                 var out: [String] = []
-                var current = ""
-                for ch in text {
-                    if String(ch) == replacement && !current.isEmpty { out.append(current); current = "" }
-                    current.append(ch)
+                var current = String.UnicodeScalarView()
+                for u in text.unicodeScalars {
+                    if u == mark && !current.isEmpty { out.append(String(current)); current = String.UnicodeScalarView() }
+                    current.append(u)
                 }
-                if !current.isEmpty { out.append(current) }
+                if !current.isEmpty { out.append(String(current)) }
                 return out.enumerated().map { ($1, first && $0 == 0) }
             }
         case .whitespaceSplit:
@@ -173,22 +198,21 @@ indirect enum PreTokenizer {
 
     static func splitDigits(_ s: String, individual: Bool) -> [String] {
         var out: [String] = []
-        var current = ""
+        var current = String.UnicodeScalarView()
         var currentIsDigit = false
-        for ch in s {
-            let isDigit = ch.unicodeScalars.count == 1 && ch.unicodeScalars.first!.properties.numericType != nil
-                && ch.unicodeScalars.first!.properties.generalCategory == .decimalNumber
+        for u in s.unicodeScalars {
+            let isDigit = u.properties.generalCategory == .decimalNumber
             if isDigit && individual {
-                if !current.isEmpty { out.append(current); current = "" }
-                out.append(String(ch))
+                if !current.isEmpty { out.append(String(current)); current = String.UnicodeScalarView() }
+                out.append(String(u))
                 currentIsDigit = false
                 continue
             }
-            if !current.isEmpty && isDigit != currentIsDigit { out.append(current); current = "" }
-            current.append(ch)
+            if !current.isEmpty && isDigit != currentIsDigit { out.append(String(current)); current = String.UnicodeScalarView() }
+            current.append(u)
             currentIsDigit = isDigit
         }
-        if !current.isEmpty { out.append(current) }
+        if !current.isEmpty { out.append(String(current)) }
         return out
     }
 }
@@ -216,7 +240,7 @@ indirect enum TokenDecoder {
             }
         case let .replace(pattern, content):
             return tokens.map { c in
-                if case let .text(t) = c { return .text(t.replacingOccurrences(of: pattern, with: content)) }
+                if case let .text(t) = c { return .text(t.replacingScalars(pattern, with: content)) }
                 return c
             }
         case .byteFallback:
@@ -230,19 +254,21 @@ indirect enum TokenDecoder {
         case .fuse:
             return [Chunk.joined(tokens)]
         case let .strip(content, start, stop):
+            let mark = content.unicodeScalars.first!
             return tokens.map { c in
-                guard case var .text(t) = c else { return c }
+                guard case let .text(t) = c else { return c }
+                var u = Substring(t).unicodeScalars
                 var n = 0
-                while n < start, t.first == content { t.removeFirst(); n += 1 }
+                while n < start, u.first == mark { u.removeFirst(); n += 1 }
                 n = 0
-                while n < stop, t.last == content { t.removeLast(); n += 1 }
-                return .text(t)
+                while n < stop, u.last == mark { u.removeLast(); n += 1 }
+                return .text(String(u))
             }
         case let .metaspace(replacement, scheme):
             return tokens.enumerated().map { i, c in
                 guard case let .text(t) = c else { return c }
-                var s = t.replacingOccurrences(of: replacement, with: " ")
-                if i == 0 && scheme != "never" && s.hasPrefix(" ") { s.removeFirst() }
+                var s = t.replacingScalars(replacement, with: " ")
+                if i == 0 && scheme != "never" && s.utf8.first == 0x20 { s = String(s.unicodeScalars.dropFirst()) }
                 return .text(s)
             }
         }

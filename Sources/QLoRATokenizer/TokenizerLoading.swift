@@ -55,11 +55,11 @@ extension Tokenizer {
         let type = m["type"]?.stringValue ?? "BPE"
         guard type == "BPE" else { throw TokenizerError.unsupported(file: file, what: "model type '\(type)'", supported: "BPE") }
         guard let vocabEntries = m["vocab"]?.objectValue else { throw bad("BPE model without a vocab object") }
-        var vocab: [String: Int] = [:]
+        var vocab: [(String, Int)] = []
         vocab.reserveCapacity(vocabEntries.count)
         for (t, v) in vocabEntries {
             guard let id = v.intValue, id >= 0, id < 10_000_000 else { throw bad("vocab id of '\(t)' is not a valid integer") }
-            vocab[t] = id
+            vocab.append((t, id))
         }
         var merges: [(String, String)] = []
         for (i, entry) in (m["merges"]?.arrayValue ?? []).enumerated() {
@@ -83,14 +83,17 @@ extension Tokenizer {
             guard let id = a["id"]?.intValue, let content = a["content"]?.stringValue else { throw bad("added token without id/content") }
             added.append(AddedToken(id: id, content: content, special: a["special"]?.boolValue ?? false,
                                     lstrip: a["lstrip"]?.boolValue ?? false, rstrip: a["rstrip"]?.boolValue ?? false,
-                                    singleWord: a["single_word"]?.boolValue ?? false))
+                                    singleWord: a["single_word"]?.boolValue ?? false,
+                                    normalized: a["normalized"]?.boolValue ?? !(a["special"]?.boolValue ?? false)))
         }
         let normalizer = try json["normalizer"].flatMap { $0 == .null ? nil : try Self.normalizer($0, file: file) }
         let pre = try json["pre_tokenizer"].flatMap { $0 == .null ? nil : try Self.preTokenizer($0, file: file) }
         let decoder = try json["decoder"].flatMap { $0 == .null ? nil : try Self.decoder($0, file: file) }
         var prefix: [Int] = [], suffix: [Int] = []
         if let post = json["post_processor"], post != .null {
-            (prefix, suffix) = try Self.postProcessor(post, file: file, lookup: { name in added.first(where: { $0.content == name })?.id ?? vocab[name] })
+            (prefix, suffix) = try Self.postProcessor(post, file: file, lookup: { name in
+                added.first(where: { TokenBytes($0.content) == TokenBytes(name) })?.id ?? model.id(of: name)
+            })
         }
         self.init(model: model, normalizer: normalizer, preTokenizer: pre, decoder: decoder, prefixIDs: prefix, suffixIDs: suffix,
                   added: added, source: file)
@@ -208,8 +211,7 @@ extension Tokenizer {
         guard let tokens = g.value("tokenizer.ggml.tokens")?.arrayValue?.compactMap(\.stringValue) else {
             throw TokenizerError.invalidFile(file: g.path, reason: "no tokenizer.ggml.tokens")
         }
-        var vocab: [String: Int] = [:]
-        for (i, t) in tokens.enumerated() where vocab[t] == nil { vocab[t] = i }
+        let vocab = tokens.enumerated().map { ($1, $0) }
         let merges: [(String, String)] = (g.value("tokenizer.ggml.merges")?.arrayValue ?? []).compactMap {
             guard let s = $0.stringValue, let sp = s.firstIndex(of: " ") else { return nil }
             return (String(s[..<sp]), String(s[s.index(after: sp)...]))
@@ -218,7 +220,8 @@ extension Tokenizer {
         // Token types 3 (control) and 4 (user defined) are added tokens, matched before BPE.
         var added: [AddedToken] = []
         for (i, t) in types.enumerated() where (t == 3 || t == 4) && i < tokens.count {
-            added.append(AddedToken(id: i, content: tokens[i], special: t == 3, lstrip: false, rstrip: false, singleWord: false))
+            added.append(AddedToken(id: i, content: tokens[i], special: t == 3, lstrip: false, rstrip: false, singleWord: false,
+                                    normalized: false))
         }
         let pre = g.value("tokenizer.ggml.pre")?.stringValue ?? "default"
         let preTokenizer: PreTokenizer
