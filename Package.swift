@@ -34,7 +34,8 @@ let package = Package(
         .target(name: "QLoRATokenizer", dependencies: ["QLoRACore", "QLoRAFormats"]),
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
         .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
-        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration"]),
+        .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation"]),
         .executableTarget(
             name: "qlora",
             dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser")]
@@ -46,6 +47,7 @@ let package = Package(
         .testTarget(name: "QLoRAKernelsTests", dependencies: ["QLoRAKernels", "QLoRAFormats", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAFormatsTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRATokenizerTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRAEvaluationTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora"]),
     ],

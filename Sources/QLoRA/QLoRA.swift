@@ -5,3 +5,4 @@
 @_exported import QLoRAModel
 @_exported import QLoRATokenizer
 @_exported import QLoRAGeneration
+@_exported import QLoRAEvaluation

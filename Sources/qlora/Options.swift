@@ -1,0 +1,123 @@
+// Options shared by the commands that load a model and generate.
+import ArgumentParser
+import QLoRA
+
+/// The model cache folder (QLORA_CACHE, default ~/.cache/swift-qlora).
+func cacheFolder() -> String {
+    if let c = Environment.get("QLORA_CACHE"), !c.isEmpty { return c }
+    return FileSystem.join(Environment.get("HOME") ?? ".", ".cache/swift-qlora")
+}
+
+/// The default model that scripts/setup.sh fetches.
+func defaultModelPath() -> String { FileSystem.join(cacheFolder(), "models/SmolLM2-135M-Instruct.Q4_1.gguf") }
+
+struct ModelOptions: ParsableArguments {
+    @Option(name: .shortAndLong, help: "A Hugging Face model folder, a bitsandbytes 4-bit folder, a .gguf file, or org/name in the local Hugging Face cache. (default: SmolLM2-135M-Instruct, fetched by scripts/setup.sh)")
+    var model: String?
+
+    @Option(help: "4-bit type for the frozen linear weights: nf4, fp4, int4, or none (f32, for reference runs). A bitsandbytes checkpoint is used as stored.")
+    var quantType: String = "nf4"
+
+    @Option(help: "Quantization block size (32 to 4096, a power of two).")
+    var blockSize: Int = 64
+
+    @Flag(help: "Keep f32 block constants instead of double-quantizing them.")
+    var noDoubleQuant = false
+
+    func validate() throws {
+        guard quantType == "none" || QuantType(rawValue: quantType) != nil else {
+            throw ValidationError("--quant-type must be nf4, fp4, int4 or none (got '\(quantType)')")
+        }
+        guard Quantized4Bit.blockSizes.contains(blockSize) else {
+            throw ValidationError("--block-size must be a power of two from 32 to 4096 (got \(blockSize))")
+        }
+    }
+
+    var modelPath: String { model ?? defaultModelPath() }
+
+    func loadOptions(progress: Bool) -> LoadOptions {
+        var o = LoadOptions()
+        o.quantType = QuantType(rawValue: quantType)
+        o.blockSize = blockSize
+        o.doubleQuant = !noDoubleQuant
+        o.showProgress = progress
+        return o
+    }
+
+    /// Loads the model and its tokenizer, reporting the load on stderr.
+    func load(progress: Bool) throws -> (LlamaModel, Tokenizer) {
+        if model == nil && !FileSystem.exists(modelPath) {
+            throw ValidationError("the default model is not at \(modelPath); run scripts/setup.sh (or make demo) first, or pass --model")
+        }
+        let start = Clock.seconds()
+        let path = try ModelLocator.resolve(modelPath)
+        let m = try LlamaModel.load(path, options: loadOptions(progress: progress))
+        let tokenizer = try Tokenizer.load(model: path)
+        if progress {
+            let params = m.config.parameterCount
+            Log.info("loaded \(FileSystem.baseName(path)): \(formatFixed(Double(params) / 1e6, 1))M parameters, \(m.config.layerCount) layers, weights \(formatBytes(m.weightBytes)) (\(quantType == "none" ? "f32" : quantType)) in \(formatFixed(Clock.seconds() - start, 2)) s")
+        }
+        return (m, tokenizer)
+    }
+}
+
+struct SamplingFlags: ParsableArguments {
+    @Option(help: "Sampling temperature; 0 is greedy.")
+    var temperature: Float = 0.7
+
+    @Option(help: "Nucleus sampling: keep the smallest set of tokens whose probability reaches p (1 disables).")
+    var topP: Float = 0.9
+
+    @Option(help: "Keep only the k most likely tokens (0 disables).")
+    var topK: Int = 0
+
+    @Option(help: "Drop tokens less likely than min-p times the most likely one (0 disables).")
+    var minP: Float = 0
+
+    @Option(help: "Penalty for tokens already in the context (1 disables; 1.1 to 1.3 is typical).")
+    var repetitionPenalty: Float = 1
+
+    @Option(help: "Random seed for sampling.")
+    var seed: UInt64 = 0
+
+    @Option(help: "Most tokens to generate.")
+    var maxTokens: Int = 256
+
+    @Option(name: .customLong("stop"), help: "A string that ends the reply (repeatable).")
+    var stopStrings: [String] = []
+
+    func validate() throws {
+        guard temperature >= 0 else { throw ValidationError("--temperature must be >= 0") }
+        guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
+        guard topK >= 0 else { throw ValidationError("--top-k must be >= 0") }
+        guard minP >= 0 && minP < 1 else { throw ValidationError("--min-p must be in [0, 1)") }
+        guard repetitionPenalty > 0 else { throw ValidationError("--repetition-penalty must be > 0") }
+        guard maxTokens > 0 else { throw ValidationError("--max-tokens must be positive") }
+    }
+
+    var generationOptions: GenerationOptions {
+        var g = GenerationOptions()
+        g.maxTokens = maxTokens
+        g.stopStrings = stopStrings
+        g.sampling.temperature = temperature
+        g.sampling.topP = topP
+        g.sampling.topK = topK
+        g.sampling.minP = minP
+        g.sampling.repetitionPenalty = repetitionPenalty
+        g.sampling.seed = seed
+        return g
+    }
+}
+
+/// Ctrl-C while generating stops the reply, not the program.
+enum Interrupt {
+    nonisolated(unsafe) static var requested = false
+
+    static func install() {
+        signal(SIGINT) { _ in Interrupt.requested = true }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
