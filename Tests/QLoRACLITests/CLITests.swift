@@ -8,13 +8,14 @@ import Glibc
 #endif
 
 /// Runs the qlora binary that was built beside this test bundle.
-func runQLoRA(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
+func runQLoRA(_ arguments: [String], environment: [String: String] = [:], input: String? = nil) throws -> (status: Int32, stdout: String, stderr: String) {
     let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
     let dir = try Fixtures.temporaryDirectory("cli")
-    let out = FileSystem.join(dir, "stdout"), err = FileSystem.join(dir, "stderr")
+    let out = FileSystem.join(dir, "stdout"), err = FileSystem.join(dir, "stderr"), inp = FileSystem.join(dir, "stdin")
+    try FileSystem.writeFileAtomically(inp, bytes: Array((input ?? "").utf8))
     func quote(_ s: String) -> String { "'" + s.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'" }
     let env = environment.map { "\($0.key)=\(quote($0.value))" }.joined(separator: " ")
-    let command = "\(env) \(quote(binary)) \(arguments.map(quote).joined(separator: " ")) >\(quote(out)) 2>\(quote(err)) </dev/null"
+    let command = "\(env) \(quote(binary)) \(arguments.map(quote).joined(separator: " ")) >\(quote(out)) 2>\(quote(err)) <\(quote(inp))"
     let raw = system(command)
     let status = (raw >> 8) & 0xFF
     let o = String(decoding: try FileSystem.readFile(out), as: UTF8.self)
@@ -113,6 +114,61 @@ struct CLITests {
         let h = try runQLoRA(["quantize", "--help"])
         #expect(h.status == 0)
         #expect(h.stdout.contains("default: nf4") && h.stdout.contains("default: 64"))
+    }
+}
+
+@Suite("command line: the default model")
+struct DefaultModelCLITests {
+    @Test("generate --chat, greedy: the answer streams to stdout and --json reports it")
+    func generate() throws {
+        let r = try runQLoRA(["generate", "--chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("Paris"), "\(r.stdout)")
+        #expect(r.stderr.contains("tokens/s"))
+        let j = try runQLoRA(["generate", "--chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12", "--json"])
+        let result = try JSON.parse(j.stdout)
+        #expect(result["text"]?.stringValue?.contains("Paris") == true)
+        #expect(result["generated_tokens"]?.intValue == 12 || result["finish_reason"]?.stringValue == "eos")
+    }
+
+    @Test("chat: two turns, /reset, /exit, over standard input")
+    func chat() throws {
+        let r = try runQLoRA(["chat", "--temperature", "0", "--max-tokens", "16"],
+                             input: "Hello!\n/reset\nWhat is the capital of France?\n/exit\n")
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("Paris"), "\(r.stdout)")
+        #expect(r.stderr.contains("new conversation"))
+    }
+
+    @Test("tokenize --json gives the tokenizer's ids and the decoded text")
+    func tokenize() throws {
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        let r = try runQLoRA(["tokenize", "-m", FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf"), "--json", "<|im_start|>user\nHi 12<|im_end|>"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let j = try JSON.parse(r.stdout)
+        #expect(j["ids"]!.arrayValue!.compactMap(\.intValue) == [1, 4093, 198, 26843, 216, 33, 34, 2])
+        #expect(j["decoded"]?.stringValue == "<|im_start|>user\nHi 12<|im_end|>")
+    }
+
+    @Test("perplexity --json on a text file")
+    func perplexity() throws {
+        let dir = try Fixtures.temporaryDirectory("ppl")
+        let file = FileSystem.join(dir, "t.txt")
+        try FileSystem.writeFileAtomically(file, bytes: Array(String(repeating: "The cat sat on the mat. ", count: 20).utf8))
+        let r = try runQLoRA(["perplexity", "--text-file", file, "--context", "64", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let j = try JSON.parse(r.stdout)
+        let ppl = j["perplexity"]!.doubleValue!
+        #expect(ppl > 1 && ppl < 10, "a repeated sentence is easy to predict: \(ppl)")
+    }
+
+    @Test("a missing model is one error line naming it")
+    func missingModel() throws {
+        let r = try runQLoRA(["generate", "-m", "/nonexistent/model", "-p", "x"])
+        #expect(r.status != 0)
+        #expect(r.stderr.hasPrefix("error: ") && r.stderr.contains("/nonexistent/model"), "\(r.stderr)")
+        let p = try runQLoRA(["generate", "-m", "/tmp/weights.bin", "-p", "x"])
+        #expect(p.stderr.contains("safetensors"), "\(p.stderr)")
     }
 }
 
