@@ -37,3 +37,17 @@ echo "reconstructs them better than FP4 or evenly spaced Int4 (QLoRA paper, sect
 echo
 echo "== The NF4 checkpoint, in the layout transformers saves for bitsandbytes 4-bit models (GGUF tensor names kept): $OUT/nf4"
 "$BIN" inspect "$OUT/nf4" | grep -E "blk\.0\.(attn_q|ffn_down)|quantized:|tensors in"
+echo
+echo "== What 4 bits cost: perplexity on a public-domain excerpt (War and Peace), f32 versus NF4 + double quantization"
+TEXT="$(dirname "$0")/../Tests/QLoRAEvaluationTests/Resources/war_and_peace_excerpt.txt"
+for qt in none nf4; do
+  "$BIN" perplexity --text-file "$TEXT" --context 128 --quant-type "$qt" --json 2>/dev/null \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%-5s perplexity %7.3f  (mean NLL %.4f over %d tokens)" % (sys.argv[1], r["perplexity"], r["mean_nll"], r["tokens"]))' "$qt"
+done
+echo
+echo "== The default model in NF4 answers a few prompts (chat template, greedy; speed on stderr)"
+for p in "What is the capital of France?" "Give me three tips for staying focused while studying." "Explain what a neural network is in two sentences."; do
+  echo
+  echo "> $p"
+  "$BIN" generate --chat -p "$p" --temperature 0 --max-tokens 96 2> >(grep -E "tokens/s" >&2)
+done

@@ -64,12 +64,84 @@ func quantBench(file: String, repeats: Int) throws {
     print(JSON.serialize(.object(fields), pretty: true))
 }
 
+/// Peak resident set size of this process so far, in bytes.
+func peakRSS() -> Int {
+    var usage = rusage()
+    getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+    return Int(usage.ru_maxrss) * 1024
+}
+
+/// Writes a Llama-shaped Hugging Face folder with random bf16 weights (normal, std 0.02), streamed
+/// tensor by tensor, for memory measurements on shapes we cannot download.
+func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, heads: Int, kvHeads: Int, vocab: Int) throws {
+    try FileSystem.makeDirectory(output)
+    let config = """
+        {"architectures": ["LlamaForCausalLM"], "hidden_size": \(hidden), "intermediate_size": \(intermediate),
+         "num_hidden_layers": \(layers), "num_attention_heads": \(heads), "num_key_value_heads": \(kvHeads),
+         "vocab_size": \(vocab), "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+         "tie_word_embeddings": false, "hidden_act": "silu", "dtype": "bfloat16"}
+        """
+    try FileSystem.writeFileAtomically(FileSystem.join(output, "config.json"), bytes: Array(config.utf8))
+    let d = hidden / heads
+    var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [vocab, hidden])]
+    for l in 0..<layers {
+        let p = "model.layers.\(l)."
+        shapes += [(p + "input_layernorm.weight", [hidden]), (p + "self_attn.q_proj.weight", [heads * d, hidden]),
+                   (p + "self_attn.k_proj.weight", [kvHeads * d, hidden]), (p + "self_attn.v_proj.weight", [kvHeads * d, hidden]),
+                   (p + "self_attn.o_proj.weight", [hidden, heads * d]), (p + "post_attention_layernorm.weight", [hidden]),
+                   (p + "mlp.gate_proj.weight", [intermediate, hidden]), (p + "mlp.up_proj.weight", [intermediate, hidden]),
+                   (p + "mlp.down_proj.weight", [hidden, intermediate])]
+    }
+    shapes += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
+    let writer = try SafetensorsWriter(path: FileSystem.join(output, "model.safetensors"),
+                                       tensors: shapes.map { .init(name: $0.0, dtype: .bf16, shape: $0.1) })
+    var rng = SeededGenerator(seed: 0)
+    for (name, shape) in shapes {
+        let n = shape.reduce(1, *)
+        let isNorm = shape.count == 1
+        var values = [UInt16](repeating: 0, count: n)
+        for i in 0..<n {
+            // Sum of uniforms: cheap, roughly normal.
+            let u = (rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 0.04
+            values[i] = floatToBFloat16Bits(isNorm ? 1 : u)
+        }
+        try writer.append(name, values: values)
+    }
+    try writer.finish()
+}
+
 let args = Array(CommandLine.arguments.dropFirst())
-guard args.count >= 2, args[0] == "quant" else { fail("usage: qlora-bench quant FILE [--repeats N]") }
-var repeats = 3
-if let i = args.firstIndex(of: "--repeats"), i + 1 < args.count, let n = Int(args[i + 1]) { repeats = n }
+func option(_ name: String, _ def: Int) -> Int {
+    if let i = args.firstIndex(of: name), i + 1 < args.count, let n = Int(args[i + 1]) { return n }
+    return def
+}
 do {
-    try quantBench(file: args[1], repeats: repeats)
+    switch args.first {
+    case "quant":
+        guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
+        try quantBench(file: args[1], repeats: option("--repeats", 3))
+    case "synth-llama":
+        guard args.count >= 2 else { fail("usage: qlora-bench synth-llama DIR [--hidden N --intermediate N --layers N --heads N --kv-heads N --vocab N]") }
+        try synthesize(output: args[1], hidden: option("--hidden", 2048), intermediate: option("--intermediate", 5632),
+                       layers: option("--layers", 22), heads: option("--heads", 32), kvHeads: option("--kv-heads", 4),
+                       vocab: option("--vocab", 32000))
+    case "load":
+        // Loads a model as `qlora generate` does and reports the peak resident set size.
+        guard args.count >= 2 else { fail("usage: qlora-bench load MODEL") }
+        var o = LoadOptions()
+        o.showProgress = false
+        let start = Clock.seconds()
+        let model = try LlamaModel.load(args[1], options: o)
+        let c = model.config
+        let largestLayerF32 = (c.hiddenSize * c.headDim * (2 * c.headCount + 2 * c.kvHeadCount) + 3 * c.hiddenSize * c.intermediateSize) * 4
+        print(JSON.serialize(.object([
+            ("model", .string(args[1])), ("parameters", .int(c.parameterCount)), ("weight_bytes", .int(model.weightBytes)),
+            ("one_layer_f32_bytes", .int(largestLayerF32)), ("peak_rss_bytes", .int(peakRSS())),
+            ("seconds", .double(Clock.seconds() - start)),
+        ]), pretty: true))
+    default:
+        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL")
+    }
 } catch {
     fail("\(error)")
 }
