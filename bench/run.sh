@@ -20,3 +20,5 @@ mkdir -p bench/out
 "$PY" bench/prepare_tensors.py "$MODEL" bench/out
 "$PY" bench/quant_bench.py .build/release/qlora-bench bench/out/smollm2_mlp.safetensors bench/out/big_4096x11008.safetensors \
   | tee bench/out/quant.md
+TEXT="Tests/QLoRAEvaluationTests/Resources/war_and_peace_excerpt.txt"
+"$PY" bench/generate_bench.py .build/release/qlora "$MODEL" "$TEXT" | tee bench/out/generate.md

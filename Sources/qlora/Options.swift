@@ -86,6 +86,9 @@ struct SamplingFlags: ParsableArguments {
     @Option(name: .customLong("stop"), help: "A string that ends the reply (repeatable).")
     var stopStrings: [String] = []
 
+    @Flag(help: "Keep generating past end-of-sequence tokens (for benchmarks).")
+    var ignoreEOS = false
+
     func validate() throws {
         guard temperature >= 0 else { throw ValidationError("--temperature must be >= 0") }
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
@@ -99,6 +102,7 @@ struct SamplingFlags: ParsableArguments {
         var g = GenerationOptions()
         g.maxTokens = maxTokens
         g.stopStrings = stopStrings
+        if ignoreEOS { g.eosTokenIDs = [] }
         g.sampling.temperature = temperature
         g.sampling.topP = topP
         g.sampling.topK = topK

@@ -29,6 +29,26 @@ struct PerplexityTests {
         }
     }
 
+    @Test("perplexity orders the 4-bit types as the paper does: NF4 below FP4 and Int4 (and f32 below all)")
+    func ordering() throws {
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        let path = FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        let tokenizer = try Tokenizer.load(model: path)
+        let text = String(decoding: try FileSystem.readFile(FileSystem.join(Fixtures.resources(), "war_and_peace_excerpt.txt")), as: UTF8.self)
+        let ids = tokenizer.encode(text, addSpecialTokens: true)
+        var ppl: [String: Double] = [:]
+        for qt in [QuantType?.none, .nf4, .fp4, .int4] {
+            var o = LoadOptions()
+            o.quantType = qt
+            o.showProgress = false
+            let model = try LlamaModel.load(path, options: o)
+            ppl[qt?.rawValue ?? "f32"] = try PerplexityEvaluator.evaluate(model: model, tokens: ids, context: 512, stride: 512, showProgress: false).perplexity
+        }
+        #expect(ppl["f32"]! < ppl["nf4"]!)
+        #expect(ppl["nf4"]! < ppl["fp4"]!)
+        #expect(ppl["nf4"]! < ppl["int4"]!)
+    }
+
     @Test("negative log-likelihood of one row is log-sum-exp minus the target logit")
     func nll() {
         let logits: [Float] = [1, 2, 3]

@@ -152,3 +152,86 @@ struct DefaultModelTests {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+@Suite("model errors")
+struct ModelErrorTests {
+    @Test("a config without a required key names the key and the file")
+    func missingKey() throws {
+        let json = try JSON.parse(#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "num_attention_heads": 2, "intermediate_size": 8, "num_hidden_layers": 1}"#)
+        do {
+            _ = try LlamaConfig(json: json, file: "/m/config.json")
+            Issue.record("accepted a config without hidden_size")
+        } catch {
+            #expect("\(error)".contains("/m/config.json") && "\(error)".contains("hidden_size"), "\(error)")
+        }
+    }
+
+    @Test("a prompt longer than the context is a clear error, and the cache is unchanged")
+    func contextFull() throws {
+        var o = LoadOptions()
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(Fixtures.resources(), "tiny-llama-gqa"), options: o)
+        let cache = KVCache(config: model.config, capacity: 8)
+        _ = try model.forward([1, 2, 3], cache: cache)
+        #expect(throws: ForwardError.contextFull(capacity: 8, needed: 10)) { _ = try model.forward(Array(repeating: 4, count: 7), cache: cache) }
+        #expect(cache.length == 3)
+        #expect(throws: ForwardError.tokenOutOfRange(token: 999, vocab: 320)) { _ = try model.forward([999], cache: cache) }
+        #expect(ForwardError.contextFull(capacity: 8, needed: 10).description.contains("context"))
+    }
+
+    @Test("a model folder without tokenizer.json: the error says what is missing")
+    func missingTokenizer() throws {
+        let folder = FileSystem.join(Fixtures.resources(), "tiny-llama-gqa")
+        do {
+            _ = try Tokenizer.load(model: folder)
+            Issue.record("loaded a tokenizer from a folder without one")
+        } catch {
+            #expect("\(error)".contains("tokenizer.json"), "\(error)")
+        }
+    }
+
+    @Test("a checkpoint missing a tensor names it")
+    func missingTensor() throws {
+        let dir = try Fixtures.temporaryDirectory("partial")
+        let source = FileSystem.join(Fixtures.resources(), "tiny-llama-gqa")
+        try FileSystem.writeFileAtomically(FileSystem.join(dir, "config.json"), bytes: try FileSystem.readFile(FileSystem.join(source, "config.json")))
+        let full = try SafetensorsFile(path: FileSystem.join(source, "model.safetensors"))
+        let kept = full.names.filter { $0 != "model.layers.1.mlp.up_proj.weight" }.map { ($0, full.tensor($0)!) }
+        try SafetensorsWriter.write(path: FileSystem.join(dir, "model.safetensors"), tensors: kept)
+        #expect(throws: ModelError.missingTensor(file: dir, tensor: "model.layers.1.mlp.up_proj.weight")) {
+            var o = LoadOptions()
+            o.showProgress = false
+            _ = try LlamaModel.load(dir, options: o)
+        }
+    }
+
+    @Test("bf16 and f16 checkpoints load (converted exactly to f32) and give the same logits as their f32 values")
+    func halfPrecision() throws {
+        let source = FileSystem.join(Fixtures.resources(), "tiny-llama-gqa")
+        let full = try SafetensorsFile(path: FileSystem.join(source, "model.safetensors"))
+        var o = LoadOptions()
+        o.quantType = nil
+        o.showProgress = false
+        for dtype in [DType.bf16, .f16] {
+            let dir = try Fixtures.temporaryDirectory("half")
+            try FileSystem.writeFileAtomically(FileSystem.join(dir, "config.json"), bytes: try FileSystem.readFile(FileSystem.join(source, "config.json")))
+            var narrow: [(String, TensorView)] = []
+            var rounded: [(String, TensorView)] = []
+            for name in full.names {
+                let f = full.tensor(name)!.floats()
+                let bits = f.map { dtype == .bf16 ? floatToBFloat16Bits($0) : floatToFloat16Bits($0) }
+                narrow.append((name, .make(bits, dtype: dtype, shape: full.entry(name)!.shape)))
+                let back = bits.map { dtype == .bf16 ? bfloat16BitsToFloat($0) : float16BitsToFloat($0) }
+                rounded.append((name, .make(back, dtype: .f32, shape: full.entry(name)!.shape)))
+            }
+            try SafetensorsWriter.write(path: FileSystem.join(dir, "model.safetensors"), tensors: narrow)
+            let f32dir = try Fixtures.temporaryDirectory("halfref")
+            try FileSystem.writeFileAtomically(FileSystem.join(f32dir, "config.json"), bytes: try FileSystem.readFile(FileSystem.join(source, "config.json")))
+            try SafetensorsWriter.write(path: FileSystem.join(f32dir, "model.safetensors"), tensors: rounded)
+            let a = try LlamaModel.load(dir, options: o), b = try LlamaModel.load(f32dir, options: o)
+            let ids = [1, 7, 42, 9, 100]
+            #expect(try a.forward(ids, cache: KVCache(config: a.config, capacity: 8), logits: .all)
+                    == (try b.forward(ids, cache: KVCache(config: b.config, capacity: 8), logits: .all)), "\(dtype)")
+        }
+    }
+}
