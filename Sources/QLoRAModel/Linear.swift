@@ -11,10 +11,26 @@ public struct Linear: Sendable {
         case quantized(Quantized4Bit, scales: [Float])
     }
 
+    /// A low-rank update: y += scale · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA, Hu et al. 2021).
+    public struct LoRA: Sendable {
+        public var a: [Float]
+        public var b: [Float]
+        public var rank: Int
+        public var scale: Float
+
+        public init(a: [Float], b: [Float], rank: Int, scale: Float) {
+            self.a = a
+            self.b = b
+            self.rank = rank
+            self.scale = scale
+        }
+    }
+
     public let outFeatures: Int
     public let inFeatures: Int
     public var weight: Weight
     public var bias: [Float]?
+    public var lora: LoRA?
 
     public init(weight: Weight, outFeatures: Int, inFeatures: Int, bias: [Float]? = nil) {
         self.weight = weight
@@ -68,6 +84,19 @@ public struct Linear: Sendable {
                 for r in 0..<rows {
                     let row = y + r * outFeatures
                     for j in 0..<outFeatures { row[j] += b[j] }
+                }
+            }
+        }
+        if let lora {
+            var t = [Float](repeating: 0, count: rows * lora.rank)
+            t.withUnsafeMutableBufferPointer { tp in
+                lora.a.withUnsafeBufferPointer { a in
+                    Gemm.gemm(tp.baseAddress!, ldc: lora.rank, x, lda: inFeatures, a.baseAddress!, ldb: inFeatures,
+                              m: rows, n: lora.rank, k: inFeatures, transposeB: true)
+                }
+                lora.b.withUnsafeBufferPointer { b in
+                    Gemm.gemm(y, ldc: outFeatures, tp.baseAddress!, lda: lora.rank, b.baseAddress!, ldb: lora.rank,
+                              m: rows, n: outFeatures, k: lora.rank, transposeB: true, alpha: lora.scale, beta: 1)
                 }
             }
         }

@@ -24,6 +24,9 @@ struct ModelOptions: ParsableArguments {
     @Flag(help: "Keep f32 block constants instead of double-quantizing them.")
     var noDoubleQuant = false
 
+    @Option(help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.")
+    var adapter: String?
+
     func validate() throws {
         guard quantType == "none" || QuantType(rawValue: quantType) != nil else {
             throw ValidationError("--quant-type must be nf4, fp4, int4 or none (got '\(quantType)')")
@@ -51,11 +54,12 @@ struct ModelOptions: ParsableArguments {
         }
         let start = Clock.seconds()
         let path = try ModelLocator.resolve(modelPath)
-        let m = try LlamaModel.load(path, options: loadOptions(progress: progress))
+        var m = try LlamaModel.load(path, options: loadOptions(progress: progress))
+        if let adapter { m = try m.withAdapter(adapter) }
         let tokenizer = try Tokenizer.load(model: path)
         if progress {
             let params = m.config.parameterCount
-            Log.info("loaded \(FileSystem.baseName(path)): \(formatFixed(Double(params) / 1e6, 1))M parameters, \(m.config.layerCount) layers, weights \(formatBytes(m.weightBytes)) (\(quantType == "none" ? "f32" : quantType)) in \(formatFixed(Clock.seconds() - start, 2)) s")
+            Log.info("loaded \(FileSystem.baseName(path)): \(formatFixed(Double(params) / 1e6, 1))M parameters, \(m.config.layerCount) layers, weights \(formatBytes(m.weightBytes)) (\(quantType == "none" ? "f32" : quantType))\(adapter.map { " + adapter " + FileSystem.baseName($0) } ?? "") in \(formatFixed(Clock.seconds() - start, 2)) s")
         }
         return (m, tokenizer)
     }
