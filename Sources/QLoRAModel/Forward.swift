@@ -116,9 +116,8 @@ extension LlamaModel {
                     u.withUnsafeMutableBufferPointer { layer.up.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
                 }
             }
-            for i in 0..<(T * I) {
-                let x = g[i]
-                g[i] = (x / (1 + expf(-x))) * u[i]  // silu(gate) * up
+            g.withUnsafeMutableBufferPointer { gp in
+                u.withUnsafeBufferPointer { Ops.swigluForward(gp.baseAddress!, gate: gp.baseAddress!, up: $0.baseAddress!, count: T * I) }
             }
             g.withUnsafeBufferPointer { a in
                 scratch.withUnsafeMutableBufferPointer { s in
@@ -168,42 +167,24 @@ extension LlamaModel {
 
     /// RMSNorm: x / sqrt(mean(x²) + eps) * weight, per row, in f32.
     func rmsNorm(_ x: [Float], weight: [Float], into out: inout [Float], rows: Int, dim: Int, eps: Float) {
-        for r in 0..<rows {
-            var sum: Float = 0
-            for j in 0..<dim { let v = x[r * dim + j]; sum += v * v }
-            let scale = 1 / (sum / Float(dim) + eps).squareRoot()
-            for j in 0..<dim { out[r * dim + j] = weight[j] * (x[r * dim + j] * scale) }
+        x.withUnsafeBufferPointer { xp in
+            weight.withUnsafeBufferPointer { wp in
+                out.withUnsafeMutableBufferPointer { op in
+                    Ops.rmsNormForward(op.baseAddress!, rstd: nil, xp.baseAddress!, weight: wp.baseAddress!, rows: rows, dim: dim, eps: eps)
+                }
+            }
         }
     }
 
     /// cos and sin [positions, d/2] of position * inv_freq (f32, as transformers computes them).
     func ropeTables(positions: Range<Int>) -> ([Float], [Float]) {
-        let half = config.headDim / 2
-        var cos = [Float](repeating: 0, count: positions.count * half)
-        var sin = cos
-        for (t, p) in positions.enumerated() {
-            for i in 0..<half {
-                let angle = Float(p) * inverseFrequencies[i]
-                cos[t * half + i] = cosf(angle)
-                sin[t * half + i] = sinf(angle)
-            }
-        }
-        return (cos, sin)
+        Ops.ropeTables(positions: Array(positions), inverseFrequencies: inverseFrequencies)
     }
 
     /// Rotates each head's halves (transformers' rotate_half convention, not interleaved pairs).
     func applyRope(_ x: inout [Float], rows: Int, heads: Int, headDim d: Int, cos: [Float], sin: [Float]) {
-        let half = d / 2
-        for t in 0..<rows {
-            for h in 0..<heads {
-                let base = (t * heads + h) * d
-                for i in 0..<half {
-                    let x1 = x[base + i], x2 = x[base + half + i]
-                    let c = cos[t * half + i], s = sin[t * half + i]
-                    x[base + i] = x1 * c - x2 * s
-                    x[base + half + i] = x2 * c + x1 * s
-                }
-            }
+        x.withUnsafeMutableBufferPointer { xp in
+            Ops.rope(xp.baseAddress!, rows: rows, heads: heads, headDim: d, cos: cos, sin: sin)
         }
     }
 
@@ -256,17 +237,7 @@ extension LlamaModel {
                                     let kvh = h / group
                                     Gemm.gemm(sBase, ldc: S, qBase + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
                                               m: T, n: S, k: d, transposeB: true, alpha: scale)
-                                    for t in 0..<T {
-                                        let row = sBase + t * S
-                                        let visible = start + t + 1
-                                        var m = -Float.infinity
-                                        for j in 0..<visible { m = max(m, row[j]) }
-                                        var sum: Float = 0
-                                        for j in 0..<visible { row[j] = expf(row[j] - m); sum += row[j] }
-                                        let inv = 1 / sum
-                                        for j in 0..<visible { row[j] *= inv }
-                                        for j in visible..<S { row[j] = 0 }
-                                    }
+                                    for t in 0..<T { Ops.softmaxRow(sBase + t * S, visible: start + t + 1, length: S) }
                                     Gemm.gemm(oBase + h * d, ldc: qDim, sBase, lda: S, vBase + kvh * d, ldb: kvDim,
                                               m: T, n: d, k: S)
                                 }

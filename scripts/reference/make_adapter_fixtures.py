@@ -10,7 +10,8 @@ Writes under Tests/QLoRAModelTests/Resources/:
                             lora_B has no bias; tied embeddings are not targeted)
 
   Each folder holds
-    adapter_config.json           written by PeftModel.save_pretrained
+    adapter_config.json           written by PeftModel.save_pretrained (base_model_name_or_path set to the model
+                                  folder name, target_modules written as a sorted list)
     adapter_model.safetensors     written by PeftModel.save_pretrained (safetensors), keys
                                   base_model.model.<module path>.lora_A.weight  F32 [r, in_features]
                                   base_model.model.<module path>.lora_B.weight  F32 [out_features, r]
@@ -133,7 +134,14 @@ def make(model_name, adapter_name, kw):
         manual_diff = (m0(x) - manual).abs().max().item()
     assert manual_diff < 1e-5, manual_diff
 
+    # Keep the fixture portable and byte-stable: a relative base path, and target_modules as a sorted list
+    # (PEFT stores a set, which json-dumps in hash order).
+    model.peft_config["default"].base_model_name_or_path = model_name
+    model.peft_config["default"].target_modules = sorted(model.peft_config["default"].target_modules)
     model.save_pretrained(out_dir, safe_serialization=True)
+    readme = os.path.join(out_dir, "README.md")  # PEFT's generated model card; not part of the fixture
+    if os.path.exists(readme):
+        os.remove(readme)
 
     merged = model.merge_and_unload()
     logits_merged = logits_of(merged.eval(), input_ids)

@@ -1,0 +1,121 @@
+// The element-wise and row-wise operations of a Llama block, each forward beside its backward.
+// Shapes: rows × dim, row-major; `d` prefixes gradients. Norm weights are frozen in QLoRA, so the
+// norm backward computes the input gradient only.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public enum Ops {
+    // MARK: RMSNorm  y = w ⊙ x / sqrt(mean(x²) + eps)
+
+    /// Writes y and the per-row reciprocal RMS (rstd) that the backward needs.
+    public static func rmsNormForward(_ y: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>?,
+                                      _ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, rows: Int, dim: Int, eps: Float) {
+        for r in 0..<rows {
+            let xr = x + r * dim, yr = y + r * dim
+            var sum: Float = 0
+            for j in 0..<dim { sum += xr[j] * xr[j] }
+            let s = 1 / (sum / Float(dim) + eps).squareRoot()
+            rstd?[r] = s
+            for j in 0..<dim { yr[j] = weight[j] * (xr[j] * s) }
+        }
+    }
+
+    /// dx += rstd·(w⊙dy) − x·rstd³/dim·Σ(w⊙dy⊙x), per row (accumulates into dx).
+    public static func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
+                                       rstd: UnsafePointer<Float>, weight: UnsafePointer<Float>, rows: Int, dim: Int) {
+        for r in 0..<rows {
+            let xr = x + r * dim, dyr = dy + r * dim, dxr = dx + r * dim
+            let s = rstd[r]
+            var dot: Float = 0
+            for j in 0..<dim { dot += weight[j] * dyr[j] * xr[j] }
+            let c = dot * s * s * s / Float(dim)
+            for j in 0..<dim { dxr[j] += s * weight[j] * dyr[j] - c * xr[j] }
+        }
+    }
+
+    // MARK: RoPE (rotate_half convention: the two halves of each head rotate as pairs (i, i + d/2))
+
+    /// cos/sin tables [positions.count, d/2] for angle = position × inv_freq.
+    public static func ropeTables(positions: [Int], inverseFrequencies inv: [Float]) -> (cos: [Float], sin: [Float]) {
+        let half = inv.count
+        var c = [Float](repeating: 0, count: positions.count * half), s = c
+        for (t, p) in positions.enumerated() {
+            for i in 0..<half {
+                let angle = Float(p) * inv[i]
+                c[t * half + i] = cosf(angle)
+                s[t * half + i] = sinf(angle)
+            }
+        }
+        return (c, s)
+    }
+
+    /// Rotates x [rows, heads·d] in place; row r uses table row r. `inverse` rotates by −angle (the backward).
+    public static func rope(_ x: UnsafeMutablePointer<Float>, rows: Int, heads: Int, headDim d: Int,
+                            cos: UnsafePointer<Float>, sin: UnsafePointer<Float>, inverse: Bool = false) {
+        let half = d / 2
+        for t in 0..<rows {
+            for h in 0..<heads {
+                let base = x + (t * heads + h) * d
+                for i in 0..<half {
+                    let x1 = base[i], x2 = base[half + i]
+                    let c = cos[t * half + i], s = inverse ? -sin[t * half + i] : sin[t * half + i]
+                    base[i] = x1 * c - x2 * s
+                    base[half + i] = x2 * c + x1 * s
+                }
+            }
+        }
+    }
+
+    // MARK: SwiGLU  a = silu(g) ⊙ u
+
+    public static func swigluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = g[i]
+            a[i] = (x / (1 + expf(-x))) * u[i]
+        }
+    }
+
+    /// dg = da ⊙ u ⊙ silu'(g), du = da ⊙ silu(g), with silu'(g) = σ(g)(1 + g(1 − σ(g))).
+    public static func swigluBackward(dGate dg: UnsafeMutablePointer<Float>, dUp du: UnsafeMutablePointer<Float>,
+                                      _ da: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = g[i]
+            let sig = 1 / (1 + expf(-x))
+            let silu = x * sig
+            dg[i] = da[i] * u[i] * (sig * (1 + x * (1 - sig)))
+            du[i] = da[i] * silu
+        }
+    }
+
+    // MARK: Softmax rows in place, over the first `visible` entries of each row (the rest set to 0)
+
+    public static func softmaxRow(_ row: UnsafeMutablePointer<Float>, visible: Int, length: Int) {
+        var m = -Float.infinity
+        for j in 0..<visible { m = max(m, row[j]) }
+        var sum: Float = 0
+        for j in 0..<visible { row[j] = expf(row[j] - m); sum += row[j] }
+        let inv = 1 / sum
+        for j in 0..<visible { row[j] *= inv }
+        for j in visible..<length { row[j] = 0 }
+    }
+
+    // MARK: Cross-entropy over one row of logits
+
+    /// Returns −log softmax(logits)[target] and overwrites logits with its gradient
+    /// (softmax − onehot(target)) × scale.
+    public static func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, vocab: Int, target: Int, scale: Float) -> Double {
+        var m = -Float.infinity
+        for j in 0..<vocab { m = max(m, logits[j]) }
+        var sum = 0.0
+        for j in 0..<vocab { sum += Double(expf(logits[j] - m)) }
+        let logZ = Double(m) + log(sum)
+        let loss = logZ - Double(logits[target])
+        let invSum = Float(1 / sum)
+        for j in 0..<vocab { logits[j] = expf(logits[j] - m) * invSum * scale }
+        logits[target] -= scale
+        return loss
+    }
+}
