@@ -6,3 +6,4 @@
 @_exported import QLoRATokenizer
 @_exported import QLoRAGeneration
 @_exported import QLoRAEvaluation
+@_exported import QLoRATraining

@@ -235,3 +235,36 @@ struct ModelErrorTests {
         }
     }
 }
+
+@Suite("PEFT adapters")
+struct AdapterTests {
+    @Test("a PEFT LoRA adapter (all projections, rsLoRA subset, Qwen2 with biases) gives PEFT's logits",
+          arguments: [("tiny-llama-gqa", "tiny-llama-gqa-lora"), ("tiny-llama-gqa", "tiny-llama-gqa-lora-rs"), ("tiny-qwen2", "tiny-qwen2-lora")])
+    func adapter(_ base: String, _ adapter: String) throws {
+        var o = LoadOptions()
+        o.quantType = nil
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(resources, base), options: o).withAdapter(FileSystem.join(resources, adapter))
+        let reference = try SafetensorsFile(path: FileSystem.join(resources, adapter, "expected_logits.safetensors"))
+        let ids = reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let expected = reference.tensor("logits")!.values(as: Float.self)
+        let T = ids.count / 2, V = model.config.vocabSize
+        for b in 0..<2 {
+            let ours = try model.forward(Array(ids[(b * T)..<((b + 1) * T)]), cache: KVCache(config: model.config, capacity: 32), logits: .all)
+            #expect(checkClose(ours, Array(expected[(b * T * V)..<((b + 1) * T * V)]), "\(adapter) sequence \(b)") == nil)
+        }
+    }
+
+    @Test("an adapter for another model shape is refused with the tensor named")
+    func mismatch() throws {
+        var o = LoadOptions()
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(resources, "tiny-llama-gqa"), options: o)
+        do {
+            _ = try model.withAdapter(FileSystem.join(resources, "tiny-qwen2-lora"))
+            Issue.record("applied an adapter of another shape")
+        } catch {
+            #expect("\(error)".contains("lora_"), "\(error)")
+        }
+    }
+}
