@@ -49,6 +49,7 @@ let package = Package(
         .testTarget(name: "QLoRAFormatsTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRATokenizerTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAEvaluationTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
+        .testTarget(name: "QLoRATrainingTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora"]),
     ],

@@ -48,7 +48,7 @@ public struct Linear: Sendable {
     }
 
     /// Rows of W dequantized per tile: about 256 KB of f32, so a tile stays in L2 while BLAS reads it.
-    var tileRows: Int { max(8, min(outFeatures, (256 * 1024) / max(4 * inFeatures, 1))) }
+    public var tileRows: Int { max(8, min(outFeatures, (256 * 1024) / max(4 * inFeatures, 1))) }
 
     /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `tileRows * inFeatures` floats when the
     /// weight is quantized and rows > 1.

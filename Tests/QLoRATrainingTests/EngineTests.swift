@@ -1,0 +1,108 @@
+// The training step's gradients: finite differences of the loss on a tiny model, checkpointing on and off
+// giving identical gradients, and the LoRA invariants (B = 0 is the base model).
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+private let modelResources = FileSystem.join(FileSystem.directoryName(Fixtures.resources()), "../QLoRAModelTests/Resources")
+
+private func tinyModel(_ quant: QuantType? = nil) throws -> LlamaModel {
+    var o = LoadOptions()
+    o.quantType = quant
+    o.showProgress = false
+    return try LlamaModel.load(FileSystem.join(modelResources, "tiny-llama-gqa"), options: o)
+}
+
+private func batch() -> TrainingBatch {
+    var rng = SeededGenerator(seed: 11)
+    let B = 2, T = 10
+    let tokens = (0..<(B * T)).map { _ in Int(rng.next() % 300) + 3 }
+    var labels = tokens
+    for b in 0..<B { for t in 0..<3 { labels[b * T + t] = TrainingBatch.ignoreIndex } }
+    return TrainingBatch(tokens: tokens, labels: labels, batchSize: B, sequenceLength: T)
+}
+
+private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true) -> TrainingEngine {
+    var c = LoRAConfig()
+    c.rank = 4
+    c.alpha = 8
+    c.dropout = dropout
+    let lora = LoRAWeights(model: model, config: c)
+    var rng = SeededGenerator(seed: 5)
+    // Non-zero B so every path carries gradient.
+    for s in lora.slots { for i in 0..<(s.outFeatures * c.rank) { lora.parameters[s.bOffset + i] = (rng.nextFloat() - 0.5) * 0.2 } }
+    var o = TrainingOptions()
+    o.gradientCheckpointing = checkpointing
+    o.lossChunkRows = 7
+    return TrainingEngine(model: model, lora: lora, options: o)
+}
+
+@Suite("training engine")
+struct EngineTests {
+    @Test("gradients agree with central finite differences of the loss")
+    func finiteDifferences() throws {
+        let e = engine(try tinyModel())
+        let b = batch()
+        e.lora.zeroGradients()
+        try e.step(b)
+        let grads = e.lora.gradients
+        var rng = SeededGenerator(seed: 3)
+        var worst = 0.0
+        let rms = (grads.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(grads.count)).squareRoot()
+        for _ in 0..<40 {
+            let i = Int(rng.next() % UInt64(grads.count))
+            let original = e.lora.parameters[i]
+            let h: Float = 1e-2
+            e.lora.parameters[i] = original + h
+            let up = try e.step(b, backward: false)
+            e.lora.parameters[i] = original - h
+            let down = try e.step(b, backward: false)
+            e.lora.parameters[i] = original
+            let numeric = (up - down) / Double(2 * h)
+            // The f32 loss carries ~1e-7 relative rounding, ~1e-5 in the quotient: absolute plus relative.
+            let excess = abs(numeric - Double(grads[i])) - (5e-5 + 2e-3 * abs(numeric))
+            worst = max(worst, excess)
+            _ = rms
+        }
+        #expect(worst <= 0, "worst excess over tolerance \(worst)")
+    }
+
+    @Test("gradient checkpointing gives the same gradients as keeping every activation")
+    func checkpointing() throws {
+        let model = try tinyModel(.nf4)
+        let a = engine(model, checkpointing: true), b = engine(model, checkpointing: false)
+        let la = try a.step(batch()), lb = try b.step(batch())
+        #expect(la == lb)
+        #expect(a.lora.gradients == b.lora.gradients)
+        // With dropout too (the recomputed layer draws the same masks).
+        let c = engine(model, dropout: 0.1, checkpointing: true), d = engine(model, dropout: 0.1, checkpointing: false)
+        #expect(try c.step(batch()) == (try d.step(batch())))
+        #expect(c.lora.gradients == d.lora.gradients)
+    }
+
+    @Test("with B = 0 the adapted model's loss is the base model's")
+    func zeroB() throws {
+        let model = try tinyModel()
+        var c = LoRAConfig()
+        c.rank = 8
+        let lora = LoRAWeights(model: model, config: c)  // PEFT init: B = 0
+        let e = TrainingEngine(model: model, lora: lora)
+        e.training = false
+        let b = batch()
+        let loss = try e.step(b, backward: false)
+        // The base model's loss from the inference forward pass.
+        var total = 0.0, n = 0
+        for s in 0..<b.batchSize {
+            let seq = Array(b.tokens[(s * b.sequenceLength)..<((s + 1) * b.sequenceLength)])
+            let logits = try model.forward(seq, cache: KVCache(config: model.config, capacity: 16), logits: .all)
+            let V = model.config.vocabSize
+            for t in 0..<(b.sequenceLength - 1) {
+                let target = b.labels[s * b.sequenceLength + t + 1]
+                if target == TrainingBatch.ignoreIndex { continue }
+                total += PerplexityEvaluator.nll(logits[(t * V)..<((t + 1) * V)], target: target)
+                n += 1
+            }
+        }
+        #expect(abs(loss - total / Double(n)) < 1e-5)
+    }
+}
