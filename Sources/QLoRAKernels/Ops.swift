@@ -69,53 +69,32 @@ public enum Ops {
         }
     }
 
-    // MARK: SwiGLU  a = silu(g) ⊙ u
+    // MARK: SwiGLU  a = silu(g) ⊙ u (C kernels: CKernels rowops)
 
-    public static func swigluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count {
-            let x = g[i]
-            a[i] = (x / (1 + expf(-x))) * u[i]
-        }
+    public static func swigluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int,
+                                     kernels: KernelTable = .current) {
+        kernels.swiglu(a, g, u, count)
     }
 
     /// dg = da ⊙ u ⊙ silu'(g), du = da ⊙ silu(g), with silu'(g) = σ(g)(1 + g(1 − σ(g))).
     public static func swigluBackward(dGate dg: UnsafeMutablePointer<Float>, dUp du: UnsafeMutablePointer<Float>,
-                                      _ da: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count {
-            let x = g[i]
-            let sig = 1 / (1 + expf(-x))
-            let silu = x * sig
-            dg[i] = da[i] * u[i] * (sig * (1 + x * (1 - sig)))
-            du[i] = da[i] * silu
-        }
+                                      _ da: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int,
+                                      kernels: KernelTable = .current) {
+        kernels.swigluBackward(dg, du, da, g, u, count)
     }
 
     // MARK: Softmax rows in place, over the first `visible` entries of each row (the rest set to 0)
 
-    public static func softmaxRow(_ row: UnsafeMutablePointer<Float>, visible: Int, length: Int) {
-        var m = -Float.infinity
-        for j in 0..<visible { m = max(m, row[j]) }
-        var sum: Float = 0
-        for j in 0..<visible { row[j] = expf(row[j] - m); sum += row[j] }
-        let inv = 1 / sum
-        for j in 0..<visible { row[j] *= inv }
-        for j in visible..<length { row[j] = 0 }
+    public static func softmaxRow(_ row: UnsafeMutablePointer<Float>, visible: Int, length: Int, kernels: KernelTable = .current) {
+        kernels.softmaxRow(row, visible, length)
     }
 
     // MARK: Cross-entropy over one row of logits
 
     /// Returns −log softmax(logits)[target] and overwrites logits with its gradient
     /// (softmax − onehot(target)) × scale.
-    public static func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, vocab: Int, target: Int, scale: Float) -> Double {
-        var m = -Float.infinity
-        for j in 0..<vocab { m = max(m, logits[j]) }
-        var sum = 0.0
-        for j in 0..<vocab { sum += Double(expf(logits[j] - m)) }
-        let logZ = Double(m) + log(sum)
-        let loss = logZ - Double(logits[target])
-        let invSum = Float(1 / sum)
-        for j in 0..<vocab { logits[j] = expf(logits[j] - m) * invSum * scale }
-        logits[target] -= scale
-        return loss
+    public static func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, vocab: Int, target: Int, scale: Float,
+                                       kernels: KernelTable = .current) -> Double {
+        kernels.crossEntropyRow(logits, vocab, target, scale)
     }
 }

@@ -47,10 +47,15 @@ public struct Linear: Sendable {
         }
     }
 
-    /// Rows of W dequantized per tile: about 256 KB of f32, so a tile stays in L2 while BLAS reads it.
-    public var tileRows: Int { max(8, min(outFeatures, (256 * 1024) / max(4 * inFeatures, 1))) }
+    /// Rows of W dequantized per tile. Few input rows (prefill, small batches): about 256 KB of f32, so a
+    /// tile stays in L2 while BLAS reads it. Many rows (training): about 8 MB, so BLAS packs the
+    /// activations once per few hundred weight rows instead of once per hundred.
+    public func tileRows(forRows rows: Int) -> Int {
+        let budget = rows >= 64 ? 8 << 20 : 256 << 10
+        return max(8, min(outFeatures, budget / max(4 * inFeatures, 1)))
+    }
 
-    /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `tileRows * inFeatures` floats when the
+    /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `scratchCount` floats when the
     /// weight is quantized and rows > 1.
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
                         scratch: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
@@ -69,7 +74,7 @@ public struct Linear: Sendable {
                 fusedGemv(q, scales: scales, x, y, kernels: kernels)
             } else {
                 var r0 = 0
-                let tile = tileRows
+                let tile = tileRows(forRows: rows)
                 while r0 < outFeatures {
                     let r1 = min(outFeatures, r0 + tile)
                     q.dequantize(elements: (r0 * inFeatures)..<(r1 * inFeatures), scales: scales, into: scratch, kernels: kernels)
@@ -104,7 +109,7 @@ public struct Linear: Sendable {
 
     /// Scratch floats `forward` needs.
     public var scratchCount: Int {
-        if case .quantized = weight { return tileRows * inFeatures }
+        if case .quantized = weight { return tileRows(forRows: .max) * inFeatures }
         return 0
     }
 

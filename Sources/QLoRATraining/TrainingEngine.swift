@@ -447,7 +447,7 @@ public final class TrainingEngine {
                 Gemm.gemm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
             }
         case let .quantized(q, scales):
-            let tile = linear.tileRows
+            let tile = linear.tileRows(forRows: N)
             var scratch = [Float](repeating: 0, count: tile * inF)
             scratch.withUnsafeMutableBufferPointer { sp in
                 var r0 = 0

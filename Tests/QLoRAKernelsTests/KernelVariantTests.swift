@@ -128,3 +128,36 @@ struct PartialDequantizeTests {
         }
     }
 }
+
+@Suite("row kernels")
+struct RowKernelTests {
+    static let levels = KernelTable.available.map(\.level).filter { $0 != .reference }
+    let reference = KernelTable.forLevel(.reference)!
+
+    @Test("softmax, SwiGLU forward and backward, cross-entropy: each variant within 4e-6 relative of the reference", arguments: levels)
+    func rows(level: KernelLevel) {
+        let k = KernelTable.forLevel(level)!
+        var rng = SeededRandom(seed: 21)
+        for n in [1, 7, 8, 15, 16, 17, 33, 100, 257, 1000] {
+            let x = (0..<n).map { _ in rng.normal() * 4 }
+            let g = (0..<n).map { _ in rng.normal() * 6 }, u = (0..<n).map { _ in rng.normal() }, da = (0..<n).map { _ in rng.normal() }
+            var a1 = x, a2 = x
+            a1.withUnsafeMutableBufferPointer { reference.softmaxRow($0.baseAddress, max(1, n - 3), n) }
+            a2.withUnsafeMutableBufferPointer { k.softmaxRow($0.baseAddress, max(1, n - 3), n) }
+            #expect(Compare.close(a2, a1, atol: 1e-7, rtol: 4e-6, "softmax \(level) \(n)") == nil)
+            var s1 = [Float](repeating: 0, count: n), s2 = s1
+            reference.swiglu(&s1, g, u, n)
+            k.swiglu(&s2, g, u, n)
+            #expect(Compare.close(s2, s1, atol: 1e-7, rtol: 4e-6, "swiglu \(level) \(n)") == nil)
+            var dg1 = s1, du1 = s1, dg2 = s1, du2 = s1
+            reference.swigluBackward(&dg1, &du1, da, g, u, n)
+            k.swigluBackward(&dg2, &du2, da, g, u, n)
+            #expect(Compare.close(dg2, dg1, atol: 1e-7, rtol: 4e-6, "swiglu dg \(level) \(n)") == nil)
+            #expect(Compare.close(du2, du1, atol: 1e-7, rtol: 4e-6, "swiglu du \(level) \(n)") == nil)
+            var c1 = x, c2 = x
+            let l1 = reference.crossEntropyRow(&c1, n, n / 2, 0.5), l2 = k.crossEntropyRow(&c2, n, n / 2, 0.5)
+            #expect(abs(l1 - l2) <= 1e-5 * max(1, abs(l1)), "cross-entropy \(level) \(n)")
+            #expect(Compare.close(c2, c1, atol: 1e-7, rtol: 4e-6, "cross-entropy gradient \(level) \(n)") == nil)
+        }
+    }
+}

@@ -56,3 +56,35 @@ float qk_dot4_avx512(const float *x, const uint8_t *packed, const float *absmax,
 }
 #endif
 #endif
+
+#ifndef CKERNELS_ROWOPS_H
+#define CKERNELS_ROWOPS_H
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Softmax of row[0..<visible] in place (max subtracted, f32); row[visible..<length] set to 0.
+void qk_softmax_row_reference(float *row, size_t visible, size_t length);
+void qk_softmax_row_avx2(float *row, size_t visible, size_t length);
+void qk_softmax_row_avx512(float *row, size_t visible, size_t length);
+
+/// a = silu(g) * u = g / (1 + exp(-g)) * u.
+void qk_swiglu_reference(float *a, const float *g, const float *u, size_t n);
+void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n);
+void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n);
+
+/// dg = da * u * sig(g) * (1 + g * (1 - sig(g))), du = da * silu(g).
+void qk_swiglu_backward_reference(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
+void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
+void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
+
+/// Cross-entropy of one row: returns logsumexp(x) - x[target] (in f64) and overwrites x with
+/// (softmax(x) - onehot(target)) * scale.
+double qk_cross_entropy_row_reference(float *x, size_t vocab, size_t target, float scale);
+double qk_cross_entropy_row_avx2(float *x, size_t vocab, size_t target, float scale);
+double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float scale);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -139,8 +139,39 @@ do {
             ("one_layer_f32_bytes", .int(largestLayerF32)), ("peak_rss_bytes", .int(peakRSS())),
             ("seconds", .double(Clock.seconds() - start)),
         ]), pretty: true))
+    case "train-step":
+        // Times QLoRA training steps (forward + backward into LoRA) on random tokens.
+        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing]") }
+        var o = LoadOptions()
+        o.showProgress = false
+        let model = try LlamaModel.load(args[1], options: o)
+        var c = LoRAConfig()
+        c.rank = option("--rank", 16)
+        c.alpha = Float(2 * c.rank)
+        c.dropout = 0.05
+        let lora = LoRAWeights(model: model, config: c)
+        var to = TrainingOptions()
+        to.gradientCheckpointing = !args.contains("--no-checkpointing")
+        let engine = TrainingEngine(model: model, lora: lora, options: to)
+        let B = option("--batch", 4), T = option("--seq", 512), steps = option("--steps", 3)
+        var rng = SeededGenerator(seed: 1)
+        let tokens = (0..<(B * T)).map { _ in Int(rng.next() % UInt64(model.config.vocabSize)) }
+        let batch = TrainingBatch(tokens: tokens, labels: tokens, batchSize: B, sequenceLength: T)
+        var times: [Double] = []
+        for _ in 0..<steps {
+            let t0 = Clock.seconds()
+            lora.zeroGradients()
+            try engine.step(batch)
+            times.append(Clock.seconds() - t0)
+        }
+        let best = times.min()!
+        print(JSON.serialize(.object([
+            ("model", .string(args[1])), ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(c.rank)),
+            ("trainable_parameters", .int(lora.parameterCount)), ("step_seconds", .array(times.map { .double($0) })),
+            ("tokens_per_second", .double(Double(B * T) / best)), ("peak_rss_bytes", .int(peakRSS())),
+        ]), pretty: true))
     default:
-        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL")
+        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL")
     }
 } catch {
     fail("\(error)")

@@ -1,0 +1,223 @@
+// AVX2 and AVX-512 row operations with a vector exp (Cody-Waite range reduction to 2^k · e^r,
+// |r| <= ln2/2, degree-6 polynomial; relative error about 2 ulp over the range softmax uses), and the
+// scalar reference for tails.
+#include "CKernels.h"
+#include <math.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+// ---- exp ----------------------------------------------------------------------------------------
+#define EXP_HI 88.3762626647949f
+#define EXP_LO -87.3365478515625f
+#define LOG2EF 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define P0 1.9875691500E-4f
+#define P1 1.3981999507E-3f
+#define P2 8.3334519073E-3f
+#define P3 4.1665795894E-2f
+#define P4 1.6666665459E-1f
+#define P5 5.0000001201E-1f
+
+AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2EF)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_HI), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_LO), x);
+    __m512 y = _mm512_set1_ps(P0);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(P1));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(P2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(P3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(P4));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(P5));
+    __m512 x2 = _mm512_mul_ps(x, x);
+    y = _mm512_fmadd_ps(y, x2, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, fx);
+}
+
+AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2EF)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(LN2_HI), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(LN2_LO), x);
+    __m256 y = _mm256_set1_ps(P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P5));
+    __m256 x2 = _mm256_mul_ps(x, x);
+    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// ---- softmax ------------------------------------------------------------------------------------
+void qk_softmax_row_avx512(float *row, size_t visible, size_t length) AVX512;
+void qk_softmax_row_avx512(float *row, size_t visible, size_t length) {
+    size_t j = 0;
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= visible; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(row + j));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; j < visible; j++) m = row[j] > m ? row[j] : m;
+    __m512 mm = _mm512_set1_ps(m), vs = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= visible; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mm));
+        _mm512_storeu_ps(row + j, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    float sum = _mm512_reduce_add_ps(vs);
+    for (; j < visible; j++) { row[j] = expf(row[j] - m); sum += row[j]; }
+    __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (j = 0; j + 16 <= visible; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
+    for (; j < visible; j++) row[j] *= 1.0f / sum;
+    for (j = visible; j < length; j++) row[j] = 0.0f;
+}
+
+void qk_softmax_row_avx2(float *row, size_t visible, size_t length) AVX2;
+void qk_softmax_row_avx2(float *row, size_t visible, size_t length) {
+    size_t j = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= visible; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    float m = -INFINITY;
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    for (; j < visible; j++) m = row[j] > m ? row[j] : m;
+    __m256 mm = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= visible; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), mm));
+        _mm256_storeu_ps(row + j, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    _mm256_storeu_ps(lanes, vs);
+    float sum = 0.0f;
+    for (int k = 0; k < 8; k++) sum += lanes[k];
+    for (; j < visible; j++) { row[j] = expf(row[j] - m); sum += row[j]; }
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (j = 0; j + 8 <= visible; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
+    for (; j < visible; j++) row[j] *= 1.0f / sum;
+    for (j = visible; j < length; j++) row[j] = 0.0f;
+}
+
+// ---- SwiGLU ---------------------------------------------------------------------------------------
+void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) AVX512;
+void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    }
+    qk_swiglu_reference(a + i, g + i, u + i, n - i);
+}
+
+void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) AVX2;
+void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    qk_swiglu_reference(a + i, g + i, u + i, n - i);
+}
+
+void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) AVX512;
+void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i), d = _mm512_loadu_ps(da + i);
+        __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        __m512 deriv = _mm512_mul_ps(s, _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one));
+        _mm512_storeu_ps(dg + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(u + i)), deriv));
+        _mm512_storeu_ps(du + i, _mm512_mul_ps(d, _mm512_mul_ps(x, s)));
+    }
+    qk_swiglu_backward_reference(dg + i, du + i, da + i, g + i, u + i, n - i);
+}
+
+void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) AVX2;
+void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i), d = _mm256_loadu_ps(da + i);
+        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        __m256 deriv = _mm256_mul_ps(s, _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one));
+        _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + i)), deriv));
+        _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
+    }
+    qk_swiglu_backward_reference(dg + i, du + i, da + i, g + i, u + i, n - i);
+}
+
+// ---- cross-entropy ------------------------------------------------------------------------------
+double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float scale) AVX512;
+double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float scale) {
+    size_t j = 0;
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= vocab; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + j));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; j < vocab; j++) m = x[j] > m ? x[j] : m;
+    float target_logit = x[target];
+    __m512 mm = _mm512_set1_ps(m), vs = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= vocab; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), mm));
+        _mm512_storeu_ps(x + j, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    double sum = (double)_mm512_reduce_add_ps(vs);
+    for (; j < vocab; j++) { x[j] = expf(x[j] - m); sum += x[j]; }
+    double loss = (double)m + log(sum) - (double)target_logit;
+    __m512 inv = _mm512_set1_ps((float)(1.0 / sum) * scale);
+    for (j = 0; j + 16 <= vocab; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), inv));
+    for (; j < vocab; j++) x[j] *= (float)(1.0 / sum) * scale;
+    x[target] -= scale;
+    return loss;
+}
+
+double qk_cross_entropy_row_avx2(float *x, size_t vocab, size_t target, float scale) AVX2;
+double qk_cross_entropy_row_avx2(float *x, size_t vocab, size_t target, float scale) {
+    size_t j = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= vocab; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    float m = -INFINITY;
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    for (; j < vocab; j++) m = x[j] > m ? x[j] : m;
+    float target_logit = x[target];
+    __m256 mm = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= vocab; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), mm));
+        _mm256_storeu_ps(x + j, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    _mm256_storeu_ps(lanes, vs);
+    double sum = 0.0;
+    for (int k = 0; k < 8; k++) sum += lanes[k];
+    for (; j < vocab; j++) { x[j] = expf(x[j] - m); sum += x[j]; }
+    double loss = (double)m + log(sum) - (double)target_logit;
+    __m256 inv = _mm256_set1_ps((float)(1.0 / sum) * scale);
+    for (j = 0; j + 8 <= vocab; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+    for (; j < vocab; j++) x[j] *= (float)(1.0 / sum) * scale;
+    x[target] -= scale;
+    return loss;
+}
+
+#else
+void qk_softmax_row_avx2(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
+void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
+void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
+void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
+void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_swiglu_backward_reference(dg, du, da, g, u, n); }
+void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_swiglu_backward_reference(dg, du, da, g, u, n); }
+double qk_cross_entropy_row_avx2(float *x, size_t v, size_t t, float s) { return qk_cross_entropy_row_reference(x, v, t, s); }
+double qk_cross_entropy_row_avx512(float *x, size_t v, size_t t, float s) { return qk_cross_entropy_row_reference(x, v, t, s); }
+#endif
