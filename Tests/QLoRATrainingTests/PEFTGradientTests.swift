@@ -1,0 +1,86 @@
+// Loss and every LoRA gradient against PyTorch + PEFT (transformers 5.24, eager attention, f32) for the
+// same base weights, the same non-zero LoRA weights and one batch with masked prompt tokens; on an
+// untied and a tied f32 base, and on the bitsandbytes NF4 base (Resources/, from
+// scripts/reference/make_training_fixtures.py).
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+private let resources = Fixtures.resources()
+
+/// Relative tolerance for gradients against PyTorch (f32 throughout, different summation orders).
+private let gradientTolerance: Float = 1e-4
+
+@Suite("gradients against PyTorch + PEFT")
+struct PEFTGradientTests {
+    func run(base: String, fixture: String, prefix: String, quant: QuantType?, checkpointing: Bool) throws {
+        let f = try SafetensorsFile(path: FileSystem.join(resources, fixture))
+        var o = LoadOptions()
+        o.quantType = quant
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(resources, base), options: o)
+        var c = LoRAConfig()
+        c.rank = 8
+        c.alpha = 16
+        c.dropout = 0
+        let lora = LoRAWeights(model: model, config: c)
+        for s in lora.slots {
+            let (a, b) = LoRAWeights.peftNames(s)
+            let av = f.tensor(prefix + a)!.values(as: Float.self), bv = f.tensor(prefix + b)!.values(as: Float.self)
+            for i in 0..<av.count { lora.parameters[s.aOffset + i] = av[i] }
+            for i in 0..<bv.count { lora.parameters[s.bOffset + i] = bv[i] }
+        }
+        var options = TrainingOptions()
+        options.gradientCheckpointing = checkpointing
+        let engine = TrainingEngine(model: model, lora: lora, options: options)
+        let ids = f.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let labels = f.tensor("labels")!.values(as: Int64.self).map(Int.init)
+        let batch = TrainingBatch(tokens: ids, labels: labels, batchSize: 2, sequenceLength: ids.count / 2)
+        let loss = try engine.step(batch)
+        let expectedLoss = Double(f.tensor(prefix + "loss")!.values(as: Float.self)[0])
+        #expect(abs(loss - expectedLoss) / expectedLoss < 1e-5, "\(fixture) \(prefix) loss \(loss) vs \(expectedLoss)")
+        for s in lora.slots {
+            let (a, b) = LoRAWeights.peftNames(s)
+            for (name, offset, count) in [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)] {
+                let expected = f.tensor(prefix + "grad." + name)!.values(as: Float.self)
+                let ours = Array(lora.gradients[offset..<(offset + count)])
+                let scale = expected.map(abs).max()!
+                #expect(Compare.close(ours, expected, atol: gradientTolerance * scale, rtol: gradientTolerance, "\(prefix)\(name)") == nil)
+            }
+        }
+        let expectedNorm = Double(f.tensor(prefix + "grad_norm")!.values(as: Float.self)[0])
+        #expect(abs(lora.gradientNorm - expectedNorm) / expectedNorm < 1e-4)
+    }
+
+    @Test("f32 untied base: loss, every LoRA gradient and the gradient norm, with and without checkpointing", arguments: [true, false])
+    func untied(checkpointing: Bool) throws {
+        try run(base: "tiny-llama-train", fixture: "lora_grads.safetensors", prefix: "untied.", quant: nil, checkpointing: checkpointing)
+    }
+
+    @Test("f32 tied base (the output head is the embedding)")
+    func tied() throws {
+        try run(base: "tiny-llama-train-tied", fixture: "lora_grads.safetensors", prefix: "tied.", quant: nil, checkpointing: true)
+    }
+
+    @Test("NF4 + double-quantized base written by transformers: gradients flow through the 4-bit layers")
+    func nf4() throws {
+        try run(base: "tiny-llama-train-bnb-nf4", fixture: "lora_grads_nf4.safetensors", prefix: "", quant: .nf4, checkpointing: true)
+    }
+
+    @Test("trainable parameters equal PEFT's print_trainable_parameters for the default model (r 16 and 64)")
+    func trainableCount() throws {
+        let expected = try JSON.parse(try FileSystem.readFile(FileSystem.join(resources, "trainable_params.json")))
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        var o = LoadOptions()
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf"), options: o)
+        for r in [16, 64] {
+            var c = LoRAConfig()
+            c.rank = r
+            let lora = LoRAWeights(model: model, config: c)
+            let text = "\(expected)"
+            #expect(text.contains(String(lora.parameterCount)), "r \(r): \(lora.parameterCount)")
+        }
+        #expect(LoRAWeights(model: model, config: { var c = LoRAConfig(); c.rank = 16; return c }()).parameterCount == 4_884_480)
+    }
+}
