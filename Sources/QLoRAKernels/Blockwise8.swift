@@ -8,9 +8,8 @@ import QLoRACore
 public enum Blockwise8 {
     static let lutSize = 65536
 
-    /// value grid point -> code index, built from the sorted 256-entry code as bitsandbytes builds it.
-    static let lut: [UInt8] = {
-        let code = Codebooks.dynamic8
+    /// value grid point -> code index, built from a sorted 256-entry code as bitsandbytes builds it.
+    static func makeLUT(_ code: [Float]) -> [UInt8] {
         let midpoints = (0..<255).map { 0.5 as Float * (code[$0] + code[$0 + 1]) }
         var table = [UInt8](repeating: 0, count: lutSize)
         var idx = 0
@@ -20,7 +19,10 @@ public enum Blockwise8 {
             table[i] = UInt8(idx)
         }
         return table
-    }()
+    }
+
+    static let lut = makeLUT(Codebooks.dynamic8)
+    static let unsignedLUT = makeLUT(Codebooks.dynamic8Unsigned)
 
     @inline(__always)
     static func lutIndex(_ v: Float) -> Int {
@@ -30,23 +32,41 @@ public enum Blockwise8 {
         return position.isFinite ? Int(UInt16(position)) : 0  // NaN: cannot occur for finite input
     }
 
-    /// Quantizes `values` in blocks; returns the codes and one absmax per block.
+    /// Quantizes `values` in blocks with the signed dynamic map; returns the codes and one absmax per block.
     public static func quantize(_ values: [Float], blockSize: Int) -> ([UInt8], [Float]) {
         let n = values.count
-        let blocks = (n + blockSize - 1) / blockSize
         var q = [UInt8](repeating: 0, count: n)
-        var absmax = [Float](repeating: 0, count: blocks)
-        let table = lut
-        for b in 0..<blocks {
-            let start = b * blockSize, end = min(n, start + blockSize)
-            var m: Float = 0
-            for i in start..<end { m = max(m, abs(values[i])) }
-            absmax[b] = m
-            if m == 0 { continue }  // codes stay 0, as bitsandbytes writes them
-            let inv: Float = 1.0 / m
-            for i in start..<end { q[i] = table[lutIndex(values[i] * inv)] }
+        var absmax = [Float](repeating: 0, count: (n + blockSize - 1) / blockSize)
+        values.withUnsafeBufferPointer { v in
+            q.withUnsafeMutableBufferPointer { qp in
+                absmax.withUnsafeMutableBufferPointer { ap in
+                    quantize(v, into: qp, absmax: ap, blockSize: blockSize, unsigned: false)
+                }
+            }
         }
         return (q, absmax)
+    }
+
+    /// Quantizes into caller buffers with the signed or unsigned dynamic map (8-bit optimizer states).
+    public static func quantize(_ values: UnsafeBufferPointer<Float>, into q: UnsafeMutableBufferPointer<UInt8>,
+                                absmax: UnsafeMutableBufferPointer<Float>, blockSize: Int, unsigned: Bool) {
+        let n = values.count
+        let blocks = (n + blockSize - 1) / blockSize
+        let table = unsigned ? unsignedLUT : lut
+        table.withUnsafeBufferPointer { t in
+            for b in 0..<blocks {
+                let start = b * blockSize, end = min(n, start + blockSize)
+                var m: Float = 0
+                for i in start..<end { m = max(m, abs(values[i])) }
+                absmax[b] = m
+                if m == 0 {  // codes 0, as bitsandbytes writes them
+                    for i in start..<end { q[i] = 0 }
+                    continue
+                }
+                let inv: Float = 1.0 / m
+                for i in start..<end { q[i] = t[lutIndex(values[i] * inv)] }
+            }
+        }
     }
 
     /// code[q[i]] * absmax[i / blockSize], in f32.

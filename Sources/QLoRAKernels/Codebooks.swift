@@ -48,6 +48,10 @@ public enum Codebooks {
     /// quantization of absmax constants. Taken from bitsandbytes 0.50.2's own output and checked against
     /// it by a test (the map's generator depends on torch.linspace's rounding, so the table is canonical).
     public static let dynamic8: [Float] = DynamicMapTable.values
+
+    /// bitsandbytes' unsigned 8-bit dynamic map (`create_dynamic_map(signed=False)`): the code of the
+    /// second moment in 8-bit Adam. Taken from bitsandbytes 0.50.2's own output, like `dynamic8`.
+    public static let dynamic8Unsigned: [Float] = DynamicMapTable.unsignedValues
 }
 
 /// Midpoints and index order for quantizing to a 4-bit table by nearest value.
