@@ -183,6 +183,21 @@ public enum FileSystem {
 }
 
 extension FileSystem {
+    /// Renames a file or folder (atomic within one file system).
+    public static func rename(_ from: String, _ to: String) throws { try Syscalls.rename(from, to) }
+
+    /// Removes a file or a folder with everything in it; nothing happens if it does not exist.
+    public static func removeTree(_ path: String) throws {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            for name in try listDirectory(path) { try removeTree(join(path, name)) }
+            guard rmdir(path) == 0 else { throw SystemError(call: "rmdir", path: path, code: errno) }
+        } else {
+            guard unlink(path) == 0 else { throw SystemError(call: "unlink", path: path, code: errno) }
+        }
+    }
+
     /// The names in a folder (not "." or ".."), sorted.
     public static func listDirectory(_ path: String) throws -> [String] {
         guard let dir = opendir(path) else { throw SystemError(call: "opendir", path: path, code: errno) }

@@ -187,6 +187,20 @@ public final class AdamW {
         s2.withUnsafeBufferPointer { Blockwise8.quantize($0, into: q2, absmax: a2, blockSize: Self.blockSize, unsigned: true) }
     }
 
+    /// The whole state as bytes (for checkpoints) and the step count.
+    public func serializedState() -> [UInt8] {
+        Array(UnsafeRawBufferPointer(start: state.pointer, count: state.byteCount))
+    }
+
+    /// Restores what `serializedState` returned (same kind and tensors).
+    public func restore(state bytes: [UInt8], step: Int) throws {
+        guard bytes.count == state.byteCount else {
+            throw SystemError(call: "restore optimizer state (\(bytes.count) bytes, expected \(state.byteCount))", path: "optimizer", code: EINVAL)
+        }
+        bytes.withUnsafeBytes { state.pointer.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        self.step = step
+    }
+
     /// The state of tensor `k`: f32 moments, or the 8-bit codes and block absmax.
     public func moments(of k: Int) -> (m: [Float], v: [Float]) {
         let l = layouts[k], n = tensors[k].count

@@ -1,0 +1,126 @@
+// From an example to tokens and labels: the conversation is rendered with the model's chat template
+// (or the paper's Guanaco format "### Human: ... ### Assistant: ..."), tokenized turn by turn, and only
+// the assistant turns (with the template's end-of-turn tokens, or EOS) are trained on, unless
+// trainOnInputs. Sequences longer than maxLength are cut; a cut response still ends in EOS.
+import QLoRACore
+import QLoRATokenizer
+
+public struct EncodedExample: Sendable, Equatable {
+    public var tokens: [Int]
+    /// Per position the token itself (trained) or -100 (not). Shifted by the trainer (t predicts t + 1).
+    public var labels: [Int]
+    public var truncated: Bool
+
+    public var trainedTokens: Int { labels.filter { $0 != TrainingBatch.ignoreIndex }.count }
+}
+
+public enum PromptTemplate: Sendable {
+    /// The model's chat template (Jinja).
+    case chat(ChatTemplate)
+    /// "### Human: {user}\n### Assistant: {assistant}" with EOS after each response (QLoRA's Guanaco).
+    case guanaco
+}
+
+public final class ExampleEncoder {
+    public let tokenizer: Tokenizer
+    public let template: PromptTemplate
+    public let maxLength: Int
+    public let trainOnInputs: Bool
+    let eos: Int
+
+    public init(tokenizer: Tokenizer, template: PromptTemplate, maxLength: Int, trainOnInputs: Bool = false) throws {
+        self.tokenizer = tokenizer
+        self.template = template
+        self.maxLength = maxLength
+        self.trainOnInputs = trainOnInputs
+        guard let eos = tokenizer.eosTokenID else {
+            throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; training needs one to end responses")
+        }
+        self.eos = eos
+    }
+
+    /// Text segments with whether each is trained.
+    func segments(_ example: TrainingExample) throws -> [(String, Bool)] {
+        switch example {
+        case let .text(t):
+            return [(t, true)]
+        case let .conversation(messages):
+            switch template {
+            case .guanaco:
+                var out: [(String, Bool)] = []
+                var pending = ""
+                for m in messages {
+                    switch m.role {
+                    case "system": pending += m.content + "\n"
+                    case "user": pending += "### Human: " + m.content + "\n### Assistant: "
+                    default:
+                        out.append((pending, false))
+                        pending = ""
+                        out.append((m.content, true))
+                        out.append(("\u{0}EOS", true))  // placeholder: the EOS id itself
+                        pending = "\n"
+                    }
+                }
+                return out
+            case let .chat(t):
+                // Render prefixes: the text before each assistant turn (with the generation prompt) and
+                // through it; what lies between is that turn's trained span.
+                let special = tokenizer.templateSpecialTokens
+                func render(_ ms: ArraySlice<ChatMessage>, _ prompt: Bool) throws -> String {
+                    try t.render(messages: ms.map { ChatTemplate.message($0.role, $0.content) }, addGenerationPrompt: prompt, specialTokens: special)
+                }
+                var out: [(String, Bool)] = []
+                var done = ""
+                for (i, m) in messages.enumerated() where m.role == "assistant" {
+                    let before = try render(messages[..<i], true)
+                    let through = try render(messages[...i], false)
+                    guard before.hasPrefix(done), through.hasPrefix(before) else {
+                        throw TemplateError("the chat template does not render conversations prefix by prefix, so responses cannot be located; use --template guanaco")
+                    }
+                    out.append((String(before.dropFirst(done.count)), false))
+                    out.append((String(through.dropFirst(before.count)), true))
+                    done = through
+                }
+                return out
+            }
+        }
+    }
+
+    public func encode(_ example: TrainingExample) throws -> EncodedExample {
+        var tokens: [Int] = [], labels: [Int] = []
+        // A leading BOS as the tokenizer's post-processor adds it (chat templates usually write their own).
+        var first = true
+        for (text, trained) in try segments(example) {
+            var ids: [Int]
+            if text == "\u{0}EOS" {
+                ids = [eos]
+            } else {
+                ids = tokenizer.encode(text, addSpecialTokens: false)
+                if first, case .text = example { ids = tokenizer.encode(text, addSpecialTokens: true) }
+                if first, case .conversation = example, case .guanaco = template, let bos = tokenizer.bosTokenID,
+                   tokenizer.encode("", addSpecialTokens: true).first == bos {
+                    ids = [bos] + ids
+                }
+            }
+            first = false
+            tokens += ids
+            labels += (trained || trainOnInputs) ? ids : Array(repeating: TrainingBatch.ignoreIndex, count: ids.count)
+        }
+        if case .text = example, tokens.last != eos {
+            tokens.append(eos)
+            labels.append(eos)
+        }
+        var truncated = false
+        if tokens.count > maxLength {
+            truncated = true
+            tokens = Array(tokens.prefix(maxLength))
+            labels = Array(labels.prefix(maxLength))
+            // A response cut by the limit still ends in EOS (the model keeps learning where replies end).
+            if labels[maxLength - 1] != TrainingBatch.ignoreIndex {
+                tokens[maxLength - 1] = eos
+                labels[maxLength - 1] = eos
+            }
+        }
+        return EncodedExample(tokens: tokens, labels: labels, truncated: truncated)
+    }
+}

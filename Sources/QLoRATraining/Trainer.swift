@@ -1,0 +1,251 @@
+// The training loop of `qlora train`: batches grouped by length, gradient accumulation, clipping by
+// global norm, AdamW with a learning-rate schedule, validation loss, metrics.jsonl, checkpoints written
+// atomically (adapter, optimizer state, step) and exact resume: the data order and every random draw
+// derive from the seed and the step, so a resumed run continues bit for bit.
+import QLoRACore
+import QLoRAModel
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public enum LRSchedule: String, CaseIterable, Sendable {
+    case constant, cosine, linear
+}
+
+public struct TrainerConfig: Sendable {
+    public var learningRate = 2e-4
+    public var schedule = LRSchedule.constant
+    public var warmupSteps = 0
+    public var batchSize = 4
+    public var gradientAccumulation = 4
+    public var maxGradNorm = 0.3
+    public var epochs = 1
+    /// Stops after this many optimizer steps (0: run the epochs).
+    public var maxSteps = 0
+    public var seed: UInt64 = 0
+    public var evalEvery = 0
+    public var saveEvery = 0
+    public var saveTotalLimit = 3
+    public var groupByLength = true
+    public var skipNonFinite = false
+    public var optimizer = OptimizerKind.pagedAdamw32
+    public var adam = AdamWConfig()
+
+    public init() {}
+}
+
+public struct StepMetrics: Sendable {
+    public let step: Int
+    public let loss: Double
+    public let learningRate: Double
+    public let gradNorm: Double
+    public let tokensPerSecond: Double
+    public var validationLoss: Double?
+}
+
+public enum TrainingError: Error, CustomStringConvertible {
+    case nonFinite(step: Int, what: String, checkpoint: String?)
+    case noData(String)
+
+    public var description: String {
+        switch self {
+        case let .nonFinite(step, what, checkpoint):
+            return "step \(step): the \(what) is not finite; training stopped" + (checkpoint.map { ", the last good checkpoint is \($0)" } ?? "")
+                + " (lower --learning-rate, or --skip-nonfinite to skip such steps)"
+        case let .noData(s): return s
+        }
+    }
+}
+
+public final class Trainer {
+    public let engine: TrainingEngine
+    public let config: TrainerConfig
+    public let train: [EncodedExample]
+    public let validation: [EncodedExample]
+    public let optimizer: AdamW
+    public let padToken: Int
+    public private(set) var step = 0
+
+    public init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
+        guard !train.isEmpty else { throw TrainingError.noData("no training examples") }
+        self.engine = engine
+        self.config = config
+        self.train = train
+        self.validation = validation
+        self.padToken = padToken
+        let lora = engine.lora
+        var tensors: [(offset: Int, count: Int)] = []
+        for s in lora.slots {
+            tensors.append((s.aOffset, lora.config.rank * s.inFeatures))
+            tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
+        }
+        var adam = config.adam
+        adam.weightDecay = config.adam.weightDecay
+        optimizer = try AdamW(kind: config.optimizer, config: adam, tensors: tensors)
+    }
+
+    // MARK: Data order
+
+    public var microBatchesPerEpoch: Int { (train.count + config.batchSize - 1) / config.batchSize }
+    public var stepsPerEpoch: Int { max(1, microBatchesPerEpoch / config.gradientAccumulation) }
+    public var totalSteps: Int { config.maxSteps > 0 ? config.maxSteps : stepsPerEpoch * config.epochs }
+
+    /// The micro-batches of an epoch (example indices), in the order they are trained: a seeded shuffle,
+    /// then, with group-by-length, sorting inside windows of 50 batches so each batch pads little,
+    /// then a seeded shuffle of the batches.
+    public func epochPlan(_ epoch: Int) -> [[Int]] {
+        var rng = SeededGenerator(seed: config.seed &+ 0x5EED &* UInt64(epoch + 1))
+        var order = Array(train.indices)
+        order.shuffle(using: &rng)
+        if config.groupByLength {
+            let window = config.batchSize * 50
+            var grouped: [Int] = []
+            var start = 0
+            while start < order.count {
+                let chunk = order[start..<min(order.count, start + window)]
+                grouped += chunk.sorted { (train[$0].tokens.count, $0) > (train[$1].tokens.count, $1) }
+                start += window
+            }
+            order = grouped
+        }
+        var batches: [[Int]] = stride(from: 0, to: order.count, by: config.batchSize).map { Array(order[$0..<min(order.count, $0 + config.batchSize)]) }
+        if config.groupByLength { batches.shuffle(using: &rng) }
+        return batches
+    }
+
+    /// Pads examples (right, with labels -100) into one batch.
+    public func makeBatch(_ examples: [EncodedExample]) -> TrainingBatch {
+        let T = examples.map(\.tokens.count).max() ?? 1
+        var tokens: [Int] = [], labels: [Int] = []
+        for e in examples {
+            tokens += e.tokens + Array(repeating: padToken, count: T - e.tokens.count)
+            labels += e.labels + Array(repeating: TrainingBatch.ignoreIndex, count: T - e.labels.count)
+        }
+        return TrainingBatch(tokens: tokens, labels: labels, batchSize: examples.count, sequenceLength: T)
+    }
+
+    // MARK: Schedule
+
+    public func learningRate(at step: Int) -> Double {
+        let base = config.learningRate
+        if step < config.warmupSteps { return base * Double(step + 1) / Double(config.warmupSteps) }
+        let progress = Double(step - config.warmupSteps) / Double(max(1, totalSteps - config.warmupSteps))
+        switch config.schedule {
+        case .constant: return base
+        case .linear: return base * max(0, 1 - progress)
+        case .cosine: return base * 0.5 * (1 + cos(Double.pi * min(1, progress)))
+        }
+    }
+
+    // MARK: Steps
+
+    /// Runs one optimizer step (gradient accumulation over micro-batches); returns its metrics.
+    public func runStep() throws -> StepMetrics {
+        let start = Clock.seconds()
+        let lora = engine.lora
+        lora.zeroGradients()
+        engine.training = true
+        var loss = 0.0
+        var tokens = 0
+        let perEpoch = stepsPerEpoch * config.gradientAccumulation
+        for micro in 0..<config.gradientAccumulation {
+            let global = step * config.gradientAccumulation + micro
+            let epoch = global / perEpoch
+            let plan = epochPlan(epoch)
+            let indices = plan[(global % perEpoch) % plan.count]
+            let batch = makeBatch(indices.map { train[$0] })
+            tokens += batch.tokens.count
+            // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones.
+            engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
+            loss += try engine.step(batch, gradientScale: Float(1) / Float(config.gradientAccumulation)) / Double(config.gradientAccumulation)
+        }
+        let norm = lora.gradientNorm
+        let lr = learningRate(at: step)
+        if !loss.isFinite || !norm.isFinite {
+            if !config.skipNonFinite { throw TrainingError.nonFinite(step: step + 1, what: loss.isFinite ? "gradient norm" : "loss", checkpoint: nil) }
+            step += 1
+            return StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: 0)
+        }
+        // Clip by global norm, as torch.nn.utils.clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1).
+        if config.maxGradNorm > 0 {
+            let coefficient = Float(min(1, config.maxGradNorm / (norm + 1e-6)))
+            if coefficient < 1 { for i in lora.gradients.indices { lora.gradients[i] *= coefficient } }
+        }
+        lora.parameters.withUnsafeMutableBufferPointer { p in
+            lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: lr) }
+        }
+        step += 1
+        return StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / (Clock.seconds() - start))
+    }
+
+    /// Mean loss over the validation examples (no dropout, no gradients).
+    public func validationLoss() throws -> Double? {
+        guard !validation.isEmpty else { return nil }
+        engine.training = false
+        defer { engine.training = true }
+        var total = 0.0, count = 0
+        for start in stride(from: 0, to: validation.count, by: config.batchSize) {
+            let batch = makeBatch(Array(validation[start..<min(validation.count, start + config.batchSize)]))
+            let n = batch.targetCount
+            guard n > 0 else { continue }
+            total += try engine.step(batch, backward: false) * Double(n)
+            count += n
+        }
+        return count > 0 ? total / Double(count) : nil
+    }
+
+    // MARK: Checkpoints
+
+    /// Writes checkpoint-`step`/ (adapter, optimizer state, trainer state) atomically: into a temporary
+    /// folder that is renamed into place, so a crash never leaves a half-written checkpoint.
+    public func saveCheckpoint(in output: String, baseModel: String) throws -> String {
+        let name = "checkpoint-\(step)"
+        let final = FileSystem.join(output, name)
+        let temporary = FileSystem.join(output, ".\(name).tmp-\(getpid())")
+        try FileSystem.removeTree(temporary)
+        try FileSystem.makeDirectory(temporary)
+        try engine.lora.writePEFTAdapter(to: temporary, baseModel: baseModel)
+        try FileSystem.writeFileAtomically(FileSystem.join(temporary, "optimizer.bin"), bytes: optimizer.serializedState())
+        let state: JSONValue = .object([
+            ("step", .int(step)), ("optimizer", .string(config.optimizer.rawValue)), ("optimizer_step", .int(optimizer.step)),
+            ("format", .string("swift-qlora checkpoint 1")),
+        ])
+        try FileSystem.writeFileAtomically(FileSystem.join(temporary, "trainer_state.json"), bytes: Array(JSON.serialize(state, pretty: true).utf8))
+        try FileSystem.removeTree(final)
+        try FileSystem.rename(temporary, final)
+        // Keep the newest saveTotalLimit checkpoints.
+        let existing = Self.checkpoints(in: output)
+        if config.saveTotalLimit > 0 && existing.count > config.saveTotalLimit {
+            for (_, path) in existing.prefix(existing.count - config.saveTotalLimit) { try FileSystem.removeTree(path) }
+        }
+        return final
+    }
+
+    /// checkpoint-N folders in `output`, oldest first.
+    public static func checkpoints(in output: String) -> [(Int, String)] {
+        ((try? FileSystem.listDirectory(output)) ?? []).compactMap { name -> (Int, String)? in
+            guard name.hasPrefix("checkpoint-"), let n = Int(name.dropFirst("checkpoint-".count)) else { return nil }
+            return (n, FileSystem.join(output, name))
+        }.sorted { $0.0 < $1.0 }
+    }
+
+    /// Restores adapter, optimizer and step from a checkpoint folder.
+    public func resume(from folder: String) throws {
+        let adapter = try PEFTAdapter(folder: folder)
+        try engine.lora.load(from: adapter)
+        let stateJSON = try JSON.parse(try FileSystem.readFile(FileSystem.join(folder, "trainer_state.json")))
+        guard let s = stateJSON["step"]?.intValue, let os = stateJSON["optimizer_step"]?.intValue else {
+            throw FormatError.invalidConfig(file: FileSystem.join(folder, "trainer_state.json"), reason: "no step")
+        }
+        guard stateJSON["optimizer"]?.stringValue == config.optimizer.rawValue else {
+            throw FormatError.invalidConfig(file: folder, reason: "checkpoint was written with optimizer \(stateJSON["optimizer"]?.stringValue ?? "?"), this run uses \(config.optimizer.rawValue)")
+        }
+        try optimizer.restore(state: try FileSystem.readFile(FileSystem.join(folder, "optimizer.bin")), step: os)
+        step = s
+    }
+}
+
+import QLoRAFormats

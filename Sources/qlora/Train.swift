@@ -1,0 +1,267 @@
+import ArgumentParser
+import QLoRA
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Finetune a model with QLoRA: frozen 4-bit base, LoRA adapters on every linear layer.",
+        discussion: """
+            DATA is JSON or JSONL in alpaca (instruction/input/output), messages (role/content), sharegpt \
+            (conversations with from/value), prompt/completion or text format (detected, or --format). Conversations are \
+            rendered with the model's chat template (--template guanaco for the paper's "### Human: ... ### Assistant:") and \
+            only the responses are trained on, unless --train-on-inputs. The defaults are the QLoRA paper's (r 64, alpha 16, \
+            dropout 0.1, lr 2e-4 constant, max grad norm 0.3, paged AdamW, an effective batch of 16 as 4 x 4 accumulation). \
+            OUTPUT receives the final PEFT adapter (adapter_config.json, adapter_model.safetensors), checkpoint-N/ folders \
+            and metrics.jsonl. Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues from the latest one.
+            """
+    )
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "Training data: a .json or .jsonl file.")
+    var data: String
+
+    @Option(help: "Validation data (default: --val-split of the training data).")
+    var valData: String?
+
+    @Option(help: "Fraction of the training data held out for validation when --val-data is not given.")
+    var valSplit: Double = 0.05
+
+    @Option(help: "Data format: auto, alpaca, messages, sharegpt, prompt_completion, text.")
+    var format: String = "auto"
+
+    @Option(help: "Prompt format: chat (the model's chat template) or guanaco (### Human: / ### Assistant:).")
+    var template: String = "chat"
+
+    @Option(name: .shortAndLong, help: "Output folder for the adapter, checkpoints and metrics.jsonl.")
+    var output: String
+
+    @Option(help: "LoRA rank r.")
+    var loraR: Int = 64
+    @Option(help: "LoRA alpha (the update is scaled by alpha / r).")
+    var loraAlpha: Float = 16
+    @Option(help: "Dropout on the LoRA input.")
+    var loraDropout: Float = 0.1
+    @Option(help: "Projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all).")
+    var targetModules: String = "all"
+    @Flag(help: "Scale the update by alpha / sqrt(r) (rsLoRA).")
+    var useRslora = false
+    @Option(help: "LoRA A initialization: kaiming (PEFT's default) or gaussian.")
+    var loraInit: String = "kaiming"
+
+    @Option(help: "Peak learning rate.")
+    var learningRate: Double = 2e-4
+    @Option(help: "Learning-rate schedule: constant (the paper's), cosine or linear.")
+    var lrScheduler: String = "constant"
+    @Option(help: "Steps of linear warm-up.")
+    var warmupSteps: Int = 0
+    @Option(help: "Stop after this many optimizer steps (0: train --epochs).")
+    var maxSteps: Int = 0
+    @Option(help: "Passes over the training data.")
+    var epochs: Int = 1
+    @Option(help: "Sequences per micro-batch.")
+    var batchSize: Int = 4
+    @Option(help: "Micro-batches per optimizer step.")
+    var gradAccum: Int = 4
+    @Option(help: "Clip the global gradient norm to this (0 disables).")
+    var maxGradNorm: Double = 0.3
+    @Option(help: "Longest sequence in tokens; longer examples are cut (responses keep their EOS).")
+    var maxSeqLen: Int = 512
+    @Option(help: "Optimizer: paged_adamw_32bit, paged_adamw_8bit, adamw_32bit, adamw_8bit.")
+    var optim: String = "paged_adamw_32bit"
+    @Option(help: "AdamW weight decay.")
+    var weightDecay: Double = 0
+    @Option(help: "Seed for LoRA initialization, dropout and data order.")
+    var seed: UInt64 = 0
+    @Option(help: "Compute the validation loss every N steps (0: only at the start and the end).")
+    var evalEvery: Int = 0
+    @Option(help: "Save a checkpoint every N steps (0: only at the end).")
+    var saveEvery: Int = 0
+    @Option(help: "Keep at most this many checkpoints.")
+    var saveTotalLimit: Int = 3
+
+    @Flag(help: "Continue from the latest checkpoint in OUTPUT.")
+    var resume = false
+    @Flag(help: "Train on the prompts too, not only on the responses.")
+    var trainOnInputs = false
+    @Flag(help: "Batch examples in random order instead of grouping similar lengths.")
+    var noGroupByLength = false
+    @Flag(help: "Skip malformed records (counted) instead of stopping at the first.")
+    var skipBadRecords = false
+    @Flag(help: "Skip a step whose loss or gradient is not finite instead of stopping.")
+    var skipNonfinite = false
+    @Flag(help: "Keep every activation instead of recomputing each layer in the backward pass (faster, more memory).")
+    var noGradientCheckpointing = false
+    @Flag(help: "Print one JSON object with the results on stdout.")
+    var json = false
+
+    func validate() throws {
+        guard OptimizerKind(rawValue: optim) != nil else { throw ValidationError("--optim must be one of \(OptimizerKind.allCases.map(\.rawValue).joined(separator: ", "))") }
+        guard LRSchedule(rawValue: lrScheduler) != nil else { throw ValidationError("--lr-scheduler must be constant, cosine or linear") }
+        guard DatasetFormat(rawValue: format) != nil else { throw ValidationError("--format must be one of \(DatasetFormat.allCases.map(\.rawValue).joined(separator: ", "))") }
+        guard template == "chat" || template == "guanaco" else { throw ValidationError("--template must be chat or guanaco") }
+        guard loraR > 0, batchSize > 0, gradAccum > 0, maxSeqLen >= 8, epochs > 0 else { throw ValidationError("--lora-r, --batch-size, --grad-accum, --epochs must be positive and --max-seq-len at least 8") }
+        guard loraDropout >= 0 && loraDropout < 1 else { throw ValidationError("--lora-dropout must be in [0, 1)") }
+        guard valSplit >= 0 && valSplit < 1 else { throw ValidationError("--val-split must be in [0, 1)") }
+        guard loraInit == "kaiming" || loraInit == "gaussian" else { throw ValidationError("--lora-init must be kaiming or gaussian") }
+    }
+
+    func run() throws {
+        // The output folder: writable, and not silently reused.
+        try FileSystem.makeDirectory(output)
+        let probe = FileSystem.join(output, ".qlora-write-test")
+        try FileSystem.writeFileAtomically(probe, bytes: [1])
+        FileSystem.remove(probe)
+        let existing = Trainer.checkpoints(in: output)
+        if !existing.isEmpty && !resume {
+            throw ValidationError("\(output) already has checkpoints (\(existing.last!.1)); pass --resume to continue, or choose another --output")
+        }
+
+        let (model, tokenizer) = try modelOptions.load(progress: !json)
+        let promptTemplate: PromptTemplate
+        if template == "guanaco" {
+            promptTemplate = .guanaco
+        } else if let source = tokenizer.chatTemplate {
+            promptTemplate = .chat(try ChatTemplate(source))
+        } else {
+            Log.info("note: the model has no chat template; using the Guanaco format (--template guanaco)")
+            promptTemplate = .guanaco
+        }
+        let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs)
+        let dataset = try DatasetLoader.load(data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords)
+        var encoded = try dataset.examples.map(encoder.encode).filter { $0.trainedTokens > 0 }
+        var validation: [EncodedExample] = []
+        if let valData {
+            validation = try DatasetLoader.load(valData, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords).examples.map(encoder.encode)
+        } else if valSplit > 0 && encoded.count >= 20 {
+            var rng = SeededGenerator(seed: seed &+ 77)
+            var order = Array(encoded.indices)
+            order.shuffle(using: &rng)
+            let n = max(1, Int(Double(encoded.count) * valSplit))
+            let held = Set(order.prefix(n))
+            validation = order.prefix(n).sorted().map { encoded[$0] }
+            encoded = encoded.indices.filter { !held.contains($0) }.map { encoded[$0] }
+        }
+        let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
+        Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
+        for s in dataset.skipped.prefix(5) { Log.info("  skipped \(s)") }
+
+        var loraConfig = LoRAConfig()
+        loraConfig.rank = loraR
+        loraConfig.alpha = loraAlpha
+        loraConfig.dropout = loraDropout
+        loraConfig.useRSLoRA = useRslora
+        loraConfig.initialization = loraInit == "gaussian" ? .gaussian : .kaiming
+        loraConfig.seed = seed
+        if targetModules != "all" {
+            loraConfig.targets = try targetModules.split(separator: ",").map {
+                guard let p = Projection(name: String($0)) else { throw ValidationError("unknown target module '\($0)' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") }
+                return p
+            }
+        }
+        let lora = LoRAWeights(model: model, config: loraConfig)
+        var trainingOptions = TrainingOptions()
+        trainingOptions.gradientCheckpointing = !noGradientCheckpointing
+        let engine = TrainingEngine(model: model, lora: lora, options: trainingOptions)
+        var config = TrainerConfig()
+        config.learningRate = learningRate
+        config.schedule = LRSchedule(rawValue: lrScheduler)!
+        config.warmupSteps = warmupSteps
+        config.batchSize = batchSize
+        config.gradientAccumulation = gradAccum
+        config.maxGradNorm = maxGradNorm
+        config.epochs = epochs
+        config.maxSteps = maxSteps
+        config.seed = seed
+        config.evalEvery = evalEvery
+        config.saveEvery = saveEvery
+        config.saveTotalLimit = saveTotalLimit
+        config.groupByLength = !noGroupByLength
+        config.skipNonFinite = skipNonfinite
+        config.optimizer = OptimizerKind(rawValue: optim)!
+        config.adam.weightDecay = weightDecay
+        let padToken = tokenizer.eosTokenID ?? 0
+        let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        let baseModel = modelOptions.modelPath
+        let metricsPath = FileSystem.join(output, "metrics.jsonl")
+        var metricsLines: [String] = []
+        if resume, let (_, latest) = existing.last {
+            try trainer.resume(from: latest)
+            // Keep the metrics of the steps that are done.
+            if let old = try? FileSystem.readFile(metricsPath) {
+                metricsLines = String(decoding: old, as: UTF8.self).split(separator: "\n").map(String.init).filter {
+                    ((try? JSON.parse($0))?["step"]?.intValue ?? Int.max) <= trainer.step
+                }
+            }
+            Log.info("resumed from \(latest) at step \(trainer.step)")
+        }
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler)")
+
+        Interrupt.install()
+        signal(SIGTERM) { _ in Interrupt.requested = true }
+        func writeMetrics() throws {
+            try FileSystem.writeFileAtomically(metricsPath, bytes: Array((metricsLines.map { $0 + "\n" }.joined()).utf8))
+        }
+        let initialValidation = trainer.step == 0 ? try trainer.validationLoss() : nil
+        if let v = initialValidation {
+            Log.info("validation loss before training: \(formatFixed(v, 4))")
+            metricsLines.append(JSON.serialize(.object([("step", .int(0)), ("val_loss", .double(v))])))
+        }
+        let progress = ProgressBar("train", total: trainer.totalSteps, enabled: !json)
+        if trainer.step > 0 { progress.advance(by: trainer.step) }
+        var last: StepMetrics?
+        var lastCheckpoint: String?
+        var stopped = false
+        while trainer.step < trainer.totalSteps {
+            var m: StepMetrics
+            do {
+                m = try trainer.runStep()
+            } catch let e as TrainingError {
+                try writeMetrics()
+                if case let .nonFinite(step, what, _) = e { throw TrainingError.nonFinite(step: step, what: what, checkpoint: lastCheckpoint) }
+                throw e
+            }
+            if config.evalEvery > 0 && m.step % config.evalEvery == 0 { m.validationLoss = try trainer.validationLoss() }
+            var fields: [(String, JSONValue)] = [
+                ("step", .int(m.step)), ("loss", .double(m.loss)), ("learning_rate", .double(m.learningRate)),
+                ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
+            ]
+            if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
+            metricsLines.append(JSON.serialize(.object(fields)))
+            progress.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
+            last = m
+            let interrupted = Interrupt.requested
+            if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || interrupted {
+                lastCheckpoint = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+                try writeMetrics()
+            }
+            if interrupted {
+                Log.info("\ninterrupted: saved \(lastCheckpoint!); continue with --resume")
+                stopped = true
+                break
+            }
+        }
+        try writeMetrics()
+        if stopped { return }
+        let finalValidation = try trainer.validationLoss()
+        if let v = finalValidation {
+            metricsLines.append(JSON.serialize(.object([("step", .int(trainer.step)), ("val_loss", .double(v))])))
+            try writeMetrics()
+        }
+        _ = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+        try lora.writePEFTAdapter(to: output, baseModel: baseModel)
+        if json {
+            var fields: [(String, JSONValue)] = [("output", .string(output)), ("steps", .int(trainer.step)),
+                                                 ("trainable_parameters", .int(lora.parameterCount))]
+            if let last { fields.append(("final_loss", .double(last.loss))) }
+            if let v = initialValidation { fields.append(("val_loss_before", .double(v))) }
+            if let v = finalValidation { fields.append(("val_loss_after", .double(v))) }
+            printJSON(.object(fields))
+        } else {
+            print("Wrote the adapter to \(output) (\(trainer.step) steps)" + (finalValidation.map { ", validation loss \(initialValidation.map { formatFixed($0, 4) + " -> " } ?? "")\(formatFixed($0, 4))" } ?? ""))
+        }
+    }
+}
