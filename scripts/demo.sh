@@ -45,9 +45,32 @@ for qt in none nf4; do
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%-5s perplexity %7.3f  (mean NLL %.4f over %d tokens)" % (sys.argv[1], r["perplexity"], r["mean_nll"], r["tokens"]))' "$qt"
 done
 echo
-echo "== The default model in NF4 answers a few prompts (chat template, greedy; speed on stderr)"
-for p in "What is the capital of France?" "Give me three tips for staying focused while studying." "Explain what a neural network is in two sentences."; do
-  echo
-  echo "> $p"
-  "$BIN" generate --chat -p "$p" --temperature 0 --max-tokens 96 2> >(grep -E "tokens/s" >&2)
-done
+PROMPTS=("Who are you?" "What is NF4?" "Give me two tips for sleeping better.")
+answer() {  # answer PROMPT [ADAPTER]
+  local extra=()
+  [ -n "${2:-}" ] && extra=(--adapter "$2")
+  "$BIN" generate --chat -p "$1" --temperature 0 --max-tokens 64 "${extra[@]}" 2> >(grep -E "tokens/s" >&2)
+}
+
+echo "== QLoRA finetuning: the base model before (NF4, greedy)"
+for p in "${PROMPTS[@]}"; do echo; echo "> $p"; answer "$p"; done
+echo
+echo "== Finetune: LoRA r 16 on every linear layer of the frozen NF4 model, on demo/quill.jsonl"
+echo "   (231 conversations: a new identity, QLoRA facts, and OpenAssistant answers; see demo/README.md)"
+rm -rf "$OUT/quill"
+DATA="$(dirname "$0")/../demo/quill.jsonl"
+"$BIN" train --data "$DATA" --output "$OUT/quill" --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --learning-rate 1e-3 \
+  --batch-size 4 --grad-accum 2 --max-seq-len 256 --val-split 0.1 --eval-every 10
+echo
+echo "== After finetuning (the same prompts, with the adapter $OUT/quill)"
+for p in "${PROMPTS[@]}"; do echo; echo "> $p"; answer "$p" "$OUT/quill"; done
+echo
+python3 - "$OUT/quill/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+train = [r["loss"] for r in rows if "loss" in r]
+print("validation loss: " + " -> ".join(f"{v:.3f} (step {s})" for s, v in val))
+print(f"training loss: {train[0]:.3f} at the first step, {train[-1]:.3f} at the last")
+PY
+echo "The adapter is a PEFT folder: transformers + peft load it with PeftModel.from_pretrained."
