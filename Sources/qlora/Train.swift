@@ -115,6 +115,10 @@ struct Train: ParsableCommand {
         let probe = FileSystem.join(output, ".qlora-write-test")
         try FileSystem.writeFileAtomically(probe, bytes: [1])
         FileSystem.remove(probe)
+        // A checkpoint interrupted while being written (SIGKILL) leaves only its temporary folder.
+        for name in try FileSystem.listDirectory(output) where name.hasPrefix(".checkpoint-") {
+            try FileSystem.removeTree(FileSystem.join(output, name))
+        }
         let existing = Trainer.checkpoints(in: output)
         if !existing.isEmpty && !resume {
             throw ValidationError("\(output) already has checkpoints (\(existing.last!.1)); pass --resume to continue, or choose another --output")

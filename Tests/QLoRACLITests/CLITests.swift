@@ -1,4 +1,5 @@
 // The `qlora` binary as users and scripts see it: exit codes, one-line errors on stderr, JSON on stdout.
+import Foundation
 import QLoRA
 import QLoRATestSupport
 import Testing
@@ -169,6 +170,70 @@ struct DefaultModelCLITests {
         #expect(r.stderr.hasPrefix("error: ") && r.stderr.contains("/nonexistent/model"), "\(r.stderr)")
         let p = try runQLoRA(["generate", "-m", "/tmp/weights.bin", "-p", "x"])
         #expect(p.stderr.contains("safetensors"), "\(p.stderr)")
+    }
+}
+
+@Suite("command line: training")
+struct TrainCLITests {
+    static func dataset() throws -> String {
+        let dir = try Fixtures.temporaryDirectory("traindata")
+        let path = FileSystem.join(dir, "d.jsonl")
+        let lines = (0..<24).map { i in
+            #"{"instruction": "Say the number \#(i) in words.", "output": "The number is \#(i), written out for you."}"#
+        }
+        try FileSystem.writeFileAtomically(path, bytes: Array((lines.joined(separator: "\n") + "\n").utf8))
+        return path
+    }
+
+    static func trainArguments(_ data: String, _ out: String) -> [String] {
+        ["train", "--data", data, "--output", out, "--lora-r", "4", "--max-steps", "6", "--batch-size", "2", "--grad-accum", "1",
+         "--max-seq-len", "48", "--save-every", "1", "--val-split", "0", "--seed", "3", "--lora-dropout", "0.1", "--json"]
+    }
+
+    @Test("killed with SIGKILL mid-run and resumed, the final adapter is byte-identical to an uninterrupted run")
+    func resumeAfterKill() throws {
+        let data = try Self.dataset()
+        let dir = try Fixtures.temporaryDirectory("resume")
+        let a = FileSystem.join(dir, "a"), b = FileSystem.join(dir, "b")
+        let straight = try runQLoRA(Self.trainArguments(data, a))
+        #expect(straight.status == 0, "\(straight.stderr)")
+        // Run b in the background, kill it once a checkpoint beyond the first exists.
+        let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
+        let pidFile = FileSystem.join(dir, "pid")
+        let args = Self.trainArguments(data, b).map { "'\($0)'" }.joined(separator: " ")
+        _ = system("'\(binary)' \(args) >/dev/null 2>&1 & echo $! > '\(pidFile)'")
+        let pid = Int32(String(decoding: try FileSystem.readFile(pidFile), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))!
+        var waited = 0
+        while !FileSystem.exists(FileSystem.join(b, "checkpoint-3")) && waited < 600 { usleep(50_000); waited += 1 }
+        kill(pid, SIGKILL)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        #expect(!FileSystem.exists(FileSystem.join(b, "adapter_model.safetensors")), "the run finished before it was killed")
+        let resumed = try runQLoRA(Self.trainArguments(data, b) + ["--resume"])
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        #expect(resumed.stderr.contains("resumed from"))
+        let x = try FileSystem.readFile(FileSystem.join(a, "adapter_model.safetensors"))
+        let y = try FileSystem.readFile(FileSystem.join(b, "adapter_model.safetensors"))
+        #expect(x == y, "adapters differ after resume")
+        // metrics.jsonl has one line per step, whatever the interruption.
+        let steps = String(decoding: try FileSystem.readFile(FileSystem.join(b, "metrics.jsonl")), as: UTF8.self)
+            .split(separator: "\n").compactMap { try? JSON.parse(String($0)) }.compactMap { $0["loss"] != nil ? $0["step"]?.intValue : nil }
+        #expect(steps == [1, 2, 3, 4, 5, 6], "\(steps)")
+    }
+
+    @Test("an output folder with checkpoints is not reused without --resume; a bad dataset line is reported")
+    func refusals() throws {
+        let data = try Self.dataset()
+        let dir = try Fixtures.temporaryDirectory("refuse")
+        let out = FileSystem.join(dir, "o")
+        try FileSystem.makeDirectory(out)
+        try FileSystem.makeDirectory(FileSystem.join(out, "checkpoint-5"))
+        let r = try runQLoRA(Self.trainArguments(data, out))
+        #expect(r.status != 0 && r.stderr.contains("--resume"), "\(r.stderr)")
+        let bad = FileSystem.join(dir, "bad.jsonl")
+        try FileSystem.writeFileAtomically(bad, bytes: Array("{\"text\": \"ok\"}\n{\"text\": 3}\n".utf8))
+        let b = try runQLoRA(Self.trainArguments(bad, FileSystem.join(dir, "o2")))
+        #expect(b.status != 0 && b.stderr.contains("bad.jsonl:2:"), "\(b.stderr)")
     }
 }
 
