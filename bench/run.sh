@@ -22,3 +22,4 @@ mkdir -p bench/out
   | tee bench/out/quant.md
 TEXT="Tests/QLoRAEvaluationTests/Resources/war_and_peace_excerpt.txt"
 "$PY" bench/generate_bench.py .build/release/qlora "$MODEL" "$TEXT" | tee bench/out/generate.md
+"$PY" bench/train_bench.py .build/release/qlora-bench "$MODEL" | tee bench/out/train.md

@@ -1,0 +1,87 @@
+"""Side-by-side QLoRA training step on the default model (SmolLM2-135M-Instruct from its GGUF, NF4 + double
+quantization): transformers + peft + bitsandbytes (paged AdamW 32-bit, gradient checkpointing, compute
+dtype f32 and bf16) versus `qlora-bench train-step` (same shapes). Batch 4 x 512 tokens, LoRA r 16 on every
+linear layer. Tokens/s of the best of the steps after a warm-up, and the peak RSS of each process.
+Usage: python bench/train_bench.py QLORA_BENCH_BINARY MODEL.gguf
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+B, T, R, STEPS = 4, 512, 16, 3
+
+
+def reference(model_path, compute, threads):
+    import tempfile
+    import torch
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    torch.set_num_threads(threads)
+    folder, name = os.path.dirname(model_path), os.path.basename(model_path)
+    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tmp = tempfile.mkdtemp()
+    state = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+    state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    cfg = m.config.to_dict()
+    cfg.pop("quantization_config", None)
+    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"))
+    del m, state
+    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+        device_map="cpu", dtype=torch.float32)
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+    times = []
+    for _ in range(STEPS + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return {"tokens_per_second": B * T / min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    if sys.argv[1] == "--worker":
+        print(json.dumps(reference(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
+    binary, model_path = sys.argv[1], sys.argv[2]
+    threads = int(os.environ.get("QLORA_THREADS", os.cpu_count()))
+    rows = []
+    for compute in ["f32", "bf16"]:
+        out = subprocess.run([sys.executable, __file__, "--worker", model_path, compute, str(threads)], capture_output=True, text=True, check=True)
+        rows.append((f"transformers + peft + bitsandbytes, compute {compute}", json.loads(out.stdout.strip().splitlines()[-1])))
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", binary, "train-step", model_path, "--batch", str(B), "--seq", str(T),
+                        "--rank", str(R), "--steps", str(STEPS)], capture_output=True, text=True, check=True)
+    ours = json.loads(p.stdout)
+    rows.append(("swift-qlora (f32 compute)", {"tokens_per_second": ours["tokens_per_second"],
+                                               "peak_rss_mb": int(p.stderr.strip().splitlines()[-1]) / 1024}))
+    print(f"QLoRA training step, SmolLM2-135M NF4 + DQ, batch {B} x {T}, LoRA r {R} on all linear layers, gradient checkpointing, {threads} threads")
+    print()
+    print("| system | tokens/s | peak RSS MB |")
+    print("|---|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['tokens_per_second']:.1f} | {r['peak_rss_mb']:.0f} |")
+    json.dump(rows, open("bench/out/train_results.json", "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()
