@@ -183,6 +183,13 @@ public enum FileSystem {
 }
 
 extension FileSystem {
+    /// Bytes available to this user on the file system holding `path`, or nil if unknown.
+    public static func freeBytes(_ path: String) -> Int? {
+        var s = statvfs()
+        guard statvfs(path, &s) == 0 else { return nil }
+        return Int(s.f_bavail) * Int(s.f_frsize)
+    }
+
     /// Renames a file or folder (atomic within one file system).
     public static func rename(_ from: String, _ to: String) throws { try Syscalls.rename(from, to) }
 

@@ -11,6 +11,12 @@ public struct EncodedExample: Sendable, Equatable {
     public var labels: [Int]
     public var truncated: Bool
 
+    public init(tokens: [Int], labels: [Int], truncated: Bool) {
+        self.tokens = tokens
+        self.labels = labels
+        self.truncated = truncated
+    }
+
     public var trainedTokens: Int { labels.filter { $0 != TrainingBatch.ignoreIndex }.count }
 }
 

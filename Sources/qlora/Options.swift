@@ -123,6 +123,13 @@ enum Interrupt {
 
     static func install() {
         signal(SIGINT) { _ in Interrupt.requested = true }
+        // A parent may have started us with these signals blocked (a mask is inherited across exec,
+        // and libdispatch's worker threads block signals): unblock them, or Ctrl-C would never arrive.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
     }
 }
 

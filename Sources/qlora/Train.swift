@@ -110,6 +110,9 @@ struct Train: ParsableCommand {
     }
 
     func run() throws {
+        // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
+        Interrupt.install()
+        signal(SIGTERM) { _ in Interrupt.requested = true }
         // The output folder: writable, and not silently reused.
         try FileSystem.makeDirectory(output)
         let probe = FileSystem.join(output, ".qlora-write-test")
@@ -136,7 +139,9 @@ struct Train: ParsableCommand {
         }
         let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs)
         let dataset = try DatasetLoader.load(data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords)
-        var encoded = try dataset.examples.map(encoder.encode).filter { $0.trainedTokens > 0 }
+        let allEncoded = try dataset.examples.map(encoder.encode)
+        var encoded = allEncoded.filter { $0.trainedTokens > 0 }
+        let dropped = allEncoded.count - encoded.count
         var validation: [EncodedExample] = []
         if let valData {
             validation = try DatasetLoader.load(valData, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords).examples.map(encoder.encode)
@@ -150,7 +155,7 @@ struct Train: ParsableCommand {
             encoded = encoded.indices.filter { !held.contains($0) }.map { encoded[$0] }
         }
         let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
-        Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
+        Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(dropped) dropped (no response token within \(maxSeqLen)), \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
         for s in dataset.skipped.prefix(5) { Log.info("  skipped \(s)") }
 
         var loraConfig = LoRAConfig()
@@ -189,6 +194,12 @@ struct Train: ParsableCommand {
         config.adam.weightDecay = weightDecay
         let padToken = tokenizer.eosTokenID ?? 0
         let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        // Room for the checkpoints kept, the one being written and the final adapter.
+        let checkpointBytes = lora.parameterCount * 4 + trainer.optimizer.stateBytes + 4096
+        let needed = checkpointBytes * (max(saveTotalLimit, 1) + 2)
+        if let free = FileSystem.freeBytes(output), free < needed {
+            throw ValidationError("\(output) has \(formatBytes(free)) free; checkpoints need about \(formatBytes(needed)) (\(formatBytes(checkpointBytes)) each); free some space or lower --save-total-limit")
+        }
         let baseModel = modelOptions.modelPath
         let metricsPath = FileSystem.join(output, "metrics.jsonl")
         var metricsLines: [String] = []
@@ -204,10 +215,12 @@ struct Train: ParsableCommand {
         }
         Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler)")
 
-        Interrupt.install()
-        signal(SIGTERM) { _ in Interrupt.requested = true }
         func writeMetrics() throws {
             try FileSystem.writeFileAtomically(metricsPath, bytes: Array((metricsLines.map { $0 + "\n" }.joined()).utf8))
+        }
+        if Interrupt.requested {
+            Log.info("interrupted before training began; nothing to save")
+            return
         }
         let initialValidation = trainer.step == 0 ? try trainer.validationLoss() : nil
         if let v = initialValidation {

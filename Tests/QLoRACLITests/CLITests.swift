@@ -206,8 +206,8 @@ struct TrainCLITests {
         var waited = 0
         while !FileSystem.exists(FileSystem.join(b, "checkpoint-3")) && waited < 600 { usleep(50_000); waited += 1 }
         kill(pid, SIGKILL)
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
+        var polls = 0
+        while kill(pid, 0) == 0 && polls < 600 { usleep(10_000); polls += 1 }
         #expect(!FileSystem.exists(FileSystem.join(b, "adapter_model.safetensors")), "the run finished before it was killed")
         let resumed = try runQLoRA(Self.trainArguments(data, b) + ["--resume"])
         #expect(resumed.status == 0, "\(resumed.stderr)")
@@ -219,6 +219,40 @@ struct TrainCLITests {
         let steps = String(decoding: try FileSystem.readFile(FileSystem.join(b, "metrics.jsonl")), as: UTF8.self)
             .split(separator: "\n").compactMap { try? JSON.parse(String($0)) }.compactMap { $0["loss"] != nil ? $0["step"]?.intValue : nil }
         #expect(steps == [1, 2, 3, 4, 5, 6], "\(steps)")
+    }
+
+    @Test("SIGINT saves a checkpoint and stops cleanly; --resume finishes the run")
+    func interrupt() throws {
+        let data = try Self.dataset()
+        let dir = try Fixtures.temporaryDirectory("sigint")
+        let out = FileSystem.join(dir, "o")
+        let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
+        let pidFile = FileSystem.join(dir, "pid"), log = FileSystem.join(dir, "log")
+        var args = Self.trainArguments(data, out)
+        args[args.firstIndex(of: "--max-steps")! + 1] = "40"
+        args[args.firstIndex(of: "--save-every")! + 1] = "100"
+        let quoted = args.map { "'\($0)'" }.joined(separator: " ")
+        _ = system("'\(binary)' \(quoted) >/dev/null 2>'\(log)' & echo $! > '\(pidFile)'")
+        let pid = Int32(String(decoding: try FileSystem.readFile(pidFile), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))!
+        var waited = 0
+        while waited < 6000 {
+            let text = (try? FileSystem.readFile(log)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+            if text.contains("training ") { break }
+            usleep(50_000)
+            waited += 1
+        }
+        usleep(500_000)
+        kill(pid, SIGINT)
+        // The process is not our child (the shell started it in the background): poll until it is gone.
+        var polls = 0
+        while kill(pid, 0) == 0 && polls < 6000 { usleep(50_000); polls += 1 }
+        #expect(kill(pid, 0) != 0, "still running after SIGINT")
+        let stderr = String(decoding: try FileSystem.readFile(log), as: UTF8.self)
+        #expect(stderr.contains("interrupted: saved"), "\(stderr.split(separator: "\n").joined(separator: " | "))")
+        let saved = Trainer.checkpoints(in: out)
+        #expect(saved.count == 1 && saved[0].0 < 40)
+        let resumed = try runQLoRA(args + ["--resume"])
+        #expect(resumed.status == 0 && FileSystem.exists(FileSystem.join(out, "adapter_model.safetensors")), "\(resumed.stderr)")
     }
 
     @Test("an output folder with checkpoints is not reused without --resume; a bad dataset line is reported")

@@ -80,6 +80,31 @@ struct EngineTests {
         #expect(c.lora.gradients == d.lora.gradients)
     }
 
+    @Test("a non-finite loss stops the trainer with the step named, or is skipped with skipNonFinite")
+    func nonFinite() throws {
+        let model = try tinyModel()
+        for skip in [false, true] {
+            let e = engine(model)
+            e.lora.parameters[e.lora.slots[0].bOffset] = .nan
+            var c = TrainerConfig()
+            c.batchSize = 2
+            c.gradientAccumulation = 1
+            c.skipNonFinite = skip
+            let b = batch()
+            let examples = (0..<2).map { s in
+                EncodedExample(tokens: Array(b.tokens[(s * 10)..<(s * 10 + 10)]), labels: Array(b.labels[(s * 10)..<(s * 10 + 10)]), truncated: false)
+            }
+            let trainer = try Trainer(engine: e, config: c, train: examples, validation: [], padToken: 0)
+            if skip {
+                let m = try trainer.runStep()
+                #expect(!m.loss.isFinite && trainer.step == 1)
+            } else {
+                #expect(throws: TrainingError.self) { _ = try trainer.runStep() }
+                do { _ = try trainer.runStep() } catch { #expect("\(error)".contains("step 1") && "\(error)".contains("not finite")) }
+            }
+        }
+    }
+
     @Test("with B = 0 the adapted model's loss is the base model's")
     func zeroB() throws {
         let model = try tinyModel()
