@@ -122,7 +122,8 @@ public enum JSON {
         }
     }
 
-    private static func writeString(_ s: String, into out: inout String) {
+    /// Writes a JSON string literal as Python's json.dumps(ensure_ascii=False) does.
+    static func writeString(_ s: String, into out: inout String) {
         out += "\""
         for scalar in s.unicodeScalars {
             switch scalar {
@@ -131,6 +132,8 @@ public enum JSON {
             case "\n": out += "\\n"
             case "\r": out += "\\r"
             case "\t": out += "\\t"
+            case "\u{08}": out += "\\b"
+            case "\u{0C}": out += "\\f"
             default:
                 if scalar.value < 0x20 {
                     let hex = String(scalar.value, radix: 16)
@@ -325,5 +328,15 @@ public enum JSON {
                 runStart = index
             }
         }
+    }
+}
+
+extension String {
+    /// The string without leading and trailing whitespace.
+    public func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s.removeFirst() }
+        while let l = s.last, l.isWhitespace { s.removeLast() }
+        return String(s)
     }
 }

@@ -1,3 +1,4 @@
+import QLoRACore
 // Splitting a template into text and tags, with jinja2's whitespace control as transformers configures
 // it: trim_blocks (the newline after a block tag goes), lstrip_blocks (spaces before a block tag on
 // its own line go), and the "-" / "+" markers inside tags.
@@ -83,7 +84,7 @@ enum JinjaLexer {
                 if !found { throw TemplateError("unclosed '{\(kind)' tag") }
                 i = j
                 // {% raw %} ... {% endraw %}: copy verbatim.
-                if case let .tag(t) = raws.last!, t.kind == "%", t.body.trimmed == "raw" {
+                if case let .tag(t) = raws.last!, t.kind == "%", t.body.trimmingWhitespace() == "raw" {
                     let rest = String(String.UnicodeScalarView(chars[i...]))
                     guard let end = rest.range(of: "{% endraw %}") ?? rest.range(of: "{%- endraw %}") ?? rest.range(of: "{% endraw -%}") else {
                         throw TemplateError("{% raw %} without {% endraw %}")
@@ -143,12 +144,4 @@ enum JinjaLexer {
         return out
     }
 
-}
-extension String {
-    var trimmed: String {
-        var s = Substring(self)
-        while let f = s.first, f.isWhitespace { s.removeFirst() }
-        while let l = s.last, l.isWhitespace { s.removeLast() }
-        return String(s)
-    }
 }

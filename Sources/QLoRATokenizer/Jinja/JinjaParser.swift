@@ -1,3 +1,4 @@
+import QLoRACore
 // Parsing the Jinja subset into a tree: statements (if/elif/else, for with else and loop filters, set
 // including namespace attributes and block sets, macro, break/continue, generation blocks) and
 // expressions (literals, names, attributes, subscripts and slices, calls, filters, tests, Python
@@ -354,7 +355,7 @@ struct TemplateParser {
             case let .output(body):
                 var p = try ExprParser(body)
                 let e = try p.expression()
-                guard p.atEnd else { throw TemplateError("unexpected text after an expression in {{ \(body.trimmed) }}") }
+                guard p.atEnd else { throw TemplateError("unexpected text after an expression in {{ \(body.trimmingWhitespace()) }}") }
                 nodes.append(.output(e))
             case let .statement(body):
                 var p = try ExprParser(body)
@@ -427,7 +428,7 @@ struct TemplateParser {
             let (nodes, _, _) = try parse(until: ["endgeneration"])
             return .ifBlock([(.literal(.bool(true)), nodes)], nil)
         default:
-            throw TemplateError("unsupported statement '{% \(body.trimmed) %}' (supported: if, elif, else, for, set, macro, break, continue, generation, raw)")
+            throw TemplateError("unsupported statement '{% \(body.trimmingWhitespace()) %}' (supported: if, elif, else, for, set, macro, break, continue, generation, raw)")
         }
     }
 }

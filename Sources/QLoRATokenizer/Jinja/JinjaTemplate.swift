@@ -519,12 +519,12 @@ private final class Renderer {
             switch v {
             case let .int(i): return .int(i)
             case let .double(d): return .int(Int(d))
-            case let .string(s): return .int(Int(s.trimmed) ?? Int(Double(s.trimmed) ?? 0))
+            case let .string(s): return .int(Int(s.trimmingWhitespace()) ?? Int(Double(s.trimmingWhitespace()) ?? 0))
             case let .bool(b): return .int(b ? 1 : 0)
             default: return .int(0)
             }
         case "float":
-            return .double(number(v) ?? Double(v.rendered.trimmed) ?? 0)
+            return .double(number(v) ?? Double(v.rendered.trimmingWhitespace()) ?? 0)
         case "abs":
             if case let .int(i) = v { return .int(abs(i)) }
             return .double(abs(number(v) ?? 0))
