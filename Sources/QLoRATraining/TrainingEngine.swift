@@ -159,7 +159,8 @@ public final class TrainingEngine {
             if options.gradientCheckpointing {
                 act = makeActivations(batch)
                 act.h = inputs[l]
-                layerForward(l, act, rope: rope)  // recompute (same dropout masks: seeded by step and layer)
+                // Recompute (same dropout masks: seeded by step and layer); the layer's output is not needed.
+                layerForward(l, act, rope: rope, recompute: true)
             } else {
                 act = stored[l]
             }
@@ -178,7 +179,9 @@ public final class TrainingEngine {
 
     // MARK: - Layer forward
 
-    func layerForward(_ l: Int, _ act: LayerActivations, rope: (cos: [Float], sin: [Float])) {
+    /// `recompute`: the backward pass's rerun under checkpointing, which needs every activation but not
+    /// the layer's output, so down_proj's frozen product (a quarter of the layer's weights) is skipped.
+    func layerForward(_ l: Int, _ act: LayerActivations, rope: (cos: [Float], sin: [Float]), recompute: Bool = false) {
         let layer = model.layers[l]
         let c = model.config
         let N = act.N
@@ -201,8 +204,8 @@ public final class TrainingEngine {
             }
         }
         var d = [Float](repeating: 0, count: N * act.D)
-        linearForward(act, layer: l, .down, input: act.a, output: &d, store: true)
-        for i in 0..<d.count { act.out[i] = act.h2[i] + d[i] }
+        linearForward(act, layer: l, .down, input: act.a, output: &d, store: true, skipBase: recompute)
+        if !recompute { for i in 0..<d.count { act.out[i] = act.h2[i] + d[i] } }
     }
 
     /// Causal attention per sequence and head (GQA: query head h reads kv head h / (H / Hkv)).
@@ -334,16 +337,19 @@ public final class TrainingEngine {
     // MARK: - Linear with LoRA
 
     /// y = x Wᵀ (+ b) + s · (drop(x) Aᵀ) Bᵀ; stores drop(x) and t = drop(x) Aᵀ for the backward.
-    func linearForward(_ act: LayerActivations, layer l: Int, _ p: Projection, input x: [Float], output y: inout [Float], store: Bool) {
+    func linearForward(_ act: LayerActivations, layer l: Int, _ p: Projection, input x: [Float], output y: inout [Float], store: Bool,
+                       skipBase: Bool = false) {
         let linear = p.linear(in: model.layers[l])
         let N = act.N
-        var scratch = [Float](repeating: 0, count: max(linear.scratchCount, 1))
-        var base = linear
-        base.lora = nil  // training adapters come from `lora`, not from an attached inference adapter
-        x.withUnsafeBufferPointer { xp in
-            y.withUnsafeMutableBufferPointer { yp in
-                scratch.withUnsafeMutableBufferPointer { sp in
-                    base.forward(xp.baseAddress!, rows: N, into: yp.baseAddress!, scratch: sp.baseAddress!, kernels: kernels)
+        if !skipBase {
+            var scratch = [Float](repeating: 0, count: max(linear.scratchCount, 1))
+            var base = linear
+            base.lora = nil  // training adapters come from `lora`, not from an attached inference adapter
+            x.withUnsafeBufferPointer { xp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    scratch.withUnsafeMutableBufferPointer { sp in
+                        base.forward(xp.baseAddress!, rows: N, into: yp.baseAddress!, scratch: sp.baseAddress!, kernels: kernels)
+                    }
                 }
             }
         }
