@@ -32,13 +32,20 @@ public final class ExampleEncoder {
     public let template: PromptTemplate
     public let maxLength: Int
     public let trainOnInputs: Bool
+    /// The paper's source_max_len / target_max_len: each prompt segment keeps its first
+    /// `sourceMaxLength` tokens, each response its first `targetMaxLength` (ending in EOS). nil: no limit.
+    public var sourceMaxLength: Int?
+    public var targetMaxLength: Int?
     let eos: Int
 
-    public init(tokenizer: Tokenizer, template: PromptTemplate, maxLength: Int, trainOnInputs: Bool = false) throws {
+    public init(tokenizer: Tokenizer, template: PromptTemplate, maxLength: Int, trainOnInputs: Bool = false,
+                sourceMaxLength: Int? = nil, targetMaxLength: Int? = nil) throws {
         self.tokenizer = tokenizer
         self.template = template
         self.maxLength = maxLength
         self.trainOnInputs = trainOnInputs
+        self.sourceMaxLength = sourceMaxLength
+        self.targetMaxLength = targetMaxLength
         guard let eos = tokenizer.eosTokenID else {
             throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; training needs one to end responses")
         }
@@ -94,11 +101,13 @@ public final class ExampleEncoder {
 
     public func encode(_ example: TrainingExample) throws -> EncodedExample {
         var tokens: [Int] = [], labels: [Int] = []
+        var segmentTruncated = false
         // A leading BOS as the tokenizer's post-processor adds it (chat templates usually write their own).
         var first = true
         for (text, trained) in try segments(example) {
             var ids: [Int]
             if text == "\u{0}EOS" {
+                if tokens.last == eos { continue }  // a response cut by --target-max-len already ends in EOS
                 ids = [eos]
             } else {
                 ids = tokenizer.encode(text, addSpecialTokens: false)
@@ -109,6 +118,17 @@ public final class ExampleEncoder {
                 }
             }
             first = false
+            var truncatedSegment = false
+            if !trained, let limit = sourceMaxLength, ids.count > limit {
+                ids = Array(ids.prefix(limit))
+                truncatedSegment = true
+            }
+            if trained, text != "\u{0}EOS", let limit = targetMaxLength, ids.count > limit {
+                ids = Array(ids.prefix(limit))
+                ids[limit - 1] = eos
+                truncatedSegment = true
+            }
+            segmentTruncated = segmentTruncated || truncatedSegment
             tokens += ids
             labels += (trained || trainOnInputs) ? ids : Array(repeating: TrainingBatch.ignoreIndex, count: ids.count)
         }
@@ -116,7 +136,7 @@ public final class ExampleEncoder {
             tokens.append(eos)
             labels.append(eos)
         }
-        var truncated = false
+        var truncated = segmentTruncated
         if tokens.count > maxLength {
             truncated = true
             tokens = Array(tokens.prefix(maxLength))

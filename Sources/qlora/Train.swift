@@ -70,6 +70,10 @@ struct Train: ParsableCommand {
     var maxGradNorm: Double = 0.3
     @Option(help: "Longest sequence in tokens; longer examples are cut (responses keep their EOS).")
     var maxSeqLen: Int = 512
+    @Option(help: "Keep at most this many tokens of each prompt (the paper's source_max_len; default: no limit).")
+    var sourceMaxLen: Int?
+    @Option(help: "Keep at most this many tokens of each response, ending in EOS (the paper's target_max_len; default: no limit).")
+    var targetMaxLen: Int?
     @Option(help: "Optimizer: paged_adamw_32bit, paged_adamw_8bit, adamw_32bit, adamw_8bit.")
     var optim: String = "paged_adamw_32bit"
     @Option(help: "AdamW weight decay.")
@@ -107,6 +111,8 @@ struct Train: ParsableCommand {
         guard loraDropout >= 0 && loraDropout < 1 else { throw ValidationError("--lora-dropout must be in [0, 1)") }
         guard valSplit >= 0 && valSplit < 1 else { throw ValidationError("--val-split must be in [0, 1)") }
         guard loraInit == "kaiming" || loraInit == "gaussian" else { throw ValidationError("--lora-init must be kaiming or gaussian") }
+        if let s = sourceMaxLen { guard s > 0 else { throw ValidationError("--source-max-len must be positive") } }
+        if let t = targetMaxLen { guard t > 1 else { throw ValidationError("--target-max-len must be at least 2") } }
     }
 
     func run() throws {
@@ -137,7 +143,8 @@ struct Train: ParsableCommand {
             Log.info("note: the model has no chat template; using the Guanaco format (--template guanaco)")
             promptTemplate = .guanaco
         }
-        let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs)
+        let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs,
+                                         sourceMaxLength: sourceMaxLen, targetMaxLength: targetMaxLen)
         let dataset = try DatasetLoader.load(data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords)
         let allEncoded = try dataset.examples.map(encoder.encode)
         var encoded = allEncoded.filter { $0.trainedTokens > 0 }

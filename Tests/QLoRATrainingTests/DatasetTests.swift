@@ -98,6 +98,20 @@ struct DatasetTests {
         #expect(t.decode(trained) == "Hello<|im_end|>See you<|im_end|>")
     }
 
+    @Test("source and target maximum lengths cut the prompt and the response separately; the response keeps EOS")
+    func sourceTarget() throws {
+        let t = try smolTokenizer()
+        let encoder = try ExampleEncoder(tokenizer: t, template: .guanaco, maxLength: 512, sourceMaxLength: 5, targetMaxLength: 4)
+        let e = try encoder.encode(.conversation([ChatMessage(role: "user", content: String(repeating: "question ", count: 20)),
+                                                  ChatMessage(role: "assistant", content: String(repeating: "answer ", count: 20))]))
+        let trained = e.tokens.indices.filter { e.labels[$0] != TrainingBatch.ignoreIndex }.map { e.tokens[$0] }
+        #expect(e.truncated)
+        #expect(e.tokens.count - trained.count == 5)
+        // The response keeps 4 tokens, the last one EOS (not followed by a second one).
+        #expect(trained.count == 4 && trained[3] == t.eosTokenID)
+        #expect(e.tokens.last == t.eosTokenID)
+    }
+
     @Test("a sequence over max length is cut and its response still ends in EOS")
     func truncation() throws {
         let t = try smolTokenizer()
