@@ -410,7 +410,7 @@ public final class TrainingEngine {
                     // dB += s · dyᵀ t   [out, r]
                     t.withUnsafeBufferPointer { tp in
                         Gemm.gemm(grads.baseAddress! + slot.bOffset, ldc: r, dyp.baseAddress!, lda: outF, tp.baseAddress!, ldb: r,
-                                  m: outF, n: r, k: N, transposeA: true, alpha: s * gradientScaleCurrent, beta: 1)
+                                  m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
                     }
                     // dt = s · dy B   [N, r]
                     dt.withUnsafeMutableBufferPointer { dtp in
@@ -422,7 +422,7 @@ public final class TrainingEngine {
                     // dA += dtᵀ drop(x)   [r, in]
                     input.withUnsafeBufferPointer { ip in
                         Gemm.gemm(grads.baseAddress! + slot.aOffset, ldc: inF, dtp.baseAddress!, lda: r, ip.baseAddress!, ldb: inF,
-                                  m: r, n: inF, k: N, transposeA: true, alpha: gradientScaleCurrent, beta: 1)
+                                  m: r, n: inF, k: N, transposeA: true, beta: 1)
                     }
                     // dx += (dt A) ⊙ dropout mask / (1 − p)
                     if let mask = act.loraMask[p.rawValue] {
@@ -510,7 +510,6 @@ public final class TrainingEngine {
             let target = batch.labels[i + 1]
             if target != TrainingBatch.ignoreIndex { rows.append((i, target)) }
         }
-        gradientScaleCurrent = scale
         let chunk = max(1, options.lossChunkRows)
         var total = 0.0
         let inv = Float(1) / Float(count)
@@ -547,5 +546,4 @@ public final class TrainingEngine {
         return total / Double(count)
     }
 
-    var gradientScaleCurrent: Float = 1
 }

@@ -48,7 +48,6 @@ struct EngineTests {
         let grads = e.lora.gradients
         var rng = SeededGenerator(seed: 3)
         var worst = 0.0
-        let rms = (grads.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(grads.count)).squareRoot()
         for _ in 0..<40 {
             let i = Int(rng.next() % UInt64(grads.count))
             let original = e.lora.parameters[i]
@@ -62,9 +61,23 @@ struct EngineTests {
             // The f32 loss carries ~1e-7 relative rounding, ~1e-5 in the quotient: absolute plus relative.
             let excess = abs(numeric - Double(grads[i])) - (5e-5 + 2e-3 * abs(numeric))
             worst = max(worst, excess)
-            _ = rms
         }
         #expect(worst <= 0, "worst excess over tolerance \(worst)")
+    }
+
+    @Test("gradientScale scales every gradient once (accumulation of k micro-batches at 1/k is their mean)")
+    func gradientScale() throws {
+        let model = try tinyModel()
+        let a = engine(model), b = engine(model)
+        a.lora.zeroGradients()
+        b.lora.zeroGradients()
+        let la = try a.step(batch()), lb = try b.step(batch(), gradientScale: 0.25)
+        #expect(la == lb, "the returned loss is not scaled")
+        var worst: Float = 0
+        for i in 0..<a.lora.gradients.count {
+            worst = max(worst, abs(b.lora.gradients[i] - 0.25 * a.lora.gradients[i]) - 1e-6 * abs(a.lora.gradients[i]))
+        }
+        #expect(worst <= 1e-9, "gradients at scale 0.25 differ from a quarter of those at scale 1 by \(worst)")
     }
 
     @Test("gradient checkpointing gives the same gradients as keeping every activation")
