@@ -68,6 +68,8 @@ public final class Trainer {
     public let optimizer: AdamW
     public let padToken: Int
     public private(set) var step = 0
+    /// The plan of the epoch being trained, kept so each micro-batch does not reshuffle the dataset.
+    private var currentPlan: (epoch: Int, batches: [[Int]])?
 
     public init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
         guard !train.isEmpty else { throw TrainingError.noData("no training examples") }
@@ -82,9 +84,7 @@ public final class Trainer {
             tensors.append((s.aOffset, lora.config.rank * s.inFeatures))
             tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
         }
-        var adam = config.adam
-        adam.weightDecay = config.adam.weightDecay
-        optimizer = try AdamW(kind: config.optimizer, config: adam, tensors: tensors)
+        optimizer = try AdamW(kind: config.optimizer, config: config.adam, tensors: tensors)
     }
 
     // MARK: Data order
@@ -154,7 +154,8 @@ public final class Trainer {
         for micro in 0..<config.gradientAccumulation {
             let global = step * config.gradientAccumulation + micro
             let epoch = global / perEpoch
-            let plan = epochPlan(epoch)
+            if currentPlan?.epoch != epoch { currentPlan = (epoch, epochPlan(epoch)) }
+            let plan = currentPlan!.batches
             let indices = plan[(global % perEpoch) % plan.count]
             let batch = makeBatch(indices.map { train[$0] })
             tokens += batch.tokens.count
