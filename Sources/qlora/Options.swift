@@ -8,6 +8,17 @@ func cacheFolder() -> String {
     return FileSystem.join(Environment.get("HOME") ?? ".", ".cache/swift-qlora")
 }
 
+/// Checks --quant-type (nf4, fp4, int4, and `none` where f32 is allowed) and --block-size.
+func validateQuantization(quantType: String, blockSize: Int, allowNone: Bool) throws {
+    let types = QuantType.allCases.map(\.rawValue) + (allowNone ? ["none"] : [])
+    guard types.contains(quantType) else {
+        throw ValidationError("--quant-type must be one of \(types.joined(separator: ", ")) (got '\(quantType)')")
+    }
+    guard Quantized4Bit.blockSizes.contains(blockSize) else {
+        throw ValidationError("--block-size must be a power of two from 32 to 4096 (got \(blockSize))")
+    }
+}
+
 /// The default model that scripts/setup.sh fetches.
 func defaultModelPath() -> String { FileSystem.join(cacheFolder(), "models/SmolLM2-135M-Instruct.Q4_1.gguf") }
 
@@ -28,12 +39,7 @@ struct ModelOptions: ParsableArguments {
     var adapter: String?
 
     func validate() throws {
-        guard quantType == "none" || QuantType(rawValue: quantType) != nil else {
-            throw ValidationError("--quant-type must be nf4, fp4, int4 or none (got '\(quantType)')")
-        }
-        guard Quantized4Bit.blockSizes.contains(blockSize) else {
-            throw ValidationError("--block-size must be a power of two from 32 to 4096 (got \(blockSize))")
-        }
+        try validateQuantization(quantType: quantType, blockSize: blockSize, allowNone: true)
     }
 
     var modelPath: String { model ?? defaultModelPath() }
@@ -117,12 +123,14 @@ struct SamplingFlags: ParsableArguments {
     }
 }
 
-/// Ctrl-C while generating stops the reply, not the program.
+/// Ctrl-C while generating stops the reply, not the program; in training, Ctrl-C and SIGTERM
+/// (`terminateToo`) save a checkpoint and stop.
 enum Interrupt {
     nonisolated(unsafe) static var requested = false
 
-    static func install() {
+    static func install(terminateToo: Bool = false) {
         signal(SIGINT) { _ in Interrupt.requested = true }
+        if terminateToo { signal(SIGTERM) { _ in Interrupt.requested = true } }
         // A parent may have started us with these signals blocked (a mask is inherited across exec,
         // and libdispatch's worker threads block signals): unblock them, or Ctrl-C would never arrive.
         var set = sigset_t()

@@ -41,12 +41,7 @@ struct Quantize: ParsableCommand {
     var quiet = false
 
     func validate() throws {
-        guard QuantType(rawValue: quantType) != nil else {
-            throw ValidationError("--quant-type must be nf4, fp4 or int4 (got '\(quantType)')")
-        }
-        guard Quantized4Bit.blockSizes.contains(blockSize) else {
-            throw ValidationError("--block-size must be one of \(Quantized4Bit.blockSizes.map(String.init).joined(separator: ", ")) (got \(blockSize))")
-        }
+        try validateQuantization(quantType: quantType, blockSize: blockSize, allowNone: false)
     }
 
     func run() throws {

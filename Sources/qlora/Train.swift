@@ -117,8 +117,7 @@ struct Train: ParsableCommand {
 
     func run() throws {
         // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
-        Interrupt.install()
-        signal(SIGTERM) { _ in Interrupt.requested = true }
+        Interrupt.install(terminateToo: true)
         // The output folder: writable, and not silently reused.
         try FileSystem.makeDirectory(output)
         let probe = FileSystem.join(output, ".qlora-write-test")
