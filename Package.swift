@@ -11,7 +11,8 @@ let package = Package(
         .executable(name: "qlora", targets: ["qlora"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         // OpenBLAS on Linux (Debian: libopenblas-dev); Accelerate is used instead on Apple platforms.
@@ -39,7 +40,7 @@ let package = Package(
         .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining"]),
         .executableTarget(
             name: "qlora",
-            dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams")]
         ),
         .executableTarget(name: "qlora-bench", dependencies: ["QLoRA"], path: "bench/Sources/qlora-bench"),
         // Fixtures are read from Tests/<Target>/Resources through #filePath (the source tree), not bundled.

@@ -68,6 +68,8 @@ public final class Trainer {
     public let optimizer: AdamW
     public let padToken: Int
     public private(set) var step = 0
+    /// Extra files written into every checkpoint (the command line's resolved options, for instance).
+    public var checkpointFiles: [String: [UInt8]] = [:]
     /// The plan of the epoch being trained, kept so each micro-batch does not reshuffle the dataset.
     private var currentPlan: (epoch: Int, batches: [[Int]])?
 
@@ -215,6 +217,7 @@ public final class Trainer {
             ("format", .string("swift-qlora checkpoint 1")),
         ])
         try FileSystem.writeFileAtomically(FileSystem.join(temporary, "trainer_state.json"), bytes: Array(JSON.serialize(state, pretty: true).utf8))
+        for (name, bytes) in checkpointFiles { try FileSystem.writeFileAtomically(FileSystem.join(temporary, name), bytes: bytes) }
         try FileSystem.removeTree(final)
         try FileSystem.rename(temporary, final)
         // Keep the newest saveTotalLimit checkpoints.

@@ -25,8 +25,20 @@ struct QLoRACommand: ParsableCommand {
 
     static func main() {
         var command: ParsableCommand
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        // `qlora train --config FILE`: the file's options go first, so the command line overrides them.
+        if arguments.first == "train" {
+            do {
+                arguments = ["train"] + (try ConfigFile.expand(Array(arguments.dropFirst()), for: Train.self))
+            } catch let error as ConfigFileError {
+                Log.write("error: \(error)\n")
+                Glibc.exit(1)
+            } catch {
+                exit(withError: error)
+            }
+        }
         do {
-            command = try parseAsRoot()
+            command = try parseAsRoot(arguments)
         } catch {
             exit(withError: error)
         }

@@ -14,10 +14,13 @@ struct Train: ParsableCommand {
             rendered with the model's chat template (--template guanaco for the paper's "### Human: ... ### Assistant:") and \
             only the responses are trained on, unless --train-on-inputs. The defaults are the QLoRA paper's (r 64, alpha 16, \
             dropout 0.1, lr 2e-4 constant, max grad norm 0.3, paged AdamW, an effective batch of 16 as 4 x 4 accumulation). \
-            OUTPUT receives the final PEFT adapter (adapter_config.json, adapter_model.safetensors), checkpoint-N/ folders \
-            and metrics.jsonl. Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues from the latest one.
+            OUTPUT receives the final PEFT adapter (adapter_config.json, adapter_model.safetensors), checkpoint-N/ folders, \
+            metrics.jsonl and training_args.yaml (this run's options, usable as --config). Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues from the latest one.
             """
     )
+
+    @Option(help: "A YAML file of these options (lora_r: 16, learning_rate: 1e-4, ...); flags given here override it.")
+    var config: String?
 
     @OptionGroup var modelOptions: ModelOptions
 
@@ -101,6 +104,39 @@ struct Train: ParsableCommand {
     var noGradientCheckpointing = false
     @Flag(help: "Print one JSON object with the results on stdout.")
     var json = false
+
+    /// Every option of this run, resolved, in the YAML that --config reads (data and output included).
+    var resolvedOptions: [(String, String)] {
+        func q(_ s: String) -> String { JSON.serialize(.string(s)) }  // a JSON string is a valid YAML scalar
+        var o: [(String, String)] = [
+            ("model", q(modelOptions.modelPath)), ("quant_type", q(modelOptions.quantType)), ("block_size", "\(modelOptions.blockSize)"),
+            ("no_double_quant", "\(modelOptions.noDoubleQuant)"),
+        ]
+        if let a = modelOptions.adapter { o.append(("adapter", q(a))) }
+        o += [("data", q(data))]
+        if let v = valData { o.append(("val_data", q(v))) }
+        o += [
+            ("val_split", "\(valSplit)"), ("format", q(format)), ("template", q(template)), ("output", q(output)),
+            ("lora_r", "\(loraR)"), ("lora_alpha", "\(loraAlpha)"), ("lora_dropout", "\(loraDropout)"), ("target_modules", q(targetModules)),
+            ("use_rslora", "\(useRslora)"), ("lora_init", q(loraInit)), ("learning_rate", "\(learningRate)"), ("lr_scheduler", q(lrScheduler)),
+            ("warmup_steps", "\(warmupSteps)"), ("max_steps", "\(maxSteps)"), ("epochs", "\(epochs)"), ("batch_size", "\(batchSize)"),
+            ("grad_accum", "\(gradAccum)"), ("max_grad_norm", "\(maxGradNorm)"), ("max_seq_len", "\(maxSeqLen)"),
+        ]
+        if let s = sourceMaxLen { o.append(("source_max_len", "\(s)")) }
+        if let t = targetMaxLen { o.append(("target_max_len", "\(t)")) }
+        o += [
+            ("optim", q(optim)), ("weight_decay", "\(weightDecay)"), ("seed", "\(seed)"), ("eval_every", "\(evalEvery)"),
+            ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"),
+            ("no_group_by_length", "\(noGroupByLength)"), ("skip_bad_records", "\(skipBadRecords)"), ("skip_nonfinite", "\(skipNonfinite)"),
+            ("no_gradient_checkpointing", "\(noGradientCheckpointing)"),
+        ]
+        return o
+    }
+
+    var resolvedOptionsYAML: String {
+        "# qlora train options of this run (qlora \(QLoRAVersion.string)); reuse with --config\n"
+            + resolvedOptions.map { "\($0.0): \($0.1)\n" }.joined()
+    }
 
     func validate() throws {
         guard OptimizerKind(rawValue: optim) != nil else { throw ValidationError("--optim must be one of \(OptimizerKind.allCases.map(\.rawValue).joined(separator: ", "))") }
@@ -200,6 +236,8 @@ struct Train: ParsableCommand {
         config.adam.weightDecay = weightDecay
         let padToken = tokenizer.eosTokenID ?? 0
         let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        let optionsYAML = Array(resolvedOptionsYAML.utf8)
+        trainer.checkpointFiles = ["training_args.yaml": optionsYAML]
         // Room for the checkpoints kept, the one being written and the final adapter.
         let checkpointBytes = lora.parameterCount * 4 + trainer.optimizer.stateBytes + 4096
         let needed = checkpointBytes * (max(saveTotalLimit, 1) + 2)
@@ -276,6 +314,7 @@ struct Train: ParsableCommand {
         }
         _ = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
         try lora.writePEFTAdapter(to: output, baseModel: baseModel)
+        try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: optionsYAML)
         if json {
             var fields: [(String, JSONValue)] = [("output", .string(output)), ("steps", .int(trainer.step)),
                                                  ("trainable_parameters", .int(lora.parameterCount))]

@@ -255,6 +255,61 @@ struct TrainCLITests {
         #expect(resumed.status == 0 && FileSystem.exists(FileSystem.join(out, "adapter_model.safetensors")), "\(resumed.stderr)")
     }
 
+    @Test("--config: a YAML file of options, overridden by flags; training_args.yaml of a run reproduces it exactly")
+    func configFile() throws {
+        let data = try Self.dataset()
+        let dir = try Fixtures.temporaryDirectory("config")
+        let a = FileSystem.join(dir, "a"), b = FileSystem.join(dir, "b")
+        let yaml = """
+            # a comment
+            data: \(data)
+            output: \(a)
+            lora_r: 8
+            lora-alpha: 32
+            target_modules: [q_proj, v_proj]
+            max_steps: 5
+            batch_size: 2
+            grad_accum: 1
+            max_seq_len: 48
+            val_split: 0
+            use_rslora: true
+            seed: 5
+            json: true
+            """
+        let config = FileSystem.join(dir, "train.yaml")
+        try FileSystem.writeFileAtomically(config, bytes: Array(yaml.utf8))
+        // The command line wins over the file: r 4 and 2 steps.
+        let r = try runQLoRA(["train", "--config", config, "--lora-r", "4", "--max-steps", "2"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let result = try JSON.parse(r.stdout)
+        // q and v of 30 layers at r 4: 4 * (576 + 576) + 4 * (576 + 192).
+        #expect(result["trainable_parameters"]?.intValue == 30 * (4 * (576 + 576) + 4 * (576 + 192)), "\(r.stdout)")
+        #expect(result["steps"]?.intValue == 2)
+        // The run's resolved options, fed back with another output, give the same adapter byte for byte.
+        let args = FileSystem.join(a, "training_args.yaml")
+        let text = String(decoding: try FileSystem.readFile(args), as: UTF8.self)
+        #expect(text.contains("lora_r: 4") && text.contains("lora_alpha: 32.0") && text.contains("use_rslora: true"), "\(text)")
+        #expect(FileSystem.exists(FileSystem.join(a, "checkpoint-2/training_args.yaml")))
+        let again = try runQLoRA(["train", "--config", args, "--output", b, "--json"])
+        #expect(again.status == 0, "\(again.stderr)")
+        #expect(try FileSystem.readFile(FileSystem.join(a, "adapter_model.safetensors")) == FileSystem.readFile(FileSystem.join(b, "adapter_model.safetensors")))
+        // training_args.yaml names every option of `qlora train --help` but the per-invocation ones.
+        let help = try runQLoRA(["train", "--help"]).stdout
+        let helpNames = Set(help.split(separator: "\n").filter { $0.hasPrefix("  -") }.flatMap { line in
+            line.split(separator: " ").prefix(3).filter { $0.hasPrefix("--") }.map { $0.dropFirst(2).trimmingCharacters(in: CharacterSet(charactersIn: ",")) }
+        })
+        let written = Set(text.split(separator: "\n").filter { !$0.hasPrefix("#") }.map { String($0.split(separator: ":")[0]).replacingOccurrences(of: "_", with: "-") })
+        #expect(helpNames.subtracting(["config", "resume", "json", "help", "version", "adapter", "val-data", "source-max-len", "target-max-len"]) == written.subtracting(["adapter", "val-data", "source-max-len", "target-max-len"]), "\(helpNames.symmetricDifference(written))")
+        // Mistakes name the file and line.
+        let bad = FileSystem.join(dir, "bad.yaml")
+        try FileSystem.writeFileAtomically(bad, bytes: Array("data: \(data)\nlora_rank: 4\n".utf8))
+        let e = try runQLoRA(["train", "--config", bad, "--output", FileSystem.join(dir, "c")])
+        #expect(e.status != 0 && e.stderr.contains("bad.yaml:2: unknown option 'lora_rank'"), "\(e.stderr)")
+        try FileSystem.writeFileAtomically(bad, bytes: Array("data: \(data)\nresume: 3\n".utf8))
+        let f = try runQLoRA(["train", "--config", bad, "--output", FileSystem.join(dir, "c")])
+        #expect(f.status != 0 && f.stderr.contains("bad.yaml:2: 'resume' is a flag"), "\(f.stderr)")
+    }
+
     @Test("an output folder with checkpoints is not reused without --resume; a bad dataset line is reported")
     func refusals() throws {
         let data = try Self.dataset()
