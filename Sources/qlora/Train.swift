@@ -15,7 +15,8 @@ struct Train: ParsableCommand {
             only the responses are trained on, unless --train-on-inputs. The defaults are the QLoRA paper's (r 64, alpha 16, \
             dropout 0.1, lr 2e-4 constant, max grad norm 0.3, paged AdamW, an effective batch of 16 as 4 x 4 accumulation). \
             OUTPUT receives the final PEFT adapter (adapter_config.json, adapter_model.safetensors), checkpoint-N/ folders, \
-            metrics.jsonl and training_args.yaml (this run's options, usable as --config). Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues from the latest one.
+            metrics.jsonl, TensorBoard event files in tensorboard/ (tensorboard --logdir OUTPUT) and training_args.yaml \
+            (this run's options, usable as --config). Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues from the latest one.
             """
     )
 
@@ -266,10 +267,15 @@ struct Train: ParsableCommand {
             Log.info("interrupted before training began; nothing to save")
             return
         }
+        // TensorBoard: a new event file per process; a resumed run first marks its restart so the
+        // values logged past the checkpoint by the interrupted process are dropped.
+        let board = try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard"))
+        if trainer.step > 0 { try board.sessionStart(step: trainer.step + 1) }
         let initialValidation = trainer.step == 0 ? try trainer.validationLoss() : nil
         if let v = initialValidation {
             Log.info("validation loss before training: \(formatFixed(v, 4))")
             metricsLines.append(JSON.serialize(.object([("step", .int(0)), ("val_loss", .double(v))])))
+            try board.scalar("eval/loss", v, step: 0)
         }
         let progress = ProgressBar("train", total: trainer.totalSteps, enabled: !json)
         if trainer.step > 0 { progress.advance(by: trainer.step) }
@@ -292,6 +298,11 @@ struct Train: ParsableCommand {
             ]
             if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
             metricsLines.append(JSON.serialize(.object(fields)))
+            try board.scalar("train/loss", m.loss, step: m.step)
+            try board.scalar("train/learning_rate", m.learningRate, step: m.step)
+            try board.scalar("train/grad_norm", m.gradNorm, step: m.step)
+            try board.scalar("train/tokens_per_second", m.tokensPerSecond, step: m.step)
+            if let v = m.validationLoss { try board.scalar("eval/loss", v, step: m.step) }
             progress.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
             last = m
             let interrupted = Interrupt.requested
@@ -307,10 +318,13 @@ struct Train: ParsableCommand {
         }
         try writeMetrics()
         if stopped { return }
-        let finalValidation = try trainer.validationLoss()
-        if let v = finalValidation {
+        // The last step may have been evaluated already (--eval-every dividing it).
+        let evaluatedLast = last.flatMap { $0.step == trainer.step ? $0.validationLoss : nil }
+        let finalValidation = try evaluatedLast ?? trainer.validationLoss()
+        if evaluatedLast == nil, let v = finalValidation {
             metricsLines.append(JSON.serialize(.object([("step", .int(trainer.step)), ("val_loss", .double(v))])))
             try writeMetrics()
+            try board.scalar("eval/loss", v, step: trainer.step)
         }
         _ = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
         try lora.writePEFTAdapter(to: output, baseModel: baseModel)

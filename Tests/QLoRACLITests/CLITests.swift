@@ -219,6 +219,14 @@ struct TrainCLITests {
         let steps = String(decoding: try FileSystem.readFile(FileSystem.join(b, "metrics.jsonl")), as: UTF8.self)
             .split(separator: "\n").compactMap { try? JSON.parse(String($0)) }.compactMap { $0["loss"] != nil ? $0["step"]?.intValue : nil }
         #expect(steps == [1, 2, 3, 4, 5, 6], "\(steps)")
+        // TensorBoard: one event file per process, whole records; the resumed one starts by marking its restart.
+        let board = FileSystem.join(b, "tensorboard")
+        let files = try FileSystem.listDirectory(board).filter { $0.hasPrefix("events.out.tfevents.") }.sorted()
+        #expect(files.count == 2, "\(files)")
+        if let resumedFile = files.last {
+            let records = try TensorBoardEvent.records(try FileSystem.readFile(FileSystem.join(board, resumedFile)), file: resumedFile)
+            #expect(records.count >= 2 && records[1].contains(0x3A), "no SessionLog START after the header")
+        }
     }
 
     @Test("SIGINT saves a checkpoint and stops cleanly; --resume finishes the run")
