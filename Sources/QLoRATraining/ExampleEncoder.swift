@@ -10,14 +10,50 @@ public struct EncodedExample: Sendable, Equatable {
     /// Per position the token itself (trained) or -100 (not). Shifted by the trainer (t predicts t + 1).
     public var labels: [Int]
     public var truncated: Bool
+    /// Where each example starts: [0] for one example; more after packing.
+    public var exampleStarts: [Int]
 
-    public init(tokens: [Int], labels: [Int], truncated: Bool) {
+    public init(tokens: [Int], labels: [Int], truncated: Bool, exampleStarts: [Int] = [0]) {
         self.tokens = tokens
         self.labels = labels
         self.truncated = truncated
+        self.exampleStarts = exampleStarts
     }
 
     public var trainedTokens: Int { labels.filter { $0 != TrainingBatch.ignoreIndex }.count }
+}
+
+/// Packing: short examples share a sequence so less of each batch is padding. Attention stays inside
+/// each example and positions restart (see `TrainingBatch`), so packing changes which examples share a
+/// batch, not what the model learns from each.
+public enum Packing {
+    /// First-fit decreasing into sequences of at most `capacity` tokens; deterministic. Examples
+    /// longer than `capacity` stay alone.
+    public static func pack(_ examples: [EncodedExample], capacity: Int) -> [EncodedExample] {
+        let order = examples.indices.sorted { (examples[$0].tokens.count, $1) > (examples[$1].tokens.count, $0) }
+        var bins: [[Int]] = []
+        var free: [Int] = []
+        for i in order {
+            let n = examples[i].tokens.count
+            if let b = free.firstIndex(where: { $0 >= n }) {
+                bins[b].append(i)
+                free[b] -= n
+            } else {
+                bins.append([i])
+                free.append(capacity - n)
+            }
+        }
+        return bins.map { members in
+            var e = EncodedExample(tokens: [], labels: [], truncated: false, exampleStarts: [])
+            for i in members {
+                e.exampleStarts.append(e.tokens.count)
+                e.tokens += examples[i].tokens
+                e.labels += examples[i].labels
+                e.truncated = e.truncated || examples[i].truncated
+            }
+            return e
+        }
+    }
 }
 
 public enum PromptTemplate: Sendable {

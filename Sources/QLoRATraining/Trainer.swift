@@ -119,14 +119,24 @@ public final class Trainer {
     }
 
     /// Pads examples (right, with labels -100) into one batch.
+    /// Packed examples keep their boundaries (attention inside each, positions restarting).
     public func makeBatch(_ examples: [EncodedExample]) -> TrainingBatch {
         let T = examples.map(\.tokens.count).max() ?? 1
         var tokens: [Int] = [], labels: [Int] = []
+        let packed = examples.contains { $0.exampleStarts.count > 1 }
+        var starts: [Int] = []
         for e in examples {
             tokens += e.tokens + Array(repeating: padToken, count: T - e.tokens.count)
             labels += e.labels + Array(repeating: TrainingBatch.ignoreIndex, count: T - e.labels.count)
+            if packed {
+                var k = 0
+                for t in 0..<T {
+                    while k + 1 < e.exampleStarts.count && e.exampleStarts[k + 1] <= t { k += 1 }
+                    starts.append(e.exampleStarts[k])
+                }
+            }
         }
-        return TrainingBatch(tokens: tokens, labels: labels, batchSize: examples.count, sequenceLength: T)
+        return TrainingBatch(tokens: tokens, labels: labels, batchSize: examples.count, sequenceLength: T, segmentStarts: packed ? starts : nil)
     }
 
     // MARK: Schedule

@@ -16,29 +16,53 @@ import Darwin
 
 /// A batch of token sequences of equal length; labels hold the target of each position (-100: ignored).
 /// As in transformers, position t is trained to predict labels[t + 1].
+///
+/// A row may hold several examples packed end to end (`segmentStarts`: for each token, the index in its
+/// row where its example begins). Each token then attends only inside its own example, positions restart
+/// at 0 for each, and the last token of one example is not trained to predict the first of the next, so a
+/// packed row gives the same per-token losses and gradients as its examples in rows of their own.
 public struct TrainingBatch: Sendable {
     public let tokens: [Int]
     public let labels: [Int]
     public let batchSize: Int
     public let sequenceLength: Int
+    public let segmentStarts: [Int]?
 
-    public init(tokens: [Int], labels: [Int], batchSize: Int, sequenceLength: Int) {
+    public init(tokens: [Int], labels: [Int], batchSize: Int, sequenceLength: Int, segmentStarts: [Int]? = nil) {
         precondition(tokens.count == batchSize * sequenceLength && labels.count == tokens.count)
+        if let s = segmentStarts {
+            precondition(s.count == tokens.count)
+            for i in 0..<s.count { precondition(s[i] >= 0 && s[i] <= i % sequenceLength, "segment start after its token") }
+        }
         self.tokens = tokens
         self.labels = labels
         self.batchSize = batchSize
         self.sequenceLength = sequenceLength
+        self.segmentStarts = segmentStarts
     }
 
     public static let ignoreIndex = -100
 
-    /// Targets counted by the loss (labels[t + 1] for t < T − 1 that are not ignored).
+    /// The target that token i (flat index) is trained to predict, or nil.
+    @inline(__always)
+    func target(of i: Int) -> Int? {
+        let t = i % sequenceLength
+        guard t != sequenceLength - 1 else { return nil }
+        if let s = segmentStarts, s[i + 1] == t + 1 { return nil }  // the next token begins another example
+        let label = labels[i + 1]
+        return label == Self.ignoreIndex ? nil : label
+    }
+
+    /// Targets counted by the loss.
     public var targetCount: Int {
         var n = 0
-        for b in 0..<batchSize {
-            for t in 1..<sequenceLength where labels[b * sequenceLength + t] != Self.ignoreIndex { n += 1 }
-        }
+        for i in 0..<tokens.count where target(of: i) != nil { n += 1 }
         return n
+    }
+
+    /// RoPE position of every token: its index in its example.
+    public var positions: [Int] {
+        (0..<tokens.count).map { $0 % sequenceLength - (segmentStarts?[$0] ?? 0) }
     }
 }
 
@@ -60,13 +84,15 @@ final class LayerActivations {
     var u: [Float]          // [N, I] up_proj
     var a: [Float]          // [N, I] silu(g) ⊙ u (down_proj input)
     var out: [Float]        // [N, D] layer output h2 + down(a)
+    var windowStart: [Int]? // [N] first key each query may see (packed rows); nil: 0
     /// Per projection: the LoRA input after dropout [N, in] (only when dropout > 0) and t = x Aᵀ [N, r].
     var loraInput: [[Float]?]
     var loraMask: [[UInt8]?]
     var loraT: [[Float]]
 
-    init(N: Int, D: Int, qDim: Int, kvDim: Int, I: Int, r: Int, B: Int, T: Int, H: Int) {
+    init(N: Int, D: Int, qDim: Int, kvDim: Int, I: Int, r: Int, B: Int, T: Int, H: Int, windowStart: [Int]? = nil) {
         self.N = N; self.D = D; self.qDim = qDim; self.kvDim = kvDim; self.I = I; self.r = r
+        self.windowStart = windowStart
         self.B = B; self.T = T; self.H = H
         h = [Float](repeating: 0, count: N * D); x1 = h; h2 = h; x2 = h
         rstd1 = [Float](repeating: 0, count: N); rstd2 = rstd1
@@ -123,8 +149,7 @@ public final class TrainingEngine {
         for (i, token) in batch.tokens.enumerated() {
             for j in 0..<D { h[i * D + j] = model.embedding[token * D + j] }
         }
-        let positions = (0..<N).map { $0 % batch.sequenceLength }
-        let rope = Ops.ropeTables(positions: positions, inverseFrequencies: c.ropeInverseFrequencies())
+        let rope = Ops.ropeTables(positions: batch.positions, inverseFrequencies: c.ropeInverseFrequencies())
         // Forward, keeping each layer's input (checkpointing) or all activations.
         var inputs: [[Float]] = []
         var stored: [LayerActivations] = []
@@ -174,7 +199,7 @@ public final class TrainingEngine {
         let c = model.config
         return LayerActivations(N: batch.batchSize * batch.sequenceLength, D: c.hiddenSize, qDim: c.headCount * c.headDim,
                                 kvDim: c.kvHeadCount * c.headDim, I: c.intermediateSize, r: lora.config.rank,
-                                B: batch.batchSize, T: batch.sequenceLength, H: c.headCount)
+                                B: batch.batchSize, T: batch.sequenceLength, H: c.headCount, windowStart: batch.segmentStarts)
     }
 
     // MARK: - Layer forward
@@ -226,7 +251,16 @@ public final class TrainingEngine {
                                     let K = kp.baseAddress! + b * T * act.kvDim + kvh * d
                                     let Vv = vp.baseAddress! + b * T * act.kvDim + kvh * d
                                     Gemm.gemm(P, ldc: T, Q, lda: act.qDim, K, ldb: act.kvDim, m: T, n: T, k: d, transposeB: true, alpha: scale)
-                                    for t in 0..<T { Ops.softmaxRow(P + t * T, visible: t + 1, length: T) }
+                                    if let starts = act.windowStart {
+                                        // Packed rows: keys before the query's own example get probability 0.
+                                        for t in 0..<T {
+                                            let s = starts[b * T + t]
+                                            for j in 0..<s { P[t * T + j] = 0 }
+                                            Ops.softmaxRow(P + t * T + s, visible: t + 1 - s, length: T - s)
+                                        }
+                                    } else {
+                                        for t in 0..<T { Ops.softmaxRow(P + t * T, visible: t + 1, length: T) }
+                                    }
                                     Gemm.gemm(op.baseAddress! + b * T * act.qDim + h * d, ldc: act.qDim, P, lda: T, Vv, ldb: act.kvDim,
                                               m: T, n: d, k: T)
                                 }
@@ -506,10 +540,7 @@ public final class TrainingEngine {
         let N = batch.batchSize * T
         // Rows whose target counts: row i = (b, t) predicts labels[b, t + 1].
         var rows: [(Int, Int)] = []
-        for i in 0..<N where i % T != T - 1 {
-            let target = batch.labels[i + 1]
-            if target != TrainingBatch.ignoreIndex { rows.append((i, target)) }
-        }
+        for i in 0..<N { if let target = batch.target(of: i) { rows.append((i, target)) } }
         let chunk = max(1, options.lossChunkRows)
         var total = 0.0
         let inv = Float(1) / Float(count)

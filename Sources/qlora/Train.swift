@@ -95,6 +95,8 @@ struct Train: ParsableCommand {
     var resume = false
     @Flag(help: "Train on the prompts too, not only on the responses.")
     var trainOnInputs = false
+    @Flag(help: "Pack short training examples together into sequences of up to --max-seq-len tokens (attention stays inside each example; positions restart).")
+    var packing = false
     @Flag(help: "Batch examples in random order instead of grouping similar lengths.")
     var noGroupByLength = false
     @Flag(help: "Skip malformed records (counted) instead of stopping at the first.")
@@ -127,7 +129,7 @@ struct Train: ParsableCommand {
         if let t = targetMaxLen { o.append(("target_max_len", "\(t)")) }
         o += [
             ("optim", q(optim)), ("weight_decay", "\(weightDecay)"), ("seed", "\(seed)"), ("eval_every", "\(evalEvery)"),
-            ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"),
+            ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"), ("packing", "\(packing)"),
             ("no_group_by_length", "\(noGroupByLength)"), ("skip_bad_records", "\(skipBadRecords)"), ("skip_nonfinite", "\(skipNonfinite)"),
             ("no_gradient_checkpointing", "\(noGradientCheckpointing)"),
         ]
@@ -200,6 +202,11 @@ struct Train: ParsableCommand {
         let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
         Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(dropped) dropped (no response token within \(maxSeqLen)), \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
         for s in dataset.skipped.prefix(5) { Log.info("  skipped \(s)") }
+        if packing {
+            let before = encoded.count
+            encoded = Packing.pack(encoded, capacity: maxSeqLen)
+            Log.info("packing: \(before) examples in \(encoded.count) sequences of up to \(maxSeqLen) tokens")
+        }
 
         var loraConfig = LoRAConfig()
         loraConfig.rank = loraR
