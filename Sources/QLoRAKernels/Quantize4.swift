@@ -179,11 +179,55 @@ public struct Quantized4Bit: Sendable, Equatable {
     }
 
     /// Dequantizes the flat elements `elements` into `out` (which must hold `elements.count` floats), with
-    /// `scales` from `blockScales()` (decode them once and reuse them). This is how a matrix product
-    /// dequantizes a tile of rows into a reused buffer; the range may start and end anywhere.
+    /// `scales` from `blockScales()` (decode them once and reuse them). The range may start and end anywhere.
     public func dequantize(elements: Range<Int>, scales: [Float], into out: UnsafeMutablePointer<Float>,
                            kernels: KernelTable = .current) {
         precondition(elements.lowerBound >= 0 && elements.upperBound <= elementCount && scales.count == blockCount)
+        scales.withUnsafeBufferPointer { dequantize(elements: elements, scales: $0.baseAddress!, firstBlock: 0, into: out, kernels: kernels) }
+    }
+
+    /// Blocks that the flat elements `elements` touch.
+    public func blocks(spannedBy elements: Range<Int>) -> Range<Int> {
+        elements.isEmpty ? 0..<0 : (elements.lowerBound / blockSize)..<((elements.upperBound - 1) / blockSize + 1)
+    }
+
+    /// Decodes the f32 scales of `blocks` into `out`, bit for bit as `blockScales()` gives them.
+    public func decodeScales(_ blocks: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        if let absmax {
+            absmax.withUnsafeBufferPointer { a in (out).update(from: a.baseAddress! + blocks.lowerBound, count: blocks.count) }
+            return
+        }
+        let n = nested!
+        Codebooks.dynamic8.withUnsafeBufferPointer { table in
+            n.codes.withUnsafeBufferPointer { q in
+                n.nestedAbsmax.withUnsafeBufferPointer { scale in
+                    for i in blocks {
+                        let value = table[Int(q[i])] * scale[i / NestedAbsmax.blockSize] + n.offset
+                        out[i - blocks.lowerBound] = value.isFinite ? value : .greatestFiniteMagnitude
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dequantizes the flat elements `elements` into `out`, decoding only the scales of the blocks they
+    /// touch into `scaleScratch` (at least `blocks(spannedBy: elements).count` floats). This is how a
+    /// matrix product dequantizes a tile of rows into a reused buffer without keeping every decoded scale.
+    public func dequantize(elements: Range<Int>, into out: UnsafeMutablePointer<Float>, scaleScratch: UnsafeMutablePointer<Float>,
+                           kernels: KernelTable = .current) {
+        precondition(elements.lowerBound >= 0 && elements.upperBound <= elementCount)
+        let blocks = blocks(spannedBy: elements)
+        if let absmax {
+            absmax.withUnsafeBufferPointer { dequantize(elements: elements, scales: $0.baseAddress!, firstBlock: 0, into: out, kernels: kernels) }
+            return
+        }
+        decodeScales(blocks, into: scaleScratch)
+        dequantize(elements: elements, scales: UnsafePointer(scaleScratch), firstBlock: blocks.lowerBound, into: out, kernels: kernels)
+    }
+
+    /// `scales[k]` is the scale of block `firstBlock + k`.
+    private func dequantize(elements: Range<Int>, scales: UnsafePointer<Float>, firstBlock: Int, into out: UnsafeMutablePointer<Float>,
+                            kernels: KernelTable) {
         let code = quantType.codebook
         let bs = blockSize
         // Head: up to the first block boundary, in scalar code (it may start mid-byte).
@@ -191,19 +235,17 @@ public struct Quantized4Bit: Sendable, Equatable {
         for i in elements.lowerBound..<firstBoundary {
             let byte = packed[i >> 1]
             let q = (i & 1) == 1 ? byte & 0x0F : byte >> 4
-            out[i - elements.lowerBound] = code[Int(q)] * scales[i / bs]
+            out[i - elements.lowerBound] = code[Int(q)] * scales[i / bs - firstBlock]
         }
         let body = firstBoundary..<elements.upperBound
         guard !body.isEmpty else { return }
         let outBody = out + (firstBoundary - elements.lowerBound)
         packed.withUnsafeBufferPointer { p in
-            scales.withUnsafeBufferPointer { a in
-                code.withUnsafeBufferPointer { c in
-                    Parallel.forChunks(count: body.count, granularity: bs, minimumChunk: 1 << 16) { _, range in
-                        let start = body.lowerBound + range.lowerBound
-                        kernels.dequantize4(p.baseAddress! + start / 2, a.baseAddress! + start / bs, range.count, bs,
-                                            c.baseAddress, outBody + range.lowerBound)
-                    }
+            code.withUnsafeBufferPointer { c in
+                Parallel.forChunks(count: body.count, granularity: bs, minimumChunk: 1 << 16) { _, range in
+                    let start = body.lowerBound + range.lowerBound
+                    kernels.dequantize4(p.baseAddress! + start / 2, scales + (start / bs - firstBlock), range.count, bs,
+                                        c.baseAddress, outBody + range.lowerBound)
                 }
             }
         }

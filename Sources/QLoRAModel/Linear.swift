@@ -7,8 +7,9 @@ import QLoRAKernels
 public struct Linear: Sendable {
     public enum Weight: Sendable {
         case dense([Float])
-        /// The 4-bit weight and its decoded per-block scales (kept so no step decodes them again).
-        case quantized(Quantized4Bit, scales: [Float])
+        /// The 4-bit weight; double-quantized block scales are decoded tile by tile as they are used
+        /// (keeping them decoded would cost another 0.5 bits per parameter).
+        case quantized(Quantized4Bit)
     }
 
     /// A low-rank update: y += scale · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA, Hu et al. 2021).
@@ -39,11 +40,20 @@ public struct Linear: Sendable {
         self.bias = bias
     }
 
-    /// Bytes held by the weight (codes, constants and decoded scales; or f32).
+    /// Bytes held by the weight (codes and constants; or f32).
     public var weightBytes: Int {
         switch weight {
         case let .dense(w): return w.count * 4
-        case let .quantized(q, scales): return q.storedByteCount + scales.count * 4
+        case let .quantized(q): return q.storedByteCount
+        }
+    }
+
+    /// Dequantizes rows `rows` of a 4-bit W into `out` ([rows.count, in]).
+    public func dequantizeRows(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
+        guard case let .quantized(q) = weight else { preconditionFailure("dequantizeRows on a dense weight") }
+        let elements = (rows.lowerBound * inFeatures)..<(rows.upperBound * inFeatures)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: q.blocks(spannedBy: elements).count + 1) { s in
+            q.dequantize(elements: elements, into: out, scaleScratch: s.baseAddress!, kernels: kernels)
         }
     }
 
@@ -69,15 +79,15 @@ public struct Linear: Sendable {
                               m: rows, n: outFeatures, k: inFeatures, transposeB: true)
                 }
             }
-        case let .quantized(q, scales):
+        case let .quantized(q):
             if rows == 1 && inFeatures % q.blockSize == 0 {
-                fusedGemv(q, scales: scales, x, y, kernels: kernels)
+                fusedGemv(q, x, y, kernels: kernels)
             } else {
                 var r0 = 0
                 let tile = tileRows(forRows: rows)
                 while r0 < outFeatures {
                     let r1 = min(outFeatures, r0 + tile)
-                    q.dequantize(elements: (r0 * inFeatures)..<(r1 * inFeatures), scales: scales, into: scratch, kernels: kernels)
+                    dequantizeRows(r0..<r1, into: scratch, kernels: kernels)
                     Gemm.gemm(y + r0, ldc: outFeatures, x, lda: inFeatures, scratch, ldb: inFeatures,
                               m: rows, n: r1 - r0, k: inFeatures, transposeB: true)
                     r0 = r1
@@ -113,17 +123,19 @@ public struct Linear: Sendable {
         return 0
     }
 
-    private func fusedGemv(_ q: Quantized4Bit, scales: [Float], _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>,
-                           kernels: KernelTable) {
+    private func fusedGemv(_ q: Quantized4Bit, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
         let cols = inFeatures
         let blocksPerRow = cols / q.blockSize
         let code = q.quantType.codebook
         q.packed.withUnsafeBufferPointer { p in
-            scales.withUnsafeBufferPointer { a in
-                code.withUnsafeBufferPointer { c in
-                    Parallel.forChunks(count: outFeatures, minimumChunk: 32) { _, range in
+            code.withUnsafeBufferPointer { c in
+                Parallel.forChunks(count: outFeatures, minimumChunk: 32) { _, range in
+                    // The chunk's scales, decoded once (a 64th of the work of the dot products).
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: range.count * blocksPerRow) { s in
+                        let a = s.baseAddress!
+                        q.decodeScales((range.lowerBound * blocksPerRow)..<(range.upperBound * blocksPerRow), into: a)
                         for r in range {
-                            y[r] = kernels.dot4(x, p.baseAddress! + r * cols / 2, a.baseAddress! + r * blocksPerRow,
+                            y[r] = kernels.dot4(x, p.baseAddress! + r * cols / 2, a + (r - range.lowerBound) * blocksPerRow,
                                                 cols, q.blockSize, c.baseAddress)
                         }
                     }
@@ -136,7 +148,7 @@ public struct Linear: Sendable {
     public func denseWeight() -> [Float] {
         switch weight {
         case let .dense(w): return w
-        case let .quantized(q, _): return q.dequantize()
+        case let .quantized(q): return q.dequantize()
         }
     }
 }

@@ -181,7 +181,7 @@ extension LlamaModel {
                     throw ModelError.shapeMismatch(file: file, tensor: name, expected: [out, inFeatures], found: state.shape)
                 }
                 BnB4bit.tensorNames(for: name, state: state).forEach { used.insert($0) }
-                return Linear(weight: .quantized(q, scales: q.blockScales()), outFeatures: out, inFeatures: inFeatures, bias: bias)
+                return Linear(weight: .quantized(q), outFeatures: out, inFeatures: inFeatures, bias: bias)
             }
             var w = try floats(name, shape: [out, inFeatures])
             if let heads = permuteHeads, naming.permutedQK { w = unpermute(w, heads: heads, cols: inFeatures) }
@@ -190,7 +190,7 @@ extension LlamaModel {
             }
             let q = try Quantized4Bit(w, shape: [out, inFeatures], type: qt, blockSize: options.blockSize,
                                       doubleQuant: options.doubleQuant, name: name)
-            return Linear(weight: .quantized(q, scales: q.blockScales()), outFeatures: out, inFeatures: inFeatures, bias: bias)
+            return Linear(weight: .quantized(q), outFeatures: out, inFeatures: inFeatures, bias: bias)
         }
 
         let c = config

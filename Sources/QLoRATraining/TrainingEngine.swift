@@ -486,14 +486,14 @@ public final class TrainingEngine {
             w.withUnsafeBufferPointer { wp in
                 Gemm.gemm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
             }
-        case let .quantized(q, scales):
+        case .quantized:
             let tile = linear.tileRows(forRows: N)
             var scratch = [Float](repeating: 0, count: tile * inF)
             scratch.withUnsafeMutableBufferPointer { sp in
                 var r0 = 0
                 while r0 < outF {
                     let r1 = min(outF, r0 + tile)
-                    q.dequantize(elements: (r0 * inF)..<(r1 * inF), scales: scales, into: sp.baseAddress!, kernels: kernels)
+                    linear.dequantizeRows(r0..<r1, into: sp.baseAddress!, kernels: kernels)
                     Gemm.gemm(dx, ldc: inF, dy + r0, lda: outF, sp.baseAddress!, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
                     r0 = r1
                 }

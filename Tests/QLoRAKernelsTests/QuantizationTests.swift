@@ -21,6 +21,30 @@ struct QuantizationTests {
         #expect(dq.bitsPerParameter < plain.bitsPerParameter)
     }
 
+    @Test("scales decoded per tile and tiles dequantized with them equal the whole-tensor dequantization bit for bit")
+    func tileScales() throws {
+        var rng = SeededGenerator(seed: 9)
+        for (n, bs, dq) in [(10_007, 64, true), (70_000, 64, true), (4_099, 128, false), (33_000, 32, true)] {
+            let x = (0..<n).map { _ in (rng.nextFloat() - 0.5) * (rng.nextFloat() < 0.01 ? 40 : 1) }
+            let q = try Quantized4Bit(x, shape: [n], type: .nf4, blockSize: bs, doubleQuant: dq)
+            let whole = q.dequantize()
+            let scales = q.blockScales()
+            var decoded = [Float](repeating: 0, count: scales.count)
+            decoded.withUnsafeMutableBufferPointer { q.decodeScales(0..<scales.count, into: $0.baseAddress!) }
+            #expect(decoded.map(\.bitPattern) == scales.map(\.bitPattern))
+            for _ in 0..<20 {
+                let a = Int(rng.next() % UInt64(n)), b = Int(rng.next() % UInt64(n))
+                let range = min(a, b)..<(max(a, b) + 1)
+                var out = [Float](repeating: .nan, count: range.count)
+                var scratch = [Float](repeating: 0, count: q.blocks(spannedBy: range).count)
+                out.withUnsafeMutableBufferPointer { o in
+                    scratch.withUnsafeMutableBufferPointer { q.dequantize(elements: range, into: o.baseAddress!, scaleScratch: $0.baseAddress!) }
+                }
+                #expect(out.map(\.bitPattern) == whole[range].map(\.bitPattern), "n \(n) range \(range)")
+            }
+        }
+    }
+
     @Test("NaN and infinity are rejected with the tensor name and element index")
     func nonFinite() {
         var x = [Float](repeating: 0.5, count: 300)
