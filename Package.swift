@@ -42,7 +42,9 @@ let package = Package(
             name: "qlora",
             dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams")]
         ),
-        .executableTarget(name: "qlora-bench", dependencies: ["QLoRA"], path: "bench/Sources/qlora-bench"),
+        .executableTarget(name: "qlora-bench", dependencies: ["QLoRA", "CAllocationCounter"], path: "bench/Sources/qlora-bench"),
+        // The bench binary's malloc counter (a measuring instrument; not part of the library or CLI).
+        .target(name: "CAllocationCounter", path: "bench/Sources/CAllocationCounter"),
         // Fixtures are read from Tests/<Target>/Resources through #filePath (the source tree), not bundled.
         .target(name: "QLoRATestSupport", dependencies: ["QLoRACore", "QLoRAFormats"], path: "Tests/Support"),
         .testTarget(name: "QLoRACoreTests", dependencies: ["QLoRACore", "QLoRATestSupport"], exclude: ["Resources"]),
@@ -52,7 +54,7 @@ let package = Package(
         .testTarget(name: "QLoRAEvaluationTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRATrainingTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
-        .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora"]),
+        .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora", "qlora-bench"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -48,13 +48,19 @@ public struct Linear: Sendable {
         }
     }
 
-    /// Dequantizes rows `rows` of a 4-bit W into `out` ([rows.count, in]).
-    public func dequantizeRows(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
+    /// Dequantizes rows `rows` of a 4-bit W into `out` ([rows.count, in]), decoding their block scales
+    /// into `scaleScratch` (at least `scaleScratchCount(rows: rows.count)` floats).
+    public func dequantizeRows(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>, scaleScratch: UnsafeMutablePointer<Float>,
+                               kernels: KernelTable = .current) {
         guard case let .quantized(q) = weight else { preconditionFailure("dequantizeRows on a dense weight") }
         let elements = (rows.lowerBound * inFeatures)..<(rows.upperBound * inFeatures)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: q.blocks(spannedBy: elements).count + 1) { s in
-            q.dequantize(elements: elements, into: out, scaleScratch: s.baseAddress!, kernels: kernels)
-        }
+        q.dequantize(elements: elements, into: out, scaleScratch: scaleScratch, kernels: kernels)
+    }
+
+    /// Scale floats that dequantizing `rows` rows may need (a tile can straddle block boundaries).
+    public func scaleScratchCount(rows: Int) -> Int {
+        guard case let .quantized(q) = weight else { return 0 }
+        return rows * inFeatures / q.blockSize + 2
     }
 
     /// Rows of W dequantized per tile. Few input rows (prefill, small batches): about 256 KB of f32, so a
@@ -87,7 +93,7 @@ public struct Linear: Sendable {
                 let tile = tileRows(forRows: rows)
                 while r0 < outFeatures {
                     let r1 = min(outFeatures, r0 + tile)
-                    dequantizeRows(r0..<r1, into: scratch, kernels: kernels)
+                    dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inFeatures, kernels: kernels)
                     Gemm.gemm(y + r0, ldc: outFeatures, x, lda: inFeatures, scratch, ldb: inFeatures,
                               m: rows, n: r1 - r0, k: inFeatures, transposeB: true)
                     r0 = r1
@@ -117,9 +123,12 @@ public struct Linear: Sendable {
         }
     }
 
-    /// Scratch floats `forward` needs.
+    /// Scratch floats `forward` needs: a tile of W and its block scales.
     public var scratchCount: Int {
-        if case .quantized = weight { return tileRows(forRows: .max) * inFeatures }
+        if case .quantized = weight {
+            let tile = tileRows(forRows: .max)
+            return tile * inFeatures + scaleScratchCount(rows: tile)
+        }
         return 0
     }
 

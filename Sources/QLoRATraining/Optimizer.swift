@@ -64,6 +64,15 @@ final class StateBuffer {
         if paged { munmap(pointer, byteCount) } else { pointer.deallocate() }
     }
 
+    /// Paged state leaves this process's memory between updates: its pages go back to the file's page
+    /// cache (written back by the kernel in its own time), where they cost nothing while memory is
+    /// plentiful (the next update maps them again without reading the disk) and can be written out and
+    /// dropped under pressure, which anonymous memory on a machine without swap never can.
+    func release() {
+        guard paged else { return }
+        madvise(pointer, byteCount, MADV_DONTNEED)
+    }
+
     func floats(_ offset: Int, _ count: Int) -> UnsafeMutableBufferPointer<Float> {
         UnsafeMutableBufferPointer(start: (pointer + offset).assumingMemoryBound(to: Float.self), count: count)
     }
@@ -156,6 +165,7 @@ public final class AdamW {
                 update8Bit(p, g, layout: layout, count: tensor.count, t: t, lr: lr)
             }
         }
+        state.release()
     }
 
     /// bitsandbytes' blockwise 8-bit AdamW step on the CPU: dequantize both moments, update them in f32,

@@ -87,6 +87,9 @@ public final class Trainer {
             tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
         }
         optimizer = try AdamW(kind: config.optimizer, config: config.adam, tensors: tensors)
+        // The activation arena, made once for the longest batch (training or validation).
+        let longest = (train + validation).map(\.tokens.count).max() ?? 1
+        engine.reserve(batchSize: config.batchSize, sequenceLength: longest)
     }
 
     // MARK: Data order

@@ -66,47 +66,6 @@ public struct TrainingBatch: Sendable {
     }
 }
 
-/// Activations of one layer that its backward needs.
-final class LayerActivations {
-    let N: Int, D: Int, qDim: Int, kvDim: Int, I: Int, r: Int, B: Int, T: Int, H: Int
-    var h: [Float]          // [N, D] layer input
-    var x1: [Float]         // [N, D] input_layernorm(h)
-    var rstd1: [Float]      // [N]
-    var q: [Float]          // [N, qDim] after RoPE
-    var k: [Float]          // [N, kvDim] after RoPE
-    var v: [Float]          // [N, kvDim]
-    var probs: [Float]      // [B, H, T, T] attention probabilities
-    var attn: [Float]       // [N, qDim] attention output (o_proj input)
-    var h2: [Float]         // [N, D] h + o
-    var x2: [Float]         // [N, D] post_attention_layernorm(h2)
-    var rstd2: [Float]      // [N]
-    var g: [Float]          // [N, I] gate_proj
-    var u: [Float]          // [N, I] up_proj
-    var a: [Float]          // [N, I] silu(g) ⊙ u (down_proj input)
-    var out: [Float]        // [N, D] layer output h2 + down(a)
-    var windowStart: [Int]? // [N] first key each query may see (packed rows); nil: 0
-    /// Per projection: the LoRA input after dropout [N, in] (only when dropout > 0) and t = x Aᵀ [N, r].
-    var loraInput: [[Float]?]
-    var loraMask: [[UInt8]?]
-    var loraT: [[Float]]
-
-    init(N: Int, D: Int, qDim: Int, kvDim: Int, I: Int, r: Int, B: Int, T: Int, H: Int, windowStart: [Int]? = nil) {
-        self.N = N; self.D = D; self.qDim = qDim; self.kvDim = kvDim; self.I = I; self.r = r
-        self.windowStart = windowStart
-        self.B = B; self.T = T; self.H = H
-        h = [Float](repeating: 0, count: N * D); x1 = h; h2 = h; x2 = h
-        rstd1 = [Float](repeating: 0, count: N); rstd2 = rstd1
-        q = [Float](repeating: 0, count: N * qDim); attn = q
-        k = [Float](repeating: 0, count: N * kvDim); v = k
-        probs = [Float](repeating: 0, count: B * H * T * T)
-        g = [Float](repeating: 0, count: N * I); u = g; a = g
-        out = h
-        loraInput = Array(repeating: nil, count: Projection.allCases.count)
-        loraMask = Array(repeating: nil, count: Projection.allCases.count)
-        loraT = Array(repeating: [], count: Projection.allCases.count)
-    }
-}
-
 public struct TrainingOptions: Sendable {
     /// Keep only each layer's input and recompute the layer in the backward pass (the default).
     public var gradientCheckpointing = true
@@ -116,22 +75,147 @@ public struct TrainingOptions: Sendable {
     public init() {}
 }
 
+/// One allocation carved into 64-byte-aligned regions. A measuring arena only adds up the sizes, so a
+/// workspace is laid out once to learn its size and once more in the real allocation.
+final class Arena {
+    private(set) var byteCount = 0
+    private let base: UnsafeMutableRawPointer?
+
+    init(measuring: Void) { base = nil }
+
+    init(byteCount: Int) {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 64), alignment: 64)
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: max(byteCount, 64))
+        base = p
+    }
+
+    deinit { base?.deallocate() }
+
+    private func reserve(_ bytes: Int) -> UnsafeMutableRawPointer {
+        let offset = byteCount
+        byteCount += (max(bytes, 1) + 63) / 64 * 64
+        // While measuring, a placeholder that is never dereferenced.
+        return base.map { $0 + offset } ?? UnsafeMutableRawPointer(bitPattern: 64)!
+    }
+
+    func floats(_ n: Int) -> UnsafeMutablePointer<Float> { reserve(4 * n).bindMemory(to: Float.self, capacity: max(n, 1)) }
+    func bytes(_ n: Int) -> UnsafeMutablePointer<UInt8> { reserve(n).bindMemory(to: UInt8.self, capacity: max(n, 1)) }
+}
+
+/// What one layer's backward needs from its forward (one set with checkpointing, one per layer without).
+/// Regions are sized for the workspace's largest batch; a smaller batch uses their beginnings.
+final class LayerBuffers {
+    let x1, rstd1, q, k, v, probs, attn, h2, x2, rstd2, g, u, a: UnsafeMutablePointer<Float>
+    /// Per projection: t = drop(x) Aᵀ [N, r], and the dropout mask [N, in] when dropout is on.
+    let loraT: [UnsafeMutablePointer<Float>]
+    let masks: [UnsafeMutablePointer<UInt8>?]
+
+    init(_ arena: Arena, rows N: Int, pairs: Int, config c: LlamaConfig, rank r: Int, dropout: Bool) {
+        let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
+        x1 = arena.floats(N * D); rstd1 = arena.floats(N)
+        q = arena.floats(N * qDim); k = arena.floats(N * kvDim); v = arena.floats(N * kvDim)
+        probs = arena.floats(pairs * c.headCount)
+        attn = arena.floats(N * qDim); h2 = arena.floats(N * D); x2 = arena.floats(N * D); rstd2 = arena.floats(N)
+        g = arena.floats(N * I); u = arena.floats(N * I); a = arena.floats(N * I)
+        loraT = Projection.allCases.map { _ in arena.floats(N * r) }
+        masks = Projection.allCases.map { p in
+            guard dropout else { return nil }
+            let inF = p == .o ? qDim : (p == .down ? I : D)
+            return arena.bytes(N * inF)
+        }
+    }
+}
+
+/// Every buffer a training step uses, in one arena that is made for the largest batch seen and reused
+/// by every step that fits (no allocation for activations in the step loop).
+final class StepWorkspace {
+    let maxRows: Int, maxPairs: Int, maxT: Int
+    let arena: Arena
+    let sets: [LayerBuffers]
+    /// hidden[l]: the input of layer l (kept: the checkpoints); hidden[L]: the last layer's output.
+    let hidden: [UnsafeMutablePointer<Float>]
+    let xf, rstdf, dxf, dh, dhNext, proj: UnsafeMutablePointer<Float>
+    let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dP, dt, through, dropped, scratch: UnsafeMutablePointer<Float>
+    let ropeCos, ropeSin: UnsafeMutablePointer<Float>
+    let lossX, logits, lossDx: UnsafeMutablePointer<Float>
+    var lossRows: [(Int, Int)] = []
+
+    /// `rows` = B·T, `pairs` = B·T² (attention probabilities per head), `maxT` the longest sequence.
+    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, checkpointing: Bool, rows N: Int, pairs: Int, maxT: Int, lossChunk: Int) {
+        let c = model.config
+        let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
+        let maxIn = max(D, qDim, I)
+        maxRows = N; maxPairs = pairs; self.maxT = maxT
+        self.arena = arena
+        sets = (0..<(checkpointing ? 1 : c.layerCount)).map { _ in LayerBuffers(arena, rows: N, pairs: pairs, config: c, rank: r, dropout: dropout) }
+        hidden = (0...c.layerCount).map { _ in arena.floats(N * D) }
+        xf = arena.floats(N * D); rstdf = arena.floats(N); dxf = arena.floats(N * D)
+        dh = arena.floats(N * D); dhNext = arena.floats(N * D); proj = arena.floats(N * D)
+        da = arena.floats(N * I); dg = arena.floats(N * I); du = arena.floats(N * I)
+        dx2 = arena.floats(N * D); dh2 = arena.floats(N * D); dx1 = arena.floats(N * D)
+        dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
+        dP = arena.floats(maxT * maxT); dt = arena.floats(N * r)
+        through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
+        let scratchCount = model.layers.flatMap(\.linears).map(\.scratchCount).max() ?? 1
+        scratch = arena.floats(scratchCount)
+        ropeCos = arena.floats(N * c.headDim / 2); ropeSin = arena.floats(N * c.headDim / 2)
+        lossX = arena.floats(lossChunk * D); logits = arena.floats(lossChunk * c.vocabSize); lossDx = arena.floats(lossChunk * D)
+        lossRows.reserveCapacity(N)
+    }
+}
+
 /// The frozen model, its LoRA adapters and the step computation.
 public final class TrainingEngine {
     public let model: LlamaModel
     public let lora: LoRAWeights
-    public var options: TrainingOptions
+    public var options: TrainingOptions {
+        didSet { workspace = nil }
+    }
     /// Counts steps, so that dropout masks differ per step but are the same when a layer is recomputed.
     public var stepCounter: UInt64 = 0
     /// Off for evaluation (no dropout).
     public var training = true
     let kernels: KernelTable
+    var workspace: StepWorkspace?
+    /// How many times the activation arena was (re)made: once per larger batch shape, not per step.
+    public private(set) var workspaceAllocations = 0
+    /// Bytes of the activation arena.
+    public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
+    let inverseFrequencies: [Float]
+    /// The LM head as f32 [V, D] (the tied embedding, or lm_head dequantized once).
+    lazy var headWeight: [Float] = model.lmHead?.denseWeight() ?? model.embedding
 
     public init(model: LlamaModel, lora: LoRAWeights, options: TrainingOptions = TrainingOptions(), kernels: KernelTable = .current) {
         self.model = model
         self.lora = lora
         self.options = options
         self.kernels = kernels
+        inverseFrequencies = model.config.ropeInverseFrequencies()
+    }
+
+    /// Makes the activation arena big enough for `batchSize` sequences of `sequenceLength` tokens ahead
+    /// of time (the trainer does this for its longest batch), so no later step of that size or smaller
+    /// allocates.
+    public func reserve(batchSize: Int, sequenceLength: Int) {
+        _ = workspace(rows: batchSize * sequenceLength, pairs: batchSize * sequenceLength * sequenceLength, maxT: sequenceLength)
+    }
+
+    func workspace(rows: Int, pairs: Int, maxT: Int) -> StepWorkspace {
+        if let w = workspace, rows <= w.maxRows, pairs <= w.maxPairs, maxT <= w.maxT { return w }
+        let old = workspace
+        let N = max(rows, old?.maxRows ?? 0), P = max(pairs, old?.maxPairs ?? 0), T = max(maxT, old?.maxT ?? 0)
+        workspace = nil  // free the old arena before making the new one
+        let dropout = lora.config.dropout > 0
+        let make = { (arena: Arena) in
+            StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, checkpointing: self.options.gradientCheckpointing,
+                          rows: N, pairs: P, maxT: T, lossChunk: max(1, self.options.lossChunkRows))
+        }
+        let measuring = Arena(measuring: ())
+        _ = make(measuring)
+        let w = make(Arena(byteCount: measuring.byteCount))
+        workspace = w
+        workspaceAllocations += 1
+        return w
     }
 
     // MARK: - Step
@@ -141,345 +225,256 @@ public final class TrainingEngine {
     @discardableResult
     public func step(_ batch: TrainingBatch, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
         let c = model.config
-        let N = batch.batchSize * batch.sequenceLength, D = c.hiddenSize
+        let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize, L = c.layerCount
         for t in batch.tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let count = batch.targetCount
         guard count > 0 else { return 0 }
-        var h = [Float](repeating: 0, count: N * D)
-        for (i, token) in batch.tokens.enumerated() {
-            for j in 0..<D { h[i * D + j] = model.embedding[token * D + j] }
+        let ws = workspace(rows: N, pairs: B * T * T, maxT: T)
+        model.embedding.withUnsafeBufferPointer { e in
+            for (i, token) in batch.tokens.enumerated() { (ws.hidden[0] + i * D).update(from: e.baseAddress! + token * D, count: D) }
         }
-        let rope = Ops.ropeTables(positions: batch.positions, inverseFrequencies: c.ropeInverseFrequencies())
-        // Forward, keeping each layer's input (checkpointing) or all activations.
-        var inputs: [[Float]] = []
-        var stored: [LayerActivations] = []
-        for l in 0..<c.layerCount {
-            let act = makeActivations(batch)
-            act.h = h
-            layerForward(l, act, rope: rope)
-            if options.gradientCheckpointing { inputs.append(h) } else { stored.append(act) }
-            h = act.out
+        // RoPE tables for each token's position in its example.
+        let half = c.headDim / 2
+        for i in 0..<N {
+            let position = Float(i % T - (batch.segmentStarts?[i] ?? 0))
+            for j in 0..<half {
+                let angle = position * inverseFrequencies[j]
+                ws.ropeCos[i * half + j] = cosf(angle)
+                ws.ropeSin[i * half + j] = sinf(angle)
+            }
+        }
+        let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
+        for l in 0..<L {
+            layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, h: ws.hidden[l], out: ws.hidden[l + 1])
         }
         // Final norm and chunked cross-entropy; dh is the gradient of the loss w.r.t. the last hidden state.
-        var xf = [Float](repeating: 0, count: N * D)
-        var rstdf = [Float](repeating: 0, count: N)
-        rmsNorm(&xf, &rstdf, h, model.finalNorm, rows: N)
-        var dxf = [Float](repeating: 0, count: N * D)
-        let loss = crossEntropy(xf, batch: batch, count: count, dxf: &dxf, scale: gradientScale, wantGradient: backward)
-        guard backward else { return loss }
-        var dh = [Float](repeating: 0, count: N * D)
-        dh.withUnsafeMutableBufferPointer { dhp in
-            dxf.withUnsafeBufferPointer { d in
-                h.withUnsafeBufferPointer { x in
-                    rstdf.withUnsafeBufferPointer { rs in
-                        model.finalNorm.withUnsafeBufferPointer { w in
-                            Ops.rmsNormBackward(dhp.baseAddress!, d.baseAddress!, x.baseAddress!, rstd: rs.baseAddress!, weight: w.baseAddress!, rows: N, dim: D)
-                        }
-                    }
-                }
-            }
+        model.finalNorm.withUnsafeBufferPointer { w in
+            Ops.rmsNormForward(ws.xf, rstd: ws.rstdf, ws.hidden[L], weight: w.baseAddress!, rows: N, dim: D, eps: c.rmsNormEps)
         }
-        for l in stride(from: c.layerCount - 1, through: 0, by: -1) {
-            let act: LayerActivations
+        ws.dxf.update(repeating: 0, count: N * D)
+        let loss = crossEntropy(ws, batch: batch, count: count, scale: gradientScale, wantGradient: backward)
+        guard backward else { return loss }
+        var dh = ws.dh, dhNext = ws.dhNext
+        dh.update(repeating: 0, count: N * D)
+        model.finalNorm.withUnsafeBufferPointer { w in
+            Ops.rmsNormBackward(dh, ws.dxf, ws.hidden[L], rstd: ws.rstdf, weight: w.baseAddress!, rows: N, dim: D)
+        }
+        for l in stride(from: L - 1, through: 0, by: -1) {
+            let act = ws.sets[options.gradientCheckpointing ? 0 : l]
             if options.gradientCheckpointing {
-                act = makeActivations(batch)
-                act.h = inputs[l]
                 // Recompute (same dropout masks: seeded by step and layer); the layer's output is not needed.
-                layerForward(l, act, rope: rope, recompute: true)
-            } else {
-                act = stored[l]
+                layerForward(l, act, ws, shape, h: ws.hidden[l], out: nil)
             }
-            dh = layerBackward(l, act, dOut: dh, rope: rope)
+            layerBackward(l, act, ws, shape, h: ws.hidden[l], dOut: dh, dIn: dhNext)
+            swap(&dh, &dhNext)
         }
         stepCounter += 1
         return loss
     }
 
-    func makeActivations(_ batch: TrainingBatch) -> LayerActivations {
-        let c = model.config
-        return LayerActivations(N: batch.batchSize * batch.sequenceLength, D: c.hiddenSize, qDim: c.headCount * c.headDim,
-                                kvDim: c.kvHeadCount * c.headDim, I: c.intermediateSize, r: lora.config.rank,
-                                B: batch.batchSize, T: batch.sequenceLength, H: c.headCount, windowStart: batch.segmentStarts)
+    struct Shape {
+        let B: Int, T: Int
+        let windowStart: [Int]?
+        var N: Int { B * T }
     }
 
     // MARK: - Layer forward
 
-    /// `recompute`: the backward pass's rerun under checkpointing, which needs every activation but not
-    /// the layer's output, so down_proj's frozen product (a quarter of the layer's weights) is skipped.
-    func layerForward(_ l: Int, _ act: LayerActivations, rope: (cos: [Float], sin: [Float]), recompute: Bool = false) {
+    /// Writes the layer's output into `out`. `out == nil`: the backward pass's rerun under checkpointing,
+    /// which needs every activation but not the output, so down_proj's frozen product (a quarter of the
+    /// layer's weights) is skipped.
+    func layerForward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, h: UnsafeMutablePointer<Float>, out: UnsafeMutablePointer<Float>?) {
         let layer = model.layers[l]
         let c = model.config
-        let N = act.N
-        rmsNorm(&act.x1, &act.rstd1, act.h, layer.inputNorm, rows: N)
-        linearForward(act, layer: l, .q, input: act.x1, output: &act.q, store: true)
-        linearForward(act, layer: l, .k, input: act.x1, output: &act.k, store: true)
-        linearForward(act, layer: l, .v, input: act.x1, output: &act.v, store: true)
-        act.q.withUnsafeMutableBufferPointer { Ops.rope($0.baseAddress!, rows: N, heads: c.headCount, headDim: c.headDim, cos: rope.cos, sin: rope.sin) }
-        act.k.withUnsafeMutableBufferPointer { Ops.rope($0.baseAddress!, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: rope.cos, sin: rope.sin) }
-        attentionForward(act)
-        var o = [Float](repeating: 0, count: N * act.D)
-        linearForward(act, layer: l, .o, input: act.attn, output: &o, store: true)
-        for i in 0..<o.count { act.h2[i] = act.h[i] + o[i] }
-        rmsNorm(&act.x2, &act.rstd2, act.h2, layer.postAttentionNorm, rows: N)
-        linearForward(act, layer: l, .gate, input: act.x2, output: &act.g, store: true)
-        linearForward(act, layer: l, .up, input: act.x2, output: &act.u, store: true)
-        act.a.withUnsafeMutableBufferPointer { ap in
-            act.g.withUnsafeBufferPointer { gp in
-                act.u.withUnsafeBufferPointer { up in Ops.swigluForward(ap.baseAddress!, gate: gp.baseAddress!, up: up.baseAddress!, count: N * act.I) }
-            }
-        }
-        var d = [Float](repeating: 0, count: N * act.D)
-        linearForward(act, layer: l, .down, input: act.a, output: &d, store: true, skipBase: recompute)
-        if !recompute { for i in 0..<d.count { act.out[i] = act.h2[i] + d[i] } }
+        let N = s.N, D = c.hiddenSize, I = c.intermediateSize
+        rmsNorm(act.x1, act.rstd1, h, layer.inputNorm, rows: N)
+        linearForward(act, ws, layer: l, .q, rows: N, input: act.x1, output: act.q)
+        linearForward(act, ws, layer: l, .k, rows: N, input: act.x1, output: act.k)
+        linearForward(act, ws, layer: l, .v, rows: N, input: act.x1, output: act.v)
+        Ops.rope(act.q, rows: N, heads: c.headCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
+        Ops.rope(act.k, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
+        attentionForward(act, s)
+        let o = ws.proj
+        linearForward(act, ws, layer: l, .o, rows: N, input: act.attn, output: o)
+        for i in 0..<(N * D) { act.h2[i] = h[i] + o[i] }
+        rmsNorm(act.x2, act.rstd2, act.h2, layer.postAttentionNorm, rows: N)
+        linearForward(act, ws, layer: l, .gate, rows: N, input: act.x2, output: act.g)
+        linearForward(act, ws, layer: l, .up, rows: N, input: act.x2, output: act.u)
+        Ops.swigluForward(act.a, gate: act.g, up: act.u, count: N * I)
+        let d = ws.proj
+        linearForward(act, ws, layer: l, .down, rows: N, input: act.a, output: d, skipBase: out == nil)
+        if let out { for i in 0..<(N * D) { out[i] = act.h2[i] + d[i] } }
     }
 
-    /// Causal attention per sequence and head (GQA: query head h reads kv head h / (H / Hkv)).
-    func attentionForward(_ act: LayerActivations) {
+    /// Causal attention per sequence and head (GQA: query head h reads kv head h / (H / Hkv)); in a
+    /// packed row each query sees only the keys of its own example.
+    func attentionForward(_ act: LayerBuffers, _ s: Shape) {
         let c = model.config
-        let T = act.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
-        act.q.withUnsafeBufferPointer { qp in
-            act.k.withUnsafeBufferPointer { kp in
-                act.v.withUnsafeBufferPointer { vp in
-                    act.probs.withUnsafeMutableBufferPointer { pp in
-                        act.attn.withUnsafeMutableBufferPointer { op in
-                            for b in 0..<act.B {
-                                for h in 0..<H {
-                                    let kvh = h / group
-                                    let P = pp.baseAddress! + (b * H + h) * T * T
-                                    let Q = qp.baseAddress! + b * T * act.qDim + h * d
-                                    let K = kp.baseAddress! + b * T * act.kvDim + kvh * d
-                                    let Vv = vp.baseAddress! + b * T * act.kvDim + kvh * d
-                                    Gemm.gemm(P, ldc: T, Q, lda: act.qDim, K, ldb: act.kvDim, m: T, n: T, k: d, transposeB: true, alpha: scale)
-                                    if let starts = act.windowStart {
-                                        // Packed rows: keys before the query's own example get probability 0.
-                                        for t in 0..<T {
-                                            let s = starts[b * T + t]
-                                            for j in 0..<s { P[t * T + j] = 0 }
-                                            Ops.softmaxRow(P + t * T + s, visible: t + 1 - s, length: T - s)
-                                        }
-                                    } else {
-                                        for t in 0..<T { Ops.softmaxRow(P + t * T, visible: t + 1, length: T) }
-                                    }
-                                    Gemm.gemm(op.baseAddress! + b * T * act.qDim + h * d, ldc: act.qDim, P, lda: T, Vv, ldb: act.kvDim,
-                                              m: T, n: d, k: T)
-                                }
-                            }
-                        }
+        for b in 0..<s.B {
+            for h in 0..<H {
+                let kvh = h / group
+                let P = act.probs + (b * H + h) * T * T
+                let Q = act.q + b * T * qDim + h * d
+                let K = act.k + b * T * kvDim + kvh * d
+                let V = act.v + b * T * kvDim + kvh * d
+                Gemm.gemm(P, ldc: T, Q, lda: qDim, K, ldb: kvDim, m: T, n: T, k: d, transposeB: true, alpha: scale)
+                if let starts = s.windowStart {
+                    // Packed rows: keys before the query's own example get probability 0.
+                    for t in 0..<T {
+                        let start = starts[b * T + t]
+                        for j in 0..<start { P[t * T + j] = 0 }
+                        Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
                     }
+                } else {
+                    for t in 0..<T { Ops.softmaxRow(P + t * T, visible: t + 1, length: T) }
                 }
+                Gemm.gemm(act.attn + b * T * qDim + h * d, ldc: qDim, P, lda: T, V, ldb: kvDim, m: T, n: d, k: T)
             }
         }
     }
 
     // MARK: - Layer backward
 
-    /// Given dOut = dL/d(layer output), returns dL/d(layer input) and adds the LoRA gradients.
-    func layerBackward(_ l: Int, _ act: LayerActivations, dOut: [Float], rope: (cos: [Float], sin: [Float])) -> [Float] {
+    /// Given dOut = dL/d(layer output), writes dL/d(layer input) into dIn and adds the LoRA gradients.
+    func layerBackward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, h: UnsafeMutablePointer<Float>,
+                       dOut: UnsafeMutablePointer<Float>, dIn: UnsafeMutablePointer<Float>) {
         let layer = model.layers[l]
         let c = model.config
-        let N = act.N
+        let N = s.N, D = c.hiddenSize, I = c.intermediateSize
+        let qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
         // h3 = h2 + down(a)
-        var da = [Float](repeating: 0, count: N * act.I)
-        linearBackward(act, layer: l, .down, dy: dOut, input: act.a, dx: &da)
-        var dg = [Float](repeating: 0, count: N * act.I), du = dg
-        dg.withUnsafeMutableBufferPointer { dgp in
-            du.withUnsafeMutableBufferPointer { dup in
-                da.withUnsafeBufferPointer { dap in
-                    act.g.withUnsafeBufferPointer { gp in
-                        act.u.withUnsafeBufferPointer { up in
-                            Ops.swigluBackward(dGate: dgp.baseAddress!, dUp: dup.baseAddress!, dap.baseAddress!, gate: gp.baseAddress!, up: up.baseAddress!, count: N * act.I)
-                        }
-                    }
-                }
-            }
-        }
-        var dx2 = [Float](repeating: 0, count: N * act.D)
-        linearBackward(act, layer: l, .gate, dy: dg, input: act.x2, dx: &dx2)
-        linearBackward(act, layer: l, .up, dy: du, input: act.x2, dx: &dx2)
-        var dh2 = dOut  // residual
-        normBackward(&dh2, dx2, act.h2, act.rstd2, layer.postAttentionNorm, rows: N)
+        ws.da.update(repeating: 0, count: N * I)
+        linearBackward(act, ws, layer: l, .down, rows: N, dy: dOut, input: act.a, dx: ws.da)
+        Ops.swigluBackward(dGate: ws.dg, dUp: ws.du, ws.da, gate: act.g, up: act.u, count: N * I)
+        ws.dx2.update(repeating: 0, count: N * D)
+        linearBackward(act, ws, layer: l, .gate, rows: N, dy: ws.dg, input: act.x2, dx: ws.dx2)
+        linearBackward(act, ws, layer: l, .up, rows: N, dy: ws.du, input: act.x2, dx: ws.dx2)
+        ws.dh2.update(from: dOut, count: N * D)  // residual
+        normBackward(ws.dh2, ws.dx2, act.h2, act.rstd2, layer.postAttentionNorm, rows: N)
         // h2 = h + o(attn)
-        var dAttn = [Float](repeating: 0, count: N * act.qDim)
-        linearBackward(act, layer: l, .o, dy: dh2, input: act.attn, dx: &dAttn)
-        var dq = [Float](repeating: 0, count: N * act.qDim)
-        var dk = [Float](repeating: 0, count: N * act.kvDim), dv = dk
-        attentionBackward(act, dAttn: dAttn, dq: &dq, dk: &dk, dv: &dv)
-        dq.withUnsafeMutableBufferPointer { Ops.rope($0.baseAddress!, rows: N, heads: c.headCount, headDim: c.headDim, cos: rope.cos, sin: rope.sin, inverse: true) }
-        dk.withUnsafeMutableBufferPointer { Ops.rope($0.baseAddress!, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: rope.cos, sin: rope.sin, inverse: true) }
-        var dx1 = [Float](repeating: 0, count: N * act.D)
-        linearBackward(act, layer: l, .q, dy: dq, input: act.x1, dx: &dx1)
-        linearBackward(act, layer: l, .k, dy: dk, input: act.x1, dx: &dx1)
-        linearBackward(act, layer: l, .v, dy: dv, input: act.x1, dx: &dx1)
-        var dh = dh2  // residual
-        normBackward(&dh, dx1, act.h, act.rstd1, layer.inputNorm, rows: N)
-        return dh
+        ws.dAttn.update(repeating: 0, count: N * qDim)
+        linearBackward(act, ws, layer: l, .o, rows: N, dy: ws.dh2, input: act.attn, dx: ws.dAttn)
+        ws.dk.update(repeating: 0, count: N * kvDim)
+        ws.dv.update(repeating: 0, count: N * kvDim)
+        attentionBackward(act, ws, s)
+        Ops.rope(ws.dq, rows: N, heads: c.headCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin, inverse: true)
+        Ops.rope(ws.dk, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin, inverse: true)
+        ws.dx1.update(repeating: 0, count: N * D)
+        linearBackward(act, ws, layer: l, .q, rows: N, dy: ws.dq, input: act.x1, dx: ws.dx1)
+        linearBackward(act, ws, layer: l, .k, rows: N, dy: ws.dk, input: act.x1, dx: ws.dx1)
+        linearBackward(act, ws, layer: l, .v, rows: N, dy: ws.dv, input: act.x1, dx: ws.dx1)
+        dIn.update(from: ws.dh2, count: N * D)  // residual
+        normBackward(dIn, ws.dx1, h, act.rstd1, layer.inputNorm, rows: N)
     }
 
     /// dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dO, per sequence and head.
-    func attentionBackward(_ act: LayerActivations, dAttn: [Float], dq: inout [Float], dk: inout [Float], dv: inout [Float]) {
+    /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
+    func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         let c = model.config
-        let T = act.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
-        var dP = [Float](repeating: 0, count: T * T)
-        act.q.withUnsafeBufferPointer { qp in
-            act.k.withUnsafeBufferPointer { kp in
-                act.v.withUnsafeBufferPointer { vp in
-                    act.probs.withUnsafeBufferPointer { pp in
-                        dAttn.withUnsafeBufferPointer { dop in
-                            dq.withUnsafeMutableBufferPointer { dqp in
-                                dk.withUnsafeMutableBufferPointer { dkp in
-                                    dv.withUnsafeMutableBufferPointer { dvp in
-                                        dP.withUnsafeMutableBufferPointer { dpp in
-                                            let S = dpp.baseAddress!
-                                            for b in 0..<act.B {
-                                                for h in 0..<H {
-                                                    let kvh = h / group
-                                                    let P = pp.baseAddress! + (b * H + h) * T * T
-                                                    let qOff = b * T * act.qDim + h * d, kvOff = b * T * act.kvDim + kvh * d
-                                                    // dP = dO Vᵀ
-                                                    Gemm.gemm(S, ldc: T, dop.baseAddress! + qOff, lda: act.qDim, vp.baseAddress! + kvOff, ldb: act.kvDim,
-                                                              m: T, n: T, k: d, transposeB: true)
-                                                    // dV += Pᵀ dO
-                                                    Gemm.gemm(dvp.baseAddress! + kvOff, ldc: act.kvDim, P, lda: T, dop.baseAddress! + qOff, ldb: act.qDim,
-                                                              m: T, n: d, k: T, transposeA: true, beta: 1)
-                                                    for t in 0..<T {
-                                                        let prow = P + t * T, srow = S + t * T
-                                                        var dot: Float = 0
-                                                        for j in 0...t { dot += prow[j] * srow[j] }
-                                                        for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
-                                                        for j in (t + 1)..<T { srow[j] = 0 }
-                                                    }
-                                                    // dQ = dS K ; dK += dSᵀ Q
-                                                    Gemm.gemm(dqp.baseAddress! + qOff, ldc: act.qDim, S, lda: T, kp.baseAddress! + kvOff, ldb: act.kvDim,
-                                                              m: T, n: d, k: T)
-                                                    Gemm.gemm(dkp.baseAddress! + kvOff, ldc: act.kvDim, S, lda: T, qp.baseAddress! + qOff, ldb: act.qDim,
-                                                              m: T, n: d, k: T, transposeA: true, beta: 1)
-                                                }
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
+        let S = ws.dP
+        for b in 0..<s.B {
+            for h in 0..<H {
+                let kvh = h / group
+                let P = act.probs + (b * H + h) * T * T
+                let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
+                // dP = dO Vᵀ
+                Gemm.gemm(S, ldc: T, ws.dAttn + qOff, lda: qDim, act.v + kvOff, ldb: kvDim, m: T, n: T, k: d, transposeB: true)
+                // dV += Pᵀ dO
+                Gemm.gemm(ws.dv + kvOff, ldc: kvDim, P, lda: T, ws.dAttn + qOff, ldb: qDim, m: T, n: d, k: T, transposeA: true, beta: 1)
+                for t in 0..<T {
+                    let prow = P + t * T, srow = S + t * T
+                    var dot: Float = 0
+                    for j in 0...t { dot += prow[j] * srow[j] }
+                    for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
+                    for j in (t + 1)..<T { srow[j] = 0 }
                 }
+                // dQ = dS K ; dK += dSᵀ Q
+                Gemm.gemm(ws.dq + qOff, ldc: qDim, S, lda: T, act.k + kvOff, ldb: kvDim, m: T, n: d, k: T)
+                Gemm.gemm(ws.dk + kvOff, ldc: kvDim, S, lda: T, act.q + qOff, ldb: qDim, m: T, n: d, k: T, transposeA: true, beta: 1)
             }
         }
     }
 
     // MARK: - Linear with LoRA
 
-    /// y = x Wᵀ (+ b) + s · (drop(x) Aᵀ) Bᵀ; stores drop(x) and t = drop(x) Aᵀ for the backward.
-    func linearForward(_ act: LayerActivations, layer l: Int, _ p: Projection, input x: [Float], output y: inout [Float], store: Bool,
-                       skipBase: Bool = false) {
-        let linear = p.linear(in: model.layers[l])
-        let N = act.N
+    /// Whether LoRA dropout applies now.
+    var dropoutActive: Bool { training && lora.config.dropout > 0 }
+
+    /// y = x Wᵀ (+ b) + s · (drop(x) Aᵀ) Bᵀ; keeps t = drop(x) Aᵀ and the dropout mask for the backward.
+    func linearForward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
+                       input x: UnsafeMutablePointer<Float>, output y: UnsafeMutablePointer<Float>, skipBase: Bool = false) {
         if !skipBase {
-            var scratch = [Float](repeating: 0, count: max(linear.scratchCount, 1))
-            var base = linear
+            var base = p.linear(in: model.layers[l])
             base.lora = nil  // training adapters come from `lora`, not from an attached inference adapter
-            x.withUnsafeBufferPointer { xp in
-                y.withUnsafeMutableBufferPointer { yp in
-                    scratch.withUnsafeMutableBufferPointer { sp in
-                        base.forward(xp.baseAddress!, rows: N, into: yp.baseAddress!, scratch: sp.baseAddress!, kernels: kernels)
-                    }
-                }
-            }
+            base.forward(x, rows: N, into: y, scratch: ws.scratch, kernels: kernels)
         }
         guard let slot = lora.slot(layer: l, projection: p) else { return }
         let r = lora.config.rank, inF = slot.inFeatures, outF = slot.outFeatures
-        var input = x
-        var mask: [UInt8]?
-        let dropout = training ? lora.config.dropout : 0
-        if dropout > 0 {
+        var input = UnsafePointer(x)
+        if dropoutActive, let mask = act.masks[p.rawValue] {
             // Seeded by step, layer and projection: a recomputed layer (checkpointing) draws the same mask.
             var rng = SeededGenerator(seed: lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001)
-            let keep = 1 / (1 - dropout)
-            var m = [UInt8](repeating: 1, count: input.count)
-            for i in 0..<input.count {
-                if rng.nextFloat() < dropout { m[i] = 0; input[i] = 0 } else { input[i] *= keep }
+            let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
+            for i in 0..<(N * inF) {
+                if rng.nextFloat() < dropout { mask[i] = 0; ws.dropped[i] = 0 } else { mask[i] = 1; ws.dropped[i] = x[i] * keep }
             }
-            mask = m
+            input = UnsafePointer(ws.dropped)
         }
-        var t = [Float](repeating: 0, count: N * r)
+        let t = act.loraT[p.rawValue]
         lora.parameters.withUnsafeBufferPointer { params in
-            input.withUnsafeBufferPointer { ip in
-                t.withUnsafeMutableBufferPointer { tp in
-                    Gemm.gemm(tp.baseAddress!, ldc: r, ip.baseAddress!, lda: inF, params.baseAddress! + slot.aOffset, ldb: inF,
-                              m: N, n: r, k: inF, transposeB: true)
-                }
-            }
-            t.withUnsafeBufferPointer { tp in
-                y.withUnsafeMutableBufferPointer { yp in
-                    Gemm.gemm(yp.baseAddress!, ldc: outF, tp.baseAddress!, lda: r, params.baseAddress! + slot.bOffset, ldb: r,
-                              m: N, n: outF, k: r, transposeB: true, alpha: lora.config.scale, beta: 1)
-                }
-            }
-        }
-        if store {
-            act.loraT[p.rawValue] = t
-            act.loraInput[p.rawValue] = mask == nil ? nil : input
-            act.loraMask[p.rawValue] = mask
+            Gemm.gemm(t, ldc: r, input, lda: inF, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: r, k: inF, transposeB: true)
+            Gemm.gemm(y, ldc: outF, t, lda: r, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: outF, k: r, transposeB: true,
+                      alpha: lora.config.scale, beta: 1)
         }
     }
 
     /// dx += dy W (frozen: no weight gradient) + s · (dy B) A ⊙ dropout; dB += s · dyᵀ t; dA += (s · dy B)ᵀ drop(x).
-    func linearBackward(_ act: LayerActivations, layer l: Int, _ p: Projection, dy: [Float], input x: [Float], dx: inout [Float]) {
+    func linearBackward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
+                        dy: UnsafeMutablePointer<Float>, input x: UnsafeMutablePointer<Float>, dx: UnsafeMutablePointer<Float>) {
         let linear = p.linear(in: model.layers[l])
-        let N = act.N, inF = linear.inFeatures, outF = linear.outFeatures
-        dy.withUnsafeBufferPointer { dyp in
-            dx.withUnsafeMutableBufferPointer { dxp in
-                frozenInputGradient(linear, dyp.baseAddress!, rows: N, into: dxp.baseAddress!)
-            }
-        }
+        frozenInputGradient(linear, dy, rows: N, into: dx, scratch: ws.scratch)
         guard let slot = lora.slot(layer: l, projection: p) else { return }
-        let r = lora.config.rank, s = lora.config.scale
+        let r = lora.config.rank, s = lora.config.scale, inF = slot.inFeatures, outF = slot.outFeatures
         let t = act.loraT[p.rawValue]
-        let input = act.loraInput[p.rawValue] ?? x
-        var dt = [Float](repeating: 0, count: N * r)
+        var mask: UnsafeMutablePointer<UInt8>?
+        var input = UnsafePointer(x)
+        let keep = 1 / (1 - lora.config.dropout)
+        if dropoutActive, let m = act.masks[p.rawValue] {
+            // drop(x) again from x and the kept mask.
+            for i in 0..<(N * inF) { ws.dropped[i] = m[i] != 0 ? x[i] * keep : 0 }
+            input = UnsafePointer(ws.dropped)
+            mask = m
+        }
+        let dt = ws.dt
         lora.parameters.withUnsafeBufferPointer { params in
             lora.gradients.withUnsafeMutableBufferPointer { grads in
-                dy.withUnsafeBufferPointer { dyp in
-                    // dB += s · dyᵀ t   [out, r]
-                    t.withUnsafeBufferPointer { tp in
-                        Gemm.gemm(grads.baseAddress! + slot.bOffset, ldc: r, dyp.baseAddress!, lda: outF, tp.baseAddress!, ldb: r,
-                                  m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
-                    }
-                    // dt = s · dy B   [N, r]
-                    dt.withUnsafeMutableBufferPointer { dtp in
-                        Gemm.gemm(dtp.baseAddress!, ldc: r, dyp.baseAddress!, lda: outF, params.baseAddress! + slot.bOffset, ldb: r,
-                                  m: N, n: r, k: outF, alpha: s)
-                    }
-                }
-                dt.withUnsafeBufferPointer { dtp in
-                    // dA += dtᵀ drop(x)   [r, in]
-                    input.withUnsafeBufferPointer { ip in
-                        Gemm.gemm(grads.baseAddress! + slot.aOffset, ldc: inF, dtp.baseAddress!, lda: r, ip.baseAddress!, ldb: inF,
-                                  m: r, n: inF, k: N, transposeA: true, beta: 1)
-                    }
-                    // dx += (dt A) ⊙ dropout mask / (1 − p)
-                    if let mask = act.loraMask[p.rawValue] {
-                        var through = [Float](repeating: 0, count: N * inF)
-                        through.withUnsafeMutableBufferPointer { tp in
-                            Gemm.gemm(tp.baseAddress!, ldc: inF, dtp.baseAddress!, lda: r, params.baseAddress! + slot.aOffset, ldb: inF,
-                                      m: N, n: inF, k: r)
-                        }
-                        let keep = 1 / (1 - lora.config.dropout)
-                        for i in 0..<through.count where mask[i] != 0 { dx[i] += through[i] * keep }
-                    } else {
-                        dx.withUnsafeMutableBufferPointer { dxp in
-                            Gemm.gemm(dxp.baseAddress!, ldc: inF, dtp.baseAddress!, lda: r, params.baseAddress! + slot.aOffset, ldb: inF,
-                                      m: N, n: inF, k: r, beta: 1)
-                        }
-                    }
+                // dB += s · dyᵀ t   [out, r]
+                Gemm.gemm(grads.baseAddress! + slot.bOffset, ldc: r, dy, lda: outF, t, ldb: r, m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
+                // dt = s · dy B   [N, r]
+                Gemm.gemm(dt, ldc: r, dy, lda: outF, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: r, k: outF, alpha: s)
+                // dA += dtᵀ drop(x)   [r, in]
+                Gemm.gemm(grads.baseAddress! + slot.aOffset, ldc: inF, dt, lda: r, input, ldb: inF, m: r, n: inF, k: N, transposeA: true, beta: 1)
+                // dx += (dt A) ⊙ dropout mask / (1 − p)
+                if let mask {
+                    let through = ws.through
+                    Gemm.gemm(through, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r)
+                    for i in 0..<(N * inF) where mask[i] != 0 { dx[i] += through[i] * keep }
+                } else {
+                    Gemm.gemm(dx, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r, beta: 1)
                 }
             }
         }
     }
 
     /// dx += dy · W for a frozen W [out, in], tile by tile for a 4-bit W.
-    func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>) {
+    func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>,
+                             scratch: UnsafeMutablePointer<Float>) {
         let inF = linear.inFeatures, outF = linear.outFeatures
         switch linear.weight {
         case let .dense(w):
@@ -488,93 +483,63 @@ public final class TrainingEngine {
             }
         case .quantized:
             let tile = linear.tileRows(forRows: N)
-            var scratch = [Float](repeating: 0, count: tile * inF)
-            scratch.withUnsafeMutableBufferPointer { sp in
-                var r0 = 0
-                while r0 < outF {
-                    let r1 = min(outF, r0 + tile)
-                    linear.dequantizeRows(r0..<r1, into: sp.baseAddress!, kernels: kernels)
-                    Gemm.gemm(dx, ldc: inF, dy + r0, lda: outF, sp.baseAddress!, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
-                    r0 = r1
-                }
+            var r0 = 0
+            while r0 < outF {
+                let r1 = min(outF, r0 + tile)
+                linear.dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inF, kernels: kernels)
+                Gemm.gemm(dx, ldc: inF, dy + r0, lda: outF, scratch, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
+                r0 = r1
             }
         }
     }
 
     // MARK: - Norms and loss
 
-    func rmsNorm(_ y: inout [Float], _ rstd: inout [Float], _ x: [Float], _ w: [Float], rows: Int) {
+    func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ rstd: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ w: [Float], rows: Int) {
         let D = model.config.hiddenSize, eps = model.config.rmsNormEps
-        y.withUnsafeMutableBufferPointer { yp in
-            rstd.withUnsafeMutableBufferPointer { rp in
-                x.withUnsafeBufferPointer { xp in
-                    w.withUnsafeBufferPointer { wp in
-                        Ops.rmsNormForward(yp.baseAddress!, rstd: rp.baseAddress!, xp.baseAddress!, weight: wp.baseAddress!, rows: rows, dim: D, eps: eps)
-                    }
-                }
-            }
-        }
+        w.withUnsafeBufferPointer { wp in Ops.rmsNormForward(y, rstd: rstd, x, weight: wp.baseAddress!, rows: rows, dim: D, eps: eps) }
     }
 
-    /// dx += rmsNorm backward of dy.
-    func normBackward(_ dx: inout [Float], _ dy: [Float], _ x: [Float], _ rstd: [Float], _ w: [Float], rows: Int) {
+    /// dx += RMSNorm backward of dy.
+    func normBackward(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
+                      _ w: [Float], rows: Int) {
         let D = model.config.hiddenSize
-        dx.withUnsafeMutableBufferPointer { dxp in
-            dy.withUnsafeBufferPointer { dyp in
-                x.withUnsafeBufferPointer { xp in
-                    rstd.withUnsafeBufferPointer { rp in
-                        w.withUnsafeBufferPointer { wp in
-                            Ops.rmsNormBackward(dxp.baseAddress!, dyp.baseAddress!, xp.baseAddress!, rstd: rp.baseAddress!, weight: wp.baseAddress!, rows: rows, dim: D)
-                        }
-                    }
-                }
-            }
-        }
+        w.withUnsafeBufferPointer { wp in Ops.rmsNormBackward(dx, dy, x, rstd: rstd, weight: wp.baseAddress!, rows: rows, dim: D) }
     }
 
     /// Mean cross-entropy over counted targets, computed `lossChunkRows` rows at a time; writes
-    /// dL/dxf (times `scale`) into dxf.
-    func crossEntropy(_ xf: [Float], batch: TrainingBatch, count: Int, dxf: inout [Float], scale: Float, wantGradient: Bool) -> Double {
+    /// dL/dxf (times `scale`) into ws.dxf.
+    func crossEntropy(_ ws: StepWorkspace, batch: TrainingBatch, count: Int, scale: Float, wantGradient: Bool) -> Double {
         let c = model.config
-        let V = c.vocabSize, D = c.hiddenSize, T = batch.sequenceLength
-        let N = batch.batchSize * T
+        let V = c.vocabSize, D = c.hiddenSize
+        let N = batch.batchSize * batch.sequenceLength
         // Rows whose target counts: row i = (b, t) predicts labels[b, t + 1].
-        var rows: [(Int, Int)] = []
-        for i in 0..<N { if let target = batch.target(of: i) { rows.append((i, target)) } }
+        ws.lossRows.removeAll(keepingCapacity: true)
+        for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
+        let rows = ws.lossRows
         let chunk = max(1, options.lossChunkRows)
         var total = 0.0
         let inv = Float(1) / Float(count)
-        let head: [Float] = { if let lm = model.lmHead { return lm.denseWeight() }; return model.embedding }()
-        var x = [Float](repeating: 0, count: chunk * D)
-        var logits = [Float](repeating: 0, count: chunk * V)
-        var dx = [Float](repeating: 0, count: chunk * D)
-        var start = 0
-        while start < rows.count {
-            let n = min(chunk, rows.count - start)
-            for k in 0..<n { for j in 0..<D { x[k * D + j] = xf[rows[start + k].0 * D + j] } }
-            head.withUnsafeBufferPointer { e in
-                x.withUnsafeBufferPointer { xp in
-                    logits.withUnsafeMutableBufferPointer { lp in
-                        Gemm.gemm(lp.baseAddress!, ldc: V, xp.baseAddress!, lda: D, e.baseAddress!, ldb: D, m: n, n: V, k: D, transposeB: true)
-                        for k in 0..<n {
-                            total += Ops.crossEntropyRow(lp.baseAddress! + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
-                        }
-                    }
-                    if wantGradient {
-                        logits.withUnsafeBufferPointer { lp in
-                            dx.withUnsafeMutableBufferPointer { dp in
-                                Gemm.gemm(dp.baseAddress!, ldc: D, lp.baseAddress!, lda: V, e.baseAddress!, ldb: D, m: n, n: D, k: V)
-                            }
-                        }
+        let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
+        headWeight.withUnsafeBufferPointer { e in
+            var start = 0
+            while start < rows.count {
+                let n = min(chunk, rows.count - start)
+                for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
+                Gemm.gemm(logits, ldc: V, x, lda: D, e.baseAddress!, ldb: D, m: n, n: V, k: D, transposeB: true)
+                for k in 0..<n {
+                    total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
+                }
+                if wantGradient {
+                    Gemm.gemm(dx, ldc: D, logits, lda: V, e.baseAddress!, ldb: D, m: n, n: D, k: V)
+                    for k in 0..<n {
+                        let row = ws.dxf + rows[start + k].0 * D
+                        for j in 0..<D { row[j] += dx[k * D + j] }
                     }
                 }
+                start += n
             }
-            if wantGradient {
-                for k in 0..<n { for j in 0..<D { dxf[rows[start + k].0 * D + j] += dx[k * D + j] } }
-            }
-            start += n
         }
         return total / Double(count)
     }
-
 }

@@ -1,6 +1,7 @@
 // qlora-bench: the Swift side of bench/ (see bench/run.sh). It times our kernels on the same tensor
 // files the Python side times bitsandbytes on, and prints one JSON object.
 //   qlora-bench quant FILE [--repeats N]   4-bit quantize / dequantize throughput (GB/s of f32)
+import CAllocationCounter
 import QLoRA
 
 #if canImport(Glibc)
@@ -110,6 +111,97 @@ func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, hea
     try writer.finish()
 }
 
+/// Llama shapes of the QLoRA paper's models (LLaMA 7B, 13B, 33B, 65B).
+let llamaShapes: [String: (hidden: Int, intermediate: Int, layers: Int, heads: Int)] = [
+    "7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40), "33b": (6656, 17920, 60, 52), "65b": (8192, 22016, 80, 64),
+]
+
+/// Resident set size now, in bytes (/proc/self/statm).
+func currentRSS() -> Int {
+    guard let f = fopen("/proc/self/statm", "r") else { return 0 }
+    defer { fclose(f) }
+    var buffer = [CChar](repeating: 0, count: 256)
+    guard fgets(&buffer, Int32(buffer.count), f) != nil else { return 0 }
+    let fields = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self).split(separator: " ")
+    return fields.count > 1 ? (Int(fields[1]) ?? 0) * Int(sysconf(Int32(_SC_PAGESIZE))) : 0
+}
+
+/// A Llama model of a paper shape with random NF4 + double-quant weights made directly in 4-bit form
+/// (random codes and constants: memory and time do not depend on the values), f32 embeddings and an
+/// f32 LM head as QLoRA keeps them (not quantized), then one QLoRA training step and one optimizer
+/// update. Prints peak RSS next to the accounting of the paper (weights + LoRA + optimizer + activations).
+func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim: OptimizerKind, layersOverride: Int?) throws {
+    guard let s = llamaShapes[name] else { fail("unknown shape \(name): \(llamaShapes.keys.sorted().joined(separator: ", "))") }
+    let layers = layersOverride ?? s.layers
+    let config = LlamaConfig(vocabSize: 32000, hiddenSize: s.hidden, intermediateSize: s.intermediate, layerCount: layers,
+                             headCount: s.heads, kvHeadCount: s.heads)
+    var rng = SeededGenerator(seed: 7)
+    func randomBytes(_ n: Int) -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: n) { buf, count in
+            var i = 0
+            while i + 8 <= n { var v = rng.next(); withUnsafeBytes(of: &v) { for k in 0..<8 { buf[i + k] = $0[k] } }; i += 8 }
+            while i < n { buf[i] = UInt8(truncatingIfNeeded: rng.next()); i += 1 }
+            count = n
+        }
+    }
+    func nf4(_ out: Int, _ inF: Int) -> Linear {
+        let n = out * inF, blocks = (n + 63) / 64
+        let nested = NestedAbsmax(codes: randomBytes(blocks), nestedAbsmax: [Float](repeating: 0.01, count: (blocks + 255) / 256), offset: 0.02)
+        let q = Quantized4Bit(quantType: .nf4, blockSize: 64, shape: [out, inF], packed: randomBytes((n + 1) / 2), absmax: nil, nested: nested)
+        return Linear(weight: .quantized(q), outFeatures: out, inFeatures: inF)
+    }
+    // Embedding-like values, cheaply (a hash of the index; spread about ±std).
+    func normal(_ n: Int, _ std: Float) -> [Float] {
+        [Float](unsafeUninitializedCapacity: n) { buf, count in
+            for i in 0..<n { buf[i] = (Float(UInt32(truncatingIfNeeded: UInt64(i) &* 0x9E37_79B9_7F4A_7C15 >> 40) & 0xFFFF) / 32768 - 1) * 1.7 * std }
+            count = n
+        }
+    }
+    let t0 = Clock.seconds()
+    let D = s.hidden, I = s.intermediate
+    var built: [LlamaLayer] = []
+    for _ in 0..<layers {
+        built.append(LlamaLayer(inputNorm: [Float](repeating: 1, count: D), q: nf4(D, D), k: nf4(D, D), v: nf4(D, D), o: nf4(D, D),
+                                postAttentionNorm: [Float](repeating: 1, count: D), gate: nf4(I, D), up: nf4(I, D), down: nf4(D, I)))
+    }
+    let model = LlamaModel(config: config, embedding: normal(32000 * D, 0.02), layers: built, finalNorm: [Float](repeating: 1, count: D),
+                           lmHead: Linear(weight: .dense(normal(32000 * D, 0.02)), outFeatures: 32000, inFeatures: D), source: "synthetic \(name)")
+    let afterModel = currentRSS()
+    let buildSeconds = Clock.seconds() - t0
+    var c = LoRAConfig()
+    c.rank = rank
+    c.alpha = 16
+    c.dropout = 0.05
+    let lora = LoRAWeights(model: model, config: c)
+    var tensors: [(offset: Int, count: Int)] = []
+    for s in lora.slots { tensors += [(s.aOffset, rank * s.inFeatures), (s.bOffset, s.outFeatures * rank)] }
+    let optimizer = try AdamW(kind: optim, tensors: tensors)
+    let engine = TrainingEngine(model: model, lora: lora)
+    let tokens = (0..<(B * T)).map { _ in Int(rng.next() % 32000) }
+    let batch = TrainingBatch(tokens: tokens, labels: tokens, batchSize: B, sequenceLength: T)
+    let t1 = Clock.seconds()
+    lora.zeroGradients()
+    let loss = try engine.step(batch)
+    let stepSeconds = Clock.seconds() - t1
+    let t2 = Clock.seconds()
+    lora.parameters.withUnsafeMutableBufferPointer { p in lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: 2e-4) } }
+    let updateSeconds = Clock.seconds() - t2
+    let fourBit = built.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } }
+    let embeddings = 2 * 32000 * D * 4
+    let loraBytes = lora.parameterCount * 4
+    let checkpoints = layers * B * T * D * 4
+    print(JSON.serialize(.object([
+        ("shape", .string(name)), ("layers", .int(layers)), ("parameters", .int(config.parameterCount)),
+        ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(rank)), ("optimizer", .string(optim.rawValue)),
+        ("loss", .double(loss)), ("build_seconds", .double(buildSeconds)), ("step_seconds", .double(stepSeconds)),
+        ("update_seconds", .double(updateSeconds)), ("tokens_per_second", .double(Double(B * T) / stepSeconds)),
+        ("four_bit_weight_bytes", .int(fourBit)), ("embedding_and_head_bytes", .int(embeddings)),
+        ("lora_parameter_bytes", .int(loraBytes)), ("lora_gradient_bytes", .int(loraBytes)),
+        ("optimizer_state_bytes", .int(optimizer.stateBytes)), ("checkpointed_activation_bytes", .int(checkpoints)),
+        ("rss_after_model_bytes", .int(afterModel)), ("rss_after_update_bytes", .int(currentRSS())), ("peak_rss_bytes", .int(peakRSS())),
+    ]), pretty: true))
+}
+
 let args = Array(CommandLine.arguments.dropFirst())
 func option(_ name: String, _ def: Int) -> Int {
     if let i = args.firstIndex(of: name), i + 1 < args.count, let n = Int(args[i + 1]) { return n }
@@ -158,20 +250,37 @@ do {
         let tokens = (0..<(B * T)).map { _ in Int(rng.next() % UInt64(model.config.vocabSize)) }
         let batch = TrainingBatch(tokens: tokens, labels: tokens, batchSize: B, sequenceLength: T)
         var times: [Double] = []
+        var allocations: [(calls: UInt64, bytes: UInt64, blasBytes: UInt64)] = []
         for _ in 0..<steps {
             let t0 = Clock.seconds()
+            let calls = qlora_allocation_count(), bytes = qlora_allocated_bytes(), blas = qlora_blas_allocated_bytes()
             lora.zeroGradients()
             try engine.step(batch)
+            allocations.append((qlora_allocation_count() - calls, qlora_allocated_bytes() - bytes, qlora_blas_allocated_bytes() - blas))
             times.append(Clock.seconds() - t0)
         }
         let best = times.min()!
+        // Steps after the first (which makes the activation arena): what the step loop itself allocates.
+        let later = allocations.dropFirst()
         print(JSON.serialize(.object([
             ("model", .string(args[1])), ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(c.rank)),
             ("trainable_parameters", .int(lora.parameterCount)), ("step_seconds", .array(times.map { .double($0) })),
             ("tokens_per_second", .double(Double(B * T) / best)), ("peak_rss_bytes", .int(peakRSS())),
+            ("workspace_bytes", .int(engine.workspaceBytes)), ("workspace_allocations", .int(engine.workspaceAllocations)),
+            ("allocation_counter", .bool(qlora_allocation_counter_active() != 0)),
+            ("first_step_allocated_bytes", .int(Int(allocations.first?.bytes ?? 0))),
+            ("later_steps_max_allocated_bytes", .int(Int(later.map(\.bytes).max() ?? 0))),
+            ("later_steps_max_allocations", .int(Int(later.map(\.calls).max() ?? 0))),
+            ("later_steps_max_openblas_allocated_bytes", .int(Int(later.map(\.blasBytes).max() ?? 0))),
         ]), pretty: true))
+    case "memory":
+        guard args.count >= 2 else { fail("usage: qlora-bench memory 7b|13b|33b|65b [--batch N --seq N --rank N --layers N --optim KIND]") }
+        let optimName = args.firstIndex(of: "--optim").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } ?? "paged_adamw_32bit"
+        guard let optim = OptimizerKind(rawValue: optimName) else { fail("unknown --optim \(optimName)") }
+        try memoryBench(shape: args[1], batch: option("--batch", 1), seq: option("--seq", 512), rank: option("--rank", 64), optim: optim,
+                        layersOverride: args.contains("--layers") ? option("--layers", 1) : nil)
     default:
-        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL")
+        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | memory SHAPE")
     }
 } catch {
     fail("\(error)")
