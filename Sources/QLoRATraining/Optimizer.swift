@@ -68,9 +68,16 @@ final class StateBuffer {
     /// cache (written back by the kernel in its own time), where they cost nothing while memory is
     /// plentiful (the next update maps them again without reading the disk) and can be written out and
     /// dropped under pressure, which anonymous memory on a machine without swap never can.
-    func release() {
-        guard paged else { return }
-        madvise(pointer, byteCount, MADV_DONTNEED)
+    /// Releases the whole pages inside bytes [from, to) of a paged state (nothing for an unpaged one);
+    /// returns where the next release should start.
+    @discardableResult
+    func release(from: Int, to: Int) -> Int {
+        guard paged else { return to }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (from + page - 1) / page * page
+        let end = to >= byteCount ? byteCount : to / page * page
+        if end > start { madvise(pointer + start, end - start, MADV_DONTNEED) }
+        return max(from, end)
     }
 
     func floats(_ offset: Int, _ count: Int) -> UnsafeMutableBufferPointer<Float> {
@@ -97,6 +104,8 @@ public final class AdamW {
         let use8Bit: Bool
         /// Byte offsets of m and v (f32 [count] each, or u8 [count] each) and, for 8-bit, absmax f32 [blocks] each.
         let m: Int, v: Int, absmaxM: Int, absmaxV: Int
+        /// Where this tensor's state begins (m comes first).
+        var start: Int { m }
     }
 
     let layouts: [Layout]
@@ -132,7 +141,11 @@ public final class AdamW {
         let b1 = config.beta1, b2 = config.beta2
         let oneMinusB1 = Float(1 - b1), oneMinusB2 = Float(1 - b2), fb1 = Float(b1), fb2 = Float(b2)
         let decay = Float(1 - lr * config.weightDecay)
+        // Paged state is released tensor by tensor as the update passes, so at most about one tensor's
+        // state is resident at a time.
+        var released = 0
         for (k, tensor) in tensors.enumerated() {
+            defer { released = state.release(from: released, to: k + 1 < layouts.count ? layouts[k + 1].start : state.byteCount) }
             let layout = layouts[k]
             let p = UnsafeMutableBufferPointer(rebasing: parameters[tensor.offset..<(tensor.offset + tensor.count)])
             let g = UnsafeBufferPointer(rebasing: gradients[tensor.offset..<(tensor.offset + tensor.count)])
@@ -165,7 +178,6 @@ public final class AdamW {
                 update8Bit(p, g, layout: layout, count: tensor.count, t: t, lr: lr)
             }
         }
-        state.release()
     }
 
     /// bitsandbytes' blockwise 8-bit AdamW step on the CPU: dequantize both moments, update them in f32,

@@ -198,6 +198,7 @@ func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim:
         ("four_bit_weight_bytes", .int(fourBit)), ("embedding_and_head_bytes", .int(embeddings)),
         ("lora_parameter_bytes", .int(loraBytes)), ("lora_gradient_bytes", .int(loraBytes)),
         ("optimizer_state_bytes", .int(optimizer.stateBytes)), ("checkpointed_activation_bytes", .int(checkpoints)),
+        ("activation_arena_bytes", .int(engine.workspaceBytes)),
         ("rss_after_model_bytes", .int(afterModel)), ("rss_after_update_bytes", .int(currentRSS())), ("peak_rss_bytes", .int(peakRSS())),
     ]), pretty: true))
 }
