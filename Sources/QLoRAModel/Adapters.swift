@@ -31,7 +31,7 @@ extension LlamaModel {
             linear.lora = Linear.LoRA(a: m.a.floats(), b: m.b.floats(), rank: adapter.config.rank, scale: scale)
             layers[i][keyPath: keyPath] = linear
         }
-        return LlamaModel(config: config, embedding: embedding, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+        return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
     }
 
     static let projectionKeyPaths: [String: WritableKeyPath<LlamaLayer, Linear>] = [

@@ -67,8 +67,8 @@ extension LlamaModel {
         let qDim = H * d, kvDim = Hkv * d, I = c.intermediateSize
 
         var h = [Float](repeating: 0, count: T * D)
-        for (t, token) in tokens.enumerated() {
-            for j in 0..<D { h[t * D + j] = embedding[token * D + j] }
+        h.withUnsafeMutableBufferPointer { hp in
+            for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: hp.baseAddress! + t * D) }
         }
         var xn = [Float](repeating: 0, count: T * D)
         var q = [Float](repeating: 0, count: T * qDim)
@@ -142,23 +142,14 @@ extension LlamaModel {
 
     /// logits[n, V] = x[n, D] · Eᵀ (tied) or lm_head.
     func outputLogits(_ x: [Float], rows n: Int) -> [Float] {
-        let V = config.vocabSize, D = config.hiddenSize
+        let V = config.vocabSize
         var out = [Float](repeating: 0, count: n * V)
         x.withUnsafeBufferPointer { xp in
             out.withUnsafeMutableBufferPointer { o in
-                if let lmHead {
-                    var scratch = [Float](repeating: 0, count: max(lmHead.scratchCount, 1))
-                    scratch.withUnsafeMutableBufferPointer { s in
-                        lmHead.forward(xp.baseAddress!, rows: n, into: o.baseAddress!, scratch: s.baseAddress!)
-                    }
-                } else {
-                    embedding.withUnsafeBufferPointer { e in
-                        if n == 1 {
-                            Gemm.gemv(o.baseAddress!, e.baseAddress!, lda: D, xp.baseAddress!, m: V, n: D)
-                        } else {
-                            Gemm.gemm(o.baseAddress!, ldc: V, xp.baseAddress!, lda: D, e.baseAddress!, ldb: D, m: n, n: V, k: D, transposeB: true)
-                        }
-                    }
+                let head = self.head
+                var scratch = [Float](repeating: 0, count: max(head.scratchCount, 1))
+                scratch.withUnsafeMutableBufferPointer { s in
+                    head.forward(xp.baseAddress!, rows: n, into: o.baseAddress!, scratch: s.baseAddress!)
                 }
             }
         }

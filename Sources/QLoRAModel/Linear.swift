@@ -10,6 +10,8 @@ public struct Linear: Sendable {
         /// The 4-bit weight; double-quantized block scales are decoded tile by tile as they are used
         /// (keeping them decoded would cost another 0.5 bits per parameter).
         case quantized(Quantized4Bit)
+        /// bfloat16 (embeddings and the LM head of big models, as QLoRA keeps them in its compute dtype).
+        case bf16([UInt16])
     }
 
     /// A low-rank update: y += scale · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA, Hu et al. 2021).
@@ -45,6 +47,16 @@ public struct Linear: Sendable {
         switch weight {
         case let .dense(w): return w.count * 4
         case let .quantized(q): return q.storedByteCount
+        case let .bf16(w): return w.count * 2
+        }
+    }
+
+    /// Row `r` of W as f32 (an embedding lookup; dense or bf16 weights).
+    public func copyRow(_ r: Int, into out: UnsafeMutablePointer<Float>) {
+        switch weight {
+        case let .dense(w): w.withUnsafeBufferPointer { out.update(from: $0.baseAddress! + r * inFeatures, count: inFeatures) }
+        case let .bf16(w): for j in 0..<inFeatures { out[j] = bfloat16BitsToFloat(w[r * inFeatures + j]) }
+        case .quantized: preconditionFailure("row lookup in a 4-bit weight")
         }
     }
 
@@ -52,9 +64,17 @@ public struct Linear: Sendable {
     /// into `scaleScratch` (at least `scaleScratchCount(rows: rows.count)` floats).
     public func dequantizeRows(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>, scaleScratch: UnsafeMutablePointer<Float>,
                                kernels: KernelTable = .current) {
-        guard case let .quantized(q) = weight else { preconditionFailure("dequantizeRows on a dense weight") }
         let elements = (rows.lowerBound * inFeatures)..<(rows.upperBound * inFeatures)
-        q.dequantize(elements: elements, into: out, scaleScratch: scaleScratch, kernels: kernels)
+        switch weight {
+        case let .quantized(q): q.dequantize(elements: elements, into: out, scaleScratch: scaleScratch, kernels: kernels)
+        case let .bf16(w):
+            w.withUnsafeBufferPointer { src in
+                Parallel.forChunks(count: elements.count, minimumChunk: 1 << 16) { _, range in
+                    for i in range { out[i] = bfloat16BitsToFloat(src[elements.lowerBound + i]) }
+                }
+            }
+        case .dense: preconditionFailure("dequantizeRows on a dense weight")
+        }
     }
 
     /// Scale floats that dequantizing `rows` rows may need (a tile can straddle block boundaries).
@@ -85,8 +105,8 @@ public struct Linear: Sendable {
                               m: rows, n: outFeatures, k: inFeatures, transposeB: true)
                 }
             }
-        case let .quantized(q):
-            if rows == 1 && inFeatures % q.blockSize == 0 {
+        case .quantized, .bf16:
+            if rows == 1, case let .quantized(q) = weight, inFeatures % q.blockSize == 0 {
                 fusedGemv(q, x, y, kernels: kernels)
             } else {
                 var r0 = 0
@@ -125,11 +145,13 @@ public struct Linear: Sendable {
 
     /// Scratch floats `forward` needs: a tile of W and its block scales.
     public var scratchCount: Int {
-        if case .quantized = weight {
+        switch weight {
+        case .quantized:
             let tile = tileRows(forRows: .max)
             return tile * inFeatures + scaleScratchCount(rows: tile)
+        case .bf16: return tileRows(forRows: .max) * inFeatures
+        case .dense: return 0
         }
-        return 0
     }
 
     private func fusedGemv(_ q: Quantized4Bit, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
@@ -158,6 +180,7 @@ public struct Linear: Sendable {
         switch weight {
         case let .dense(w): return w
         case let .quantized(q): return q.dequantize()
+        case let .bf16(w): return w.map(bfloat16BitsToFloat)
         }
     }
 }

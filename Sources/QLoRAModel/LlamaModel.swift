@@ -39,14 +39,18 @@ public struct LoadOptions: Sendable {
     public var blockSize = 64
     public var doubleQuant = true
     public var showProgress = true
+    /// Keep the embedding table and an untied LM head in bfloat16 instead of f32 (half their memory, as
+    /// QLoRA keeps them in its compute dtype; values are rounded to bf16).
+    public var bf16Embeddings = false
 
     public init() {}
 }
 
 public final class LlamaModel: @unchecked Sendable {
     public let config: LlamaConfig
-    /// [vocab, hidden] f32.
-    public let embedding: [Float]
+    /// The embedding table [vocab, hidden] (f32, or bf16 with `LoadOptions.bf16Embeddings`), as a matrix:
+    /// a token's row is its embedding, and a tied LM head is x · Eᵀ.
+    public let embeddings: Linear
     public let layers: [LlamaLayer]
     public let finalNorm: [Float]
     /// nil when tied to the embedding.
@@ -55,9 +59,14 @@ public final class LlamaModel: @unchecked Sendable {
     public let source: String
     let inverseFrequencies: [Float]
 
-    public init(config: LlamaConfig, embedding: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
+    public convenience init(config: LlamaConfig, embedding: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
+        self.init(config: config, embeddings: Linear(weight: .dense(embedding), outFeatures: config.vocabSize, inFeatures: config.hiddenSize),
+                  layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+    }
+
+    public init(config: LlamaConfig, embeddings: Linear, layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
         self.config = config
-        self.embedding = embedding
+        self.embeddings = embeddings
         self.layers = layers
         self.finalNorm = finalNorm
         self.lmHead = lmHead
@@ -69,8 +78,11 @@ public final class LlamaModel: @unchecked Sendable {
     public var weightBytes: Int {
         let linear = layers.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } }
         let norms = layers.count * 2 * config.hiddenSize * 4 + finalNorm.count * 4
-        return embedding.count * 4 + linear + norms + (lmHead?.weightBytes ?? 0)
+        return embeddings.weightBytes + linear + norms + (lmHead?.weightBytes ?? 0)
     }
+
+    /// The output head as a matrix [vocab, hidden]: lm_head, or the embedding table when tied.
+    public var head: Linear { lmHead ?? embeddings }
 }
 
 // MARK: - Loading
@@ -196,7 +208,10 @@ extension LlamaModel {
         let c = config
         let hidden = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
         let progress = ProgressBar("load", total: c.layerCount + 2, enabled: options.showProgress)
-        let embedding = try floats(naming.embedding, shape: [c.vocabSize, hidden])
+        func table(_ w: [Float]) -> Linear {
+            Linear(weight: options.bf16Embeddings ? .bf16(w.map(floatToBFloat16Bits)) : .dense(w), outFeatures: c.vocabSize, inFeatures: hidden)
+        }
+        let embeddings = table(try floats(naming.embedding, shape: [c.vocabSize, hidden]))
         progress.advance(note: naming.embedding)
         var layers: [LlamaLayer] = []
         for i in 0..<c.layerCount {
@@ -218,13 +233,12 @@ extension LlamaModel {
         var lmHead: Linear?
         if !c.tieWordEmbeddings || tensors.info(naming.lmHead) != nil {
             // The output head stays in its own precision (bitsandbytes does not quantize lm_head either).
-            let w = try floats(naming.lmHead, shape: [c.vocabSize, hidden])
-            lmHead = Linear(weight: .dense(w), outFeatures: c.vocabSize, inFeatures: hidden)
+            lmHead = table(try floats(naming.lmHead, shape: [c.vocabSize, hidden]))
         }
         progress.advance(note: "head")
         let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") }
         if !unused.isEmpty { throw ModelError.unusedTensors(file: file, names: unused) }
-        return LlamaModel(config: c, embedding: embedding, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+        return LlamaModel(config: c, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
     }
 }
 

@@ -156,7 +156,7 @@ final class StepWorkspace {
         dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
         dP = arena.floats(maxT * maxT); dt = arena.floats(N * r)
         through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
-        let scratchCount = model.layers.flatMap(\.linears).map(\.scratchCount).max() ?? 1
+        let scratchCount = (model.layers.flatMap(\.linears) + [model.head]).map(\.scratchCount).max() ?? 1
         scratch = arena.floats(scratchCount)
         ropeCos = arena.floats(N * c.headDim / 2); ropeSin = arena.floats(N * c.headDim / 2)
         lossX = arena.floats(lossChunk * D); logits = arena.floats(lossChunk * c.vocabSize); lossDx = arena.floats(lossChunk * D)
@@ -182,8 +182,6 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
-    /// The LM head as f32 [V, D] (the tied embedding, or lm_head dequantized once).
-    lazy var headWeight: [Float] = model.lmHead?.denseWeight() ?? model.embedding
 
     public init(model: LlamaModel, lora: LoRAWeights, options: TrainingOptions = TrainingOptions(), kernels: KernelTable = .current) {
         self.model = model
@@ -230,9 +228,7 @@ public final class TrainingEngine {
         let count = batch.targetCount
         guard count > 0 else { return 0 }
         let ws = workspace(rows: N, pairs: B * T * T, maxT: T)
-        model.embedding.withUnsafeBufferPointer { e in
-            for (i, token) in batch.tokens.enumerated() { (ws.hidden[0] + i * D).update(from: e.baseAddress! + token * D, count: D) }
-        }
+        for (i, token) in batch.tokens.enumerated() { model.embeddings.copyRow(token, into: ws.hidden[0] + i * D) }
         // RoPE tables for each token's position in its example.
         let half = c.headDim / 2
         for i in 0..<N {
@@ -481,7 +477,7 @@ public final class TrainingEngine {
             w.withUnsafeBufferPointer { wp in
                 Gemm.gemm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
             }
-        case .quantized:
+        case .quantized, .bf16:
             let tile = linear.tileRows(forRows: N)
             var r0 = 0
             while r0 < outF {
@@ -521,24 +517,25 @@ public final class TrainingEngine {
         var total = 0.0
         let inv = Float(1) / Float(count)
         let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
-        headWeight.withUnsafeBufferPointer { e in
-            var start = 0
-            while start < rows.count {
-                let n = min(chunk, rows.count - start)
-                for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
-                Gemm.gemm(logits, ldc: V, x, lda: D, e.baseAddress!, ldb: D, m: n, n: V, k: D, transposeB: true)
-                for k in 0..<n {
-                    total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
-                }
-                if wantGradient {
-                    Gemm.gemm(dx, ldc: D, logits, lda: V, e.baseAddress!, ldb: D, m: n, n: D, k: V)
-                    for k in 0..<n {
-                        let row = ws.dxf + rows[start + k].0 * D
-                        for j in 0..<D { row[j] += dx[k * D + j] }
-                    }
-                }
-                start += n
+        // The frozen head (lm_head or the tied embedding; f32 or bf16 tiles): logits = x Hᵀ, dx = dlogits H.
+        let head = model.head
+        var start = 0
+        while start < rows.count {
+            let n = min(chunk, rows.count - start)
+            for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
+            head.forward(x, rows: n, into: logits, scratch: ws.scratch, kernels: kernels)
+            for k in 0..<n {
+                total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
             }
+            if wantGradient {
+                dx.update(repeating: 0, count: n * D)
+                frozenInputGradient(head, logits, rows: n, into: dx, scratch: ws.scratch)
+                for k in 0..<n {
+                    let row = ws.dxf + rows[start + k].0 * D
+                    for j in 0..<D { row[j] += dx[k * D + j] }
+                }
+            }
+            start += n
         }
         return total / Double(count)
     }

@@ -38,6 +38,9 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.")
     var adapter: String?
 
+    @Flag(help: "Keep the embedding table and LM head in bfloat16 (half their memory, as QLoRA keeps them; values round to bf16).")
+    var bf16Embeddings = false
+
     func validate() throws {
         try validateQuantization(quantType: quantType, blockSize: blockSize, allowNone: true)
     }
@@ -50,6 +53,7 @@ struct ModelOptions: ParsableArguments {
         o.blockSize = blockSize
         o.doubleQuant = !noDoubleQuant
         o.showProgress = progress
+        o.bf16Embeddings = bf16Embeddings
         return o
     }
 

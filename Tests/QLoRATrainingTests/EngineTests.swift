@@ -182,4 +182,27 @@ struct EngineTests {
         let unmasked = TrainingBatch(tokens: packedBatch.tokens, labels: packedBatch.labels, batchSize: 2, sequenceLength: packedBatch.sequenceLength)
         #expect(abs(try a.step(unmasked, backward: false) - lb) > 1e-3)
     }
+
+    @Test("bf16 embeddings and head: the same logits, loss and gradients as f32 tables holding the same rounded values")
+    func bf16Embeddings() throws {
+        var o = LoadOptions()
+        o.showProgress = false
+        o.bf16Embeddings = true
+        let half = try LlamaModel.load(FileSystem.join(modelResources, "tiny-llama-gqa"), options: o)
+        guard case .bf16 = half.embeddings.weight else { Issue.record("embeddings not bf16"); return }
+        func dense(_ l: Linear) -> Linear { Linear(weight: .dense(l.denseWeight()), outFeatures: l.outFeatures, inFeatures: l.inFeatures) }
+        let full = LlamaModel(config: half.config, embeddings: dense(half.embeddings), layers: half.layers, finalNorm: half.finalNorm,
+                              lmHead: half.lmHead.map(dense), source: "rounded")
+        #expect(half.weightBytes < full.weightBytes)
+        let tokens = Array(batch().tokens.prefix(10))
+        let a = try half.forward(tokens, cache: KVCache(config: half.config, capacity: 16), logits: .all)
+        let b = try full.forward(tokens, cache: KVCache(config: full.config, capacity: 16), logits: .all)
+        #expect(Compare.close(a, b, atol: 1e-5, rtol: 1e-5, "logits") == nil)
+        let ea = engine(half), eb = engine(full)
+        ea.lora.zeroGradients()
+        eb.lora.zeroGradients()
+        let la = try ea.step(batch()), lb = try eb.step(batch())
+        #expect(abs(la - lb) <= 1e-6 * abs(lb))
+        #expect(Compare.close(ea.lora.gradients, eb.lora.gradients, atol: 1e-6, rtol: 1e-4, "gradients") == nil)
+    }
 }

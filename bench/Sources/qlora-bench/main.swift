@@ -130,7 +130,7 @@ func currentRSS() -> Int {
 /// (random codes and constants: memory and time do not depend on the values), f32 embeddings and an
 /// f32 LM head as QLoRA keeps them (not quantized), then one QLoRA training step and one optimizer
 /// update. Prints peak RSS next to the accounting of the paper (weights + LoRA + optimizer + activations).
-func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim: OptimizerKind, layersOverride: Int?) throws {
+func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim: OptimizerKind, layersOverride: Int?, f32Embeddings: Bool) throws {
     guard let s = llamaShapes[name] else { fail("unknown shape \(name): \(llamaShapes.keys.sorted().joined(separator: ", "))") }
     let layers = layersOverride ?? s.layers
     let config = LlamaConfig(vocabSize: 32000, hiddenSize: s.hidden, intermediateSize: s.intermediate, layerCount: layers,
@@ -164,8 +164,13 @@ func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim:
         built.append(LlamaLayer(inputNorm: [Float](repeating: 1, count: D), q: nf4(D, D), k: nf4(D, D), v: nf4(D, D), o: nf4(D, D),
                                 postAttentionNorm: [Float](repeating: 1, count: D), gate: nf4(I, D), up: nf4(I, D), down: nf4(D, I)))
     }
-    let model = LlamaModel(config: config, embedding: normal(32000 * D, 0.02), layers: built, finalNorm: [Float](repeating: 1, count: D),
-                           lmHead: Linear(weight: .dense(normal(32000 * D, 0.02)), outFeatures: 32000, inFeatures: D), source: "synthetic \(name)")
+    // bf16 embeddings and head, as QLoRA keeps them (its compute dtype); --f32-embeddings for f32.
+    func table() -> Linear {
+        let w = normal(32000 * D, 0.02)
+        return Linear(weight: f32Embeddings ? .dense(w) : .bf16(w.map(floatToBFloat16Bits)), outFeatures: 32000, inFeatures: D)
+    }
+    let model = LlamaModel(config: config, embeddings: table(), layers: built, finalNorm: [Float](repeating: 1, count: D),
+                           lmHead: table(), source: "synthetic \(name)")
     let afterModel = currentRSS()
     let buildSeconds = Clock.seconds() - t0
     var c = LoRAConfig()
@@ -187,7 +192,7 @@ func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim:
     lora.parameters.withUnsafeMutableBufferPointer { p in lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: 2e-4) } }
     let updateSeconds = Clock.seconds() - t2
     let fourBit = built.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } }
-    let embeddings = 2 * 32000 * D * 4
+    let embeddings = model.embeddings.weightBytes + model.head.weightBytes
     let loraBytes = lora.parameterCount * 4
     let checkpoints = layers * B * T * D * 4
     print(JSON.serialize(.object([
@@ -279,7 +284,7 @@ do {
         let optimName = args.firstIndex(of: "--optim").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } ?? "paged_adamw_32bit"
         guard let optim = OptimizerKind(rawValue: optimName) else { fail("unknown --optim \(optimName)") }
         try memoryBench(shape: args[1], batch: option("--batch", 1), seq: option("--seq", 512), rank: option("--rank", 64), optim: optim,
-                        layersOverride: args.contains("--layers") ? option("--layers", 1) : nil)
+                        layersOverride: args.contains("--layers") ? option("--layers", 1) : nil, f32Embeddings: args.contains("--f32-embeddings"))
     default:
         fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | memory SHAPE")
     }
