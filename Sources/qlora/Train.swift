@@ -315,8 +315,9 @@ struct Train: ParsableCommand {
             let interrupted = Interrupt.requested
             if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || interrupted {
                 lastCheckpoint = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
-                try writeMetrics()
             }
+            // Every step, so a crash loses no metrics (a resumed run drops those past its checkpoint).
+            try writeMetrics()
             if interrupted {
                 Log.info("\ninterrupted: saved \(lastCheckpoint!); continue with --resume")
                 stopped = true

@@ -279,6 +279,20 @@ do {
             ("later_steps_max_allocations", .int(Int(later.map(\.calls).max() ?? 0))),
             ("later_steps_max_openblas_allocated_bytes", .int(Int(later.map(\.blasBytes).max() ?? 0))),
         ]), pretty: true))
+    case "sgemm":
+        // The machine's f32 GEMM rate through the same BLAS the engine uses (square products, best of 5).
+        let n = option("--n", 2048)
+        let a = [Float](repeating: 0.5, count: n * n), b = a
+        var c = a
+        var best = Double.infinity
+        for _ in 0..<5 {
+            let t0 = Clock.seconds()
+            a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeMutableBufferPointer { cp in
+                Gemm.gemm(cp.baseAddress!, ap.baseAddress!, bp.baseAddress!, m: n, n: n, k: n)
+            } } }
+            best = min(best, Clock.seconds() - t0)
+        }
+        print(JSON.serialize(.object([("n", .int(n)), ("gflops", .double(2 * Double(n * n * n) / best / 1e9))]), pretty: true))
     case "memory":
         guard args.count >= 2 else { fail("usage: qlora-bench memory 7b|13b|33b|65b [--batch N --seq N --rank N --layers N --optim KIND]") }
         let optimName = args.firstIndex(of: "--optim").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } ?? "paged_adamw_32bit"
