@@ -71,6 +71,12 @@ public struct TrainingOptions: Sendable {
     public var gradientCheckpointing = true
     /// Rows of logits computed at once in the loss (the [N, V] logits never exist whole).
     public var lossChunkRows = 64
+    /// Query rows per block of the causal attention products: a block of rows [r0, r1) needs only the
+    /// keys [0, r1), so the products skip most of the masked upper triangle (they compute 75% of the
+    /// full square at T = 512 with blocks of 256) at the cost of more, smaller BLAS calls. Measured on
+    /// SmolLM2, batch 4 x 512: 256 gives +4.3% tokens/s over whole squares; 128 gives -13% (OpenBLAS is
+    /// slow on the smaller products).
+    public var attentionRowBlock = 256
 
     public init() {}
 }
@@ -316,18 +322,17 @@ public final class TrainingEngine {
                 let Q = act.q + b * T * qDim + h * d
                 let K = act.k + b * T * kvDim + kvh * d
                 let V = act.v + b * T * kvDim + kvh * d
-                Gemm.gemm(P, ldc: T, Q, lda: qDim, K, ldb: kvDim, m: T, n: T, k: d, transposeB: true, alpha: scale)
-                if let starts = s.windowStart {
-                    // Packed rows: keys before the query's own example get probability 0.
-                    for t in 0..<T {
-                        let start = starts[b * T + t]
+                for r0 in stride(from: 0, to: T, by: max(1, options.attentionRowBlock)) {
+                    let r1 = min(T, r0 + max(1, options.attentionRowBlock))
+                    Gemm.gemm(P + r0 * T, ldc: T, Q + r0 * qDim, lda: qDim, K, ldb: kvDim, m: r1 - r0, n: r1, k: d, transposeB: true, alpha: scale)
+                    // Softmax over each row's visible keys; the rest of the row (up to T) becomes 0.
+                    for t in r0..<r1 {
+                        let start = s.windowStart?[b * T + t] ?? 0
                         for j in 0..<start { P[t * T + j] = 0 }
                         Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
                     }
-                } else {
-                    for t in 0..<T { Ops.softmaxRow(P + t * T, visible: t + 1, length: T) }
+                    Gemm.gemm(act.attn + b * T * qDim + (r0 * qDim) + h * d, ldc: qDim, P + r0 * T, lda: T, V, ldb: kvDim, m: r1 - r0, n: d, k: r1)
                 }
-                Gemm.gemm(act.attn + b * T * qDim + h * d, ldc: qDim, P, lda: T, V, ldb: kvDim, m: T, n: d, k: T)
             }
         }
     }
@@ -366,7 +371,8 @@ public final class TrainingEngine {
         normBackward(dIn, ws.dx1, h, act.rstd1, layer.inputNorm, rows: N)
     }
 
-    /// dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dO, per sequence and head.
+    /// dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dO, per sequence and head,
+    /// in the same row blocks as the forward (a block of rows touches only the keys before its end).
     /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
     func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         let c = model.config
@@ -379,20 +385,25 @@ public final class TrainingEngine {
                 let kvh = h / group
                 let P = act.probs + (b * H + h) * T * T
                 let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
-                // dP = dO Vᵀ
-                Gemm.gemm(S, ldc: T, ws.dAttn + qOff, lda: qDim, act.v + kvOff, ldb: kvDim, m: T, n: T, k: d, transposeB: true)
-                // dV += Pᵀ dO
-                Gemm.gemm(ws.dv + kvOff, ldc: kvDim, P, lda: T, ws.dAttn + qOff, ldb: qDim, m: T, n: d, k: T, transposeA: true, beta: 1)
-                for t in 0..<T {
-                    let prow = P + t * T, srow = S + t * T
-                    var dot: Float = 0
-                    for j in 0...t { dot += prow[j] * srow[j] }
-                    for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
-                    for j in (t + 1)..<T { srow[j] = 0 }
+                for r0 in stride(from: 0, to: T, by: max(1, options.attentionRowBlock)) {
+                    let r1 = min(T, r0 + max(1, options.attentionRowBlock)), rows = r1 - r0
+                    let dO = ws.dAttn + qOff + r0 * qDim
+                    // dP = dO Vᵀ   [rows, r1]
+                    Gemm.gemm(S + r0 * T, ldc: T, dO, lda: qDim, act.v + kvOff, ldb: kvDim, m: rows, n: r1, k: d, transposeB: true)
+                    // dV[0..<r1] += Pᵀ dO
+                    Gemm.gemm(ws.dv + kvOff, ldc: kvDim, P + r0 * T, lda: T, dO, ldb: qDim, m: r1, n: d, k: rows, transposeA: true, beta: 1)
+                    for t in r0..<r1 {
+                        let prow = P + t * T, srow = S + t * T
+                        var dot: Float = 0
+                        for j in 0...t { dot += prow[j] * srow[j] }
+                        for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
+                        for j in (t + 1)..<r1 { srow[j] = 0 }
+                    }
+                    // dQ[r0..<r1] = dS K ; dK[0..<r1] += dSᵀ Q[r0..<r1]
+                    Gemm.gemm(ws.dq + qOff + r0 * qDim, ldc: qDim, S + r0 * T, lda: T, act.k + kvOff, ldb: kvDim, m: rows, n: d, k: r1)
+                    Gemm.gemm(ws.dk + kvOff, ldc: kvDim, S + r0 * T, lda: T, act.q + qOff + r0 * qDim, ldb: qDim, m: r1, n: d, k: rows,
+                              transposeA: true, beta: 1)
                 }
-                // dQ = dS K ; dK += dSᵀ Q
-                Gemm.gemm(ws.dq + qOff, ldc: qDim, S, lda: T, act.k + kvOff, ldb: kvDim, m: T, n: d, k: T)
-                Gemm.gemm(ws.dk + kvOff, ldc: kvDim, S, lda: T, act.q + qOff, ldb: qDim, m: T, n: d, k: T, transposeA: true, beta: 1)
             }
         }
     }

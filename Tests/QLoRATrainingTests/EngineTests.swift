@@ -205,4 +205,27 @@ struct EngineTests {
         #expect(abs(la - lb) <= 1e-6 * abs(lb))
         #expect(Compare.close(ea.lora.gradients, eb.lora.gradients, atol: 1e-6, rtol: 1e-4, "gradients") == nil)
     }
+
+    @Test("causal attention in row blocks gives the gradients of whole squares (plain and packed rows)")
+    func attentionBlocks() throws {
+        let model = try tinyModel()
+        for packed in [false, true] {
+            var results: [(Double, [Float])] = []
+            for block in [1000, 3, 4] {
+                let e = engine(model)
+                e.options.attentionRowBlock = block
+                e.lora.zeroGradients()
+                var b = batch()
+                if packed {
+                    let starts = (0..<b.tokens.count).map { i in i % 10 < 4 ? 0 : 4 }
+                    b = TrainingBatch(tokens: b.tokens, labels: b.labels, batchSize: b.batchSize, sequenceLength: b.sequenceLength, segmentStarts: starts)
+                }
+                results.append((try e.step(b), e.lora.gradients))
+            }
+            for r in results.dropFirst() {
+                #expect(abs(r.0 - results[0].0) <= 1e-6 * abs(results[0].0), "loss, packed \(packed)")
+                #expect(Compare.close(r.1, results[0].1, atol: 1e-7, rtol: 1e-4, "gradients, packed \(packed)") == nil)
+            }
+        }
+    }
 }

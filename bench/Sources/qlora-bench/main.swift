@@ -250,6 +250,7 @@ do {
         let lora = LoRAWeights(model: model, config: c)
         var to = TrainingOptions()
         to.gradientCheckpointing = !args.contains("--no-checkpointing")
+        to.attentionRowBlock = option("--attention-block", to.attentionRowBlock)
         let engine = TrainingEngine(model: model, lora: lora, options: to)
         let B = option("--batch", 4), T = option("--seq", 512), steps = option("--steps", 3)
         var rng = SeededGenerator(seed: 1)
