@@ -2,7 +2,7 @@
 // gives the same stream on every platform, for initialization, dropout, shuffling and sampling.
 
 public struct SeededGenerator: RandomNumberGenerator, Sendable {
-    private var s: (UInt64, UInt64, UInt64, UInt64)
+    @usableFromInline var s: (UInt64, UInt64, UInt64, UInt64)
 
     public init(seed: UInt64) {
         var x = seed
@@ -16,6 +16,8 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
         s = (splitmix(), splitmix(), splitmix(), splitmix())
     }
 
+    /// Inlinable: dropout masks draw one number per activation.
+    @inlinable
     public mutating func next() -> UInt64 {
         let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
         let t = s.1 << 17
@@ -29,6 +31,7 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
     }
 
     /// Uniform in [0, 1) with 24 random bits.
+    @inlinable
     public mutating func nextFloat() -> Float { Float(next() >> 40) * 0x1p-24 }
 
     /// Uniform in [0, 1) with 53 random bits.

@@ -428,8 +428,14 @@ public final class TrainingEngine {
             // Seeded by step, layer and projection: a recomputed layer (checkpointing) draws the same mask.
             var rng = SeededGenerator(seed: lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001)
             let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
+            // Element i is dropped when nextFloat() = (next() >> 40) · 2⁻²⁴ < p, i.e. when the 24-bit integer
+            // is below ⌈p · 2²⁴⌉: the same masks, compared as integers and without branches.
+            let threshold = UInt64((Double(dropout) * 16_777_216).rounded(.up))
+            let dropped = ws.dropped
             for i in 0..<(N * inF) {
-                if rng.nextFloat() < dropout { mask[i] = 0; ws.dropped[i] = 0 } else { mask[i] = 1; ws.dropped[i] = x[i] * keep }
+                let kept = (rng.next() >> 40) >= threshold
+                mask[i] = kept ? 1 : 0
+                dropped[i] = kept ? x[i] * keep : 0
             }
             input = UnsafePointer(ws.dropped)
         }
@@ -454,7 +460,8 @@ public final class TrainingEngine {
         let keep = 1 / (1 - lora.config.dropout)
         if dropoutActive, let m = act.masks[p.rawValue] {
             // drop(x) again from x and the kept mask.
-            for i in 0..<(N * inF) { ws.dropped[i] = m[i] != 0 ? x[i] * keep : 0 }
+            let dropped = ws.dropped
+            for i in 0..<(N * inF) { dropped[i] = m[i] != 0 ? x[i] * keep : 0 }
             input = UnsafePointer(ws.dropped)
             mask = m
         }
