@@ -49,17 +49,22 @@ public struct NestedAbsmax: Sendable, Equatable {
     public func dequantize() -> [Float] {
         let n = codes.count
         return [Float](unsafeUninitializedCapacity: n) { out, count in
-            Codebooks.dynamic8.withUnsafeBufferPointer { table in
-                codes.withUnsafeBufferPointer { q in
-                    nestedAbsmax.withUnsafeBufferPointer { scale in
-                        for i in 0..<n {
-                            let value = table[Int(q[i])] * scale[i / Self.blockSize] + offset
-                            out[i] = value.isFinite ? value : .greatestFiniteMagnitude
-                        }
+            decode(0..<n, into: out.baseAddress!)
+            count = n
+        }
+    }
+
+    /// The constants of `range` into `out` (`out[0]` is constant `range.lowerBound`), as `dequantize()`.
+    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        Codebooks.dynamic8.withUnsafeBufferPointer { table in
+            codes.withUnsafeBufferPointer { q in
+                nestedAbsmax.withUnsafeBufferPointer { scale in
+                    for i in range {
+                        let value = table[Int(q[i])] * scale[i / Self.blockSize] + offset
+                        out[i - range.lowerBound] = value.isFinite ? value : .greatestFiniteMagnitude
                     }
                 }
             }
-            count = n
         }
     }
 
@@ -197,17 +202,7 @@ public struct Quantized4Bit: Sendable, Equatable {
             absmax.withUnsafeBufferPointer { a in (out).update(from: a.baseAddress! + blocks.lowerBound, count: blocks.count) }
             return
         }
-        let n = nested!
-        Codebooks.dynamic8.withUnsafeBufferPointer { table in
-            n.codes.withUnsafeBufferPointer { q in
-                n.nestedAbsmax.withUnsafeBufferPointer { scale in
-                    for i in blocks {
-                        let value = table[Int(q[i])] * scale[i / NestedAbsmax.blockSize] + n.offset
-                        out[i - blocks.lowerBound] = value.isFinite ? value : .greatestFiniteMagnitude
-                    }
-                }
-            }
-        }
+        nested!.decode(blocks, into: out)
     }
 
     /// Dequantizes the flat elements `elements` into `out`, decoding only the scales of the blocks they
