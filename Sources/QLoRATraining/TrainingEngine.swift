@@ -60,10 +60,9 @@ public struct TrainingBatch: Sendable {
         return n
     }
 
-    /// RoPE position of every token: its index in its example.
-    public var positions: [Int] {
-        (0..<tokens.count).map { $0 % sequenceLength - (segmentStarts?[$0] ?? 0) }
-    }
+    /// RoPE position of token i (flat index): its index in its example.
+    @inline(__always)
+    public func position(of i: Int) -> Int { i % sequenceLength - (segmentStarts?[i] ?? 0) }
 }
 
 public struct TrainingOptions: Sendable {
@@ -238,7 +237,7 @@ public final class TrainingEngine {
         // RoPE tables for each token's position in its example.
         let half = c.headDim / 2
         for i in 0..<N {
-            let position = Float(i % T - (batch.segmentStarts?[i] ?? 0))
+            let position = Float(batch.position(of: i))
             for j in 0..<half {
                 let angle = position * inverseFrequencies[j]
                 ws.ropeCos[i * half + j] = cosf(angle)

@@ -166,7 +166,7 @@ struct EngineTests {
         let tb = try Trainer(engine: b, config: TrainerConfig(), train: examples, validation: [], padToken: 0)
         let packedBatch = ta.makeBatch(packed), plainBatch = tb.makeBatch(examples)
         #expect(packedBatch.segmentStarts?[11 + 7] == 7 && packedBatch.segmentStarts?[11 + 6] == 0)
-        #expect(packedBatch.positions[11 + 8] == 1)
+        #expect(packedBatch.position(of: 11 + 8) == 1)
         #expect(packedBatch.targetCount == plainBatch.targetCount)
         a.lora.zeroGradients()
         b.lora.zeroGradients()
