@@ -150,8 +150,8 @@ func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim:
         let q = Quantized4Bit(quantType: .nf4, blockSize: 64, shape: [out, inF], packed: randomBytes((n + 1) / 2), absmax: nil, nested: nested)
         return Linear(weight: .quantized(q), outFeatures: out, inFeatures: inF)
     }
-    // Embedding-like values, cheaply (a hash of the index; spread about ±std).
-    func normal(_ n: Int, _ std: Float) -> [Float] {
+    // Embedding-like values, cheaply (a hash of the index, uniform in about ±1.7 std; not normal).
+    func embeddingLike(_ n: Int, _ std: Float) -> [Float] {
         [Float](unsafeUninitializedCapacity: n) { buf, count in
             for i in 0..<n { buf[i] = (Float(UInt32(truncatingIfNeeded: UInt64(i) &* 0x9E37_79B9_7F4A_7C15 >> 40) & 0xFFFF) / 32768 - 1) * 1.7 * std }
             count = n
@@ -166,7 +166,7 @@ func memoryBench(shape name: String, batch B: Int, seq T: Int, rank: Int, optim:
     }
     // bf16 embeddings and head, as QLoRA keeps them (its compute dtype); --f32-embeddings for f32.
     func table() -> Linear {
-        let w = normal(32000 * D, 0.02)
+        let w = embeddingLike(32000 * D, 0.02)
         return Linear(weight: f32Embeddings ? .dense(w) : .bf16(w.map(floatToBFloat16Bits)), outFeatures: 32000, inFeatures: D)
     }
     let model = LlamaModel(config: config, embeddings: table(), layers: built, finalNorm: [Float](repeating: 1, count: D),
