@@ -126,27 +126,39 @@ public enum TensorBoardEvent {
     }
 }
 
+/// A file that grows by whole writes: each `append` is one write(2) with O_APPEND, so a killed process
+/// leaves every record it finished (logs, metrics, event files).
+public final class AppendingFile {
+    public let path: String
+    private let fd: Int32
+
+    public init(path: String) throws {
+        self.path = path
+        fd = try Syscalls.open(path, flags: O_WRONLY | O_CREAT | O_APPEND)
+    }
+
+    deinit { Syscalls.close(fd) }
+
+    public func append(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try Syscalls.writeAll(fd, $0, path: path) }
+    }
+}
+
 /// Appends events to `folder/events.out.tfevents.<seconds>.<host>.<pid>`; `tensorboard --logdir` reads it.
 public final class TensorBoardWriter {
-    public let path: String
-    private var fd: Int32
+    public var path: String { file.path }
+    private let file: AppendingFile
 
     public init(folder: String, wallTime: Double = Clock.wallSeconds()) throws {
         try FileSystem.makeDirectory(folder)
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, host.count - 1)
         let hostName = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        path = FileSystem.join(folder, "events.out.tfevents.\(Int(wallTime)).\(hostName.isEmpty ? "localhost" : hostName).\(Syscalls.processID())")
-        fd = try Syscalls.open(path, flags: O_WRONLY | O_CREAT | O_APPEND)
+        file = try AppendingFile(path: FileSystem.join(folder, "events.out.tfevents.\(Int(wallTime)).\(hostName.isEmpty ? "localhost" : hostName).\(Syscalls.processID())"))
         try append(TensorBoardEvent.fileVersion(wallTime: wallTime))
     }
 
-    deinit { Syscalls.close(fd) }
-
-    private func append(_ event: [UInt8]) throws {
-        let record = TensorBoardEvent.record(event)
-        try record.withUnsafeBytes { try Syscalls.writeAll(fd, $0, path: path) }
-    }
+    private func append(_ event: [UInt8]) throws { try file.append(TensorBoardEvent.record(event)) }
 
     public func scalar(_ tag: String, _ value: Double, step: Int, wallTime: Double = Clock.wallSeconds()) throws {
         try append(TensorBoardEvent.scalar(tag: tag, value: Float(value), step: Int64(step), wallTime: wallTime))

@@ -267,9 +267,11 @@ struct Train: ParsableCommand {
         }
         Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler)")
 
-        func writeMetrics() throws {
-            try FileSystem.writeFileAtomically(metricsPath, bytes: Array((metricsLines.map { $0 + "\n" }.joined()).utf8))
-        }
+        // metrics.jsonl: the kept lines once, atomically; then one appended line per record, so a killed
+        // run keeps every finished step without rewriting the file each step.
+        try FileSystem.writeFileAtomically(metricsPath, bytes: Array((metricsLines.map { $0 + "\n" }.joined()).utf8))
+        let metrics = try AppendingFile(path: metricsPath)
+        func record(_ fields: [(String, JSONValue)]) throws { try metrics.append(Array((JSON.serialize(.object(fields)) + "\n").utf8)) }
         if Interrupt.requested {
             Log.info("interrupted before training began; nothing to save")
             return
@@ -281,7 +283,7 @@ struct Train: ParsableCommand {
         let initialValidation = trainer.step == 0 ? try trainer.validationLoss() : nil
         if let v = initialValidation {
             Log.info("validation loss before training: \(formatFixed(v, 4))")
-            metricsLines.append(JSON.serialize(.object([("step", .int(0)), ("val_loss", .double(v))])))
+            try record([("step", .int(0)), ("val_loss", .double(v))])
             try board.scalar("eval/loss", v, step: 0)
         }
         let progress = ProgressBar("train", total: trainer.totalSteps, enabled: !json)
@@ -294,7 +296,6 @@ struct Train: ParsableCommand {
             do {
                 m = try trainer.runStep()
             } catch let e as TrainingError {
-                try writeMetrics()
                 if case let .nonFinite(step, what, _) = e { throw TrainingError.nonFinite(step: step, what: what, checkpoint: lastCheckpoint) }
                 throw e
             }
@@ -304,7 +305,7 @@ struct Train: ParsableCommand {
                 ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
             ]
             if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
-            metricsLines.append(JSON.serialize(.object(fields)))
+            try record(fields)
             try board.scalar("train/loss", m.loss, step: m.step)
             try board.scalar("train/learning_rate", m.learningRate, step: m.step)
             try board.scalar("train/grad_norm", m.gradNorm, step: m.step)
@@ -316,22 +317,18 @@ struct Train: ParsableCommand {
             if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || interrupted {
                 lastCheckpoint = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
             }
-            // Every step, so a crash loses no metrics (a resumed run drops those past its checkpoint).
-            try writeMetrics()
             if interrupted {
                 Log.info("\ninterrupted: saved \(lastCheckpoint!); continue with --resume")
                 stopped = true
                 break
             }
         }
-        try writeMetrics()
         if stopped { return }
         // The last step may have been evaluated already (--eval-every dividing it).
         let evaluatedLast = last.flatMap { $0.step == trainer.step ? $0.validationLoss : nil }
         let finalValidation = try evaluatedLast ?? trainer.validationLoss()
         if evaluatedLast == nil, let v = finalValidation {
-            metricsLines.append(JSON.serialize(.object([("step", .int(trainer.step)), ("val_loss", .double(v))])))
-            try writeMetrics()
+            try record([("step", .int(trainer.step)), ("val_loss", .double(v))])
             try board.scalar("eval/loss", v, step: trainer.step)
         }
         _ = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
