@@ -88,3 +88,6 @@ double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float 
 }
 #endif
 #endif
+
+// The bf16 GEMM of the training step.
+#include "CKernelsBF16.h"

@@ -1,0 +1,107 @@
+// The bf16 matrix multiply of the training step (QLoRA's bf16 compute dtype): A converted to bf16 rows
+// once, B packed into 32-column panels of bf16 pairs, C accumulated in f32 by the AVX512-BF16 kernel
+// (CKernels/bf16gemm.c), which runs at twice the f32 FMA rate. The scalar reference defines the results
+// and runs where the CPU lacks AVX512-BF16 (slowly: callers fall back to f32 BLAS there).
+import CKernels
+import QLoRACore
+
+public enum BF16Gemm {
+    /// Whether this CPU has AVX512-BF16 (the fast kernels).
+    public static let isSupported: Bool = qk_cpu_supports_bf16() != 0
+
+    /// Columns per packed panel.
+    public static let panelWidth = Int(QK_BF16_NR)
+
+    /// Row length of a converted A of `k` columns (rounded up to even: the kernel reads pairs).
+    @inlinable public static func paddedCount(_ k: Int) -> Int { (k + 1) & ~1 }
+
+    /// UInt32 words of a packed B of k x n.
+    public static func packedWords(k: Int, n: Int) -> Int { Int(qk_bf16_packed_words(k, n)) }
+
+    /// dst[r][c] = bf16(src[r * ld + c]) (round to nearest even), rows padded to even length with 0.
+    public static func convert(_ src: UnsafePointer<Float>, rows: Int, cols: Int, ld: Int, into dst: UnsafeMutablePointer<UInt16>, ldd: Int,
+                               parallel: Bool = true, reference: Bool = !isSupported) {
+        precondition(ldd >= paddedCount(cols))
+        forChunks(parallel, count: rows, minimumChunk: max(1, 16_384 / max(cols, 1))) { range in
+            let s = src + range.lowerBound * ld, d = dst + range.lowerBound * ldd
+            if reference {
+                qk_bf16_convert_rows_reference(s, range.count, cols, ld, d, ldd)
+            } else {
+                qk_bf16_convert_rows_avx512bf16(s, range.count, cols, ld, d, ldd)
+            }
+        }
+    }
+
+    /// Packs B (k x n) from f32: `transposed` when B is stored [n][ldb] (a weight W for C = A Wᵀ), else [k][ldb].
+    public static func packB(_ b: UnsafePointer<Float>, ldb: Int, transposed: Bool, k: Int, n: Int, into packed: UnsafeMutablePointer<UInt32>,
+                             parallel: Bool = true, reference: Bool = !isSupported) {
+        let panels = (n + panelWidth - 1) / panelWidth
+        forChunks(parallel, count: panels, minimumChunk: max(1, 8192 / max(k, 1))) { range in
+            if reference {
+                qk_bf16_pack_b_reference(b, ldb, transposed ? 1 : 0, k, n, range.lowerBound, range.upperBound, packed)
+            } else {
+                qk_bf16_pack_b_avx512bf16(b, ldb, transposed ? 1 : 0, k, n, range.lowerBound, range.upperBound, packed)
+            }
+        }
+    }
+
+    /// C[m, n] = alpha · A[m, k] · B[k, n] (+ C when `accumulate`), A as converted bf16 rows (row stride lda), B packed; products of
+    /// bf16 values summed in f32. Splits rows among threads, or panels when there are few rows.
+    public static func gemm(_ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<UInt16>, lda: Int, _ packed: UnsafePointer<UInt32>,
+                            m: Int, n: Int, k: Int, alpha: Float = 1, accumulate: Bool, parallel: Bool = true,
+                            reference: Bool = !isSupported) {
+        guard m > 0, n > 0 else { return }
+        let panels = (n + panelWidth - 1) / panelWidth
+        let mr = Int(QK_BF16_MR)
+        let acc: Int32 = accumulate ? 1 : 0
+        func run(_ m0: Int, _ m1: Int, _ p0: Int, _ p1: Int) {
+            if reference {
+                qk_bf16_gemm_reference(a, lda, packed, k, n, c, ldc, m0, m1, p0, p1, alpha, acc)
+            } else {
+                qk_bf16_gemm_avx512bf16(a, lda, packed, k, n, c, ldc, m0, m1, p0, p1, alpha, acc)
+            }
+        }
+        let work = m * n * k
+        if !parallel || work < 1 << 18 || Parallel.threadCount == 1 {
+            run(0, m, 0, panels)
+        } else if m >= 8 * mr * Parallel.threadCount {
+            Parallel.forChunks(count: m, granularity: mr) { _, range in run(range.lowerBound, range.upperBound, 0, panels) }
+        } else {
+            Parallel.forChunks(count: panels) { _, range in run(0, m, range.lowerBound, range.upperBound) }
+        }
+    }
+
+    /// f32 -> bf16 bits (round to nearest even, as the kernels convert).
+    public static func bf16(_ x: Float) -> UInt16 { qk_bf16_from_float(x) }
+
+    /// The same rounding as `bf16`, inlinable (nearest even; NaN quiet; subnormals to signed zero).
+    @inlinable @inline(__always)
+    static func round(_ x: Float) -> UInt16 {
+        var u = x.bitPattern
+        if u & 0x7fff_ffff > 0x7f80_0000 { return UInt16(truncatingIfNeeded: u >> 16) | 0x40 }
+        if u & 0x7f80_0000 == 0 { return UInt16(truncatingIfNeeded: u >> 16) & 0x8000 }
+        u &+= 0x7fff &+ ((u >> 16) & 1)
+        return UInt16(truncatingIfNeeded: u >> 16)
+    }
+
+    /// The transpose of src [rows, cols] (row stride ld) as bf16 rows: dst[c][r] = bf16(src[r * ld + c]),
+    /// each of the `cols` rows padded to even length with 0 (ldd >= paddedCount(rows)). For the small
+    /// operands of attention's backward (a head's Q or dO, d x T).
+    public static func convertTransposed(_ src: UnsafePointer<Float>, rows: Int, cols: Int, ld: Int, into dst: UnsafeMutablePointer<UInt16>,
+                                         ldd: Int) {
+        precondition(ldd >= paddedCount(rows))
+        for r in 0..<rows {
+            let s = src + r * ld
+            for c in 0..<cols { dst[c * ldd + r] = round(s[c]) }
+        }
+        if rows & 1 == 1 { for c in 0..<cols { dst[c * ldd + rows] = 0 } }
+    }
+
+    private static func forChunks(_ parallel: Bool, count: Int, minimumChunk: Int, _ body: (Range<Int>) -> Void) {
+        if parallel {
+            Parallel.forChunks(count: count, minimumChunk: minimumChunk) { _, range in body(range) }
+        } else if count > 0 {
+            body(0..<count)
+        }
+    }
+}

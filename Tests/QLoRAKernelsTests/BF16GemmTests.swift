@@ -1,0 +1,168 @@
+// The bf16 GEMM: rounding against PyTorch's f32 -> bf16 conversion, products against PyTorch's bf16
+// operands multiplied in float64 (Resources/bf16.safetensors, from scripts/reference/make_bf16_fixtures.py),
+// and the AVX512-BF16 kernels against the scalar references on awkward shapes.
+import QLoRACore
+import QLoRAFormats
+import QLoRATestSupport
+import Testing
+
+import CKernels
+import QLoRAKernels
+
+private let fixture = try! Fixtures.open("bf16.safetensors")
+
+private func floats(_ name: String) -> [Float] {
+    guard let t = fixture.tensor(name) else { fatalError("fixture has no tensor \(name)") }
+    return t.values(as: Float.self)
+}
+
+/// C = A[m, k] · op(B), through convert + pack + gemm (A row stride lda >= padded k).
+private func product(_ a: [Float], _ b: [Float], m: Int, n: Int, k: Int, transposedB: Bool, reference: Bool,
+                     alpha: Float = 1, accumulateInto c0: [Float]? = nil) -> [Float] {
+    let lda = BF16Gemm.paddedCount(k) + 2  // a wider stride than needed: strides are honoured
+    var ab = [UInt16](repeating: 0xFFFF, count: m * lda)
+    var packed = [UInt32](repeating: 0xDEAD_BEEF, count: BF16Gemm.packedWords(k: k, n: n))
+    var c = c0 ?? [Float](repeating: .nan, count: m * n)
+    a.withUnsafeBufferPointer { ap in
+        ab.withUnsafeMutableBufferPointer { BF16Gemm.convert(ap.baseAddress!, rows: m, cols: k, ld: k, into: $0.baseAddress!, ldd: lda, reference: reference) }
+    }
+    b.withUnsafeBufferPointer { bp in
+        packed.withUnsafeMutableBufferPointer {
+            BF16Gemm.packB(bp.baseAddress!, ldb: transposedB ? k : n, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: reference)
+        }
+    }
+    ab.withUnsafeBufferPointer { ap in
+        packed.withUnsafeBufferPointer { pp in
+            c.withUnsafeMutableBufferPointer {
+                BF16Gemm.gemm($0.baseAddress!, ldc: n, ap.baseAddress!, lda: lda, pp.baseAddress!, m: m, n: n, k: k, alpha: alpha,
+                              accumulate: c0 != nil, reference: reference)
+            }
+        }
+    }
+    return c
+}
+
+private func transpose(_ x: [Float], rows: Int, cols: Int) -> [Float] {
+    var t = [Float](repeating: 0, count: x.count)
+    for r in 0..<rows { for c in 0..<cols { t[c * rows + r] = x[r * cols + c] } }
+    return t
+}
+
+@Suite("bf16 gemm")
+struct BF16GemmTests {
+    @Test("f32 -> bf16 rounds as PyTorch does (nearest even, ties, carries, overflow), in both kernels")
+    func rounding() {
+        let x = floats("x")
+        let expected = fixture.tensor("x_bf16")!.values(as: Int16.self).map { UInt16(bitPattern: $0) }
+        for reference in [true, false] where reference || BF16Gemm.isSupported {
+            var out = [UInt16](repeating: 0, count: x.count + 1)
+            x.withUnsafeBufferPointer { xp in
+                out.withUnsafeMutableBufferPointer {
+                    BF16Gemm.convert(xp.baseAddress!, rows: 1, cols: x.count, ld: x.count, into: $0.baseAddress!, ldd: x.count + 1, reference: reference)
+                }
+            }
+            let mismatches = (0..<x.count).filter { out[$0] != expected[$0] }
+            #expect(mismatches.isEmpty, "reference \(reference): \(mismatches.count) mismatches, first at \(mismatches.first.map { "\(x[$0]): \(out[$0]) vs \(expected[$0])" } ?? "")")
+            #expect(out[x.count] == 0, "an odd row is padded with 0")
+        }
+    }
+
+    @Test("NaN stays NaN; subnormals become signed zeros (as vcvtneps2bf16 does)")
+    func specials() {
+        let values: [Float] = [.nan, -.nan, Float(bitPattern: 0x7F80_0001), 1e-39, -1e-39, Float.leastNonzeroMagnitude]
+        for reference in [true, false] where reference || BF16Gemm.isSupported {
+            var out = [UInt16](repeating: 0, count: values.count)
+            values.withUnsafeBufferPointer { xp in
+                out.withUnsafeMutableBufferPointer {
+                    BF16Gemm.convert(xp.baseAddress!, rows: 1, cols: values.count, ld: values.count, into: $0.baseAddress!, ldd: values.count,
+                                     reference: reference)
+                }
+            }
+            for i in 0..<3 { #expect(out[i] & 0x7F80 == 0x7F80 && out[i] & 0x7F != 0 || out[i] & 0x7FC0 == 0x7FC0, "NaN \(i): \(out[i])") }
+            #expect(Array(out[3...]) == [0, 0x8000, 0], "reference \(reference)")
+        }
+    }
+
+    @Test("products equal PyTorch's bf16 operands multiplied in float64, to f32 summation error")
+    func againstTorch() {
+        let a = floats("a"), b = floats("b"), expected = floats("c")
+        let m = 37, k = 61, n = 45
+        // Bound on f32 summation error: k ulps of the sum of |a||b|.
+        var bound = [Float](repeating: 0, count: m * n)
+        for i in 0..<m { for j in 0..<n { for p in 0..<k { bound[i * n + j] += abs(a[i * k + p] * b[p * n + j]) } } }
+        for reference in [true, false] where reference || BF16Gemm.isSupported {
+            for transposedB in [false, true] {
+                let c = product(a, transposedB ? transpose(b, rows: k, cols: n) : b, m: m, n: n, k: k, transposedB: transposedB, reference: reference)
+                let worst = (0..<(m * n)).map { abs(c[$0] - expected[$0]) / (bound[$0] * Float(k) * Float.ulpOfOne) }.max()!
+                #expect(worst <= 1, "reference \(reference) transposedB \(transposedB): error \(worst) of the bound")
+            }
+        }
+    }
+
+    @Test("AVX512-BF16 convert, pack and gemm equal the scalar references on odd shapes, ranges, alpha and accumulate")
+    func kernelsAgainstReference() throws {
+        try #require(BF16Gemm.isSupported, "this CPU has no AVX512-BF16")
+        var rng = SeededRandom(seed: 11)
+        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (25, 70, 63), (12, 32, 2), (100, 64, 576), (37, 100, 1001), (3, 5, 2048)] {
+            let a = (0..<(m * k)).map { _ in rng.normal() }
+            for transposedB in [false, true] {
+                let b = (0..<(k * n)).map { _ in rng.normal() }
+                let c0 = (0..<(m * n)).map { _ in rng.normal() }
+                for (alpha, acc) in [(Float(1), false), (0.125, true)] {
+                    let fast = product(a, b, m: m, n: n, k: k, transposedB: transposedB, reference: false, alpha: alpha, accumulateInto: acc ? c0 : nil)
+                    let slow = product(a, b, m: m, n: n, k: k, transposedB: transposedB, reference: true, alpha: alpha, accumulateInto: acc ? c0 : nil)
+                    // Same pairs in the same order: equal up to how the hardware rounds within one vdpbf16ps.
+                    #expect(Compare.close(fast, slow, atol: 1e-5 * Float(k).squareRoot(), rtol: 1e-6, "m\(m) n\(n) k\(k) tb \(transposedB)") == nil)
+                }
+                // Packing is bit-exact.
+                var p1 = [UInt32](repeating: 1, count: BF16Gemm.packedWords(k: k, n: n)), p2 = p1
+                let ldb = transposedB ? k : n
+                b.withUnsafeBufferPointer { bp in
+                    p1.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: true) }
+                    p2.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: false) }
+                }
+                #expect(p1 == p2, "pack m\(m) n\(n) k\(k) transposed \(transposedB)")
+            }
+        }
+    }
+
+    @Test("a row range and a panel range compute exactly their block of C")
+    func ranges() {
+        var rng = SeededRandom(seed: 5)
+        let m = 29, n = 77, k = 19
+        let a = (0..<(m * k)).map { _ in rng.normal() }, b = (0..<(k * n)).map { _ in rng.normal() }
+        let whole = product(a, b, m: m, n: n, k: k, transposedB: false, reference: !BF16Gemm.isSupported)
+        let lda = BF16Gemm.paddedCount(k)
+        var ab = [UInt16](repeating: 0, count: m * lda), packed = [UInt32](repeating: 0, count: BF16Gemm.packedWords(k: k, n: n))
+        a.withUnsafeBufferPointer { ap in ab.withUnsafeMutableBufferPointer { BF16Gemm.convert(ap.baseAddress!, rows: m, cols: k, ld: k, into: $0.baseAddress!, ldd: lda) } }
+        b.withUnsafeBufferPointer { bp in packed.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: n, transposed: false, k: k, n: n, into: $0.baseAddress!) } }
+        var c = [Float](repeating: -7, count: m * n)
+        ab.withUnsafeBufferPointer { ap in packed.withUnsafeBufferPointer { pp in c.withUnsafeMutableBufferPointer { cp in
+            let f = BF16Gemm.isSupported ? qk_bf16_gemm_avx512bf16 : qk_bf16_gemm_reference
+            f(ap.baseAddress!, lda, pp.baseAddress!, k, n, cp.baseAddress!, n, 5, 18, 1, 2, 1, 0)
+        } } }
+        for i in 0..<m {
+            for j in 0..<n {
+                let inside = (5..<18).contains(i) && (32..<64).contains(j)
+                #expect(c[i * n + j] == (inside ? whole[i * n + j] : -7), "(\(i), \(j))")
+            }
+        }
+    }
+
+    @Test("the transposed conversion is the conversion of the transpose")
+    func transposedConversion() {
+        var rng = SeededRandom(seed: 9)
+        for (rows, cols) in [(7, 3), (64, 9), (33, 64)] {
+            let x = (0..<(rows * cols)).map { _ in rng.normal() }
+            let ldd = BF16Gemm.paddedCount(rows)
+            var viaT = [UInt16](repeating: 1, count: cols * ldd), direct = viaT
+            x.withUnsafeBufferPointer { xp in viaT.withUnsafeMutableBufferPointer {
+                BF16Gemm.convertTransposed(xp.baseAddress!, rows: rows, cols: cols, ld: cols, into: $0.baseAddress!, ldd: ldd)
+            } }
+            transpose(x, rows: rows, cols: cols).withUnsafeBufferPointer { tp in direct.withUnsafeMutableBufferPointer {
+                BF16Gemm.convert(tp.baseAddress!, rows: cols, cols: rows, ld: rows, into: $0.baseAddress!, ldd: ldd, reference: true)
+            } }
+            #expect(viaT == direct, "\(rows) x \(cols)")
+        }
+    }
+}
