@@ -6,6 +6,7 @@ import Accelerate
 #else
 import CBLAS
 #endif
+import QLoRACore
 
 public enum Gemm {
     /// C[M, N] = alpha * op(A) * op(B) + beta * C, row-major, where op(A) is [M, K] and op(B) is [K, N].
@@ -32,6 +33,43 @@ public enum Gemm {
         cblas_sgemm(
             CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
             Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// `gemm` split into one BLAS call per thread of our own (`Parallel`), over the rows of C or, when it
+    /// has fewer rows than columns, over its columns. For use while BLAS runs single-threaded
+    /// (`withSingleThreadedBLAS`), so that one set of threads owns the cores.
+    public static func parallelGemm(
+        _ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int,
+        m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false, alpha: Float = 1, beta: Float = 0
+    ) {
+        guard m > 0, n > 0 else { return }
+        if Parallel.threadCount == 1 || m * n * max(k, 1) < 1 << 17 {
+            gemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, alpha: alpha, beta: beta)
+        } else if m >= n {
+            Parallel.forChunks(count: m, granularity: 16) { _, r in
+                gemm(c + r.lowerBound * ldc, ldc: ldc, a + (transposeA ? r.lowerBound : r.lowerBound * lda), lda: lda, b, ldb: ldb,
+                     m: r.count, n: n, k: k, transposeA: transposeA, transposeB: transposeB, alpha: alpha, beta: beta)
+            }
+        } else {
+            Parallel.forChunks(count: n, granularity: 16) { _, r in
+                gemm(c + r.lowerBound, ldc: ldc, a, lda: lda, b + (transposeB ? r.lowerBound * ldb : r.lowerBound), ldb: ldb,
+                     m: m, n: r.count, k: k, transposeA: transposeA, transposeB: transposeB, alpha: alpha, beta: beta)
+            }
+        }
+    }
+
+    /// Runs `body` with BLAS on the calling thread only, restoring its thread count after. OpenBLAS's
+    /// idle workers spin (sched_yield) for a while after each call and take cycles from our own parallel
+    /// loops; inside, the callers parallelize with `Parallel` instead. (Accelerate: no effect.)
+    public static func withSingleThreadedBLAS<R>(_ body: () throws -> R) rethrows -> R {
+        #if canImport(Accelerate)
+        return try body()
+        #else
+        let before = openblas_get_num_threads()
+        if before != 1 { openblas_set_num_threads(1) }
+        defer { if before != 1 { openblas_set_num_threads(before) } }
+        return try body()
+        #endif
     }
 
     /// y[m] = alpha * A[m, n] x[n] + beta * y (row-major A with row stride lda).

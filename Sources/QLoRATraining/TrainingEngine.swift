@@ -65,11 +65,26 @@ public struct TrainingBatch: Sendable {
     public func position(of i: Int) -> Int { i % sequenceLength - (segmentStarts?[i] ?? 0) }
 }
 
+/// The precision of the frozen model's products (QLoRA's `bnb_4bit_compute_dtype`).
+public enum ComputeDType: String, Sendable, CaseIterable {
+    /// f32 BLAS throughout (what the gradient fixtures are checked against at 1e-4).
+    case f32
+    /// The frozen products (every projection's base weight and the LM head, forward and input gradient)
+    /// take bf16 operands and sum in f32, on AVX512-BF16 at twice the f32 rate; LoRA, attention, norms
+    /// and the loss stay f32. The paper's setting. Without AVX512-BF16 the engine computes in f32.
+    case bf16
+}
+
 public struct TrainingOptions: Sendable {
+    /// Precision of the frozen products; bf16 as in the paper (f32 where the CPU lacks AVX512-BF16).
+    public var computeDType: ComputeDType = .bf16
     /// Keep only each layer's input and recompute the layer in the backward pass (the default).
     public var gradientCheckpointing = true
-    /// Rows of logits computed at once in the loss (the [N, V] logits never exist whole).
-    public var lossChunkRows = 64
+    /// Rows of logits computed at once in the loss (the [N, V] logits never exist whole); nil: as many
+    /// as keep a chunk's logits (f32, and their bf16 copy) near 96 MB, 64 to 512 rows (341 for SmolLM2's
+    /// 49152 tokens, 512 for Llama 2's 32000). Each chunk reads the whole head twice, so bigger chunks
+    /// mean fewer passes: on SmolLM2 with bf16 compute 341 rows ran 9% faster than 64.
+    public var lossChunkRows: Int?
     /// Query rows per block of the causal attention products: a block of rows [r0, r1) needs only the
     /// keys [0, r1), so the products skip most of the masked upper triangle (they compute 75% of the
     /// full square at T = 512 with blocks of 256) at the cost of more, smaller BLAS calls. Measured on
@@ -105,6 +120,8 @@ final class Arena {
 
     func floats(_ n: Int) -> UnsafeMutablePointer<Float> { reserve(4 * n).bindMemory(to: Float.self, capacity: max(n, 1)) }
     func bytes(_ n: Int) -> UnsafeMutablePointer<UInt8> { reserve(n).bindMemory(to: UInt8.self, capacity: max(n, 1)) }
+    func halves(_ n: Int) -> UnsafeMutablePointer<UInt16> { reserve(2 * n).bindMemory(to: UInt16.self, capacity: max(n, 1)) }
+    func words(_ n: Int) -> UnsafeMutablePointer<UInt32> { reserve(4 * n).bindMemory(to: UInt32.self, capacity: max(n, 1)) }
 }
 
 /// What one layer's backward needs from its forward (one set with checkpointing, one per layer without).
@@ -131,6 +148,28 @@ final class LayerBuffers {
     }
 }
 
+/// One worker's buffers for bf16 attention (one sequence and kv head at a time).
+final class AttentionScratch {
+    /// Kᵀ (forward) or Vᵀ (backward) packed, all T keys: the B of S = Q Kᵀ and dP = dO Vᵀ.
+    let keysT: UnsafeMutablePointer<UInt32>
+    /// V or K rows [0, r1) packed (B of O = P V, dQ = dS K); P or dS of a block packed (B of dVᵀ, dKᵀ).
+    let rowsPacked, blockPacked: UnsafeMutablePointer<UInt32>
+    /// A block of Q or dO rows in bf16; a block of P or dS rows in bf16; a head's Qᵀ and dOᵀ in bf16.
+    let small, block, qT, dOT: UnsafeMutablePointer<UInt16>
+    /// dVᵀ and dKᵀ [d, T] of the unit, summed over its query heads and blocks, then added into dV and dK.
+    let dVT, dKT: UnsafeMutablePointer<Float>
+
+    init(_ arena: Arena, maxT T: Int, headDim d: Int) {
+        let pad = BF16Gemm.paddedCount
+        keysT = arena.words(BF16Gemm.packedWords(k: d, n: T))
+        rowsPacked = arena.words(BF16Gemm.packedWords(k: T, n: d))
+        blockPacked = arena.words(BF16Gemm.packedWords(k: T, n: T))
+        small = arena.halves(T * pad(d)); block = arena.halves(T * pad(T))
+        qT = arena.halves(d * pad(T)); dOT = arena.halves(d * pad(T))
+        dVT = arena.floats(d * T); dKT = arena.floats(d * T)
+    }
+}
+
 /// Every buffer a training step uses, in one arena that is made for the largest batch seen and reused
 /// by every step that fits (no allocation for activations in the step loop).
 final class StepWorkspace {
@@ -143,10 +182,16 @@ final class StepWorkspace {
     let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dP, dt, through, dropped, scratch: UnsafeMutablePointer<Float>
     let ropeCos, ropeSin: UnsafeMutablePointer<Float>
     let lossX, logits, lossDx: UnsafeMutablePointer<Float>
+    /// bf16 compute: the A operand converted to bf16 rows, and a packed tile of a frozen weight.
+    let abf: UnsafeMutablePointer<UInt16>
+    let packed: UnsafeMutablePointer<UInt32>
+    /// bf16 compute: one per worker thread.
+    let attention: [AttentionScratch]
     var lossRows: [(Int, Int)] = []
 
     /// `rows` = B·T, `pairs` = B·T² (attention probabilities per head), `maxT` the longest sequence.
-    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, checkpointing: Bool, rows N: Int, pairs: Int, maxT: Int, lossChunk: Int) {
+    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int, maxT: Int,
+         lossChunk: Int) {
         let c = model.config
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         let maxIn = max(D, qDim, I)
@@ -159,12 +204,25 @@ final class StepWorkspace {
         da = arena.floats(N * I); dg = arena.floats(N * I); du = arena.floats(N * I)
         dx2 = arena.floats(N * D); dh2 = arena.floats(N * D); dx1 = arena.floats(N * D)
         dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
-        dP = arena.floats(maxT * maxT); dt = arena.floats(N * r)
+        dP = arena.floats(Parallel.threadCount * maxT * maxT); dt = arena.floats(N * r)
         through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
         let scratchCount = (model.layers.flatMap(\.linears) + [model.head]).map(\.scratchCount).max() ?? 1
         scratch = arena.floats(scratchCount)
         ropeCos = arena.floats(N * c.headDim / 2); ropeSin = arena.floats(N * c.headDim / 2)
         lossX = arena.floats(lossChunk * D); logits = arena.floats(lossChunk * c.vocabSize); lossDx = arena.floats(lossChunk * D)
+        if bf16 {
+            let pad = BF16Gemm.paddedCount
+            let widest = pad(max(D, qDim, kvDim, I))
+            abf = arena.halves(max(N * widest, lossChunk * pad(c.vocabSize)))
+            let words = (model.layers.flatMap(\.linears) + [model.head]).map { l -> Int in
+                let tile = l.tileRows(forRows: .max)
+                return max(BF16Gemm.packedWords(k: l.inFeatures, n: tile), BF16Gemm.packedWords(k: tile, n: l.inFeatures))
+            }.max() ?? 1
+            packed = arena.words(words)
+            attention = (0..<Parallel.threadCount).map { _ in AttentionScratch(arena, maxT: maxT, headDim: c.headDim) }
+        } else {
+            abf = arena.halves(1); packed = arena.words(1); attention = []
+        }
         lossRows.reserveCapacity(N)
     }
 }
@@ -187,6 +245,14 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
+    /// Rows per chunk of the loss (`TrainingOptions.lossChunkRows`, or the automatic choice).
+    var lossChunkRows: Int {
+        if let rows = options.lossChunkRows { return max(1, rows) }
+        return min(512, max(64, (96 << 20) / (6 * max(model.config.vocabSize, 1))))
+    }
+
+    /// Whether the frozen products run in bf16 (asked for, and the CPU has AVX512-BF16).
+    public var usesBF16: Bool { options.computeDType == .bf16 && BF16Gemm.isSupported }
 
     public init(model: LlamaModel, lora: LoRAWeights, options: TrainingOptions = TrainingOptions(), kernels: KernelTable = .current) {
         self.model = model
@@ -211,7 +277,7 @@ public final class TrainingEngine {
         let dropout = lora.config.dropout > 0
         let make = { (arena: Arena) in
             StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, checkpointing: self.options.gradientCheckpointing,
-                          rows: N, pairs: P, maxT: T, lossChunk: max(1, self.options.lossChunkRows))
+                          bf16: self.usesBF16, rows: N, pairs: P, maxT: T, lossChunk: self.lossChunkRows)
         }
         let measuring = Arena(measuring: ())
         _ = make(measuring)
@@ -227,6 +293,41 @@ public final class TrainingEngine {
     /// `lora.gradients` scaled by `gradientScale` (1 / micro-batches for accumulation).
     @discardableResult
     public func step(_ batch: TrainingBatch, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
+        if ownThreads { return try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) } }
+        return try stepBody(batch, backward: backward, gradientScale: gradientScale)
+    }
+
+    /// Whether the step runs BLAS single-threaded and parallelizes with its own threads (over heads in
+    /// attention, over rows or columns elsewhere). With bf16 compute the frozen products run on our
+    /// threads already; OpenBLAS's idle workers spinning between calls would take their cycles.
+    var ownThreads: Bool { usesBF16 }
+
+    /// An f32 product of the step (LoRA and attention): split over our threads when `ownThreads`, else
+    /// one multithreaded BLAS call.
+    func mm(_ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int,
+            m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false, alpha: Float = 1, beta: Float = 0) {
+        if ownThreads {
+            Gemm.parallelGemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
+                              alpha: alpha, beta: beta)
+        } else {
+            Gemm.gemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
+                      alpha: alpha, beta: beta)
+        }
+    }
+
+    /// Calls body(worker, unit) for each (sequence, kv head) unit, on our threads when `ownThreads`.
+    /// A unit owns its rows of dK and dV, so units never write the same memory.
+    func forEachKVHead(_ s: Shape, _ body: (_ worker: Int, _ b: Int, _ kvh: Int) -> Void) {
+        let hkv = model.config.kvHeadCount
+        let units = s.B * hkv
+        if ownThreads {
+            Parallel.forChunks(count: units) { w, range in for u in range { body(w, u / hkv, u % hkv) } }
+        } else {
+            for u in 0..<units { body(0, u / hkv, u % hkv) }
+        }
+    }
+
+    func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
         let c = model.config
         let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize, L = c.layerCount
         for t in batch.tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
@@ -289,34 +390,38 @@ public final class TrainingEngine {
         let c = model.config
         let N = s.N, D = c.hiddenSize, I = c.intermediateSize
         rmsNorm(act.x1, act.rstd1, h, layer.inputNorm, rows: N)
-        linearForward(act, ws, layer: l, .q, rows: N, input: act.x1, output: act.q)
-        linearForward(act, ws, layer: l, .k, rows: N, input: act.x1, output: act.k)
-        linearForward(act, ws, layer: l, .v, rows: N, input: act.x1, output: act.v)
+        var xb = bf16Operand(ws, act.x1, rows: N, cols: D)  // q, k and v read the same converted x1
+        linearForward(act, ws, layer: l, .q, rows: N, input: act.x1, inputBF16: xb, output: act.q)
+        linearForward(act, ws, layer: l, .k, rows: N, input: act.x1, inputBF16: xb, output: act.k)
+        linearForward(act, ws, layer: l, .v, rows: N, input: act.x1, inputBF16: xb, output: act.v)
         Ops.rope(act.q, rows: N, heads: c.headCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
         Ops.rope(act.k, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
-        attentionForward(act, s)
+        attentionForward(act, ws, s)
         let o = ws.proj
-        linearForward(act, ws, layer: l, .o, rows: N, input: act.attn, output: o)
-        for i in 0..<(N * D) { act.h2[i] = h[i] + o[i] }
+        xb = bf16Operand(ws, act.attn, rows: N, cols: c.headCount * c.headDim)
+        linearForward(act, ws, layer: l, .o, rows: N, input: act.attn, inputBF16: xb, output: o)
+        Self.elementwise(N * D) { r in for i in r { act.h2[i] = h[i] + o[i] } }
         rmsNorm(act.x2, act.rstd2, act.h2, layer.postAttentionNorm, rows: N)
-        linearForward(act, ws, layer: l, .gate, rows: N, input: act.x2, output: act.g)
-        linearForward(act, ws, layer: l, .up, rows: N, input: act.x2, output: act.u)
+        xb = bf16Operand(ws, act.x2, rows: N, cols: D)
+        linearForward(act, ws, layer: l, .gate, rows: N, input: act.x2, inputBF16: xb, output: act.g)
+        linearForward(act, ws, layer: l, .up, rows: N, input: act.x2, inputBF16: xb, output: act.u)
         Ops.swigluForward(act.a, gate: act.g, up: act.u, count: N * I)
         let d = ws.proj
-        linearForward(act, ws, layer: l, .down, rows: N, input: act.a, output: d, skipBase: out == nil)
-        if let out { for i in 0..<(N * D) { out[i] = act.h2[i] + d[i] } }
+        xb = out == nil ? nil : bf16Operand(ws, act.a, rows: N, cols: I)
+        linearForward(act, ws, layer: l, .down, rows: N, input: act.a, inputBF16: xb, output: d, skipBase: out == nil)
+        if let out { Self.elementwise(N * D) { r in for i in r { out[i] = act.h2[i] + d[i] } } }
     }
 
     /// Causal attention per sequence and head (GQA: query head h reads kv head h / (H / Hkv)); in a
     /// packed row each query sees only the keys of its own example.
-    func attentionForward(_ act: LayerBuffers, _ s: Shape) {
+    func attentionForward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+        if usesBF16 { return attentionForwardBF16(act, ws, s) }
         let c = model.config
         let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
         let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
-        for b in 0..<s.B {
-            for h in 0..<H {
-                let kvh = h / group
+        forEachKVHead(s) { _, b, kvh in
+            for h in (kvh * group)..<((kvh + 1) * group) {
                 let P = act.probs + (b * H + h) * T * T
                 let Q = act.q + b * T * qDim + h * d
                 let K = act.k + b * T * kvDim + kvh * d
@@ -331,6 +436,42 @@ public final class TrainingEngine {
                         Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
                     }
                     Gemm.gemm(act.attn + b * T * qDim + (r0 * qDim) + h * d, ldc: qDim, P + r0 * T, lda: T, V, ldb: kvDim, m: r1 - r0, n: d, k: r1)
+                }
+            }
+        }
+    }
+
+    /// The same computation with bf16 products (f32 softmax). Per (sequence, kv head): Kᵀ packed once; per
+    /// block of query rows, V's visible rows packed once for the group's query heads.
+    func attentionForwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+        let c = model.config
+        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let qDim = H * d, kvDim = c.kvHeadCount * d
+        let scale = 1 / Float(d).squareRoot()
+        let pad = BF16Gemm.paddedCount
+        let blockRows = max(1, options.attentionRowBlock)
+        forEachKVHead(s) { worker, b, kvh in
+            let sc = ws.attention[worker]
+            let K = act.k + b * T * kvDim + kvh * d
+            let V = act.v + b * T * kvDim + kvh * d
+            BF16Gemm.packB(K, ldb: kvDim, transposed: true, k: d, n: T, into: sc.keysT, parallel: false)
+            for r0 in stride(from: 0, to: T, by: blockRows) {
+                let r1 = min(T, r0 + blockRows), rows = r1 - r0
+                BF16Gemm.packB(V, ldb: kvDim, transposed: false, k: r1, n: d, into: sc.rowsPacked, parallel: false)
+                for h in (kvh * group)..<((kvh + 1) * group) {
+                    let P = act.probs + (b * H + h) * T * T
+                    let Q = act.q + b * T * qDim + h * d
+                    BF16Gemm.convert(Q + r0 * qDim, rows: rows, cols: d, ld: qDim, into: sc.small, ldd: pad(d), parallel: false)
+                    BF16Gemm.gemm(P + r0 * T, ldc: T, sc.small, lda: pad(d), sc.keysT, m: rows, n: r1, k: d, alpha: scale,
+                                  accumulate: false, parallel: false)
+                    for t in r0..<r1 {
+                        let start = s.windowStart?[b * T + t] ?? 0
+                        for j in 0..<start { P[t * T + j] = 0 }
+                        Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
+                    }
+                    BF16Gemm.convert(P + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
+                    BF16Gemm.gemm(act.attn + b * T * qDim + r0 * qDim + h * d, ldc: qDim, sc.block, lda: pad(r1), sc.rowsPacked,
+                                  m: rows, n: d, k: r1, accumulate: false, parallel: false)
                 }
             }
         }
@@ -374,14 +515,14 @@ public final class TrainingEngine {
     /// in the same row blocks as the forward (a block of rows touches only the keys before its end).
     /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
     func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+        if usesBF16 { return attentionBackwardBF16(act, ws, s) }
         let c = model.config
         let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
         let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
-        let S = ws.dP
-        for b in 0..<s.B {
-            for h in 0..<H {
-                let kvh = h / group
+        forEachKVHead(s) { worker, b, kvh in
+            let S = ws.dP + worker * T * T
+            for h in (kvh * group)..<((kvh + 1) * group) {
                 let P = act.probs + (b * H + h) * T * T
                 let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
                 for r0 in stride(from: 0, to: T, by: max(1, options.attentionRowBlock)) {
@@ -407,41 +548,127 @@ public final class TrainingEngine {
         }
     }
 
+    /// The same computation with bf16 products. dVᵀ and dKᵀ are formed ([d, T], A = dOᵀ or Qᵀ, which are
+    /// small) and added transposed into dV and dK once per unit, so no T x T matrix is ever transposed.
+    func attentionBackwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+        let c = model.config
+        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
+        let qDim = H * d, kvDim = c.kvHeadCount * d
+        let scale = 1 / Float(d).squareRoot()
+        let pad = BF16Gemm.paddedCount
+        let blockRows = max(1, options.attentionRowBlock)
+        forEachKVHead(s) { worker, b, kvh in
+            let sc = ws.attention[worker]
+            let S = ws.dP + worker * T * T
+            let kvOff = b * T * kvDim + kvh * d
+            BF16Gemm.packB(act.v + kvOff, ldb: kvDim, transposed: true, k: d, n: T, into: sc.keysT, parallel: false)
+            sc.dVT.update(repeating: 0, count: d * T)
+            sc.dKT.update(repeating: 0, count: d * T)
+            for h in (kvh * group)..<((kvh + 1) * group) {
+                let P = act.probs + (b * H + h) * T * T
+                let qOff = b * T * qDim + h * d
+                BF16Gemm.convertTransposed(ws.dAttn + qOff, rows: T, cols: d, ld: qDim, into: sc.dOT, ldd: pad(T))
+                BF16Gemm.convertTransposed(act.q + qOff, rows: T, cols: d, ld: qDim, into: sc.qT, ldd: pad(T))
+                for r0 in stride(from: 0, to: T, by: blockRows) {
+                    let r1 = min(T, r0 + blockRows), rows = r1 - r0
+                    // dP = dO Vᵀ   [rows, r1]
+                    BF16Gemm.convert(ws.dAttn + qOff + r0 * qDim, rows: rows, cols: d, ld: qDim, into: sc.small, ldd: pad(d), parallel: false)
+                    BF16Gemm.gemm(S + r0 * T, ldc: T, sc.small, lda: pad(d), sc.keysT, m: rows, n: r1, k: d, accumulate: false, parallel: false)
+                    // dVᵀ[:, 0..<r1] += dOᵀ[:, r0..<r1] P[r0..<r1, 0..<r1]
+                    BF16Gemm.packB(P + r0 * T, ldb: T, transposed: false, k: rows, n: r1, into: sc.blockPacked, parallel: false)
+                    BF16Gemm.gemm(sc.dVT, ldc: T, sc.dOT + r0, lda: pad(T), sc.blockPacked, m: d, n: r1, k: rows, accumulate: true, parallel: false)
+                    for t in r0..<r1 {
+                        let prow = P + t * T, srow = S + t * T
+                        var dot: Float = 0
+                        for j in 0...t { dot += prow[j] * srow[j] }
+                        for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
+                        for j in (t + 1)..<r1 { srow[j] = 0 }
+                    }
+                    // dQ[r0..<r1] = dS K[0..<r1]
+                    BF16Gemm.convert(S + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
+                    BF16Gemm.packB(act.k + kvOff, ldb: kvDim, transposed: false, k: r1, n: d, into: sc.rowsPacked, parallel: false)
+                    BF16Gemm.gemm(ws.dq + qOff + r0 * qDim, ldc: qDim, sc.block, lda: pad(r1), sc.rowsPacked, m: rows, n: d, k: r1,
+                                  accumulate: false, parallel: false)
+                    // dKᵀ[:, 0..<r1] += Qᵀ[:, r0..<r1] dS
+                    BF16Gemm.packB(S + r0 * T, ldb: T, transposed: false, k: rows, n: r1, into: sc.blockPacked, parallel: false)
+                    BF16Gemm.gemm(sc.dKT, ldc: T, sc.qT + r0, lda: pad(T), sc.blockPacked, m: d, n: r1, k: rows, accumulate: true, parallel: false)
+                }
+            }
+            let dV = ws.dv + kvOff, dK = ws.dk + kvOff
+            for j in 0..<T {
+                for e in 0..<d {
+                    dV[j * kvDim + e] += sc.dVT[e * T + j]
+                    dK[j * kvDim + e] += sc.dKT[e * T + j]
+                }
+            }
+        }
+    }
+
     // MARK: - Linear with LoRA
+
+    /// An elementwise loop over 0..<count, split over our threads (each element written by one thread).
+    static func elementwise(_ count: Int, _ body: (Range<Int>) -> Void) {
+        Parallel.forChunks(count: count, granularity: 64, minimumChunk: 1 << 15) { _, r in body(r) }
+    }
+
+    /// Rows of a dropout mask drawn from one generator.
+    static let dropoutBlockRows = 16
 
     /// Whether LoRA dropout applies now.
     var dropoutActive: Bool { training && lora.config.dropout > 0 }
 
     /// y = x Wᵀ (+ b) + s · (drop(x) Aᵀ) Bᵀ; keeps t = drop(x) Aᵀ and the dropout mask for the backward.
+    /// `inputBF16`: x already converted by `bf16Operand` (bf16 compute), else nil.
     func linearForward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
-                       input x: UnsafeMutablePointer<Float>, output y: UnsafeMutablePointer<Float>, skipBase: Bool = false) {
+                       input x: UnsafeMutablePointer<Float>, inputBF16 xb: UnsafePointer<UInt16>?, output y: UnsafeMutablePointer<Float>,
+                       skipBase: Bool = false) {
         if !skipBase {
             var base = p.linear(in: model.layers[l])
             base.lora = nil  // training adapters come from `lora`, not from an attached inference adapter
-            base.forward(x, rows: N, into: y, scratch: ws.scratch, kernels: kernels)
+            if let xb {
+                frozenForwardBF16(base, xb, rows: N, into: y, ws)
+            } else {
+                base.forward(x, rows: N, into: y, scratch: ws.scratch, kernels: kernels)
+            }
         }
         guard let slot = lora.slot(layer: l, projection: p) else { return }
         let r = lora.config.rank, inF = slot.inFeatures, outF = slot.outFeatures
         var input = UnsafePointer(x)
         if dropoutActive, let mask = act.masks[p.rawValue] {
-            // Seeded by step, layer and projection: a recomputed layer (checkpointing) draws the same mask.
-            var rng = SeededGenerator(seed: lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001)
+            // Seeded by step, layer, projection and block of rows: a recomputed layer (checkpointing) draws
+            // the same mask, and the blocks are drawn in parallel with the same result on any thread count.
+            let seed = lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001
             let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
-            // Element i is dropped when nextFloat() = (next() >> 40) · 2⁻²⁴ < p, i.e. when the 24-bit integer
-            // is below ⌈p · 2²⁴⌉: the same masks, compared as integers and without branches.
+            // Each 64-bit draw gives two 24-bit uniforms u (bits 40-63 and 16-39); an element is dropped when
+            // u · 2⁻²⁴ < p, i.e. when u is below ⌈p · 2²⁴⌉ (integers, no branches).
             let threshold = UInt64((Double(dropout) * 16_777_216).rounded(.up))
             let dropped = ws.dropped
-            for i in 0..<(N * inF) {
-                let kept = (rng.next() >> 40) >= threshold
-                mask[i] = kept ? 1 : 0
-                dropped[i] = kept ? x[i] * keep : 0
+            let blockRows = Self.dropoutBlockRows
+            Parallel.forChunks(count: N, granularity: blockRows) { _, range in
+                for r0 in stride(from: range.lowerBound, to: range.upperBound, by: blockRows) {
+                    var rng = SeededGenerator(seed: seed &+ UInt64(r0 / blockRows) &* 0xD1B5_4A32_D192_ED03)
+                    let start = r0 * inF, end = min(range.upperBound, r0 + blockRows) * inF
+                    var i = start
+                    while i < end {
+                        let bits = rng.next()
+                        let k0 = (bits >> 40) >= threshold
+                        mask[i] = k0 ? 1 : 0
+                        dropped[i] = k0 ? x[i] * keep : 0
+                        if i + 1 < end {
+                            let k1 = ((bits >> 16) & 0xFF_FFFF) >= threshold
+                            mask[i + 1] = k1 ? 1 : 0
+                            dropped[i + 1] = k1 ? x[i + 1] * keep : 0
+                        }
+                        i += 2
+                    }
+                }
             }
             input = UnsafePointer(ws.dropped)
         }
         let t = act.loraT[p.rawValue]
         lora.parameters.withUnsafeBufferPointer { params in
-            Gemm.gemm(t, ldc: r, input, lda: inF, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: r, k: inF, transposeB: true)
-            Gemm.gemm(y, ldc: outF, t, lda: r, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: outF, k: r, transposeB: true,
+            mm(t, ldc: r, input, lda: inF, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: r, k: inF, transposeB: true)
+            mm(y, ldc: outF, t, lda: r, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: outF, k: r, transposeB: true,
                       alpha: lora.config.scale, beta: 1)
         }
     }
@@ -450,7 +677,7 @@ public final class TrainingEngine {
     func linearBackward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
                         dy: UnsafeMutablePointer<Float>, input x: UnsafeMutablePointer<Float>, dx: UnsafeMutablePointer<Float>) {
         let linear = p.linear(in: model.layers[l])
-        frozenInputGradient(linear, dy, rows: N, into: dx, scratch: ws.scratch)
+        frozenInputGradient(linear, dy, rows: N, into: dx, ws)
         guard let slot = lora.slot(layer: l, projection: p) else { return }
         let r = lora.config.rank, s = lora.config.scale, inF = slot.inFeatures, outF = slot.outFeatures
         let t = act.loraT[p.rawValue]
@@ -460,7 +687,7 @@ public final class TrainingEngine {
         if dropoutActive, let m = act.masks[p.rawValue] {
             // drop(x) again from x and the kept mask.
             let dropped = ws.dropped
-            for i in 0..<(N * inF) { dropped[i] = m[i] != 0 ? x[i] * keep : 0 }
+            Self.elementwise(N * inF) { r in for i in r { dropped[i] = m[i] != 0 ? x[i] * keep : 0 } }
             input = UnsafePointer(ws.dropped)
             mask = m
         }
@@ -468,18 +695,18 @@ public final class TrainingEngine {
         lora.parameters.withUnsafeBufferPointer { params in
             lora.gradients.withUnsafeMutableBufferPointer { grads in
                 // dB += s · dyᵀ t   [out, r]
-                Gemm.gemm(grads.baseAddress! + slot.bOffset, ldc: r, dy, lda: outF, t, ldb: r, m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
+                mm(grads.baseAddress! + slot.bOffset, ldc: r, dy, lda: outF, t, ldb: r, m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
                 // dt = s · dy B   [N, r]
-                Gemm.gemm(dt, ldc: r, dy, lda: outF, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: r, k: outF, alpha: s)
+                mm(dt, ldc: r, dy, lda: outF, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: r, k: outF, alpha: s)
                 // dA += dtᵀ drop(x)   [r, in]
-                Gemm.gemm(grads.baseAddress! + slot.aOffset, ldc: inF, dt, lda: r, input, ldb: inF, m: r, n: inF, k: N, transposeA: true, beta: 1)
+                mm(grads.baseAddress! + slot.aOffset, ldc: inF, dt, lda: r, input, ldb: inF, m: r, n: inF, k: N, transposeA: true, beta: 1)
                 // dx += (dt A) ⊙ dropout mask / (1 − p)
                 if let mask {
                     let through = ws.through
-                    Gemm.gemm(through, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r)
-                    for i in 0..<(N * inF) where mask[i] != 0 { dx[i] += through[i] * keep }
+                    mm(through, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r)
+                    Self.elementwise(N * inF) { r in for i in r where mask[i] != 0 { dx[i] += through[i] * keep } }
                 } else {
-                    Gemm.gemm(dx, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r, beta: 1)
+                    mm(dx, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r, beta: 1)
                 }
             }
         }
@@ -487,8 +714,25 @@ public final class TrainingEngine {
 
     /// dx += dy · W for a frozen W [out, in], tile by tile for a 4-bit W.
     func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>,
-                             scratch: UnsafeMutablePointer<Float>) {
+                             _ ws: StepWorkspace) {
         let inF = linear.inFeatures, outF = linear.outFeatures
+        let scratch = ws.scratch
+        if usesBF16 {
+            // dy in bf16 once; each tile of W's rows is a slice of the sum over out.
+            let dyb = bf16Operand(ws, dy, rows: N, cols: outF)!
+            let lda = BF16Gemm.paddedCount(outF)
+            let tile = linear.tileRows(forRows: N)
+            var r0 = 0
+            while r0 < outF {
+                let r1 = min(outF, r0 + tile)
+                withWeightRows(linear, r0..<r1, tile: tile, scratch: scratch) { w in
+                    BF16Gemm.packB(w, ldb: inF, transposed: false, k: r1 - r0, n: inF, into: ws.packed)
+                }
+                BF16Gemm.gemm(dx, ldc: inF, dyb + r0, lda: lda, ws.packed, m: N, n: inF, k: r1 - r0, accumulate: true)
+                r0 = r1
+            }
+            return
+        }
         switch linear.weight {
         case let .dense(w):
             w.withUnsafeBufferPointer { wp in
@@ -502,6 +746,52 @@ public final class TrainingEngine {
                 linear.dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inF, kernels: kernels)
                 Gemm.gemm(dx, ldc: inF, dy + r0, lda: outF, scratch, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
                 r0 = r1
+            }
+        }
+    }
+
+    // MARK: - bf16 compute
+
+    /// x [rows, cols] converted to bf16 rows in ws.abf (bf16 compute), or nil (f32 compute). The result
+    /// lives until the next conversion.
+    func bf16Operand(_ ws: StepWorkspace, _ x: UnsafePointer<Float>, rows: Int, cols: Int) -> UnsafePointer<UInt16>? {
+        guard usesBF16 else { return nil }
+        BF16Gemm.convert(x, rows: rows, cols: cols, ld: cols, into: ws.abf, ldd: BF16Gemm.paddedCount(cols))
+        return UnsafePointer(ws.abf)
+    }
+
+    /// Calls `body` with rows `rows` of W as f32 [rows.count, in]: a dense W itself, or the rows dequantized
+    /// into `scratch` (a tile of `tile` rows and its block scales).
+    func withWeightRows(_ linear: Linear, _ rows: Range<Int>, tile: Int, scratch: UnsafeMutablePointer<Float>,
+                        _ body: (UnsafePointer<Float>) -> Void) {
+        if case let .dense(w) = linear.weight {
+            w.withUnsafeBufferPointer { body($0.baseAddress! + rows.lowerBound * linear.inFeatures) }
+        } else {
+            linear.dequantizeRows(rows, into: scratch, scaleScratch: scratch + tile * linear.inFeatures, kernels: kernels)
+            body(scratch)
+        }
+    }
+
+    /// y = x Wᵀ (+ b) with x already in bf16 rows: tile by tile, each tile of W packed once and
+    /// multiplied with every row of x.
+    func frozenForwardBF16(_ linear: Linear, _ xb: UnsafePointer<UInt16>, rows N: Int, into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
+        let inF = linear.inFeatures, outF = linear.outFeatures
+        let tile = linear.tileRows(forRows: N)
+        var r0 = 0
+        while r0 < outF {
+            let r1 = min(outF, r0 + tile)
+            withWeightRows(linear, r0..<r1, tile: tile, scratch: ws.scratch) { w in
+                BF16Gemm.packB(w, ldb: inF, transposed: true, k: inF, n: r1 - r0, into: ws.packed)
+            }
+            BF16Gemm.gemm(y + r0, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: r1 - r0, k: inF, accumulate: false)
+            r0 = r1
+        }
+        if let bias = linear.bias {
+            bias.withUnsafeBufferPointer { b in
+                for r in 0..<N {
+                    let row = y + r * outF
+                    for j in 0..<outF { row[j] += b[j] }
+                }
             }
         }
     }
@@ -530,7 +820,7 @@ public final class TrainingEngine {
         ws.lossRows.removeAll(keepingCapacity: true)
         for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
         let rows = ws.lossRows
-        let chunk = max(1, options.lossChunkRows)
+        let chunk = lossChunkRows
         var total = 0.0
         let inv = Float(1) / Float(count)
         let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
@@ -540,13 +830,17 @@ public final class TrainingEngine {
         while start < rows.count {
             let n = min(chunk, rows.count - start)
             for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
-            head.forward(x, rows: n, into: logits, scratch: ws.scratch, kernels: kernels)
+            if let xb = bf16Operand(ws, x, rows: n, cols: D) {
+                frozenForwardBF16(head, xb, rows: n, into: logits, ws)
+            } else {
+                head.forward(x, rows: n, into: logits, scratch: ws.scratch, kernels: kernels)
+            }
             for k in 0..<n {
                 total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
             }
             if wantGradient {
                 dx.update(repeating: 0, count: n * D)
-                frozenInputGradient(head, logits, rows: n, into: dx, scratch: ws.scratch)
+                frozenInputGradient(head, logits, rows: n, into: dx, ws)
                 for k in 0..<n {
                     let row = ws.dxf + rows[start + k].0 * D
                     for j in 0..<D { row[j] += dx[k * D + j] }

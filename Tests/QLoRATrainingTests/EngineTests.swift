@@ -22,7 +22,7 @@ private func batch() -> TrainingBatch {
     return TrainingBatch(tokens: tokens, labels: labels, batchSize: B, sequenceLength: T)
 }
 
-private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true) -> TrainingEngine {
+private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true, dtype: ComputeDType = .f32) -> TrainingEngine {
     var c = LoRAConfig()
     c.rank = 4
     c.alpha = 8
@@ -32,6 +32,7 @@ private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool
     // Non-zero B so every path carries gradient.
     for s in lora.slots { for i in 0..<(s.outFeatures * c.rank) { lora.parameters[s.bOffset + i] = (rng.nextFloat() - 0.5) * 0.2 } }
     var o = TrainingOptions()
+    o.computeDType = dtype  // f32 unless a test asks: finite differences need the f32 products
     o.gradientCheckpointing = checkpointing
     o.lossChunkRows = 7
     return TrainingEngine(model: model, lora: lora, options: o)
@@ -80,15 +81,16 @@ struct EngineTests {
         #expect(worst <= 1e-9, "gradients at scale 0.25 differ from a quarter of those at scale 1 by \(worst)")
     }
 
-    @Test("gradient checkpointing gives the same gradients as keeping every activation")
-    func checkpointing() throws {
+    @Test("gradient checkpointing gives the same gradients as keeping every activation (f32 and bf16 compute)",
+          arguments: [ComputeDType.f32, .bf16])
+    func checkpointing(dtype: ComputeDType) throws {
         let model = try tinyModel(.nf4)
-        let a = engine(model, checkpointing: true), b = engine(model, checkpointing: false)
+        let a = engine(model, checkpointing: true, dtype: dtype), b = engine(model, checkpointing: false, dtype: dtype)
         let la = try a.step(batch()), lb = try b.step(batch())
         #expect(la == lb)
         #expect(a.lora.gradients == b.lora.gradients)
         // With dropout too (the recomputed layer draws the same masks).
-        let c = engine(model, dropout: 0.1, checkpointing: true), d = engine(model, dropout: 0.1, checkpointing: false)
+        let c = engine(model, dropout: 0.1, checkpointing: true, dtype: dtype), d = engine(model, dropout: 0.1, checkpointing: false, dtype: dtype)
         #expect(try c.step(batch()) == (try d.step(batch())))
         #expect(c.lora.gradients == d.lora.gradients)
     }
@@ -124,7 +126,9 @@ struct EngineTests {
         var c = LoRAConfig()
         c.rank = 8
         let lora = LoRAWeights(model: model, config: c)  // PEFT init: B = 0
-        let e = TrainingEngine(model: model, lora: lora)
+        var options = TrainingOptions()
+        options.computeDType = .f32  // compared with the f32 inference pass at 1e-5
+        let e = TrainingEngine(model: model, lora: lora, options: options)
         e.training = false
         let b = batch()
         let loss = try e.step(b, backward: false)
@@ -206,13 +210,14 @@ struct EngineTests {
         #expect(Compare.close(ea.lora.gradients, eb.lora.gradients, atol: 1e-6, rtol: 1e-4, "gradients") == nil)
     }
 
-    @Test("causal attention in row blocks gives the gradients of whole squares (plain and packed rows)")
-    func attentionBlocks() throws {
+    @Test("causal attention in row blocks gives the gradients of whole squares (plain and packed rows; f32 and bf16)",
+          arguments: [ComputeDType.f32, .bf16])
+    func attentionBlocks(dtype: ComputeDType) throws {
         let model = try tinyModel()
         for packed in [false, true] {
             var results: [(Double, [Float])] = []
             for block in [1000, 3, 4] {
-                let e = engine(model)
+                let e = engine(model, dtype: dtype)
                 e.options.attentionRowBlock = block
                 e.lora.zeroGradients()
                 var b = batch()

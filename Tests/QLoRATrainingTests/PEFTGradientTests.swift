@@ -13,7 +13,7 @@ private let gradientTolerance: Float = 1e-4
 
 @Suite("gradients against PyTorch + PEFT")
 struct PEFTGradientTests {
-    func run(base: String, fixture: String, prefix: String, quant: QuantType?, checkpointing: Bool) throws {
+    func run(base: String, fixture: String, prefix: String, quant: QuantType?, checkpointing: Bool, dtype: ComputeDType = .f32) throws {
         let f = try SafetensorsFile(path: FileSystem.join(resources, fixture))
         var o = LoadOptions()
         o.quantType = quant
@@ -31,6 +31,7 @@ struct PEFTGradientTests {
             for i in 0..<bv.count { lora.parameters[s.bOffset + i] = bv[i] }
         }
         var options = TrainingOptions()
+        options.computeDType = dtype  // f32: checked at 1e-4 against PEFT's f32 gradients
         options.gradientCheckpointing = checkpointing
         let engine = TrainingEngine(model: model, lora: lora, options: options)
         let ids = f.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
@@ -38,6 +39,26 @@ struct PEFTGradientTests {
         let batch = TrainingBatch(tokens: ids, labels: labels, batchSize: 2, sequenceLength: ids.count / 2)
         let loss = try engine.step(batch)
         let expectedLoss = Double(f.tensor(prefix + "loss")!.values(as: Float.self)[0])
+        if dtype == .bf16 {
+            // bf16 operands carry 8 significant bits: each tensor's gradient within 3% of PEFT's f32 one
+            // (relative L2 error), the loss within 1%.
+            #expect(abs(loss - expectedLoss) / expectedLoss < 1e-2, "bf16 loss \(loss) vs \(expectedLoss)")
+            for s in lora.slots {
+                let (a, b) = LoRAWeights.peftNames(s)
+                for (name, offset, count) in [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)] {
+                    let expected = f.tensor(prefix + "grad." + name)!.values(as: Float.self)
+                    var err = 0.0, norm = 0.0
+                    for i in 0..<count {
+                        let e = Double(expected[i]), o = Double(lora.gradients[offset + i])
+                        err += (o - e) * (o - e); norm += e * e
+                    }
+                    #expect((err / max(norm, 1e-30)).squareRoot() < 3e-2, "\(name): relative error \((err / norm).squareRoot())")
+                }
+            }
+            let expectedNorm = Double(f.tensor(prefix + "grad_norm")!.values(as: Float.self)[0])
+            #expect(abs(lora.gradientNorm - expectedNorm) / expectedNorm < 1e-2)
+            return
+        }
         #expect(abs(loss - expectedLoss) / expectedLoss < 1e-5, "\(fixture) \(prefix) loss \(loss) vs \(expectedLoss)")
         for s in lora.slots {
             let (a, b) = LoRAWeights.peftNames(s)
@@ -65,6 +86,13 @@ struct PEFTGradientTests {
     @Test("NF4 + double-quantized base written by transformers: gradients flow through the 4-bit layers")
     func nf4() throws {
         try run(base: "tiny-llama-train-bnb-nf4", fixture: "lora_grads_nf4.safetensors", prefix: "", quant: .nf4, checkpointing: true)
+    }
+
+    @Test("bf16 compute (the default) stays within bf16 error of PEFT's f32 loss and gradients", arguments: [true, false])
+    func bf16(checkpointing: Bool) throws {
+        try run(base: "tiny-llama-train", fixture: "lora_grads.safetensors", prefix: "untied.", quant: nil, checkpointing: checkpointing, dtype: .bf16)
+        try run(base: "tiny-llama-train-tied", fixture: "lora_grads.safetensors", prefix: "tied.", quant: nil, checkpointing: true, dtype: .bf16)
+        try run(base: "tiny-llama-train-bnb-nf4", fixture: "lora_grads_nf4.safetensors", prefix: "", quant: .nf4, checkpointing: true, dtype: .bf16)
     }
 
     @Test("trainable parameters equal PEFT's print_trainable_parameters for the default model (r 16 and 64)")

@@ -239,7 +239,7 @@ do {
         ]), pretty: true))
     case "train-step":
         // Times QLoRA training steps (forward + backward into LoRA) on random tokens.
-        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N]") }
         var o = LoadOptions()
         o.showProgress = false
         let model = try LlamaModel.load(args[1], options: o)
@@ -251,6 +251,11 @@ do {
         var to = TrainingOptions()
         to.gradientCheckpointing = !args.contains("--no-checkpointing")
         to.attentionRowBlock = option("--attention-block", to.attentionRowBlock)
+        if args.contains("--loss-chunk") { to.lossChunkRows = option("--loss-chunk", 64) }
+        if let i = args.firstIndex(of: "--compute-dtype"), i + 1 < args.count {
+            guard let d = ComputeDType(rawValue: args[i + 1]) else { fail("--compute-dtype: f32 or bf16") }
+            to.computeDType = d
+        }
         let engine = TrainingEngine(model: model, lora: lora, options: to)
         let B = option("--batch", 4), T = option("--seq", 512), steps = option("--steps", 3)
         var rng = SeededGenerator(seed: 1)
@@ -271,6 +276,7 @@ do {
         let later = allocations.dropFirst()
         print(JSON.serialize(.object([
             ("model", .string(args[1])), ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(c.rank)),
+            ("compute_dtype", .string(engine.usesBF16 ? "bf16" : "f32")),
             ("trainable_parameters", .int(lora.parameterCount)), ("step_seconds", .array(times.map { .double($0) })),
             ("tokens_per_second", .double(Double(B * T) / best)), ("peak_rss_bytes", .int(peakRSS())),
             ("workspace_bytes", .int(engine.workspaceBytes)), ("workspace_allocations", .int(engine.workspaceAllocations)),
