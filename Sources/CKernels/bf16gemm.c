@@ -28,6 +28,13 @@ void qk_bf16_convert_rows_reference(const float *src, size_t rows, size_t cols, 
     }
 }
 
+void qk_bf16_convert_transposed_reference(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) {
+    for (size_t c = 0; c < cols; c++) {
+        for (size_t r = 0; r < rows; r++) dst[c * ldd + r] = qk_bf16_from_float(src[r * ld + c]);
+        if (rows & 1) dst[c * ldd + rows] = 0;
+    }
+}
+
 size_t qk_bf16_packed_words(size_t k, size_t n) {
     return (n + QK_BF16_NR - 1) / QK_BF16_NR * QK_BF16_NR * ((k + 1) / 2);
 }
@@ -102,6 +109,58 @@ BF16 static inline __m512i convert32(const float *p, size_t count) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// In place: r[i] lane j becomes r[j] lane i (16 x 16 words).
+BF16 static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+// Columns [c0, c0 + 16) of rows 2i and 2i + 1 as 16 words (low half from the even row); rows past `rows`
+// and columns past `cols` read as 0.
+BF16 static inline __m512i row_pair(const float *src, size_t ld, size_t r, size_t rows, __mmask16 m) {
+    __m512 e = r < rows ? _mm512_maskz_loadu_ps(m, src + r * ld) : _mm512_setzero_ps();
+    __m512 o = r + 1 < rows ? _mm512_maskz_loadu_ps(m, src + (r + 1) * ld) : _mm512_setzero_ps();
+    __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
+    __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(o)), 16);
+    return _mm512_or_si512(lo, hi);
+}
+
+void qk_bf16_convert_transposed_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) BF16;
+void qk_bf16_convert_transposed_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) {
+    size_t even = (rows + 1) & ~(size_t)1;
+    for (size_t r0 = 0; r0 < even; r0 += 32) {
+        size_t valid = even - r0 < 32 ? even - r0 : 32;
+        __mmask32 store = valid == 32 ? 0xffffffffu : (__mmask32)((1u << valid) - 1);
+        for (size_t c0 = 0; c0 < cols; c0 += 16) {
+            size_t width = cols - c0 < 16 ? cols - c0 : 16;
+            __mmask16 m = width == 16 ? 0xffff : (__mmask16)((1u << width) - 1);
+            __m512i v[16];
+            for (int i = 0; i < 16; i++) v[i] = row_pair(src + c0, ld, r0 + 2 * i, rows, m);
+            transpose16(v);
+            for (size_t c = 0; c < width; c++) _mm512_mask_storeu_epi16(dst + (c0 + c) * ldd + r0, store, v[c]);
+        }
+    }
+}
+
 void qk_bf16_convert_rows_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) BF16;
 void qk_bf16_convert_rows_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) {
     size_t even = (cols + 1) & ~(size_t)1;
@@ -125,18 +184,19 @@ void qk_bf16_pack_b_avx512bf16(const float *b, size_t ldb, int transposed, size_
         uint32_t *dst = packed + p * QK_BF16_NR * kp;
         size_t j0 = p * QK_BF16_NR, cols = n - j0 < QK_BF16_NR ? n - j0 : QK_BF16_NR;
         if (transposed) {
-            // Column j of B is row j of the stored matrix: its pairs are consecutive; 16 pairs at a time,
-            // each converted row chunk is written down its column of the panel.
-            if (cols < QK_BF16_NR) memset(dst, 0, QK_BF16_NR * kp * sizeof(uint32_t));
-            uint32_t words[16] __attribute__((aligned(64)));
-            for (size_t jj = 0; jj < cols; jj++) {
-                const float *row = b + (j0 + jj) * ldb;
+            // Column j of B is row j of the stored matrix, its pairs consecutive: 16 rows x 16 pairs
+            // converted, transposed in registers, and stored as 16 k-pairs of 16 columns.
+            for (size_t half = 0; half < 2; half++) {
                 for (size_t q = 0; q < kp; q += 16) {
                     size_t left = k - 2 * q;
-                    _mm512_store_si512(words, convert32(row + 2 * q, left < 32 ? left : 32));
+                    __m512i v[16];
+                    for (size_t i = 0; i < 16; i++) {
+                        size_t jj = 16 * half + i;
+                        v[i] = jj < cols ? convert32(b + (j0 + jj) * ldb + 2 * q, left < 32 ? left : 32) : _mm512_setzero_si512();
+                    }
+                    transpose16(v);
                     size_t m = kp - q < 16 ? kp - q : 16;
-                    uint32_t *out = dst + q * QK_BF16_NR + jj;
-                    for (size_t t = 0; t < m; t++) out[t * QK_BF16_NR] = words[t];
+                    for (size_t t = 0; t < m; t++) _mm512_storeu_si512(dst + (q + t) * QK_BF16_NR + 16 * half, v[t]);
                 }
             }
         } else {
@@ -236,6 +296,9 @@ void qk_bf16_gemm_avx512bf16(const uint16_t *a, size_t lda, const uint32_t *pack
 
 #else
 int qk_cpu_supports_bf16(void) { return 0; }
+void qk_bf16_convert_transposed_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) {
+    qk_bf16_convert_transposed_reference(src, rows, cols, ld, dst, ldd);
+}
 void qk_bf16_convert_rows_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd) {
     qk_bf16_convert_rows_reference(src, rows, cols, ld, dst, ldd);
 }

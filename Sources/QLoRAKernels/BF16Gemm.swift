@@ -74,27 +74,17 @@ public enum BF16Gemm {
     /// f32 -> bf16 bits (round to nearest even, as the kernels convert).
     public static func bf16(_ x: Float) -> UInt16 { qk_bf16_from_float(x) }
 
-    /// The same rounding as `bf16`, inlinable (nearest even; NaN quiet; subnormals to signed zero).
-    @inlinable @inline(__always)
-    static func round(_ x: Float) -> UInt16 {
-        var u = x.bitPattern
-        if u & 0x7fff_ffff > 0x7f80_0000 { return UInt16(truncatingIfNeeded: u >> 16) | 0x40 }
-        if u & 0x7f80_0000 == 0 { return UInt16(truncatingIfNeeded: u >> 16) & 0x8000 }
-        u &+= 0x7fff &+ ((u >> 16) & 1)
-        return UInt16(truncatingIfNeeded: u >> 16)
-    }
-
     /// The transpose of src [rows, cols] (row stride ld) as bf16 rows: dst[c][r] = bf16(src[r * ld + c]),
     /// each of the `cols` rows padded to even length with 0 (ldd >= paddedCount(rows)). For the small
-    /// operands of attention's backward (a head's Q or dO, d x T).
+    /// operands of attention's backward (a head's Q or dO, d x T). On the calling thread.
     public static func convertTransposed(_ src: UnsafePointer<Float>, rows: Int, cols: Int, ld: Int, into dst: UnsafeMutablePointer<UInt16>,
-                                         ldd: Int) {
+                                         ldd: Int, reference: Bool = !isSupported) {
         precondition(ldd >= paddedCount(rows))
-        for r in 0..<rows {
-            let s = src + r * ld
-            for c in 0..<cols { dst[c * ldd + r] = round(s[c]) }
+        if reference {
+            qk_bf16_convert_transposed_reference(src, rows, cols, ld, dst, ldd)
+        } else {
+            qk_bf16_convert_transposed_avx512bf16(src, rows, cols, ld, dst, ldd)
         }
-        if rows & 1 == 1 { for c in 0..<cols { dst[c * ldd + rows] = 0 } }
     }
 
     private static func forChunks(_ parallel: Bool, count: Int, minimumChunk: Int, _ body: (Range<Int>) -> Void) {

@@ -103,7 +103,7 @@ struct BF16GemmTests {
     func kernelsAgainstReference() throws {
         try #require(BF16Gemm.isSupported, "this CPU has no AVX512-BF16")
         var rng = SeededRandom(seed: 11)
-        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (25, 70, 63), (12, 32, 2), (100, 64, 576), (37, 100, 1001), (3, 5, 2048)] {
+        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (25, 70, 63), (12, 32, 2), (100, 64, 576), (37, 100, 1001), (3, 5, 2048), (20, 47, 40)] {
             let a = (0..<(m * k)).map { _ in rng.normal() }
             for transposedB in [false, true] {
                 let b = (0..<(k * n)).map { _ in rng.normal() }
@@ -149,20 +149,21 @@ struct BF16GemmTests {
         }
     }
 
-    @Test("the transposed conversion is the conversion of the transpose")
-    func transposedConversion() {
+    @Test("the transposed conversion is the conversion of the transpose (both kernels)", arguments: [true, false])
+    func transposedConversion(reference: Bool) {
+        guard reference || BF16Gemm.isSupported else { return }
         var rng = SeededRandom(seed: 9)
-        for (rows, cols) in [(7, 3), (64, 9), (33, 64)] {
+        for (rows, cols) in [(7, 3), (64, 9), (33, 64), (1, 1), (512, 64), (95, 17)] {
             let x = (0..<(rows * cols)).map { _ in rng.normal() }
             let ldd = BF16Gemm.paddedCount(rows)
             var viaT = [UInt16](repeating: 1, count: cols * ldd), direct = viaT
             x.withUnsafeBufferPointer { xp in viaT.withUnsafeMutableBufferPointer {
-                BF16Gemm.convertTransposed(xp.baseAddress!, rows: rows, cols: cols, ld: cols, into: $0.baseAddress!, ldd: ldd)
+                BF16Gemm.convertTransposed(xp.baseAddress!, rows: rows, cols: cols, ld: cols, into: $0.baseAddress!, ldd: ldd, reference: reference)
             } }
             transpose(x, rows: rows, cols: cols).withUnsafeBufferPointer { tp in direct.withUnsafeMutableBufferPointer {
                 BF16Gemm.convert(tp.baseAddress!, rows: cols, cols: rows, ld: rows, into: $0.baseAddress!, ldd: ldd, reference: true)
             } }
-            #expect(viaT == direct, "\(rows) x \(cols)")
+            #expect(viaT == direct, "\(rows) x \(cols), reference \(reference)")
         }
     }
 }

@@ -31,6 +31,11 @@ uint16_t qk_bf16_from_float(float x);
 void qk_bf16_convert_rows_reference(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd);
 void qk_bf16_convert_rows_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd);
 
+/// The transpose as bf16 rows: dst[c][r] = bf16(src[r * ld + c]); when rows is odd, dst[c][rows] = 0.
+/// ldd >= rows rounded up to even.
+void qk_bf16_convert_transposed_reference(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd);
+void qk_bf16_convert_transposed_avx512bf16(const float *src, size_t rows, size_t cols, size_t ld, uint16_t *dst, size_t ldd);
+
 /// Words of a packed B of k x n.
 size_t qk_bf16_packed_words(size_t k, size_t n);
 
