@@ -1,6 +1,6 @@
 """Side-by-side QLoRA training step on the default model (SmolLM2-135M-Instruct from its GGUF, NF4 + double
 quantization): transformers + peft + bitsandbytes (paged AdamW 32-bit, gradient checkpointing, compute
-dtype f32 and bf16) versus `qlora-bench train-step` (same shapes). Batch 4 x 512 tokens, LoRA r 16 on every
+dtype f32 and bf16) versus `qlora-bench train-step` (same shapes, compute f32 and bf16). Batch 4 x 512 tokens, LoRA r 16 on every
 linear layer. Tokens/s of the best of the steps after a warm-up, and the peak RSS of each process.
 Usage: python bench/train_bench.py QLORA_BENCH_BINARY MODEL.gguf
 """
@@ -69,11 +69,12 @@ def main():
     for compute in ["f32", "bf16"]:
         out = subprocess.run([sys.executable, __file__, "--worker", model_path, compute, str(threads)], capture_output=True, text=True, check=True)
         rows.append((f"transformers + peft + bitsandbytes, compute {compute}", json.loads(out.stdout.strip().splitlines()[-1])))
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", binary, "train-step", model_path, "--batch", str(B), "--seq", str(T),
-                        "--rank", str(R), "--steps", str(STEPS)], capture_output=True, text=True, check=True)
-    ours = json.loads(p.stdout)
-    rows.append(("swift-qlora (f32 compute)", {"tokens_per_second": ours["tokens_per_second"],
-                                               "peak_rss_mb": int(p.stderr.strip().splitlines()[-1]) / 1024}))
+    for compute in ["f32", "bf16"]:
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", binary, "train-step", model_path, "--batch", str(B), "--seq", str(T),
+                            "--rank", str(R), "--steps", str(STEPS), "--compute-dtype", compute], capture_output=True, text=True, check=True)
+        ours = json.loads(p.stdout)
+        rows.append((f"swift-qlora, compute {ours['compute_dtype']}", {"tokens_per_second": ours["tokens_per_second"],
+                                                                     "peak_rss_mb": int(p.stderr.strip().splitlines()[-1]) / 1024}))
     print(f"QLoRA training step, SmolLM2-135M NF4 + DQ, batch {B} x {T}, LoRA r {R} on all linear layers, gradient checkpointing, {threads} threads")
     print()
     print("| system | tokens/s | peak RSS MB |")

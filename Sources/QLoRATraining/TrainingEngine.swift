@@ -639,27 +639,31 @@ public final class TrainingEngine {
             // the same mask, and the blocks are drawn in parallel with the same result on any thread count.
             let seed = lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001
             let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
-            // Each 64-bit draw gives two 24-bit uniforms u (bits 40-63 and 16-39); an element is dropped when
-            // u · 2⁻²⁴ < p, i.e. when u is below ⌈p · 2²⁴⌉ (integers, no branches).
-            let threshold = UInt64((Double(dropout) * 16_777_216).rounded(.up))
+            // Each 64-bit draw gives four 16-bit uniforms u; an element is dropped when u < ⌈p · 2¹⁶⌉ (integers,
+            // no branches), i.e. with probability p rounded up to a multiple of 2⁻¹⁶ (0.05 -> 0.050003).
+            let threshold = UInt64((Double(dropout) * 65_536).rounded(.up))
             let dropped = ws.dropped
             let blockRows = Self.dropoutBlockRows
             Parallel.forChunks(count: N, granularity: blockRows) { _, range in
                 for r0 in stride(from: range.lowerBound, to: range.upperBound, by: blockRows) {
                     var rng = SeededGenerator(seed: seed &+ UInt64(r0 / blockRows) &* 0xD1B5_4A32_D192_ED03)
                     let start = r0 * inF, end = min(range.upperBound, r0 + blockRows) * inF
+                    // kept = 1 when u >= threshold, from the sign of u - threshold (no branch to mispredict).
+                    @inline(__always) func draw(_ j: Int, _ u: UInt64) {
+                        let kept = UInt8(truncatingIfNeeded: ((u &- threshold) >> 63) ^ 1)
+                        mask[j] = kept
+                        dropped[j] = x[j] * (Float(kept) * keep)
+                    }
                     var i = start
-                    while i < end {
+                    while i + 4 <= end {
                         let bits = rng.next()
-                        let k0 = (bits >> 40) >= threshold
-                        mask[i] = k0 ? 1 : 0
-                        dropped[i] = k0 ? x[i] * keep : 0
-                        if i + 1 < end {
-                            let k1 = ((bits >> 16) & 0xFF_FFFF) >= threshold
-                            mask[i + 1] = k1 ? 1 : 0
-                            dropped[i + 1] = k1 ? x[i + 1] * keep : 0
-                        }
-                        i += 2
+                        draw(i, bits & 0xFFFF); draw(i + 1, (bits >> 16) & 0xFFFF)
+                        draw(i + 2, (bits >> 32) & 0xFFFF); draw(i + 3, bits >> 48)
+                        i += 4
+                    }
+                    if i < end {
+                        var bits = rng.next()
+                        for j in i..<end { draw(j, bits & 0xFFFF); bits >>= 16 }
                     }
                 }
             }
@@ -687,7 +691,7 @@ public final class TrainingEngine {
         if dropoutActive, let m = act.masks[p.rawValue] {
             // drop(x) again from x and the kept mask.
             let dropped = ws.dropped
-            Self.elementwise(N * inF) { r in for i in r { dropped[i] = m[i] != 0 ? x[i] * keep : 0 } }
+            Self.elementwise(N * inF) { r in for i in r { dropped[i] = x[i] * (Float(m[i]) * keep) } }  // branch-free: masks are random
             input = UnsafePointer(ws.dropped)
             mask = m
         }
@@ -704,7 +708,7 @@ public final class TrainingEngine {
                 if let mask {
                     let through = ws.through
                     mm(through, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r)
-                    Self.elementwise(N * inF) { r in for i in r where mask[i] != 0 { dx[i] += through[i] * keep } }
+                    Self.elementwise(N * inF) { r in for i in r { dx[i] += through[i] * (Float(mask[i]) * keep) } }
                 } else {
                     mm(dx, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r, beta: 1)
                 }
