@@ -166,17 +166,27 @@ public final class Trainer {
         var loss = 0.0
         var tokens = 0
         let perEpoch = stepsPerEpoch * config.gradientAccumulation
+        var batches: [TrainingBatch] = []
         for micro in 0..<config.gradientAccumulation {
             let global = step * config.gradientAccumulation + micro
             let epoch = global / perEpoch
             if currentPlan?.epoch != epoch { currentPlan = (epoch, epochPlan(epoch)) }
             let plan = currentPlan!.batches
             let indices = plan[(global % perEpoch) % plan.count]
-            let batch = makeBatch(indices.map { train[$0] })
+            batches.append(makeBatch(indices.map { train[$0] }))
+        }
+        // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
+        // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
+        // is weighted n_i / sum(n), not 1 / k.
+        let counts = batches.map(\.targetCount)
+        let total = counts.reduce(0, +)
+        for (micro, batch) in batches.enumerated() {
             tokens += batch.tokens.count
+            guard counts[micro] > 0 else { continue }
+            let weight = Double(counts[micro]) / Double(total)
             // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones.
             engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
-            loss += try engine.step(batch, gradientScale: Float(1) / Float(config.gradientAccumulation)) / Double(config.gradientAccumulation)
+            loss += try engine.step(batch, gradientScale: Float(weight)) * weight
         }
         let norm = lora.gradientNorm
         let lr = learningRate(at: step)

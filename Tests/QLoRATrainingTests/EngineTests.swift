@@ -148,6 +148,31 @@ struct EngineTests {
         #expect(abs(loss - total / Double(n)) < 1e-5)
     }
 
+    @Test("gradient accumulation weighs micro-batches by their trained tokens: two micro-batches give one big batch's loss and gradients")
+    func accumulationIsTokenWeighted() throws {
+        let model = try tinyModel()
+        var rng = SeededGenerator(seed: 4)
+        // 8 and 3 trained tokens: a plain mean of the two micro-batch losses would weigh them equally.
+        let examples = [9, 4].map { n -> EncodedExample in
+            let tokens = (0..<n).map { _ in Int(rng.next() % 300) + 3 }
+            return EncodedExample(tokens: tokens, labels: tokens, truncated: false)
+        }
+        func run(batchSize: Int, accumulation: Int) throws -> (Double, [Float]) {
+            let e = engine(model)
+            var c = TrainerConfig()
+            c.batchSize = batchSize
+            c.gradientAccumulation = accumulation
+            c.maxGradNorm = 0  // compare the raw gradients
+            let trainer = try Trainer(engine: e, config: c, train: examples, validation: [], padToken: 0)
+            let m = try trainer.runStep()
+            return (m.loss, e.lora.gradients)
+        }
+        let (bigLoss, bigGrad) = try run(batchSize: 2, accumulation: 1)
+        let (accLoss, accGrad) = try run(batchSize: 1, accumulation: 2)
+        #expect(abs(accLoss - bigLoss) <= 1e-6 * abs(bigLoss), "loss \(accLoss) accumulated vs \(bigLoss)")
+        #expect(Compare.close(accGrad, bigGrad, atol: 1e-7, rtol: 1e-4, "gradients") == nil)
+    }
+
     @Test("a packed row gives the loss and gradients of its examples in rows of their own")
     func packing() throws {
         let model = try tinyModel(.nf4)
