@@ -111,6 +111,7 @@ struct Inspect: ParsableCommand {
                 ("supported_kernels", .array(levels.filter { $0.1 }.map { .string($0.0) })),
                 ("threads", .int(Parallel.threadCount)),
                 ("blas", .string(BLASInfo.description)),
+                ("bf16_gemm", .bool(BF16Gemm.isSupported)),
             ]))
             return
         }
@@ -118,6 +119,7 @@ struct Inspect: ParsableCommand {
         print("kernels:   \(current.level) (supported: \(levels.filter { $0.1 }.map { $0.0 }.joined(separator: ", ")); force with \(KernelTable.environmentVariable))")
         print("threads:   \(Parallel.threadCount) (QLORA_THREADS)")
         print("blas:      \(BLASInfo.description)")
+        print("bf16 gemm: \(BF16Gemm.isSupported ? "AVX512-BF16 (training computes in bf16 by default)" : "not available on this CPU (training computes in f32)")")
     }
 }
 

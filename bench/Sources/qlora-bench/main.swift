@@ -300,6 +300,30 @@ do {
             best = min(best, Clock.seconds() - t0)
         }
         print(JSON.serialize(.object([("n", .int(n)), ("gflops", .double(2 * Double(n * n * n) / best / 1e9))]), pretty: true))
+    case "bf16gemm":
+        // Our bf16 GEMM (AVX512-BF16) on square products, best of 5: the multiply alone, and with A's
+        // conversion and B's packing counted.
+        guard BF16Gemm.isSupported else { fail("this CPU has no AVX512-BF16") }
+        let n = option("--n", 2048)
+        let a = [Float](repeating: 0.5, count: n * n), b = a
+        var c = a
+        var ab = [UInt16](repeating: 0, count: n * n), packed = [UInt32](repeating: 0, count: BF16Gemm.packedWords(k: n, n: n))
+        var bestMultiply = Double.infinity, bestAll = Double.infinity
+        for _ in 0..<5 {
+            let t0 = Clock.seconds()
+            a.withUnsafeBufferPointer { ap in ab.withUnsafeMutableBufferPointer { BF16Gemm.convert(ap.baseAddress!, rows: n, cols: n, ld: n, into: $0.baseAddress!, ldd: n) } }
+            b.withUnsafeBufferPointer { bp in packed.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: n, transposed: true, k: n, n: n, into: $0.baseAddress!) } }
+            let t1 = Clock.seconds()
+            ab.withUnsafeBufferPointer { ap in packed.withUnsafeBufferPointer { pp in c.withUnsafeMutableBufferPointer {
+                BF16Gemm.gemm($0.baseAddress!, ldc: n, ap.baseAddress!, lda: n, pp.baseAddress!, m: n, n: n, k: n, accumulate: false)
+            } } }
+            let t2 = Clock.seconds()
+            bestMultiply = min(bestMultiply, t2 - t1)
+            bestAll = min(bestAll, t2 - t0)
+        }
+        let flops = 2 * Double(n * n * n)
+        print(JSON.serialize(.object([("n", .int(n)), ("gflops", .double(flops / bestMultiply / 1e9)),
+                                      ("gflops_with_packing", .double(flops / bestAll / 1e9))]), pretty: true))
     case "memory":
         guard args.count >= 2 else { fail("usage: qlora-bench memory 7b|13b|33b|65b [--batch N --seq N --rank N --layers N --optim KIND]") }
         let optimName = args.firstIndex(of: "--optim").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } ?? "paged_adamw_32bit"
@@ -307,7 +331,7 @@ do {
         try memoryBench(shape: args[1], batch: option("--batch", 1), seq: option("--seq", 512), rank: option("--rank", 64), optim: optim,
                         layersOverride: args.contains("--layers") ? option("--layers", 1) : nil, f32Embeddings: args.contains("--f32-embeddings"))
     default:
-        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | memory SHAPE")
+        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | sgemm | bf16gemm | memory SHAPE")
     }
 } catch {
     fail("\(error)")
