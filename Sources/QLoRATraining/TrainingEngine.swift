@@ -86,11 +86,12 @@ public struct TrainingOptions: Sendable {
     /// mean fewer passes: on SmolLM2 with bf16 compute 341 rows ran 9% faster than 64.
     public var lossChunkRows: Int?
     /// Query rows per block of the causal attention products: a block of rows [r0, r1) needs only the
-    /// keys [0, r1), so the products skip most of the masked upper triangle (they compute 75% of the
-    /// full square at T = 512 with blocks of 256) at the cost of more, smaller BLAS calls. Measured on
-    /// SmolLM2, batch 4 x 512: 256 gives +4.3% tokens/s over whole squares; 128 gives -13% (OpenBLAS is
-    /// slow on the smaller products).
-    public var attentionRowBlock = 256
+    /// keys [0, r1), so the products skip most of the masked upper triangle (75% of the full square is
+    /// computed at T = 512 with blocks of 256, 53% with blocks of 64) at the cost of more, smaller
+    /// products. nil: 64 with bf16 compute, 256 with f32. Measured on SmolLM2, batch 4 x 512: in f32,
+    /// 256 gave +4.3% tokens/s over whole squares and 128 gave -13% (OpenBLAS is slow on the smaller
+    /// products); in bf16 (our GEMM), 64 gave about +5% over 256 (325 against 310 tokens/s, three runs each).
+    public var attentionRowBlock: Int?
 
     public init() {}
 }
@@ -245,6 +246,9 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
+    /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or the default for the dtype).
+    var attentionBlock: Int { max(1, options.attentionRowBlock ?? (usesBF16 ? 64 : 256)) }
+
     /// Rows per chunk of the loss (`TrainingOptions.lossChunkRows`, or the automatic choice).
     var lossChunkRows: Int {
         if let rows = options.lossChunkRows { return max(1, rows) }
@@ -426,8 +430,8 @@ public final class TrainingEngine {
                 let Q = act.q + b * T * qDim + h * d
                 let K = act.k + b * T * kvDim + kvh * d
                 let V = act.v + b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: max(1, options.attentionRowBlock)) {
-                    let r1 = min(T, r0 + max(1, options.attentionRowBlock))
+                for r0 in stride(from: 0, to: T, by: attentionBlock) {
+                    let r1 = min(T, r0 + attentionBlock)
                     Gemm.gemm(P + r0 * T, ldc: T, Q + r0 * qDim, lda: qDim, K, ldb: kvDim, m: r1 - r0, n: r1, k: d, transposeB: true, alpha: scale)
                     // Softmax over each row's visible keys; the rest of the row (up to T) becomes 0.
                     for t in r0..<r1 {
@@ -449,7 +453,7 @@ public final class TrainingEngine {
         let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
         let pad = BF16Gemm.paddedCount
-        let blockRows = max(1, options.attentionRowBlock)
+        let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
             let sc = ws.attention[worker]
             let K = act.k + b * T * kvDim + kvh * d
@@ -525,8 +529,8 @@ public final class TrainingEngine {
             for h in (kvh * group)..<((kvh + 1) * group) {
                 let P = act.probs + (b * H + h) * T * T
                 let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: max(1, options.attentionRowBlock)) {
-                    let r1 = min(T, r0 + max(1, options.attentionRowBlock)), rows = r1 - r0
+                for r0 in stride(from: 0, to: T, by: attentionBlock) {
+                    let r1 = min(T, r0 + attentionBlock), rows = r1 - r0
                     let dO = ws.dAttn + qOff + r0 * qDim
                     // dP = dO Vᵀ   [rows, r1]
                     Gemm.gemm(S + r0 * T, ldc: T, dO, lda: qDim, act.v + kvOff, ldb: kvDim, m: rows, n: r1, k: d, transposeB: true)
@@ -556,7 +560,7 @@ public final class TrainingEngine {
         let qDim = H * d, kvDim = c.kvHeadCount * d
         let scale = 1 / Float(d).squareRoot()
         let pad = BF16Gemm.paddedCount
-        let blockRows = max(1, options.attentionRowBlock)
+        let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
             let sc = ws.attention[worker]
             let S = ws.dP + worker * T * T

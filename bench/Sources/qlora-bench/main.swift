@@ -250,7 +250,7 @@ do {
         let lora = LoRAWeights(model: model, config: c)
         var to = TrainingOptions()
         to.gradientCheckpointing = !args.contains("--no-checkpointing")
-        to.attentionRowBlock = option("--attention-block", to.attentionRowBlock)
+        if args.contains("--attention-block") { to.attentionRowBlock = option("--attention-block", 256) }
         if args.contains("--loss-chunk") { to.lossChunkRows = option("--loss-chunk", 64) }
         if let i = args.firstIndex(of: "--compute-dtype"), i + 1 < args.count {
             guard let d = ComputeDType(rawValue: args[i + 1]) else { fail("--compute-dtype: f32 or bf16") }
