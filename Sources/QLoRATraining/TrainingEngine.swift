@@ -246,6 +246,14 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
+    /// Attention's dimensions: H query heads of d, `group` of them per kv head; q rows are qDim wide, k and v
+    /// rows kvDim; scores are scaled by 1/√d.
+    var headLayout: (H: Int, d: Int, group: Int, qDim: Int, kvDim: Int, scale: Float) {
+        let c = model.config
+        return (c.headCount, c.headDim, c.headCount / c.kvHeadCount, c.headCount * c.headDim, c.kvHeadCount * c.headDim,
+                1 / Float(c.headDim).squareRoot())
+    }
+
     /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or the default for the dtype).
     var attentionBlock: Int { max(1, options.attentionRowBlock ?? (usesBF16 ? 64 : 256)) }
 
@@ -420,10 +428,8 @@ public final class TrainingEngine {
     /// packed row each query sees only the keys of its own example.
     func attentionForward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         if usesBF16 { return attentionForwardBF16(act, ws, s) }
-        let c = model.config
-        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
-        let qDim = H * d, kvDim = c.kvHeadCount * d
-        let scale = 1 / Float(d).squareRoot()
+        let T = s.T
+        let (H, d, group, qDim, kvDim, scale) = headLayout
         forEachKVHead(s) { _, b, kvh in
             for h in (kvh * group)..<((kvh + 1) * group) {
                 let P = act.probs + (b * H + h) * T * T
@@ -448,10 +454,8 @@ public final class TrainingEngine {
     /// The same computation with bf16 products (f32 softmax). Per (sequence, kv head): Kᵀ packed once; per
     /// block of query rows, V's visible rows packed once for the group's query heads.
     func attentionForwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let c = model.config
-        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
-        let qDim = H * d, kvDim = c.kvHeadCount * d
-        let scale = 1 / Float(d).squareRoot()
+        let T = s.T
+        let (H, d, group, qDim, kvDim, scale) = headLayout
         let pad = BF16Gemm.paddedCount
         let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
@@ -520,10 +524,8 @@ public final class TrainingEngine {
     /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
     func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         if usesBF16 { return attentionBackwardBF16(act, ws, s) }
-        let c = model.config
-        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
-        let qDim = H * d, kvDim = c.kvHeadCount * d
-        let scale = 1 / Float(d).squareRoot()
+        let T = s.T
+        let (H, d, group, qDim, kvDim, scale) = headLayout
         forEachKVHead(s) { worker, b, kvh in
             let S = ws.dP + worker * T * T
             for h in (kvh * group)..<((kvh + 1) * group) {
@@ -555,10 +557,8 @@ public final class TrainingEngine {
     /// The same computation with bf16 products. dVᵀ and dKᵀ are formed ([d, T], A = dOᵀ or Qᵀ, which are
     /// small) and added transposed into dV and dK once per unit, so no T x T matrix is ever transposed.
     func attentionBackwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let c = model.config
-        let T = s.T, H = c.headCount, d = c.headDim, group = c.headCount / c.kvHeadCount
-        let qDim = H * d, kvDim = c.kvHeadCount * d
-        let scale = 1 / Float(d).squareRoot()
+        let T = s.T
+        let (H, d, group, qDim, kvDim, scale) = headLayout
         let pad = BF16Gemm.paddedCount
         let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
