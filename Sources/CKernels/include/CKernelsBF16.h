@@ -44,9 +44,11 @@ size_t qk_bf16_packed_words(size_t k, size_t n);
 void qk_bf16_pack_b_reference(const float *b, size_t ldb, int transposed, size_t k, size_t n, size_t p0, size_t p1, uint32_t *packed);
 void qk_bf16_pack_b_avx512bf16(const float *b, size_t ldb, int transposed, size_t k, size_t n, size_t p0, size_t p1, uint32_t *packed);
 
-/// C[i][j] = alpha * (sum over kk of A[i][kk] * B[kk][j]) (+ C[i][j] when accumulate) for rows i in [m0, m1) and the columns of panels [p0, p1)
-/// (clipped to n). Per output the k-pairs are taken in order, each adding the
-/// odd product and then the even one in f32 (the order of vdpbf16ps).
+/// C[i][j] = alpha * (sum over kk of A[i][kk] * B[kk][j]) (+ C[i][j] when accumulate), for rows i in [m0, m1)
+/// and the columns of panels [p0, p1) (clipped to n). The reference takes each output's k-pairs in order, adding
+/// the odd product and then the even one in f32 (the order of vdpbf16ps); the vector version adds its sums into
+/// C in blocks of 1024 values of k, so the two agree to f32 rounding, not bit for bit. A, B and C need no
+/// particular alignment.
 void qk_bf16_gemm_reference(const uint16_t *a, size_t lda, const uint32_t *packed, size_t k, size_t n, float *c, size_t ldc,
                             size_t m0, size_t m1, size_t p0, size_t p1, float alpha, int accumulate);
 void qk_bf16_gemm_avx512bf16(const uint16_t *a, size_t lda, const uint32_t *packed, size_t k, size_t n, float *c, size_t ldc,
