@@ -6,8 +6,9 @@ import CKernels
 import QLoRACore
 
 public enum BF16Gemm {
-    /// Whether this CPU has AVX512-BF16 (the fast kernels).
-    public static let isSupported: Bool = qk_cpu_supports_bf16() != 0
+    /// Whether the fast kernels run: this CPU has AVX512-BF16 and QLORA_KERNELS does not force a level
+    /// below avx512 (forcing `reference` or `avx2` turns them off, and training then computes in f32).
+    public static let isSupported: Bool = qk_cpu_supports_bf16() != 0 && KernelTable.current.level == .avx512
 
     /// Columns per packed panel.
     public static let panelWidth = Int(QK_BF16_NR)
