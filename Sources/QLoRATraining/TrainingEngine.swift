@@ -88,9 +88,10 @@ public struct TrainingOptions: Sendable {
     /// Query rows per block of the causal attention products: a block of rows [r0, r1) needs only the
     /// keys [0, r1), so the products skip most of the masked upper triangle (75% of the full square is
     /// computed at T = 512 with blocks of 256, 53% with blocks of 64) at the cost of more, smaller
-    /// products. nil: 64 with bf16 compute, 256 with f32. Measured on SmolLM2, batch 4 x 512: in f32,
-    /// 256 gave +4.3% tokens/s over whole squares and 128 gave -13% (OpenBLAS is slow on the smaller
-    /// products); in bf16 (our GEMM), 64 gave about +5% over 256 (325 against 310 tokens/s, three runs each).
+    /// products. nil: 64. Measured on SmolLM2, batch 4 x 512: in bf16, 64 gave about +5% over 256 (325
+    /// against 310 tokens/s, three runs each); in f32 (single-threaded OpenBLAS per head) 64, 128 and
+    /// 256 were within noise (192-198). (With multithreaded OpenBLAS per product, 128 had been 13%
+    /// slower than 256.)
     public var attentionRowBlock: Int?
 
     public init() {}
@@ -255,7 +256,7 @@ public final class TrainingEngine {
     }
 
     /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or the default for the dtype).
-    var attentionBlock: Int { max(1, options.attentionRowBlock ?? (usesBF16 ? 64 : 256)) }
+    var attentionBlock: Int { max(1, options.attentionRowBlock ?? 64) }
 
     /// Rows per chunk of the loss (`TrainingOptions.lossChunkRows`, or the automatic choice).
     var lossChunkRows: Int {
@@ -305,38 +306,24 @@ public final class TrainingEngine {
     /// `lora.gradients` scaled by `gradientScale` (1 / micro-batches for accumulation).
     @discardableResult
     public func step(_ batch: TrainingBatch, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
-        if ownThreads { return try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) } }
-        return try stepBody(batch, backward: backward, gradientScale: gradientScale)
+        // BLAS runs single-threaded inside the step and our own threads split the work (over attention
+        // heads, over the rows or columns of each product): OpenBLAS's idle workers spinning between calls
+        // took cycles from our threads (19% of a bf16 step's samples; in f32 this is +9% tokens/s).
+        try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) }
     }
 
-    /// Whether the step runs BLAS single-threaded and parallelizes with its own threads (over heads in
-    /// attention, over rows or columns elsewhere). With bf16 compute the frozen products run on our
-    /// threads already; OpenBLAS's idle workers spinning between calls would take their cycles.
-    var ownThreads: Bool { usesBF16 }
-
-    /// An f32 product of the step (LoRA and attention): split over our threads when `ownThreads`, else
-    /// one multithreaded BLAS call.
+    /// An f32 product of the step, split over our threads (BLAS is single-threaded inside a step).
     func mm(_ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int,
             m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false, alpha: Float = 1, beta: Float = 0) {
-        if ownThreads {
-            Gemm.parallelGemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
-                              alpha: alpha, beta: beta)
-        } else {
-            Gemm.gemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
-                      alpha: alpha, beta: beta)
-        }
+        Gemm.parallelGemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
+                          alpha: alpha, beta: beta)
     }
 
-    /// Calls body(worker, unit) for each (sequence, kv head) unit, on our threads when `ownThreads`.
-    /// A unit owns its rows of dK and dV, so units never write the same memory.
+    /// Calls body(worker, unit) for each (sequence, kv head) unit on our threads. A unit owns its rows of
+    /// dK and dV, so units never write the same memory.
     func forEachKVHead(_ s: Shape, _ body: (_ worker: Int, _ b: Int, _ kvh: Int) -> Void) {
         let hkv = model.config.kvHeadCount
-        let units = s.B * hkv
-        if ownThreads {
-            Parallel.forChunks(count: units) { w, range in for u in range { body(w, u / hkv, u % hkv) } }
-        } else {
-            for u in 0..<units { body(0, u / hkv, u % hkv) }
-        }
+        Parallel.forChunks(count: s.B * hkv) { w, range in for u in range { body(w, u / hkv, u % hkv) } }
     }
 
     func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
@@ -632,7 +619,7 @@ public final class TrainingEngine {
             if let xb {
                 frozenForwardBF16(base, xb, rows: N, into: y, ws)
             } else {
-                base.forward(x, rows: N, into: y, scratch: ws.scratch, kernels: kernels)
+                frozenForwardF32(base, x, rows: N, into: y, ws)
             }
         }
         guard let slot = lora.slot(layer: l, projection: p) else { return }
@@ -744,7 +731,7 @@ public final class TrainingEngine {
         switch linear.weight {
         case let .dense(w):
             w.withUnsafeBufferPointer { wp in
-                Gemm.gemm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
+                mm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
             }
         case .quantized, .bf16:
             let tile = linear.tileRows(forRows: N)
@@ -752,8 +739,35 @@ public final class TrainingEngine {
             while r0 < outF {
                 let r1 = min(outF, r0 + tile)
                 linear.dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inF, kernels: kernels)
-                Gemm.gemm(dx, ldc: inF, dy + r0, lda: outF, scratch, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
+                mm(dx, ldc: inF, dy + r0, lda: outF, scratch, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
                 r0 = r1
+            }
+        }
+    }
+
+    /// y = x Wᵀ (+ b) in f32: tile by tile (a dense W in one piece), each product split over our threads.
+    func frozenForwardF32(_ linear: Linear, _ x: UnsafePointer<Float>, rows N: Int, into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
+        let inF = linear.inFeatures, outF = linear.outFeatures
+        let tile: Int
+        if case .dense = linear.weight { tile = outF } else { tile = linear.tileRows(forRows: N) }
+        var r0 = 0
+        while r0 < outF {
+            let r1 = min(outF, r0 + tile)
+            withWeightRows(linear, r0..<r1, tile: tile, scratch: ws.scratch) { w in
+                mm(y + r0, ldc: outF, x, lda: inF, w, ldb: inF, m: N, n: r1 - r0, k: inF, transposeB: true)
+            }
+            r0 = r1
+        }
+        addBias(linear, rows: N, y)
+    }
+
+    func addBias(_ linear: Linear, rows N: Int, _ y: UnsafeMutablePointer<Float>) {
+        guard let bias = linear.bias else { return }
+        let outF = linear.outFeatures
+        bias.withUnsafeBufferPointer { b in
+            for r in 0..<N {
+                let row = y + r * outF
+                for j in 0..<outF { row[j] += b[j] }
             }
         }
     }
@@ -794,14 +808,7 @@ public final class TrainingEngine {
             BF16Gemm.gemm(y + r0, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: r1 - r0, k: inF, accumulate: false)
             r0 = r1
         }
-        if let bias = linear.bias {
-            bias.withUnsafeBufferPointer { b in
-                for r in 0..<N {
-                    let row = y + r * outF
-                    for j in 0..<outF { row[j] += b[j] }
-                }
-            }
-        }
+        addBias(linear, rows: N, y)
     }
 
     // MARK: - Norms and loss
@@ -841,7 +848,7 @@ public final class TrainingEngine {
             if let xb = bf16Operand(ws, x, rows: n, cols: D) {
                 frozenForwardBF16(head, xb, rows: n, into: logits, ws)
             } else {
-                head.forward(x, rows: n, into: logits, scratch: ws.scratch, kernels: kernels)
+                frozenForwardF32(head, x, rows: n, into: logits, ws)
             }
             for k in 0..<n {
                 total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)

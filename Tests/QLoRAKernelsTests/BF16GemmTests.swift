@@ -69,7 +69,7 @@ struct BF16GemmTests {
 
     @Test("NaN stays NaN; subnormals become signed zeros (as vcvtneps2bf16 does)")
     func specials() {
-        let values: [Float] = [.nan, -.nan, Float(bitPattern: 0x7F80_0001), 1e-39, -1e-39, Float.leastNonzeroMagnitude]
+        let values: [Float] = [.nan, -.nan, Float(bitPattern: 0x7F80_0001), Float(bitPattern: 0x000B_0000), Float(bitPattern: 0x800B_0000), Float.leastNonzeroMagnitude]
         for reference in [true, false] where reference || BF16Gemm.isSupported {
             var out = [UInt16](repeating: 0, count: values.count)
             values.withUnsafeBufferPointer { xp in
