@@ -80,7 +80,7 @@ struct Train: ParsableCommand {
     var targetMaxLen: Int?
     @Option(help: "Optimizer: paged_adamw_32bit, paged_adamw_8bit, adamw_32bit, adamw_8bit.")
     var optim: String = "paged_adamw_32bit"
-    @Option(help: ArgumentHelp("Precision of the frozen model's products: bf16 (operands rounded to bfloat16, sums in f32; the paper's compute dtype; 1.8x as fast as f32 on the default model with AVX512-BF16) or f32. LoRA weights, gradients and optimizer state are f32 either way. Without AVX512-BF16, bf16 falls back to f32.", valueName: "dtype"))
+    @Option(help: ArgumentHelp("Precision of the frozen model's products: bf16 (operands rounded to bfloat16, sums in f32; the paper's compute dtype; 1.6x as fast as f32 on the default model with AVX512-BF16) or f32. LoRA weights, gradients and optimizer state are f32 either way. Without AVX512-BF16, bf16 falls back to f32.", valueName: "dtype"))
     var computeDtype: String = "bf16"
     @Option(help: "AdamW weight decay.")
     var weightDecay: Double = 0
