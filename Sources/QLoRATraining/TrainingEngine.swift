@@ -181,6 +181,7 @@ final class StepWorkspace {
     /// hidden[l]: the input of layer l (kept: the checkpoints); hidden[L]: the last layer's output.
     let hidden: [UnsafeMutablePointer<Float>]
     let xf, rstdf, dxf, dh, dhNext, proj: UnsafeMutablePointer<Float>
+    /// dP: one [maxT, maxT] block of attention-score gradients per worker thread.
     let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dP, dt, through, dropped, scratch: UnsafeMutablePointer<Float>
     let ropeCos, ropeSin: UnsafeMutablePointer<Float>
     let lossX, logits, lossDx: UnsafeMutablePointer<Float>
@@ -614,8 +615,9 @@ public final class TrainingEngine {
                        input x: UnsafeMutablePointer<Float>, inputBF16 xb: UnsafePointer<UInt16>?, output y: UnsafeMutablePointer<Float>,
                        skipBase: Bool = false) {
         if !skipBase {
-            var base = p.linear(in: model.layers[l])
-            base.lora = nil  // training adapters come from `lora`, not from an attached inference adapter
+            // The frozen product only: training adapters come from `lora`; an adapter attached to the layer for
+            // inference (base.lora) is never applied here.
+            let base = p.linear(in: model.layers[l])
             if let xb {
                 frozenForwardBF16(base, xb, rows: N, into: y, ws)
             } else {
