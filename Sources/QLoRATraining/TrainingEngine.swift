@@ -616,13 +616,8 @@ public final class TrainingEngine {
                        skipBase: Bool = false) {
         if !skipBase {
             // The frozen product only: training adapters come from `lora`; an adapter attached to the layer for
-            // inference (base.lora) is never applied here.
-            let base = p.linear(in: model.layers[l])
-            if let xb {
-                frozenForwardBF16(base, xb, rows: N, into: y, ws)
-            } else {
-                frozenForwardF32(base, x, rows: N, into: y, ws)
-            }
+            // inference (Linear.lora) is never applied here.
+            frozenForward(p.linear(in: model.layers[l]), x, xb, rows: N, into: y, ws)
         }
         guard let slot = lora.slot(layer: l, projection: p) else { return }
         let r = lora.config.rank, inF = slot.inFeatures, outF = slot.outFeatures
@@ -709,63 +704,39 @@ public final class TrainingEngine {
         }
     }
 
-    /// dx += dy · W for a frozen W [out, in], tile by tile for a 4-bit W.
-    func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>,
-                             _ ws: StepWorkspace) {
+    // MARK: - Frozen products
+
+    /// Calls `body(rows, w)` for consecutive tiles of W's rows, `w` the tile as f32 [rows.count, in]: a dense
+    /// W's own rows, or the rows dequantized into ws.scratch. The one tile loop of every frozen product.
+    func forEachWeightTile(_ linear: Linear, rows N: Int, _ ws: StepWorkspace, _ body: (Range<Int>, UnsafePointer<Float>) -> Void) {
         let inF = linear.inFeatures, outF = linear.outFeatures
-        let scratch = ws.scratch
-        if usesBF16 {
-            // dy in bf16 once; each tile of W's rows is a slice of the sum over out.
-            let dyb = bf16Operand(ws, dy, rows: N, cols: outF)!
-            let lda = BF16Gemm.paddedCount(outF)
-            let tile = linear.tileRows(forRows: N)
-            var r0 = 0
-            while r0 < outF {
-                let r1 = min(outF, r0 + tile)
-                withWeightRows(linear, r0..<r1, tile: tile, scratch: scratch) { w in
-                    BF16Gemm.packB(w, ldb: inF, transposed: false, k: r1 - r0, n: inF, into: ws.packed)
-                }
-                BF16Gemm.gemm(dx, ldc: inF, dyb + r0, lda: lda, ws.packed, m: N, n: inF, k: r1 - r0, accumulate: true)
-                r0 = r1
-            }
-            return
-        }
-        switch linear.weight {
-        case let .dense(w):
-            w.withUnsafeBufferPointer { wp in
-                mm(dx, ldc: inF, dy, lda: outF, wp.baseAddress!, ldb: inF, m: N, n: inF, k: outF, beta: 1)
-            }
-        case .quantized, .bf16:
-            let tile = linear.tileRows(forRows: N)
-            var r0 = 0
-            while r0 < outF {
-                let r1 = min(outF, r0 + tile)
-                linear.dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inF, kernels: kernels)
-                mm(dx, ldc: inF, dy + r0, lda: outF, scratch, ldb: inF, m: N, n: inF, k: r1 - r0, beta: 1)
-                r0 = r1
+        let tile = linear.tileRows(forRows: N)
+        for r0 in stride(from: 0, to: outF, by: tile) {
+            let rows = r0..<min(outF, r0 + tile)
+            if case let .dense(w) = linear.weight {
+                w.withUnsafeBufferPointer { body(rows, $0.baseAddress! + r0 * inF) }
+            } else {
+                linear.dequantizeRows(rows, into: ws.scratch, scaleScratch: ws.scratch + tile * inF, kernels: kernels)
+                body(rows, ws.scratch)
             }
         }
     }
 
-    /// y = x Wᵀ (+ b) in f32: tile by tile (a dense W in one piece), each product split over our threads.
-    func frozenForwardF32(_ linear: Linear, _ x: UnsafePointer<Float>, rows N: Int, into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
+    /// y = x Wᵀ (+ b) for a frozen W [out, in]. bf16 compute: `xb` is x already converted by `bf16Operand`
+    /// (shared by the products that read the same x), and each tile of W is packed for the bf16 GEMM.
+    func frozenForward(_ linear: Linear, _ x: UnsafePointer<Float>, _ xb: UnsafePointer<UInt16>?, rows N: Int,
+                       into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
         let inF = linear.inFeatures, outF = linear.outFeatures
-        let tile: Int
-        if case .dense = linear.weight { tile = outF } else { tile = linear.tileRows(forRows: N) }
-        var r0 = 0
-        while r0 < outF {
-            let r1 = min(outF, r0 + tile)
-            withWeightRows(linear, r0..<r1, tile: tile, scratch: ws.scratch) { w in
-                mm(y + r0, ldc: outF, x, lda: inF, w, ldb: inF, m: N, n: r1 - r0, k: inF, transposeB: true)
+        forEachWeightTile(linear, rows: N, ws) { rows, w in
+            if let xb {
+                BF16Gemm.packB(w, ldb: inF, transposed: true, k: inF, n: rows.count, into: ws.packed)
+                BF16Gemm.gemm(y + rows.lowerBound, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: rows.count, k: inF,
+                              accumulate: false)
+            } else {
+                mm(y + rows.lowerBound, ldc: outF, x, lda: inF, w, ldb: inF, m: N, n: rows.count, k: inF, transposeB: true)
             }
-            r0 = r1
         }
-        addBias(linear, rows: N, y)
-    }
-
-    func addBias(_ linear: Linear, rows N: Int, _ y: UnsafeMutablePointer<Float>) {
         guard let bias = linear.bias else { return }
-        let outF = linear.outFeatures
         bias.withUnsafeBufferPointer { b in
             for r in 0..<N {
                 let row = y + r * outF
@@ -774,7 +745,22 @@ public final class TrainingEngine {
         }
     }
 
-    // MARK: - bf16 compute
+    /// dx += dy · W for a frozen W [out, in] (no weight gradient): each tile of W's rows is a slice of the
+    /// sum over out. bf16 compute converts dy once.
+    func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>,
+                             _ ws: StepWorkspace) {
+        let inF = linear.inFeatures, outF = linear.outFeatures
+        let dyb = bf16Operand(ws, dy, rows: N, cols: outF)
+        forEachWeightTile(linear, rows: N, ws) { rows, w in
+            if let dyb {
+                BF16Gemm.packB(w, ldb: inF, transposed: false, k: rows.count, n: inF, into: ws.packed)
+                BF16Gemm.gemm(dx, ldc: inF, dyb + rows.lowerBound, lda: BF16Gemm.paddedCount(outF), ws.packed, m: N, n: inF, k: rows.count,
+                              accumulate: true)
+            } else {
+                mm(dx, ldc: inF, dy + rows.lowerBound, lda: outF, w, ldb: inF, m: N, n: inF, k: rows.count, beta: 1)
+            }
+        }
+    }
 
     /// x [rows, cols] converted to bf16 rows in ws.abf (bf16 compute), or nil (f32 compute). The result
     /// lives until the next conversion.
@@ -782,35 +768,6 @@ public final class TrainingEngine {
         guard usesBF16 else { return nil }
         BF16Gemm.convert(x, rows: rows, cols: cols, ld: cols, into: ws.abf, ldd: BF16Gemm.paddedCount(cols))
         return UnsafePointer(ws.abf)
-    }
-
-    /// Calls `body` with rows `rows` of W as f32 [rows.count, in]: a dense W itself, or the rows dequantized
-    /// into `scratch` (a tile of `tile` rows and its block scales).
-    func withWeightRows(_ linear: Linear, _ rows: Range<Int>, tile: Int, scratch: UnsafeMutablePointer<Float>,
-                        _ body: (UnsafePointer<Float>) -> Void) {
-        if case let .dense(w) = linear.weight {
-            w.withUnsafeBufferPointer { body($0.baseAddress! + rows.lowerBound * linear.inFeatures) }
-        } else {
-            linear.dequantizeRows(rows, into: scratch, scaleScratch: scratch + tile * linear.inFeatures, kernels: kernels)
-            body(scratch)
-        }
-    }
-
-    /// y = x Wᵀ (+ b) with x already in bf16 rows: tile by tile, each tile of W packed once and
-    /// multiplied with every row of x.
-    func frozenForwardBF16(_ linear: Linear, _ xb: UnsafePointer<UInt16>, rows N: Int, into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
-        let inF = linear.inFeatures, outF = linear.outFeatures
-        let tile = linear.tileRows(forRows: N)
-        var r0 = 0
-        while r0 < outF {
-            let r1 = min(outF, r0 + tile)
-            withWeightRows(linear, r0..<r1, tile: tile, scratch: ws.scratch) { w in
-                BF16Gemm.packB(w, ldb: inF, transposed: true, k: inF, n: r1 - r0, into: ws.packed)
-            }
-            BF16Gemm.gemm(y + r0, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: r1 - r0, k: inF, accumulate: false)
-            r0 = r1
-        }
-        addBias(linear, rows: N, y)
     }
 
     // MARK: - Norms and loss
@@ -847,11 +804,7 @@ public final class TrainingEngine {
         while start < rows.count {
             let n = min(chunk, rows.count - start)
             for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
-            if let xb = bf16Operand(ws, x, rows: n, cols: D) {
-                frozenForwardBF16(head, xb, rows: n, into: logits, ws)
-            } else {
-                frozenForwardF32(head, x, rows: n, into: logits, ws)
-            }
+            frozenForward(head, x, bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, ws)
             for k in 0..<n {
                 total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
             }
