@@ -256,7 +256,7 @@ public final class TrainingEngine {
                 1 / Float(c.headDim).squareRoot())
     }
 
-    /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or the default for the dtype).
+    /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or 64).
     var attentionBlock: Int { max(1, options.attentionRowBlock ?? 64) }
 
     /// Rows per chunk of the loss (`TrainingOptions.lossChunkRows`, or the automatic choice).
@@ -416,7 +416,7 @@ public final class TrainingEngine {
     /// packed row each query sees only the keys of its own example.
     func attentionForward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         if usesBF16 { return attentionForwardBF16(act, ws, s) }
-        let T = s.T
+        let T = s.T, blockRows = attentionBlock
         let (H, d, group, qDim, kvDim, scale) = headLayout
         forEachKVHead(s) { _, b, kvh in
             for h in (kvh * group)..<((kvh + 1) * group) {
@@ -424,28 +424,45 @@ public final class TrainingEngine {
                 let Q = act.q + b * T * qDim + h * d
                 let K = act.k + b * T * kvDim + kvh * d
                 let V = act.v + b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: attentionBlock) {
-                    let r1 = min(T, r0 + attentionBlock)
+                for r0 in stride(from: 0, to: T, by: blockRows) {
+                    let r1 = min(T, r0 + blockRows)
                     Gemm.gemm(P + r0 * T, ldc: T, Q + r0 * qDim, lda: qDim, K, ldb: kvDim, m: r1 - r0, n: r1, k: d, transposeB: true, alpha: scale)
-                    // Softmax over each row's visible keys; the rest of the row (up to T) becomes 0.
-                    for t in r0..<r1 {
-                        let start = s.windowStart?[b * T + t] ?? 0
-                        for j in 0..<start { P[t * T + j] = 0 }
-                        Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
-                    }
+                    softmaxRows(P, r0..<r1, sequence: b, s)
                     Gemm.gemm(act.attn + b * T * qDim + (r0 * qDim) + h * d, ldc: qDim, P + r0 * T, lda: T, V, ldb: kvDim, m: r1 - r0, n: d, k: r1)
                 }
             }
         }
     }
 
+    /// Softmax in place over rows `rows` of one head's scores P [T, T] (sequence b): each row over the keys of
+    /// its own example up to itself; the rest of the row, up to T, becomes 0.
+    func softmaxRows(_ P: UnsafeMutablePointer<Float>, _ rows: Range<Int>, sequence b: Int, _ s: Shape) {
+        let T = s.T
+        for t in rows {
+            let start = s.windowStart?[b * T + t] ?? 0
+            for j in 0..<start { P[t * T + j] = 0 }
+            Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
+        }
+    }
+
+    /// Rows `rows` of S [T, T] from dP (in S) to dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, over the keys of
+    /// the block (0..<rows.upperBound); keys after a row's own position become 0.
+    func scoreGradientRows(_ S: UnsafeMutablePointer<Float>, _ P: UnsafePointer<Float>, _ rows: Range<Int>, T: Int, scale: Float) {
+        for t in rows {
+            let prow = P + t * T, srow = S + t * T
+            var dot: Float = 0
+            for j in 0...t { dot += prow[j] * srow[j] }
+            for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
+            for j in (t + 1)..<rows.upperBound { srow[j] = 0 }
+        }
+    }
+
     /// The same computation with bf16 products (f32 softmax). Per (sequence, kv head): Kᵀ packed once; per
     /// block of query rows, V's visible rows packed once for the group's query heads.
     func attentionForwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let T = s.T
+        let T = s.T, blockRows = attentionBlock
         let (H, d, group, qDim, kvDim, scale) = headLayout
         let pad = BF16Gemm.paddedCount
-        let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
             let sc = ws.attention[worker]
             let K = act.k + b * T * kvDim + kvh * d
@@ -460,11 +477,7 @@ public final class TrainingEngine {
                     BF16Gemm.convert(Q + r0 * qDim, rows: rows, cols: d, ld: qDim, into: sc.small, ldd: pad(d), parallel: false)
                     BF16Gemm.gemm(P + r0 * T, ldc: T, sc.small, lda: pad(d), sc.keysT, m: rows, n: r1, k: d, alpha: scale,
                                   accumulate: false, parallel: false)
-                    for t in r0..<r1 {
-                        let start = s.windowStart?[b * T + t] ?? 0
-                        for j in 0..<start { P[t * T + j] = 0 }
-                        Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
-                    }
+                    softmaxRows(P, r0..<r1, sequence: b, s)
                     BF16Gemm.convert(P + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
                     BF16Gemm.gemm(act.attn + b * T * qDim + r0 * qDim + h * d, ldc: qDim, sc.block, lda: pad(r1), sc.rowsPacked,
                                   m: rows, n: d, k: r1, accumulate: false, parallel: false)
@@ -512,27 +525,21 @@ public final class TrainingEngine {
     /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
     func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         if usesBF16 { return attentionBackwardBF16(act, ws, s) }
-        let T = s.T
+        let T = s.T, blockRows = attentionBlock
         let (H, d, group, qDim, kvDim, scale) = headLayout
         forEachKVHead(s) { worker, b, kvh in
             let S = ws.dP + worker * T * T
             for h in (kvh * group)..<((kvh + 1) * group) {
                 let P = act.probs + (b * H + h) * T * T
                 let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: attentionBlock) {
-                    let r1 = min(T, r0 + attentionBlock), rows = r1 - r0
+                for r0 in stride(from: 0, to: T, by: blockRows) {
+                    let r1 = min(T, r0 + blockRows), rows = r1 - r0
                     let dO = ws.dAttn + qOff + r0 * qDim
                     // dP = dO Vᵀ   [rows, r1]
                     Gemm.gemm(S + r0 * T, ldc: T, dO, lda: qDim, act.v + kvOff, ldb: kvDim, m: rows, n: r1, k: d, transposeB: true)
                     // dV[0..<r1] += Pᵀ dO
                     Gemm.gemm(ws.dv + kvOff, ldc: kvDim, P + r0 * T, lda: T, dO, ldb: qDim, m: r1, n: d, k: rows, transposeA: true, beta: 1)
-                    for t in r0..<r1 {
-                        let prow = P + t * T, srow = S + t * T
-                        var dot: Float = 0
-                        for j in 0...t { dot += prow[j] * srow[j] }
-                        for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
-                        for j in (t + 1)..<r1 { srow[j] = 0 }
-                    }
+                    scoreGradientRows(S, P, r0..<r1, T: T, scale: scale)
                     // dQ[r0..<r1] = dS K ; dK[0..<r1] += dSᵀ Q[r0..<r1]
                     Gemm.gemm(ws.dq + qOff + r0 * qDim, ldc: qDim, S + r0 * T, lda: T, act.k + kvOff, ldb: kvDim, m: rows, n: d, k: r1)
                     Gemm.gemm(ws.dk + kvOff, ldc: kvDim, S + r0 * T, lda: T, act.q + qOff + r0 * qDim, ldb: qDim, m: r1, n: d, k: rows,
@@ -545,10 +552,9 @@ public final class TrainingEngine {
     /// The same computation with bf16 products. dVᵀ and dKᵀ are formed ([d, T], A = dOᵀ or Qᵀ, which are
     /// small) and added transposed into dV and dK once per unit, so no T x T matrix is ever transposed.
     func attentionBackwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let T = s.T
+        let T = s.T, blockRows = attentionBlock
         let (H, d, group, qDim, kvDim, scale) = headLayout
         let pad = BF16Gemm.paddedCount
-        let blockRows = attentionBlock
         forEachKVHead(s) { worker, b, kvh in
             let sc = ws.attention[worker]
             let S = ws.dP + worker * T * T
@@ -569,13 +575,7 @@ public final class TrainingEngine {
                     // dVᵀ[:, 0..<r1] += dOᵀ[:, r0..<r1] P[r0..<r1, 0..<r1]
                     BF16Gemm.packB(P + r0 * T, ldb: T, transposed: false, k: rows, n: r1, into: sc.blockPacked, parallel: false)
                     BF16Gemm.gemm(sc.dVT, ldc: T, sc.dOT + r0, lda: pad(T), sc.blockPacked, m: d, n: r1, k: rows, accumulate: true, parallel: false)
-                    for t in r0..<r1 {
-                        let prow = P + t * T, srow = S + t * T
-                        var dot: Float = 0
-                        for j in 0...t { dot += prow[j] * srow[j] }
-                        for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
-                        for j in (t + 1)..<r1 { srow[j] = 0 }
-                    }
+                    scoreGradientRows(S, P, r0..<r1, T: T, scale: scale)
                     // dQ[r0..<r1] = dS K[0..<r1]
                     BF16Gemm.convert(S + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
                     BF16Gemm.packB(act.k + kvOff, ldb: kvDim, transposed: false, k: r1, n: d, into: sc.rowsPacked, parallel: false)
