@@ -72,9 +72,6 @@ public enum BF16Gemm {
         }
     }
 
-    /// f32 -> bf16 bits (round to nearest even, as the kernels convert).
-    public static func bf16(_ x: Float) -> UInt16 { qk_bf16_from_float(x) }
-
     /// The transpose of src [rows, cols] (row stride ld) as bf16 rows: dst[c][r] = bf16(src[r * ld + c]),
     /// each of the `cols` rows padded to even length with 0 (ldd >= paddedCount(rows)). For the small
     /// operands of attention's backward (a head's Q or dO, d x T). On the calling thread.

@@ -59,11 +59,6 @@ public final class LlamaModel: @unchecked Sendable {
     public let source: String
     let inverseFrequencies: [Float]
 
-    public convenience init(config: LlamaConfig, embedding: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
-        self.init(config: config, embeddings: Linear(weight: .dense(embedding), outFeatures: config.vocabSize, inFeatures: config.hiddenSize),
-                  layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
-    }
-
     public init(config: LlamaConfig, embeddings: Linear, layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
         self.config = config
         self.embeddings = embeddings

@@ -70,8 +70,9 @@ public enum ComputeDType: String, Sendable, CaseIterable {
     /// f32 BLAS throughout (what the gradient fixtures are checked against at 1e-4).
     case f32
     /// The frozen products (every projection's base weight and the LM head, forward and input gradient)
-    /// take bf16 operands and sum in f32, on AVX512-BF16 at twice the f32 rate; LoRA, attention, norms
-    /// and the loss stay f32. The paper's setting. Without AVX512-BF16 the engine computes in f32.
+    /// and attention's four products take bf16 operands and sum in f32, on AVX512-BF16's vdpbf16ps at twice
+    /// the f32 FMA rate; LoRA, softmax, norms and the loss stay f32. The paper's setting. Without
+    /// AVX512-BF16 the engine computes in f32.
     case bf16
 }
 
