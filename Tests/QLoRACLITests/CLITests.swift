@@ -317,6 +317,8 @@ struct TrainCLITests {
         // The command line wins over the file: r 4 and 2 steps.
         let r = try runQLoRA(["train", "--config", config, "--lora-r", "4", "--max-steps", "2"])
         #expect(r.status == 0, "\(r.stderr)")
+        // The default compute dtype is bf16 where the CPU has AVX512-BF16, and the log says which ran.
+        #expect(r.stderr.contains(BF16Gemm.isSupported ? ", bf16 compute" : ", f32 compute"), "\(r.stderr)")
         let result = try JSON.parse(r.stdout)
         // q and v of 30 layers at r 4: 4 * (576 + 576) + 4 * (576 + 192).
         #expect(result["trainable_parameters"]?.intValue == 30 * (4 * (576 + 576) + 4 * (576 + 192)), "\(r.stdout)")
@@ -357,6 +359,8 @@ struct TrainCLITests {
         #expect(r.status != 0 && r.stderr.contains("--resume"), "\(r.stderr)")
         let bad = FileSystem.join(dir, "bad.jsonl")
         try FileSystem.writeFileAtomically(bad, bytes: Array("{\"text\": \"ok\"}\n{\"text\": 3}\n".utf8))
+        let dtype = try runQLoRA(Self.trainArguments(data, FileSystem.join(dir, "o3")) + ["--compute-dtype", "f16"])
+        #expect(dtype.status != 0 && dtype.stderr.contains("--compute-dtype must be bf16 or f32"), "\(dtype.stderr)")
         let b = try runQLoRA(Self.trainArguments(bad, FileSystem.join(dir, "o2")))
         #expect(b.status != 0 && b.stderr.contains("bad.jsonl:2:"), "\(b.stderr)")
     }
