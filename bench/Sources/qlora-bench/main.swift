@@ -239,9 +239,10 @@ do {
         ]), pretty: true))
     case "train-step":
         // Times QLoRA training steps (forward + backward into LoRA) on random tokens.
-        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N --bf16-embeddings]") }
         var o = LoadOptions()
         o.showProgress = false
+        o.bf16Embeddings = args.contains("--bf16-embeddings")
         let model = try LlamaModel.load(args[1], options: o)
         var c = LoRAConfig()
         c.rank = option("--rank", 16)
