@@ -91,6 +91,34 @@ public struct Linear: Sendable {
         return max(8, min(outFeatures, budget / max(4 * inFeatures, 1)))
     }
 
+    /// Calls `body(tile, w)` for consecutive tiles of W's rows (`tileRows(forRows:)` each), `w` the tile as
+    /// f32 [tile.count, in]: a dense W's own rows, or the rows dequantized into `scratch` (which must hold
+    /// `scratchCount` floats). The tile loop of every product with many rows of input.
+    public func forEachTile(forRows n: Int, scratch: UnsafeMutablePointer<Float>, kernels: KernelTable = .current,
+                            _ body: (Range<Int>, UnsafePointer<Float>) -> Void) {
+        let tile = tileRows(forRows: n)
+        for r0 in stride(from: 0, to: outFeatures, by: tile) {
+            let rows = r0..<min(outFeatures, r0 + tile)
+            if case let .dense(w) = weight {
+                w.withUnsafeBufferPointer { body(rows, $0.baseAddress! + r0 * inFeatures) }
+            } else {
+                dequantizeRows(rows, into: scratch, scaleScratch: scratch + tile * inFeatures, kernels: kernels)
+                body(rows, scratch)
+            }
+        }
+    }
+
+    /// y[r] += b for each of `rows` rows of y [rows, out] (nothing without a bias).
+    public func addBias(to y: UnsafeMutablePointer<Float>, rows: Int) {
+        guard let bias else { return }
+        bias.withUnsafeBufferPointer { b in
+            for r in 0..<rows {
+                let row = y + r * outFeatures
+                for j in 0..<outFeatures { row[j] += b[j] }
+            }
+        }
+    }
+
     /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `scratchCount` floats when the
     /// weight is quantized and rows > 1.
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
@@ -109,25 +137,13 @@ public struct Linear: Sendable {
             if rows == 1, case let .quantized(q) = weight, inFeatures % q.blockSize == 0 {
                 fusedGemv(q, x, y, kernels: kernels)
             } else {
-                var r0 = 0
-                let tile = tileRows(forRows: rows)
-                while r0 < outFeatures {
-                    let r1 = min(outFeatures, r0 + tile)
-                    dequantizeRows(r0..<r1, into: scratch, scaleScratch: scratch + tile * inFeatures, kernels: kernels)
-                    Gemm.gemm(y + r0, ldc: outFeatures, x, lda: inFeatures, scratch, ldb: inFeatures,
-                              m: rows, n: r1 - r0, k: inFeatures, transposeB: true)
-                    r0 = r1
+                forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                    Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
+                              m: rows, n: tile.count, k: inFeatures, transposeB: true)
                 }
             }
         }
-        if let bias {
-            bias.withUnsafeBufferPointer { b in
-                for r in 0..<rows {
-                    let row = y + r * outFeatures
-                    for j in 0..<outFeatures { row[j] += b[j] }
-                }
-            }
-        }
+        addBias(to: y, rows: rows)
         if let lora {
             var t = [Float](repeating: 0, count: rows * lora.rank)
             t.withUnsafeMutableBufferPointer { tp in

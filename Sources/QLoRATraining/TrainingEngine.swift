@@ -707,28 +707,12 @@ public final class TrainingEngine {
 
     // MARK: - Frozen products
 
-    /// Calls `body(rows, w)` for consecutive tiles of W's rows, `w` the tile as f32 [rows.count, in]: a dense
-    /// W's own rows, or the rows dequantized into ws.scratch. The one tile loop of every frozen product.
-    func forEachWeightTile(_ linear: Linear, rows N: Int, _ ws: StepWorkspace, _ body: (Range<Int>, UnsafePointer<Float>) -> Void) {
-        let inF = linear.inFeatures, outF = linear.outFeatures
-        let tile = linear.tileRows(forRows: N)
-        for r0 in stride(from: 0, to: outF, by: tile) {
-            let rows = r0..<min(outF, r0 + tile)
-            if case let .dense(w) = linear.weight {
-                w.withUnsafeBufferPointer { body(rows, $0.baseAddress! + r0 * inF) }
-            } else {
-                linear.dequantizeRows(rows, into: ws.scratch, scaleScratch: ws.scratch + tile * inF, kernels: kernels)
-                body(rows, ws.scratch)
-            }
-        }
-    }
-
     /// y = x Wᵀ (+ b) for a frozen W [out, in]. bf16 compute: `xb` is x already converted by `bf16Operand`
     /// (shared by the products that read the same x), and each tile of W is packed for the bf16 GEMM.
     func frozenForward(_ linear: Linear, _ x: UnsafePointer<Float>, _ xb: UnsafePointer<UInt16>?, rows N: Int,
                        into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
         let inF = linear.inFeatures, outF = linear.outFeatures
-        forEachWeightTile(linear, rows: N, ws) { rows, w in
+        linear.forEachTile(forRows: N, scratch: ws.scratch, kernels: kernels) { rows, w in
             if let xb {
                 BF16Gemm.packB(w, ldb: inF, transposed: true, k: inF, n: rows.count, into: ws.packed)
                 BF16Gemm.gemm(y + rows.lowerBound, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: rows.count, k: inF,
@@ -737,13 +721,7 @@ public final class TrainingEngine {
                 mm(y + rows.lowerBound, ldc: outF, x, lda: inF, w, ldb: inF, m: N, n: rows.count, k: inF, transposeB: true)
             }
         }
-        guard let bias = linear.bias else { return }
-        bias.withUnsafeBufferPointer { b in
-            for r in 0..<N {
-                let row = y + r * outF
-                for j in 0..<outF { row[j] += b[j] }
-            }
-        }
+        linear.addBias(to: y, rows: N)
     }
 
     /// dx += dy · W for a frozen W [out, in] (no weight gradient): each tile of W's rows is a slice of the
@@ -752,7 +730,7 @@ public final class TrainingEngine {
                              _ ws: StepWorkspace) {
         let inF = linear.inFeatures, outF = linear.outFeatures
         let dyb = bf16Operand(ws, dy, rows: N, cols: outF)
-        forEachWeightTile(linear, rows: N, ws) { rows, w in
+        linear.forEachTile(forRows: N, scratch: ws.scratch, kernels: kernels) { rows, w in
             if let dyb {
                 BF16Gemm.packB(w, ldb: inF, transposed: false, k: rows.count, n: inF, into: ws.packed)
                 BF16Gemm.gemm(dx, ldc: inF, dyb + rows.lowerBound, lda: BF16Gemm.paddedCount(outF), ws.packed, m: N, n: inF, k: rows.count,
