@@ -21,6 +21,17 @@ public struct EncodedExample: Sendable, Equatable {
     }
 
     public var trainedTokens: Int { labels.filter { $0 != TrainingBatch.ignoreIndex }.count }
+
+    /// Holds out `fraction` of the examples (at least one) for validation, chosen by a shuffle seeded
+    /// with `seed`; both parts keep the data's order.
+    public static func splitValidation(_ examples: [EncodedExample], fraction: Double, seed: UInt64) -> (train: [EncodedExample], validation: [EncodedExample]) {
+        var rng = SeededGenerator(seed: seed &+ 77)
+        var order = Array(examples.indices)
+        order.shuffle(using: &rng)
+        let n = min(examples.count, max(1, Int(Double(examples.count) * fraction)))
+        let held = Set(order.prefix(n))
+        return (examples.indices.filter { !held.contains($0) }.map { examples[$0] }, order.prefix(n).sorted().map { examples[$0] })
+    }
 }
 
 /// Packing: short examples share a sequence so less of each batch is padding. Attention stays inside

@@ -121,6 +121,19 @@ public final class Trainer {
         return batches
     }
 
+    /// The micro-batches (indices into `train`) of optimizer step `step`, counted from 0, in the order
+    /// they are trained.
+    public func microBatches(ofStep step: Int) -> [[Int]] {
+        let perEpoch = stepsPerEpoch * config.gradientAccumulation
+        return (0..<config.gradientAccumulation).map { micro in
+            let global = step * config.gradientAccumulation + micro
+            let epoch = global / perEpoch
+            if currentPlan?.epoch != epoch { currentPlan = (epoch, epochPlan(epoch)) }
+            let plan = currentPlan!.batches
+            return plan[(global % perEpoch) % plan.count]
+        }
+    }
+
     /// Pads examples (right, with labels -100) into one batch.
     /// Packed examples keep their boundaries (attention inside each, positions restarting).
     public func makeBatch(_ examples: [EncodedExample]) -> TrainingBatch {
@@ -165,16 +178,7 @@ public final class Trainer {
         engine.training = true
         var loss = 0.0
         var tokens = 0
-        let perEpoch = stepsPerEpoch * config.gradientAccumulation
-        var batches: [TrainingBatch] = []
-        for micro in 0..<config.gradientAccumulation {
-            let global = step * config.gradientAccumulation + micro
-            let epoch = global / perEpoch
-            if currentPlan?.epoch != epoch { currentPlan = (epoch, epochPlan(epoch)) }
-            let plan = currentPlan!.batches
-            let indices = plan[(global % perEpoch) % plan.count]
-            batches.append(makeBatch(indices.map { train[$0] }))
-        }
+        let batches = microBatches(ofStep: step).map { indices in makeBatch(indices.map { train[$0] }) }
         // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
         // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
         // is weighted n_i / sum(n), not 1 / k.

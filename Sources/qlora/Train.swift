@@ -194,13 +194,7 @@ struct Train: ParsableCommand {
         if let valData {
             validation = try DatasetLoader.load(valData, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords).examples.map(encoder.encode)
         } else if valSplit > 0 && encoded.count >= 20 {
-            var rng = SeededGenerator(seed: seed &+ 77)
-            var order = Array(encoded.indices)
-            order.shuffle(using: &rng)
-            let n = max(1, Int(Double(encoded.count) * valSplit))
-            let held = Set(order.prefix(n))
-            validation = order.prefix(n).sorted().map { encoded[$0] }
-            encoded = encoded.indices.filter { !held.contains($0) }.map { encoded[$0] }
+            (encoded, validation) = EncodedExample.splitValidation(encoded, fraction: valSplit, seed: seed)
         }
         let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
         Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(dropped) dropped (no response token within \(maxSeqLen)), \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")

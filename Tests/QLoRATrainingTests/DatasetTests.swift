@@ -121,4 +121,19 @@ struct DatasetTests {
         #expect(e.truncated && e.tokens.count == 12)
         #expect(e.tokens.last == t.eosTokenID && e.labels.last == t.eosTokenID)
     }
+
+    @Test("the validation split holds out the fraction asked, disjoint from training, in data order, the same for a seed")
+    func validationSplit() {
+        let examples = (0..<50).map { EncodedExample(tokens: [$0], labels: [$0], truncated: false) }
+        let (train, validation) = EncodedExample.splitValidation(examples, fraction: 0.1, seed: 1)
+        #expect(validation.count == 5 && train.count == 45)
+        let held = validation.map { $0.tokens[0] }, kept = train.map { $0.tokens[0] }
+        #expect(Set(held).isDisjoint(with: kept) && Set(held + kept) == Set(0..<50))
+        #expect(held == held.sorted() && kept == kept.sorted())
+        #expect(held != Array(0..<5) && held != Array(45..<50))
+        #expect(EncodedExample.splitValidation(examples, fraction: 0.1, seed: 1).validation == validation)
+        #expect(EncodedExample.splitValidation(examples, fraction: 0.1, seed: 2).validation != validation)
+        // At least one example is held out; never all of them.
+        #expect(EncodedExample.splitValidation(examples, fraction: 0.001, seed: 1).validation.count == 1)
+    }
 }

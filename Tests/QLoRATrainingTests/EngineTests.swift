@@ -173,6 +173,30 @@ struct EngineTests {
         #expect(Compare.close(accGrad, bigGrad, atol: 1e-7, rtol: 1e-4, "gradients") == nil)
     }
 
+    @Test("the step plan trains every example once per epoch, in micro-batches of the batch size, reshuffled each epoch")
+    func stepPlan() throws {
+        let model = try tinyModel()
+        let examples = (0..<23).map { i in EncodedExample(tokens: Array(repeating: i + 3, count: 2 + i % 7), labels: Array(repeating: i + 3, count: 2 + i % 7), truncated: false) }
+        var c = TrainerConfig()
+        c.batchSize = 3
+        c.gradientAccumulation = 2
+        c.seed = 5
+        let trainer = try Trainer(engine: engine(model), config: c, train: examples, validation: [], padToken: 0)
+        #expect(trainer.microBatchesPerEpoch == 8 && trainer.stepsPerEpoch == 4)
+        var epochs: [[[Int]]] = []
+        for epoch in 0..<2 {
+            let micro = (0..<4).flatMap { trainer.microBatches(ofStep: epoch * 4 + $0) }
+            #expect(micro.count == 8 && micro.allSatisfy { $0.count <= 3 })
+            // 4 steps of 2 micro-batches cover all 8 batches of the plan: every example once.
+            #expect(micro.flatMap { $0 }.sorted() == Array(0..<23))
+            #expect(micro == trainer.epochPlan(epoch))
+            epochs.append(micro)
+        }
+        #expect(epochs[0] != epochs[1])
+        // Asked again (a resumed run), a step gives the same micro-batches.
+        #expect(trainer.microBatches(ofStep: 1) == epochs[0][2..<4].map { $0 })
+    }
+
     @Test("a packed row gives the loss and gradients of its examples in rows of their own")
     func packing() throws {
         let model = try tinyModel(.nf4)

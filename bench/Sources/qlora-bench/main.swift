@@ -325,6 +325,43 @@ do {
         let flops = 2 * Double(n * n * n)
         print(JSON.serialize(.object([("n", .int(n)), ("gflops", .double(flops / bestMultiply / 1e9)),
                                       ("gflops_with_packing", .double(flops / bestAll / 1e9))]), pretty: true))
+    case "plan":
+        // The examples and the batch order `qlora train` trains on with the same flags (the model's chat
+        // template, --val-split, grouping by length, --seed), as JSON, so that a reference script
+        // (bench/nf4_vs_f32_ref.py) trains on exactly the same batches.
+        guard args.count >= 3 else { fail("usage: qlora-bench plan MODEL DATA [--max-seq-len N --val-split F --batch N --grad-accum N --steps N --seed N]") }
+        var valSplit = 0.05
+        if let i = args.firstIndex(of: "--val-split"), i + 1 < args.count {
+            guard let v = Double(args[i + 1]), v >= 0, v < 1 else { fail("--val-split must be in [0, 1)") }
+            valSplit = v
+        }
+        let path = try ModelLocator.resolve(args[1])
+        var o = LoadOptions()
+        o.showProgress = false
+        let model = try LlamaModel.load(path, options: o)
+        let tokenizer = try Tokenizer.load(model: path)
+        guard let source = tokenizer.chatTemplate else { fail("\(args[1]) has no chat template") }
+        let encoder = try ExampleEncoder(tokenizer: tokenizer, template: .chat(try ChatTemplate(source)), maxLength: option("--max-seq-len", 512),
+                                         trainOnInputs: false, sourceMaxLength: nil, targetMaxLength: nil)
+        var train = try DatasetLoader.load(args[2], format: .auto, skipBadRecords: false).examples.map(encoder.encode).filter { $0.trainedTokens > 0 }
+        var validation: [EncodedExample] = []
+        let seed = UInt64(option("--seed", 0))
+        if valSplit > 0 && train.count >= 20 { (train, validation) = EncodedExample.splitValidation(train, fraction: valSplit, seed: seed) }
+        var tc = TrainerConfig()
+        tc.batchSize = option("--batch", 4)
+        tc.gradientAccumulation = option("--grad-accum", 1)
+        tc.seed = seed
+        let steps = option("--steps", 200)
+        tc.maxSteps = steps
+        let trainer = try Trainer(engine: TrainingEngine(model: model, lora: LoRAWeights(model: model, config: LoRAConfig()), options: TrainingOptions()),
+                                  config: tc, train: train, validation: validation, padToken: tokenizer.eosTokenID ?? 0)
+        func examples(_ list: [EncodedExample]) -> JSONValue {
+            .array(list.map { .object([("tokens", .array($0.tokens.map { .int($0) })), ("labels", .array($0.labels.map { .int($0) }))]) })
+        }
+        print(JSON.serialize(.object([
+            ("pad_token", .int(tokenizer.eosTokenID ?? 0)), ("train", examples(train)), ("validation", examples(validation)),
+            ("steps", .array((0..<steps).map { s in .array(trainer.microBatches(ofStep: s).map { .array($0.map { .int($0) }) }) })),
+        ])))
     case "memory":
         guard args.count >= 2 else { fail("usage: qlora-bench memory 7b|13b|33b|65b [--batch N --seq N --rank N --layers N --optim KIND]") }
         let optimName = args.firstIndex(of: "--optim").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } ?? "paged_adamw_32bit"
