@@ -61,16 +61,21 @@ public enum Gemm {
     /// Runs `body` with BLAS on the calling thread only, restoring its thread count after. OpenBLAS's
     /// idle workers spin (sched_yield) for a while after each call and take cycles from our own parallel
     /// loops; inside, the callers parallelize with `Parallel` instead. (Accelerate: no effect.)
+    /// OpenBLAS's thread count is process-wide, so the scopes of all threads are counted together: the
+    /// first to enter sets one thread, the last to leave restores the count, and a scope that overlaps
+    /// another one's end keeps BLAS single-threaded to its own end.
     public static func withSingleThreadedBLAS<R>(_ body: () throws -> R) rethrows -> R {
         #if canImport(Accelerate)
         return try body()
         #else
-        let before = openblas_get_num_threads()
-        if before != 1 { openblas_set_num_threads(1) }
-        defer { if before != 1 { openblas_set_num_threads(before) } }
-        return try body()
+        return try singleThreadedScopes.with(body)
         #endif
     }
+
+    #if !canImport(Accelerate)
+    private static let singleThreadedScopes = ScopedOverride(
+        value: 1, get: { Int(openblas_get_num_threads()) }, set: { openblas_set_num_threads(Int32($0)) })
+    #endif
 
     /// y[m] = alpha * A[m, n] x[n] + beta * y (row-major A with row stride lda).
     public static func gemv(_ y: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, lda: Int, _ x: UnsafePointer<Float>,
