@@ -170,7 +170,11 @@ struct EngineTests {
         let (bigLoss, bigGrad) = try run(batchSize: 2, accumulation: 1)
         let (accLoss, accGrad) = try run(batchSize: 1, accumulation: 2)
         #expect(abs(accLoss - bigLoss) <= 1e-6 * abs(bigLoss), "loss \(accLoss) accumulated vs \(bigLoss)")
-        #expect(Compare.close(accGrad, bigGrad, atol: 1e-7, rtol: 1e-4, "gradients") == nil)
+        // f32 rounding differs between the two (different GEMM shapes): the atol is 1e-5 of the largest
+        // gradient (0.19). OpenBLAS's Haswell kernels leave one element of 8,960 2e-7 off; with 1/k
+        // weighting the gradients differ by far more.
+        let scale = bigGrad.map(abs).max() ?? 0
+        #expect(Compare.close(accGrad, bigGrad, atol: 1e-5 * scale, rtol: 1e-4, "gradients") == nil)
     }
 
     @Test("the step plan trains every example once per epoch, in micro-batches of the batch size, reshuffled each epoch")
