@@ -2,7 +2,8 @@
 transformers 5.24 (f32, and NF4 + double quantization through bitsandbytes 0.50.2) versus swift-qlora
 (f32 and NF4 + DQ). Measured in one run, same machine, same thread count:
   prefill: a 512-token prompt (tokens/s), decode: 128 greedy tokens past EOS (tokens/s), peak RSS.
-Each configuration runs in its own process so peak RSS is its own.
+Each configuration runs in its own process so peak RSS is its own. transformers' NF4 row loads the GGUF's
+weights from an f32 folder written beforehand (bench/reference_stack.py): it cannot quantize a GGUF as it loads.
 Usage: python bench/generate_bench.py QLORA_BINARY MODEL.gguf TEXT_FILE
 """
 import json
@@ -12,37 +13,24 @@ import subprocess
 import sys
 import time
 
+from reference_stack import dequantized_folder, load_nf4
+
 PROMPT_TOKENS = 512
 NEW_TOKENS = 128
 
 
-def reference_worker(quant, model_path, text_file, threads):
+def reference_worker(quant, model_path, text_file, threads, nf4_folder):
     import torch
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(threads)
     folder, name = os.path.dirname(model_path), os.path.basename(model_path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     ids = tok.encode(open(text_file, encoding="utf-8").read())[:PROMPT_TOKENS]
     ids = torch.tensor([ids])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if quant == "nf4":
-        import tempfile
-        from safetensors.torch import save_file
-        tmp = tempfile.mkdtemp()
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        state.pop("lm_head.weight", None)
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"))
-        del model
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32), device_map="cpu", dtype=torch.float32)
-        for m in model.modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                m.support_avx512bf16_for_cpu = False
+        model = load_nf4(nf4_folder, torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         model(ids[:, :8])  # warm-up
@@ -75,14 +63,15 @@ def ours(binary, quant, model_path, text_file, threads):
 
 def main():
     if sys.argv[1] == "--worker":
-        print(json.dumps(reference_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(reference_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])))
         return
     binary, model_path, text_file = sys.argv[1:4]
     threads = int(os.environ.get("QLORA_THREADS", os.cpu_count()))
     rows = []
+    nf4_folder = dequantized_folder(model_path)
     for quant, label in [("none", "f32"), ("nf4", "NF4 + DQ")]:
         ref = json.loads(subprocess.run([sys.executable, __file__, "--worker", "nf4" if quant == "nf4" else "f32", model_path,
-                                         text_file, str(threads)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                                         text_file, str(threads), nf4_folder], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         mine = ours(binary, quant, model_path, text_file, threads)
         rows.append((label, ref, mine))
     import torch, transformers, bitsandbytes

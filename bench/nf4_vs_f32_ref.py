@@ -12,27 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
+from reference_stack import dequantized_folder, load_nf4
+
 SEQ, VAL_SPLIT, BATCH, SEED, LR, MAX_NORM, EVAL_EVERY, WINDOW = 128, 0.1, 2, 1, 2e-4, 0.3, 50, 20
-
-
-def dequantized_folder(model_path):
-    """The GGUF's weights, dequantized by transformers, saved as an f32 safetensors folder."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-    folder, name = os.path.dirname(model_path), os.path.basename(model_path)
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tmp = tempfile.mkdtemp()
-    state = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
-    state.pop("lm_head.weight", None)  # tied to the embeddings
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    cfg = m.config.to_dict()
-    cfg.pop("quantization_config", None)
-    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"))
-    return tmp
 
 
 def batch(examples, pad):
@@ -47,16 +31,10 @@ def train(folder, base, plan, r, alpha, dropout, out):
     import torch
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(SEED)
     if base == "nf4":
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu", dtype=torch.float32)
-        # DESIGN.md's trap: an eval pass would repack the 4-bit weights for a kernel without a backward.
-        for mod in model.modules():
-            if isinstance(mod, bnb.nn.Linear4bit):
-                mod.support_avx512bf16_for_cpu = False
+        model = load_nf4(folder, torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

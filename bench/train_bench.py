@@ -2,6 +2,8 @@
 quantization): transformers + peft + bitsandbytes (paged AdamW 32-bit, gradient checkpointing, compute
 dtype f32 and bf16) versus `qlora-bench train-step` (same shapes, compute f32 and bf16). Batch 4 x 512 tokens, LoRA r 16 on every
 linear layer. Tokens/s of the best of the steps after a warm-up, and the peak RSS of each process.
+The reference loads the GGUF's weights from an f32 folder written beforehand (bench/reference_stack.py), so
+its peak RSS is that of loading a checkpoint and training, as ours is.
 Usage: python bench/train_bench.py QLORA_BENCH_BINARY MODEL.gguf
 """
 import json
@@ -11,34 +13,18 @@ import subprocess
 import sys
 import time
 
+from reference_stack import dequantized_folder, load_nf4
+
 B, T, R, STEPS = 4, 512, 16, 3
 
 
-def reference(model_path, compute, threads):
-    import tempfile
+def reference(folder, compute, threads):
     import torch
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.set_num_threads(threads)
-    folder, name = os.path.dirname(model_path), os.path.basename(model_path)
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tmp = tempfile.mkdtemp()
-    state = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
-    state.pop("lm_head.weight", None)
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    cfg = m.config.to_dict()
-    cfg.pop("quantization_config", None)
-    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"))
-    del m, state
     dtype = torch.bfloat16 if compute == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-        device_map="cpu", dtype=torch.float32)
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
+    model = load_nf4(folder, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, task_type="CAUSAL_LM",
@@ -66,8 +52,9 @@ def main():
     binary, model_path = sys.argv[1], sys.argv[2]
     threads = int(os.environ.get("QLORA_THREADS", os.cpu_count()))
     rows = []
+    folder = dequantized_folder(model_path)
     for compute in ["f32", "bf16"]:
-        out = subprocess.run([sys.executable, __file__, "--worker", model_path, compute, str(threads)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", folder, compute, str(threads)], capture_output=True, text=True, check=True)
         rows.append((f"transformers + peft + bitsandbytes, compute {compute}", json.loads(out.stdout.strip().splitlines()[-1])))
     for compute in ["f32", "bf16"]:
         p = subprocess.run(["/usr/bin/time", "-f", "%M", binary, "train-step", model_path, "--batch", str(B), "--seq", str(T),
