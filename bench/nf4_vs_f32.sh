@@ -3,19 +3,20 @@
 # The same data (demo/quill.jsonl), seed, LoRA and batches for both; 200 optimizer steps each.
 # Prints both loss curves (training loss averaged over windows of 20 steps, validation loss every 50).
 # Usage: bench/nf4_vs_f32.sh [STEPS] [OUT]   (about 3 minutes per run on 2 cores with bf16 compute)
-# LORA_R, LORA_ALPHA, LORA_DROPOUT override the LoRA settings (16, 32, 0.05).
+# LORA_R, LORA_ALPHA, LORA_DROPOUT override the LoRA settings (16, 32, 0.05); DATA the dataset (demo/quill.jsonl), SEED the seed (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.build/release/qlora
 STEPS="${1:-200}"
 OUT="${2:-bench/out/nf4-vs-f32}"
 R="${LORA_R:-16}" ALPHA="${LORA_ALPHA:-32}" DROPOUT="${LORA_DROPOUT:-0.05}"
+DATA="${DATA:-demo/quill.jsonl}" SEED="${SEED:-1}"
 mkdir -p "$OUT"
 for qt in nf4 none; do
   rm -rf "$OUT/$qt"
-  "$BIN" train --data demo/quill.jsonl --output "$OUT/$qt" --quant-type "$qt" --lora-r "$R" --lora-alpha "$ALPHA" \
+  "$BIN" train --data "$DATA" --output "$OUT/$qt" --quant-type "$qt" --lora-r "$R" --lora-alpha "$ALPHA" \
     --lora-dropout "$DROPOUT" --learning-rate 2e-4 --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --max-seq-len 128 \
-    --val-split 0.1 --eval-every 50 --seed 1 --json > "$OUT/$qt.json"
+    --val-split 0.1 --eval-every 50 --seed "$SEED" --json > "$OUT/$qt.json"
 done
 python3 - "$OUT" "$STEPS" <<'PY'
 import json, sys

@@ -6,7 +6,7 @@ loss curves beside ours (read from the folders bench/nf4_vs_f32.sh wrote), so th
 two systems can be compared.
 
 Usage: python bench/nf4_vs_f32_ref.py QLORA_BENCH MODEL.gguf [STEPS] [OURS_FOLDER] [OUT_FOLDER]
-LORA_R, LORA_ALPHA, LORA_DROPOUT as in bench/nf4_vs_f32.sh. About 15 minutes on 2 cores.
+LORA_R, LORA_ALPHA, LORA_DROPOUT, DATA and SEED as in bench/nf4_vs_f32.sh. About 15 minutes on 2 cores.
 """
 import json
 import os
@@ -16,7 +16,8 @@ import time
 
 from reference_stack import dequantized_folder, load_nf4
 
-SEQ, VAL_SPLIT, BATCH, SEED, LR, MAX_NORM, EVAL_EVERY, WINDOW = 128, 0.1, 2, 1, 2e-4, 0.3, 50, 20
+SEQ, VAL_SPLIT, BATCH, LR, MAX_NORM, EVAL_EVERY, WINDOW = 128, 0.1, 2, 2e-4, 0.3, 50, 20
+SEED = int(os.environ.get("SEED", 1))
 
 
 def batch(examples, pad):
@@ -102,7 +103,8 @@ def main():
     os.makedirs(out, exist_ok=True)
     import torch
     torch.set_num_threads(2)
-    plan = json.loads(subprocess.run([bench_bin, "plan", model_path, "demo/quill.jsonl", "--max-seq-len", str(SEQ),
+    data = os.environ.get("DATA", "demo/quill.jsonl")
+    plan = json.loads(subprocess.run([bench_bin, "plan", model_path, data, "--max-seq-len", str(SEQ),
                                       "--val-split", str(VAL_SPLIT), "--batch", str(BATCH), "--steps", str(steps),
                                       "--seed", str(SEED)], check=True, capture_output=True, text=True).stdout)
     folder = dequantized_folder(model_path)
