@@ -37,3 +37,18 @@ double qk_cross_entropy_row_reference(float *x, size_t vocab, size_t target, flo
     x[target] -= scale;
     return loss;
 }
+
+void qk_dropout_reference(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep) {
+    for (size_t g = 0; 4 * g < n; g++) {
+        uint64_t z = start + (uint64_t)(g + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        for (size_t j = 0; j < 4 && 4 * g + j < n; j++) {
+            size_t i = 4 * g + j;
+            uint8_t kept = ((z >> (16 * j)) & 0xFFFF) >= threshold;
+            mask[i] = kept;
+            out[i] = kept ? x[i] * keep : 0.0f;
+        }
+    }
+}

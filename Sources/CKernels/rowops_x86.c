@@ -211,7 +211,50 @@ double qk_cross_entropy_row_avx2(float *x, size_t vocab, size_t target, float sc
     return loss;
 }
 
+// ---- dropout ------------------------------------------------------------------------------------
+// Eight SplitMix64 outputs per step are 32 16-bit uniforms in element order (little-endian lanes), so one
+// compare gives the mask of 32 elements. Needs AVX512-BW/DQ/VL besides F; without them, the reference.
+#define AVX512BWDQ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+AVX512BWDQ static void dropout_avx512bw(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep) {
+    const __m512i golden8 = _mm512_set1_epi64((long long)(8 * 0x9E3779B97F4A7C15ull));
+    const __m512i m1 = _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ull), m2 = _mm512_set1_epi64((long long)0x94D049BB133111EBull);
+    const __m512i thr = _mm512_set1_epi16((short)threshold);
+    const __m512 kv = _mm512_set1_ps(keep);
+    const __m256i one = _mm256_set1_epi8(1);
+    // Lane l of the first step holds group l: start + (l + 1) * golden.
+    __m512i w = _mm512_add_epi64(_mm512_set1_epi64((long long)start),
+                                 _mm512_mullo_epi64(_mm512_setr_epi64(1, 2, 3, 4, 5, 6, 7, 8), _mm512_set1_epi64((long long)0x9E3779B97F4A7C15ull)));
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512i z = w;
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), m1);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), m2);
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        __mmask32 k = _mm512_cmpge_epu16_mask(z, thr);
+        _mm256_storeu_si256((__m256i *)(mask + i), _mm256_maskz_mov_epi8(k, one));
+        _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps((__mmask16)k, _mm512_loadu_ps(x + i), kv));
+        _mm512_storeu_ps(out + i + 16, _mm512_maskz_mul_ps((__mmask16)(k >> 16), _mm512_loadu_ps(x + i + 16), kv));
+        w = _mm512_add_epi64(w, golden8);
+    }
+    // The tail: its first group is group i / 4 of the whole.
+    if (i < n) qk_dropout_reference(x + i, mask + i, out + i, n - i, start + (uint64_t)(i / 4) * 0x9E3779B97F4A7C15ull, threshold, keep);
+}
+
+void qk_dropout_avx512(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep) {
+    // qk_cpu_supports ran __builtin_cpu_init before any table was handed out; these read its result.
+    if (threshold <= 0xFFFF && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        dropout_avx512bw(x, mask, out, n, start, threshold, keep);
+    else qk_dropout_reference(x, mask, out, n, start, threshold, keep);
+}
+
+void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep) {
+    qk_dropout_reference(x, mask, out, n, start, threshold, keep);
+}
+
 #else
+void qk_dropout_avx2(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
+void qk_dropout_avx512(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_softmax_row_avx2(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }

@@ -43,6 +43,7 @@ public typealias SwiGLUBackwardFunction = @convention(c) (
     UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int
 ) -> Void
 public typealias CrossEntropyRowFunction = @convention(c) (UnsafeMutablePointer<Float>?, Int, Int, Float) -> Double
+public typealias DropoutFunction = @convention(c) (UnsafePointer<Float>?, UnsafeMutablePointer<UInt8>?, UnsafeMutablePointer<Float>?, Int, UInt64, UInt32, Float) -> Void
 
 /// The kernels of one instruction-set level.
 public struct KernelTable: Sendable {
@@ -54,6 +55,7 @@ public struct KernelTable: Sendable {
     public let swiglu: SwiGLUFunction
     public let swigluBackward: SwiGLUBackwardFunction
     public let crossEntropyRow: CrossEntropyRowFunction
+    public let dropout: DropoutFunction
 
     /// The table for `level`, or nil if this CPU cannot run it.
     public static func forLevel(_ level: KernelLevel) -> KernelTable? {
@@ -62,15 +64,15 @@ public struct KernelTable: Sendable {
         case .reference:
             return KernelTable(level: level, quantize4: qk_quantize4_reference, dequantize4: qk_dequantize4_reference, dot4: qk_dot4_reference,
                                softmaxRow: qk_softmax_row_reference, swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
-                               crossEntropyRow: qk_cross_entropy_row_reference)
+                               crossEntropyRow: qk_cross_entropy_row_reference, dropout: qk_dropout_reference)
         case .avx2:
             return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2,
                                softmaxRow: qk_softmax_row_avx2, swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
-                               crossEntropyRow: qk_cross_entropy_row_avx2)
+                               crossEntropyRow: qk_cross_entropy_row_avx2, dropout: qk_dropout_avx2)
         case .avx512:
             return KernelTable(level: level, quantize4: qk_quantize4_avx512, dequantize4: qk_dequantize4_avx512, dot4: qk_dot4_avx512,
                                softmaxRow: qk_softmax_row_avx512, swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,
-                               crossEntropyRow: qk_cross_entropy_row_avx512)
+                               crossEntropyRow: qk_cross_entropy_row_avx512, dropout: qk_dropout_avx512)
         }
     }
 

@@ -628,32 +628,18 @@ public final class TrainingEngine {
             // the same mask, and the blocks are drawn in parallel with the same result on any thread count.
             let seed = lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001
             let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
-            // Each 64-bit draw gives four 16-bit uniforms u; an element is dropped when u < ⌈p · 2¹⁶⌉ (integers,
-            // no branches), i.e. with probability p rounded up to a multiple of 2⁻¹⁶ (0.05 -> 0.050003).
-            let threshold = UInt64((Double(dropout) * 65_536).rounded(.up))
+            // Each 64-bit draw gives four 16-bit uniforms u; an element is dropped when u < ⌈p · 2¹⁶⌉, i.e.
+            // with probability p rounded up to a multiple of 2⁻¹⁶ (0.05 -> 0.050003). Each block of rows draws
+            // from its own SplitMix64 stream (`KernelTable.dropout`, vectorized), started from the block's seed.
+            let threshold = UInt32((Double(dropout) * 65_536).rounded(.up))
             let dropped = ws.dropped
             let blockRows = Self.dropoutBlockRows
+            let draw = kernels.dropout
             Parallel.forChunks(count: N, granularity: blockRows) { _, range in
                 for r0 in stride(from: range.lowerBound, to: range.upperBound, by: blockRows) {
                     var rng = SeededGenerator(seed: seed &+ UInt64(r0 / blockRows) &* 0xD1B5_4A32_D192_ED03)
                     let start = r0 * inF, end = min(range.upperBound, r0 + blockRows) * inF
-                    // kept = 1 when u >= threshold, from the sign of u - threshold (no branch to mispredict).
-                    @inline(__always) func draw(_ j: Int, _ u: UInt64) {
-                        let kept = UInt8(truncatingIfNeeded: ((u &- threshold) >> 63) ^ 1)
-                        mask[j] = kept
-                        dropped[j] = x[j] * (Float(kept) * keep)
-                    }
-                    var i = start
-                    while i + 4 <= end {
-                        let bits = rng.next()
-                        draw(i, bits & 0xFFFF); draw(i + 1, (bits >> 16) & 0xFFFF)
-                        draw(i + 2, (bits >> 32) & 0xFFFF); draw(i + 3, bits >> 48)
-                        i += 4
-                    }
-                    if i < end {
-                        var bits = rng.next()
-                        for j in i..<end { draw(j, bits & 0xFFFF); bits >>= 16 }
-                    }
+                    draw(x + start, mask + start, dropped + start, end - start, rng.next(), threshold, keep)
                 }
             }
             input = UnsafePointer(ws.dropped)

@@ -160,4 +160,41 @@ struct RowKernelTests {
             #expect(Compare.close(c2, c1, atol: 1e-7, rtol: 4e-6, "cross-entropy gradient \(level) \(n)") == nil)
         }
     }
+
+    @Test("dropout: the same mask and outputs as the reference, bit for bit, for every length, start and rate", arguments: levels)
+    func dropout(level: KernelLevel) {
+        let k = KernelTable.forLevel(level)!
+        for n in lengths {
+            let x = randomValues(n, seed: UInt64(n))
+            for (start, threshold) in [(UInt64(0), UInt32(3277)), (0xDEAD_BEEF_1234_5678, 6554), (UInt64.max, 32768), (42, 0), (7, 65535), (9, 65536)] {
+                var m1 = [UInt8](repeating: 9, count: n), m2 = m1
+                var o1 = [Float](repeating: .nan, count: n), o2 = o1
+                reference.dropout(x, &m1, &o1, n, start, threshold, 1.25)
+                k.dropout(x, &m2, &o2, n, start, threshold, 1.25)
+                #expect(m2 == m1, "dropout mask \(level) n \(n) threshold \(threshold)")
+                #expect(o2.map(\.bitPattern) == o1.map(\.bitPattern), "dropout output \(level) n \(n) threshold \(threshold)")
+            }
+        }
+    }
+
+    @Test("the reference dropout drops each element with probability threshold / 65536, independently, and scales the rest")
+    func dropoutRate() {
+        let n = 1 << 20
+        let x = [Float](repeating: 2, count: n)
+        var mask = [UInt8](repeating: 0, count: n), out = [Float](repeating: 0, count: n)
+        reference.dropout(x, &mask, &out, n, 12345, 6554, 1 / 0.9)  // p = 0.1
+        let dropped = mask.filter { $0 == 0 }.count
+        // Binomial(2^20, 0.100006): standard deviation 307; allow 5 of them.
+        #expect(abs(Double(dropped) - Double(n) * 6554 / 65536) < 5 * 307, "dropped \(dropped) of \(n)")
+        #expect((0..<n).allSatisfy { mask[$0] == 0 ? out[$0] == 0 : out[$0] == 2 * Float(1 / 0.9) })
+        // Neighbours are independent: both of a pair dropped about p^2 of the time (within 5 sigma).
+        let pairs = stride(from: 0, to: n, by: 2).filter { mask[$0] == 0 && mask[$0 + 1] == 0 }.count
+        let expected = Double(n / 2) * 0.01
+        #expect(abs(Double(pairs) - expected) < 5 * expected.squareRoot(), "both of a pair dropped \(pairs) times, expected \(expected)")
+        // Dropped nowhere at threshold 0, everywhere above 65535.
+        reference.dropout(x, &mask, &out, 1000, 1, 0, 1)
+        #expect(mask.prefix(1000).allSatisfy { $0 == 1 })
+        reference.dropout(x, &mask, &out, 1000, 1, 65536, 1)
+        #expect(mask.prefix(1000).allSatisfy { $0 == 0 })
+    }
 }

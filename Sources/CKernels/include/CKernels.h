@@ -78,6 +78,14 @@ void qk_swiglu_backward_reference(float *dg, float *du, const float *da, const f
 void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
 void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
 
+/// Dropout of n activations with its mask drawn from SplitMix64 (a Weyl sequence through a 64-bit
+/// mixer): group g of four elements takes z = mix(start + (g + 1) * 0x9E3779B97F4A7C15), and element
+/// 4g + j the 16-bit uniform u = (z >> 16j) & 0xFFFF; it is kept when u >= threshold. mask[i] = kept
+/// (0 or 1); out[i] = kept ? x[i] * keep : 0. The same (start, threshold) give the same mask at every level.
+void qk_dropout_reference(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep);
+void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep);
+void qk_dropout_avx512(const float *x, uint8_t *mask, float *out, size_t n, uint64_t start, uint32_t threshold, float keep);
+
 /// Cross-entropy of one row: returns logsumexp(x) - x[target] (in f64) and overwrites x with
 /// (softmax(x) - onehot(target)) * scale.
 double qk_cross_entropy_row_reference(float *x, size_t vocab, size_t target, float scale);
