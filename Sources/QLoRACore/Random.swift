@@ -1,5 +1,6 @@
 // The package's one random number generator (xoshiro256**, seeded through SplitMix64): the same seed
-// gives the same stream on every platform, for initialization, dropout, shuffling and sampling.
+// gives the same stream on every platform, for initialization, shuffling and sampling, and for the
+// per-block seeds of dropout (whose masks are drawn by the SplitMix64 kernel, `KernelTable.dropout`).
 
 public struct SeededGenerator: RandomNumberGenerator, Sendable {
     @usableFromInline var s: (UInt64, UInt64, UInt64, UInt64)
@@ -16,7 +17,7 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
         s = (splitmix(), splitmix(), splitmix(), splitmix())
     }
 
-    /// Inlinable: dropout masks draw one number per activation.
+    /// Inlinable: called in hot loops (initialization, sampling).
     @inlinable
     public mutating func next() -> UInt64 {
         let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
