@@ -1,4 +1,4 @@
-// The package's one random number generator (xoshiro256**, seeded through SplitMix64): the same seed
+// The package's random number generator (xoshiro256**, seeded through SplitMix64): the same seed
 // gives the same stream on every platform, for initialization, shuffling and sampling, and for the
 // per-block seeds of dropout (whose masks are drawn by the SplitMix64 kernel, `KernelTable.dropout`).
 
