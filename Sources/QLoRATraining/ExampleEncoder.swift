@@ -34,6 +34,31 @@ public struct EncodedExample: Sendable, Equatable {
     }
 }
 
+/// What a training run trains and validates on: the data file's records encoded, less those with no
+/// trained token left after truncation, and the validation examples: a file's, or `validationFraction`
+/// of the data held out (only with 20 examples or more). `qlora train` and `qlora-bench plan` both use it.
+public struct TrainingData {
+    public let dataset: LoadedDataset
+    public var train: [EncodedExample]
+    public var validation: [EncodedExample]
+    /// Records dropped because no response token fit in the maximum length.
+    public let dropped: Int
+
+    public init(path: String, format: DatasetFormat = .auto, skipBadRecords: Bool = false, encoder: ExampleEncoder,
+                validationPath: String? = nil, validationFraction: Double, seed: UInt64) throws {
+        dataset = try DatasetLoader.load(path, format: format, skipBadRecords: skipBadRecords)
+        let encoded = try dataset.examples.map(encoder.encode)
+        train = encoded.filter { $0.trainedTokens > 0 }
+        dropped = encoded.count - train.count
+        validation = []
+        if let validationPath {
+            validation = try DatasetLoader.load(validationPath, format: format, skipBadRecords: skipBadRecords).examples.map(encoder.encode)
+        } else if validationFraction > 0 && train.count >= 20 {
+            (train, validation) = EncodedExample.splitValidation(train, fraction: validationFraction, seed: seed)
+        }
+    }
+}
+
 /// Packing: short examples share a sequence so less of each batch is padding. Attention stays inside
 /// each example and positions restart (see `TrainingBatch`), so packing changes which examples share a
 /// batch, not what the model learns from each.

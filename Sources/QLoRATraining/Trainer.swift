@@ -60,6 +60,65 @@ public enum TrainingError: Error, CustomStringConvertible {
     }
 }
 
+/// The order in which the training examples are seen: per epoch a seeded plan of micro-batches
+/// (indices into the training examples), and per optimizer step its `gradientAccumulation` of them. It
+/// needs only the examples' lengths, so a tool can list a run's batches without a model.
+public final class BatchOrder {
+    public let lengths: [Int]
+    public let batchSize: Int
+    public let gradientAccumulation: Int
+    public let seed: UInt64
+    public let groupByLength: Bool
+    /// The plan of the epoch being trained, kept so each micro-batch does not reshuffle the dataset.
+    private var current: (epoch: Int, batches: [[Int]])?
+
+    public init(lengths: [Int], config: TrainerConfig) {
+        self.lengths = lengths
+        batchSize = config.batchSize
+        gradientAccumulation = config.gradientAccumulation
+        seed = config.seed
+        groupByLength = config.groupByLength
+    }
+
+    public var microBatchesPerEpoch: Int { (lengths.count + batchSize - 1) / batchSize }
+    public var stepsPerEpoch: Int { max(1, microBatchesPerEpoch / gradientAccumulation) }
+
+    /// The micro-batches of an epoch (example indices), in the order they are trained: a seeded shuffle,
+    /// then, with group-by-length, sorting inside windows of 50 batches so each batch pads little,
+    /// then a seeded shuffle of the batches.
+    public func epochPlan(_ epoch: Int) -> [[Int]] {
+        var rng = SeededGenerator(seed: seed &+ 0x5EED &* UInt64(epoch + 1))
+        var order = Array(lengths.indices)
+        order.shuffle(using: &rng)
+        if groupByLength {
+            let window = batchSize * 50
+            var grouped: [Int] = []
+            var start = 0
+            while start < order.count {
+                let chunk = order[start..<min(order.count, start + window)]
+                grouped += chunk.sorted { (lengths[$0], $0) > (lengths[$1], $1) }
+                start += window
+            }
+            order = grouped
+        }
+        var batches: [[Int]] = stride(from: 0, to: order.count, by: batchSize).map { Array(order[$0..<min(order.count, $0 + batchSize)]) }
+        if groupByLength { batches.shuffle(using: &rng) }
+        return batches
+    }
+
+    /// The micro-batches of optimizer step `step`, counted from 0, in the order they are trained.
+    public func microBatches(ofStep step: Int) -> [[Int]] {
+        let perEpoch = stepsPerEpoch * gradientAccumulation
+        return (0..<gradientAccumulation).map { micro in
+            let global = step * gradientAccumulation + micro
+            let epoch = global / perEpoch
+            if current?.epoch != epoch { current = (epoch, epochPlan(epoch)) }
+            let plan = current!.batches
+            return plan[(global % perEpoch) % plan.count]
+        }
+    }
+}
+
 public final class Trainer {
     public let engine: TrainingEngine
     public let config: TrainerConfig
@@ -70,8 +129,8 @@ public final class Trainer {
     public private(set) var step = 0
     /// Extra files written into every checkpoint (the command line's resolved options, for instance).
     public var checkpointFiles: [String: [UInt8]] = [:]
-    /// The plan of the epoch being trained, kept so each micro-batch does not reshuffle the dataset.
-    private var currentPlan: (epoch: Int, batches: [[Int]])?
+    /// Which examples each step trains on.
+    public let order: BatchOrder
 
     public init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
         guard !train.isEmpty else { throw TrainingError.noData("no training examples") }
@@ -80,6 +139,7 @@ public final class Trainer {
         self.train = train
         self.validation = validation
         self.padToken = padToken
+        order = BatchOrder(lengths: train.map(\.tokens.count), config: config)
         let lora = engine.lora
         var tensors: [(offset: Int, count: Int)] = []
         for s in lora.slots {
@@ -94,45 +154,7 @@ public final class Trainer {
 
     // MARK: Data order
 
-    public var microBatchesPerEpoch: Int { (train.count + config.batchSize - 1) / config.batchSize }
-    public var stepsPerEpoch: Int { max(1, microBatchesPerEpoch / config.gradientAccumulation) }
-    public var totalSteps: Int { config.maxSteps > 0 ? config.maxSteps : stepsPerEpoch * config.epochs }
-
-    /// The micro-batches of an epoch (example indices), in the order they are trained: a seeded shuffle,
-    /// then, with group-by-length, sorting inside windows of 50 batches so each batch pads little,
-    /// then a seeded shuffle of the batches.
-    public func epochPlan(_ epoch: Int) -> [[Int]] {
-        var rng = SeededGenerator(seed: config.seed &+ 0x5EED &* UInt64(epoch + 1))
-        var order = Array(train.indices)
-        order.shuffle(using: &rng)
-        if config.groupByLength {
-            let window = config.batchSize * 50
-            var grouped: [Int] = []
-            var start = 0
-            while start < order.count {
-                let chunk = order[start..<min(order.count, start + window)]
-                grouped += chunk.sorted { (train[$0].tokens.count, $0) > (train[$1].tokens.count, $1) }
-                start += window
-            }
-            order = grouped
-        }
-        var batches: [[Int]] = stride(from: 0, to: order.count, by: config.batchSize).map { Array(order[$0..<min(order.count, $0 + config.batchSize)]) }
-        if config.groupByLength { batches.shuffle(using: &rng) }
-        return batches
-    }
-
-    /// The micro-batches (indices into `train`) of optimizer step `step`, counted from 0, in the order
-    /// they are trained.
-    public func microBatches(ofStep step: Int) -> [[Int]] {
-        let perEpoch = stepsPerEpoch * config.gradientAccumulation
-        return (0..<config.gradientAccumulation).map { micro in
-            let global = step * config.gradientAccumulation + micro
-            let epoch = global / perEpoch
-            if currentPlan?.epoch != epoch { currentPlan = (epoch, epochPlan(epoch)) }
-            let plan = currentPlan!.batches
-            return plan[(global % perEpoch) % plan.count]
-        }
-    }
+    public var totalSteps: Int { config.maxSteps > 0 ? config.maxSteps : order.stepsPerEpoch * config.epochs }
 
     /// Pads examples (right, with labels -100) into one batch.
     /// Packed examples keep their boundaries (attention inside each, positions restarting).
@@ -178,7 +200,7 @@ public final class Trainer {
         engine.training = true
         var loss = 0.0
         var tokens = 0
-        let batches = microBatches(ofStep: step).map { indices in makeBatch(indices.map { train[$0] }) }
+        let batches = order.microBatches(ofStep: step).map { indices in makeBatch(indices.map { train[$0] }) }
         // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
         // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
         // is weighted n_i / sum(n), not 1 / k.

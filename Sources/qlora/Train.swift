@@ -186,16 +186,10 @@ struct Train: ParsableCommand {
         }
         let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs,
                                          sourceMaxLength: sourceMaxLen, targetMaxLength: targetMaxLen)
-        let dataset = try DatasetLoader.load(data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords)
-        let allEncoded = try dataset.examples.map(encoder.encode)
-        var encoded = allEncoded.filter { $0.trainedTokens > 0 }
-        let dropped = allEncoded.count - encoded.count
-        var validation: [EncodedExample] = []
-        if let valData {
-            validation = try DatasetLoader.load(valData, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords).examples.map(encoder.encode)
-        } else if valSplit > 0 && encoded.count >= 20 {
-            (encoded, validation) = EncodedExample.splitValidation(encoded, fraction: valSplit, seed: seed)
-        }
+        let prepared = try TrainingData(path: data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords, encoder: encoder,
+                                        validationPath: valData, validationFraction: valSplit, seed: seed)
+        let dataset = prepared.dataset, dropped = prepared.dropped, validation = prepared.validation
+        var encoded = prepared.train
         let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
         Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(dropped) dropped (no response token within \(maxSeqLen)), \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
         for s in dataset.skipped.prefix(5) { Log.info("  skipped \(s)") }

@@ -335,32 +335,25 @@ do {
             guard let v = Double(args[i + 1]), v >= 0, v < 1 else { fail("--val-split must be in [0, 1)") }
             valSplit = v
         }
-        let path = try ModelLocator.resolve(args[1])
-        var o = LoadOptions()
-        o.showProgress = false
-        let model = try LlamaModel.load(path, options: o)
-        let tokenizer = try Tokenizer.load(model: path)
+        // The tokenizer and chat template only: the batch order needs no model weights.
+        let tokenizer = try Tokenizer.load(model: try ModelLocator.resolve(args[1]))
         guard let source = tokenizer.chatTemplate else { fail("\(args[1]) has no chat template") }
         let encoder = try ExampleEncoder(tokenizer: tokenizer, template: .chat(try ChatTemplate(source)), maxLength: option("--max-seq-len", 512),
                                          trainOnInputs: false, sourceMaxLength: nil, targetMaxLength: nil)
-        var train = try DatasetLoader.load(args[2], format: .auto, skipBadRecords: false).examples.map(encoder.encode).filter { $0.trainedTokens > 0 }
-        var validation: [EncodedExample] = []
-        let seed = UInt64(option("--seed", 0))
-        if valSplit > 0 && train.count >= 20 { (train, validation) = EncodedExample.splitValidation(train, fraction: valSplit, seed: seed) }
         var tc = TrainerConfig()
         tc.batchSize = option("--batch", 4)
         tc.gradientAccumulation = option("--grad-accum", 1)
-        tc.seed = seed
+        tc.seed = UInt64(option("--seed", 0))
+        let data = try TrainingData(path: args[2], encoder: encoder, validationFraction: valSplit, seed: tc.seed)
+        let train = data.train, validation = data.validation
         let steps = option("--steps", 200)
-        tc.maxSteps = steps
-        let trainer = try Trainer(engine: TrainingEngine(model: model, lora: LoRAWeights(model: model, config: LoRAConfig()), options: TrainingOptions()),
-                                  config: tc, train: train, validation: validation, padToken: tokenizer.eosTokenID ?? 0)
+        let order = BatchOrder(lengths: train.map(\.tokens.count), config: tc)
         func examples(_ list: [EncodedExample]) -> JSONValue {
             .array(list.map { .object([("tokens", .array($0.tokens.map { .int($0) })), ("labels", .array($0.labels.map { .int($0) }))]) })
         }
         print(JSON.serialize(.object([
             ("pad_token", .int(tokenizer.eosTokenID ?? 0)), ("train", examples(train)), ("validation", examples(validation)),
-            ("steps", .array((0..<steps).map { s in .array(trainer.microBatches(ofStep: s).map { .array($0.map { .int($0) }) }) })),
+            ("steps", .array((0..<steps).map { s in .array(order.microBatches(ofStep: s).map { .array($0.map { .int($0) }) }) })),
         ])))
     case "memory":
         guard args.count >= 2 else { fail("usage: qlora-bench memory 7b|13b|33b|65b [--batch N --seq N --rank N --layers N --optim KIND]") }
