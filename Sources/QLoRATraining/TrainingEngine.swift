@@ -666,7 +666,8 @@ public final class TrainingEngine {
         if dropoutActive, let m = act.masks[p.rawValue] {
             // drop(x) again from x and the kept mask.
             let dropped = ws.dropped
-            Self.elementwise(N * inF) { r in for i in r { dropped[i] = x[i] * (Float(m[i]) * keep) } }  // branch-free: masks are random
+            // As the dropout kernel wrote it: x · keep where kept, +0 where dropped (whatever x holds).
+            Self.elementwise(N * inF) { r in for i in r { dropped[i] = m[i] != 0 ? x[i] * keep : 0 } }
             input = UnsafePointer(ws.dropped)
             mask = m
         }
