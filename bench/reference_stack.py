@@ -10,8 +10,10 @@ import json
 import os
 
 
-def dequantized_folder(model_path, folder="bench/out/reference-f32-model"):
-    """The GGUF's weights, dequantized by transformers, as an f32 safetensors folder (written once)."""
+def dequantized_folder(model_path, folder=None):
+    """The GGUF's weights, dequantized by transformers, as an f32 safetensors folder (written once per GGUF
+    file, and again when the file is newer than the folder)."""
+    folder = folder or os.path.join("bench/out", "reference-f32-" + os.path.splitext(os.path.basename(model_path))[0])
     if os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(os.path.join(folder, "model.safetensors")) \
             and os.path.getmtime(os.path.join(folder, "config.json")) >= os.path.getmtime(model_path):
         return folder
