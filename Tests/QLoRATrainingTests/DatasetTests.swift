@@ -133,7 +133,7 @@ struct DatasetTests {
         #expect(held != Array(0..<5) && held != Array(45..<50))
         #expect(EncodedExample.splitValidation(examples, fraction: 0.1, seed: 1).validation == validation)
         #expect(EncodedExample.splitValidation(examples, fraction: 0.1, seed: 2).validation != validation)
-        // At least one example is held out; never all of them.
+        // At least one example is held out.
         #expect(EncodedExample.splitValidation(examples, fraction: 0.001, seed: 1).validation.count == 1)
     }
 }
