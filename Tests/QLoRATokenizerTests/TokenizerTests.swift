@@ -1,8 +1,9 @@
 // Tokenizers against Hugging Face `tokenizers` 0.23.3 on a 64-text corpus (languages, code, emoji,
 // whitespace runs, special tokens inside text): ids, ids with special tokens, decoding and streaming
-// (Resources/tokenizer_cases.json, from scripts/reference/make_tokenizer_fixtures.py). The tokenizer
-// files are read from the shared data folder beside the repository (../shared/data/tokenizers, see its
-// SOURCES.md for licenses) and, for SmolLM2, from Resources/smollm2-tokenizer.json and the default GGUF.
+// (Resources/tokenizer_cases.json, from scripts/reference/make_tokenizer_fixtures.py). The six other
+// tokenizer.json files are committed xz-compressed in Resources/tokenizers (sources and licenses in its
+// SOURCES.md) and decompressed into .build/test-fixtures at test time; SmolLM2's is
+// Resources/smollm2-tokenizer.json (and the default GGUF).
 import QLoRA
 import QLoRATestSupport
 import Testing
@@ -11,7 +12,7 @@ private let cases: JSONValue = try! JSON.parse(try! FileSystem.readFile(FileSyst
 
 private func tokenizerPath(_ name: String) -> String {
     if name == "smollm2" { return FileSystem.join(Fixtures.resources(), "smollm2-tokenizer.json") }
-    return FileSystem.join(Fixtures.repositoryRoot(), "../shared/data/tokenizers/\(name)/tokenizer.json")
+    return FileSystem.join(Fixtures.resources(), "tokenizers/\(name).tokenizer.json.xz")
 }
 
 private func ints(_ v: JSONValue?) -> [Int] { v?.arrayValue?.compactMap(\.intValue) ?? [] }
@@ -23,7 +24,8 @@ private final class TokenizerCache: @unchecked Sendable {
     func get(_ name: String) throws -> Tokenizer {
         lock.lock(); defer { lock.unlock() }
         if let t = loaded[name] { return t }
-        let path = tokenizerPath(name)
+        var path = tokenizerPath(name)
+        if path.hasSuffix(".xz") { path = try Fixtures.decompressed(path) }
         let t = try Tokenizer.load(model: path)
         loaded[name] = t
         return t

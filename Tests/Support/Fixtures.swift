@@ -109,3 +109,61 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+import Foundation
+
+extension Fixtures {
+    /// Large text fixtures are committed compressed (`NAME.xz` in a Resources folder) and decompressed
+    /// by `xz` (Debian's xz-utils, which scripts/setup.sh installs) into `.build/test-fixtures/` under the
+    /// repository, once per test process: the fresh copy replaces any earlier one with a rename, so a
+    /// changed fixture is never read stale and a half-written file is never read at all.
+    /// Returns the decompressed file's path; throws, naming the file, when `xz` is missing or fails.
+    public static func decompressed(_ compressed: String, file: String = #filePath) throws -> String {
+        guard compressed.hasSuffix(".xz") else { throw FixtureError("\(compressed): not an .xz file") }
+        guard FileSystem.exists(compressed) else { throw FixtureError("\(compressed): no such fixture") }
+        return try DecompressedFixtures.shared.path(for: compressed, root: repositoryRoot(file))
+    }
+}
+
+public struct FixtureError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+private final class DecompressedFixtures: @unchecked Sendable {
+    static let shared = DecompressedFixtures()
+    private let lock = NSLock()
+    private var done: [String: String] = [:]
+
+    func path(for compressed: String, root: String) throws -> String {
+        lock.lock(); defer { lock.unlock() }
+        if let p = done[compressed] { return p }
+        // Resources/<sub>/NAME.xz -> .build/test-fixtures/<Resources' test target>/<sub>/NAME
+        let relative = compressed.hasPrefix(root + "/") ? String(compressed.dropFirst(root.count + 1)) : FileSystem.baseName(compressed)
+        let target = FileSystem.join(root, ".build/test-fixtures/" + String(relative.dropLast(3)))
+        try FileManager.default.createDirectory(atPath: FileSystem.directoryName(target), withIntermediateDirectories: true)
+        let partial = target + ".part-\(getpid())"
+        FileManager.default.createFile(atPath: partial, contents: nil)
+        guard let out = FileHandle(forWritingAtPath: partial) else { throw FixtureError("\(partial): cannot write") }
+        let xz = Process()
+        xz.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        xz.arguments = ["xz", "--decompress", "--stdout", compressed]
+        xz.standardOutput = out
+        let errors = Pipe()
+        xz.standardError = errors
+        do { try xz.run() } catch {
+            try? out.close(); unlink(partial)
+            throw FixtureError("\(compressed): cannot run xz (\(error)); install xz-utils or run scripts/setup.sh")
+        }
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        xz.waitUntilExit()
+        try? out.close()
+        guard xz.terminationStatus == 0 else {
+            unlink(partial)
+            throw FixtureError("\(compressed): xz exited with \(xz.terminationStatus): \(message.trimmingCharacters(in: .whitespacesAndNewlines)); install xz-utils or run scripts/setup.sh")
+        }
+        guard rename(partial, target) == 0 else { unlink(partial); throw FixtureError("\(target): rename failed (errno \(errno))") }
+        done[compressed] = target
+        return target
+    }
+}
