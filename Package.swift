@@ -13,6 +13,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
     ],
     targets: [
         // OpenBLAS on Linux (Debian: libopenblas-dev); Accelerate is used instead on Apple platforms.
@@ -23,7 +24,7 @@ let package = Package(
         ),
         // Hot loops only: scalar references beside AVX2 / AVX-512 variants picked at run time.
         .target(name: "CKernels", path: "Sources/CKernels"),
-        .target(name: "QLoRACore"),
+        .target(name: "QLoRACore", dependencies: [.product(name: "Atomics", package: "swift-atomics")]),
         .target(
             name: "QLoRAKernels",
             dependencies: [

@@ -39,7 +39,8 @@ strace -f --seccomp-bpf -qq -y -e trace=open,openat,openat2 -e signal=none -o "$
 status=$?
 
 # Successful opens print the new descriptor with its resolved path: `= 5</abs/path>`.
-outside=$(grep -oE '= [0-9]+<[^>]*>' "$log" | sed -E 's/^= [0-9]+<//; s/>$//' | sort -u |
+# Pipes and sockets (`pipe:[123]`, from process substitution) are not files.
+outside=$(grep -oE '= [0-9]+<[^>]*>' "$log" | sed -E 's/^= [0-9]+<//; s/>$//' | grep '^/' | sort -u |
   awk 'NR == FNR { roots[++n] = $0; next }
        { ok = 0
          for (i = 1; i <= n; i++) {

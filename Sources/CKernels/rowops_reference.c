@@ -13,6 +13,23 @@ void qk_softmax_row_reference(float *row, size_t visible, size_t length) {
     for (size_t j = visible; j < length; j++) row[j] = 0.0f;
 }
 
+void qk_attend_reference(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                         float scale, float *scores, float *out) {
+    for (size_t j = 0; j < S; j++) {
+        const float *k = keys + j * stride;
+        float dot = 0.0f;
+        for (size_t i = 0; i < d; i++) dot += q[i] * k[i];
+        scores[j] = dot * scale;
+    }
+    qk_softmax_row_reference(scores, S, S);
+    for (size_t i = 0; i < d; i++) out[i] = 0.0f;
+    for (size_t j = 0; j < S; j++) {
+        const float *v = values + j * stride;
+        float p = scores[j];
+        for (size_t i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
 void qk_swiglu_reference(float *a, const float *g, const float *u, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
 }

@@ -252,10 +252,64 @@ void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64
     qk_dropout_reference(x, mask, out, n, start, threshold, keep);
 }
 
+// ---- attention of one query (decoding) -----------------------------------------------------------
+void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                    float scale, float *scores, float *out) AVX2;
+void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                    float scale, float *scores, float *out) {
+    size_t d8 = d & ~(size_t)7;
+    for (size_t j = 0; j < S; j++) {
+        const float *k = keys + j * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        size_t i = 0;
+        for (; i + 16 <= d8; i += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+        }
+        if (i < d8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+        a0 = _mm256_add_ps(a0, a1);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float dot = _mm_cvtss_f32(h);
+        for (i = d8; i < d; i++) dot += q[i] * k[i];
+        scores[j] = dot * scale;
+    }
+    qk_softmax_row_avx2(scores, S, S);
+    // out = sum_j p_j v_j, eight lanes of out at a time (64 floats in registers), then the scalar tail.
+    for (size_t i0 = 0; i0 < d8; i0 += 64) {
+        size_t n = d8 - i0 < 64 ? (d8 - i0) / 8 : 8;
+        __m256 acc[8];
+        for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+        for (size_t j = 0; j < S; j++) {
+            const float *v = values + j * stride + i0;
+            __m256 p = _mm256_set1_ps(scores[j]);
+            for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * t), acc[t]);
+        }
+        for (size_t t = 0; t < n; t++) _mm256_storeu_ps(out + i0 + 8 * t, acc[t]);
+    }
+    for (size_t i = d8; i < d; i++) {
+        float sum = 0.0f;
+        for (size_t j = 0; j < S; j++) sum += scores[j] * values[j * stride + i];
+        out[i] = sum;
+    }
+}
+
+void qk_attend_avx512(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                      float scale, float *scores, float *out) {
+    qk_attend_avx2(q, keys, values, S, d, stride, scale, scores, out);
+}
+
 #else
 void qk_dropout_avx2(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_dropout_avx512(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_softmax_row_avx2(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
+void qk_attend_avx2(const float *q, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
+    qk_attend_reference(q, k, v, S, d, st, sc, s, o);
+}
+void qk_attend_avx512(const float *q, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
+    qk_attend_reference(q, k, v, S, d, st, sc, s, o);
+}
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
 void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }

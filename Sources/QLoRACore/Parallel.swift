@@ -1,10 +1,11 @@
 // Our own parallel loops: contiguous chunks over a range, one per worker, so results never depend on
 // scheduling. Never run these while BLAS threads are busy (see DESIGN.md, Compute).
 //
-// The workers are a fixed pool of threads made once, woken through one condition variable: a training
-// step makes tens of thousands of parallel calls, and DispatchQueue.concurrentPerform allocated two
-// objects per call (the closure box and a block copy), the bulk of what the step loop still allocated.
-// (Storing the closure for the helpers still boxes it once per call: 32 bytes.)
+// The workers are a fixed pool of threads made once: a training step makes tens of thousands of parallel
+// calls, and DispatchQueue.concurrentPerform allocated two objects per call (the closure box and a block
+// copy), the bulk of what the step loop still allocated. (Storing the closure for the helpers still
+// boxes it once per call: 32 bytes.)
+import Atomics
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -40,25 +41,35 @@ public enum Parallel {
 }
 
 /// threadCount - 1 helper threads; the calling thread does chunk 0 itself.
+///
+/// A helper that finishes a job spins for a short while (`spinSeconds`) watching for the next one
+/// before it sleeps on the condition variable: decoding one token runs about 150 parallel loops a few
+/// microseconds apart, and waking a sleeping thread through the kernel costs about as much as the work
+/// of a loop. The caller waits for the helpers by spinning too. Between tokens (and whenever work is
+/// sparser than that), the helpers sleep and cost nothing.
 final class WorkerPool: @unchecked Sendable {
     static let shared = WorkerPool(helpers: Parallel.threadCount - 1)
+    /// How long an idle helper watches for work before sleeping.
+    static let spinSeconds = 100e-6
 
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private let done = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    // Guarded by mutex.
-    private var busy = false
-    private var generation: UInt64 = 0
+    /// Bumped for each job; helpers run a job when they see it change.
+    private let generation = ManagedAtomic<UInt64>(0)
+    /// Helpers still running the current job.
+    private let pending = ManagedAtomic<Int>(0)
+    /// Helpers asleep (or about to be) on `wake`.
+    private let sleepers = ManagedAtomic<Int>(0)
+    private let busy = ManagedAtomic<Bool>(false)
+    // Written by the caller before the generation bump, read by helpers after it.
     private var job: ((Int) -> Void)?
     private var jobWorkers = 0
-    private var pending = 0
     private let helpers: Int
 
     private init(helpers: Int) {
         self.helpers = helpers
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(wake, nil)
-        pthread_cond_init(done, nil)
         for index in 0..<helpers {
             let context = Unmanaged.passRetained(HelperContext(pool: self, worker: index + 1)).toOpaque()
             var thread = pthread_t()
@@ -82,38 +93,57 @@ final class WorkerPool: @unchecked Sendable {
     /// run) when the pool is busy or too small.
     func run(workers: Int, _ chunk: (Int) -> Void) -> Bool {
         guard workers - 1 <= helpers else { return false }
-        pthread_mutex_lock(mutex)
-        if busy { pthread_mutex_unlock(mutex); return false }
-        busy = true
+        guard busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return false }
         withoutActuallyEscaping(chunk) { escapable in
             job = escapable
             jobWorkers = workers
-            pending = workers - 1
-            generation &+= 1
-            pthread_cond_broadcast(wake)
-            pthread_mutex_unlock(mutex)
+            pending.store(helpers, ordering: .relaxed)
+            generation.wrappingIncrement(ordering: .sequentiallyConsistent)
+            if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
+                pthread_mutex_lock(mutex)
+                pthread_cond_broadcast(wake)
+                pthread_mutex_unlock(mutex)
+            }
             escapable(0)
-            pthread_mutex_lock(mutex)
-            while pending > 0 { pthread_cond_wait(done, mutex) }
+            var spins = 0
+            while pending.load(ordering: .acquiring) > 0 {
+                spins += 1
+                if spins & 1023 == 0 { sched_yield() }
+            }
             job = nil
         }
-        busy = false
-        pthread_mutex_unlock(mutex)
+        busy.store(false, ordering: .releasing)
         return true
     }
 
     private func helperLoop(worker: Int) {
         var seen: UInt64 = 0
-        pthread_mutex_lock(mutex)
         while true {
-            while generation == seen { pthread_cond_wait(wake, mutex) }
-            seen = generation
-            guard worker < jobWorkers, let work = job else { continue }
-            pthread_mutex_unlock(mutex)
-            work(worker)
-            pthread_mutex_lock(mutex)
-            pending -= 1
-            if pending == 0 { pthread_cond_signal(done) }
+            // Watch for the next job, then sleep.
+            var current = generation.load(ordering: .acquiring)
+            if current == seen {
+                let deadline = Clock.seconds() + Self.spinSeconds
+                var spins = 0
+                while current == seen {
+                    spins += 1
+                    if spins & 255 == 0 && Clock.seconds() > deadline { break }
+                    current = generation.load(ordering: .acquiring)
+                }
+            }
+            if current == seen {
+                pthread_mutex_lock(mutex)
+                sleepers.wrappingIncrement(ordering: .sequentiallyConsistent)
+                current = generation.load(ordering: .sequentiallyConsistent)
+                while current == seen {
+                    pthread_cond_wait(wake, mutex)
+                    current = generation.load(ordering: .sequentiallyConsistent)
+                }
+                sleepers.wrappingDecrement(ordering: .sequentiallyConsistent)
+                pthread_mutex_unlock(mutex)
+            }
+            seen = current
+            if worker < jobWorkers, let work = job { work(worker) }
+            pending.wrappingDecrement(ordering: .releasing)
         }
     }
 }

@@ -1,13 +1,13 @@
-// y = W x for a 4-bit W [rows, cols] (the decode step of generation): the fused dequantize-and-dot
-// kernel reads the packed codes directly, one row per call, rows split over threads.
+// y = W x for a 4-bit W [rows, cols] (the decode step of generation): the matrix-vector kernel
+// (KernelTable.gemv4) reads the packed codes directly, rows split over threads.
+import CKernels
 import QLoRACore
 
 extension Quantized4Bit {
-    /// y[r] = sum_c W[r, c] * x[c] for this 2-D tensor, with `scales` its per-block f32 absmax
-    /// (pass `blockScales()` once and keep it: dequantizing nested constants per call would waste time).
-    /// Rows must start on block boundaries (cols a multiple of the block size); otherwise the
-    /// tensor is dequantized and multiplied row by row.
-    public func gemv(_ x: [Float], scales: [Float], kernels: KernelTable = .current) -> [Float] {
+    /// y[r] = sum_c W[r, c] * x[c] for this 2-D tensor, rows split over the worker threads. Rows must
+    /// start on block boundaries (cols a multiple of the block size); otherwise the tensor is dequantized
+    /// and multiplied row by row.
+    public func gemv(_ x: [Float], kernels: KernelTable = .current) -> [Float] {
         precondition(shape.count == 2 && x.count == shape[1], "gemv needs a 2-D weight and x of its column count")
         let rows = shape[0], cols = shape[1]
         var y = [Float](repeating: 0, count: rows)
@@ -20,26 +20,55 @@ extension Quantized4Bit {
             }
             return y
         }
-        let code = quantType.codebook
-        let blocksPerRow = cols / blockSize
         y.withUnsafeMutableBufferPointer { yb in
             let yBase = yb.baseAddress!
             x.withUnsafeBufferPointer { xb in
-                packed.withUnsafeBufferPointer { p in
-                    scales.withUnsafeBufferPointer { a in
-                        code.withUnsafeBufferPointer { c in
-                            Parallel.forChunks(count: rows, minimumChunk: 64) { _, range in
-                                for r in range {
-                                    yBase[r] = kernels.dot4(
-                                        xb.baseAddress, p.baseAddress! + r * cols / 2, a.baseAddress! + r * blocksPerRow,
-                                        cols, blockSize, c.baseAddress)
-                                }
-                            }
-                        }
+                var xp = [Float](repeating: 0, count: cols)
+                xp.withUnsafeMutableBufferPointer { kernels.gemv4Prepare(xb.baseAddress, cols, $0.baseAddress) }
+                xp.withUnsafeBufferPointer { prepared in
+                    Parallel.forChunks(count: rows, minimumChunk: 64) { _, range in
+                        gemv(rows: range, x: xb.baseAddress!, prepared: prepared.baseAddress!, into: yBase + range.lowerBound, kernels: kernels)
                     }
                 }
             }
         }
         return y
+    }
+
+    /// y[0..<rows.count] = rows `rows` of this 2-D tensor times x (cols a multiple of the block size), on
+    /// the calling thread. `prepared` is x through `kernels.gemv4Prepare` (once per x, for any rows). The
+    /// block scales are decoded inside the kernel as it reaches them (double quantization included).
+    public func gemv(rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>,
+                     kernels: KernelTable = .current) {
+        let cols = shape[1]
+        precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
+        let blocksPerRow = cols / blockSize
+        quantType.codebook.withUnsafeBufferPointer { code in
+            packed.withUnsafeBufferPointer { p in
+                withScaleSource { scales in
+                    kernels.gemv4(x, prepared, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
+                                  rows.count, cols, blockSize, code.baseAddress, y)
+                }
+            }
+        }
+    }
+
+    /// The kernels' view of the block scales (pointers valid inside `body`).
+    func withScaleSource<R>(_ body: (UnsafePointer<qk_block_scales>) -> R) -> R {
+        if let absmax {
+            return absmax.withUnsafeBufferPointer { a in
+                var s = qk_block_scales(absmax: a.baseAddress, codes: nil, nested: nil, table: nil, offset: 0)
+                return body(&s)
+            }
+        }
+        let n = nested!
+        return n.codes.withUnsafeBufferPointer { c in
+            n.nestedAbsmax.withUnsafeBufferPointer { na in
+                Codebooks.dynamic8.withUnsafeBufferPointer { t in
+                    var s = qk_block_scales(absmax: nil, codes: c.baseAddress, nested: na.baseAddress, table: t.baseAddress, offset: n.offset)
+                    return body(&s)
+                }
+            }
+        }
     }
 }

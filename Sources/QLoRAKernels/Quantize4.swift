@@ -8,6 +8,7 @@ public enum QuantizationError: Error, CustomStringConvertible, Equatable {
     case invalidBlockSize(Int)
     case nonFinite(tensor: String, index: Int, value: Float)
     case empty(tensor: String)
+    case invalidShape(tensor: String, shape: [Int], reason: String)
 
     public var description: String {
         switch self {
@@ -17,6 +18,8 @@ public enum QuantizationError: Error, CustomStringConvertible, Equatable {
             return "tensor '\(tensor)': element \(index) is \(value); 4-bit quantization needs finite weights (bitsandbytes would silently store garbage: a NaN or infinity poisons its whole block)"
         case let .empty(tensor):
             return "tensor '\(tensor)' has no elements"
+        case let .invalidShape(tensor, shape, reason):
+            return "tensor '\(tensor)' of shape \(shape): \(reason)"
         }
     }
 }

@@ -10,22 +10,29 @@ import Glibc
 import Darwin
 #endif
 
-/// Keys and values of every layer for the positions seen so far.
+/// Keys and values of every layer for the positions seen so far, and the buffers of the forward pass
+/// (kept between calls, so that decoding a token allocates nothing). One thread uses a cache at a time.
 public final class KVCache {
     public let capacity: Int
     public private(set) var length = 0
     let layers: Int
     let rowWidth: Int  // Hkv * d
-    /// Per layer: [capacity, Hkv * d].
-    var keys: [[Float]]
-    var values: [[Float]]
+    /// [layers, capacity, Hkv * d]; pages are touched only as positions fill.
+    let keys: UnsafeMutablePointer<Float>
+    let values: UnsafeMutablePointer<Float>
+    var workspace: ForwardWorkspace?
 
     public init(config: LlamaConfig, capacity: Int) {
         self.capacity = capacity
         layers = config.layerCount
         rowWidth = config.kvHeadCount * config.headDim
-        keys = Array(repeating: [Float](repeating: 0, count: capacity * rowWidth), count: layers)
-        values = keys
+        keys = .allocate(capacity: max(1, layers * capacity * rowWidth))
+        values = .allocate(capacity: max(1, layers * capacity * rowWidth))
+    }
+
+    deinit {
+        keys.deallocate()
+        values.deallocate()
     }
 
     /// Forgets every position (a new conversation).
@@ -35,6 +42,41 @@ public final class KVCache {
     public func truncate(to n: Int) { length = min(length, max(0, n)) }
 
     func advance(by n: Int) { length += n }
+
+    /// Layer `l`'s keys and values: position j at + j * rowWidth.
+    func keys(layer l: Int) -> UnsafeMutablePointer<Float> { keys + l * capacity * rowWidth }
+    func values(layer l: Int) -> UnsafeMutablePointer<Float> { values + l * capacity * rowWidth }
+}
+
+/// The activations of one forward pass over up to `rows` tokens (grown when a call has more).
+final class ForwardWorkspace {
+    let rows: Int
+    let h, xn, q, k, v, attn, proj, g, u: UnsafeMutablePointer<Float>
+    /// A dequantized tile of a weight and its block scales (many-row products).
+    let scratch: UnsafeMutablePointer<Float>
+    /// x rearranged for the 4-bit matrix-vector kernel (one-row products).
+    let prepared: UnsafeMutablePointer<Float>
+    /// Attention scores: rows x capacity for prefill, or one capacity-long row per worker for decoding.
+    let scores: UnsafeMutablePointer<Float>
+    private let all: [UnsafeMutablePointer<Float>]
+
+    init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int) {
+        rows = T
+        let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
+        func make(_ n: Int) -> UnsafeMutablePointer<Float> {
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: max(n, 1))
+            p.initialize(repeating: 0, count: max(n, 1))
+            return p
+        }
+        h = make(T * D); xn = make(T * D); q = make(T * qDim); k = make(T * kvDim); v = make(T * kvDim)
+        attn = make(T * qDim); proj = make(T * D); g = make(T * I); u = make(T * I)
+        scratch = make(scratchCount)
+        prepared = make(max(D, I, qDim))
+        scores = make(max(T, Parallel.threadCount) * capacity)
+        all = [h, xn, q, k, v, attn, proj, g, u, scratch, prepared, scores]
+    }
+
+    deinit { for p in all { p.deallocate() } }
 }
 
 public enum ForwardError: Error, CustomStringConvertible, Equatable {
@@ -64,66 +106,40 @@ extension LlamaModel {
         guard start + T <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: start + T) }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let D = c.hiddenSize, H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
-        let qDim = H * d, kvDim = Hkv * d, I = c.intermediateSize
-
-        var h = [Float](repeating: 0, count: T * D)
-        h.withUnsafeMutableBufferPointer { hp in
-            for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: hp.baseAddress! + t * D) }
-        }
-        var xn = [Float](repeating: 0, count: T * D)
-        var q = [Float](repeating: 0, count: T * qDim)
-        var k = [Float](repeating: 0, count: T * kvDim)
-        var v = [Float](repeating: 0, count: T * kvDim)
-        var attn = [Float](repeating: 0, count: T * qDim)
-        var proj = [Float](repeating: 0, count: T * D)
-        var g = [Float](repeating: 0, count: T * I)
-        var u = [Float](repeating: 0, count: T * I)
-        let scratchCount = layers.first.map { $0.linears.map(\.scratchCount).max() ?? 0 } ?? 0
-        var scratch = [Float](repeating: 0, count: max(scratchCount, 1))
+        let kvDim = Hkv * d
+        let ws = workspace(cache, rows: T)
+        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, attn = ws.attn, proj = ws.proj, g = ws.g, u = ws.u
+        let scratch = ws.scratch
+        for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: h + t * D) }
         let (cos, sin) = ropeTables(positions: start..<(start + T))
 
         for (l, layer) in layers.enumerated() {
-            rmsNorm(h, weight: layer.inputNorm, into: &xn, rows: T, dim: D, eps: c.rmsNormEps)
-            xn.withUnsafeBufferPointer { x in
-                scratch.withUnsafeMutableBufferPointer { s in
-                    q.withUnsafeMutableBufferPointer { layer.q.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                    k.withUnsafeMutableBufferPointer { layer.k.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                    v.withUnsafeMutableBufferPointer { layer.v.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                }
+            rmsNorm(xn, h, weight: layer.inputNorm, rows: T)
+            if T == 1 {
+                Linear.forwardShared(xn, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
+            } else {
+                layer.q.forward(xn, rows: T, into: q, scratch: scratch, kernels: kernels)
+                layer.k.forward(xn, rows: T, into: k, scratch: scratch, kernels: kernels)
+                layer.v.forward(xn, rows: T, into: v, scratch: scratch, kernels: kernels)
             }
-            applyRope(&q, rows: T, heads: H, headDim: d, cos: cos, sin: sin)
-            applyRope(&k, rows: T, heads: Hkv, headDim: d, cos: cos, sin: sin)
+            Ops.rope(q, rows: T, heads: H, headDim: d, cos: cos, sin: sin)
+            Ops.rope(k, rows: T, heads: Hkv, headDim: d, cos: cos, sin: sin)
             // Append this step's keys and values to the cache.
-            for t in 0..<T {
-                let row = (start + t) * kvDim
-                for j in 0..<kvDim {
-                    cache.keys[l][row + j] = k[t * kvDim + j]
-                    cache.values[l][row + j] = v[t * kvDim + j]
-                }
-            }
-            attention(q: q, layer: l, cache: cache, start: start, rows: T, into: &attn)
-            attn.withUnsafeBufferPointer { a in
-                scratch.withUnsafeMutableBufferPointer { s in
-                    proj.withUnsafeMutableBufferPointer { layer.o.forward(a.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                }
-            }
+            (cache.keys(layer: l) + start * kvDim).update(from: k, count: T * kvDim)
+            (cache.values(layer: l) + start * kvDim).update(from: v, count: T * kvDim)
+            attention(q: q, layer: l, cache: cache, start: start, rows: T, into: attn, scores: ws.scores, kernels: kernels)
+            layer.o.forward(attn, rows: T, into: proj, scratch: scratch, kernels: kernels)
             for i in 0..<(T * D) { h[i] = h[i] + proj[i] }
 
-            rmsNorm(h, weight: layer.postAttentionNorm, into: &xn, rows: T, dim: D, eps: c.rmsNormEps)
-            xn.withUnsafeBufferPointer { x in
-                scratch.withUnsafeMutableBufferPointer { s in
-                    g.withUnsafeMutableBufferPointer { layer.gate.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                    u.withUnsafeMutableBufferPointer { layer.up.forward(x.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                }
+            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: T)
+            if T == 1 {
+                Linear.forwardShared(xn, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
+            } else {
+                layer.gate.forward(xn, rows: T, into: g, scratch: scratch, kernels: kernels)
+                layer.up.forward(xn, rows: T, into: u, scratch: scratch, kernels: kernels)
             }
-            g.withUnsafeMutableBufferPointer { gp in
-                u.withUnsafeBufferPointer { Ops.swigluForward(gp.baseAddress!, gate: gp.baseAddress!, up: $0.baseAddress!, count: T * I) }
-            }
-            g.withUnsafeBufferPointer { a in
-                scratch.withUnsafeMutableBufferPointer { s in
-                    proj.withUnsafeMutableBufferPointer { layer.down.forward(a.baseAddress!, rows: T, into: $0.baseAddress!, scratch: s.baseAddress!, kernels: kernels) }
-                }
-            }
+            Ops.swigluForward(g, gate: g, up: u, count: T * c.intermediateSize)
+            layer.down.forward(g, rows: T, into: proj, scratch: scratch, kernels: kernels)
             for i in 0..<(T * D) { h[i] = h[i] + proj[i] }
         }
         cache.advance(by: T)
@@ -134,36 +150,27 @@ extension LlamaModel {
         case .last: rows = (T - 1)..<T
         case .all: rows = 0..<T
         }
-        var last = [Float](repeating: 0, count: rows.count * D)
-        let selected = Array(h[(rows.lowerBound * D)..<(rows.upperBound * D)])
-        rmsNorm(selected, weight: finalNorm, into: &last, rows: rows.count, dim: D, eps: c.rmsNormEps)
-        return outputLogits(last, rows: rows.count)
-    }
-
-    /// logits[n, V] = x[n, D] · Eᵀ (tied) or lm_head.
-    func outputLogits(_ x: [Float], rows n: Int) -> [Float] {
-        let V = config.vocabSize
-        var out = [Float](repeating: 0, count: n * V)
-        x.withUnsafeBufferPointer { xp in
-            out.withUnsafeMutableBufferPointer { o in
-                let head = self.head
-                var scratch = [Float](repeating: 0, count: max(head.scratchCount, 1))
-                scratch.withUnsafeMutableBufferPointer { s in
-                    head.forward(xp.baseAddress!, rows: n, into: o.baseAddress!, scratch: s.baseAddress!)
-                }
-            }
+        rmsNorm(xn, h + rows.lowerBound * D, weight: finalNorm, rows: rows.count)
+        var out = [Float](repeating: 0, count: rows.count * c.vocabSize)
+        out.withUnsafeMutableBufferPointer { o in
+            head.forward(xn, rows: rows.count, into: o.baseAddress!, scratch: scratch, kernels: kernels)
         }
         return out
     }
 
-    /// RMSNorm: x / sqrt(mean(x²) + eps) * weight, per row, in f32.
-    func rmsNorm(_ x: [Float], weight: [Float], into out: inout [Float], rows: Int, dim: Int, eps: Float) {
-        x.withUnsafeBufferPointer { xp in
-            weight.withUnsafeBufferPointer { wp in
-                out.withUnsafeMutableBufferPointer { op in
-                    Ops.rmsNormForward(op.baseAddress!, rstd: nil, xp.baseAddress!, weight: wp.baseAddress!, rows: rows, dim: dim, eps: eps)
-                }
-            }
+    /// The cache's workspace, made (or remade larger) for `rows` tokens.
+    func workspace(_ cache: KVCache, rows: Int) -> ForwardWorkspace {
+        if let ws = cache.workspace, ws.rows >= rows { return ws }
+        let scratchCount = ((layers.first?.linears ?? []) + [head]).map(\.scratchCount).max() ?? 0
+        let ws = ForwardWorkspace(rows: max(rows, cache.workspace?.rows ?? 0), config: config, capacity: cache.capacity,
+                                  scratchCount: scratchCount)
+        cache.workspace = ws
+        return ws
+    }
+
+    func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, weight: [Float], rows: Int) {
+        weight.withUnsafeBufferPointer { w in
+            Ops.rmsNormForward(y, rstd: nil, x, weight: w.baseAddress!, rows: rows, dim: config.hiddenSize, eps: config.rmsNormEps)
         }
     }
 
@@ -172,70 +179,35 @@ extension LlamaModel {
         Ops.ropeTables(positions: Array(positions), inverseFrequencies: inverseFrequencies)
     }
 
-    /// Rotates each head's halves (transformers' rotate_half convention, not interleaved pairs).
-    func applyRope(_ x: inout [Float], rows: Int, heads: Int, headDim d: Int, cos: [Float], sin: [Float]) {
-        x.withUnsafeMutableBufferPointer { xp in
-            Ops.rope(xp.baseAddress!, rows: rows, heads: heads, headDim: d, cos: cos, sin: sin)
-        }
-    }
-
     /// Causal attention of this step's queries over every cached position, per head, grouped KV heads
     /// shared by H / Hkv query heads. Softmax in f32 with the row maximum subtracted.
-    func attention(q: [Float], layer l: Int, cache: KVCache, start: Int, rows T: Int, into out: inout [Float]) {
+    func attention(q: UnsafePointer<Float>, layer l: Int, cache: KVCache, start: Int, rows T: Int, into out: UnsafeMutablePointer<Float>,
+                   scores: UnsafeMutablePointer<Float>, kernels: KernelTable) {
         let c = config
         let H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
         let group = H / Hkv
         let S = start + T
         let qDim = H * d, kvDim = Hkv * d
         let scale = 1 / Float(d).squareRoot()
-        cache.keys[l].withUnsafeBufferPointer { kc in
-            cache.values[l].withUnsafeBufferPointer { vc in
-                q.withUnsafeBufferPointer { qp in
-                    out.withUnsafeMutableBufferPointer { op in
-                        let qBase = qp.baseAddress!, kBase = kc.baseAddress!, vBase = vc.baseAddress!, oBase = op.baseAddress!
-                        if T == 1 {
-                            // Decoding: small dot products, heads in parallel, no BLAS.
-                            Parallel.forChunks(count: H, minimumChunk: 1) { _, heads in
-                                var scores = [Float](repeating: 0, count: S)
-                                for h in heads {
-                                    let kvh = h / group
-                                    let qh = qBase + h * d
-                                    var m = -Float.infinity
-                                    for j in 0..<S {
-                                        let kj = kBase + j * kvDim + kvh * d
-                                        var dot: Float = 0
-                                        for i in 0..<d { dot += qh[i] * kj[i] }
-                                        scores[j] = dot * scale
-                                        m = max(m, scores[j])
-                                    }
-                                    var sum: Float = 0
-                                    for j in 0..<S { scores[j] = expf(scores[j] - m); sum += scores[j] }
-                                    let oh = oBase + h * d
-                                    for i in 0..<d { oh[i] = 0 }
-                                    for j in 0..<S {
-                                        let p = scores[j] / sum
-                                        let vj = vBase + j * kvDim + kvh * d
-                                        for i in 0..<d { oh[i] += p * vj[i] }
-                                    }
-                                }
-                            }
-                        } else {
-                            // Prefill: per head, scores [T, S] and output [T, d] through BLAS.
-                            var scores = [Float](repeating: 0, count: T * S)
-                            scores.withUnsafeMutableBufferPointer { sp in
-                                let sBase = sp.baseAddress!
-                                for h in 0..<H {
-                                    let kvh = h / group
-                                    Gemm.gemm(sBase, ldc: S, qBase + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
-                                              m: T, n: S, k: d, transposeB: true, alpha: scale)
-                                    for t in 0..<T { Ops.softmaxRow(sBase + t * S, visible: start + t + 1, length: S) }
-                                    Gemm.gemm(oBase + h * d, ldc: qDim, sBase, lda: S, vBase + kvh * d, ldb: kvDim,
-                                              m: T, n: d, k: S)
-                                }
-                            }
-                        }
-                    }
+        let kBase = UnsafePointer(cache.keys(layer: l)), vBase = UnsafePointer(cache.values(layer: l))
+        let capacity = cache.capacity
+        if T == 1 {
+            // Decoding: one query a head, heads over the workers (each with its own row of scores).
+            Parallel.forChunks(count: H, minimumChunk: 1) { worker, heads in
+                let row = scores + worker * capacity
+                for h in heads {
+                    let kvh = h / group
+                    kernels.attend(q + h * d, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, row, out + h * d)
                 }
+            }
+        } else {
+            // Prefill: per head, scores [T, S] and output [T, d] through BLAS.
+            for h in 0..<H {
+                let kvh = h / group
+                Gemm.gemm(scores, ldc: S, q + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
+                          m: T, n: S, k: d, transposeB: true, alpha: scale)
+                for t in 0..<T { Ops.softmaxRow(scores + t * S, visible: start + t + 1, length: S, kernels: kernels) }
+                Gemm.gemm(out + h * d, ldc: qDim, scores, lda: S, vBase + kvh * d, ldb: kvDim, m: T, n: d, k: S)
             }
         }
     }

@@ -12,6 +12,9 @@ public struct Linear: Sendable {
         case quantized(Quantized4Bit)
         /// bfloat16 (embeddings and the LM head of big models, as QLoRA keeps them in its compute dtype).
         case bf16([UInt16])
+        /// ggml's q8_0: 8-bit codes with a scale per 32 values (the embedding table and LM head at inference;
+        /// a GGUF's own q8_0 table is held exactly as stored).
+        case q8(Quantized8Bit)
     }
 
     /// A low-rank update: y += scale · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA, Hu et al. 2021).
@@ -26,6 +29,16 @@ public struct Linear: Sendable {
             self.b = b
             self.rank = rank
             self.scale = scale
+        }
+    }
+
+    /// The weight's storage as a short name: f32, bf16, q8_0, or the 4-bit type (nf4, fp4, int4).
+    public var storageName: String {
+        switch weight {
+        case .dense: return "f32"
+        case .bf16: return "bf16"
+        case .q8: return "q8_0"
+        case let .quantized(q): return q.quantType.rawValue
         }
     }
 
@@ -48,6 +61,7 @@ public struct Linear: Sendable {
         case let .dense(w): return w.count * 4
         case let .quantized(q): return q.storedByteCount
         case let .bf16(w): return w.count * 2
+        case let .q8(q): return q.storedByteCount
         }
     }
 
@@ -56,6 +70,7 @@ public struct Linear: Sendable {
         switch weight {
         case let .dense(w): w.withUnsafeBufferPointer { out.update(from: $0.baseAddress! + r * inFeatures, count: inFeatures) }
         case let .bf16(w): for j in 0..<inFeatures { out[j] = bfloat16BitsToFloat(w[r * inFeatures + j]) }
+        case let .q8(q): q.dequantize(elements: (r * inFeatures)..<((r + 1) * inFeatures), into: out)
         case .quantized: preconditionFailure("row lookup in a 4-bit weight")
         }
     }
@@ -72,6 +87,11 @@ public struct Linear: Sendable {
                 Parallel.forChunks(count: elements.count, minimumChunk: 1 << 16) { _, range in
                     for i in range { out[i] = bfloat16BitsToFloat(src[elements.lowerBound + i]) }
                 }
+            }
+        case let .q8(q):
+            Parallel.forChunks(count: elements.count, granularity: Quantized8Bit.blockSize, minimumChunk: 1 << 16) { _, range in
+                let run = (elements.lowerBound + range.lowerBound)..<(elements.lowerBound + range.upperBound)
+                q.dequantize(elements: run, into: out + range.lowerBound)
             }
         case .dense: preconditionFailure("dequantizeRows on a dense weight")
         }
@@ -133,9 +153,9 @@ public struct Linear: Sendable {
                               m: rows, n: outFeatures, k: inFeatures, transposeB: true)
                 }
             }
-        case .quantized, .bf16:
-            if rows == 1, case let .quantized(q) = weight, inFeatures % q.blockSize == 0 {
-                fusedGemv(q, x, y, kernels: kernels)
+        case .quantized, .bf16, .q8:
+            if rows == 1 && gemvSupported {
+                gemv(x, y, kernels: kernels)
             } else {
                 forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
                     Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
@@ -144,17 +164,20 @@ public struct Linear: Sendable {
             }
         }
         addBias(to: y, rows: rows)
-        if let lora {
-            var t = [Float](repeating: 0, count: rows * lora.rank)
-            t.withUnsafeMutableBufferPointer { tp in
-                lora.a.withUnsafeBufferPointer { a in
-                    Gemm.gemm(tp.baseAddress!, ldc: lora.rank, x, lda: inFeatures, a.baseAddress!, ldb: inFeatures,
-                              m: rows, n: lora.rank, k: inFeatures, transposeB: true)
-                }
-                lora.b.withUnsafeBufferPointer { b in
-                    Gemm.gemm(y, ldc: outFeatures, tp.baseAddress!, lda: lora.rank, b.baseAddress!, ldb: lora.rank,
-                              m: rows, n: outFeatures, k: lora.rank, transposeB: true, alpha: lora.scale, beta: 1)
-                }
+        addLoRA(x, rows: rows, to: y)
+    }
+
+    /// y += scale · (x Aᵀ) Bᵀ when an adapter is attached.
+    func addLoRA(_ x: UnsafePointer<Float>, rows: Int, to y: UnsafeMutablePointer<Float>) {
+        guard let lora else { return }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: rows * lora.rank) { tp in
+            lora.a.withUnsafeBufferPointer { a in
+                Gemm.gemm(tp.baseAddress!, ldc: lora.rank, x, lda: inFeatures, a.baseAddress!, ldb: inFeatures,
+                          m: rows, n: lora.rank, k: inFeatures, transposeB: true)
+            }
+            lora.b.withUnsafeBufferPointer { b in
+                Gemm.gemm(y, ldc: outFeatures, tp.baseAddress!, lda: lora.rank, b.baseAddress!, ldb: lora.rank,
+                          m: rows, n: outFeatures, k: lora.rank, transposeB: true, alpha: lora.scale, beta: 1)
             }
         }
     }
@@ -165,30 +188,89 @@ public struct Linear: Sendable {
         case .quantized:
             let tile = tileRows(forRows: .max)
             return tile * inFeatures + scaleScratchCount(rows: tile)
-        case .bf16: return tileRows(forRows: .max) * inFeatures
+        case .bf16, .q8: return tileRows(forRows: .max) * inFeatures
         case .dense: return 0
         }
     }
 
-    private func fusedGemv(_ q: Quantized4Bit, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
-        let cols = inFeatures
-        let blocksPerRow = cols / q.blockSize
-        let code = q.quantType.codebook
-        q.packed.withUnsafeBufferPointer { p in
-            code.withUnsafeBufferPointer { c in
-                Parallel.forChunks(count: outFeatures, minimumChunk: 32) { _, range in
-                    // The chunk's scales, decoded once (a 64th of the work of the dot products).
-                    withUnsafeTemporaryAllocation(of: Float.self, capacity: range.count * blocksPerRow) { s in
-                        let a = s.baseAddress!
-                        q.decodeScales((range.lowerBound * blocksPerRow)..<(range.upperBound * blocksPerRow), into: a)
-                        for r in range {
-                            y[r] = kernels.dot4(x, p.baseAddress! + r * cols / 2, a + (r - range.lowerBound) * blocksPerRow,
-                                                cols, q.blockSize, c.baseAddress)
-                        }
-                    }
-                }
+    /// Whether one row of input goes through a fused matrix-vector kernel (the weight read once, in its own format).
+    var gemvSupported: Bool {
+        switch weight {
+        case let .quantized(q): return inFeatures % q.blockSize == 0
+        case .bf16, .q8: return true
+        case .dense: return false
+        }
+    }
+
+    /// Rows of W a worker takes at least in a matrix-vector product (small layers stay on one thread).
+    static let gemvMinimumRows = 32
+
+    /// y[out] = W x for one row x of a 4-bit, q8_0 or bf16 W, the rows split over the worker threads.
+    func gemv(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: inFeatures) { xp in
+            if case .quantized = weight { kernels.gemv4Prepare(x, inFeatures, xp.baseAddress!) }
+            let prepared = UnsafePointer(xp.baseAddress!)
+            Parallel.forChunks(count: outFeatures, minimumChunk: Self.gemvMinimumRows) { _, range in
+                gemvRows(range, x: x, prepared: prepared, into: y + range.lowerBound, kernels: kernels)
             }
         }
+    }
+
+    /// y[0..<rows.count] = rows `rows` of W times x, on this thread (`gemvSupported` weights). `prepared`
+    /// is x through `kernels.gemv4Prepare` (read by 4-bit weights only).
+    func gemvRows(_ rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>,
+                  kernels: KernelTable) {
+        let cols = inFeatures
+        switch weight {
+        case let .quantized(q):
+            q.gemv(rows: rows, x: x, prepared: prepared, into: y, kernels: kernels)
+        case let .q8(q):
+            q.codes.withUnsafeBufferPointer { codes in
+                q.scales.withUnsafeBufferPointer { scales in
+                    kernels.gemv8(x, codes.baseAddress! + rows.lowerBound * cols,
+                                  scales.baseAddress! + rows.lowerBound * cols / Quantized8Bit.blockSize, rows.count, cols, y)
+                }
+            }
+        case let .bf16(w):
+            w.withUnsafeBufferPointer { wp in
+                kernels.gemvBF16(x, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, y)
+            }
+        case .dense:
+            preconditionFailure("gemv on a dense weight (BLAS does it)")
+        }
+    }
+
+    /// y_i = W_i x + b_i (+ LoRA) for one row x shared by two or three linears (q, k and v; gate and up):
+    /// their rows are split over the workers together, one parallel loop instead of one each. `prepared`
+    /// must hold `inFeatures` floats. Falls back to one `forward` each when a weight has no gemv.
+    public static func forwardShared(_ x: UnsafePointer<Float>, prepared: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>,
+                                     _ a: Linear, _ ya: UnsafeMutablePointer<Float>, _ b: Linear, _ yb: UnsafeMutablePointer<Float>,
+                                     _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, kernels: KernelTable = .current) {
+        guard a.gemvSupported, b.gemvSupported, c?.gemvSupported ?? true, a.inFeatures == b.inFeatures,
+              c.map({ $0.inFeatures == a.inFeatures }) ?? true else {
+            a.forward(x, rows: 1, into: ya, scratch: scratch, kernels: kernels)
+            b.forward(x, rows: 1, into: yb, scratch: scratch, kernels: kernels)
+            if let c, let yc { c.forward(x, rows: 1, into: yc, scratch: scratch, kernels: kernels) }
+            return
+        }
+        kernels.gemv4Prepare(x, a.inFeatures, prepared)
+        let xp = UnsafePointer(prepared)
+        let na = a.outFeatures, nb = b.outFeatures, total = na + nb + (c?.outFeatures ?? 0)
+        Parallel.forChunks(count: total, minimumChunk: gemvMinimumRows) { _, range in
+            // The part of `range` that falls in each linear's rows.
+            func part(_ l: Linear, _ y: UnsafeMutablePointer<Float>, _ start: Int) {
+                let lo = max(range.lowerBound, start), hi = min(range.upperBound, start + l.outFeatures)
+                if lo < hi { l.gemvRows((lo - start)..<(hi - start), x: x, prepared: xp, into: y + (lo - start), kernels: kernels) }
+            }
+            part(a, ya, 0)
+            part(b, yb, na)
+            if let c, let yc { part(c, yc, na + nb) }
+        }
+        a.addBias(to: ya, rows: 1)
+        a.addLoRA(x, rows: 1, to: ya)
+        b.addBias(to: yb, rows: 1)
+        b.addLoRA(x, rows: 1, to: yb)
+        if let c, let yc { c.addBias(to: yc, rows: 1); c.addLoRA(x, rows: 1, to: yc) }
     }
 
     /// W as f32 [out, in] (dequantized if needed).
@@ -197,6 +279,7 @@ public struct Linear: Sendable {
         case let .dense(w): return w
         case let .quantized(q): return q.dequantize()
         case let .bf16(w): return w.map(bfloat16BitsToFloat)
+        case let .q8(q): return q.dequantize()
         }
     }
 }

@@ -38,12 +38,24 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.")
     var adapter: String?
 
-    @Flag(help: "Keep the embedding table and LM head in bfloat16 (half their memory, as QLoRA keeps them; values round to bf16).")
+    @Option(help: ArgumentHelp("Storage of the embedding table and LM head (one matrix when tied): auto, f32, bf16 or q8_0. auto keeps the checkpoint's own values exactly in the narrowest of the others (q8_0 for a GGUF q8_0 table, bf16 for a bf16 checkpoint, else f32). Decoding reads the whole head for every token, so a smaller head decodes faster; bf16 and q8_0 round the values.", valueName: "dtype"))
+    var headDtype: String = "auto"
+
+    @Flag(help: "The same as --head-dtype bf16 (half the memory of f32, as QLoRA keeps them; values round to bf16).")
     var bf16Embeddings = false
 
     func validate() throws {
         try validateQuantization(quantType: quantType, blockSize: blockSize, allowNone: true)
+        guard EmbeddingDType(rawValue: headDtype) != nil else {
+            throw ValidationError("--head-dtype must be one of \(EmbeddingDType.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(headDtype)')")
+        }
+        if bf16Embeddings && headDtype != "auto" && headDtype != "bf16" {
+            throw ValidationError("--bf16-embeddings contradicts --head-dtype \(headDtype)")
+        }
     }
+
+    /// The embedding and head storage the options ask for.
+    var embeddingDType: EmbeddingDType { bf16Embeddings ? .bf16 : EmbeddingDType(rawValue: headDtype) ?? .auto }
 
     var modelPath: String { model ?? defaultModelPath() }
 
@@ -53,7 +65,7 @@ struct ModelOptions: ParsableArguments {
         o.blockSize = blockSize
         o.doubleQuant = !noDoubleQuant
         o.showProgress = progress
-        o.bf16Embeddings = bf16Embeddings
+        o.embeddingDType = embeddingDType
         return o
     }
 
@@ -69,7 +81,7 @@ struct ModelOptions: ParsableArguments {
         let tokenizer = try Tokenizer.load(model: path)
         if progress {
             let params = m.config.parameterCount
-            Log.info("loaded \(FileSystem.baseName(path)): \(formatFixed(Double(params) / 1e6, 1))M parameters, \(m.config.layerCount) layers, weights \(formatBytes(m.weightBytes)) (\(quantType == "none" ? "f32" : quantType))\(adapter.map { " + adapter " + FileSystem.baseName($0) } ?? "") in \(formatFixed(Clock.seconds() - start, 2)) s")
+            Log.info("loaded \(FileSystem.baseName(path)): \(formatFixed(Double(params) / 1e6, 1))M parameters, \(m.config.layerCount) layers, weights \(formatBytes(m.weightBytes)) (\(quantType == "none" ? "f32" : quantType), head \(m.head.storageName))\(adapter.map { " + adapter " + FileSystem.baseName($0) } ?? "") in \(formatFixed(Clock.seconds() - start, 2)) s")
         }
         return (m, tokenizer)
     }

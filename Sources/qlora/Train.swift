@@ -115,7 +115,8 @@ struct Train: ParsableCommand {
         func q(_ s: String) -> String { JSON.serialize(.string(s)) }  // a JSON string is a valid YAML scalar
         var o: [(String, String)] = [
             ("model", q(modelOptions.modelPath)), ("quant_type", q(modelOptions.quantType)), ("block_size", "\(modelOptions.blockSize)"),
-            ("no_double_quant", "\(modelOptions.noDoubleQuant)"), ("bf16_embeddings", "\(modelOptions.bf16Embeddings)"),
+            ("no_double_quant", "\(modelOptions.noDoubleQuant)"), ("head_dtype", q(modelOptions.embeddingDType.rawValue)),
+            ("bf16_embeddings", "\(modelOptions.bf16Embeddings)"),
         ]
         if let a = modelOptions.adapter { o.append(("adapter", q(a))) }
         o += [("data", q(data))]

@@ -88,6 +88,82 @@ struct KernelVariantTests {
         }
     }
 
+    /// |got - exact| <= 1e-6 * sum |terms| for each row (f32 summation in any order stays within that).
+    private func expectRows(_ got: [Float], _ terms: (Int) -> [Double], _ label: String) {
+        for r in 0..<got.count {
+            let t = terms(r)
+            let exact = t.reduce(0, +), magnitude = t.reduce(0) { $0 + abs($1) }
+            if abs(Double(got[r]) - exact) > magnitude * 1e-6 + 1e-12 {
+                Issue.record("\(label) row \(r): \(got[r]) vs \(exact)")
+                return
+            }
+        }
+    }
+
+    @Test("4-bit matrix-vector kernel: every row within f32 summation error of the exact product, every type and block size",
+          arguments: KernelTable.available.map(\.level))
+    func gemv4(level: KernelLevel) throws {
+        let kernels = KernelTable.forLevel(level)!
+        let rows = 37
+        for cols in [64, 128, 320, 576, 1536] {
+            for bs in [32, 64, 128, 256, 512] where cols % bs == 0 {
+                for qt in QuantType.allCases {
+                    let w = randomValues(rows * cols, seed: UInt64(cols * 13 + bs))
+                    let x = randomValues(cols, seed: UInt64(cols + bs)).map { $0 * 40 }
+                    let q = try Quantized4Bit(w, shape: [rows, cols], type: qt, blockSize: bs, doubleQuant: qt != .int4, kernels: reference)
+                    let d = q.dequantize(kernels: reference)
+                    let scales = q.blockScales()
+                    var xp = [Float](repeating: .nan, count: cols)
+                    kernels.gemv4Prepare(x, cols, &xp)
+                    var y = [Float](repeating: .nan, count: rows)
+                    // Two calls over row ranges: the second starts mid-matrix (its scales are not the first).
+                    let split = 13
+                    x.withUnsafeBufferPointer { xb in
+                        xp.withUnsafeBufferPointer { pb in
+                            y.withUnsafeMutableBufferPointer { yb in
+                                q.gemv(rows: 0..<split, x: xb.baseAddress!, prepared: pb.baseAddress!, into: yb.baseAddress!, kernels: kernels)
+                                q.gemv(rows: split..<rows, x: xb.baseAddress!, prepared: pb.baseAddress!, into: yb.baseAddress! + split, kernels: kernels)
+                            }
+                        }
+                    }
+                    expectRows(y, { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(x[$0]) } }, "\(level) \(qt) \(cols) block \(bs)")
+                    // The reference level is the per-row reference dot product over the decoded scales, to the bit.
+                    if level == .reference {
+                        let dots: [Float] = (0..<rows).map { r in
+                            q.packed.withUnsafeBufferPointer { p in
+                                scales.withUnsafeBufferPointer { a in
+                                    reference.dot4(x, p.baseAddress! + r * cols / 2, a.baseAddress! + r * cols / bs, cols, bs, qt.codebook)
+                                }
+                            }
+                        }
+                        #expect(Compare.bitEqual(y, dots, "reference gemv4 \(qt) \(cols) \(bs)") == nil)
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("q8_0 and bf16 matrix-vector kernels: every row within f32 summation error of the exact product",
+          arguments: KernelTable.available.map(\.level))
+    func gemv8AndBF16(level: KernelLevel) throws {
+        let kernels = KernelTable.forLevel(level)!
+        let rows = 45
+        for cols in [32, 64, 96, 576, 1000, 1024, 4096] {
+            let w = randomValues(rows * cols, seed: UInt64(cols * 7))
+            let x = randomValues(cols, seed: UInt64(cols * 3 + 1)).map { $0 * 40 }
+            let bf = w.map(floatToBFloat16Bits)
+            var y = [Float](repeating: .nan, count: rows)
+            kernels.gemvBF16(x, bf, rows, cols, &y)
+            expectRows(y, { r in (0..<cols).map { Double(bfloat16BitsToFloat(bf[r * cols + $0])) * Double(x[$0]) } }, "\(level) bf16 \(cols)")
+            guard Quantized8Bit.canStore(cols: cols) else { continue }
+            let q = try Quantized8Bit(w, shape: [rows, cols], name: "w")
+            let d = q.dequantize()
+            y = [Float](repeating: .nan, count: rows)
+            kernels.gemv8(x, q.codes, q.scales, rows, cols, &y)
+            expectRows(y, { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(x[$0]) } }, "\(level) q8_0 \(cols)")
+        }
+    }
+
     @Test("gemv over a 4-bit matrix equals dequantize-then-multiply")
     func gemv() throws {
         let rows = 96, cols = 320
@@ -97,7 +173,7 @@ struct KernelVariantTests {
             let wv = Array(w.prefix(rows * c))
             let xv = Array(x.prefix(c))
             let q = try Quantized4Bit(wv, shape: [rows, c], type: .nf4, blockSize: bs, doubleQuant: true)
-            let y = q.gemv(xv, scales: q.blockScales())
+            let y = q.gemv(xv)
             let d = q.dequantize()
             let expected: [Float] = (0..<rows).map { r in
                 Float((0..<c).reduce(0.0) { $0 + Double(d[r * c + $1]) * Double(xv[$1]) })

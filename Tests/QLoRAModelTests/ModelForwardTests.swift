@@ -138,6 +138,37 @@ struct DefaultModelTests {
         #expect(generated == expected)
     }
 
+    @Test("q8_0: our quantizer gives the default GGUF's own token_embd bytes (llama.cpp's q8_0), so the auto head holds it exactly")
+    func q8Head() throws {
+        let g = try GGUFFile(path: Self.gguf)
+        let t = try #require(g.tensor("token_embd.weight"))
+        #expect(t.type == .q8_0)
+        let values = try g.floats(t)
+        let q = try Quantized8Bit(values, shape: t.shape, name: t.name)
+        // ggml's block_q8_0: f16 d, then 32 int8 codes.
+        let raw = g.bytes(of: t)
+        var mismatches = 0
+        for b in 0..<(values.count / 32) where mismatches < 3 {
+            let base = b * 34
+            let d = UInt16(raw[base]) | UInt16(raw[base + 1]) << 8
+            if q.scales[b].bitPattern != float16BitsToFloat(d).bitPattern { mismatches += 1; Issue.record("block \(b): scale \(q.scales[b]) vs \(float16BitsToFloat(d))") }
+            for j in 0..<32 where q.codes[b * 32 + j] != Int8(bitPattern: raw[base + 2 + j]) {
+                mismatches += 1
+                Issue.record("block \(b) code \(j): \(q.codes[b * 32 + j]) vs \(Int8(bitPattern: raw[base + 2 + j]))")
+                break
+            }
+        }
+        #expect(mismatches == 0)
+        #expect(q.reproduces(values))
+        let model = try load(Self.gguf, .nf4)
+        #expect(model.head.storageName == "q8_0")
+        #expect(Compare.bitEqual(model.embeddings.denseWeight(), values, "embedding table") == nil)
+        var o = LoadOptions()
+        o.showProgress = false
+        o.embeddingDType = .f32
+        #expect(try LlamaModel.load(Self.gguf, options: o).head.storageName == "f32")
+    }
+
     @Test("SmolLM2 from GGUF, f32: logits and greedy tokens equal transformers'")
     func f32() throws {
         try run(nil, logitsName: "logits_last", greedyName: "greedy_ids", stopAtEOS: true)

@@ -68,6 +68,16 @@ void qk_softmax_row_reference(float *row, size_t visible, size_t length);
 void qk_softmax_row_avx2(float *row, size_t visible, size_t length);
 void qk_softmax_row_avx512(float *row, size_t visible, size_t length);
 
+/// One query of one head against S cached positions (decoding's attention): scores[j] = scale * q . k_j,
+/// softmax over j (qk_softmax_row), out = sum_j p_j v_j. Position j's key and value are the d floats at
+/// keys + j * stride and values + j * stride. scores: S floats of scratch (the probabilities after).
+void qk_attend_reference(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                         float scale, float *scores, float *out);
+void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                    float scale, float *scores, float *out);
+void qk_attend_avx512(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+                      float scale, float *scores, float *out);
+
 /// a = silu(g) * u = g / (1 + exp(-g)) * u.
 void qk_swiglu_reference(float *a, const float *g, const float *u, size_t n);
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n);
@@ -99,3 +109,6 @@ double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float 
 
 // The bf16 GEMM of the training step.
 #include "CKernelsBF16.h"
+
+// The matrix-vector products of decoding.
+#include "CKernelsGemv.h"

@@ -1,6 +1,7 @@
 // qlora-bench: the Swift side of bench/ (see bench/run.sh). It times our kernels on the same tensor
 // files the Python side times bitsandbytes on, and prints one JSON object.
 //   qlora-bench quant FILE [--repeats N]   4-bit quantize / dequantize throughput (GB/s of f32)
+//   qlora-bench infer MODEL [-p 512] [-n 128]  prefill and decode tokens/s as llama-bench measures them
 import CAllocationCounter
 import QLoRA
 
@@ -213,8 +214,65 @@ func option(_ name: String, _ def: Int) -> Int {
     if let i = args.firstIndex(of: name), i + 1 < args.count, let n = Int(args[i + 1]) { return n }
     return def
 }
+func stringOption(_ name: String) -> String? {
+    if let i = args.firstIndex(of: name), i + 1 < args.count { return args[i + 1] }
+    return nil
+}
+func headDType(default d: EmbeddingDType) -> EmbeddingDType {
+    guard let s = stringOption("--head-dtype") else { return d }
+    guard let t = EmbeddingDType(rawValue: s) else { fail("--head-dtype: \(EmbeddingDType.allCases.map(\.rawValue).joined(separator: ", "))") }
+    return t
+}
+
+/// llama-bench's two tests on our forward pass: pp = one forward over P random tokens from an empty
+/// cache (logits of the last only), tg = N forwards of one random token each from an empty cache.
+/// Best of `repeats` each; one warm-up forward first.
+func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int, options o: LoadOptions) throws {
+    let loadStart = Clock.seconds()
+    let model = try LlamaModel.load(path, options: o)
+    let loadSeconds = Clock.seconds() - loadStart
+    var rng = SeededGenerator(seed: 42)
+    let V = model.config.vocabSize
+    let promptTokens = (0..<max(P, 1)).map { _ in Int(rng.next() % UInt64(V)) }
+    let genTokens = (0..<max(N, 1)).map { _ in Int(rng.next() % UInt64(V)) }
+    let cache = KVCache(config: model.config, capacity: max(P, N) + 1)
+    _ = try model.forward(Array(promptTokens.prefix(8)), cache: cache, logits: .last)
+    var pp = Double.infinity, tg = Double.infinity
+    for _ in 0..<repeats {
+        if P > 0 {
+            cache.reset()
+            let t = Clock.seconds()
+            _ = try model.forward(promptTokens, cache: cache, logits: .last)
+            pp = min(pp, Clock.seconds() - t)
+        }
+        if N > 0 {
+            cache.reset()
+            let t = Clock.seconds()
+            for token in genTokens { _ = try model.forward([token], cache: cache, logits: .last) }
+            tg = min(tg, Clock.seconds() - t)
+        }
+    }
+    print(JSON.serialize(.object([
+        ("model", .string(path)), ("quant_type", .string(o.quantType?.rawValue ?? "none")), ("head", .string(model.head.storageName)),
+        ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
+        ("weight_bytes", .int(model.weightBytes)), ("load_seconds", .double(loadSeconds)),
+        ("prompt_tokens", .int(P)), ("prefill_tokens_per_second", .double(P > 0 ? Double(P) / pp : 0)),
+        ("generated_tokens", .int(N)), ("decode_tokens_per_second", .double(N > 0 ? Double(N) / tg : 0)),
+        ("peak_rss_bytes", .int(peakRSS())),
+    ]), pretty: true))
+}
+
 do {
     switch args.first {
+    case "infer":
+        guard args.count >= 2 else { fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0]") }
+        var o = LoadOptions()
+        o.showProgress = false
+        if let q = stringOption("--quant-type") {
+            if q == "none" { o.quantType = nil } else if let t = QuantType(rawValue: q) { o.quantType = t } else { fail("--quant-type: nf4, fp4, int4 or none") }
+        }
+        o.embeddingDType = headDType(default: .auto)
+        try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), repeats: option("--repeats", 3), options: o)
     case "quant":
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
@@ -242,7 +300,7 @@ do {
         guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N --bf16-embeddings]") }
         var o = LoadOptions()
         o.showProgress = false
-        o.bf16Embeddings = args.contains("--bf16-embeddings")
+        o.embeddingDType = headDType(default: args.contains("--bf16-embeddings") ? .bf16 : .auto)
         let model = try LlamaModel.load(args[1], options: o)
         var c = LoRAConfig()
         c.rank = option("--rank", 16)

@@ -1,0 +1,58 @@
+// Scalar references of the decoding matrix-vector products (CKernelsGemv.h): the spec the vector
+// versions are tested against, and their fallback.
+// No floating-point contraction: each product and sum rounds on its own.
+#pragma clang fp contract(off)
+#include "CKernels.h"
+#include <string.h>
+
+void qk_gemv4_prepare_reference(const float *x, size_t cols, float *xp) { memcpy(xp, x, cols * sizeof(float)); }
+
+void qk_gemv4_reference(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
+                        size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y) {
+    (void)xp;
+    size_t nb = cols / blocksize;
+    for (size_t r = 0; r < rows; r++) {
+        const uint8_t *pr = packed + r * (cols / 2);
+        float total = 0.0f;
+        for (size_t b = 0; b < nb; b++) {
+            float sum = 0.0f;
+            for (size_t i = b * blocksize; i < (b + 1) * blocksize; i++) {
+                uint8_t byte = pr[i >> 1];
+                uint8_t q = (i & 1) ? (byte & 0x0F) : (byte >> 4);
+                sum += code[q] * x[i];
+            }
+            total += sum * qk_block_scale(scales, first_block + r * nb + b);
+        }
+        y[r] = total;
+    }
+}
+
+void qk_gemv8_reference(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y) {
+    size_t nb = cols / 32;
+    for (size_t r = 0; r < rows; r++) {
+        const int8_t *qr = q + r * cols;
+        float total = 0.0f;
+        for (size_t b = 0; b < nb; b++) {
+            float sum = 0.0f;
+            for (size_t j = 0; j < 32; j++) sum += (float)qr[32 * b + j] * x[32 * b + j];
+            total += sum * scales[r * nb + b];
+        }
+        y[r] = total;
+    }
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+void qk_gemv_bf16_reference(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y) {
+    for (size_t r = 0; r < rows; r++) {
+        const uint16_t *wr = w + r * cols;
+        float sum = 0.0f;
+        for (size_t j = 0; j < cols; j++) sum += bf16_to_float(wr[j]) * x[j];
+        y[r] = sum;
+    }
+}

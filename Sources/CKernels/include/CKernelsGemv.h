@@ -1,0 +1,65 @@
+// Matrix-vector products of decoding (one token: y = W x, W [rows, cols] row-major) on the weight
+// formats the model keeps: 4-bit codes with block scales (NF4/FP4/Int4), 8-bit codes with a scale per
+// 32 (q8_0, for the LM head), and bfloat16. Each has a scalar `_reference` (the spec) and x86-64
+// variants; `_avx512` entry points exist for every level of the dispatch table (some run the AVX2 code).
+// Results equal the reference up to the order of the f32 sums.
+#ifndef CKERNELS_GEMV_H
+#define CKERNELS_GEMV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// x (cols floats) rearranged into xp (cols floats) for qk_gemv4 of the same level: the AVX2 kernel
+/// reads each group of 64 inputs in the order its codebook lookups produce them; the other levels read
+/// x as it is (xp is a copy). Prepare once, multiply by any number of rows.
+void qk_gemv4_prepare_reference(const float *x, size_t cols, float *xp);
+void qk_gemv4_prepare_avx2(const float *x, size_t cols, float *xp);
+void qk_gemv4_prepare_avx512(const float *x, size_t cols, float *xp);
+
+/// Where a 4-bit matrix's block scales come from: f32 values, or double quantization (bitsandbytes'
+/// compress_statistics): scale b = table[codes[b]] * nested[b / 256] + offset, two f32 roundings, a
+/// result past the largest float held at FLT_MAX (as NestedAbsmax.decode does).
+typedef struct qk_block_scales {
+    const float *absmax;   /* f32 scales, or NULL when double-quantized */
+    const uint8_t *codes;  /* 8-bit codes of absmax - offset */
+    const float *nested;   /* one scale per 256 codes */
+    const float *table;    /* the 256 values of the signed dynamic map */
+    float offset;
+} qk_block_scales;
+
+static inline float qk_block_scale(const qk_block_scales *s, size_t b) {
+    if (s->absmax) return s->absmax[b];
+    float v = s->table[s->codes[b]] * s->nested[b >> 8];
+    v = v + s->offset;
+    return (v - v == 0.0f) ? v : 3.4028234663852886e38f;  /* finite, else FLT_MAX */
+}
+
+/// y[r] = sum_b scale(first_block + r * nb + b) * (sum_{i in block b} code[nibble(r, i)] * x[i]) for
+/// r < rows, nb = cols / blocksize (cols a multiple of blocksize): per block the products are summed,
+/// then scaled. nibble(r, i) is element i of row r in `packed` (cols / 2 bytes a row, first element in
+/// the high nibble), as qk_dot4 reads it; x and its prepared xp.
+void qk_gemv4_reference(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
+                        size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y);
+void qk_gemv4_avx2(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
+                   size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y);
+void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
+                     size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y);
+
+/// y[r] = sum_b scales[r * cols / 32 + b] * (sum_{j < 32} q[r * cols + 32 b + j] * x[32 b + j]), cols a multiple of 32.
+void qk_gemv8_reference(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
+void qk_gemv8_avx2(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
+void qk_gemv8_avx512(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
+
+/// y[r] = sum_j float(w[r * cols + j]) * x[j], w bfloat16 bits.
+void qk_gemv_bf16_reference(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
+void qk_gemv_bf16_avx2(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
+void qk_gemv_bf16_avx512(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
