@@ -258,16 +258,30 @@ void qk_attend_avx2(const float *q, const float *keys, const float *values, size
 void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                     float scale, float *scores, float *out) {
     size_t d8 = d & ~(size_t)7;
-    for (size_t j = 0; j < S; j++) {
-        const float *k = keys + j * stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        size_t i = 0;
-        for (; i + 16 <= d8; i += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+    size_t j = 0;
+    if (d8 == d && d <= 256) {
+        // Eight positions at a time: eight dot products in eight accumulators, then one reduction tree
+        // (hadd, hadd, lane add) that leaves dot t in lane t.
+        for (; j + 8 <= S; j += 8) {
+            __m256 acc[8];
+            for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+            for (size_t i = 0; i < d; i += 8) {
+                __m256 qi = _mm256_loadu_ps(q + i);
+                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys + (j + t) * stride + i), acc[t]);
+            }
+            __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+            __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+            // s0123 = [d0 d1 d2 d3 | d0' d1' d2' d3'] (low and high lane halves of the same dots), likewise s4567.
+            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+            _mm256_storeu_ps(scores + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
         }
-        if (i < d8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-        a0 = _mm256_add_ps(a0, a1);
+    }
+    for (; j < S; j++) {
+        const float *k = keys + j * stride;
+        __m256 a0 = _mm256_setzero_ps();
+        size_t i = 0;
+        for (; i < d8; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));

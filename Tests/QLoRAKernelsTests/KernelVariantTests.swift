@@ -1,5 +1,6 @@
 // Every kernel variant this CPU supports against the scalar reference, over lengths with tails
 // (as ggml's test-quantize-fns sweeps them).
+import Foundation
 import QLoRACore
 import QLoRATestSupport
 import Testing
@@ -234,6 +235,30 @@ struct RowKernelTests {
             let l1 = reference.crossEntropyRow(&c1, n, n / 2, 0.5), l2 = k.crossEntropyRow(&c2, n, n / 2, 0.5)
             #expect(abs(l1 - l2) <= 1e-5 * max(1, abs(l1)), "cross-entropy \(level) \(n)")
             #expect(Compare.close(c2, c1, atol: 1e-7, rtol: 4e-6, "cross-entropy gradient \(level) \(n)") == nil)
+        }
+    }
+
+    @Test("attention of one query: each variant within f32 rounding of an f64 computation, every head size and length",
+          arguments: KernelTable.available.map(\.level))
+    func attend(level: KernelLevel) {
+        let k = KernelTable.forLevel(level)!
+        var rng = SeededRandom(seed: 33)
+        for d in [64, 128, 48, 36, 8, 5] {
+            for S in [1, 7, 8, 9, 16, 63, 64, 65, 300] {
+                let stride = 3 * d + 4  // keys of other heads between one position's and the next
+                let q = (0..<d).map { _ in rng.normal() }
+                let keys = (0..<(S * stride)).map { _ in rng.normal() }, values = (0..<(S * stride)).map { _ in rng.normal() }
+                let scale = 1 / Float(d).squareRoot()
+                var scores = [Float](repeating: .nan, count: S), out = [Float](repeating: .nan, count: d)
+                k.attend(q, keys, values, S, d, stride, scale, &scores, &out)
+                // f64: softmax of the scaled dots, then the weighted sum of values.
+                let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[$1]) * Double(keys[j * stride + $1]) } }
+                let m = dots.max()!
+                let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
+                let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(values[$1 * stride + i]) }) }
+                #expect(Compare.close(out, expected, atol: 2e-6, rtol: 2e-5, "\(level) d \(d) S \(S)") == nil)
+                #expect(Compare.close(scores, e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5, "\(level) probabilities d \(d) S \(S)") == nil)
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 // files the Python side times bitsandbytes on, and prints one JSON object.
 //   qlora-bench quant FILE [--repeats N]   4-bit quantize / dequantize throughput (GB/s of f32)
 //   qlora-bench infer MODEL [-p 512] [-n 128]  prefill and decode tokens/s as llama-bench measures them
+//   qlora-bench bandwidth [--megabytes 512]    read and copy bandwidth (the limit of decoding)
 import CAllocationCounter
 import QLoRA
 
@@ -262,8 +263,42 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int
     ]), pretty: true))
 }
 
+/// Memory bandwidth of this machine, as the limit of decoding: read (memchr over a buffer that holds no
+/// match, glibc's vector loop) and copy (memcpy, counted as STREAM counts it: bytes read + written),
+/// on 1 thread and on all `Parallel.threadCount`; best of `repeats`, over `megabytes` MB (past the caches).
+func bandwidthBench(megabytes: Int, repeats: Int) {
+    let n = megabytes << 20
+    let src = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64), dst = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
+    memset(src, 1, n)
+    memset(dst, 0, n)
+    var found = 0
+    func readOnce(threads: Int) {
+        Parallel.forChunks(count: n, granularity: 4096, minimumChunk: threads == 1 ? n : 1) { _, r in
+            if memchr(src + r.lowerBound, 7, r.count) != nil { found += 1 }
+        }
+    }
+    func copyOnce(threads: Int) {
+        Parallel.forChunks(count: n, granularity: 4096, minimumChunk: threads == 1 ? n : 1) { _, r in
+            memcpy(dst + r.lowerBound, src + r.lowerBound, r.count)
+        }
+    }
+    let all = Parallel.threadCount
+    let read1 = best(repeats) { readOnce(threads: 1) }, readAll = best(repeats) { readOnce(threads: all) }
+    let copy1 = best(repeats) { copyOnce(threads: 1) }, copyAll = best(repeats) { copyOnce(threads: all) }
+    print(JSON.serialize(.object([
+        ("megabytes", .int(megabytes)), ("threads", .int(all)),
+        ("read_gbps_1_thread", .double(Double(n) / read1 / 1e9)), ("read_gbps", .double(Double(n) / readAll / 1e9)),
+        ("copy_gbps_1_thread", .double(2 * Double(n) / copy1 / 1e9)), ("copy_gbps", .double(2 * Double(n) / copyAll / 1e9)),
+        ("matches", .int(found)),
+    ]), pretty: true))
+    src.deallocate()
+    dst.deallocate()
+}
+
 do {
     switch args.first {
+    case "bandwidth":
+        bandwidthBench(megabytes: option("--megabytes", 512), repeats: option("--repeats", 5))
     case "infer":
         guard args.count >= 2 else { fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0]") }
         var o = LoadOptions()
