@@ -56,3 +56,17 @@ void qk_gemv_bf16_reference(const float *x, const uint16_t *w, size_t rows, size
         y[r] = sum;
     }
 }
+
+void qk_gemm4_reference(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                        size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) {
+    for (size_t i = 0; i < nx; i++)
+        qk_gemv4_reference(x + i * cols, xp + i * cols, packed, scales, first_block, rows, cols, blocksize, code, y + i * ldy);
+}
+
+void qk_gemm8_reference(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy) {
+    for (size_t i = 0; i < nx; i++) qk_gemv8_reference(x + i * cols, q, scales, rows, cols, y + i * ldy);
+}
+
+void qk_gemm_bf16_reference(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) {
+    for (size_t i = 0; i < nx; i++) qk_gemv_bf16_reference(x + i * cols, w, rows, cols, y + i * ldy);
+}

@@ -13,20 +13,24 @@ void qk_softmax_row_reference(float *row, size_t visible, size_t length) {
     for (size_t j = visible; j < length; j++) row[j] = 0.0f;
 }
 
-void qk_attend_reference(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+void qk_attend_reference(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                          float scale, float *scores, float *out) {
-    for (size_t j = 0; j < S; j++) {
-        const float *k = keys + j * stride;
-        float dot = 0.0f;
-        for (size_t i = 0; i < d; i++) dot += q[i] * k[i];
-        scores[j] = dot * scale;
-    }
-    qk_softmax_row_reference(scores, S, S);
-    for (size_t i = 0; i < d; i++) out[i] = 0.0f;
-    for (size_t j = 0; j < S; j++) {
-        const float *v = values + j * stride;
-        float p = scores[j];
-        for (size_t i = 0; i < d; i++) out[i] += p * v[i];
+    for (size_t qi = 0; qi < nq; qi++) {
+        const float *qq = q + qi * d;
+        float *sc = scores + qi * S, *o = out + qi * d;
+        for (size_t j = 0; j < S; j++) {
+            const float *k = keys + j * stride;
+            float dot = 0.0f;
+            for (size_t i = 0; i < d; i++) dot += qq[i] * k[i];
+            sc[j] = dot * scale;
+        }
+        qk_softmax_row_reference(sc, S, S);
+        for (size_t i = 0; i < d; i++) o[i] = 0.0f;
+        for (size_t j = 0; j < S; j++) {
+            const float *v = values + j * stride;
+            float p = sc[j];
+            for (size_t i = 0; i < d; i++) o[i] += p * v[i];
+        }
     }
 }
 

@@ -252,77 +252,84 @@ void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64
     qk_dropout_reference(x, mask, out, n, start, threshold, keep);
 }
 
-// ---- attention of one query (decoding) -----------------------------------------------------------
-void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+// ---- attention of one key-value head's queries (decoding) ---------------------------------------------
+void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                     float scale, float *scores, float *out) AVX2;
-void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                     float scale, float *scores, float *out) {
-    size_t d8 = d & ~(size_t)7;
+    if (d % 8 != 0 || d > 256) {
+        qk_attend_reference(q, nq, keys, values, S, d, stride, scale, scores, out);
+        return;
+    }
+    // Scores eight positions at a time: eight dot products in eight accumulators, then one reduction tree
+    // (hadd, hadd, lane add) that leaves dot t in lane t. The eight key rows stay in L1 for every query.
     size_t j = 0;
-    if (d8 == d && d <= 256) {
-        // Eight positions at a time: eight dot products in eight accumulators, then one reduction tree
-        // (hadd, hadd, lane add) that leaves dot t in lane t.
-        for (; j + 8 <= S; j += 8) {
+    for (; j + 8 <= S; j += 8) {
+        for (size_t qi = 0; qi < nq; qi++) {
+            const float *qq = q + qi * d;
             __m256 acc[8];
             for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
             for (size_t i = 0; i < d; i += 8) {
-                __m256 qi = _mm256_loadu_ps(q + i);
-                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys + (j + t) * stride + i), acc[t]);
+                __m256 qv = _mm256_loadu_ps(qq + i);
+                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (j + t) * stride + i), acc[t]);
             }
             __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
             __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
             __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
             // s0123 = [d0 d1 d2 d3 | d0' d1' d2' d3'] (low and high lane halves of the same dots), likewise s4567.
             __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-            _mm256_storeu_ps(scores + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
         }
     }
     for (; j < S; j++) {
         const float *k = keys + j * stride;
-        __m256 a0 = _mm256_setzero_ps();
-        size_t i = 0;
-        for (; i < d8; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        float dot = _mm_cvtss_f32(h);
-        for (i = d8; i < d; i++) dot += q[i] * k[i];
-        scores[j] = dot * scale;
-    }
-    qk_softmax_row_avx2(scores, S, S);
-    // out = sum_j p_j v_j, eight lanes of out at a time (64 floats in registers), then the scalar tail.
-    for (size_t i0 = 0; i0 < d8; i0 += 64) {
-        size_t n = d8 - i0 < 64 ? (d8 - i0) / 8 : 8;
-        __m256 acc[8];
-        for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-        for (size_t j = 0; j < S; j++) {
-            const float *v = values + j * stride + i0;
-            __m256 p = _mm256_set1_ps(scores[j]);
-            for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * t), acc[t]);
+        for (size_t qi = 0; qi < nq; qi++) {
+            __m256 a0 = _mm256_setzero_ps();
+            for (size_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * d + i), _mm256_loadu_ps(k + i), a0);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            scores[qi * S + j] = _mm_cvtss_f32(h) * scale;
         }
-        for (size_t t = 0; t < n; t++) _mm256_storeu_ps(out + i0 + 8 * t, acc[t]);
     }
-    for (size_t i = d8; i < d; i++) {
-        float sum = 0.0f;
-        for (size_t j = 0; j < S; j++) sum += scores[j] * values[j * stride + i];
-        out[i] = sum;
+    for (size_t qi = 0; qi < nq; qi++) qk_softmax_row_avx2(scores + qi * S, S, S);
+    // out = sum_j p_j v_j: positions in chunks of 32 (their value rows stay in L1 for every query), 64
+    // lanes of a query's output in registers at a time.
+    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;
+    for (size_t j0 = 0; j0 < S; j0 += 32) {
+        size_t j1 = S - j0 < 32 ? S : j0 + 32;
+        for (size_t qi = 0; qi < nq; qi++) {
+            const float *p = scores + qi * S;
+            for (size_t i0 = 0; i0 < d; i0 += 64) {
+                size_t n = d - i0 < 64 ? (d - i0) / 8 : 8;
+                float *o = out + qi * d + i0;
+                __m256 acc[8];
+                for (size_t t = 0; t < n; t++) acc[t] = _mm256_loadu_ps(o + 8 * t);
+                for (size_t jj = j0; jj < j1; jj++) {
+                    const float *v = values + jj * stride + i0;
+                    __m256 pj = _mm256_set1_ps(p[jj]);
+                    for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * t), acc[t]);
+                }
+                for (size_t t = 0; t < n; t++) _mm256_storeu_ps(o + 8 * t, acc[t]);
+            }
+        }
     }
 }
 
-void qk_attend_avx512(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                       float scale, float *scores, float *out) {
-    qk_attend_avx2(q, keys, values, S, d, stride, scale, scores, out);
+    qk_attend_avx2(q, nq, keys, values, S, d, stride, scale, scores, out);
 }
 
 #else
 void qk_dropout_avx2(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_dropout_avx512(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_softmax_row_avx2(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
-void qk_attend_avx2(const float *q, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
-    qk_attend_reference(q, k, v, S, d, st, sc, s, o);
+void qk_attend_avx2(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
+    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o);
 }
-void qk_attend_avx512(const float *q, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
-    qk_attend_reference(q, k, v, S, d, st, sc, s, o);
+void qk_attend_avx512(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
+    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o);
 }
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }

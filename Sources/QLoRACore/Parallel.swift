@@ -40,6 +40,28 @@ public enum Parallel {
     }
 }
 
+extension Parallel {
+    /// Calls `body(range)` on consecutive pieces of `piece` items covering 0..<count, handed to the workers
+    /// as they come free: for loops of equal items where a worker may start late (a helper waking up), which
+    /// static chunks would leave the others waiting for. Which worker runs a piece varies from call to call,
+    /// so `body` must compute each item the same way wherever it runs.
+    public static func forPieces(count: Int, piece: Int, _ body: (Range<Int>) -> Void) {
+        guard count > 0 else { return }
+        let pieces = (count + piece - 1) / piece
+        let workers = min(threadCount, pieces)
+        if workers <= 1 { body(0..<count); return }
+        let pool = WorkerPool.shared
+        let ran = pool.run(workers: workers, resetCursor: true) { _ in
+            while true {
+                let p = pool.nextPiece()
+                guard p < pieces else { break }
+                body((p * piece)..<min(count, (p + 1) * piece))
+            }
+        }
+        if !ran { body(0..<count) }
+    }
+}
+
 /// threadCount - 1 helper threads; the calling thread does chunk 0 itself.
 ///
 /// A helper that finishes a job spins for a short while (`spinSeconds`) watching for the next one
@@ -61,6 +83,8 @@ final class WorkerPool: @unchecked Sendable {
     /// Helpers asleep (or about to be) on `wake`.
     private let sleepers = ManagedAtomic<Int>(0)
     private let busy = ManagedAtomic<Bool>(false)
+    /// The next piece of a `Parallel.forPieces` loop.
+    private let cursor = ManagedAtomic<Int>(0)
     // Written by the caller before the generation bump, read by helpers after it.
     private var job: ((Int) -> Void)?
     private var jobWorkers = 0
@@ -91,9 +115,10 @@ final class WorkerPool: @unchecked Sendable {
 
     /// Runs chunk(0) here and chunk(1..<workers) on helpers, returning when all are done; false (nothing
     /// run) when the pool is busy or too small.
-    func run(workers: Int, _ chunk: (Int) -> Void) -> Bool {
+    func run(workers: Int, resetCursor: Bool = false, _ chunk: (Int) -> Void) -> Bool {
         guard workers - 1 <= helpers else { return false }
         guard busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return false }
+        if resetCursor { cursor.store(0, ordering: .relaxed) }
         withoutActuallyEscaping(chunk) { escapable in
             job = escapable
             jobWorkers = workers
@@ -115,6 +140,9 @@ final class WorkerPool: @unchecked Sendable {
         busy.store(false, ordering: .releasing)
         return true
     }
+
+    /// Takes the next piece number (0, 1, 2, ... for each `forPieces` loop).
+    func nextPiece() -> Int { cursor.loadThenWrappingIncrement(ordering: .relaxed) }
 
     private func helperLoop(worker: Int) {
         var seen: UInt64 = 0

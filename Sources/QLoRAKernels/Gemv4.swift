@@ -53,6 +53,23 @@ extension Quantized4Bit {
         }
     }
 
+    /// y[i * ldy + (r - rows.lowerBound)] = row r times input i for `count` inputs x [count][cols] and
+    /// their prepared copies (each weight group decoded once for all of them), on the calling thread.
+    public func gemm(rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, count: Int,
+                     into y: UnsafeMutablePointer<Float>, ldy: Int, kernels: KernelTable = .current) {
+        let cols = shape[1]
+        precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
+        let blocksPerRow = cols / blockSize
+        quantType.codebook.withUnsafeBufferPointer { code in
+            packed.withUnsafeBufferPointer { p in
+                withScaleSource { scales in
+                    kernels.gemm4(x, prepared, count, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
+                                  rows.count, cols, blockSize, code.baseAddress, y, ldy)
+                }
+            }
+        }
+    }
+
     /// The kernels' view of the block scales (pointers valid inside `body`).
     func withScaleSource<R>(_ body: (UnsafePointer<qk_block_scales>) -> R) -> R {
         if let absmax {

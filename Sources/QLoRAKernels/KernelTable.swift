@@ -42,12 +42,20 @@ typealias Gemv4Function = @convention(c) (
     UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<UInt8>?, UnsafePointer<qk_block_scales>?, Int, Int, Int, Int,
     UnsafePointer<Float>?, UnsafeMutablePointer<Float>?
 ) -> Void
+typealias Gemm4Function = @convention(c) (
+    UnsafePointer<Float>?, UnsafePointer<Float>?, Int, UnsafePointer<UInt8>?, UnsafePointer<qk_block_scales>?, Int, Int, Int, Int,
+    UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, Int
+) -> Void
+public typealias Gemm8Function = @convention(c) (
+    UnsafePointer<Float>?, Int, UnsafePointer<Int8>?, UnsafePointer<Float>?, Int, Int, UnsafeMutablePointer<Float>?, Int
+) -> Void
+public typealias GemmBF16Function = @convention(c) (UnsafePointer<Float>?, Int, UnsafePointer<UInt16>?, Int, Int, UnsafeMutablePointer<Float>?, Int) -> Void
 public typealias Gemv8Function = @convention(c) (UnsafePointer<Float>?, UnsafePointer<Int8>?, UnsafePointer<Float>?, Int, Int, UnsafeMutablePointer<Float>?) -> Void
 public typealias GemvBF16Function = @convention(c) (UnsafePointer<Float>?, UnsafePointer<UInt16>?, Int, Int, UnsafeMutablePointer<Float>?) -> Void
 
 public typealias SoftmaxRowFunction = @convention(c) (UnsafeMutablePointer<Float>?, Int, Int) -> Void
 public typealias AttendFunction = @convention(c) (
-    UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int, Int, Int, Float, UnsafeMutablePointer<Float>?,
+    UnsafePointer<Float>?, Int, UnsafePointer<Float>?, UnsafePointer<Float>?, Int, Int, Int, Float, UnsafeMutablePointer<Float>?,
     UnsafeMutablePointer<Float>?
 ) -> Void
 public typealias SwiGLUFunction = @convention(c) (UnsafeMutablePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int) -> Void
@@ -69,8 +77,12 @@ public struct KernelTable: Sendable {
     let gemv4: Gemv4Function
     public let gemv8: Gemv8Function
     public let gemvBF16: GemvBF16Function
+    /// The same products for several inputs at once (batched decoding): each weight is read once for all.
+    let gemm4: Gemm4Function
+    public let gemm8: Gemm8Function
+    public let gemmBF16: GemmBF16Function
     public let softmaxRow: SoftmaxRowFunction
-    /// Decoding's attention of one query over the cached positions of one head.
+    /// Decoding's attention: the query heads of one key-value head over its cached positions.
     public let attend: AttendFunction
     public let swiglu: SwiGLUFunction
     public let swigluBackward: SwiGLUBackwardFunction
@@ -85,17 +97,20 @@ public struct KernelTable: Sendable {
             return KernelTable(level: level, quantize4: qk_quantize4_reference, dequantize4: qk_dequantize4_reference, dot4: qk_dot4_reference,
                                gemv4Prepare: qk_gemv4_prepare_reference, gemv4: qk_gemv4_reference, gemv8: qk_gemv8_reference,
                                gemvBF16: qk_gemv_bf16_reference,
+                               gemm4: qk_gemm4_reference, gemm8: qk_gemm8_reference, gemmBF16: qk_gemm_bf16_reference,
                                softmaxRow: qk_softmax_row_reference, attend: qk_attend_reference, swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
                                crossEntropyRow: qk_cross_entropy_row_reference, dropout: qk_dropout_reference)
         case .avx2:
             return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2,
                                gemv4Prepare: qk_gemv4_prepare_avx2, gemv4: qk_gemv4_avx2, gemv8: qk_gemv8_avx2, gemvBF16: qk_gemv_bf16_avx2,
+                               gemm4: qk_gemm4_avx2, gemm8: qk_gemm8_avx2, gemmBF16: qk_gemm_bf16_avx2,
                                softmaxRow: qk_softmax_row_avx2, attend: qk_attend_avx2, swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
                                crossEntropyRow: qk_cross_entropy_row_avx2, dropout: qk_dropout_avx2)
         case .avx512:
             return KernelTable(level: level, quantize4: qk_quantize4_avx512, dequantize4: qk_dequantize4_avx512, dot4: qk_dot4_avx512,
                                gemv4Prepare: qk_gemv4_prepare_avx512, gemv4: qk_gemv4_avx512, gemv8: qk_gemv8_avx512,
                                gemvBF16: qk_gemv_bf16_avx512,
+                               gemm4: qk_gemm4_avx512, gemm8: qk_gemm8_avx512, gemmBF16: qk_gemm_bf16_avx512,
                                softmaxRow: qk_softmax_row_avx512, attend: qk_attend_avx512, swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,
                                crossEntropyRow: qk_cross_entropy_row_avx512, dropout: qk_dropout_avx512)
         }

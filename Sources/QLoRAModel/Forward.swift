@@ -51,6 +51,8 @@ public final class KVCache {
 /// The activations of one forward pass over up to `rows` tokens (grown when a call has more).
 final class ForwardWorkspace {
     let rows: Int
+    /// Positions an attention row holds (scores).
+    let capacity: Int
     let h, xn, q, k, v, attn, proj, g, u: UnsafeMutablePointer<Float>
     /// A dequantized tile of a weight and its block scales (many-row products).
     let scratch: UnsafeMutablePointer<Float>
@@ -62,6 +64,7 @@ final class ForwardWorkspace {
 
     init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int) {
         rows = T
+        self.capacity = capacity
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         func make(_ n: Int) -> UnsafeMutablePointer<Float> {
             let p = UnsafeMutablePointer<Float>.allocate(capacity: max(n, 1))
@@ -71,8 +74,8 @@ final class ForwardWorkspace {
         h = make(T * D); xn = make(T * D); q = make(T * qDim); k = make(T * kvDim); v = make(T * kvDim)
         attn = make(T * qDim); proj = make(T * D); g = make(T * I); u = make(T * I)
         scratch = make(scratchCount)
-        prepared = make(max(D, I, qDim))
-        scores = make(max(T, Parallel.threadCount) * capacity)
+        prepared = make(min(T, Linear.batchedRowLimit) * max(D, I, qDim))
+        scores = make(max(T, Parallel.threadCount * c.headCount / max(c.kvHeadCount, 1)) * capacity)
         all = [h, xn, q, k, v, attn, proj, g, u, scratch, prepared, scores]
     }
 
@@ -115,8 +118,8 @@ extension LlamaModel {
 
         for (l, layer) in layers.enumerated() {
             rmsNorm(xn, h, weight: layer.inputNorm, rows: T)
-            if T == 1 {
-                Linear.forwardShared(xn, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
+            if T <= Linear.batchedRowLimit {
+                Linear.forwardShared(xn, rows: T, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
             } else {
                 layer.q.forward(xn, rows: T, into: q, scratch: scratch, kernels: kernels)
                 layer.k.forward(xn, rows: T, into: k, scratch: scratch, kernels: kernels)
@@ -132,8 +135,8 @@ extension LlamaModel {
             for i in 0..<(T * D) { h[i] = h[i] + proj[i] }
 
             rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: T)
-            if T == 1 {
-                Linear.forwardShared(xn, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
+            if T <= Linear.batchedRowLimit {
+                Linear.forwardShared(xn, rows: T, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
             } else {
                 layer.gate.forward(xn, rows: T, into: g, scratch: scratch, kernels: kernels)
                 layer.up.forward(xn, rows: T, into: u, scratch: scratch, kernels: kernels)
@@ -158,14 +161,75 @@ extension LlamaModel {
         return out
     }
 
-    /// The cache's workspace, made (or remade larger) for `rows` tokens.
-    func workspace(_ cache: KVCache, rows: Int) -> ForwardWorkspace {
-        if let ws = cache.workspace, ws.rows >= rows { return ws }
+    /// The cache's workspace, made (or remade larger) for `rows` tokens and attention rows of `capacity`.
+    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil) -> ForwardWorkspace {
+        let capacity = capacity ?? cache.capacity
+        if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity { return ws }
         let scratchCount = ((layers.first?.linears ?? []) + [head]).map(\.scratchCount).max() ?? 0
-        let ws = ForwardWorkspace(rows: max(rows, cache.workspace?.rows ?? 0), config: config, capacity: cache.capacity,
-                                  scratchCount: scratchCount)
+        let ws = ForwardWorkspace(rows: max(rows, cache.workspace?.rows ?? 0), config: config,
+                                  capacity: max(capacity, cache.workspace?.capacity ?? 0), scratchCount: scratchCount)
         cache.workspace = ws
         return ws
+    }
+
+    /// One decoding step of several sequences at once (batched decoding): token i goes at the next position
+    /// of `caches[i]`, each sequence attending over its own cache only. Every weight is read once for the
+    /// whole batch. Equal, up to the order of f32 sums, to one `forward([tokens[i]], cache: caches[i])` each.
+    /// - Returns: logits [B, V], row i for sequence i.
+    public func forward(batch tokens: [Int], caches: [KVCache], kernels: KernelTable = .current) throws -> [Float] {
+        let c = config
+        let B = tokens.count
+        guard B > 0 else { return [] }
+        precondition(caches.count == B, "one cache a token")
+        precondition(Set(caches.map(ObjectIdentifier.init)).count == B, "a cache appears twice in the batch")
+        for cache in caches where cache.length + 1 > cache.capacity {
+            throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + 1)
+        }
+        for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
+        let D = c.hiddenSize, H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
+        let qDim = H * d, kvDim = Hkv * d, group = H / Hkv
+        let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!)
+        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, attn = ws.attn, proj = ws.proj, g = ws.g, u = ws.u
+        let scratch = ws.scratch, scores = ws.scores, rowCapacity = ws.capacity
+        for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: h + i * D) }
+        let positions = caches.map(\.length)
+        let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let scale = 1 / Float(d).squareRoot()
+
+        for (l, layer) in layers.enumerated() {
+            rmsNorm(xn, h, weight: layer.inputNorm, rows: B)
+            Linear.forwardShared(xn, rows: B, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
+            Ops.rope(q, rows: B, heads: H, headDim: d, cos: cos, sin: sin)
+            Ops.rope(k, rows: B, heads: Hkv, headDim: d, cos: cos, sin: sin)
+            for (i, cache) in caches.enumerated() {
+                (cache.keys(layer: l) + positions[i] * kvDim).update(from: k + i * kvDim, count: kvDim)
+                (cache.values(layer: l) + positions[i] * kvDim).update(from: v + i * kvDim, count: kvDim)
+            }
+            // (sequence, key-value head) pairs over the workers, each worker with its own rows of scores.
+            Parallel.forChunks(count: B * Hkv, minimumChunk: 1) { worker, pairs in
+                let rows = scores + worker * group * rowCapacity
+                for pair in pairs {
+                    let i = pair / Hkv, kvh = pair % Hkv
+                    let cache = caches[i]
+                    kernels.attend(q + i * qDim + kvh * group * d, group, cache.keys(layer: l) + kvh * d, cache.values(layer: l) + kvh * d,
+                                   positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d)
+                }
+            }
+            layer.o.forward(attn, rows: B, into: proj, scratch: scratch, kernels: kernels)
+            for j in 0..<(B * D) { h[j] = h[j] + proj[j] }
+            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: B)
+            Linear.forwardShared(xn, rows: B, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
+            Ops.swigluForward(g, gate: g, up: u, count: B * c.intermediateSize)
+            layer.down.forward(g, rows: B, into: proj, scratch: scratch, kernels: kernels)
+            for j in 0..<(B * D) { h[j] = h[j] + proj[j] }
+        }
+        for cache in caches { cache.advance(by: 1) }
+        rmsNorm(xn, h, weight: finalNorm, rows: B)
+        var out = [Float](repeating: 0, count: B * c.vocabSize)
+        out.withUnsafeMutableBufferPointer { o in
+            head.forward(xn, rows: B, into: o.baseAddress!, scratch: scratch, kernels: kernels)
+        }
+        return out
     }
 
     func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, weight: [Float], rows: Int) {
@@ -190,14 +254,15 @@ extension LlamaModel {
         let qDim = H * d, kvDim = Hkv * d
         let scale = 1 / Float(d).squareRoot()
         let kBase = UnsafePointer(cache.keys(layer: l)), vBase = UnsafePointer(cache.values(layer: l))
-        let capacity = cache.capacity
+        let capacity = cache.workspace?.capacity ?? cache.capacity
         if T == 1 {
-            // Decoding: one query a head, heads over the workers (each with its own row of scores).
-            Parallel.forChunks(count: H, minimumChunk: 1) { worker, heads in
-                let row = scores + worker * capacity
-                for h in heads {
-                    let kvh = h / group
-                    kernels.attend(q + h * d, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, row, out + h * d)
+            // Decoding: the query heads of each key-value head together (its keys and values read once),
+            // key-value heads over the workers, each worker with its own rows of scores.
+            Parallel.forChunks(count: Hkv, minimumChunk: 1) { worker, kvHeads in
+                let rows = scores + worker * group * capacity
+                for kvh in kvHeads {
+                    kernels.attend(q + kvh * group * d, group, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, rows,
+                                   out + kvh * group * d)
                 }
             }
         } else {

@@ -154,8 +154,8 @@ public struct Linear: Sendable {
                 }
             }
         case .quantized, .bf16, .q8:
-            if rows == 1 && gemvSupported {
-                gemv(x, y, kernels: kernels)
+            if rows <= Self.batchedRowLimit && gemvSupported {
+                gemv(x, rows: rows, y, kernels: kernels)
             } else {
                 forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
                     Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
@@ -202,75 +202,103 @@ public struct Linear: Sendable {
         }
     }
 
-    /// Rows of W a worker takes at least in a matrix-vector product (small layers stay on one thread).
-    static let gemvMinimumRows = 32
+    /// Rows of W a worker takes at a time in a matrix-vector product (pieces handed out as workers come free).
+    static let gemvPieceRows = 64
 
-    /// y[out] = W x for one row x of a 4-bit, q8_0 or bf16 W, the rows split over the worker threads.
-    func gemv(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: inFeatures) { xp in
-            if case .quantized = weight { kernels.gemv4Prepare(x, inFeatures, xp.baseAddress!) }
+    /// Inputs of at most this many rows go through the matrix-vector kernels (each weight read and decoded
+    /// once for all the rows: decoding one token, or one token of each of several sequences) instead of
+    /// dequantized tiles and BLAS.
+    public static let batchedRowLimit = 16
+
+    /// y[rows, out] = x[rows, in] Wᵀ for a 4-bit, q8_0 or bf16 W and a few rows of x, W's rows split over
+    /// the worker threads.
+    func gemv(_ x: UnsafePointer<Float>, rows n: Int, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * inFeatures) { xp in
+            prepare(x, rows: n, into: xp.baseAddress!, kernels: kernels)
             let prepared = UnsafePointer(xp.baseAddress!)
-            Parallel.forChunks(count: outFeatures, minimumChunk: Self.gemvMinimumRows) { _, range in
-                gemvRows(range, x: x, prepared: prepared, into: y + range.lowerBound, kernels: kernels)
+            Parallel.forPieces(count: outFeatures, piece: Self.gemvPieceRows) { range in
+                rowsTimes(range, x: x, prepared: prepared, count: n, into: y, kernels: kernels)
             }
         }
     }
 
-    /// y[0..<rows.count] = rows `rows` of W times x, on this thread (`gemvSupported` weights). `prepared`
-    /// is x through `kernels.gemv4Prepare` (read by 4-bit weights only).
-    func gemvRows(_ rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>,
-                  kernels: KernelTable) {
-        let cols = inFeatures
+    /// x [rows, in] rearranged for the 4-bit kernels (nothing for other weights).
+    func prepare(_ x: UnsafePointer<Float>, rows n: Int, into xp: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+        guard case .quantized = weight else { return }
+        for i in 0..<n { kernels.gemv4Prepare(x + i * inFeatures, inFeatures, xp + i * inFeatures) }
+    }
+
+    /// y[i * out + r] = row r of W times row i of x, for r in `rows` and i < count, on this thread
+    /// (`gemvSupported` weights). `prepared` is x through `prepare` (read by 4-bit weights only).
+    func rowsTimes(_ rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, count: Int,
+                   into y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+        let cols = inFeatures, yr = y + rows.lowerBound
         switch weight {
         case let .quantized(q):
-            q.gemv(rows: rows, x: x, prepared: prepared, into: y, kernels: kernels)
+            if count == 1 {
+                q.gemv(rows: rows, x: x, prepared: prepared, into: yr, kernels: kernels)
+            } else {
+                q.gemm(rows: rows, x: x, prepared: prepared, count: count, into: yr, ldy: outFeatures, kernels: kernels)
+            }
         case let .q8(q):
             q.codes.withUnsafeBufferPointer { codes in
                 q.scales.withUnsafeBufferPointer { scales in
-                    kernels.gemv8(x, codes.baseAddress! + rows.lowerBound * cols,
-                                  scales.baseAddress! + rows.lowerBound * cols / Quantized8Bit.blockSize, rows.count, cols, y)
+                    let c = codes.baseAddress! + rows.lowerBound * cols
+                    let s = scales.baseAddress! + rows.lowerBound * cols / Quantized8Bit.blockSize
+                    if count == 1 {
+                        kernels.gemv8(x, c, s, rows.count, cols, yr)
+                    } else {
+                        kernels.gemm8(x, count, c, s, rows.count, cols, yr, outFeatures)
+                    }
                 }
             }
         case let .bf16(w):
             w.withUnsafeBufferPointer { wp in
-                kernels.gemvBF16(x, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, y)
+                if count == 1 {
+                    kernels.gemvBF16(x, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, yr)
+                } else {
+                    kernels.gemmBF16(x, count, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, yr, outFeatures)
+                }
             }
         case .dense:
             preconditionFailure("gemv on a dense weight (BLAS does it)")
         }
     }
 
-    /// y_i = W_i x + b_i (+ LoRA) for one row x shared by two or three linears (q, k and v; gate and up):
-    /// their rows are split over the workers together, one parallel loop instead of one each. `prepared`
-    /// must hold `inFeatures` floats. Falls back to one `forward` each when a weight has no gemv.
-    public static func forwardShared(_ x: UnsafePointer<Float>, prepared: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>,
+    /// y_i = x W_iᵀ + b_i (+ LoRA) for `rows` (at most `batchedRowLimit`) rows of x shared by two or three
+    /// linears (q, k and v; gate and up): their rows are split over the workers together, one parallel loop
+    /// instead of one each. `prepared` must hold rows x `inFeatures` floats. Falls back to one `forward`
+    /// each when a weight has no matrix-vector kernel.
+    public static func forwardShared(_ x: UnsafePointer<Float>, rows n: Int, prepared: UnsafeMutablePointer<Float>,
+                                     scratch: UnsafeMutablePointer<Float>,
                                      _ a: Linear, _ ya: UnsafeMutablePointer<Float>, _ b: Linear, _ yb: UnsafeMutablePointer<Float>,
                                      _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, kernels: KernelTable = .current) {
-        guard a.gemvSupported, b.gemvSupported, c?.gemvSupported ?? true, a.inFeatures == b.inFeatures,
+        guard n <= batchedRowLimit, a.gemvSupported, b.gemvSupported, c?.gemvSupported ?? true, a.inFeatures == b.inFeatures,
               c.map({ $0.inFeatures == a.inFeatures }) ?? true else {
-            a.forward(x, rows: 1, into: ya, scratch: scratch, kernels: kernels)
-            b.forward(x, rows: 1, into: yb, scratch: scratch, kernels: kernels)
-            if let c, let yc { c.forward(x, rows: 1, into: yc, scratch: scratch, kernels: kernels) }
+            a.forward(x, rows: n, into: ya, scratch: scratch, kernels: kernels)
+            b.forward(x, rows: n, into: yb, scratch: scratch, kernels: kernels)
+            if let c, let yc { c.forward(x, rows: n, into: yc, scratch: scratch, kernels: kernels) }
             return
         }
-        kernels.gemv4Prepare(x, a.inFeatures, prepared)
+        // One preparation serves every 4-bit weight (it depends on the kernel level only).
+        for i in 0..<n { kernels.gemv4Prepare(x + i * a.inFeatures, a.inFeatures, prepared + i * a.inFeatures) }
         let xp = UnsafePointer(prepared)
         let na = a.outFeatures, nb = b.outFeatures, total = na + nb + (c?.outFeatures ?? 0)
-        Parallel.forChunks(count: total, minimumChunk: gemvMinimumRows) { _, range in
+        Parallel.forPieces(count: total, piece: gemvPieceRows) { range in
             // The part of `range` that falls in each linear's rows.
             func part(_ l: Linear, _ y: UnsafeMutablePointer<Float>, _ start: Int) {
                 let lo = max(range.lowerBound, start), hi = min(range.upperBound, start + l.outFeatures)
-                if lo < hi { l.gemvRows((lo - start)..<(hi - start), x: x, prepared: xp, into: y + (lo - start), kernels: kernels) }
+                if lo < hi { l.rowsTimes((lo - start)..<(hi - start), x: x, prepared: xp, count: n, into: y, kernels: kernels) }
             }
             part(a, ya, 0)
             part(b, yb, na)
             if let c, let yc { part(c, yc, na + nb) }
         }
-        a.addBias(to: ya, rows: 1)
-        a.addLoRA(x, rows: 1, to: ya)
-        b.addBias(to: yb, rows: 1)
-        b.addLoRA(x, rows: 1, to: yb)
-        if let c, let yc { c.addBias(to: yc, rows: 1); c.addLoRA(x, rows: 1, to: yc) }
+        a.addBias(to: ya, rows: n)
+        a.addLoRA(x, rows: n, to: ya)
+        b.addBias(to: yb, rows: n)
+        b.addLoRA(x, rows: n, to: yb)
+        if let c, let yc { c.addBias(to: yc, rows: n); c.addLoRA(x, rows: n, to: yc) }
     }
 
     /// W as f32 [out, in] (dequantized if needed).

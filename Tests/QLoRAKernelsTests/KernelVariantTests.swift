@@ -89,12 +89,13 @@ struct KernelVariantTests {
         }
     }
 
-    /// |got - exact| <= 1e-6 * sum |terms| for each row (f32 summation in any order stays within that).
+    /// |got - exact| <= max(1e-6, n u) * sum |terms| for each row: (n - 1) u sum |terms| bounds an f32 sum of
+    /// n terms in any order (u = 2^-24), and blocked sums stay near 1e-6.
     private func expectRows(_ got: [Float], _ terms: (Int) -> [Double], _ label: String) {
         for r in 0..<got.count {
             let t = terms(r)
             let exact = t.reduce(0, +), magnitude = t.reduce(0) { $0 + abs($1) }
-            if abs(Double(got[r]) - exact) > magnitude * 1e-6 + 1e-12 {
+            if abs(Double(got[r]) - exact) > magnitude * max(1e-6, Double(t.count) * 0x1p-24) + 1e-12 {
                 Issue.record("\(label) row \(r): \(got[r]) vs \(exact)")
                 return
             }
@@ -128,6 +129,26 @@ struct KernelVariantTests {
                         }
                     }
                     expectRows(y, { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(x[$0]) } }, "\(level) \(qt) \(cols) block \(bs)")
+                    // Several inputs at once (batched decoding): each equals its own product.
+                    for count in [2, 5, 17] {
+                        let xs = (0..<count).flatMap { i in randomValues(cols, seed: UInt64(cols + bs + 100 * i)).map { $0 * 40 } }
+                        var xps = [Float](repeating: .nan, count: count * cols)
+                        for i in 0..<count { xs.withUnsafeBufferPointer { xb in xps.withUnsafeMutableBufferPointer { kernels.gemv4Prepare(xb.baseAddress! + i * cols, cols, $0.baseAddress! + i * cols) } } }
+                        var ys = [Float](repeating: .nan, count: count * rows)
+                        xs.withUnsafeBufferPointer { xb in
+                            xps.withUnsafeBufferPointer { pb in
+                                ys.withUnsafeMutableBufferPointer { yb in
+                                    q.gemm(rows: 0..<split, x: xb.baseAddress!, prepared: pb.baseAddress!, count: count, into: yb.baseAddress!, ldy: rows, kernels: kernels)
+                                    q.gemm(rows: split..<rows, x: xb.baseAddress!, prepared: pb.baseAddress!, count: count, into: yb.baseAddress! + split,
+                                           ldy: rows, kernels: kernels)
+                                }
+                            }
+                        }
+                        for i in 0..<count {
+                            expectRows(Array(ys[(i * rows)..<((i + 1) * rows)]), { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(xs[i * cols + $0]) } },
+                                       "\(level) \(qt) \(cols) block \(bs) batch \(count) input \(i)")
+                        }
+                    }
                     // The reference level is the per-row reference dot product over the decoded scales, to the bit.
                     if level == .reference {
                         let dots: [Float] = (0..<rows).map { r in
@@ -162,6 +183,20 @@ struct KernelVariantTests {
             y = [Float](repeating: .nan, count: rows)
             kernels.gemv8(x, q.codes, q.scales, rows, cols, &y)
             expectRows(y, { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(x[$0]) } }, "\(level) q8_0 \(cols)")
+            // Several inputs at once.
+            for count in [3, 17] {
+                let xs = (0..<count).flatMap { i in randomValues(cols, seed: UInt64(cols * 3 + 7 * i)).map { $0 * 40 } }
+                var ys = [Float](repeating: .nan, count: count * rows), yb = ys
+                kernels.gemm8(xs, count, q.codes, q.scales, rows, cols, &ys, rows)
+                kernels.gemmBF16(xs, count, bf, rows, cols, &yb, rows)
+                for i in 0..<count {
+                    expectRows(Array(ys[(i * rows)..<((i + 1) * rows)]), { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(xs[i * cols + $0]) } },
+                               "\(level) q8_0 \(cols) batch \(count) input \(i)")
+                    expectRows(Array(yb[(i * rows)..<((i + 1) * rows)]),
+                               { r in (0..<cols).map { Double(bfloat16BitsToFloat(bf[r * cols + $0])) * Double(xs[i * cols + $0]) } },
+                               "\(level) bf16 \(cols) batch \(count) input \(i)")
+                }
+            }
         }
     }
 
@@ -238,26 +273,32 @@ struct RowKernelTests {
         }
     }
 
-    @Test("attention of one query: each variant within f32 rounding of an f64 computation, every head size and length",
+    @Test("attention of a key-value head's queries: each variant within f32 rounding of an f64 computation, every head size and length",
           arguments: KernelTable.available.map(\.level))
     func attend(level: KernelLevel) {
         let k = KernelTable.forLevel(level)!
         var rng = SeededRandom(seed: 33)
         for d in [64, 128, 48, 36, 8, 5] {
-            for S in [1, 7, 8, 9, 16, 63, 64, 65, 300] {
-                let stride = 3 * d + 4  // keys of other heads between one position's and the next
-                let q = (0..<d).map { _ in rng.normal() }
-                let keys = (0..<(S * stride)).map { _ in rng.normal() }, values = (0..<(S * stride)).map { _ in rng.normal() }
-                let scale = 1 / Float(d).squareRoot()
-                var scores = [Float](repeating: .nan, count: S), out = [Float](repeating: .nan, count: d)
-                k.attend(q, keys, values, S, d, stride, scale, &scores, &out)
-                // f64: softmax of the scaled dots, then the weighted sum of values.
-                let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[$1]) * Double(keys[j * stride + $1]) } }
-                let m = dots.max()!
-                let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
-                let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(values[$1 * stride + i]) }) }
-                #expect(Compare.close(out, expected, atol: 2e-6, rtol: 2e-5, "\(level) d \(d) S \(S)") == nil)
-                #expect(Compare.close(scores, e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5, "\(level) probabilities d \(d) S \(S)") == nil)
+            for S in [1, 7, 8, 9, 16, 33, 63, 64, 65, 300] {
+                for nq in [1, 3] {
+                    let stride = 3 * d + 4  // keys of other heads between one position's and the next
+                    let q = (0..<(nq * d)).map { _ in rng.normal() }
+                    let keys = (0..<(S * stride)).map { _ in rng.normal() }, values = (0..<(S * stride)).map { _ in rng.normal() }
+                    let scale = 1 / Float(d).squareRoot()
+                    var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
+                    k.attend(q, nq, keys, values, S, d, stride, scale, &scores, &out)
+                    for qi in 0..<nq {
+                        // f64: softmax of the scaled dots, then the weighted sum of values.
+                        let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * Double(keys[j * stride + $1]) } }
+                        let m = dots.max()!
+                        let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
+                        let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(values[$1 * stride + i]) }) }
+                        let label = "\(level) d \(d) S \(S) query \(qi) of \(nq)"
+                        #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, label) == nil)
+                        #expect(Compare.close(Array(scores[(qi * S)..<((qi + 1) * S)]), e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5,
+                                              "\(label) probabilities") == nil)
+                    }
+                }
             }
         }
     }

@@ -169,6 +169,35 @@ struct DefaultModelTests {
         #expect(try LlamaModel.load(Self.gguf, options: o).head.storageName == "f32")
     }
 
+    @Test("batched decoding: each sequence of a batch gets the logits of its own decoding step (NF4 and f32 weights)",
+          arguments: [QuantType.nf4, nil])
+    func batched(_ quant: QuantType?) throws {
+        let model = try load(Self.gguf, quant)
+        let prompts = [[1, 9690, 314, 253], [1, 504, 3458], [504, 1115, 1780, 28, 260, 3205, 314], [2]]
+        let V = model.config.vocabSize
+        // Two copies of each sequence: one decoded alone, one in the batch.
+        let alone = prompts.map { _ in KVCache(config: model.config, capacity: 32) }
+        let inBatch = prompts.map { _ in KVCache(config: model.config, capacity: 32) }
+        var next: [Int] = []
+        for (i, p) in prompts.enumerated() {
+            let l = try model.forward(p, cache: alone[i], logits: .last)
+            _ = try model.forward(p, cache: inBatch[i], logits: .last)
+            next.append((0..<V).max { l[$0] < l[$1] }!)
+        }
+        for step in 0..<4 {
+            let batch = try model.forward(batch: next, caches: inBatch)
+            var following: [Int] = []
+            for i in 0..<prompts.count {
+                let own = try model.forward([next[i]], cache: alone[i], logits: .last)
+                let row = Array(batch[(i * V)..<((i + 1) * V)])
+                #expect(checkClose(row, own, "step \(step) sequence \(i)", tolerance: 1e-5) == nil)
+                following.append((0..<V).max { own[$0] < own[$1] }!)
+            }
+            #expect(inBatch.map(\.length) == alone.map(\.length))
+            next = following
+        }
+    }
+
     @Test("SmolLM2 from GGUF, f32: logits and greedy tokens equal transformers'")
     func f32() throws {
         try run(nil, logitsName: "logits_last", greedyName: "greedy_ids", stopAtEOS: true)
@@ -259,10 +288,18 @@ struct ModelErrorTests {
             let f32dir = try Fixtures.temporaryDirectory("halfref")
             try FileSystem.writeFileAtomically(FileSystem.join(f32dir, "config.json"), bytes: try FileSystem.readFile(FileSystem.join(source, "config.json")))
             try SafetensorsWriter.write(path: FileSystem.join(f32dir, "model.safetensors"), tensors: rounded)
-            let a = try LlamaModel.load(dir, options: o), b = try LlamaModel.load(f32dir, options: o)
+            // An f32 head, so that both models run the same products: the values must be the same bits.
+            var exact = o
+            exact.embeddingDType = .f32
+            let a = try LlamaModel.load(dir, options: exact), b = try LlamaModel.load(f32dir, options: exact)
             let ids = [1, 7, 42, 9, 100]
-            #expect(try a.forward(ids, cache: KVCache(config: a.config, capacity: 8), logits: .all)
-                    == (try b.forward(ids, cache: KVCache(config: b.config, capacity: 8), logits: .all)), "\(dtype)")
+            let expected = try b.forward(ids, cache: KVCache(config: b.config, capacity: 8), logits: .all)
+            #expect(try a.forward(ids, cache: KVCache(config: a.config, capacity: 8), logits: .all) == expected, "\(dtype)")
+            // By default a bf16 table stays bf16 (the same values, half the memory); an f16 one becomes f32.
+            let auto = try LlamaModel.load(dir, options: o)
+            #expect(auto.head.storageName == (dtype == .bf16 ? "bf16" : "f32"))
+            let logits = try auto.forward(ids, cache: KVCache(config: auto.config, capacity: 8), logits: .all)
+            #expect(checkClose(logits, expected, "\(dtype) auto head", tolerance: 1e-5) == nil)
         }
     }
 }

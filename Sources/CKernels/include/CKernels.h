@@ -68,14 +68,16 @@ void qk_softmax_row_reference(float *row, size_t visible, size_t length);
 void qk_softmax_row_avx2(float *row, size_t visible, size_t length);
 void qk_softmax_row_avx512(float *row, size_t visible, size_t length);
 
-/// One query of one head against S cached positions (decoding's attention): scores[j] = scale * q . k_j,
-/// softmax over j (qk_softmax_row), out = sum_j p_j v_j. Position j's key and value are the d floats at
-/// keys + j * stride and values + j * stride. scores: S floats of scratch (the probabilities after).
-void qk_attend_reference(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+/// nq queries of one key-value head (the query heads that share it under grouped-query attention) against
+/// S cached positions (decoding's attention). For each query qi (d floats at q + qi * d): scores[qi * S + j]
+/// = scale * q . k_j, softmax over j (qk_softmax_row), out[qi * d ...] = sum_j p_j v_j. Position j's key
+/// and value are the d floats at keys + j * stride and values + j * stride; each is read once for all nq.
+/// scores: nq * S floats of scratch (the probabilities after).
+void qk_attend_reference(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                          float scale, float *scores, float *out);
-void qk_attend_avx2(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                     float scale, float *scores, float *out);
-void qk_attend_avx512(const float *q, const float *keys, const float *values, size_t S, size_t d, size_t stride,
+void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                       float scale, float *scores, float *out);
 
 /// a = silu(g) * u = g / (1 + exp(-g)) * u.

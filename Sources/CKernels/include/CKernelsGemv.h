@@ -49,15 +49,35 @@ void qk_gemv4_avx2(const float *x, const float *xp, const uint8_t *packed, const
 void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
                      size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y);
 
+/// The same product for nx inputs at once (batched decoding): y[i * ldy + r] = row r times input i, for
+/// i < nx. x: the inputs [nx][cols]; xp: each prepared by qk_gemv4_prepare of the same level [nx][cols].
+/// Each weight group is decoded once for all the inputs.
+void qk_gemm4_reference(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                        size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
+void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                   size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
+void qk_gemm4_avx512(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                     size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
+
 /// y[r] = sum_b scales[r * cols / 32 + b] * (sum_{j < 32} q[r * cols + 32 b + j] * x[32 b + j]), cols a multiple of 32.
 void qk_gemv8_reference(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
 void qk_gemv8_avx2(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
 void qk_gemv8_avx512(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
 
+/// q8_0 rows times nx inputs x [nx][cols]: y[i * ldy + r].
+void qk_gemm8_reference(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy);
+void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy);
+void qk_gemm8_avx512(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy);
+
 /// y[r] = sum_j float(w[r * cols + j]) * x[j], w bfloat16 bits.
 void qk_gemv_bf16_reference(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
 void qk_gemv_bf16_avx2(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
 void qk_gemv_bf16_avx512(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y);
+
+/// bf16 rows times nx inputs x [nx][cols]: y[i * ldy + r].
+void qk_gemm_bf16_reference(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy);
+void qk_gemm_bf16_avx2(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy);
+void qk_gemm_bf16_avx512(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy);
 
 #ifdef __cplusplus
 }

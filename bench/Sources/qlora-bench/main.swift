@@ -3,6 +3,7 @@
 //   qlora-bench quant FILE [--repeats N]   4-bit quantize / dequantize throughput (GB/s of f32)
 //   qlora-bench infer MODEL [-p 512] [-n 128]  prefill and decode tokens/s as llama-bench measures them
 //   qlora-bench bandwidth [--megabytes 512]    read and copy bandwidth (the limit of decoding)
+//   qlora-bench batched MODEL [--batch 1,4,16]  batched decoding, as llama-batched-bench measures it
 import CAllocationCounter
 import QLoRA
 
@@ -295,8 +296,56 @@ func bandwidthBench(megabytes: Int, repeats: Int) {
     dst.deallocate()
 }
 
+/// llama-batched-bench's measurement on our batched decoding: for each B, B sequences each prefill P random
+/// tokens (one forward each), then N batched decoding steps of one token per sequence. Reports the
+/// prefill rate and the aggregate decoding rate (B N tokens over the decoding time); best of `repeats`.
+func batchedBench(model path: String, batches: [Int], prompt P: Int, generate N: Int, repeats: Int, options o: LoadOptions) throws {
+    let model = try LlamaModel.load(path, options: o)
+    var rng = SeededGenerator(seed: 7)
+    let V = model.config.vocabSize
+    var rows: [JSONValue] = []
+    for B in batches {
+        let caches = (0..<B).map { _ in KVCache(config: model.config, capacity: P + N + 1) }
+        var pp = Double.infinity, tg = Double.infinity
+        for _ in 0..<repeats {
+            caches.forEach { $0.reset() }
+            let prompts = (0..<B).map { _ in (0..<P).map { _ in Int(rng.next() % UInt64(V)) } }
+            var t = Clock.seconds()
+            for (i, p) in prompts.enumerated() { _ = try model.forward(p, cache: caches[i], logits: .last) }
+            pp = min(pp, Clock.seconds() - t)
+            var tokens = (0..<B).map { _ in Int(rng.next() % UInt64(V)) }
+            t = Clock.seconds()
+            for _ in 0..<N {
+                _ = try model.forward(batch: tokens, caches: caches)
+                tokens = tokens.map { ($0 &* 31 &+ 7) % V }
+            }
+            tg = min(tg, Clock.seconds() - t)
+        }
+        rows.append(.object([
+            ("batch", .int(B)), ("prefill_tokens_per_second", .double(Double(B * P) / pp)),
+            ("decode_tokens_per_second", .double(Double(B * N) / tg)), ("decode_step_seconds", .double(tg / Double(N))),
+        ]))
+    }
+    print(JSON.serialize(.object([
+        ("model", .string(path)), ("quant_type", .string(o.quantType?.rawValue ?? "none")), ("head", .string(model.head.storageName)),
+        ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
+        ("prompt_tokens", .int(P)), ("generated_tokens", .int(N)), ("batches", .array(rows)), ("peak_rss_bytes", .int(peakRSS())),
+    ]), pretty: true))
+}
+
 do {
     switch args.first {
+    case "batched":
+        guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...]") }
+        var o = LoadOptions()
+        o.showProgress = false
+        if let q = stringOption("--quant-type") {
+            if q == "none" { o.quantType = nil } else if let t = QuantType(rawValue: q) { o.quantType = t } else { fail("--quant-type: nf4, fp4, int4 or none") }
+        }
+        o.embeddingDType = headDType(default: .auto)
+        let batches = (stringOption("--batch") ?? "1,4,16").split(separator: ",").compactMap { Int($0) }
+        try batchedBench(model: args[1], batches: batches, prompt: option("-p", 128), generate: option("-n", 128), repeats: option("--repeats", 2),
+                         options: o)
     case "bandwidth":
         bandwidthBench(megabytes: option("--megabytes", 512), repeats: option("--repeats", 5))
     case "infer":
