@@ -54,7 +54,8 @@ AVX2 static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Scales first .. first + n - 1 into out.
+// Scales first .. first + n - 1 into out. (An AVX2 gather from the 256-entry map measured slower than
+// this scalar loop on Zen 3.)
 static void decode_scales(const qk_block_scales *s, size_t first, size_t n, float *out) {
     if (s->absmax) {
         memcpy(out, s->absmax + first, n * sizeof(float));

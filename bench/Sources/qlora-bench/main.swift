@@ -226,6 +226,12 @@ func headDType(default d: EmbeddingDType) -> EmbeddingDType {
     return t
 }
 
+/// Bytes a decoding step reads from memory: every linear weight and the head once (norms and the one
+/// embedding row are too small to count; the KV cache grows with the context and is left out).
+func decodeBytes(_ model: LlamaModel) -> Int {
+    model.layers.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } } + model.head.weightBytes
+}
+
 /// llama-bench's two tests on our forward pass: pp = one forward over P random tokens from an empty
 /// cache (logits of the last only), tg = N forwards of one random token each from an empty cache.
 /// Best of `repeats` each; one warm-up forward first.
@@ -257,7 +263,7 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int
     print(JSON.serialize(.object([
         ("model", .string(path)), ("quant_type", .string(o.quantType?.rawValue ?? "none")), ("head", .string(model.head.storageName)),
         ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
-        ("weight_bytes", .int(model.weightBytes)), ("load_seconds", .double(loadSeconds)),
+        ("weight_bytes", .int(model.weightBytes)), ("decode_bytes_per_token", .int(decodeBytes(model))), ("load_seconds", .double(loadSeconds)),
         ("prompt_tokens", .int(P)), ("prefill_tokens_per_second", .double(P > 0 ? Double(P) / pp : 0)),
         ("generated_tokens", .int(N)), ("decode_tokens_per_second", .double(N > 0 ? Double(N) / tg : 0)),
         ("peak_rss_bytes", .int(peakRSS())),
