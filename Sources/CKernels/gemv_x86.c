@@ -226,7 +226,11 @@ void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *pa
                 for (size_t g = 0; g < groups; g++) {
                     size_t e = b * blocksize + 64 * g;
                     for (size_t rr = 0; rr < m; rr++) {
-                        __m256i v = _mm256_loadu_si256((const __m256i *)(packed + (r0 + rr) * (cols / 2) + e / 2));
+                        const uint8_t *pg = packed + (r0 + rr) * (cols / 2) + e / 2;
+                        // The same group of the next four rows: four interleaved row streams defeat the hardware
+                        // prefetchers once the matrix is past L2 (measured: half the rate without this).
+                        if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
+                        __m256i v = _mm256_loadu_si256((const __m256i *)pg);
                         __m256 w[8];
                         expand32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), t, w);
                         expand32(_mm256_and_si256(v, low4), t, w + 4);
