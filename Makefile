@@ -28,7 +28,8 @@ demo: build
 
 # Side-by-side benchmarks against the Python reference stack (needs bench/requirements.txt in a venv).
 bench: setup
-	$(SWIFT) build -c release --product qlora-bench --product qlora
+	$(SWIFT) build -c release --product qlora-bench
+	$(SWIFT) build -c release --product qlora
 	@bash bench/run.sh
 
 clean:

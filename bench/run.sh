@@ -23,3 +23,4 @@ mkdir -p bench/out
 TEXT="Tests/QLoRAEvaluationTests/Resources/war_and_peace_excerpt.txt"
 "$PY" bench/generate_bench.py .build/release/qlora "$MODEL" "$TEXT" | tee bench/out/generate.md
 "$PY" bench/train_bench.py .build/release/qlora-bench "$MODEL" | tee bench/out/train.md
+"$PY" bench/inference_bench.py .build/release/qlora-bench | tee bench/out/inference.md
