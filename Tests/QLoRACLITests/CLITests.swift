@@ -386,3 +386,39 @@ struct SafetensorsCLICase: CustomStringConvertible, Sendable {
         .init(label: "unknown dtype", bytes: raw(#"{"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}"#, [UInt8](repeating: 0, count: 8)), tensor: "w"),
     ]
 }
+
+@Suite("command line: eval")
+struct EvalCLITests {
+    @Test("eval elo: ratings and the win-rate matrix as JSON; a malformed judgment is one error line naming file:line")
+    func elo() throws {
+        let dir = try Fixtures.temporaryDirectory("elo")
+        let path = FileSystem.join(dir, "judgments.jsonl")
+        var lines: [String] = []
+        for i in 0..<30 {
+            lines.append(#"{"model_a": "strong", "model_b": "weak", "winner": "\#(i % 5 == 0 ? "tie" : "model_a")"}"#)
+            lines.append(#"{"model_a": "weak", "model_b": "middle", "winner": "\#(i % 3 == 0 ? "model_a" : "model_b")"}"#)
+        }
+        try FileSystem.writeFileAtomically(path, bytes: Array(lines.joined(separator: "\n").utf8))
+        let r = try runQLoRA(["eval", "elo", "--judgments", path, "--orderings", "500", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let v = try JSON.parse(Array(r.stdout.utf8))
+        let ratings = try #require(v["ratings"]?.arrayValue)
+        #expect(ratings.compactMap { $0["model"]?.stringValue } == ["strong", "middle", "weak"])
+        #expect(ratings[0]["battles"]?.intValue == 30 && ratings[0]["ties"]?.intValue == 6 && ratings[0]["wins"]?.intValue == 24)
+        let lower = ratings[0]["lower"]!.doubleValue!, elo = ratings[0]["elo"]!.doubleValue!, upper = ratings[0]["upper"]!.doubleValue!
+        #expect(lower <= elo && elo <= upper)
+        // strong scored 24 + 6/2 of 30 against weak; they are rows 0 and 2.
+        #expect(abs((v["win_rate"]?.arrayValue?[0].arrayValue?[2].doubleValue ?? 0) - 0.9) < 1e-12)
+        #expect(v["win_rate"]?.arrayValue?[0].arrayValue?[1] == .null)
+        #expect(v["ties"]?.stringValue == "half a win for each side")
+        // The human table too.
+        let table = try runQLoRA(["eval", "elo", "--judgments", path, "--orderings", "50"])
+        #expect(table.status == 0 && table.stdout.contains("95% interval") && table.stdout.contains("strong"))
+        // A bad line.
+        try FileSystem.writeFileAtomically(path, bytes: Array((lines[0] + "\n" + #"{"model_a": "a", "model_b": "b", "winner": "maybe"}"#).utf8))
+        let bad = try runQLoRA(["eval", "elo", "--judgments", path])
+        #expect(bad.status != 0)
+        #expect(bad.stderr.hasPrefix("error: \(path):2: winner \"maybe\""), "\(bad.stderr)")
+        #expect(bad.stdout.isEmpty)
+    }
+}
