@@ -36,7 +36,7 @@ let package = Package(
         .target(name: "QLoRATokenizer", dependencies: ["QLoRACore", "QLoRAFormats"]),
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
         .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
-        .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel"]),
+        .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
         .target(name: "QLoRATraining", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel"]),
         .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining"]),
         .executableTarget(

@@ -1,12 +1,12 @@
-// `qlora eval`: evaluating models and adapters (the paper's section 5). `eval elo` turns pairwise
-// judgments into Elo ratings.
+// `qlora eval`: evaluating models and adapters (the paper's section 5). `eval mmlu` scores multiple
+// choice as the paper does; `eval elo` turns pairwise judgments into Elo ratings.
 import ArgumentParser
 import QLoRA
 
 struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Evaluate models: Elo ratings from pairwise judgments.",
-        subcommands: [EvalElo.self]
+        abstract: "Evaluate models: MMLU multiple choice, Elo ratings from pairwise judgments.",
+        subcommands: [EvalMMLU.self, EvalElo.self]
     )
 }
 
@@ -98,5 +98,89 @@ struct EvalElo: ParsableCommand {
             }
             print(pad(m, width + 2) + cells.joined())
         }
+    }
+}
+
+struct EvalMMLU: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mmlu",
+        abstract: "MMLU accuracy, scored as the QLoRA paper scores it (5-shot by default).",
+        discussion: """
+            --data is a folder in the hendrycks/test layout (dev/<subject>_dev.csv, test/<subject>_test.csv: question,             A, B, C, D, answer letter; no header), or a JSON-lines file of the QLoRA repository's layout ({"subject",             "input": a whole prompt, "output": "A".."D"}). Prompts are built as hendrycks/test builds them: a header             naming the subject, --shots dev examples with their answers, then the question ending in "Answer:". The             prediction is the letter whose token (the one a letter gets right after "Answer:") has the largest logit at             the last position. A subject's few-shot prefix runs once; its questions continue from its keys and values.             A prompt longer than the model's context loses its oldest tokens.
+            """
+    )
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "A folder in the hendrycks/test layout, or a JSON-lines file of prompts.", completion: .file())
+    var data: String
+
+    @Option(help: "Dev examples before each question (hendrycks/test layout).")
+    var shots: Int = 5
+
+    @Option(help: "The split to score (a folder of the --data folder): test, val or dev.")
+    var split: String = "test"
+
+    @Option(help: "Comma-separated subjects (default: all).")
+    var subjects: String?
+
+    @Option(help: "At most this many questions a subject.")
+    var limit: Int?
+
+    @Flag(help: "Print one JSON object on stdout (with each question's letter log-probabilities).")
+    var json = false
+
+    func validate() throws {
+        guard shots >= 0 else { throw ValidationError("--shots must be 0 or more") }
+        if let limit { guard limit >= 1 else { throw ValidationError("--limit must be at least 1") } }
+    }
+
+    func run() throws {
+        let items: [MMLUItem]
+        if FileSystem.isDirectory(data) {
+            let chosen = subjects.map { $0.split(separator: ",").map { String($0).trimmingWhitespace() }.filter { !$0.isEmpty } }
+            let (dev, questions) = try MMLU.loadFolder(data, split: split, subjects: chosen)
+            items = MMLU.items(dev: dev, questions: questions, shots: shots, limit: limit)
+        } else {
+            var all = try MMLU.parseJSONL(try FileSystem.readFile(data), file: data)
+            if let s = subjects {
+                let keep = Set(s.split(separator: ",").map { String($0).trimmingWhitespace() })
+                all = all.filter { keep.contains($0.subject) }
+            }
+            if let limit {
+                var seen: [String: Int] = [:]
+                all = all.filter { seen[$0.subject, default: 0] += 1; return seen[$0.subject]! <= limit }
+            }
+            items = all
+        }
+        guard !items.isEmpty else { throw EvaluationError.empty(file: data, what: "no questions to score") }
+        let (model, tokenizer) = try modelOptions.load(progress: !json)
+        let evaluator = try MMLUEvaluator(model: model, tokenizer: tokenizer)
+        let bar = ProgressBar("mmlu", total: items.count, enabled: !json)
+        let result = try evaluator.evaluate(items) { done, _ in bar.advance(note: items[done - 1].subject) }
+        if json {
+            printJSON(.object([
+                ("data", .string(data)), ("shots", .int(FileSystem.isDirectory(data) ? shots : 0)), ("questions", .int(result.total)),
+                ("correct", .int(result.correct)), ("micro_accuracy", .double(result.microAccuracy)), ("macro_accuracy", .double(result.macroAccuracy)),
+                ("seconds", .double(result.seconds)), ("prompt_tokens", .int(result.promptTokens)), ("tokens_computed", .int(result.tokensComputed)),
+                ("letter_tokens", .array(evaluator.letterTokens.map { .int($0) })),
+                ("subjects", .array(result.subjects.map { .object([("subject", .string($0.subject)), ("correct", .int($0.correct)),
+                                                                    ("total", .int($0.total)), ("accuracy", .double($0.accuracy))]) })),
+                ("predictions", .array(zip(items, result.scores).map { item, s in
+                    .object([("source", .string(item.source)), ("subject", .string(item.subject)), ("answer", .string(MMLU.letters[item.answer])),
+                             ("prediction", .string(MMLU.letters[s.prediction])), ("logprobs", .array(s.logprobs.map { .double($0) }))])
+                })),
+            ]))
+            return
+        }
+        let width = max(8, result.subjects.map(\.subject.count).max() ?? 8)
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        print("\(pad("subject", width + 2))accuracy  correct / questions")
+        for s in result.subjects {
+            print("\(pad(s.subject, width + 2))\(pad(formatFixed(100 * s.accuracy, 1) + "%", 10))\(s.correct) / \(s.total)")
+        }
+        print()
+        print("micro accuracy \(formatFixed(100 * result.microAccuracy, 2))% (\(result.correct) of \(result.total)), macro \(formatFixed(100 * result.macroAccuracy, 2))% over \(result.subjects.count) subjects")
+        Log.info("scored \(result.total) questions in \(formatFixed(result.seconds, 1)) s: \(result.promptTokens) prompt tokens, \(result.tokensComputed) computed (prefixes shared)")
     }
 }

@@ -422,3 +422,43 @@ struct EvalCLITests {
         #expect(bad.stdout.isEmpty)
     }
 }
+
+@Suite("command line: eval mmlu")
+struct EvalMMLUCLITests {
+    static let mmlu = FileSystem.join(FileSystem.directoryName(Fixtures.resources()), "../QLoRAEvaluationTests/Resources/mmlu")
+
+    @Test("eval mmlu on the default model: 5-shot, two subjects, two questions each, as JSON and as a table")
+    func mmlu() throws {
+        let r = try runQLoRA(["eval", "mmlu", "--data", Self.mmlu, "--subjects", "abstract_algebra,virology", "--limit", "2", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let v = try JSON.parse(Array(r.stdout.utf8))
+        #expect(v["questions"]?.intValue == 4 && v["shots"]?.intValue == 5)
+        #expect(v["subjects"]?.arrayValue?.compactMap { $0["subject"]?.stringValue } == ["abstract_algebra", "virology"])
+        let predictions = try #require(v["predictions"]?.arrayValue)
+        #expect(predictions.count == 4)
+        for p in predictions {
+            let lp = p["logprobs"]?.arrayValue?.compactMap(\.doubleValue) ?? []
+            #expect(lp.count == 4 && lp.allSatisfy { $0 < 0 })
+            #expect(["A", "B", "C", "D"].contains(p["prediction"]?.stringValue ?? ""))
+        }
+        // Each subject's 5-shot prefix ran once for its two questions.
+        #expect(v["tokens_computed"]!.intValue! < v["prompt_tokens"]!.intValue!)
+        let table = try runQLoRA(["eval", "mmlu", "--data", Self.mmlu, "--subjects", "virology", "--limit", "1", "--shots", "0"])
+        #expect(table.status == 0 && table.stdout.contains("micro accuracy") && table.stdout.contains("virology"), "\(table.stderr)")
+    }
+
+    @Test("eval mmlu: a record with a missing column or an answer that is not A-D is one error line naming file:line; an unknown subject too")
+    func badInput() throws {
+        let dir = try Fixtures.temporaryDirectory("mmlu-bad")
+        try FileSystem.makeDirectory(FileSystem.join(dir, "test"))
+        let file = FileSystem.join(dir, "test/anatomy_test.csv")
+        for (text, message) in [("q,1,2,3,4,A\nq2,1,2,3,B\n", "\(file):2: 5 columns"), ("q,1,2,3,4,A\nq2,1,2,3,4,X\n", "\(file):2: the answer is \"X\"")] {
+            try FileSystem.writeFileAtomically(file, bytes: Array(text.utf8))
+            let r = try runQLoRA(["eval", "mmlu", "--data", dir, "--shots", "0"])
+            #expect(r.status != 0)
+            #expect(r.stderr.hasPrefix("error: \(message)"), "\(r.stderr)")
+        }
+        let r = try runQLoRA(["eval", "mmlu", "--data", Self.mmlu, "--subjects", "astrology"])
+        #expect(r.status != 0 && r.stderr.hasPrefix("error: ") && r.stderr.contains("no subject \"astrology\""), "\(r.stderr)")
+    }
+}
