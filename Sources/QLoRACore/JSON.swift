@@ -68,6 +68,20 @@ public struct JSONError: Error, CustomStringConvertible, Sendable {
 public enum JSON {
     public static let maxDepth = 128
 
+    /// The non-blank lines of a JSON-lines file, numbered from 1: (line number, bytes of the line without
+    /// its newline). A blank line (spaces, tabs, a carriage return) is skipped but still counted.
+    public static func lines(_ bytes: [UInt8]) -> [(line: Int, bytes: ArraySlice<UInt8>)] {
+        var out: [(line: Int, bytes: ArraySlice<UInt8>)] = []
+        var number = 0, start = 0
+        for i in 0...bytes.count where i == bytes.count || bytes[i] == 0x0A {
+            number += 1
+            let line = bytes[start..<i]
+            start = i + 1
+            if !line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { out.append((number, line)) }
+        }
+        return out
+    }
+
     /// Parses one JSON value that must fill the whole input (trailing whitespace allowed).
     public static func parse(_ bytes: UnsafeRawBufferPointer) throws -> JSONValue {
         var parser = Parser(bytes: bytes)

@@ -87,18 +87,10 @@ public enum Elo {
     /// keys ignored, blank lines skipped. A line that is not such an object is an error naming file:line.
     public static func parseBattles(_ bytes: [UInt8], file: String) throws -> [Battle] {
         var battles: [Battle] = []
-        var lineNumber = 0
-        var start = 0
-        while start <= bytes.count {
-            var end = start
-            while end < bytes.count && bytes[end] != 0x0A { end += 1 }
-            lineNumber += 1
-            let line = Array(bytes[start..<end])
-            start = end + 1
-            if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+        for (lineNumber, line) in JSON.lines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: lineNumber, reason: reason) }
             let value: JSONValue
-            do { value = try JSON.parse(line) } catch { throw bad("not JSON (\(error))") }
+            do { value = try JSON.parse(Array(line)) } catch { throw bad("not JSON (\(error))") }
             guard case .object = value else { throw bad("not a JSON object") }
             guard let a = value["model_a"]?.stringValue, !a.isEmpty else { throw bad("no \"model_a\" string") }
             guard let b = value["model_b"]?.stringValue, !b.isEmpty else { throw bad("no \"model_b\" string") }

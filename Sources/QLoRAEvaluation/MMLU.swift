@@ -190,17 +190,10 @@ public enum MMLU {
     /// The QLoRA repository's layout: JSON lines `{"subject", "input" (a whole prompt), "output" (A-D)}`.
     public static func parseJSONL(_ bytes: [UInt8], file: String) throws -> [MMLUItem] {
         var items: [MMLUItem] = []
-        var line = 0, start = 0
-        while start <= bytes.count {
-            var end = start
-            while end < bytes.count && bytes[end] != 0x0A { end += 1 }
-            line += 1
-            let text = Array(bytes[start..<end])
-            start = end + 1
-            if text.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+        for (line, text) in JSON.lines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: line, reason: reason) }
             let v: JSONValue
-            do { v = try JSON.parse(text) } catch { throw bad("not JSON (\(error))") }
+            do { v = try JSON.parse(Array(text)) } catch { throw bad("not JSON (\(error))") }
             guard let subject = v["subject"]?.stringValue else { throw bad("no \"subject\" string") }
             guard let input = v["input"]?.stringValue else { throw bad("no \"input\" string") }
             guard let output = v["output"]?.stringValue else { throw bad("no \"output\" string") }

@@ -55,13 +55,7 @@ public enum DatasetLoader {
             }
             for (i, r) in (json.arrayValue ?? []).enumerated() { records.append((i + 1, .success(r))) }
         } else {
-            var lineNumber = 0
-            var start = 0
-            for i in 0...bytes.count where i == bytes.count || bytes[i] == 0x0A {
-                lineNumber += 1
-                let line = bytes[start..<i]
-                start = i + 1
-                if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+            for (lineNumber, line) in JSON.lines(bytes) {
                 do {
                     records.append((lineNumber, .success(try JSON.parse(Array(line)))))
                 } catch let e as JSONError {
