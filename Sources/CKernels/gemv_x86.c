@@ -47,6 +47,29 @@ AVX2 static inline void expand32(__m256i idx, const __m256i t[4], __m256 out[4])
     out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
 }
 
+// The four byte planes of the 16 f32 codes, each a 16-byte vpshufb table repeated in both halves.
+AVX2 static inline void code_planes(const float *code, __m256i t[4]) {
+    uint8_t planes[4][32];
+    for (int k = 0; k < 16; k++) {
+        uint32_t u;
+        memcpy(&u, &code[k], 4);
+        for (int b = 0; b < 4; b++) planes[b][k] = planes[b][k + 16] = (uint8_t)(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; b++) t[b] = _mm256_loadu_si256((const __m256i *)planes[b]);
+}
+
+// The 64 codes of a 32-byte group as f32: w[0..3] the even elements, w[4..7] the odd, in xp's order.
+AVX2 static inline void expand64(__m256i v, const __m256i t[4], __m256 w[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    expand32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), t, w);
+    expand32(_mm256_and_si256(v, low4), t, w + 4);
+}
+
+// A q8_0 block's 32 codes as f32 (not yet scaled).
+AVX2 static inline void load_q8_block(const int8_t *qb, __m256 w[4]) {
+    for (int k = 0; k < 4; k++) w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8 * k))));
+}
+
 AVX2 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -86,23 +109,16 @@ static void gemv4_by_rows(dot4_fn dot, const float *x, const uint8_t *packed, co
 AVX2 __attribute__((noinline)) static float row4_avx2(const uint8_t *pr, const float *xp, const float *decoded, size_t n, size_t groups,
                                                        __m256i t0, __m256i t1, __m256i t2, __m256i t3) {
     const __m256i t[4] = {t0, t1, t2, t3};
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 total = _mm256_setzero_ps();
     for (size_t b = 0; b < n; b++) {
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         for (size_t g = 0; g < groups; g++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)pr);
-            __m256 even[4], odd[4];
-            expand32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), t, even);
-            expand32(_mm256_and_si256(v, low4), t, odd);
-            a0 = _mm256_fmadd_ps(even[0], _mm256_loadu_ps(xp), a0);
-            a1 = _mm256_fmadd_ps(even[1], _mm256_loadu_ps(xp + 8), a1);
-            a0 = _mm256_fmadd_ps(even[2], _mm256_loadu_ps(xp + 16), a0);
-            a1 = _mm256_fmadd_ps(even[3], _mm256_loadu_ps(xp + 24), a1);
-            a0 = _mm256_fmadd_ps(odd[0], _mm256_loadu_ps(xp + 32), a0);
-            a1 = _mm256_fmadd_ps(odd[1], _mm256_loadu_ps(xp + 40), a1);
-            a0 = _mm256_fmadd_ps(odd[2], _mm256_loadu_ps(xp + 48), a0);
-            a1 = _mm256_fmadd_ps(odd[3], _mm256_loadu_ps(xp + 56), a1);
+            __m256 w[8];
+            expand64(_mm256_loadu_si256((const __m256i *)pr), t, w);
+            for (int k = 0; k < 8; k += 2) {
+                a0 = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xp + 8 * k), a0);
+                a1 = _mm256_fmadd_ps(w[k + 1], _mm256_loadu_ps(xp + 8 * k + 8), a1);
+            }
             pr += 32;
             xp += 64;
         }
@@ -120,15 +136,8 @@ void qk_gemv4_avx2(const float *x, const float *xp, const uint8_t *packed, const
         gemv4_by_rows(qk_dot4_avx2, x, packed, scales, first_block, rows, cols, blocksize, code, y);
         return;
     }
-    uint8_t planes[4][32];
-    for (int k = 0; k < 16; k++) {
-        uint32_t u;
-        memcpy(&u, &code[k], 4);
-        for (int b = 0; b < 4; b++) planes[b][k] = planes[b][k + 16] = (uint8_t)(u >> (8 * b));
-    }
     __m256i t[4];
-    for (int b = 0; b < 4; b++) t[b] = _mm256_loadu_si256((const __m256i *)planes[b]);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    code_planes(code, t);
     size_t groups = blocksize / 64;
     float decoded[256];
     for (size_t r = 0; r < rows; r++) {
@@ -155,13 +164,11 @@ void qk_gemv8_avx2(const float *x, const int8_t *q, const float *scales, size_t 
         for (size_t b = 0; b < nb; b++) {
             const int8_t *qb = qr + 32 * b;
             const float *xb = x + 32 * b;
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qb)));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8))));
-            __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 16))));
-            __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 24))));
-            __m256 a0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xb)), a1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xb + 8));
-            a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), a0);
-            a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), a1);
+            __m256 w[4];
+            load_q8_block(qb, w);
+            __m256 a0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)), a1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
+            a0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a0);
+            a1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a1);
             total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sr[b]), total);
         }
         y[r] = hsum256(total);
@@ -194,20 +201,13 @@ void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *pa
                    size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) AVX2;
 void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
                    size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) {
-    if (blocksize % 64 != 0) {
+    if (nx == 1 || blocksize % 64 != 0) {  // one input: the matrix-vector kernel is faster
         for (size_t i = 0; i < nx; i++)
-            gemv4_by_rows(qk_dot4_avx2, x + i * cols, packed, scales, first_block, rows, cols, blocksize, code, y + i * ldy);
+            qk_gemv4_avx2(x + i * cols, xp + i * cols, packed, scales, first_block, rows, cols, blocksize, code, y + i * ldy);
         return;
     }
-    uint8_t planes[4][32];
-    for (int k = 0; k < 16; k++) {
-        uint32_t u;
-        memcpy(&u, &code[k], 4);
-        for (int b = 0; b < 4; b++) planes[b][k] = planes[b][k + 16] = (uint8_t)(u >> (8 * b));
-    }
     __m256i t[4];
-    for (int b = 0; b < 4; b++) t[b] = _mm256_loadu_si256((const __m256i *)planes[b]);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    code_planes(code, t);
     size_t nb = cols / blocksize, groups = blocksize / 64;
     // Rows four at a time, so that a group of the inputs (64 values each) is read from L2 once for four
     // rows and from L1 for the others (16 inputs of 1,536 values do not fit in L1). Each decoded group
@@ -230,23 +230,17 @@ void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *pa
                         // The same group of the next four rows: four interleaved row streams defeat the hardware
                         // prefetchers once the matrix is past L2 (measured: half the rate without this).
                         if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
-                        __m256i v = _mm256_loadu_si256((const __m256i *)pg);
                         __m256 w[8];
-                        expand32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), t, w);
-                        expand32(_mm256_and_si256(v, low4), t, w + 4);
+                        expand64(_mm256_loadu_si256((const __m256i *)pg), t, w);
                         __m256 scale = _mm256_set1_ps(qk_block_scale(scales, first_block + (r0 + rr) * nb + b));
                         for (int k = 0; k < 8; k++) w[k] = _mm256_mul_ps(w[k], scale);
                         for (size_t i = 0; i < n; i++) {
                             const float *xg = xp + (i0 + i) * cols + e;
                             __m256 a = total[rr][i][0], c = total[rr][i][1];
-                            a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xg), a);
-                            c = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + 8), c);
-                            a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xg + 16), a);
-                            c = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + 24), c);
-                            a = _mm256_fmadd_ps(w[4], _mm256_loadu_ps(xg + 32), a);
-                            c = _mm256_fmadd_ps(w[5], _mm256_loadu_ps(xg + 40), c);
-                            a = _mm256_fmadd_ps(w[6], _mm256_loadu_ps(xg + 48), a);
-                            c = _mm256_fmadd_ps(w[7], _mm256_loadu_ps(xg + 56), c);
+                            for (int k = 0; k < 8; k += 2) {
+                                a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xg + 8 * k), a);
+                                c = _mm256_fmadd_ps(w[k + 1], _mm256_loadu_ps(xg + 8 * k + 8), c);
+                            }
                             total[rr][i][0] = a;
                             total[rr][i][1] = c;
                         }
@@ -263,6 +257,7 @@ void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *scal
 void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy) {
     // As qk_gemm4_avx2: four rows share each block of the inputs, the codes are scaled once, and each
     // input sums into two accumulators a row.
+    if (nx == 1) { qk_gemv8_avx2(x, q, scales, rows, cols, y); return; }
     size_t nb = cols / 32;
     enum { R = 4 };
     __m256 total[R][GEMM_CHUNK][2];
@@ -276,17 +271,16 @@ void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *scal
                 for (size_t rr = 0; rr < m; rr++) {
                     const int8_t *qb = q + (r0 + rr) * cols + 32 * b;
                     __m256 scale = _mm256_set1_ps(scales[(r0 + rr) * nb + b]);
-                    __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qb))), scale);
-                    __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8)))), scale);
-                    __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 16)))), scale);
-                    __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 24)))), scale);
+                    __m256 w[4];
+                    load_q8_block(qb, w);
+                    for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], scale);
                     for (size_t i = 0; i < n; i++) {
                         const float *xb = x + (i0 + i) * cols + 32 * b;
                         __m256 a = total[rr][i][0], c = total[rr][i][1];
-                        a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), a);
-                        c = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), c);
-                        a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), a);
-                        c = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), c);
+                        a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), a);
+                        c = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), c);
+                        a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a);
+                        c = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), c);
                         total[rr][i][0] = a;
                         total[rr][i][1] = c;
                     }
@@ -300,6 +294,7 @@ void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *scal
 
 void qk_gemm_bf16_avx2(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) AVX2;
 void qk_gemm_bf16_avx2(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) {
+    if (nx == 1) { qk_gemv_bf16_avx2(x, w, rows, cols, y); return; }
     size_t c16 = cols & ~(size_t)15;
     __m256 acc[GEMM_CHUNK];
     for (size_t i0 = 0; i0 < nx; i0 += GEMM_CHUNK) {

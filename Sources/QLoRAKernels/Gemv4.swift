@@ -1,5 +1,5 @@
 // y = W x for a 4-bit W [rows, cols] (the decode step of generation): the matrix-vector kernel
-// (KernelTable.gemv4) reads the packed codes directly, rows split over threads.
+// (Quantized4Bit.gemm, KernelTable.gemm4) reads the packed codes directly, rows split over threads.
 import CKernels
 import QLoRACore
 
@@ -40,21 +40,12 @@ extension Quantized4Bit {
     /// block scales are decoded inside the kernel as it reaches them (double quantization included).
     public func gemv(rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>,
                      kernels: KernelTable = .current) {
-        let cols = shape[1]
-        precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
-        let blocksPerRow = cols / blockSize
-        quantType.codebook.withUnsafeBufferPointer { code in
-            packed.withUnsafeBufferPointer { p in
-                withScaleSource { scales in
-                    kernels.gemv4(x, prepared, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
-                                  rows.count, cols, blockSize, code.baseAddress, y)
-                }
-            }
-        }
+        gemm(rows: rows, x: x, prepared: prepared, count: 1, into: y, ldy: rows.count, kernels: kernels)
     }
 
     /// y[i * ldy + (r - rows.lowerBound)] = row r times input i for `count` inputs x [count][cols] and
-    /// their prepared copies (each weight group decoded once for all of them), on the calling thread.
+    /// their prepared copies (each weight group decoded once for all of them), on the calling thread;
+    /// one input runs the matrix-vector kernel.
     public func gemm(rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, count: Int,
                      into y: UnsafeMutablePointer<Float>, ldy: Int, kernels: KernelTable = .current) {
         let cols = shape[1]

@@ -38,10 +38,6 @@ public typealias Dot4Function = @convention(c) (
 ) -> Float
 
 public typealias Gemv4PrepareFunction = @convention(c) (UnsafePointer<Float>?, Int, UnsafeMutablePointer<Float>?) -> Void
-typealias Gemv4Function = @convention(c) (
-    UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<UInt8>?, UnsafePointer<qk_block_scales>?, Int, Int, Int, Int,
-    UnsafePointer<Float>?, UnsafeMutablePointer<Float>?
-) -> Void
 typealias Gemm4Function = @convention(c) (
     UnsafePointer<Float>?, UnsafePointer<Float>?, Int, UnsafePointer<UInt8>?, UnsafePointer<qk_block_scales>?, Int, Int, Int, Int,
     UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, Int
@@ -71,13 +67,13 @@ public struct KernelTable: Sendable {
     public let quantize4: Quantize4Function
     public let dequantize4: Dequantize4Function
     public let dot4: Dot4Function
-    /// Decoding's matrix-vector products (CKernelsGemv.h): 4-bit rows (x prepared once by gemv4Prepare;
-    /// called through Quantized4Bit.gemv), q8_0 rows, bf16 rows.
+    /// Decoding's matrix-vector products (CKernelsGemv.h): q8_0 rows, bf16 rows, and x prepared once by
+    /// gemv4Prepare for 4-bit rows.
     public let gemv4Prepare: Gemv4PrepareFunction
-    let gemv4: Gemv4Function
     public let gemv8: Gemv8Function
     public let gemvBF16: GemvBF16Function
-    /// The same products for several inputs at once (batched decoding): each weight is read once for all.
+    /// The same products for any number of inputs (batched decoding; one input runs the matrix-vector
+    /// kernel): each weight is read once for all. 4-bit rows through Quantized4Bit.gemm.
     let gemm4: Gemm4Function
     public let gemm8: Gemm8Function
     public let gemmBF16: GemmBF16Function
@@ -95,20 +91,20 @@ public struct KernelTable: Sendable {
         switch level {
         case .reference:
             return KernelTable(level: level, quantize4: qk_quantize4_reference, dequantize4: qk_dequantize4_reference, dot4: qk_dot4_reference,
-                               gemv4Prepare: qk_gemv4_prepare_reference, gemv4: qk_gemv4_reference, gemv8: qk_gemv8_reference,
+                               gemv4Prepare: qk_gemv4_prepare_reference, gemv8: qk_gemv8_reference,
                                gemvBF16: qk_gemv_bf16_reference,
                                gemm4: qk_gemm4_reference, gemm8: qk_gemm8_reference, gemmBF16: qk_gemm_bf16_reference,
                                softmaxRow: qk_softmax_row_reference, attend: qk_attend_reference, swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
                                crossEntropyRow: qk_cross_entropy_row_reference, dropout: qk_dropout_reference)
         case .avx2:
             return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2,
-                               gemv4Prepare: qk_gemv4_prepare_avx2, gemv4: qk_gemv4_avx2, gemv8: qk_gemv8_avx2, gemvBF16: qk_gemv_bf16_avx2,
+                               gemv4Prepare: qk_gemv4_prepare_avx2, gemv8: qk_gemv8_avx2, gemvBF16: qk_gemv_bf16_avx2,
                                gemm4: qk_gemm4_avx2, gemm8: qk_gemm8_avx2, gemmBF16: qk_gemm_bf16_avx2,
                                softmaxRow: qk_softmax_row_avx2, attend: qk_attend_avx2, swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
                                crossEntropyRow: qk_cross_entropy_row_avx2, dropout: qk_dropout_avx2)
         case .avx512:
             return KernelTable(level: level, quantize4: qk_quantize4_avx512, dequantize4: qk_dequantize4_avx512, dot4: qk_dot4_avx512,
-                               gemv4Prepare: qk_gemv4_prepare_avx512, gemv4: qk_gemv4_avx512, gemv8: qk_gemv8_avx512,
+                               gemv4Prepare: qk_gemv4_prepare_avx512, gemv8: qk_gemv8_avx512,
                                gemvBF16: qk_gemv_bf16_avx512,
                                gemm4: qk_gemm4_avx512, gemm8: qk_gemm8_avx512, gemmBF16: qk_gemm_bf16_avx512,
                                softmaxRow: qk_softmax_row_avx512, attend: qk_attend_avx512, swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,

@@ -235,30 +235,17 @@ public struct Linear: Sendable {
         let cols = inFeatures, yr = y + rows.lowerBound
         switch weight {
         case let .quantized(q):
-            if count == 1 {
-                q.gemv(rows: rows, x: x, prepared: prepared, into: yr, kernels: kernels)
-            } else {
-                q.gemm(rows: rows, x: x, prepared: prepared, count: count, into: yr, ldy: outFeatures, kernels: kernels)
-            }
+            q.gemm(rows: rows, x: x, prepared: prepared, count: count, into: yr, ldy: outFeatures, kernels: kernels)
         case let .q8(q):
             q.codes.withUnsafeBufferPointer { codes in
                 q.scales.withUnsafeBufferPointer { scales in
-                    let c = codes.baseAddress! + rows.lowerBound * cols
-                    let s = scales.baseAddress! + rows.lowerBound * cols / Quantized8Bit.blockSize
-                    if count == 1 {
-                        kernels.gemv8(x, c, s, rows.count, cols, yr)
-                    } else {
-                        kernels.gemm8(x, count, c, s, rows.count, cols, yr, outFeatures)
-                    }
+                    kernels.gemm8(x, count, codes.baseAddress! + rows.lowerBound * cols,
+                                  scales.baseAddress! + rows.lowerBound * cols / Quantized8Bit.blockSize, rows.count, cols, yr, outFeatures)
                 }
             }
         case let .bf16(w):
             w.withUnsafeBufferPointer { wp in
-                if count == 1 {
-                    kernels.gemvBF16(x, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, yr)
-                } else {
-                    kernels.gemmBF16(x, count, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, yr, outFeatures)
-                }
+                kernels.gemmBF16(x, count, wp.baseAddress! + rows.lowerBound * cols, rows.count, cols, yr, outFeatures)
             }
         case .dense:
             preconditionFailure("gemv on a dense weight (BLAS does it)")

@@ -51,7 +51,8 @@ void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *packed, con
 
 /// The same product for nx inputs at once (batched decoding): y[i * ldy + r] = row r times input i, for
 /// i < nx. x: the inputs [nx][cols]; xp: each prepared by qk_gemv4_prepare of the same level [nx][cols].
-/// Each weight group is decoded once for all the inputs.
+/// Each weight group is decoded once for all the inputs; one input (nx 1) runs qk_gemv4. The same holds for
+/// qk_gemm8 and qk_gemm_bf16 below: the batched entry points are the only ones a caller needs.
 void qk_gemm4_reference(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
                         size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
 void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
