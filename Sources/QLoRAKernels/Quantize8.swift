@@ -2,8 +2,7 @@
 // q an Int8), for the LM head and embedding table at inference. Quantizing follows ggml's reference
 // (quantize_row_q8_0_ref): d = absmax / 127, q = round(x / d) half away from zero, with d then stored
 // in f16. The scales are kept here as f32 (the f16 value, exactly), so dequantizing is one f32
-// product, as ggml's own. A q8_0 tensor of a GGUF file comes back from its dequantized values
-// unchanged: the element of largest magnitude in each block is ±127 d.
+// product, as ggml's own. A GGUF's own q8_0 tensor is read as it is stored (init(ggmlBlocks:)).
 import QLoRACore
 
 public struct Quantized8Bit: Sendable, Equatable {
@@ -50,24 +49,36 @@ public struct Quantized8Bit: Sendable, Equatable {
         self.scales = scales
     }
 
+    /// ggml's q8_0 blocks as a GGUF file stores them (per block of 32: an f16 scale, then 32 Int8 codes),
+    /// taken as they are: no value changes, and no f32 copy of the tensor is made.
+    public init(ggmlBlocks bytes: UnsafeRawBufferPointer, shape: [Int], name: String) throws {
+        guard shape.count == 2, Self.canStore(cols: shape[1]) else {
+            throw QuantizationError.invalidShape(tensor: name, shape: shape, reason: "q8_0 needs [rows, cols] with cols a multiple of 32")
+        }
+        let blocks = shape[0] * shape[1] / Self.blockSize
+        guard bytes.count == blocks * 34 else {
+            throw QuantizationError.invalidShape(tensor: name, shape: shape, reason: "\(bytes.count) bytes of q8_0 blocks, expected \(blocks * 34)")
+        }
+        var codes = [Int8](repeating: 0, count: blocks * Self.blockSize)
+        var scales = [Float](repeating: 0, count: blocks)
+        codes.withUnsafeMutableBytes { c in
+            for b in 0..<blocks {
+                let base = b * 34
+                scales[b] = float16BitsToFloat(UInt16(bytes[base]) | UInt16(bytes[base + 1]) << 8)
+                c.baseAddress!.advanced(by: b * Self.blockSize).copyMemory(from: bytes.baseAddress!.advanced(by: base + 2), byteCount: Self.blockSize)
+            }
+        }
+        for s in scales where !s.isFinite { throw QuantizationError.nonFinite(tensor: name, index: 0, value: s) }
+        self.shape = shape
+        self.codes = codes
+        self.scales = scales
+    }
+
     /// Values `elements` (a run of the row-major tensor) as f32 into `out`.
     public func dequantize(elements: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         codes.withUnsafeBufferPointer { q in
             scales.withUnsafeBufferPointer { s in
                 for i in elements { out[i - elements.lowerBound] = Float(q[i]) * s[i / Self.blockSize] }
-            }
-        }
-    }
-
-    /// Whether dequantizing gives back exactly `values` (bit for bit; true for the values of a q8_0 tensor).
-    public func reproduces(_ values: [Float]) -> Bool {
-        guard values.count == codes.count else { return false }
-        return codes.withUnsafeBufferPointer { q in
-            scales.withUnsafeBufferPointer { s in
-                values.withUnsafeBufferPointer { x in
-                    for i in 0..<x.count where (Float(q[i]) * s[i / Self.blockSize]).bitPattern != x[i].bitPattern { return false }
-                    return true
-                }
             }
         }
     }

@@ -224,6 +224,17 @@ extension LlamaModel {
         let progress = ProgressBar("load", total: c.layerCount + 2, enabled: options.showProgress)
         func table(_ name: String) throws -> Linear {
             let storage = tensors.info(name)?.storage.uppercased()
+            // A GGUF's q8_0 table, kept (auto or q8_0): its blocks as stored, with no f32 copy made.
+            if options.embeddingDType == .auto || options.embeddingDType == .q8_0, let g = tensors as? GGUFFile,
+               let t = g.tensor(name), t.type == .q8_0, Quantized8Bit.canStore(cols: hidden) {
+                guard t.shape == [c.vocabSize, hidden] else {
+                    throw ModelError.shapeMismatch(file: file, tensor: name, expected: [c.vocabSize, hidden], found: t.shape)
+                }
+                used.insert(name)
+                let q = try Quantized8Bit(ggmlBlocks: g.bytes(of: t), shape: t.shape, name: name)
+                g.releasePages(name)
+                return Linear(weight: .q8(q), outFeatures: c.vocabSize, inFeatures: hidden)
+            }
             let w = try floats(name, shape: [c.vocabSize, hidden])
             let weight: Linear.Weight
             switch options.embeddingDType {
@@ -235,14 +246,7 @@ extension LlamaModel {
                 }
                 weight = .q8(try Quantized8Bit(w, shape: [c.vocabSize, hidden], name: name))
             case .auto:
-                if storage == "BF16" {
-                    weight = .bf16(w.map(floatToBFloat16Bits))
-                } else if storage == "Q8_0", Quantized8Bit.canStore(cols: hidden),
-                          let q = try? Quantized8Bit(w, shape: [c.vocabSize, hidden], name: name), q.reproduces(w) {
-                    weight = .q8(q)
-                } else {
-                    weight = .dense(w)
-                }
+                weight = storage == "BF16" ? .bf16(w.map(floatToBFloat16Bits)) : .dense(w)
             }
             return Linear(weight: weight, outFeatures: c.vocabSize, inFeatures: hidden)
         }
