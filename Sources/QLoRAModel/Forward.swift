@@ -108,55 +108,53 @@ extension LlamaModel {
         let start = cache.length
         guard start + T <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: start + T) }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
-        let D = c.hiddenSize, H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
-        let kvDim = Hkv * d
+        let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(cache, rows: T)
-        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, attn = ws.attn, proj = ws.proj, g = ws.g, u = ws.u
-        let scratch = ws.scratch
-        for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: h + t * D) }
+        for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + t * c.hiddenSize) }
         let (cos, sin) = ropeTables(positions: start..<(start + T))
-
-        for (l, layer) in layers.enumerated() {
-            rmsNorm(xn, h, weight: layer.inputNorm, rows: T)
-            if T <= Linear.batchedRowLimit {
-                Linear.forwardShared(xn, rows: T, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
-            } else {
-                layer.q.forward(xn, rows: T, into: q, scratch: scratch, kernels: kernels)
-                layer.k.forward(xn, rows: T, into: k, scratch: scratch, kernels: kernels)
-                layer.v.forward(xn, rows: T, into: v, scratch: scratch, kernels: kernels)
-            }
-            Ops.rope(q, rows: T, heads: H, headDim: d, cos: cos, sin: sin)
-            Ops.rope(k, rows: T, heads: Hkv, headDim: d, cos: cos, sin: sin)
-            // Append this step's keys and values to the cache.
-            (cache.keys(layer: l) + start * kvDim).update(from: k, count: T * kvDim)
-            (cache.values(layer: l) + start * kvDim).update(from: v, count: T * kvDim)
-            attention(q: q, layer: l, cache: cache, start: start, rows: T, into: attn, scores: ws.scores, kernels: kernels)
-            layer.o.forward(attn, rows: T, into: proj, scratch: scratch, kernels: kernels)
-            for i in 0..<(T * D) { h[i] = h[i] + proj[i] }
-
-            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: T)
-            if T <= Linear.batchedRowLimit {
-                Linear.forwardShared(xn, rows: T, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
-            } else {
-                layer.gate.forward(xn, rows: T, into: g, scratch: scratch, kernels: kernels)
-                layer.up.forward(xn, rows: T, into: u, scratch: scratch, kernels: kernels)
-            }
-            Ops.swigluForward(g, gate: g, up: u, count: T * c.intermediateSize)
-            layer.down.forward(g, rows: T, into: proj, scratch: scratch, kernels: kernels)
-            for i in 0..<(T * D) { h[i] = h[i] + proj[i] }
+        runLayers(ws, rows: T, cos: cos, sin: sin, kernels: kernels) { l in
+            // This step's keys and values join the cache; the queries attend over all of it.
+            (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
+            (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
+            attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, kernels: kernels)
         }
         cache.advance(by: T)
-
-        let rows: Range<Int>
         switch logits {
         case .none: return []
-        case .last: rows = (T - 1)..<T
-        case .all: rows = 0..<T
+        case .last: return outputLogits(ws, rows: (T - 1)..<T, kernels: kernels)
+        case .all: return outputLogits(ws, rows: 0..<T, kernels: kernels)
         }
-        rmsNorm(xn, h + rows.lowerBound * D, weight: finalNorm, rows: rows.count)
-        var out = [Float](repeating: 0, count: rows.count * c.vocabSize)
+    }
+
+    /// The blocks over `rows` rows of ws.h, in place: for each layer, norm, q/k/v, rotation, then
+    /// `attend(layer)` (which stores the keys and values and leaves attention's output in ws.attn), the
+    /// output projection and residual, then the MLP and residual.
+    func runLayers(_ ws: ForwardWorkspace, rows n: Int, cos: [Float], sin: [Float], kernels: KernelTable, attend: (Int) -> Void) {
+        let c = config
+        let D = c.hiddenSize, d = c.headDim
+        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, proj = ws.proj, g = ws.g, u = ws.u, scratch = ws.scratch
+        for (l, layer) in layers.enumerated() {
+            rmsNorm(xn, h, weight: layer.inputNorm, rows: n)
+            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
+            Ops.rope(q, rows: n, heads: c.headCount, headDim: d, cos: cos, sin: sin)
+            Ops.rope(k, rows: n, heads: c.kvHeadCount, headDim: d, cos: cos, sin: sin)
+            attend(l)
+            layer.o.forward(ws.attn, rows: n, into: proj, scratch: scratch, kernels: kernels)
+            for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
+            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: n)
+            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
+            Ops.swigluForward(g, gate: g, up: u, count: n * c.intermediateSize)
+            layer.down.forward(g, rows: n, into: proj, scratch: scratch, kernels: kernels)
+            for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
+        }
+    }
+
+    /// logits [rows.count, V] of rows `rows` of ws.h: the final norm, then the head.
+    func outputLogits(_ ws: ForwardWorkspace, rows: Range<Int>, kernels: KernelTable) -> [Float] {
+        rmsNorm(ws.xn, ws.h + rows.lowerBound * config.hiddenSize, weight: finalNorm, rows: rows.count)
+        var out = [Float](repeating: 0, count: rows.count * config.vocabSize)
         out.withUnsafeMutableBufferPointer { o in
-            head.forward(xn, rows: rows.count, into: o.baseAddress!, scratch: scratch, kernels: kernels)
+            head.forward(ws.xn, rows: rows.count, into: o.baseAddress!, scratch: ws.scratch, kernels: kernels)
         }
         return out
     }
@@ -186,24 +184,18 @@ extension LlamaModel {
             throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + 1)
         }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
-        let D = c.hiddenSize, H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
-        let qDim = H * d, kvDim = Hkv * d, group = H / Hkv
+        let Hkv = c.kvHeadCount, d = c.headDim
+        let qDim = c.headCount * d, kvDim = Hkv * d, group = c.headCount / Hkv
         let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!)
-        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, attn = ws.attn, proj = ws.proj, g = ws.g, u = ws.u
-        let scratch = ws.scratch, scores = ws.scores, rowCapacity = ws.capacity
-        for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: h + i * D) }
+        for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
         let scale = 1 / Float(d).squareRoot()
-
-        for (l, layer) in layers.enumerated() {
-            rmsNorm(xn, h, weight: layer.inputNorm, rows: B)
-            Linear.forwardShared(xn, rows: B, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
-            Ops.rope(q, rows: B, heads: H, headDim: d, cos: cos, sin: sin)
-            Ops.rope(k, rows: B, heads: Hkv, headDim: d, cos: cos, sin: sin)
+        let q = UnsafePointer(ws.q), attn = ws.attn, scores = ws.scores, rowCapacity = ws.capacity
+        runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels) { l in
             for (i, cache) in caches.enumerated() {
-                (cache.keys(layer: l) + positions[i] * kvDim).update(from: k + i * kvDim, count: kvDim)
-                (cache.values(layer: l) + positions[i] * kvDim).update(from: v + i * kvDim, count: kvDim)
+                (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
+                (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
             }
             // (sequence, key-value head) pairs over the workers, each worker with its own rows of scores.
             Parallel.forChunks(count: B * Hkv, minimumChunk: 1) { worker, pairs in
@@ -215,21 +207,9 @@ extension LlamaModel {
                                    positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d)
                 }
             }
-            layer.o.forward(attn, rows: B, into: proj, scratch: scratch, kernels: kernels)
-            for j in 0..<(B * D) { h[j] = h[j] + proj[j] }
-            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: B)
-            Linear.forwardShared(xn, rows: B, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
-            Ops.swigluForward(g, gate: g, up: u, count: B * c.intermediateSize)
-            layer.down.forward(g, rows: B, into: proj, scratch: scratch, kernels: kernels)
-            for j in 0..<(B * D) { h[j] = h[j] + proj[j] }
         }
         for cache in caches { cache.advance(by: 1) }
-        rmsNorm(xn, h, weight: finalNorm, rows: B)
-        var out = [Float](repeating: 0, count: B * c.vocabSize)
-        out.withUnsafeMutableBufferPointer { o in
-            head.forward(xn, rows: B, into: o.baseAddress!, scratch: scratch, kernels: kernels)
-        }
-        return out
+        return outputLogits(ws, rows: 0..<B, kernels: kernels)
     }
 
     func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, weight: [Float], rows: Int) {
