@@ -270,6 +270,17 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int
     ]), pretty: true))
 }
 
+/// The load options of the inference benches: --quant-type (nf4, fp4, int4, none) and --head-dtype.
+func inferenceLoadOptions() -> LoadOptions {
+    var o = LoadOptions()
+    o.showProgress = false
+    if let q = stringOption("--quant-type") {
+        if q == "none" { o.quantType = nil } else if let t = QuantType(rawValue: q) { o.quantType = t } else { fail("--quant-type: nf4, fp4, int4 or none") }
+    }
+    o.embeddingDType = headDType(default: .auto)
+    return o
+}
+
 /// Memory bandwidth of this machine, as the limit of decoding: read (memchr over a buffer that holds no
 /// match, glibc's vector loop) and copy (memcpy, counted as STREAM counts it: bytes read + written),
 /// on 1 thread and on all `Parallel.threadCount`; best of `repeats`, over `megabytes` MB (past the caches).
@@ -343,12 +354,7 @@ do {
     switch args.first {
     case "batched":
         guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...]") }
-        var o = LoadOptions()
-        o.showProgress = false
-        if let q = stringOption("--quant-type") {
-            if q == "none" { o.quantType = nil } else if let t = QuantType(rawValue: q) { o.quantType = t } else { fail("--quant-type: nf4, fp4, int4 or none") }
-        }
-        o.embeddingDType = headDType(default: .auto)
+        let o = inferenceLoadOptions()
         let batches = (stringOption("--batch") ?? "1,4,16").split(separator: ",").compactMap { Int($0) }
         try batchedBench(model: args[1], batches: batches, prompt: option("-p", 128), generate: option("-n", 128), repeats: option("--repeats", 2),
                          options: o)
@@ -356,12 +362,7 @@ do {
         bandwidthBench(megabytes: option("--megabytes", 512), repeats: option("--repeats", 5))
     case "infer":
         guard args.count >= 2 else { fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0]") }
-        var o = LoadOptions()
-        o.showProgress = false
-        if let q = stringOption("--quant-type") {
-            if q == "none" { o.quantType = nil } else if let t = QuantType(rawValue: q) { o.quantType = t } else { fail("--quant-type: nf4, fp4, int4 or none") }
-        }
-        o.embeddingDType = headDType(default: .auto)
+        let o = inferenceLoadOptions()
         try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), repeats: option("--repeats", 3), options: o)
     case "quant":
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
