@@ -38,7 +38,7 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.")
     var adapter: String?
 
-    @Option(help: ArgumentHelp("Storage of the embedding table and LM head (one matrix when tied): auto, f32, bf16 or q8_0. auto keeps the checkpoint's own values exactly in the narrowest of the others (q8_0 for a GGUF q8_0 table, bf16 for a bf16 checkpoint, else f32), and f32 for train. Decoding reads the whole head for every token, so a smaller head decodes faster; bf16 and q8_0 round the values.", valueName: "dtype"))
+    @Option(help: ArgumentHelp("Storage of the embedding table and LM head (one matrix when tied): auto, f32, bf16 or q8_0. auto keeps the checkpoint's own values exactly in the narrowest of the others (q8_0 for a GGUF q8_0 table, bf16 for a bf16 checkpoint, else f32). Decoding reads the whole head for every token, so a smaller head decodes faster; bf16 and q8_0 round the values.", valueName: "dtype"))
     var headDtype: String = "auto"
 
     @Flag(help: "The same as --head-dtype bf16 (half the memory of f32, as QLoRA keeps them; values round to bf16).")
@@ -59,26 +59,24 @@ struct ModelOptions: ParsableArguments {
 
     var modelPath: String { model ?? defaultModelPath() }
 
-    func loadOptions(progress: Bool, training: Bool = false) -> LoadOptions {
+    func loadOptions(progress: Bool) -> LoadOptions {
         var o = LoadOptions()
         o.quantType = QuantType(rawValue: quantType)
         o.blockSize = blockSize
         o.doubleQuant = !noDoubleQuant
         o.showProgress = progress
-        // Training multiplies the head for every chunk of loss rows, dequantizing a q8_0 or bf16 head each
-        // time: `auto` keeps it in f32 there (a narrower head is still there for the asking).
-        o.embeddingDType = training && embeddingDType == .auto ? .f32 : embeddingDType
+        o.embeddingDType = embeddingDType
         return o
     }
 
     /// Loads the model and its tokenizer, reporting the load on stderr.
-    func load(progress: Bool, training: Bool = false) throws -> (LlamaModel, Tokenizer) {
+    func load(progress: Bool) throws -> (LlamaModel, Tokenizer) {
         if model == nil && !FileSystem.exists(modelPath) {
             throw ValidationError("the default model is not at \(modelPath); run scripts/setup.sh (or make demo) first, or pass --model")
         }
         let start = Clock.seconds()
         let path = try ModelLocator.resolve(modelPath)
-        var m = try LlamaModel.load(path, options: loadOptions(progress: progress, training: training))
+        var m = try LlamaModel.load(path, options: loadOptions(progress: progress))
         if let adapter { m = try m.withAdapter(adapter) }
         let tokenizer = try Tokenizer.load(model: path)
         if progress {

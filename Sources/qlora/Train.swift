@@ -175,7 +175,7 @@ struct Train: ParsableCommand {
             throw ValidationError("\(output) already has checkpoints (\(existing.last!.1)); pass --resume to continue, or choose another --output")
         }
 
-        let (model, tokenizer) = try modelOptions.load(progress: !json, training: true)
+        let (model, tokenizer) = try modelOptions.load(progress: !json)
         let promptTemplate: PromptTemplate
         if template == "guanaco" {
             promptTemplate = .guanaco

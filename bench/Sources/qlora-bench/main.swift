@@ -391,7 +391,7 @@ do {
         guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N --bf16-embeddings]") }
         var o = LoadOptions()
         o.showProgress = false
-        o.embeddingDType = headDType(default: args.contains("--bf16-embeddings") ? .bf16 : .f32)
+        o.embeddingDType = headDType(default: args.contains("--bf16-embeddings") ? .bf16 : .auto)
         let model = try LlamaModel.load(args[1], options: o)
         var c = LoRAConfig()
         c.rank = option("--rank", 16)
