@@ -20,7 +20,7 @@ mkdir -p "$DIR"
 
 if [ ! -d "$SRC" ]; then
   say "downloading the llama-cpp-python $VERSION sdist"
-  python3 -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$DIR" >&2
+  python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps "llama-cpp-python==$VERSION" -d "$DIR" >&2
   tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
 fi
 # The sdist names the llama.cpp commit it vendors in its changelog ("update llama.cpp to ggml-org/llama.cpp@...").

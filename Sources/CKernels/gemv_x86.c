@@ -1,5 +1,4 @@
-// AVX2 versions of the decoding matrix-vector products (CKernelsGemv.h); the `_avx512` entry points run
-// the AVX-512 dot product for 4-bit rows and the AVX2 code for the others.
+// AVX2 versions of the decoding matrix-vector products (CKernelsGemv.h); the AVX-512 ones are in gemv_avx512.c.
 //
 // 4-bit rows: the AVX2 codebook lookup that costs least is vpshufb over the four byte planes of the
 // 16 f32 codes (one 16-byte table a plane), then two rounds of unpacks that assemble the bytes into
@@ -319,68 +318,15 @@ void qk_gemm_bf16_avx2(const float *x, size_t nx, const uint16_t *w, size_t rows
     }
 }
 
-void qk_gemv4_prepare_avx512(const float *x, size_t cols, float *xp) { qk_gemv4_prepare_reference(x, cols, xp); }
-
-void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *packed, const qk_block_scales *scales,
-                     size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y) {
-    (void)xp;
-    gemv4_by_rows(qk_dot4_avx512, x, packed, scales, first_block, rows, cols, blocksize, code, y);
-}
-
-void qk_gemv8_avx512(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y) {
-    qk_gemv8_avx2(x, q, scales, rows, cols, y);
-}
-
-void qk_gemv_bf16_avx512(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y) {
-    qk_gemv_bf16_avx2(x, w, rows, cols, y);
-}
-
-void qk_gemm4_avx512(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
-                     size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) {
-    (void)xp;
-    if (nx == 1 || blocksize % 64 != 0) {
-        for (size_t i = 0; i < nx; i++)
-            gemv4_by_rows(qk_dot4_avx512, x + i * cols, packed, scales, first_block, rows, cols, blocksize, code, y + i * ldy);
-        return;
-    }
-    // Several inputs: the AVX2 kernel decodes each weight group once for all of them; it reads x in its own order.
-    float *prepared = (float *)malloc(nx * cols * sizeof(float));
-    if (!prepared) {
-        for (size_t i = 0; i < nx; i++)
-            gemv4_by_rows(qk_dot4_avx512, x + i * cols, packed, scales, first_block, rows, cols, blocksize, code, y + i * ldy);
-        return;
-    }
-    for (size_t i = 0; i < nx; i++) qk_gemv4_prepare_avx2(x + i * cols, cols, prepared + i * cols);
-    qk_gemm4_avx2(x, prepared, nx, packed, scales, first_block, rows, cols, blocksize, code, y, ldy);
-    free(prepared);
-}
-
-void qk_gemm8_avx512(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy) {
-    qk_gemm8_avx2(x, nx, q, scales, rows, cols, y, ldy);
-}
-
-void qk_gemm_bf16_avx512(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) {
-    qk_gemm_bf16_avx2(x, nx, w, rows, cols, y, ldy);
-}
-
 #else
 // Not x86-64: every entry point runs the reference (qk_cpu_supports reports 0 for the vector levels).
 void qk_gemv4_prepare_avx2(const float *x, size_t cols, float *xp) { qk_gemv4_prepare_reference(x, cols, xp); }
-void qk_gemv4_prepare_avx512(const float *x, size_t cols, float *xp) { qk_gemv4_prepare_reference(x, cols, xp); }
 void qk_gemv4_avx2(const float *x, const float *xp, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows, size_t cols,
                    size_t bs, const float *code, float *y) { qk_gemv4_reference(x, xp, p, s, fb, rows, cols, bs, code, y); }
-void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows, size_t cols,
-                     size_t bs, const float *code, float *y) { qk_gemv4_reference(x, xp, p, s, fb, rows, cols, bs, code, y); }
 void qk_gemv8_avx2(const float *x, const int8_t *q, const float *s, size_t rows, size_t cols, float *y) { qk_gemv8_reference(x, q, s, rows, cols, y); }
-void qk_gemv8_avx512(const float *x, const int8_t *q, const float *s, size_t rows, size_t cols, float *y) { qk_gemv8_reference(x, q, s, rows, cols, y); }
 void qk_gemv_bf16_avx2(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y) { qk_gemv_bf16_reference(x, w, rows, cols, y); }
-void qk_gemv_bf16_avx512(const float *x, const uint16_t *w, size_t rows, size_t cols, float *y) { qk_gemv_bf16_reference(x, w, rows, cols, y); }
 void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows,
                    size_t cols, size_t bs, const float *code, float *y, size_t ldy) { qk_gemm4_reference(x, xp, nx, p, s, fb, rows, cols, bs, code, y, ldy); }
-void qk_gemm4_avx512(const float *x, const float *xp, size_t nx, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows,
-                     size_t cols, size_t bs, const float *code, float *y, size_t ldy) { qk_gemm4_reference(x, xp, nx, p, s, fb, rows, cols, bs, code, y, ldy); }
 void qk_gemm8_avx2(const float *x, size_t nx, const int8_t *q, const float *s, size_t rows, size_t cols, float *y, size_t ldy) { qk_gemm8_reference(x, nx, q, s, rows, cols, y, ldy); }
-void qk_gemm8_avx512(const float *x, size_t nx, const int8_t *q, const float *s, size_t rows, size_t cols, float *y, size_t ldy) { qk_gemm8_reference(x, nx, q, s, rows, cols, y, ldy); }
 void qk_gemm_bf16_avx2(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) { qk_gemm_bf16_reference(x, nx, w, rows, cols, y, ldy); }
-void qk_gemm_bf16_avx512(const float *x, size_t nx, const uint16_t *w, size_t rows, size_t cols, float *y, size_t ldy) { qk_gemm_bf16_reference(x, nx, w, rows, cols, y, ldy); }
 #endif

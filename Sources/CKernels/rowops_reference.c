@@ -3,18 +3,25 @@
 #include "CKernels.h"
 #include <math.h>
 
-void qk_softmax_row_reference(float *row, size_t visible, size_t length) {
+// exp(row[j] - m) in place for j < visible, m the largest; returns their sum and sets *max = m.
+static float exp_row_reference(float *row, size_t visible, float *max) {
     float m = -INFINITY;
     for (size_t j = 0; j < visible; j++) m = row[j] > m ? row[j] : m;
     float sum = 0.0f;
     for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); sum += row[j]; }
-    float inv = 1.0f / sum;
+    *max = m;
+    return sum;
+}
+
+void qk_softmax_row_reference(float *row, size_t visible, size_t length) {
+    float m;
+    float inv = 1.0f / exp_row_reference(row, visible, &m);
     for (size_t j = 0; j < visible; j++) row[j] *= inv;
     for (size_t j = visible; j < length; j++) row[j] = 0.0f;
 }
 
 void qk_attend_reference(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                         float scale, float *scores, float *out) {
+                         float scale, float *scores, float *out, float *stats) {
     for (size_t qi = 0; qi < nq; qi++) {
         const float *qq = q + qi * d;
         float *sc = scores + qi * S, *o = out + qi * d;
@@ -24,7 +31,8 @@ void qk_attend_reference(const float *q, size_t nq, const float *keys, const flo
             for (size_t i = 0; i < d; i++) dot += qq[i] * k[i];
             sc[j] = dot * scale;
         }
-        qk_softmax_row_reference(sc, S, S);
+        if (stats) stats[2 * qi + 1] = exp_row_reference(sc, S, &stats[2 * qi]);
+        else qk_softmax_row_reference(sc, S, S);
         for (size_t i = 0; i < d; i++) o[i] = 0.0f;
         for (size_t j = 0; j < S; j++) {
             const float *v = values + j * stride;

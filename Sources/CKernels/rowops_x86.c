@@ -78,8 +78,8 @@ void qk_softmax_row_avx512(float *row, size_t visible, size_t length) {
     for (j = visible; j < length; j++) row[j] = 0.0f;
 }
 
-void qk_softmax_row_avx2(float *row, size_t visible, size_t length) AVX2;
-void qk_softmax_row_avx2(float *row, size_t visible, size_t length) {
+// exp(row[j] - m) in place for j < visible, m the largest; returns their sum and sets *max = m.
+AVX2 static float exp_row_avx2(float *row, size_t visible, float *max) {
     size_t j = 0;
     __m256 vm = _mm256_set1_ps(-INFINITY);
     for (; j + 8 <= visible; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
@@ -98,6 +98,15 @@ void qk_softmax_row_avx2(float *row, size_t visible, size_t length) {
     float sum = 0.0f;
     for (int k = 0; k < 8; k++) sum += lanes[k];
     for (; j < visible; j++) { row[j] = expf(row[j] - m); sum += row[j]; }
+    *max = m;
+    return sum;
+}
+
+void qk_softmax_row_avx2(float *row, size_t visible, size_t length) AVX2;
+void qk_softmax_row_avx2(float *row, size_t visible, size_t length) {
+    float m;
+    float sum = exp_row_avx2(row, visible, &m);
+    size_t j;
     __m256 inv = _mm256_set1_ps(1.0f / sum);
     for (j = 0; j + 8 <= visible; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
     for (; j < visible; j++) row[j] *= 1.0f / sum;
@@ -254,17 +263,20 @@ void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64
 
 // ---- attention of one key-value head's queries (decoding) ---------------------------------------------
 void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                    float scale, float *scores, float *out) AVX2;
+                    float scale, float *scores, float *out, float *stats) AVX2;
 void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                    float scale, float *scores, float *out) {
+                    float scale, float *scores, float *out, float *stats) {
     if (d % 8 != 0 || d > 256) {
-        qk_attend_reference(q, nq, keys, values, S, d, stride, scale, scores, out);
+        qk_attend_reference(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
         return;
     }
     // Scores eight positions at a time: eight dot products in eight accumulators, then one reduction tree
     // (hadd, hadd, lane add) that leaves dot t in lane t. The eight key rows stay in L1 for every query.
     size_t j = 0;
     for (; j + 8 <= S; j += 8) {
+        // The cache is read from memory once per step, rows apart by `stride`: fetch 16 positions ahead.
+        for (size_t t = 0; t < 8; t++)
+            for (size_t i = 0; i < d; i += 16) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0);
         for (size_t qi = 0; qi < nq; qi++) {
             const float *qq = q + qi * d;
             __m256 acc[8];
@@ -292,12 +304,17 @@ void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *v
             scores[qi * S + j] = _mm_cvtss_f32(h) * scale;
         }
     }
-    for (size_t qi = 0; qi < nq; qi++) qk_softmax_row_avx2(scores + qi * S, S, S);
+    for (size_t qi = 0; qi < nq; qi++) {
+        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);
+        else qk_softmax_row_avx2(scores + qi * S, S, S);
+    }
     // out = sum_j p_j v_j: positions in chunks of 32 (their value rows stay in L1 for every query), 64
     // lanes of a query's output in registers at a time.
     for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;
     for (size_t j0 = 0; j0 < S; j0 += 32) {
         size_t j1 = S - j0 < 32 ? S : j0 + 32;
+        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)
+            for (size_t i = 0; i < d; i += 16) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);
         for (size_t qi = 0; qi < nq; qi++) {
             const float *p = scores + qi * S;
             for (size_t i0 = 0; i0 < d; i0 += 64) {
@@ -317,19 +334,19 @@ void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *v
 }
 
 void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                      float scale, float *scores, float *out) {
-    qk_attend_avx2(q, nq, keys, values, S, d, stride, scale, scores, out);
+                      float scale, float *scores, float *out, float *stats) {
+    qk_attend_avx2(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
 }
 
 #else
 void qk_dropout_avx2(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_dropout_avx512(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_softmax_row_avx2(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
-void qk_attend_avx2(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
-    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o);
+void qk_attend_avx2(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o, float *t) {
+    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o, t);
 }
-void qk_attend_avx512(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o) {
-    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o);
+void qk_attend_avx512(const float *q, size_t nq, const float *k, const float *v, size_t S, size_t d, size_t st, float sc, float *s, float *o, float *t) {
+    qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o, t);
 }
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }

@@ -52,7 +52,7 @@ public typealias GemvBF16Function = @convention(c) (UnsafePointer<Float>?, Unsaf
 public typealias SoftmaxRowFunction = @convention(c) (UnsafeMutablePointer<Float>?, Int, Int) -> Void
 public typealias AttendFunction = @convention(c) (
     UnsafePointer<Float>?, Int, UnsafePointer<Float>?, UnsafePointer<Float>?, Int, Int, Int, Float, UnsafeMutablePointer<Float>?,
-    UnsafeMutablePointer<Float>?
+    UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?
 ) -> Void
 public typealias SwiGLUFunction = @convention(c) (UnsafeMutablePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int) -> Void
 public typealias SwiGLUBackwardFunction = @convention(c) (

@@ -60,6 +60,9 @@ final class ForwardWorkspace {
     let prepared: UnsafeMutablePointer<Float>
     /// Attention scores: rows x capacity for prefill, or one capacity-long row per worker for decoding.
     let scores: UnsafeMutablePointer<Float>
+    /// Decoding's attention split over ranges of positions: each range's unnormalized output (a row of
+    /// queries per worker), then each range's max and sum per query head.
+    let partial: UnsafeMutablePointer<Float>
     private let all: [UnsafeMutablePointer<Float>]
 
     init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int) {
@@ -76,7 +79,8 @@ final class ForwardWorkspace {
         scratch = make(scratchCount)
         prepared = make(min(T, Linear.batchedRowLimit) * max(D, I, qDim))
         scores = make(max(T, Parallel.threadCount * c.headCount / max(c.kvHeadCount, 1)) * capacity)
-        all = [h, xn, q, k, v, attn, proj, g, u, scratch, prepared, scores]
+        partial = make(Parallel.threadCount * (qDim + 2 * c.headCount))
+        all = [h, xn, q, k, v, attn, proj, g, u, scratch, prepared, scores, partial]
     }
 
     deinit { for p in all { p.deallocate() } }
@@ -116,7 +120,7 @@ extension LlamaModel {
             // This step's keys and values join the cache; the queries attend over all of it.
             (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
             (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
-            attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, kernels: kernels)
+            attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, partial: ws.partial, kernels: kernels)
         }
         cache.advance(by: T)
         switch logits {
@@ -204,7 +208,7 @@ extension LlamaModel {
                     let i = pair / Hkv, kvh = pair % Hkv
                     let cache = caches[i]
                     kernels.attend(q + i * qDim + kvh * group * d, group, cache.keys(layer: l) + kvh * d, cache.values(layer: l) + kvh * d,
-                                   positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d)
+                                   positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d, nil)
                 }
             }
         }
@@ -223,10 +227,13 @@ extension LlamaModel {
         Ops.ropeTables(positions: Array(positions), inverseFrequencies: inverseFrequencies)
     }
 
+    /// The context length from which decoding's attention splits each head's positions over the workers.
+    static let splitAttentionFrom = 128
+
     /// Causal attention of this step's queries over every cached position, per head, grouped KV heads
     /// shared by H / Hkv query heads. Softmax in f32 with the row maximum subtracted.
     func attention(q: UnsafePointer<Float>, layer l: Int, cache: KVCache, start: Int, rows T: Int, into out: UnsafeMutablePointer<Float>,
-                   scores: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+                   scores: UnsafeMutablePointer<Float>, partial: UnsafeMutablePointer<Float>, kernels: KernelTable) {
         let c = config
         let H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
         let group = H / Hkv
@@ -236,13 +243,43 @@ extension LlamaModel {
         let kBase = UnsafePointer(cache.keys(layer: l)), vBase = UnsafePointer(cache.values(layer: l))
         let capacity = cache.workspace?.capacity ?? cache.capacity
         if T == 1 {
-            // Decoding: the query heads of each key-value head together (its keys and values read once),
-            // key-value heads over the workers, each worker with its own rows of scores.
-            Parallel.forChunks(count: Hkv, minimumChunk: 1) { worker, kvHeads in
+            // Decoding: the query heads of each key-value head together (its keys and values read once).
+            // Short contexts: key-value heads over the workers. Long ones: each head's positions in as many
+            // ranges as there are workers too, so that every worker has the same share (3 heads over 2
+            // workers would leave one idle a third of the time), each range's output unnormalized with its
+            // max and sum, combined after (qk_attend with stats).
+            let workers = Parallel.threadCount
+            let ranges = workers > 1 && S >= Self.splitAttentionFrom ? workers : 1
+            let stats = partial + ranges * qDim
+            Parallel.forChunks(count: Hkv * ranges, minimumChunk: 1) { worker, units in
                 let rows = scores + worker * group * capacity
-                for kvh in kvHeads {
-                    kernels.attend(q + kvh * group * d, group, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, rows,
-                                   out + kvh * group * d)
+                for unit in units {
+                    let kvh = unit / ranges, r = unit % ranges
+                    if ranges == 1 {
+                        kernels.attend(q + kvh * group * d, group, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, rows,
+                                       out + kvh * group * d, nil)
+                    } else {
+                        let lo = S * r / ranges, hi = S * (r + 1) / ranges
+                        kernels.attend(q + kvh * group * d, group, kBase + lo * kvDim + kvh * d, vBase + lo * kvDim + kvh * d, hi - lo, d, kvDim,
+                                       scale, rows, partial + r * qDim + kvh * group * d, stats + 2 * (r * H + kvh * group))
+                    }
+                }
+            }
+            if ranges > 1 {
+                for h in 0..<H {
+                    var m = -Float.infinity
+                    for r in 0..<ranges { m = max(m, stats[2 * (r * H + h)]) }
+                    var l: Float = 0
+                    let o = out + h * d
+                    o.update(repeating: 0, count: d)
+                    for r in 0..<ranges {
+                        let w = exp(stats[2 * (r * H + h)] - m)
+                        l += w * stats[2 * (r * H + h) + 1]
+                        let p = partial + r * qDim + h * d
+                        for i in 0..<d { o[i] += w * p[i] }
+                    }
+                    let inv = 1 / l
+                    for i in 0..<d { o[i] *= inv }
                 }
             }
         } else {

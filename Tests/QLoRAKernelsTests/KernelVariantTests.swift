@@ -107,7 +107,7 @@ struct KernelVariantTests {
     func gemv4(level: KernelLevel) throws {
         let kernels = KernelTable.forLevel(level)!
         let rows = 37
-        for cols in [64, 128, 320, 576, 1536] {
+        for cols in [64, 128, 320, 576, 1536, 32896] {  // 32,896 at block 32: rows longer than the AVX-512 kernel's scale buffer
             for bs in [32, 64, 128, 256, 512] where cols % bs == 0 {
                 for qt in QuantType.allCases {
                     let w = randomValues(rows * cols, seed: UInt64(cols * 13 + bs))
@@ -273,7 +273,7 @@ struct RowKernelTests {
         }
     }
 
-    @Test("attention of a key-value head's queries: each variant within f32 rounding of an f64 computation, every head size and length",
+    @Test("attention of a key-value head's queries: each variant within f32 rounding of an f64 computation, every head size and length, whole and split in two",
           arguments: KernelTable.available.map(\.level))
     func attend(level: KernelLevel) {
         let k = KernelTable.forLevel(level)!
@@ -286,7 +286,27 @@ struct RowKernelTests {
                     let keys = (0..<(S * stride)).map { _ in rng.normal() }, values = (0..<(S * stride)).map { _ in rng.normal() }
                     let scale = 1 / Float(d).squareRoot()
                     var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
-                    k.attend(q, nq, keys, values, S, d, stride, scale, &scores, &out)
+                    k.attend(q, nq, keys, values, S, d, stride, scale, &scores, &out, nil)
+                    // Split over two ranges of positions (unnormalized, with each range's max and sum), then combined.
+                    let cut = S / 2
+                    var combined = [Float](repeating: .nan, count: nq * d)
+                    if cut > 0 {
+                        var s1 = [Float](repeating: .nan, count: nq * cut), s2 = [Float](repeating: .nan, count: nq * (S - cut))
+                        var o1 = [Float](repeating: .nan, count: nq * d), o2 = o1
+                        var t1 = [Float](repeating: .nan, count: 2 * nq), t2 = t1
+                        k.attend(q, nq, keys, values, cut, d, stride, scale, &s1, &o1, &t1)
+                        keys.withUnsafeBufferPointer { kb in
+                            values.withUnsafeBufferPointer { vb in
+                                k.attend(q, nq, kb.baseAddress! + cut * stride, vb.baseAddress! + cut * stride, S - cut, d, stride, scale, &s2, &o2, &t2)
+                            }
+                        }
+                        for qi in 0..<nq {
+                            let m = max(t1[2 * qi], t2[2 * qi])
+                            let w1 = Foundation.exp(t1[2 * qi] - m), w2 = Foundation.exp(t2[2 * qi] - m)
+                            let l = w1 * t1[2 * qi + 1] + w2 * t2[2 * qi + 1]
+                            for i in 0..<d { combined[qi * d + i] = (w1 * o1[qi * d + i] + w2 * o2[qi * d + i]) / l }
+                        }
+                    }
                     for qi in 0..<nq {
                         // f64: softmax of the scaled dots, then the weighted sum of values.
                         let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * Double(keys[j * stride + $1]) } }
@@ -295,6 +315,9 @@ struct RowKernelTests {
                         let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(values[$1 * stride + i]) }) }
                         let label = "\(level) d \(d) S \(S) query \(qi) of \(nq)"
                         #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, label) == nil)
+                        if cut > 0 {
+                            #expect(Compare.close(Array(combined[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, "\(label) split at \(cut)") == nil)
+                        }
                         #expect(Compare.close(Array(scores[(qi * S)..<((qi + 1) * S)]), e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5,
                                               "\(label) probabilities") == nil)
                     }

@@ -72,13 +72,16 @@ void qk_softmax_row_avx512(float *row, size_t visible, size_t length);
 /// S cached positions (decoding's attention). For each query qi (d floats at q + qi * d): scores[qi * S + j]
 /// = scale * q . k_j, softmax over j (qk_softmax_row), out[qi * d ...] = sum_j p_j v_j. Position j's key
 /// and value are the d floats at keys + j * stride and values + j * stride; each is read once for all nq.
-/// scores: nq * S floats of scratch (the probabilities after).
+/// scores: nq * S floats of scratch (the probabilities after). With `stats` (2 * nq floats) the output is
+/// left unnormalized, for attention split over ranges of positions: stats[2 qi] = m, the largest score,
+/// stats[2 qi + 1] = l = sum_j exp(score_j - m), out = sum_j exp(score_j - m) v_j; the ranges then
+/// combine as sum_r exp(m_r - M) out_r / sum_r exp(m_r - M) l_r, M the largest m_r. NULL: normalized.
 void qk_attend_reference(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                         float scale, float *scores, float *out);
+                         float scale, float *scores, float *out, float *stats);
 void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                    float scale, float *scores, float *out);
+                    float scale, float *scores, float *out, float *stats);
 void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
-                      float scale, float *scores, float *out);
+                      float scale, float *scores, float *out, float *stats);
 
 /// a = silu(g) * u = g / (1 + exp(-g)) * u.
 void qk_swiglu_reference(float *a, const float *g, const float *u, size_t n);

@@ -1,7 +1,7 @@
 // Matrix-vector products of decoding (one token: y = W x, W [rows, cols] row-major) on the weight
 // formats the model keeps: 4-bit codes with block scales (NF4/FP4/Int4), 8-bit codes with a scale per
 // 32 (q8_0, for the LM head), and bfloat16. Each has a scalar `_reference` (the spec) and x86-64
-// variants; `_avx512` entry points exist for every level of the dispatch table (some run the AVX2 code).
+// variants (AVX2 in gemv_x86.c, AVX-512 in gemv_avx512.c).
 // Results equal the reference up to the order of the f32 sums.
 #ifndef CKERNELS_GEMV_H
 #define CKERNELS_GEMV_H
@@ -14,8 +14,9 @@ extern "C" {
 #endif
 
 /// x (cols floats) rearranged into xp (cols floats) for qk_gemv4 of the same level: the AVX2 kernel
-/// reads each group of 64 inputs in the order its codebook lookups produce them; the other levels read
-/// x as it is (xp is a copy). Prepare once, multiply by any number of rows.
+/// reads each group of 64 inputs in the order its codebook lookups produce them; the AVX-512 kernel reads
+/// each 32 as its 16 even elements then its 16 odd ones; the reference reads x as it is (xp is a copy).
+/// Prepare once, multiply by any number of rows.
 void qk_gemv4_prepare_reference(const float *x, size_t cols, float *xp);
 void qk_gemv4_prepare_avx2(const float *x, size_t cols, float *xp);
 void qk_gemv4_prepare_avx512(const float *x, size_t cols, float *xp);
