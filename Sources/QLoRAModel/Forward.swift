@@ -116,18 +116,24 @@ extension LlamaModel {
         let ws = workspace(cache, rows: T)
         for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + t * c.hiddenSize) }
         let (cos, sin) = ropeTables(positions: start..<(start + T))
-        runLayers(ws, rows: T, cos: cos, sin: sin, kernels: kernels) { l in
-            // This step's keys and values join the cache; the queries attend over all of it.
-            (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
-            (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
-            attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, partial: ws.partial, kernels: kernels)
+        // More than one row: the BLAS products are split over our own workers with BLAS on one thread
+        // each, so that OpenBLAS's threads do not spin against ours (measured: a fifth of a prefill's time
+        // in sched_yield otherwise).
+        func run() -> [Float] {
+            runLayers(ws, rows: T, cos: cos, sin: sin, kernels: kernels) { l in
+                // This step's keys and values join the cache; the queries attend over all of it.
+                (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
+                (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
+                attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, partial: ws.partial, kernels: kernels)
+            }
+            cache.advance(by: T)
+            switch logits {
+            case .none: return []
+            case .last: return outputLogits(ws, rows: (T - 1)..<T, kernels: kernels)
+            case .all: return outputLogits(ws, rows: 0..<T, kernels: kernels)
+            }
         }
-        cache.advance(by: T)
-        switch logits {
-        case .none: return []
-        case .last: return outputLogits(ws, rows: (T - 1)..<T, kernels: kernels)
-        case .all: return outputLogits(ws, rows: 0..<T, kernels: kernels)
-        }
+        return T > 1 ? Gemm.withSingleThreadedBLAS(run) : run()
     }
 
     /// The blocks over `rows` rows of ws.h, in place: for each layer, norm, q/k/v, rotation, then
@@ -137,18 +143,19 @@ extension LlamaModel {
         let c = config
         let D = c.hiddenSize, d = c.headDim
         let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, proj = ws.proj, g = ws.g, u = ws.u, scratch = ws.scratch
+        let bf16 = bf16Products
         for (l, layer) in layers.enumerated() {
             rmsNorm(xn, h, weight: layer.inputNorm, rows: n)
-            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, kernels: kernels)
+            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, bf16: bf16, kernels: kernels)
             Ops.rope(q, rows: n, heads: c.headCount, headDim: d, cos: cos, sin: sin)
             Ops.rope(k, rows: n, heads: c.kvHeadCount, headDim: d, cos: cos, sin: sin)
             attend(l)
-            layer.o.forward(ws.attn, rows: n, into: proj, scratch: scratch, kernels: kernels)
+            layer.o.forward(ws.attn, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
             for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
             rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: n)
-            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, kernels: kernels)
+            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, bf16: bf16, kernels: kernels)
             Ops.swigluForward(g, gate: g, up: u, count: n * c.intermediateSize)
-            layer.down.forward(g, rows: n, into: proj, scratch: scratch, kernels: kernels)
+            layer.down.forward(g, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
             for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
         }
     }
@@ -158,7 +165,7 @@ extension LlamaModel {
         rmsNorm(ws.xn, ws.h + rows.lowerBound * config.hiddenSize, weight: finalNorm, rows: rows.count)
         var out = [Float](repeating: 0, count: rows.count * config.vocabSize)
         out.withUnsafeMutableBufferPointer { o in
-            head.forward(ws.xn, rows: rows.count, into: o.baseAddress!, scratch: ws.scratch, kernels: kernels)
+            head.forward(ws.xn, rows: rows.count, into: o.baseAddress!, scratch: ws.scratch, bf16: bf16Products, kernels: kernels)
         }
         return out
     }
@@ -196,24 +203,27 @@ extension LlamaModel {
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
         let scale = 1 / Float(d).squareRoot()
         let q = UnsafePointer(ws.q), attn = ws.attn, scores = ws.scores, rowCapacity = ws.capacity
-        runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels) { l in
-            for (i, cache) in caches.enumerated() {
-                (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
-                (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
-            }
-            // (sequence, key-value head) pairs over the workers, each worker with its own rows of scores.
-            Parallel.forChunks(count: B * Hkv, minimumChunk: 1) { worker, pairs in
-                let rows = scores + worker * group * rowCapacity
-                for pair in pairs {
-                    let i = pair / Hkv, kvh = pair % Hkv
-                    let cache = caches[i]
-                    kernels.attend(q + i * qDim + kvh * group * d, group, cache.keys(layer: l) + kvh * d, cache.values(layer: l) + kvh * d,
-                                   positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d, nil)
+        // BLAS on one thread while our workers split its products (as in forward(tokens:)).
+        return Gemm.withSingleThreadedBLAS {
+            runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels) { l in
+                for (i, cache) in caches.enumerated() {
+                    (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
+                    (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
+                }
+                // (sequence, key-value head) pairs over the workers, each worker with its own rows of scores.
+                Parallel.forChunks(count: B * Hkv, minimumChunk: 1) { worker, pairs in
+                    let rows = scores + worker * group * rowCapacity
+                    for pair in pairs {
+                        let i = pair / Hkv, kvh = pair % Hkv
+                        let cache = caches[i]
+                        kernels.attend(q + i * qDim + kvh * group * d, group, cache.keys(layer: l) + kvh * d, cache.values(layer: l) + kvh * d,
+                                       positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d, nil)
+                    }
                 }
             }
+            for cache in caches { cache.advance(by: 1) }
+            return outputLogits(ws, rows: 0..<B, kernels: kernels)
         }
-        for cache in caches { cache.advance(by: 1) }
-        return outputLogits(ws, rows: 0..<B, kernels: kernels)
     }
 
     func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, weight: [Float], rows: Int) {
@@ -229,6 +239,8 @@ extension LlamaModel {
 
     /// The context length from which decoding's attention splits each head's positions over the workers.
     static let splitAttentionFrom = 128
+    /// Query rows of a prefill attention piece.
+    static let prefillAttentionRows = 32
 
     /// Causal attention of this step's queries over every cached position, per head, grouped KV heads
     /// shared by H / Hkv query heads. Softmax in f32 with the row maximum subtracted.
@@ -283,13 +295,23 @@ extension LlamaModel {
                 }
             }
         } else {
-            // Prefill: per head, scores [T, S] and output [T, d] through BLAS.
+            // Prefill: per head, scores [T, S] and output [T, d] through BLAS, in pieces of query rows
+            // handed to the workers (BLAS single-threaded: `forward` runs this inside withSingleThreadedBLAS).
+            // A piece's rows see positions up to start + its last row only: the causal mask's zeros are
+            // neither computed nor read.
             for h in 0..<H {
                 let kvh = h / group
-                Gemm.gemm(scores, ldc: S, q + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
-                          m: T, n: S, k: d, transposeB: true, alpha: scale)
-                for t in 0..<T { Ops.softmaxRow(scores + t * S, visible: start + t + 1, length: S, kernels: kernels) }
-                Gemm.gemm(out + h * d, ldc: qDim, scores, lda: S, vBase + kvh * d, ldb: kvDim, m: T, n: d, k: S)
+                Parallel.forPieces(count: T, piece: Self.prefillAttentionRows) { rows in
+                    let visible = start + rows.upperBound
+                    let sc = scores + rows.lowerBound * S
+                    Gemm.gemm(sc, ldc: S, q + rows.lowerBound * qDim + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
+                              m: rows.count, n: visible, k: d, transposeB: true, alpha: scale)
+                    for t in rows {
+                        Ops.softmaxRow(scores + t * S, visible: start + t + 1, length: visible, kernels: kernels)
+                    }
+                    Gemm.gemm(out + rows.lowerBound * qDim + h * d, ldc: qDim, sc, lda: S, vBase + kvh * d, ldb: kvDim,
+                              m: rows.count, n: d, k: visible)
+                }
             }
         }
     }

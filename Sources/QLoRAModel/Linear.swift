@@ -140,26 +140,42 @@ public struct Linear: Sendable {
     }
 
     /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `scratchCount` floats when the
-    /// weight is quantized and rows > 1.
+    /// weight is quantized and rows > 1. The BLAS products over many rows are split over our workers
+    /// (Gemm.parallelGemm): call inside Gemm.withSingleThreadedBLAS, as LlamaModel.forward does. `bf16`: a product over more rows than the matrix-vector kernels
+    /// take runs on bf16 operands (x converted once, each dequantized tile of W packed) with f32 sums,
+    /// where BF16Gemm.isSupported; LoRA stays f32.
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
-                        scratch: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
+                        scratch: UnsafeMutablePointer<Float>, bf16: Bool = false, kernels: KernelTable = .current) {
         switch weight {
         case let .dense(w):
             w.withUnsafeBufferPointer { wp in
                 if rows == 1 {
                     Gemm.gemv(y, wp.baseAddress!, lda: inFeatures, x, m: outFeatures, n: inFeatures)
                 } else {
-                    Gemm.gemm(y, ldc: outFeatures, x, lda: inFeatures, wp.baseAddress!, ldb: inFeatures,
-                              m: rows, n: outFeatures, k: inFeatures, transposeB: true)
+                    Gemm.parallelGemm(y, ldc: outFeatures, x, lda: inFeatures, wp.baseAddress!, ldb: inFeatures,
+                                      m: rows, n: outFeatures, k: inFeatures, transposeB: true)
                 }
             }
         case .quantized, .bf16, .q8:
             if rows <= Self.batchedRowLimit && gemvSupported {
                 gemv(x, rows: rows, y, kernels: kernels)
+            } else if bf16 && BF16Gemm.isSupported {
+                let pad = BF16Gemm.paddedCount(inFeatures)
+                withUnsafeTemporaryAllocation(of: UInt16.self, capacity: rows * pad) { xb in
+                    BF16Gemm.convert(x, rows: rows, cols: inFeatures, ld: inFeatures, into: xb.baseAddress!, ldd: pad)
+                    let words = BF16Gemm.packedWords(k: inFeatures, n: tileRows(forRows: rows))
+                    withUnsafeTemporaryAllocation(of: UInt32.self, capacity: words) { packed in
+                        forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                            BF16Gemm.packB(w, ldb: inFeatures, transposed: true, k: inFeatures, n: tile.count, into: packed.baseAddress!)
+                            BF16Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, xb.baseAddress!, lda: pad, packed.baseAddress!,
+                                          m: rows, n: tile.count, k: inFeatures, accumulate: false)
+                        }
+                    }
+                }
             } else {
                 forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
-                    Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
-                              m: rows, n: tile.count, k: inFeatures, transposeB: true)
+                    Gemm.parallelGemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
+                                      m: rows, n: tile.count, k: inFeatures, transposeB: true)
                 }
             }
         }
@@ -259,12 +275,13 @@ public struct Linear: Sendable {
     public static func forwardShared(_ x: UnsafePointer<Float>, rows n: Int, prepared: UnsafeMutablePointer<Float>,
                                      scratch: UnsafeMutablePointer<Float>,
                                      _ a: Linear, _ ya: UnsafeMutablePointer<Float>, _ b: Linear, _ yb: UnsafeMutablePointer<Float>,
-                                     _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, kernels: KernelTable = .current) {
+                                     _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, bf16: Bool = false,
+                                     kernels: KernelTable = .current) {
         guard n <= batchedRowLimit, a.gemvSupported, b.gemvSupported, c?.gemvSupported ?? true, a.inFeatures == b.inFeatures,
               c.map({ $0.inFeatures == a.inFeatures }) ?? true else {
-            a.forward(x, rows: n, into: ya, scratch: scratch, kernels: kernels)
-            b.forward(x, rows: n, into: yb, scratch: scratch, kernels: kernels)
-            if let c, let yc { c.forward(x, rows: n, into: yc, scratch: scratch, kernels: kernels) }
+            a.forward(x, rows: n, into: ya, scratch: scratch, bf16: bf16, kernels: kernels)
+            b.forward(x, rows: n, into: yb, scratch: scratch, bf16: bf16, kernels: kernels)
+            if let c, let yc { c.forward(x, rows: n, into: yc, scratch: scratch, bf16: bf16, kernels: kernels) }
             return
         }
         // One preparation serves every 4-bit weight (it depends on the kernel level only).

@@ -64,6 +64,19 @@ public struct LoadOptions: Sendable {
     public init() {}
 }
 
+/// The precision of the frozen model's products (QLoRA's `bnb_4bit_compute_dtype`).
+public enum ComputeDType: String, Sendable, CaseIterable {
+    /// f32 throughout (what the transformers and gradient fixtures are checked against).
+    case f32
+    /// The frozen products (every projection's base weight and the LM head, forward and input gradient)
+    /// and attention's four products take bf16 operands and sum in f32, on AVX512-BF16's vdpbf16ps at twice
+    /// the f32 FMA rate; LoRA, softmax, norms and the loss stay f32. The paper's setting. In inference
+    /// (`LlamaModel.computeDType`) it is the products over many rows (prefill, perplexity, scoring) with
+    /// the base weights and the head; decoding a token at a time stays f32. Without AVX512-BF16 both
+    /// compute in f32.
+    case bf16
+}
+
 public final class LlamaModel: @unchecked Sendable {
     public let config: LlamaConfig
     /// The embedding table [vocab, hidden] (f32, bf16 or q8_0: `LoadOptions.embeddingDType`), as a matrix:
@@ -75,6 +88,10 @@ public final class LlamaModel: @unchecked Sendable {
     public let lmHead: Linear?
     /// Where the weights came from.
     public let source: String
+    /// The precision of the products over many rows (prefill); `.f32` unless a caller asks for bf16.
+    public var computeDType: ComputeDType = .f32
+    /// Whether the many-row products run in bf16: asked for, and this CPU has AVX512-BF16.
+    var bf16Products: Bool { computeDType == .bf16 && BF16Gemm.isSupported }
     let inverseFrequencies: [Float]
 
     public init(config: LlamaConfig, embeddings: Linear, layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {

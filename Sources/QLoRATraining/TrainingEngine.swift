@@ -65,16 +65,6 @@ public struct TrainingBatch: Sendable {
     public func position(of i: Int) -> Int { i % sequenceLength - (segmentStarts?[i] ?? 0) }
 }
 
-/// The precision of the frozen model's products (QLoRA's `bnb_4bit_compute_dtype`).
-public enum ComputeDType: String, Sendable, CaseIterable {
-    /// f32 BLAS throughout (what the gradient fixtures are checked against at 1e-4).
-    case f32
-    /// The frozen products (every projection's base weight and the LM head, forward and input gradient)
-    /// and attention's four products take bf16 operands and sum in f32, on AVX512-BF16's vdpbf16ps at twice
-    /// the f32 FMA rate; LoRA, softmax, norms and the loss stay f32. The paper's setting. Without
-    /// AVX512-BF16 the engine computes in f32.
-    case bf16
-}
 
 public struct TrainingOptions: Sendable {
     /// Precision of the frozen products; bf16 as in the paper (f32 where the CPU lacks AVX512-BF16).

@@ -8,6 +8,7 @@ struct Chat: ParsableCommand {
     )
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var inference: InferenceOptions
     @OptionGroup var sampling: SamplingFlags
 
     @Option(help: "A system message for every conversation.")
@@ -18,6 +19,7 @@ struct Chat: ParsableCommand {
 
     func run() throws {
         let (model, tokenizer) = try modelOptions.load(progress: true)
+        inference.apply(to: model)
         guard let source = tokenizer.chatTemplate else { throw ValidationError("this model has no chat template") }
         let template = try ChatTemplate(source)
         let generator = Generator(model: model, tokenizer: tokenizer, contextLength: contextLength ?? min(model.config.maxPositions, 4096))

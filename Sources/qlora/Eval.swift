@@ -111,6 +111,7 @@ struct EvalMMLU: ParsableCommand {
     )
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var inference: InferenceOptions
 
     @Option(help: "A folder in the hendrycks/test layout, or a JSON-lines file of prompts.", completion: .file())
     var data: String
@@ -155,6 +156,7 @@ struct EvalMMLU: ParsableCommand {
         }
         guard !items.isEmpty else { throw EvaluationError.empty(file: data, what: "no questions to score") }
         let (model, tokenizer) = try modelOptions.load(progress: !json)
+        inference.apply(to: model)
         let evaluator = try MMLUEvaluator(model: model, tokenizer: tokenizer)
         let bar = ProgressBar("mmlu", total: items.count, enabled: !json)
         let result = try evaluator.evaluate(items) { done, _ in bar.advance(note: items[done - 1].subject) }

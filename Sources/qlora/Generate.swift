@@ -8,6 +8,7 @@ struct Generate: ParsableCommand {
     )
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var inference: InferenceOptions
     @OptionGroup var sampling: SamplingFlags
 
     @Option(name: .shortAndLong, help: "The prompt (read from standard input when omitted).")
@@ -24,6 +25,7 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         let (model, tokenizer) = try modelOptions.load(progress: !json)
+        inference.apply(to: model)
         let text = prompt ?? readAllStandardInput()
         let ids: [Int]
         if chat {

@@ -8,6 +8,7 @@ struct Perplexity: ParsableCommand {
     )
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var inference: InferenceOptions
 
     @Option(help: "A UTF-8 text file.")
     var textFile: String
@@ -31,6 +32,7 @@ struct Perplexity: ParsableCommand {
 
     func run() throws {
         let (model, tokenizer) = try modelOptions.load(progress: !json)
+        inference.apply(to: model)
         let text = String(decoding: try FileSystem.readFile(textFile), as: UTF8.self)
         var ids = tokenizer.encode(text, addSpecialTokens: true)
         if maxTokens > 0 && ids.count > maxTokens + 1 { ids = Array(ids.prefix(maxTokens + 1)) }

@@ -235,15 +235,18 @@ func decodeBytes(_ model: LlamaModel) -> Int {
 /// llama-bench's two tests on our forward pass: pp = one forward over P random tokens from an empty
 /// cache (logits of the last only), tg = N forwards of one random token each from an empty cache.
 /// Best of `repeats` each; one warm-up forward first.
-func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int, options o: LoadOptions) throws {
+func inferBench(model path: String, prompt P: Int, generate N: Int, depth: Int, repeats: Int, options o: LoadOptions,
+                compute: ComputeDType) throws {
     let loadStart = Clock.seconds()
     let model = try LlamaModel.load(path, options: o)
+    model.computeDType = compute
     let loadSeconds = Clock.seconds() - loadStart
     var rng = SeededGenerator(seed: 42)
     let V = model.config.vocabSize
     let promptTokens = (0..<max(P, 1)).map { _ in Int(rng.next() % UInt64(V)) }
     let genTokens = (0..<max(N, 1)).map { _ in Int(rng.next() % UInt64(V)) }
-    let cache = KVCache(config: model.config, capacity: max(P, N) + 1)
+    let context = (0..<depth).map { _ in Int(rng.next() % UInt64(V)) }
+    let cache = KVCache(config: model.config, capacity: max(P, depth + N) + 1)
     _ = try model.forward(Array(promptTokens.prefix(8)), cache: cache, logits: .last)
     var pp = Double.infinity, tg = Double.infinity
     for _ in 0..<repeats {
@@ -255,6 +258,7 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int
         }
         if N > 0 {
             cache.reset()
+            if depth > 0 { _ = try model.forward(context, cache: cache, logits: .none) }  // decoding after `depth` tokens (llama-bench -d)
             let t = Clock.seconds()
             for token in genTokens { _ = try model.forward([token], cache: cache, logits: .last) }
             tg = min(tg, Clock.seconds() - t)
@@ -265,7 +269,8 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, repeats: Int
         ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
         ("weight_bytes", .int(model.weightBytes)), ("decode_bytes_per_token", .int(decodeBytes(model))), ("load_seconds", .double(loadSeconds)),
         ("prompt_tokens", .int(P)), ("prefill_tokens_per_second", .double(P > 0 ? Double(P) / pp : 0)),
-        ("generated_tokens", .int(N)), ("decode_tokens_per_second", .double(N > 0 ? Double(N) / tg : 0)),
+        ("generated_tokens", .int(N)), ("depth", .int(depth)), ("compute_dtype", .string(compute.rawValue)),
+        ("bf16_supported", .bool(BF16Gemm.isSupported)), ("decode_tokens_per_second", .double(N > 0 ? Double(N) / tg : 0)),
         ("peak_rss_bytes", .int(peakRSS())),
     ]), pretty: true))
 }
@@ -361,9 +366,16 @@ do {
     case "bandwidth":
         bandwidthBench(megabytes: option("--megabytes", 512), repeats: option("--repeats", 5))
     case "infer":
-        guard args.count >= 2 else { fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0]") }
+        guard args.count >= 2 else {
+            fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [-d 0] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0] [--compute-dtype f32|bf16]")
+        }
         let o = inferenceLoadOptions()
-        try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), repeats: option("--repeats", 3), options: o)
+        let compute = stringOption("--compute-dtype").map { s -> ComputeDType in
+            guard let d = ComputeDType(rawValue: s) else { fail("--compute-dtype: f32 or bf16") }
+            return d
+        } ?? .f32
+        try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), depth: option("-d", 0), repeats: option("--repeats", 3),
+                       options: o, compute: compute)
     case "quant":
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
