@@ -35,12 +35,23 @@ def llama_bench(bin_dir, gguf, threads):
     return {"prefill": pp["avg_ts"], "decode": tg["avg_ts"], "rss": rss, "bytes": os.path.getsize(gguf)}
 
 
-def ours(binary, quant, threads):
+def ours(binary, quant, threads, compute="f32"):
     env = {**os.environ, "QLORA_THREADS": str(threads)}
-    out, rss = timed([binary, "infer", MODEL, "-p", "512", "-n", "128", "--repeats", "3", "--quant-type", quant], env)
+    out, rss = timed([binary, "infer", MODEL, "-p", "512", "-n", "128", "--repeats", "3", "--quant-type", quant, "--compute-dtype", compute], env)
     r = json.loads(out)
     return {"prefill": r["prefill_tokens_per_second"], "decode": r["decode_tokens_per_second"], "rss": rss,
             "bytes": r["decode_bytes_per_token"], "head": r["head"], "kernels": r["kernels"]}
+
+
+def llama_depth(bin_dir, gguf, threads, depth):
+    out, _ = timed([os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-t", str(threads), "-p", "0", "-n", "128", "-d", str(depth), "-r", "2", "-o", "json"])
+    return json.loads(out)[0]["avg_ts"]
+
+
+def ours_depth(binary, threads, depth):
+    env = {**os.environ, "QLORA_THREADS": str(threads)}
+    out, _ = timed([binary, "infer", MODEL, "-p", "0", "-n", "128", "-d", str(depth), "--repeats", "2"], env)
+    return json.loads(out)["decode_tokens_per_second"]
 
 
 def llama_batched(bin_dir, gguf, threads):
@@ -73,10 +84,12 @@ def main():
                ("llama.cpp Q4_K_M", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-Q4_K_M.gguf"), a.threads)),
                ("llama.cpp F16", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-f16.gguf"), a.threads)),
                ("swift-qlora NF4 + DQ", lambda: ours(a.binary, "nf4", a.threads)),
+               ("swift-qlora NF4 + DQ, --compute-dtype bf16", lambda: ours(a.binary, "nf4", a.threads, "bf16")),
                ("swift-qlora f32", lambda: ours(a.binary, "none", a.threads))]
     runs = {name: [] for name, _ in configs}
     batched = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": []}
     bandwidth = []
+    depth = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": []}
     for rnd in range(a.rounds):
         print(f"round {rnd + 1} of {a.rounds}", file=sys.stderr)
         bandwidth.append(json.loads(subprocess.run([a.binary, "bandwidth"], capture_output=True, text=True, check=True).stdout))
@@ -85,6 +98,8 @@ def main():
         if rnd < 2:
             batched["llama.cpp Q4_0"].append(llama_batched(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads))
             batched["swift-qlora NF4 + DQ"].append(ours_batched(a.binary, a.threads))
+            depth["llama.cpp Q4_0"].append(llama_depth(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads, 1024))
+            depth["swift-qlora NF4 + DQ"].append(ours_depth(a.binary, a.threads, 1024))
 
     read = max(b["read_gbps"] for b in bandwidth)
     copy = max(b["copy_gbps"] for b in bandwidth)
@@ -115,6 +130,10 @@ def main():
         l = max(x[b] for x in batched["llama.cpp Q4_0"])
         o = max(x[b] for x in batched["swift-qlora NF4 + DQ"])
         print(f"| {b} | {l:.1f} | {o:.1f} | {o / l:.2f}x |")
+    print()
+    l, o = max(depth["llama.cpp Q4_0"]), max(depth["swift-qlora NF4 + DQ"])
+    print(f"Decoding after a 1,024-token context (llama-bench -d 1024 -n 128; llama.cpp's cache in f16, ours in f32): "
+          f"llama.cpp Q4_0 {l:.1f}, swift-qlora NF4 + DQ {o:.1f} tokens/s ({o / l:.2f}x).")
 
 
 if __name__ == "__main__":

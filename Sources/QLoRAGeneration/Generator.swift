@@ -52,38 +52,53 @@ public final class Generator {
     public func generate(prompt: [Int], options: GenerationOptions, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         var sampler = Sampler(options: options.sampling)
         let eos = eosIDs(options)
-        let stream = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+        var reply = ReplyText(tokenizer: tokenizer, stopStrings: options.stopStrings)
         let start = Clock.seconds()
         var logits = try model.forward(prompt, cache: cache, logits: .last)
         let prefill = Clock.seconds() - start
         var context = prompt
         var generated: [Int] = []
         var reason = "length"
-        var text = ""
         let decodeStart = Clock.seconds()
         while generated.count < options.maxTokens {
             let next = sampler.next(logits: logits, context: context)
             if eos.contains(next) { reason = "eos"; break }
             generated.append(next)
             context.append(next)
-            let piece = stream.add(next)
-            if !piece.isEmpty {
-                let before = text.count
-                text += piece
-                if let stop = options.stopStrings.first(where: { text.contains($0) }) {
-                    let range = text.range(of: stop)!
-                    let kept = String(text[..<range.lowerBound])
-                    if kept.count > before { _ = onText(String(kept.dropFirst(before))) }
-                    text = kept
-                    reason = "stop"
-                    break
-                }
-                if !onText(piece) { reason = "interrupted"; break }
-            }
+            let (piece, stopped) = reply.add(next)
+            if !piece.isEmpty && !onText(piece) { reason = "interrupted"; break }
+            if stopped { reason = "stop"; break }
             if generated.count == options.maxTokens || cache.length >= cache.capacity { break }
             logits = try model.forward([next], cache: cache, logits: .last)
         }
-        return GenerationResult(text: text, tokenIDs: generated, promptTokens: prompt.count, finishReason: reason,
+        return GenerationResult(text: reply.text, tokenIDs: generated, promptTokens: prompt.count, finishReason: reason,
                                 prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart)
+    }
+}
+
+/// A reply's text as its tokens arrive: streamed pieces as they become whole characters, cut at the
+/// first stop string (which is not kept).
+struct ReplyText {
+    let stream: StreamingDecoder
+    let stopStrings: [String]
+    private(set) var text = ""
+
+    init(tokenizer: Tokenizer, stopStrings: [String]) {
+        stream = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+        self.stopStrings = stopStrings
+    }
+
+    /// Adds a token: the new text to show, and whether a stop string ended the reply (the piece then
+    /// holds only what came before it).
+    mutating func add(_ token: Int) -> (piece: String, stopped: Bool) {
+        let piece = stream.add(token)
+        guard !piece.isEmpty else { return ("", false) }
+        let before = text.count
+        text += piece
+        if let stop = stopStrings.first(where: { text.contains($0) }) {
+            text = String(text[..<text.range(of: stop)!.lowerBound])
+            return (text.count > before ? String(text.dropFirst(before)) : "", true)
+        }
+        return (piece, false)
     }
 }

@@ -58,35 +58,61 @@ public struct Sampler {
             return best
         }
         let t = options.temperature
-        // Candidates sorted by logit, descending (ties by id, for determinism).
-        var order = Array(logits.indices)
-        if options.topK > 0 && options.topK < order.count {
-            order = Array(order.sorted { (logits[$0], -$0) > (logits[$1], -$1) }.prefix(options.topK))
-        } else {
-            order.sort { (logits[$0], -$0) > (logits[$1], -$1) }
+        var maxLogit = -Float.infinity
+        for l in logits where l > maxLogit { maxLogit = l }
+        let top = maxLogit / t
+        // Unnormalized probabilities e_i = exp(l_i / t - max); the most likely token has 1.
+        var weights = [Float](repeating: 0, count: logits.count)
+        var total: Float = 0
+        for i in logits.indices {
+            let e = expf(logits[i] / t - top)
+            weights[i] = e
+            total += e
         }
-        let maxLogit = logits[order[0]] / t
-        var probs = order.map { expf(logits[$0] / t - maxLogit) }
-        var total = probs.reduce(0, +)
-        probs = probs.map { $0 / total }
-        var keep = probs.count
+        // Candidates in descending order (ties by id). Sorting all 49,152 words of a vocabulary every token
+        // took longer than the forward pass; the nucleus (or the top k, or min-p's survivors) lies among the
+        // few likeliest, so only the tokens above a cutoff are sorted, the cutoff lowered until they hold
+        // enough of the mass. Without top-k, top-p or min-p every token is a candidate, in id order.
+        var order: [Int]
+        if options.topK > 0 && options.topK < logits.count {
+            order = Array(logits.indices.sorted { (weights[$0], -$0) > (weights[$1], -$1) }.prefix(options.topK))
+        } else if options.topP < 1 || options.minP > 0 {
+            var cutoff: Float = 1e-3
+            while true {
+                if options.minP > 0 { cutoff = min(cutoff, options.minP) }
+                var mass: Float = 0
+                order = []
+                for i in weights.indices where weights[i] >= cutoff {
+                    order.append(i)
+                    mass += weights[i]
+                }
+                // Enough when the candidates reach top-p (min-p alone: its survivors are all above its cutoff).
+                if cutoff == 0 || options.topP >= 1 || mass >= options.topP * total { break }
+                cutoff = cutoff < 1e-12 ? 0 : cutoff * 1e-3
+            }
+            order.sort { (weights[$0], -$0) > (weights[$1], -$1) }
+        } else {
+            order = Array(logits.indices)
+        }
+        var keep = order.count
         if options.topP < 1 {
             // Smallest prefix whose mass reaches top_p (at least one token).
             var cumulative: Float = 0
-            for (i, p) in probs.enumerated() {
-                cumulative += p
-                if cumulative >= options.topP { keep = i + 1; break }
+            for (i, id) in order.enumerated() {
+                cumulative += weights[id]
+                if cumulative >= options.topP * total { keep = i + 1; break }
             }
         }
         if options.minP > 0 {
-            let threshold = options.minP * probs[0]
-            keep = min(keep, max(1, probs.prefix(keep).filter { $0 >= threshold }.count))
+            // The best candidate has weight 1.
+            keep = min(keep, max(1, order.prefix(keep).filter { weights[$0] >= options.minP }.count))
         }
-        total = probs.prefix(keep).reduce(0, +)
-        var r = rng.nextFloat() * total
-        for i in 0..<keep {
-            r -= probs[i]
-            if r < 0 { return order[i] }
+        var kept: Float = 0
+        for id in order.prefix(keep) { kept += weights[id] }
+        var r = rng.nextFloat() * kept
+        for id in order.prefix(keep) {
+            r -= weights[id]
+            if r < 0 { return id }
         }
         return order[keep - 1]
     }

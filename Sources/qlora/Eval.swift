@@ -1,12 +1,13 @@
 // `qlora eval`: evaluating models and adapters (the paper's section 5). `eval mmlu` scores multiple
-// choice as the paper does; `eval elo` turns pairwise judgments into Elo ratings.
+// choice as the paper does; `eval generate` (EvalGenerate.swift) answers a chat benchmark; `eval elo`
+// turns pairwise judgments into Elo ratings.
 import ArgumentParser
 import QLoRA
 
 struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Evaluate models: MMLU multiple choice, Elo ratings from pairwise judgments.",
-        subcommands: [EvalMMLU.self, EvalElo.self]
+        abstract: "Evaluate models: MMLU multiple choice, answers to chat benchmarks, Elo ratings from pairwise judgments.",
+        subcommands: [EvalMMLU.self, EvalGenerate.self, EvalElo.self]
     )
 }
 

@@ -462,3 +462,64 @@ struct EvalMMLUCLITests {
         #expect(r.status != 0 && r.stderr.hasPrefix("error: ") && r.stderr.contains("no subject \"astrology\""), "\(r.stderr)")
     }
 }
+
+@Suite("command line: eval generate")
+struct EvalGenerateCLITests {
+    @Test("eval generate on the default model: one line per question (MT-bench's two turns included), batched equal to one at a time when greedy, resumed after a crash, another model's answers refused")
+    func generate() throws {
+        let dir = try Fixtures.temporaryDirectory("eval-generate")
+        let questions = FileSystem.join(dir, "questions.jsonl")
+        try FileSystem.writeFileAtomically(questions, bytes: Array(#"""
+            {"question_id": 1, "text": "How can I improve my time management skills?", "category": "generic"}
+            {"question_id": 2, "category": "writing", "turns": ["Name a color.", "Now name another one."]}
+            {"input": "### Human: What is 2 + 2? ### Assistant: 4. ### Human: And 3 + 3? ### Assistant:"}
+            """#.utf8))
+        func run(_ output: String, _ extra: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+            try runQLoRA(["eval", "generate", "--prompts", questions, "--output", output, "--max-tokens", "6", "--temperature", "0", "--json"] + extra)
+        }
+        func answers(_ path: String) throws -> [String: JSONValue] {
+            var byID: [String: JSONValue] = [:]
+            for (_, line) in JSON.lines(try FileSystem.readFile(path)) {
+                let v = try JSON.parse(Array(line))
+                byID[JSON.serialize(v["question_id"]!)] = v
+            }
+            return byID
+        }
+        let one = FileSystem.join(dir, "one.jsonl"), three = FileSystem.join(dir, "three.jsonl")
+        let r1 = try run(one, ["--batch", "1"])
+        #expect(r1.status == 0, "\(r1.stderr)")
+        #expect(try JSON.parse(Array(r1.stdout.utf8))["answered"]?.intValue == 3)
+        let a1 = try answers(one)
+        #expect(Set(a1.keys) == ["1", "2", "3"])
+        let mt = try #require(a1["2"])
+        #expect(mt["choices"]?.arrayValue?[0]["turns"]?.arrayValue?.count == 2 && mt["category"]?.stringValue == "writing")
+        #expect(mt["model_id"]?.stringValue == "SmolLM2-135M-Instruct.Q4_1.gguf")
+        // The second turn's prompt holds the first turn and its reply; the OA question keeps its conversation.
+        let firstReply = mt["choices"]!.arrayValue![0]["turns"]!.arrayValue![0].stringValue!
+        #expect(mt["prompt"]!.stringValue!.contains("Name a color.") && mt["prompt"]!.stringValue!.contains(firstReply))
+        #expect(a1["3"]!["prompt"]!.stringValue!.contains("What is 2 + 2?") && a1["3"]!["prompt"]!.stringValue!.contains("<|im_start|>assistant\n4.<|im_end|>"))
+        for v in a1.values { #expect(v["generation"]?.stringValue?.isEmpty == false) }
+        // Three at once (batched decoding) gives the same greedy answers.
+        let r3 = try run(three, ["--batch", "3"])
+        #expect(r3.status == 0, "\(r3.stderr)")
+        let a3 = try answers(three)
+        for key in ["1", "2", "3"] { #expect(a3[key]?["choices"] == a1[key]?["choices"], "question \(key)") }
+        // A crash mid-line: the partial line goes, that question is answered again, the others are kept.
+        let bytes = try FileSystem.readFile(one)
+        let lines = bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
+        let cut = Array(lines[0]) + [UInt8(ascii: "\n")] + Array(lines[1]) + [UInt8(ascii: "\n")] + Array(lines[2].prefix(20))
+        try FileSystem.writeFileAtomically(one, bytes: cut)
+        let resumed = try run(one, [])
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        #expect(try JSON.parse(Array(resumed.stdout.utf8))["answered"]?.intValue == 1)
+        #expect(resumed.stderr.contains("removed a partial last line"))
+        #expect(try answers(one).mapValues { $0["choices"]! } == a1.mapValues { $0["choices"]! })
+        // Everything answered: nothing to do. Another model id: refused, the file untouched.
+        let again = try run(one, [])
+        #expect(again.status == 0 && again.stderr.contains("already answered"), "\(again.stderr)")
+        let before = try FileSystem.readFile(one)
+        let other = try run(one, ["--model-id", "guanaco-7b"])
+        #expect(other.status != 0 && other.stderr.contains("holds answers of \"SmolLM2-135M-Instruct.Q4_1.gguf\""), "\(other.stderr)")
+        #expect(try FileSystem.readFile(one) == before)
+    }
+}

@@ -1,5 +1,6 @@
 // The sampler's contract: greedy is argmax, a seed fixes the draw, top-k / top-p / min-p restrict the
 // candidates, and the repetition penalty follows transformers (divide positive logits, multiply negative).
+import Foundation
 import QLoRA
 import Testing
 
@@ -52,5 +53,32 @@ struct SamplerTests {
         #expect(s.next(logits: logits, context: [1]) == 2)
         // A negative logit gets more negative, never better.
         #expect(s.next(logits: [-1, -1.5], context: [0]) == 1)
+    }
+
+    @Test("over a 49,152-word vocabulary every draw lies in the exact nucleus (a full sort), also when the nucleus needs the long tail")
+    func largeVocabulary() {
+        var rng = SeededGenerator(seed: 5)
+        let V = 49_152
+        let peaked = (0..<V).map { _ in Float(rng.next() % 10_000) / 400 }  // logits 0..25
+        let flatTail = [Float(0)] + [Float](repeating: -8, count: V - 1)  // e^-8 < the first cutoff: the nucleus is mostly tail
+        for (label, logits) in [("peaked", peaked), ("long tail", flatTail)] {
+            var o = SamplingOptions()
+            o.temperature = 0.7
+            o.topP = 0.9
+            // The nucleus by a full sort, in f64.
+            let w = logits.map { exp(Double($0) / 0.7) }
+            let total = w.reduce(0, +)
+            var nucleus = Set<Int>(), mass = 0.0
+            for id in logits.indices.sorted(by: { (w[$0], -$0) > (w[$1], -$1) }) {
+                nucleus.insert(id)
+                mass += w[id]
+                if mass >= 0.9 * total { break }
+            }
+            var s = Sampler(options: o)
+            let drawn = (0..<300).map { _ in s.next(logits: logits, context: []) }
+            #expect(drawn.allSatisfy { nucleus.contains($0) }, "\(label)")
+            // The tail holds 35% of the mass: about a third of the draws come from it.
+            if label == "long tail" { #expect(Set(drawn).count > 50, "the tail is drawn from") }
+        }
     }
 }
