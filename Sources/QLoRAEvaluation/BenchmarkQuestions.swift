@@ -2,6 +2,7 @@
 // answers file `qlora eval generate` writes (FastChat's answer layout plus the QLoRA repository's
 // "generation" field), which it reads back to resume.
 import QLoRACore
+import QLoRATokenizer
 
 /// One benchmark question: the user turns to answer in order, after an optional fixed conversation.
 public struct BenchmarkQuestion: Sendable, Equatable {
@@ -10,22 +11,12 @@ public struct BenchmarkQuestion: Sendable, Equatable {
     public let category: String?
     /// Earlier turns given by the file (the OpenAssistant layout's conversation before its last human
     /// turn): role ("user" or "assistant") and text.
-    public let context: [ChatTurn]
+    public let context: [ChatMessage]
     /// The user turns to answer, one reply each (MT-bench has two).
     public let turns: [String]
 
     /// The id as a key (its JSON text).
     public var key: String { JSON.serialize(id) }
-}
-
-public struct ChatTurn: Sendable, Equatable {
-    public let role: String
-    public let content: String
-
-    public init(role: String, content: String) {
-        self.role = role
-        self.content = content
-    }
 }
 
 public enum BenchmarkQuestions {
@@ -54,7 +45,7 @@ public enum BenchmarkQuestions {
                 default: throw bad("the question id is neither a number nor a string")
                 }
                 let category = value["category"]?.stringValue
-                var context: [ChatTurn] = []
+                var context: [ChatMessage] = []
                 var turns: [String]
                 if let list = value["turns"] {
                     guard let items = list.arrayValue, !items.isEmpty else { throw bad("\"turns\" is not a non-empty list") }
@@ -86,8 +77,8 @@ public enum BenchmarkQuestions {
 
     /// The turns of a conversation in Guanaco's format ("### Human: ... ### Assistant: ..."), which must
     /// end in a human turn, optionally followed by an empty "### Assistant:".
-    static func guanacoTurns(_ text: String, bad: (String) -> EvaluationError) throws -> [ChatTurn] {
-        var turns: [ChatTurn] = []
+    static func guanacoTurns(_ text: String, bad: (String) -> EvaluationError) throws -> [ChatMessage] {
+        var turns: [ChatMessage] = []
         var rest = Substring(text)
         let human = "### Human:", assistant = "### Assistant:"
         guard let first = rest.range(of: human) else { throw bad("no \"### Human:\" turn") }
@@ -105,7 +96,7 @@ public enum BenchmarkQuestions {
             if content.isEmpty && role == "assistant" && rest.isEmpty { break }  // the trailing prompt for the reply
             guard !content.isEmpty else { throw bad("an empty \(role == "user" ? "human" : "assistant") turn") }
             if let last = turns.last, last.role == role { throw bad("two \(role == "user" ? "human" : "assistant") turns in a row") }
-            turns.append(ChatTurn(role: role, content: content))
+            turns.append(ChatMessage(role: role, content: content))
         }
         guard let last = turns.last, last.role == "user" else { throw bad("the conversation does not end in a human turn") }
         return turns

@@ -39,3 +39,14 @@ extension Tokenizer {
         return t
     }
 }
+
+/// One message of a conversation: its role ("system", "user", "assistant") and text.
+public struct ChatMessage: Sendable, Equatable {
+    public var role: String
+    public var content: String
+
+    public init(role: String, content: String) {
+        self.role = role
+        self.content = content
+    }
+}

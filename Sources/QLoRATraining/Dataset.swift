@@ -3,21 +3,12 @@
 // output), messages (OpenAI roles), sharegpt (conversations with from/value), prompt/completion, and
 // text. A malformed record is an error naming the file and line, or is skipped and counted.
 import QLoRACore
+import QLoRATokenizer
 
 public enum DatasetFormat: String, CaseIterable, Sendable {
     case auto, alpaca, messages, sharegpt
     case promptCompletion = "prompt_completion"
     case text
-}
-
-public struct ChatMessage: Sendable, Equatable {
-    public var role: String
-    public var content: String
-
-    public init(role: String, content: String) {
-        self.role = role
-        self.content = content
-    }
 }
 
 /// One training example: a conversation (trained on its assistant turns) or plain text (trained on all).

@@ -21,7 +21,7 @@ struct BenchmarkQuestionsTests {
             {"input": "### Human: Write a sort in Swift ### Assistant: Here it is. ### Human: Now in place? ### Assistant:", "output": "Sure."}
             {"input": "### Human: Hello ### Assistant:", "output": "Hi"}
             """#)
-        #expect(oa[0].context == [ChatTurn(role: "user", content: "Write a sort in Swift"), ChatTurn(role: "assistant", content: "Here it is.")])
+        #expect(oa[0].context == [ChatMessage(role: "user", content: "Write a sort in Swift"), ChatMessage(role: "assistant", content: "Here it is.")])
         #expect(oa[0].turns == ["Now in place?"] && oa[0].key == "1" && oa[1].key == "2" && oa[1].turns == ["Hello"])
         let plain = try parse(#"""
             {"id": "a", "prompt": "Say hi"}
