@@ -91,7 +91,7 @@ public final class BatchGenerator {
                 let cache = KVCache(config: model.config, capacity: min(limit, request.prompt.count + request.options.maxTokens + 1))
                 let start = Clock.seconds()
                 let logits = try model.forward(request.prompt, cache: cache, logits: .last)
-                let eos = request.options.eosTokenIDs.map(Set.init) ?? defaultEOS()
+                let eos = Generator.eosIDs(request.options, model: model, tokenizer: tokenizer)
                 let slot = Slot(id: id, request: request, cache: cache, eos: eos, tokenizer: tokenizer, prefillSeconds: Clock.seconds() - start)
                 slot.logits = logits
                 slots.append(slot)
@@ -125,11 +125,5 @@ public final class BatchGenerator {
                 for (i, slot) in slots.enumerated() { slot.logits = Array(logits[(i * V)..<((i + 1) * V)]) }
             }
         }
-    }
-
-    private func defaultEOS() -> Set<Int> {
-        var ids = Set(model.config.eosTokenIDs)
-        if let e = tokenizer.eosTokenID { ids.insert(e) }
-        return ids
     }
 }

@@ -39,7 +39,10 @@ public final class Generator {
     }
 
     /// The end ids in force for `options`.
-    public func eosIDs(_ options: GenerationOptions) -> Set<Int> {
+    public func eosIDs(_ options: GenerationOptions) -> Set<Int> { Self.eosIDs(options, model: model, tokenizer: tokenizer) }
+
+    /// The end ids in force for `options`: its own, else the model's (generation_config.json) and the tokenizer's.
+    public static func eosIDs(_ options: GenerationOptions, model: LlamaModel, tokenizer: Tokenizer) -> Set<Int> {
         if let ids = options.eosTokenIDs { return Set(ids) }
         var ids = Set(model.config.eosTokenIDs)
         if let e = tokenizer.eosTokenID { ids.insert(e) }
