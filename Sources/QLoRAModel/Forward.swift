@@ -238,7 +238,7 @@ extension LlamaModel {
     }
 
     /// The context length from which decoding's attention splits each head's positions over the workers.
-    static let splitAttentionFrom = 128
+    public static let splitAttentionFrom = 128
     /// Query rows of a prefill attention piece.
     static let prefillAttentionRows = 32
 

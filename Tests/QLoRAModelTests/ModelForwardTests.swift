@@ -201,6 +201,24 @@ struct DefaultModelTests {
         }
     }
 
+    @Test("decoding past 128 cached positions (attention split over the workers by ranges of positions) gives the logits of one forward over the whole sequence")
+    func longDecode() throws {
+        let model = try load(Self.gguf, .nf4)
+        let ids = reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let sequence = Array((0..<20).flatMap { _ in ids }.prefix(LlamaModel.splitAttentionFrom + 12))
+        let whole = try model.forward(sequence, cache: KVCache(config: model.config, capacity: sequence.count), logits: .all)
+        let cache = KVCache(config: model.config, capacity: sequence.count)
+        let start = LlamaModel.splitAttentionFrom - 2
+        _ = try model.forward(Array(sequence.prefix(start)), cache: cache, logits: .none)
+        let V = model.config.vocabSize
+        // Steps below and above the split's threshold: each one token against the same row of the whole.
+        for t in start..<sequence.count {
+            let step = try model.forward([sequence[t]], cache: cache, logits: .last)
+            #expect(checkClose(step, Array(whole[(t * V)..<((t + 1) * V)]), "position \(t)", tolerance: 1e-4) == nil)
+        }
+        // (With one worker the split does not run; these machines have two.)
+    }
+
     @Test("bf16 compute (prefill over many rows) stays within bf16 rounding of f32 and keeps its argmax; f32 where the CPU lacks AVX512-BF16")
     func bf16Prefill() throws {
         let model = try load(Self.gguf, .nf4)
