@@ -1,6 +1,6 @@
 // An append-only file of lines (JSON lines of results that a run adds one by one and a later run resumes):
 // each line goes out in one write(2) with its newline and is fsync'd before `append` returns, so a crash
-// leaves every earlier line whole and at most a partial last line, which `openResuming` cuts off.
+// leaves every earlier line whole and at most a partial last line, which the next `init` cuts off.
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -17,17 +17,27 @@ public final class LineAppender {
     /// removed first; `droppedBytes` says how many bytes that was (0 when the file ended cleanly).
     public init(path: String) throws {
         self.path = path
-        var dropped = 0
-        if FileSystem.exists(path) {
-            let bytes = try FileSystem.readFile(path)
-            if let last = bytes.last, last != UInt8(ascii: "\n") {
-                let keep = (bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0
-                dropped = bytes.count - keep
-                guard truncate(path, off_t(keep)) == 0 else { throw SystemError(call: "truncate", path: path, code: errno) }
-            }
+        fd = try Syscalls.open(path, flags: O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC)
+        do { droppedBytes = try Self.cutPartialLine(fd, path: path) } catch {
+            Syscalls.close(fd)
+            throw error
         }
-        droppedBytes = dropped
-        fd = try Syscalls.open(path, flags: O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC)
+    }
+
+    /// Truncates the file after its last newline; returns the bytes removed. Only the end is read: back
+    /// from the last byte to the last newline, 64 KB at a time.
+    private static func cutPartialLine(_ fd: Int32, path: String) throws -> Int {
+        let size = try Syscalls.fileSize(fd, path: path)
+        var keep = size
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while keep > 0 {
+            let start = max(0, keep - chunk.count), n = keep - start
+            _ = try chunk.withUnsafeMutableBytes { try Syscalls.read(fd, into: $0.baseAddress!, count: n, offset: start, path: path) }
+            if let i = chunk[..<n].lastIndex(of: UInt8(ascii: "\n")) { keep = start + i + 1; break }
+            keep = start
+        }
+        if keep < size && ftruncate(fd, off_t(keep)) != 0 { throw SystemError(call: "ftruncate", path: path, code: errno) }
+        return size - keep
     }
 
     /// Bytes of a partial last line removed when opening.

@@ -64,5 +64,13 @@ struct BenchmarkQuestionsTests {
         #expect(String(decoding: try FileSystem.readFile(path), as: UTF8.self) == "{\"question_id\": 1}\n{\"question_id\": 3}\n")
         let keys = try BenchmarkQuestions.answered(try FileSystem.readFile(path), file: path)
         #expect(keys.map(\.key) == ["1", "3"])
+        // A file that is one partial line, and one whose partial last line is longer than the 64 KB read back at a time.
+        try FileSystem.writeFileAtomically(path, bytes: Array("{\"question_id\"".utf8))
+        #expect(try LineAppender(path: path).droppedBytes == 14)
+        #expect(try FileSystem.readFile(path).isEmpty)
+        let long = "{\"question_id\": 1}\n" + String(repeating: "x", count: 200_000)
+        try FileSystem.writeFileAtomically(path, bytes: Array(long.utf8))
+        #expect(try LineAppender(path: path).droppedBytes == 200_000)
+        #expect(String(decoding: try FileSystem.readFile(path), as: UTF8.self) == "{\"question_id\": 1}\n")
     }
 }
