@@ -127,20 +127,12 @@ void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *packed, con
                      size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y) {
     size_t nb = cols / blocksize;
     float decoded[SCALE_BUFFER];
-    if (blocksize % 32 != 0) {  // blocks smaller than a vector pass: the per-row dot product on x as it is
-        for (size_t r = 0; r < rows; r++) {
-            float total = 0.0f;
-            for (size_t b0 = 0; b0 < nb; b0 += SCALE_BUFFER) {
-                size_t n = nb - b0 < SCALE_BUFFER ? nb - b0 : SCALE_BUFFER;
-                decode_scales_avx512(scales, first_block + r * nb + b0, n, decoded);
-                total += qk_dot4_avx512(x + b0 * blocksize, packed + r * (cols / 2) + b0 * blocksize / 2, decoded, n * blocksize, blocksize, code);
-            }
-            y[r] = total;
-        }
+    if (blocksize % 32 != 0) {  // no such block size in the package (32 to 4096, powers of two): the reference
+        qk_gemv4_reference(x, xp, packed, scales, first_block, rows, cols, blocksize, code, y);
         return;
     }
     const __m512 table = _mm512_loadu_ps(code);
-    if (nb > SCALE_BUFFER) {  // long rows: pieces of SCALE_BUFFER blocks (each a whole number of 128-code groups)
+    if (nb > SCALE_BUFFER) {  // long rows, row by row in pieces of SCALE_BUFFER blocks (whole 128-code groups)
         for (size_t r = 0; r < rows; r++) {
             float sum = 0.0f;
             for (size_t b0 = 0; b0 < nb; b0 += SCALE_BUFFER) {
