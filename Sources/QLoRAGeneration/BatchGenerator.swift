@@ -32,6 +32,8 @@ public final class BatchGenerator {
     public let tokenizer: Tokenizer
     /// Requests decoded together at most.
     public let maxBatch: Int
+    /// The most requests one step of the last `run` decoded together.
+    public private(set) var largestBatch = 0
 
     public init(model: LlamaModel, tokenizer: Tokenizer, maxBatch: Int) {
         precondition(maxBatch >= 1)
@@ -79,6 +81,7 @@ public final class BatchGenerator {
     public func run(next: () throws -> (id: Int, request: GenerationRequest)?, finished: (Int, GenerationResult) throws -> Void,
                     shouldStop: () -> Bool = { false }) throws {
         var slots: [Slot] = []
+        largestBatch = 0
         let limit = model.config.maxPositions
         while true {
             // Fill the free slots; each new request's prompt runs alone. `next` is asked again on every
@@ -117,6 +120,7 @@ public final class BatchGenerator {
             }
             slots = running
             if slots.isEmpty { continue }
+            largestBatch = max(largestBatch, slots.count)
             if slots.count == 1 {
                 slots[0].logits = try model.forward(tokens, cache: slots[0].cache, logits: .last)
             } else {

@@ -158,7 +158,7 @@ struct EvalGenerate: ParsableCommand {
         if json {
             printJSON(.object([("output", .string(output)), ("model_id", .string(id)), ("answered", .int(written)), ("skipped", .int(done.count)),
                                ("interrupted", .bool(interrupted)), ("generated_tokens", .int(generatedTokens)), ("seconds", .double(seconds)),
-                               ("batch", .int(batch))]))
+                               ("batch", .int(batch)), ("largest_batch", .int(generator.largestBatch))]))
         }
         let rate = seconds > 0 ? Double(generatedTokens) / seconds : 0
         Log.info("\(written) answers written to \(output) (\(generatedTokens) tokens in \(formatFixed(seconds, 1)) s, \(formatFixed(rate, 1)) tokens/s, batch \(batch))"

@@ -502,6 +502,8 @@ struct EvalGenerateCLITests {
         // Three at once (batched decoding) gives the same greedy answers.
         let r3 = try run(three, ["--batch", "3"])
         #expect(r3.status == 0, "\(r3.stderr)")
+        #expect(try JSON.parse(Array(r1.stdout.utf8))["largest_batch"]?.intValue == 1)
+        #expect(try JSON.parse(Array(r3.stdout.utf8))["largest_batch"]?.intValue == 3, "the three questions were decoded together")
         let a3 = try answers(three)
         for key in ["1", "2", "3"] { #expect(a3[key]?["choices"] == a1[key]?["choices"], "question \(key)") }
         // A crash mid-line: the partial line goes, that question is answered again, the others are kept.
