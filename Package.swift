@@ -14,6 +14,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // OpenBLAS on Linux (Debian: libopenblas-dev); Accelerate is used instead on Apple platforms.
@@ -37,8 +40,16 @@ let package = Package(
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
         .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
         .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
+        // The OpenAI chat protocol as a client speaks it (the judge's endpoint), over AsyncHTTPClient.
+        .target(
+            name: "QLoRAOpenAI",
+            dependencies: [
+                "QLoRACore", .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
         .target(name: "QLoRATraining", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel"]),
-        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI"]),
         .executableTarget(
             name: "qlora",
             dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams")]
@@ -55,7 +66,10 @@ let package = Package(
         .testTarget(name: "QLoRAEvaluationTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRATrainingTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
-        .testTarget(name: "QLoRACLITests", dependencies: ["QLoRA", "QLoRATestSupport", "qlora", "qlora-bench"]),
+        .testTarget(
+            name: "QLoRACLITests",
+            dependencies: ["QLoRA", "QLoRATestSupport", "qlora", "qlora-bench", .product(name: "Hummingbird", package: "hummingbird")]
+        ),
     ],
     swiftLanguageModes: [.v5]
 )

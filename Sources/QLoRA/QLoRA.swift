@@ -7,3 +7,4 @@
 @_exported import QLoRAGeneration
 @_exported import QLoRAEvaluation
 @_exported import QLoRATraining
+@_exported import QLoRAOpenAI

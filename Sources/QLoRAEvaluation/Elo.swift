@@ -85,7 +85,14 @@ public enum Elo {
     /// Reads battles from JSON lines in the Chatbot Arena layout, which `qlora eval judge` writes too:
     /// `{"model_a": ..., "model_b": ..., "winner": "model_a" | "model_b" | "tie" | "tie (bothbad)"}`, other
     /// keys ignored, blank lines skipped. A line that is not such an object is an error naming file:line.
+    /// A judgment the judge gave no verdict for (`"winner": null` with an "error", as eval judge writes
+    /// it) is skipped and counted in `unjudged`.
     public static func parseBattles(_ bytes: [UInt8], file: String) throws -> [Battle] {
+        var unjudged = 0
+        return try parseBattles(bytes, file: file, unjudged: &unjudged)
+    }
+
+    public static func parseBattles(_ bytes: [UInt8], file: String, unjudged: inout Int) throws -> [Battle] {
         var battles: [Battle] = []
         for (lineNumber, line) in JSON.lines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: lineNumber, reason: reason) }
@@ -95,6 +102,10 @@ public enum Elo {
             guard let a = value["model_a"]?.stringValue, !a.isEmpty else { throw bad("no \"model_a\" string") }
             guard let b = value["model_b"]?.stringValue, !b.isEmpty else { throw bad("no \"model_b\" string") }
             guard a != b else { throw bad("model_a and model_b are both \"\(a)\"") }
+            if value["winner"] == .null && value["error"] != nil {
+                unjudged += 1
+                continue
+            }
             guard let w = value["winner"]?.stringValue else { throw bad("no \"winner\" string") }
             let outcome: Battle.Outcome
             switch w {

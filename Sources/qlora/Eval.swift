@@ -7,7 +7,7 @@ import QLoRA
 struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Evaluate models: MMLU multiple choice, answers to chat benchmarks, Elo ratings from pairwise judgments.",
-        subcommands: [EvalMMLU.self, EvalGenerate.self, EvalElo.self]
+        subcommands: [EvalMMLU.self, EvalGenerate.self, EvalJudge.self, EvalElo.self]
     )
 }
 
@@ -25,7 +25,7 @@ struct EvalElo: ParsableCommand {
             """
     )
 
-    @Option(help: "The judgments (JSON lines; several files are read as one tournament).", completion: .file())
+    @Option(parsing: .upToNextOption, help: "The judgments (JSON lines; several files are read as one tournament).", completion: .file())
     var judgments: [String]
 
     @Option(help: "The Elo K factor.")
@@ -52,7 +52,8 @@ struct EvalElo: ParsableCommand {
 
     func run() throws {
         var battles: [Battle] = []
-        for file in judgments { battles += try Elo.parseBattles(try FileSystem.readFile(file), file: file) }
+        var unjudged = 0
+        for file in judgments { battles += try Elo.parseBattles(try FileSystem.readFile(file), file: file, unjudged: &unjudged) }
         guard !battles.isEmpty else { throw EvaluationError.empty(file: judgments.joined(separator: ", "), what: "no battles") }
         var o = EloOptions()
         o.k = k
@@ -64,7 +65,7 @@ struct EvalElo: ParsableCommand {
         let seconds = Clock.seconds() - start
         if json {
             printJSON(.object([
-                ("battles", .int(battles.count)), ("k", .double(k)), ("initial", .double(initial)), ("orderings", .int(orderings)),
+                ("battles", .int(battles.count)), ("skipped_without_verdict", .int(unjudged)), ("k", .double(k)), ("initial", .double(initial)), ("orderings", .int(orderings)),
                 ("seed", .int(Int(seed))), ("ties", .string("half a win for each side")), ("seconds", .double(seconds)),
                 ("ratings", .array(result.ratings.map { r in
                     .object([("model", .string(r.model)), ("elo", .double(r.mean)), ("lower", .double(r.lower)), ("upper", .double(r.upper)),
@@ -78,6 +79,7 @@ struct EvalElo: ParsableCommand {
         }
         print("Elo over \(orderings) random orderings of \(battles.count) battles (K \(formatFixed(k, 0)), initial \(formatFixed(initial, 0)), seed \(seed));")
         print("a tie counts as half a win for each side.")
+        if unjudged > 0 { print("\(unjudged) judgments without a verdict (\"winner\": null) are skipped.") }
         print()
         let width = max(5, result.models.map(\.count).max() ?? 5)
         func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
