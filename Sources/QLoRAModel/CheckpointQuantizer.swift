@@ -91,7 +91,7 @@ public enum CheckpointQuantizer {
         if options.quantType == .int4 {
             Log.info("warning: int4 is swift-qlora's own format for ablations; bitsandbytes and transformers cannot load it")
         }
-        try FileSystem.makeDirectory(output)
+        try FileSystem.makeDirectories(output)
         let outputFile = FileSystem.join(output, "model.safetensors")
 
         // Pass 1: quantize each selected tensor (only one f32 copy alive at a time).

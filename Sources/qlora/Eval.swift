@@ -43,6 +43,12 @@ struct EvalElo: ParsableCommand {
     @Flag(help: "Print one JSON object on stdout.")
     var json = false
 
+    @Option(help: "Also write a self-contained HTML page: the ranking with its intervals and the win-rate matrix as a heat map.", completion: .file())
+    var html: String?
+
+    @Option(help: "Also write the same two charts as one SVG file.", completion: .file())
+    var svg: String?
+
     func validate() throws {
         guard !judgments.isEmpty else { throw ValidationError("--judgments needs a file") }
         guard k > 0 && k.isFinite else { throw ValidationError("--k must be positive") }
@@ -63,6 +69,7 @@ struct EvalElo: ParsableCommand {
         let start = Clock.seconds()
         let result = Elo.run(battles, options: o)
         let seconds = Clock.seconds() - start
+        try writePictures(result, battles: battles.count, unjudged: unjudged)
         if json {
             printJSON(.object([
                 ("battles", .int(battles.count)), ("skipped_without_verdict", .int(unjudged)), ("k", .double(k)), ("initial", .double(initial)), ("orderings", .int(orderings)),
@@ -102,6 +109,32 @@ struct EvalElo: ParsableCommand {
             print(pad(m, width + 2) + cells.joined())
         }
     }
+
+    func writePictures(_ result: EloResult, battles: Int, unjudged: Int) throws {
+        guard html != nil || svg != nil else { return }
+        let ranking = Chart.intervals(title: "Elo ratings with 95% intervals", axis: "Elo (mean over \(orderings) orderings; K \(formatFixed(k, 0)), start \(formatFixed(initial, 0)))",
+                                      rows: result.ratings.map { ($0.model, $0.mean, $0.lower, $0.upper) })
+        let heat = Chart.heatMap(title: "Win rate of the row against the column", labels: result.models, values: result.winRate, counts: result.battles,
+                                 note: "Ties count as half a win; grey: the two never met.")
+        if let svg {
+            try FileSystem.writeFileAtomically(svg, bytes: Array(Chart.stack([ranking, heat]).utf8))
+            Log.info("wrote \(svg)")
+        }
+        if let html {
+            var table: [[String]] = [["rank", "model", "Elo", "95% interval", "battles", "wins", "ties", "losses"]]
+            for (i, r) in result.ratings.enumerated() {
+                table.append(["\(i + 1)", r.model, formatFixed(r.mean, 1), "[\(formatFixed(r.lower, 1)), \(formatFixed(r.upper, 1))]", "\(r.battles)", "\(r.wins)", "\(r.ties)", "\(r.losses)"])
+            }
+            var matrix: [[String]] = [["against"] + result.models]
+            for (i, m) in result.models.enumerated() {
+                matrix.append([m] + result.models.indices.map { j in result.winRate[i][j].map { "\(formatFixed(100 * $0, 1))% (\(result.battles[i][j]))" } ?? "-" })
+            }
+            let subtitle = "\(battles) battles from \(judgments.joined(separator: ", "))\(unjudged > 0 ? " (\(unjudged) without a verdict skipped)" : ""); \(orderings) random orderings, seed \(seed); a tie is half a win for each side."
+            let page = Chart.page(title: "Tournament", subtitle: subtitle, sections: [("Ranking", ranking, table), ("Win rates", heat, matrix)])
+            try FileSystem.writeFileAtomically(html, bytes: Array(page.utf8))
+            Log.info("wrote \(html)")
+        }
+    }
 }
 
 struct EvalMMLU: ParsableCommand {
@@ -134,6 +167,12 @@ struct EvalMMLU: ParsableCommand {
     @Flag(help: "Print one JSON object on stdout (with each question's letter log-probabilities).")
     var json = false
 
+    @Option(help: "Also write a self-contained HTML page of the accuracy by subject.", completion: .file())
+    var html: String?
+
+    @Option(help: "Also write the accuracy by subject as an SVG file.", completion: .file())
+    var svg: String?
+
     func validate() throws {
         guard shots >= 0 else { throw ValidationError("--shots must be 0 or more") }
         if let limit { guard limit >= 1 else { throw ValidationError("--limit must be at least 1") } }
@@ -163,6 +202,23 @@ struct EvalMMLU: ParsableCommand {
         let evaluator = try MMLUEvaluator(model: model, tokenizer: tokenizer)
         let bar = ProgressBar("mmlu", total: items.count, enabled: !json)
         let result = try evaluator.evaluate(items) { done, _ in bar.advance(note: items[done - 1].subject) }
+        if html != nil || svg != nil {
+            let sorted = result.subjects.sorted { $0.accuracy > $1.accuracy }
+            let name = modelOptions.adapter.map { "\(FileSystem.baseName(modelOptions.modelPath)) + \(FileSystem.baseName($0))" } ?? FileSystem.baseName(modelOptions.modelPath)
+            let chart = Chart.bars(title: "MMLU accuracy by subject: \(name)", axis: "accuracy (%), micro \(formatFixed(100 * result.microAccuracy, 2))%, macro \(formatFixed(100 * result.macroAccuracy, 2))%",
+                                   rows: sorted.map { ($0.subject, 100 * $0.accuracy) }, maximum: 100, reference: (25, "chance 25%"))
+            if let svg {
+                try FileSystem.writeFileAtomically(svg, bytes: Array(chart.utf8))
+                Log.info("wrote \(svg)")
+            }
+            if let html {
+                let table = [["subject", "accuracy", "correct", "questions"]] + sorted.map { [$0.subject, formatFixed(100 * $0.accuracy, 1) + "%", "\($0.correct)", "\($0.total)"] }
+                let shown = FileSystem.isDirectory(data) ? "\(shots)-shot, split \(split)" : "prompts from the file"
+                let subtitle = "\(result.total) questions from \(data) (\(shown)): micro accuracy \(formatFixed(100 * result.microAccuracy, 2))% (\(result.correct) of \(result.total)), macro \(formatFixed(100 * result.macroAccuracy, 2))% over \(result.subjects.count) subjects, in \(formatFixed(result.seconds, 1)) s."
+                try FileSystem.writeFileAtomically(html, bytes: Array(Chart.page(title: "MMLU: \(name)", subtitle: subtitle, sections: [("Accuracy by subject", chart, table)]).utf8))
+                Log.info("wrote \(html)")
+            }
+        }
         if json {
             printJSON(.object([
                 ("data", .string(data)), ("shots", .int(FileSystem.isDirectory(data) ? shots : 0)), ("questions", .int(result.total)),

@@ -162,7 +162,7 @@ struct Train: ParsableCommand {
         // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
         Interrupt.install(terminateToo: true)
         // The output folder: writable, and not silently reused.
-        try FileSystem.makeDirectory(output)
+        try FileSystem.makeDirectories(output)
         let probe = FileSystem.join(output, ".qlora-write-test")
         try FileSystem.writeFileAtomically(probe, bytes: [1])
         FileSystem.remove(probe)
