@@ -17,6 +17,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
         // OpenBLAS on Linux (Debian: libopenblas-dev); Accelerate is used instead on Apple platforms.
@@ -49,10 +51,22 @@ let package = Package(
             ]
         ),
         .target(name: "QLoRATraining", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel"]),
+        // `qlora serve`: the OpenAI endpoints on Hummingbird 2 over a continuous-batching engine.
+        .target(
+            name: "QLoRAServer",
+            dependencies: [
+                "QLoRACore", "QLoRAModel", "QLoRATokenizer", "QLoRAGeneration",
+                .product(name: "Hummingbird", package: "hummingbird"), .product(name: "Logging", package: "swift-log"),
+                .product(name: "HTTPTypes", package: "swift-http-types"), .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI"]),
         .executableTarget(
             name: "qlora",
-            dependencies: ["QLoRA", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams")]
+            dependencies: [
+                "QLoRA", "QLoRAServer", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .executableTarget(name: "qlora-bench", dependencies: ["QLoRA", "CAllocationCounter"], path: "bench/Sources/qlora-bench"),
         // The bench binary's malloc counter (a measuring instrument; not part of the library or CLI).
@@ -68,7 +82,11 @@ let package = Package(
         .testTarget(name: "QLoRAModelTests", dependencies: ["QLoRA", "QLoRATestSupport"], exclude: ["Resources"]),
         .testTarget(
             name: "QLoRACLITests",
-            dependencies: ["QLoRA", "QLoRATestSupport", "qlora", "qlora-bench", .product(name: "Hummingbird", package: "hummingbird")]
+            dependencies: [
+                "QLoRA", "QLoRATestSupport", "qlora", "qlora-bench", .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"), .product(name: "Logging", package: "swift-log"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v5]

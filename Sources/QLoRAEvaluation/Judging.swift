@@ -43,7 +43,7 @@ public struct SystemAnswers: Sendable {
     /// Reads one answer a line, in any of these layouts:
     /// - `qlora eval generate` and FastChat's MT-bench answers: "choices": [{"turns": [...]}] (the question in
     ///   "turns" or "text" when present);
-    /// - the QLoRA repository's generations: "generation" (the question in "text");
+    /// - the QLoRA repository's generations: "generation_truncated", else "generation" (the question in "text");
     /// - FastChat's Vicuna answers: "text" is the answer (no question: give the questions file);
     /// - "answer", "output" or "response" with the question in "question", "instruction" or "prompt".
     /// Every line needs "question_id" (or "id"). The system's name is `name` when given, else the lines'
@@ -75,7 +75,8 @@ public struct SystemAnswers: Sendable {
                 guard let first = choices.arrayValue?.first, let t = first["turns"] else { throw bad("\"choices\" has no first choice with \"turns\"") }
                 turns = try strings(t, "choices[0].turns")
                 if let q = value["turns"] { question = try strings(q, "\"turns\"") } else if let q = value["text"]?.stringValue { question = [q] }
-            } else if let g = value["generation"] {
+            } else if let g = value["generation_truncated"] ?? value["generation"] {
+                // The QLoRA repository's "generation_truncated" is the reply cut before a turn the model went on to invent.
                 guard let s = g.stringValue else { throw bad("\"generation\" is not a string") }
                 turns = [s]
                 question = value["text"]?.stringValue.map { [$0] }
@@ -205,7 +206,8 @@ public enum Verdict: Int, Sendable, Equatable {
     case first = 1, second = 2, tie = 3
 
     /// The verdict on the review's last non-empty line: "1", "2" or "3", alone or with decoration
-    /// ("**2**", "Verdict: 1.", "Assistant 2"). Nil when that line names no verdict or more than one.
+    /// ("**2**", "Verdict: 1.", "Assistant 2", "Final answer: 3"). Nil when that line holds any other
+    /// word ("1. Python is..." is a list item, not a verdict), no number, or more than one.
     public static func parse(_ review: String) -> Verdict? {
         let lines = review.split(whereSeparator: \.isNewline).map { String($0).trimmingWhitespace() }
         guard let last = lines.last(where: { !$0.isEmpty }) else { return nil }
@@ -213,14 +215,23 @@ public enum Verdict: Int, Sendable, Equatable {
         var token = ""
         for c in last + " " {
             if c.isNumber || c.isLetter { token.append(c); continue }
-            // a number of more than one digit names no verdict but still makes the line ambiguous
-            if !token.isEmpty && token.allSatisfy(\.isNumber) { digits.append(token.count == 1 ? token.first! : "x") }
+            if !token.isEmpty {
+                if token.allSatisfy(\.isNumber) {
+                    // a number of more than one digit names no verdict but still makes the line ambiguous
+                    digits.append(token.count == 1 ? token.first! : "x")
+                } else if !verdictWords.contains(token.lowercased()) {
+                    return nil
+                }
+            }
             token = ""
         }
-        let distinct = Set(digits)
-        guard distinct.count == 1, let d = distinct.first, let v = d.wholeNumberValue, let verdict = Verdict(rawValue: v) else { return nil }
+        guard digits.count >= 1, Set(digits).count == 1, let v = digits[0].wholeNumberValue, let verdict = Verdict(rawValue: v) else { return nil }
         return verdict
     }
+
+    /// Words that may stand beside the number on a verdict line.
+    static let verdictWords: Set<String> = ["assistant", "answer", "verdict", "final", "the", "is", "better", "choice", "output", "winner",
+                                            "my", "result", "score", "rating", "decision", "judgment", "judgement", "option", "response", "number"]
 }
 
 /// One match to judge: a question, and two systems in the order the judge sees them.

@@ -77,9 +77,11 @@ public final class BatchGenerator {
     /// for a request whenever a slot is free (it may return requests that depend on earlier results:
     /// `finished` has run for every request that ended before). `finished(id, result)` receives each
     /// result as it ends, in the order they end; `shouldStop()` is checked every step (true: the
-    /// requests in flight end as "interrupted"). A prompt longer than the context throws before it runs.
+    /// requests in flight end as "interrupted"). `onText(id, piece)` receives each request's reply as it
+    /// grows (whole characters, stop strings cut); false ends that request as "cancelled" and frees its
+    /// cache. A prompt longer than the context throws before it runs.
     public func run(next: () throws -> (id: Int, request: GenerationRequest)?, finished: (Int, GenerationResult) throws -> Void,
-                    shouldStop: () -> Bool = { false }) throws {
+                    shouldStop: () -> Bool = { false }, onText: (Int, String) -> Bool = { _, _ in true }) throws {
         var slots: [Slot] = []
         largestBatch = 0
         let limit = model.config.maxPositions
@@ -110,7 +112,9 @@ public final class BatchGenerator {
                 if slot.eos.contains(token) { try finished(slot.id, slot.result("eos")); continue }
                 slot.generated.append(token)
                 slot.context.append(token)
-                if slot.reply.add(token).stopped { try finished(slot.id, slot.result("stop")); continue }
+                let (piece, stopped) = slot.reply.add(token)
+                if !piece.isEmpty && !onText(slot.id, piece) { try finished(slot.id, slot.result("cancelled")); continue }
+                if stopped { try finished(slot.id, slot.result("stop")); continue }
                 if slot.generated.count >= slot.request.options.maxTokens || slot.cache.length >= slot.cache.capacity {
                     try finished(slot.id, slot.result("length"))
                     continue

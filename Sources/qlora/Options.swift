@@ -35,8 +35,11 @@ struct ModelOptions: ParsableArguments {
     @Flag(help: "Keep f32 block constants instead of double-quantizing them.")
     var noDoubleQuant = false
 
-    @Option(help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.")
-    var adapter: String?
+    @Option(name: .customLong("adapter"), help: "A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply (qlora serve: NAME=DIR, repeatable).")
+    var adapters: [String] = []
+
+    /// The one adapter folder of commands that apply one.
+    var adapter: String? { adapters.last }
 
     @Option(help: ArgumentHelp("Storage of the embedding table and LM head (one matrix when tied): auto, f32, bf16 or q8_0. auto keeps the checkpoint's own values exactly in the narrowest of the others (q8_0 for a GGUF q8_0 table, bf16 for a bf16 checkpoint, else f32). Decoding reads the whole head for every token, so a smaller head decodes faster; bf16 and q8_0 round the values.", valueName: "dtype"))
     var headDtype: String = "auto"
@@ -71,6 +74,7 @@ struct ModelOptions: ParsableArguments {
 
     /// Loads the model and its tokenizer, reporting the load on stderr.
     func load(progress: Bool) throws -> (LlamaModel, Tokenizer) {
+        if adapters.count > 1 { throw ValidationError("--adapter takes one folder here (qlora serve takes several)") }
         if model == nil && !FileSystem.exists(modelPath) {
             throw ValidationError("the default model is not at \(modelPath); run scripts/setup.sh (or make demo) first, or pass --model")
         }

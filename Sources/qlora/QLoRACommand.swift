@@ -20,7 +20,7 @@ struct QLoRACommand: ParsableCommand {
             Kernels: QLORA_KERNELS=reference|avx2|avx512 forces an instruction set; QLORA_THREADS sets the thread count.
             """,
         version: QLoRAVersion.string,
-        subcommands: [Train.self, Generate.self, Chat.self, Perplexity.self, Eval.self, Report.self, Tokenize.self, Quantize.self, Inspect.self]
+        subcommands: [Train.self, Generate.self, Chat.self, Perplexity.self, Eval.self, Report.self, Serve.self, Tokenize.self, Quantize.self, Inspect.self]
     )
 
     static func main() {

@@ -28,6 +28,9 @@ struct JudgingTests {
         let ours = #"{"question_id": 7, "model_id": "smol", "text": "q1", "turns": ["q1", "q2"], "choices": [{"index": 0, "turns": ["a1", "a2"]}], "generation": "a2"}"#
         let s = try SystemAnswers.parse(Array(ours.utf8), file: "ours.jsonl")
         #expect(s.name == "smol" && s.answers[0].question == ["q1", "q2"] && s.answers[0].turns == ["a1", "a2"] && s.answers[0].key == "7")
+        // The QLoRA repository's truncated generation wins over the raw one (which runs on into a made-up turn).
+        let cut = #"{"question_id": 3, "text": "q", "generation": "8 units.### Human: Good answer.", "generation_truncated": "8 units."}"#
+        #expect(try SystemAnswers.parse(Array(cut.utf8), file: "g.jsonl").answers[0].turns == ["8 units."])
     }
 
     @Test("bad answer files: file:line for a line without an id or an answer, a repeated id, two model ids")
@@ -88,6 +91,9 @@ struct JudgingTests {
         #expect(Verdict.parse("review\n12") == nil)
         #expect(Verdict.parse("") == nil)
         #expect(Verdict.parse("1 1") == .first)
+        #expect(Verdict.parse("Final answer: 3") == .tie && Verdict.parse("My verdict is 2.") == .second)
+        #expect(Verdict.parse("1. Python is interpreted") == nil)  // a list item, not a verdict
+        #expect(Verdict.parse("review\nAnswer 3:") == .tie)
     }
 
     @Test("judgment lines: winner in the Arena layout (model_a shown first); no verdict is null and eval elo skips it")

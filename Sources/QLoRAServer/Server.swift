@@ -1,0 +1,386 @@
+// `qlora serve`'s HTTP side on Hummingbird 2: the OpenAI endpoints (chat completions, completions,
+// models), health and Prometheus-format metrics, adapters loaded and unloaded while running, bearer-token
+// auth, caps on body size, max_tokens and context, OpenAI-style error objects, and one structured log
+// line per request.
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import QLoRACore
+import QLoRAGeneration
+import QLoRAModel
+import QLoRATokenizer
+
+public struct ServerOptions: Sendable {
+    public var host = "127.0.0.1"
+    public var port = 8080
+    /// Requests need "Authorization: Bearer KEY" when set (all but /health).
+    public var apiKey: String?
+    public var maxBodyBytes = 1 << 20
+    public var maxTokensCap = 2048
+    public var defaultMaxTokens = 512
+    public init() {}
+}
+
+/// An error as the OpenAI API returns it: status, and {"error": {"message", "type", "param", "code"}}.
+struct APIError: Error {
+    let status: HTTPResponse.Status
+    let message: String
+    let type: String
+    let param: String?
+    let code: String?
+    var headers: HTTPFields = [:]
+
+    static func invalid(_ message: String, param: String? = nil, code: String? = nil) -> APIError {
+        APIError(status: .badRequest, message: message, type: "invalid_request_error", param: param, code: code)
+    }
+
+    var response: Response {
+        var h: HTTPFields = [.contentType: "application/json"]
+        h.append(contentsOf: headers)
+        let body: JSONValue = .object([("error", .object([
+            ("message", .string(message)), ("type", .string(type)), ("param", param.map(JSONValue.string) ?? .null), ("code", code.map(JSONValue.string) ?? .null),
+        ]))])
+        return Response(status: status, headers: h, body: ResponseBody(byteBuffer: ByteBuffer(string: JSON.serialize(body))))
+    }
+}
+
+/// A chat or text completion request, checked.
+struct CompletionRequest {
+    var model: String
+    var prompt: [Int]
+    var options: GenerationOptions
+    var stream: Bool
+    var includeUsage: Bool
+}
+
+public final class Server: @unchecked Sendable {
+    public let engine: Engine
+    public let options: ServerOptions
+    let template: ChatTemplate?
+    let logger: Logger
+    let created = Int(Clock.wallSeconds())
+    private let lock = NSLock()
+    private var requestCount: [String: Int] = [:]
+    private var nextID = 0
+    /// Loads an adapter folder onto the base (POST /v1/adapters).
+    let loadAdapter: @Sendable (String) throws -> LlamaModel
+
+    public init(engine: Engine, template: ChatTemplate?, options: ServerOptions, logger: Logger, loadAdapter: @escaping @Sendable (String) throws -> LlamaModel) {
+        self.engine = engine
+        self.template = template
+        self.options = options
+        self.logger = logger
+        self.loadAdapter = loadAdapter
+    }
+
+    func count(_ key: String) { lock.withLock { requestCount[key, default: 0] += 1 } }
+    func newID(_ prefix: String) -> String {
+        let n = lock.withLock { () -> Int in nextID += 1; return nextID }
+        return "\(prefix)-\(created)-\(n)"
+    }
+
+    /// Serves until the task is cancelled or SIGINT / SIGTERM; `onListening(port)` runs once bound.
+    public func run(onListening: @escaping @Sendable (Int) -> Void) async throws {
+        let router = Router()
+        router.add(middleware: Gate(server: self))
+        router.get("health") { _, _ in Self.json(.object([("status", .string("ok"))])) }
+        router.get("metrics") { _, _ in
+            Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(string: self.metrics())))
+        }
+        router.get("v1/models") { _, _ in
+            Self.json(.object([("object", .string("list")), ("data", .array(self.engine.modelIDs.map { id in
+                .object([("id", .string(id)), ("object", .string("model")), ("created", .int(self.created)), ("owned_by", .string(id == self.engine.baseID ? "swift-qlora" : "swift-qlora adapter"))])
+            }))]))
+        }
+        router.post("v1/chat/completions") { request, context in try await self.completion(request, context: context, chat: true) }
+        router.post("v1/completions") { request, context in try await self.completion(request, context: context, chat: false) }
+        router.post("v1/adapters") { request, context in try await self.addAdapter(request, context: context) }
+        router.delete("v1/adapters/:name") { _, context in
+            let name = context.parameters.get("name") ?? ""
+            guard self.engine.remove(id: name) else {
+                throw APIError(status: .notFound, message: "no adapter named \"\(name)\" (the base cannot be unloaded)", type: "invalid_request_error", param: "name", code: "model_not_found")
+            }
+            self.logger.info("unloaded adapter", metadata: ["adapter": .string(name)])
+            return Self.json(.object([("id", .string(name)), ("object", .string("model")), ("deleted", .bool(true))]))
+        }
+        var quiet = logger
+        quiet.logLevel = .warning
+        let app = Application(router: router, configuration: .init(address: .hostname(options.host, port: options.port), serverName: "swift-qlora"),
+                              onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) }, logger: quiet)
+        try await app.runService()
+    }
+
+    static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok) -> Response {
+        Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(string: JSON.serialize(value))))
+    }
+
+    func metrics() -> String {
+        let (waiting, running) = engine.load
+        let c = engine.counters
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ value: Int, labels: String = "") {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n\(name)\(labels) \(value)\n"
+        }
+        metric("qlora_requests_waiting", "gauge", "Requests queued, not yet decoding.", waiting)
+        metric("qlora_requests_running", "gauge", "Requests decoding now.", running)
+        metric("qlora_completions_total", "counter", "Generations finished.", c.completed)
+        metric("qlora_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", c.promptTokens)
+        metric("qlora_generated_tokens_total", "counter", "Tokens generated.", c.generatedTokens)
+        let counts = lock.withLock { requestCount }
+        out += "# HELP qlora_http_requests_total HTTP requests by path and status.\n# TYPE qlora_http_requests_total counter\n"
+        for (k, v) in counts.sorted(by: { $0.key < $1.key }) {
+            let parts = k.split(separator: " ", maxSplits: 1)
+            out += "qlora_http_requests_total{path=\"\(parts[0])\",status=\"\(parts.count > 1 ? String(parts[1]) : "")\"} \(v)\n"
+        }
+        return out
+    }
+
+    // MARK: requests
+
+    func body(_ request: Request) async throws -> JSONValue {
+        let buffer: ByteBuffer
+        do { buffer = try await request.body.collect(upTo: options.maxBodyBytes) } catch {
+            throw APIError(status: .contentTooLarge, message: "the request body is larger than \(options.maxBodyBytes) bytes", type: "invalid_request_error", param: nil, code: nil)
+        }
+        let value: JSONValue
+        do { value = try JSON.parse(Array(buffer.readableBytesView)) } catch { throw APIError.invalid("the body is not valid JSON: \(error)") }
+        guard case .object = value else { throw APIError.invalid("the body must be a JSON object") }
+        return value
+    }
+
+    func parse(_ v: JSONValue, chat: Bool) throws -> CompletionRequest {
+        let ids = engine.modelIDs
+        let model: String
+        switch v["model"] {
+        case nil, .null?: model = ids[0]
+        case let .string(m)?:
+            guard ids.contains(m) else { throw APIError(status: .badRequest, message: "The model \"\(m)\" does not exist; this server has \(ids.joined(separator: ", "))", type: "invalid_request_error", param: "model", code: "model_not_found") }
+            model = m
+        default: throw APIError.invalid("\"model\" must be a string", param: "model")
+        }
+        func number(_ key: String, _ range: ClosedRange<Double>) throws -> Double? {
+            guard let x = v[key], x != .null else { return nil }
+            guard let d = x.doubleValue, range.contains(d) else { throw APIError.invalid("\"\(key)\" must be a number from \(range.lowerBound) to \(range.upperBound)", param: key) }
+            return d
+        }
+        var o = GenerationOptions()
+        o.maxTokens = options.defaultMaxTokens
+        if let t = try number("temperature", 0...2) { o.sampling.temperature = Float(t) } else { o.sampling.temperature = 1 }
+        if let p = try number("top_p", 0...1) { o.sampling.topP = Float(max(p, 1e-6)) } else { o.sampling.topP = 1 }
+        o.sampling.topK = 0
+        for key in ["max_tokens", "max_completion_tokens"] {
+            guard let x = v[key], x != .null else { continue }
+            guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"\(key)\" must be a positive integer", param: key) }
+            guard n <= options.maxTokensCap else { throw APIError.invalid("\"\(key)\" is \(n); this server allows at most \(options.maxTokensCap)", param: key) }
+            o.maxTokens = n
+        }
+        if let x = v["seed"], x != .null {
+            guard let n = x.intValue else { throw APIError.invalid("\"seed\" must be an integer", param: "seed") }
+            o.sampling.seed = UInt64(bitPattern: Int64(n))
+        } else {
+            o.sampling.seed = UInt64.random(in: 0...UInt64.max)
+        }
+        switch v["stop"] {
+        case nil, .null?: break
+        case let .string(s)?: o.stopStrings = s.isEmpty ? [] : [s]
+        case let .array(items)?:
+            guard items.count <= 4, items.allSatisfy({ $0.stringValue != nil }) else { throw APIError.invalid("\"stop\" must be a string or up to 4 strings", param: "stop") }
+            o.stopStrings = items.compactMap(\.stringValue).filter { !$0.isEmpty }
+        default: throw APIError.invalid("\"stop\" must be a string or up to 4 strings", param: "stop")
+        }
+        var stream = false
+        if let s = v["stream"], s != .null {
+            guard let b = s.boolValue else { throw APIError.invalid("\"stream\" must be true or false", param: "stream") }
+            stream = b
+        }
+        let includeUsage = v["stream_options"]?["include_usage"]?.boolValue ?? false
+        let text: String
+        if chat {
+            guard let list = v["messages"]?.arrayValue, !list.isEmpty else { throw APIError.invalid("\"messages\" must be a non-empty list", param: "messages") }
+            var messages: [JSONValue] = []
+            for (i, m) in list.enumerated() {
+                guard let role = m["role"]?.stringValue, ["system", "user", "assistant", "developer"].contains(role) else {
+                    throw APIError.invalid("messages[\(i)].role must be system, user or assistant", param: "messages")
+                }
+                let content: String
+                switch m["content"] {
+                case let .string(s)?: content = s
+                case let .array(parts)?:
+                    // The list form: text parts only.
+                    content = try parts.map { p -> String in
+                        guard p["type"]?.stringValue == "text", let t = p["text"]?.stringValue else { throw APIError.invalid("messages[\(i)].content: only text parts are supported", param: "messages") }
+                        return t
+                    }.joined()
+                default: throw APIError.invalid("messages[\(i)].content must be a string", param: "messages")
+                }
+                messages.append(ChatTemplate.message(role == "developer" ? "system" : role, content))
+            }
+            guard let template else { throw APIError.invalid("this model has no chat template; use /v1/completions") }
+            do { text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: engine.tokenizer.templateSpecialTokens) } catch {
+                throw APIError.invalid("the chat template refused these messages: \(error)", param: "messages")
+            }
+        } else {
+            switch v["prompt"] {
+            case let .string(s)?: text = s
+            case let .array(items)? where items.count == 1 && items[0].stringValue != nil: text = items[0].stringValue!
+            default: throw APIError.invalid("\"prompt\" must be a string", param: "prompt")
+            }
+        }
+        let prompt = engine.tokenizer.encode(text)
+        guard !prompt.isEmpty else { throw APIError.invalid("the prompt is empty", param: chat ? "messages" : "prompt") }
+        let context = engine.contextLength
+        guard prompt.count + 1 <= context else {
+            throw APIError(status: .badRequest, message: "The prompt has \(prompt.count) tokens; the model's context holds \(context)", type: "invalid_request_error", param: chat ? "messages" : "prompt", code: "context_length_exceeded")
+        }
+        o.maxTokens = min(o.maxTokens, context - prompt.count)
+        return CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage)
+    }
+
+    static func finishReason(_ r: String) -> String {
+        switch r {
+        case "length": return "length"
+        default: return "stop"
+        }
+    }
+
+    func completion(_ request: Request, context: some RequestContext, chat: Bool) async throws -> Response {
+        let start = Clock.seconds()
+        let req = try parse(try await body(request), chat: chat)
+        let id = newID(chat ? "chatcmpl" : "cmpl")
+        let object = chat ? "chat.completion" : "text_completion"
+        @Sendable func choice(_ text: String?, delta: Bool, finish: String?) -> JSONValue {
+            var fields: [(String, JSONValue)] = [("index", .int(0))]
+            if chat {
+                if delta { fields.append(("delta", text.map { .object([("content", .string($0))]) } ?? .object([]))) } else {
+                    fields.append(("message", .object([("role", .string("assistant")), ("content", .string(text ?? ""))])))
+                }
+            } else {
+                fields.append(("text", .string(text ?? "")))
+            }
+            fields.append(("finish_reason", finish.map(JSONValue.string) ?? .null))
+            return .object(fields)
+        }
+        @Sendable func usage(_ r: GenerationResult) -> JSONValue {
+            .object([("prompt_tokens", .int(r.promptTokens)), ("completion_tokens", .int(r.tokenIDs.count)), ("total_tokens", .int(r.promptTokens + r.tokenIDs.count))])
+        }
+        let created = Int(Clock.wallSeconds())
+        let log = { (r: GenerationResult, firstToken: Double?) in
+            var meta: Logger.Metadata = ["id": .string(id), "model": .string(req.model), "prompt_tokens": .stringConvertible(r.promptTokens),
+                                         "completion_tokens": .stringConvertible(r.tokenIDs.count), "finish": .string(r.finishReason),
+                                         "seconds": .string(Chart.fixed(Clock.seconds() - start, 3)), "stream": .stringConvertible(req.stream)]
+            if let firstToken { meta["first_token_seconds"] = .string(Chart.fixed(firstToken, 3)) }
+            self.logger.info("completion", metadata: meta)
+        }
+        if !req.stream {
+            let result: GenerationResult = try await withCheckedThrowingContinuation { c in
+                let job = EngineJob(model: req.model, request: GenerationRequest(prompt: req.prompt, options: req.options), onDone: { c.resume(with: $0) })
+                if !engine.submit(job) { c.resume(throwing: Self.busy) }
+            }
+            log(result, nil)
+            return Self.json(.object([
+                ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
+                ("choices", .array([choice(result.text, delta: false, finish: Self.finishReason(result.finishReason))])), ("usage", usage(result)),
+            ]))
+        }
+        // Streaming: the engine's pieces go through an AsyncStream to the body writer. When a write fails
+        // (the client hung up) the flag stops the generation at its next token.
+        let (events, continuation) = AsyncStream<StreamEvent>.makeStream()
+        let gone = ManagedFlag()
+        let job = EngineJob(model: req.model, request: GenerationRequest(prompt: req.prompt, options: req.options), onText: { piece in
+            if gone.value { return false }
+            continuation.yield(.piece(piece))
+            return true
+        }, onDone: { result in
+            continuation.yield(.done(result))
+            continuation.finish()
+        })
+        guard engine.submit(job) else { throw Self.busy }
+        let chunkObject = chat ? "chat.completion.chunk" : "text_completion"
+        let model = req.model, includeUsage = req.includeUsage
+        @Sendable func chunk(_ choices: [JSONValue], usage: JSONValue? = nil) -> ByteBuffer {
+            var fields: [(String, JSONValue)] = [("id", .string(id)), ("object", .string(chunkObject)), ("created", .int(created)), ("model", .string(model)), ("choices", .array(choices))]
+            if let usage { fields.append(("usage", usage)) }
+            return ByteBuffer(string: "data: " + JSON.serialize(.object(fields)) + "\n\n")
+        }
+        let body = ResponseBody { writer in
+            var first: Double?
+            do {
+                if chat { try await writer.write(chunk([.object([("index", .int(0)), ("delta", .object([("role", .string("assistant")), ("content", .string(""))])), ("finish_reason", .null)])])) }
+                for await event in events {
+                    switch event {
+                    case let .piece(p):
+                        if first == nil { first = Clock.seconds() - start }
+                        try await writer.write(chunk([choice(p, delta: true, finish: nil)]))
+                    case let .done(.success(r)):
+                        log(r, first)
+                        try await writer.write(chunk([choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason))]))
+                        if includeUsage { try await writer.write(chunk([], usage: usage(r))) }
+                    case let .done(.failure(e)):
+                        try await writer.write(ByteBuffer(string: "data: " + JSON.serialize(.object([("error", .object([("message", .string("\(e)")), ("type", .string("server_error"))]))])) + "\n\n"))
+                    }
+                }
+                try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
+                try await writer.finish(nil)
+            } catch {
+                gone.value = true
+                // Drain until the engine lets go of the request (at its next token), then say where it stopped.
+                var tokens = -1, reason = "?"
+                for await e in events {
+                    if case let .done(.success(r)) = e { (tokens, reason) = (r.tokenIDs.count, r.finishReason) }
+                }
+                self.logger.info("client went away mid-stream; generation stopped", metadata: [
+                    "id": .string(id), "completion_tokens": .stringConvertible(tokens), "finish": .string(reason),
+                ])
+                throw error
+            }
+        }
+        return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"], body: body)
+    }
+
+    static let busy = APIError(status: .tooManyRequests, message: "The server is busy: its queue is full. Retry after a second.", type: "rate_limit_exceeded", param: nil, code: "rate_limit_exceeded",
+                               headers: [HTTPField.Name("Retry-After")!: "1"])
+
+    func addAdapter(_ request: Request, context: some RequestContext) async throws -> Response {
+        let v = try await body(request)
+        guard let name = v["name"]?.stringValue, !name.isEmpty, !name.contains("/") else { throw APIError.invalid("\"name\" must be a non-empty string without /", param: "name") }
+        guard let path = v["path"]?.stringValue, !path.isEmpty else { throw APIError.invalid("\"path\" must name an adapter folder on the server", param: "path") }
+        guard name != engine.baseID else { throw APIError.invalid("\"\(name)\" is the base model's id", param: "name") }
+        let model: LlamaModel
+        do { model = try loadAdapter(path) } catch { throw APIError.invalid("cannot load the adapter at \(path): \(error)", param: "path") }
+        engine.add(id: name, model: model)
+        logger.info("loaded adapter", metadata: ["adapter": .string(name), "path": .string(path)])
+        return Self.json(.object([("id", .string(name)), ("object", .string("model")), ("created", .int(Int(Clock.wallSeconds()))), ("owned_by", .string("swift-qlora adapter"))]))
+    }
+}
+
+enum StreamEvent: Sendable { case piece(String), done(Result<GenerationResult, Error>) }
+
+final class ManagedFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _value = false
+    var value: Bool {
+        get { lock.withLock { _value } }
+        set { lock.withLock { _value = newValue } }
+    }
+}
+
+/// Auth, errors as OpenAI error objects, and the request counters.
+struct Gate<Context: RequestContext>: RouterMiddleware {
+    let server: Server
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let path = request.uri.path
+        var response: Response
+        if let key = server.options.apiKey, path != "/health", request.headers[.authorization] != "Bearer \(key)" {
+            response = APIError(status: .unauthorized, message: "Missing or wrong API key: send \"Authorization: Bearer <key>\"", type: "invalid_request_error", param: nil, code: "invalid_api_key").response
+        } else {
+            do { response = try await next(request, context) } catch let e as APIError { response = e.response } catch let e as HTTPError {
+                response = APIError(status: e.status, message: e.body ?? "\(e.status)", type: "invalid_request_error", param: nil, code: nil).response
+            }
+        }
+        server.count("\(path) \(response.status.code)")
+        return response
+    }
+}

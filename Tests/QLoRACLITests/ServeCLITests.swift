@@ -1,0 +1,295 @@
+// `qlora serve` on the default model, started as users start it (the binary, a free loopback port), and
+// spoken to with a real HTTP client (AsyncHTTPClient): every endpoint, streaming, concurrent requests
+// decoded together, the 429 path, a client that hangs up mid-stream, adapters loaded and unloaded, the API
+// key, and the errors. Greedy answers are checked against `qlora generate`'s.
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+/// A `qlora serve` process on a free port; stderr (the request log) goes to a file.
+final class ServeProcess: @unchecked Sendable {
+    let process = Process()
+    let port: Int
+    let log: String
+
+    init(_ arguments: [String], environment: [String: String] = [:]) throws {
+        let dir = try Fixtures.temporaryDirectory("serve")
+        log = FileSystem.join(dir, "stderr")
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        process.executableURL = URL(fileURLWithPath: FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora"))
+        process.arguments = ["serve", "--port", "0"] + arguments
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle(forWritingAtPath: log)
+        try process.run()
+        // The first line on stdout: "listening on http://127.0.0.1:PORT/v1 (...)".
+        var line = Data()
+        while !line.contains(UInt8(ascii: "\n")) {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            line.append(chunk)
+        }
+        let text = String(decoding: line, as: UTF8.self)
+        guard let r = text.range(of: "http://127.0.0.1:"), let p = Int(text[r.upperBound...].prefix { $0.isNumber }) else {
+            process.terminate()
+            throw ServeFailed(message: "no 'listening on' line: \(text) \(String(decoding: (try? FileSystem.readFile(log)) ?? [], as: UTF8.self))")
+        }
+        port = p
+    }
+
+    struct ServeFailed: Error, CustomStringConvertible {
+        let message: String
+        var description: String { message }
+    }
+
+    var base: String { "http://127.0.0.1:\(port)" }
+    var stderr: String { String(decoding: (try? FileSystem.readFile(log)) ?? [], as: UTF8.self) }
+
+    func stop() {
+        process.terminate()
+        process.waitUntilExit()
+    }
+}
+
+struct HTTPReply {
+    let status: Int
+    let headers: HTTPHeaders
+    let body: String
+    var json: JSONValue? { try? JSON.parse(body) }
+}
+
+func http(_ method: HTTPMethod, _ url: String, _ body: String? = nil, headers: [(String, String)] = []) async throws -> HTTPReply {
+    var request = HTTPClientRequest(url: url)
+    request.method = method
+    for (k, v) in headers { request.headers.add(name: k, value: v) }
+    if let body {
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.body = .bytes(ByteBuffer(string: body))
+    }
+    let response = try await HTTPClient.shared.execute(request, timeout: .seconds(120))
+    let bytes = try await response.body.collect(upTo: 16 << 20)
+    return HTTPReply(status: Int(response.status.code), headers: response.headers, body: String(buffer: bytes))
+}
+
+func chatBody(_ prompt: String, model: String? = nil, maxTokens: Int = 16, stream: Bool = false, extra: String = "") -> String {
+    let m = model.map { #""model": "\#($0)", "# } ?? ""
+    return #"{\#(m)"messages": [{"role": "user", "content": \#(JSON.serialize(.string(prompt)))}], "temperature": 0, "max_tokens": \#(maxTokens), "stream": \#(stream)\#(extra)}"#
+}
+
+/// The text of a server-sent-events chat stream, and whether it ended with [DONE].
+func streamedText(_ body: String) throws -> (text: String, done: Bool, finish: String?) {
+    var text = "", done = false, finish: String?
+    for event in body.components(separatedBy: "\n\n") where event.hasPrefix("data: ") {
+        let payload = String(event.dropFirst(6))
+        if payload == "[DONE]" { done = true; continue }
+        let v = try JSON.parse(payload)
+        guard let choice = v["choices"]?.arrayValue?.first else { continue }
+        text += choice["delta"]?["content"]?.stringValue ?? choice["text"]?.stringValue ?? ""
+        if let f = choice["finish_reason"]?.stringValue { finish = f }
+    }
+    return (text, done, finish)
+}
+
+/// A small LoRA adapter for the default model (q_proj and v_proj of every layer, fixed pseudo-random values).
+func writeTestAdapter(_ dir: String) throws {
+    try FileSystem.makeDirectories(dir)
+    let config = #"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "SmolLM2-135M-Instruct", "bias": "none", "task_type": "CAUSAL_LM"}"#
+    try FileSystem.writeFileAtomically(FileSystem.join(dir, "adapter_config.json"), bytes: Array(config.utf8))
+    var header: [(String, JSONValue)] = []
+    var data: [UInt8] = []
+    var rng = SeededGenerator(seed: 7)
+    for layer in 0..<30 {
+        for (name, out) in [("q_proj", 576), ("v_proj", 192)] {
+            for (part, shape) in [("lora_A", [4, 576]), ("lora_B", [out, 4])] {
+                let count = shape[0] * shape[1]
+                let start = data.count
+                for _ in 0..<count {
+                    let v = (Float(rng.next() % 2001) / 1000 - 1) * 0.05
+                    withUnsafeBytes(of: v.bitPattern.littleEndian) { data.append(contentsOf: $0) }
+                }
+                header.append(("base_model.model.model.layers.\(layer).self_attn.\(name).\(part).weight",
+                               .object([("dtype", .string("F32")), ("shape", .array(shape.map { .int($0) })), ("data_offsets", .array([.int(start), .int(data.count)]))])))
+            }
+        }
+    }
+    try FileSystem.writeFileAtomically(FileSystem.join(dir, "adapter_model.safetensors"), bytes: Fixtures.rawSafetensors(JSON.serialize(.object(header)), data: data))
+}
+
+@Suite("command line: serve")
+struct ServeCLITests {
+    static let prompts = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello in Spanish."]
+
+    @Test("endpoints: health, models, chat (whole and streamed) equal qlora generate's greedy answer; completions; usage; metrics; the log line")
+    func endpoints() async throws {
+        let dir = try Fixtures.temporaryDirectory("serve-adapter")
+        let adapter = FileSystem.join(dir, "tuned")
+        try writeTestAdapter(adapter)
+        let server = try ServeProcess(["--adapter", "tuned=\(adapter)"])
+        defer { server.stop() }
+        let health = try await http(.GET, server.base + "/health")
+        #expect(health.status == 200 && health.json?["status"]?.stringValue == "ok")
+        let models = try await http(.GET, server.base + "/v1/models")
+        let ids = models.json?["data"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? []
+        #expect(ids == ["SmolLM2-135M-Instruct.Q4_1.gguf", "tuned"])
+
+        let prompt = Self.prompts[0]
+        let reference = try await runQLoRAAsync(["generate", "--chat", "-p", prompt, "--temperature", "0", "--max-tokens", "16", "--json"])
+        let expected = try JSON.parse(reference.stdout)["text"]!.stringValue!
+        let whole = try await http(.POST, server.base + "/v1/chat/completions", chatBody(prompt))
+        #expect(whole.status == 200, "\(whole.body)")
+        let j = whole.json!
+        #expect(j["object"]?.stringValue == "chat.completion" && j["model"]?.stringValue == "SmolLM2-135M-Instruct.Q4_1.gguf")
+        let choice = j["choices"]!.arrayValue![0]
+        #expect(choice["message"]?["content"]?.stringValue == expected && choice["message"]?["role"]?.stringValue == "assistant")
+        #expect(["stop", "length"].contains(choice["finish_reason"]?.stringValue ?? ""))
+        let usage = j["usage"]!
+        #expect(usage["completion_tokens"]!.intValue! <= 16 && usage["prompt_tokens"]!.intValue! > 5
+                && usage["total_tokens"]!.intValue! == usage["prompt_tokens"]!.intValue! + usage["completion_tokens"]!.intValue!)
+
+        let streamed = try await http(.POST, server.base + "/v1/chat/completions", chatBody(prompt, stream: true, extra: #", "stream_options": {"include_usage": true}"#))
+        #expect(streamed.status == 200 && streamed.headers.first(name: "Content-Type") == "text/event-stream")
+        let s = try streamedText(streamed.body)
+        #expect(s.text == expected && s.done && s.finish != nil)
+        #expect(streamed.body.contains(#""usage":{"prompt_tokens""#))
+
+        // The adapter: the same answer as qlora generate --adapter, and not the base's.
+        let tunedReference = try JSON.parse(try await runQLoRAAsync(["generate", "--chat", "-p", prompt, "--temperature", "0", "--max-tokens", "16", "--json", "--adapter", adapter]).stdout)["text"]!.stringValue!
+        let tuned = try await http(.POST, server.base + "/v1/chat/completions", chatBody(prompt, model: "tuned"))
+        #expect(tuned.json?["choices"]?.arrayValue?[0]["message"]?["content"]?.stringValue == tunedReference)
+        #expect(tunedReference != expected)
+
+        let completion = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}"#)
+        let ctext = try JSON.parse(try await runQLoRAAsync(["generate", "-p", "The capital of France is", "--temperature", "0", "--max-tokens", "5", "--json"]).stdout)["text"]!.stringValue!
+        #expect(completion.json?["object"]?.stringValue == "text_completion" && completion.json?["choices"]?.arrayValue?[0]["text"]?.stringValue == ctext)
+
+        // Stop strings end the reply before them.
+        let stopped = try await http(.POST, server.base + "/v1/chat/completions", chatBody(prompt, extra: #", "stop": ["Paris"]"#))
+        let stoppedText = stopped.json?["choices"]?.arrayValue?[0]["message"]?["content"]?.stringValue ?? "?"
+        #expect(!stoppedText.contains("Paris") && expected.hasPrefix(stoppedText))
+
+        let metrics = try await http(.GET, server.base + "/metrics")
+        #expect(metrics.body.contains("# TYPE qlora_generated_tokens_total counter") && metrics.body.contains(#"qlora_http_requests_total{path="/v1/chat/completions",status="200"} 4"#), "\(metrics.body)")
+        #expect(server.stderr.contains("prompt_tokens=") && server.stderr.contains("first_token_seconds=") && server.stderr.contains("model=tuned"))
+    }
+
+    @Test("concurrent requests are decoded together and each gets its own greedy answer; a full queue answers 429 with Retry-After")
+    func concurrency() async throws {
+        let server = try ServeProcess(["--max-batch", "4"])
+        defer { server.stop() }
+        var alone: [String] = []
+        for p in Self.prompts {
+            alone.append(try await http(.POST, server.base + "/v1/chat/completions", chatBody(p, maxTokens: 24)).json!["choices"]!.arrayValue![0]["message"]!["content"]!.stringValue!)
+        }
+        let together = try await withThrowingTaskGroup(of: (Int, String).self) { group in
+            for (i, p) in Self.prompts.enumerated() {
+                group.addTask { (i, try await http(.POST, server.base + "/v1/chat/completions", chatBody(p, maxTokens: 24)).json!["choices"]!.arrayValue![0]["message"]!["content"]!.stringValue!) }
+            }
+            var out = [String](repeating: "", count: Self.prompts.count)
+            for try await (i, t) in group { out[i] = t }
+            return out
+        }
+        #expect(together == alone)
+
+        // One slot and one place in the queue: of 6 long requests at once, some get 429.
+        let small = try ServeProcess(["--max-batch", "1", "--max-queue", "1"])
+        defer { small.stop() }
+        let statuses = try await withThrowingTaskGroup(of: HTTPReply.self) { group in
+            for _ in 0..<6 { group.addTask { try await http(.POST, small.base + "/v1/chat/completions", chatBody("Tell me a long story.", maxTokens: 64)) } }
+            var out: [HTTPReply] = []
+            for try await r in group { out.append(r) }
+            return out
+        }
+        let busy = statuses.filter { $0.status == 429 }
+        #expect(!busy.isEmpty && statuses.contains { $0.status == 200 }, "\(statuses.map(\.status))")
+        #expect(busy.allSatisfy { $0.headers.first(name: "Retry-After") == "1" && $0.json?["error"]?["type"]?.stringValue == "rate_limit_exceeded" })
+    }
+
+    @Test("a client that hangs up mid-stream stops its generation; errors are OpenAI error objects; the API key; adapters loaded and unloaded")
+    func errorsAuthAdapters() async throws {
+        let server = try ServeProcess(["--max-tokens-cap", "8192", "--max-body", "65536"], environment: ["QLORA_API_KEY": "secret-key"])
+        defer { server.stop() }
+        let auth = [("Authorization", "Bearer secret-key")]
+        // Without the key: 401, but /health answers.
+        let denied = try await http(.GET, server.base + "/v1/models")
+        #expect(denied.status == 401 && denied.json?["error"]?["code"]?.stringValue == "invalid_api_key")
+        #expect(try await http(.GET, server.base + "/v1/models", headers: [("Authorization", "Bearer wrong")]).status == 401)
+        #expect(try await http(.GET, server.base + "/health").status == 200)
+        #expect(try await http(.GET, server.base + "/v1/models", headers: auth).status == 200)
+
+        // Hang up after the first piece of an 8,000-token stream: the generation ends as "cancelled", long before
+        // its max_tokens, and frees its slot.
+        var request = HTTPClientRequest(url: server.base + "/v1/chat/completions")
+        request.method = .POST
+        request.headers.add(name: "Authorization", value: "Bearer secret-key")
+        request.body = .bytes(ByteBuffer(string: chatBody("Write a very long essay about the sea.", maxTokens: 8000, stream: true)))
+        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let response = try await client.execute(request, timeout: .seconds(60))
+        var iterator = response.body.makeAsyncIterator()
+        _ = try await iterator.next()
+        try await client.shutdown()  // closes the connection mid-stream
+        var line: Substring?
+        for _ in 0..<600 where line == nil {
+            try await Task.sleep(nanoseconds: 100_000_000)
+            line = server.stderr.split(separator: "\n").first { $0.contains("client went away mid-stream") }
+        }
+        #expect(line?.contains("finish=cancelled") == true, "\(line ?? "no line")")
+        let tokens = line.flatMap { l in l.split(separator: " ").first { $0.hasPrefix("completion_tokens=") }.flatMap { Int($0.dropFirst(18)) } } ?? -1
+        #expect(tokens >= 1 && tokens < 8000, "\(tokens) tokens")
+        let metrics = try await http(.GET, server.base + "/metrics", headers: auth).body
+        #expect(metrics.contains("qlora_requests_running 0\n"))
+
+        // Errors: 400 with an error object naming the parameter; 413 past the body cap.
+        func error(_ body: String, _ path: String = "/v1/chat/completions") async throws -> (Int, String?, String?) {
+            let r = try await http(.POST, server.base + path, body, headers: auth)
+            return (r.status, r.json?["error"]?["param"]?.stringValue, r.json?["error"]?["message"]?.stringValue)
+        }
+        #expect(try await error("{not json").0 == 400)
+        #expect(try await error(#"{"messages": "hi"}"#).1 == "messages")
+        #expect(try await error(#"{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#).1 == "temperature")
+        #expect(try await error(#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}"#).2?.contains("at most 8192") == true)
+        let unknown = try await error(#"{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}"#)
+        #expect(unknown.0 == 400 && unknown.1 == "model")
+        #expect(try await error(#"{"prompt": 5}"#, "/v1/completions").1 == "prompt")
+        let huge = String(repeating: "word ", count: 20_000)
+        #expect(try await http(.POST, server.base + "/v1/completions", #"{"prompt": "\#(huge)"}"#, headers: auth).status == 413)
+        let long = String(repeating: "the sea and the sky ", count: 2_000)  // past the 8,192-token context
+        let tooLong = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "\#(long)"}"#, headers: auth)
+        #expect(tooLong.status == 400 && tooLong.json?["error"]?["code"]?.stringValue == "context_length_exceeded")
+
+        // Adapters while serving.
+        let dir = try Fixtures.temporaryDirectory("serve-load")
+        try writeTestAdapter(FileSystem.join(dir, "a"))
+        let added = try await http(.POST, server.base + "/v1/adapters", #"{"name": "late", "path": "\#(FileSystem.join(dir, "a"))"}"#, headers: auth)
+        #expect(added.status == 200, "\(added.body)")
+        #expect(try await http(.GET, server.base + "/v1/models", headers: auth).body.contains(#""id":"late""#))
+        #expect(try await http(.POST, server.base + "/v1/chat/completions", chatBody("Hi", model: "late", maxTokens: 4), headers: auth).status == 200)
+        let bad = try await http(.POST, server.base + "/v1/adapters", #"{"name": "x", "path": "/nonexistent"}"#, headers: auth)
+        #expect(bad.status == 400 && bad.json?["error"]?["param"]?.stringValue == "path")
+        #expect(try await http(.DELETE, server.base + "/v1/adapters/late", headers: auth).status == 200)
+        #expect(try await http(.POST, server.base + "/v1/chat/completions", chatBody("Hi", model: "late"), headers: auth).status == 400)
+        #expect(try await http(.DELETE, server.base + "/v1/adapters/SmolLM2-135M-Instruct.Q4_1.gguf", headers: auth).status == 404)
+        #expect(try await http(.POST, server.base + "/v1/adapters", #"{"name": "y", "path": "\#(FileSystem.join(dir, "a"))"}"#).status == 401)
+    }
+
+    @Test("eval judge against qlora serve: the default model judges two systems through the same protocol")
+    func judgeThroughServe() async throws {
+        let server = try ServeProcess([])
+        defer { server.stop() }
+        let dir = try Fixtures.temporaryDirectory("serve-judge")
+        let a = FileSystem.join(dir, "a.jsonl"), b = FileSystem.join(dir, "b.jsonl"), out = FileSystem.join(dir, "j.jsonl")
+        try FileSystem.writeFileAtomically(a, bytes: Array(#"{"question_id": 1, "question": "What is the capital of France?", "answer": "Paris."}"#.utf8 + [10]))
+        try FileSystem.writeFileAtomically(b, bytes: Array(#"{"question_id": 1, "question": "What is the capital of France?", "answer": "Berlin."}"#.utf8 + [10]))
+        let r = try await runQLoRAAsync(["eval", "judge", "--answers", a, b, "--judge", server.base + "/v1", "--max-tokens", "48", "--output", out, "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = try JSON.lines(try FileSystem.readFile(out)).map { try JSON.parse(Array($0.bytes)) }
+        #expect(lines.count == 2 && lines.allSatisfy { ($0["review"]?.stringValue?.isEmpty == false) && $0["judge"]?.stringValue == server.base + "/v1/chat/completions" })
+        #expect(server.stderr.contains("completion_tokens="))
+    }
+}
