@@ -263,9 +263,15 @@ public final class MMLUEvaluator {
         }
     }
 
+    /// Questions of one prefix run together in one pass (`LlamaModel.forward(sequences:caches:)`), at most
+    /// this many, and at most `batchRows` of their tokens.
+    public var batchSize = 8
+    public var batchRows = 1024
+
     /// Scores every item; `progress(done, total)` after each. Consecutive items with the same prefix share
     /// the keys and values of its tokens (computed once): as many of them as begin the first such prompt's
-    /// tokens, for every later prompt that begins with them too; any other prompt runs whole.
+    /// tokens, for every later prompt that begins with them too; their own tokens run `batchSize` questions
+    /// at a time, each continuing a copy of the prefix. Any other prompt runs whole.
     public func evaluate(_ items: [MMLUItem], progress: (Int, Int) -> Void = { _, _ in }) throws -> MMLUResult {
         let start = Clock.seconds()
         let limit = model.config.maxPositions
@@ -273,6 +279,7 @@ public final class MMLUEvaluator {
         var computed = 0, promptTokens = 0
         var cache: KVCache?
         var cachedPrefix: (String, [Int])?
+        var prefixVersion = 0
         func ensureCache(_ n: Int) -> KVCache {
             if let c = cache, c.capacity >= n { return c }
             let c = KVCache(config: model.config, capacity: min(limit, max(n, 512)))
@@ -280,12 +287,32 @@ public final class MMLUEvaluator {
             cachedPrefix = nil
             return c
         }
-        for (n, item) in items.enumerated() {
+        // One cache per question of a batch, holding a copy of the prefix (made once per prefix).
+        var slots: [KVCache] = []
+        var slotVersion: [Int] = []
+        func slot(_ i: Int, capacity: Int) -> KVCache {
+            while slots.count <= i { slots.append(KVCache(config: model.config, capacity: 0)); slotVersion.append(-1) }
+            if slots[i].capacity < capacity {
+                slots[i] = KVCache(config: model.config, capacity: min(limit, max(capacity, 1024)))
+                slotVersion[i] = -1
+            }
+            return slots[i]
+        }
+        func score(_ logits: ArraySlice<Float>, tokens: Int) -> MMLUScore {
+            var m = -Float.infinity
+            for v in logits { m = max(m, v) }
+            var sum = 0.0
+            for v in logits { sum += exp(Double(v - m)) }
+            let logZ = log(sum) + Double(m)
+            let lp = letterTokens.map { Double(logits[logits.startIndex + $0]) - logZ }
+            var best = 0
+            for j in 1..<4 where lp[j] > lp[best] { best = j }
+            return MMLUScore(logprobs: lp, prediction: best, tokens: tokens)
+        }
+        /// The prompt's tokens and, when it continues its prefix, the prefix's tokens as they begin it.
+        func prepare(_ item: MMLUItem) -> (full: [Int], prefix: [Int]?) {
             var full = tokenizer.encode(item.prompt, addSpecialTokens: true)
             if full.count > limit { full = Array(full.suffix(limit)) }  // keep the question; the oldest shots go
-            promptTokens += full.count
-            let c = ensureCache(full.count)
-            var logits: [Float]
             let prefixTokens: [Int]
             if let p = cachedPrefix, p.0 == item.prefix {
                 prefixTokens = p.1
@@ -299,32 +326,68 @@ public final class MMLUEvaluator {
                 while common < min(alone.count, full.count) && alone[common] == full[common] { common += 1 }
                 prefixTokens = Array(alone.prefix(common))
             }
-            if !prefixTokens.isEmpty && prefixTokens.count < full.count && Array(full.prefix(prefixTokens.count)) == prefixTokens {
-                if cachedPrefix?.0 != item.prefix || c.length < prefixTokens.count {
-                    c.reset()
-                    _ = try model.forward(prefixTokens, cache: c, logits: .none)
-                    computed += prefixTokens.count
-                    cachedPrefix = (item.prefix, prefixTokens)
-                }
-                c.truncate(to: prefixTokens.count)
-                logits = try model.forward(Array(full[prefixTokens.count...]), cache: c, logits: .last)
-                computed += full.count - prefixTokens.count
-            } else {
+            let continues = !prefixTokens.isEmpty && prefixTokens.count < full.count && Array(full.prefix(prefixTokens.count)) == prefixTokens
+            return (full, continues ? prefixTokens : nil)
+        }
+        let V = model.config.vocabSize
+        var n = 0
+        var next: (full: [Int], prefix: [Int]?)?
+        while n < items.count {
+            let item = items[n]
+            let first = next ?? prepare(item)
+            next = nil
+            guard let prefixTokens = first.prefix else {
+                promptTokens += first.full.count
+                let c = ensureCache(first.full.count)
                 c.reset()
                 cachedPrefix = nil
-                logits = try model.forward(full, cache: c, logits: .last)
-                computed += full.count
+                let logits = try model.forward(first.full, cache: c, logits: .last)
+                computed += first.full.count
+                scores.append(score(logits[...], tokens: first.full.count))
+                n += 1
+                progress(n, items.count)
+                continue
             }
-            var m = -Float.infinity
-            for v in logits { m = max(m, v) }
-            var sum = 0.0
-            for v in logits { sum += exp(Double(v - m)) }
-            let logZ = log(sum) + Double(m)
-            let lp = letterTokens.map { Double(logits[$0]) - logZ }
-            var best = 0
-            for j in 1..<4 where lp[j] > lp[best] { best = j }
-            scores.append(MMLUScore(logprobs: lp, prediction: best, tokens: full.count))
-            progress(n + 1, items.count)
+            let c = ensureCache(first.full.count)
+            if cachedPrefix?.0 != item.prefix || cachedPrefix?.1 != prefixTokens || c.length < prefixTokens.count {
+                c.reset()
+                _ = try model.forward(prefixTokens, cache: c, logits: .none)
+                computed += prefixTokens.count
+                cachedPrefix = (item.prefix, prefixTokens)
+                prefixVersion += 1
+            }
+            c.truncate(to: prefixTokens.count)
+            // The batch: this question and the next ones that continue the same prefix tokens.
+            var batch: [[Int]] = [first.full]
+            var rows = first.full.count - prefixTokens.count
+            while batch.count < batchSize && n + batch.count < items.count && items[n + batch.count].prefix == item.prefix {
+                let candidate = prepare(items[n + batch.count])
+                guard candidate.prefix == prefixTokens, rows + candidate.full.count - prefixTokens.count <= batchRows else {
+                    next = candidate
+                    break
+                }
+                rows += candidate.full.count - prefixTokens.count
+                batch.append(candidate.full)
+            }
+            let P = prefixTokens.count
+            var caches: [KVCache] = []
+            for (i, full) in batch.enumerated() {
+                let s = slot(i, capacity: full.count)
+                if slotVersion[i] != prefixVersion {
+                    s.copyPrefix(of: c, count: P)
+                    slotVersion[i] = prefixVersion
+                }
+                s.truncate(to: P)
+                caches.append(s)
+            }
+            let logits = try model.forward(sequences: batch.map { Array($0[P...]) }, caches: caches)
+            for (i, full) in batch.enumerated() {
+                promptTokens += full.count
+                computed += full.count - P
+                scores.append(score(logits[(i * V)..<((i + 1) * V)], tokens: full.count))
+                progress(n + i + 1, items.count)
+            }
+            n += batch.count
         }
         var bySubject: [String: (Int, Int)] = [:]
         for (item, s) in zip(items, scores) {

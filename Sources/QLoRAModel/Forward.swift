@@ -41,6 +41,17 @@ public final class KVCache {
     /// Keeps the first `n` positions only.
     public func truncate(to n: Int) { length = min(length, max(0, n)) }
 
+    /// Holds the first `count` positions of `other` (a prefix shared by several continuations), every layer.
+    public func copyPrefix(of other: KVCache, count: Int) {
+        precondition(other.layers == layers && other.rowWidth == rowWidth, "caches of different models")
+        precondition(count <= other.length && count <= capacity, "the prefix is longer than one of the caches")
+        for l in 0..<layers {
+            keys(layer: l).update(from: other.keys(layer: l), count: count * rowWidth)
+            values(layer: l).update(from: other.values(layer: l), count: count * rowWidth)
+        }
+        length = count
+    }
+
     func advance(by n: Int) { length += n }
 
     /// Layer `l`'s keys and values: position j at + j * rowWidth.
@@ -222,6 +233,55 @@ extension LlamaModel {
                 }
             }
             for cache in caches { cache.advance(by: 1) }
+            return outputLogits(ws, rows: 0..<B, kernels: kernels)
+        }
+    }
+
+    /// Several sequences' next tokens in one pass (a batched prefill): sequence i's tokens go at the next
+    /// positions of `caches[i]`, attending over that cache and their own earlier tokens only, as
+    /// `forward(tokens[i], cache: caches[i])` would, while every weight is read once for all the rows.
+    /// MMLU runs the questions of a subject this way, each cache holding a copy of the shared few-shot prefix.
+    /// - Returns: each sequence's last-position logits, [B, V].
+    public func forward(sequences tokens: [[Int]], caches: [KVCache], kernels: KernelTable = .current) throws -> [Float] {
+        let c = config
+        let B = tokens.count
+        guard B > 0 else { return [] }
+        precondition(caches.count == B, "one cache a sequence")
+        precondition(Set(caches.map(ObjectIdentifier.init)).count == B, "a cache appears twice")
+        for (seq, cache) in zip(tokens, caches) {
+            precondition(!seq.isEmpty, "an empty sequence")
+            guard cache.length + seq.count <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + seq.count) }
+            for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
+        }
+        let qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
+        var offsets: [Int] = []
+        var n = 0
+        for seq in tokens { offsets.append(n); n += seq.count }
+        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!)
+        var positions: [Int] = []
+        positions.reserveCapacity(n)
+        for (i, seq) in tokens.enumerated() {
+            for (t, token) in seq.enumerated() { embeddings.copyRow(token, into: ws.h + (offsets[i] + t) * D) }
+            positions += caches[i].length..<(caches[i].length + seq.count)
+        }
+        let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let starts = caches.map(\.length)
+        return Gemm.withSingleThreadedBLAS {
+            runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels) { l in
+                for (i, cache) in caches.enumerated() {
+                    let o = offsets[i], T = tokens[i].count
+                    (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)
+                    (cache.values(layer: l) + starts[i] * kvDim).update(from: ws.v + o * kvDim, count: T * kvDim)
+                    attention(q: ws.q + o * qDim, layer: l, cache: cache, start: starts[i], rows: T, into: ws.attn + o * qDim,
+                              scores: ws.scores, partial: ws.partial, kernels: kernels)
+                }
+            }
+            for (i, cache) in caches.enumerated() { cache.advance(by: tokens[i].count) }
+            // Each sequence's last row moves up to row i (a source row is never below a later destination).
+            for i in 0..<B {
+                let last = offsets[i] + tokens[i].count - 1
+                if last != i { (ws.h + i * D).update(from: ws.h + last * D, count: D) }
+            }
             return outputLogits(ws, rows: 0..<B, kernels: kernels)
         }
     }

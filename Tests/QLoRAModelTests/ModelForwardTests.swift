@@ -201,6 +201,32 @@ struct DefaultModelTests {
         }
     }
 
+    @Test("several continuations of one prefix in one pass (MMLU's batches): each gets the logits of running alone after the prefix",
+          arguments: [QuantType.nf4, nil])
+    func sequences(_ quant: QuantType?) throws {
+        let model = try load(Self.gguf, quant)
+        let V = model.config.vocabSize
+        let prefix = [1, 9690, 314, 253, 504, 3458, 28, 260]
+        let continuations = [[504, 1115, 1780], [2], [3205, 314, 9690, 253, 1115, 28, 260, 504, 3458, 1780], [314, 253]]
+        let shared = KVCache(config: model.config, capacity: 64)
+        _ = try model.forward(prefix, cache: shared, logits: .none)
+        let caches = continuations.map { _ in KVCache(config: model.config, capacity: 32) }
+        for c in caches { c.copyPrefix(of: shared, count: prefix.count) }
+        let together = try model.forward(sequences: continuations, caches: caches)
+        for (i, tail) in continuations.enumerated() {
+            let alone = KVCache(config: model.config, capacity: 32)
+            let own = try model.forward(prefix + tail, cache: alone, logits: .last)
+            #expect(checkClose(Array(together[(i * V)..<((i + 1) * V)]), own, "continuation \(i)", tolerance: 1e-5) == nil)
+            #expect(caches[i].length == prefix.count + tail.count)
+        }
+        #expect(shared.length == prefix.count)
+        // The caches now hold prefix + continuation: decoding on from them matches too.
+        let step = try model.forward(batch: [504, 504, 504, 504], caches: caches)
+        let alone = KVCache(config: model.config, capacity: 32)
+        let own = try model.forward(prefix + continuations[2] + [504], cache: alone, logits: .last)
+        #expect(checkClose(Array(step[(2 * V)..<(3 * V)]), own, "decoding after the pass", tolerance: 1e-5) == nil)
+    }
+
     @Test("decoding past 128 cached positions (attention split over the workers by ranges of positions) gives the logits of one forward over the whole sequence")
     func longDecode() throws {
         let model = try load(Self.gguf, .nf4)
