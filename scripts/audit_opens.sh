@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command under strace and fails when it, or any process it starts, opened a file outside what a
 # fresh clone may read: the repository, the setup cache ($QLORA_CACHE, scripts/setup.sh), temporary
-# folders, the system (/usr, /etc, /lib*, /bin, /sbin, /proc, /sys, /dev), the Swift toolchain, Python's
+# folders, the system (/usr, /etc, /lib*, /bin, /sbin, /proc, /sys, /dev, the font cache), the Swift toolchain, Python's
 # installation (the demo formats JSON with it), and the caches SwiftPM, clang and git keep in $HOME.
 # A test that reads ../shared/data, ~/Downloads or any other file on the developer's machine is named here.
 #
@@ -21,7 +21,7 @@ if ! command -v strace >/dev/null 2>&1 || ! strace -f --seccomp-bpf -qq -o /dev/
   exec "$@"
 fi
 
-roots=("$repo" "$cache" /tmp /var/tmp /usr /etc /lib /lib32 /lib64 /libx32 /bin /sbin /proc /sys /dev /run
+roots=("$repo" "$cache" /tmp /var/tmp /usr /etc /lib /lib32 /lib64 /libx32 /bin /sbin /proc /sys /dev /run /var/cache/fontconfig
        "$HOME/.cache/org.swift.swiftpm" "$HOME/.cache/clang" "$HOME/.swiftpm" "$HOME/.gitconfig" "$HOME/.config/git")
 [ -n "${TMPDIR:-}" ] && roots+=("$TMPDIR")
 if swift_bin="$(command -v swift 2>/dev/null)"; then
@@ -39,8 +39,9 @@ strace -f --seccomp-bpf -qq -y -e trace=open,openat,openat2 -e signal=none -o "$
 status=$?
 
 # Successful opens print the new descriptor with its resolved path: `= 5</abs/path>`.
-# Pipes and sockets (`pipe:[123]`, from process substitution) are not files.
-outside=$(grep -oE '= [0-9]+<[^>]*>' "$log" | sed -E 's/^= [0-9]+<//; s/>$//' | grep '^/' | sort -u |
+# Pipes and sockets (`pipe:[123]`, from process substitution) are not files, nor is anonymous memory
+# (`/memfd:...`, which the headless browser of the page-rendering test maps).
+outside=$(grep -oE '= [0-9]+<[^>]*>' "$log" | sed -E 's/^= [0-9]+<//; s/>$//' | grep '^/' | grep -v '^/memfd:' | sort -u |
   awk 'NR == FNR { roots[++n] = $0; next }
        { ok = 0
          for (i = 1; i <= n; i++) {
