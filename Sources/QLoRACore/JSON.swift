@@ -70,6 +70,13 @@ public enum JSON {
 
     /// The non-blank lines of a JSON-lines file, numbered from 1: (line number, bytes of the line without
     /// its newline). A blank line (spaces, tabs, a carriage return) is skipped but still counted.
+    /// `lines` of the file up to its last newline: a last line without one (a write cut short, or one
+    /// still being written) is left out.
+    public static func completeLines(_ bytes: [UInt8]) -> [(line: Int, bytes: ArraySlice<UInt8>)] {
+        guard bytes.last != UInt8(ascii: "\n") else { return lines(bytes) }
+        return lines(Array(bytes[..<((bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0)]))
+    }
+
     public static func lines(_ bytes: [UInt8]) -> [(line: Int, bytes: ArraySlice<UInt8>)] {
         var out: [(line: Int, bytes: ArraySlice<UInt8>)] = []
         var number = 0, start = 0

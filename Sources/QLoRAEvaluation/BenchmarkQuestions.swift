@@ -107,8 +107,7 @@ public enum BenchmarkQuestions {
     /// (a write cut short, which LineAppender removes) does not count.
     public static func answered(_ bytes: [UInt8], file: String) throws -> [(key: String, model: String?)] {
         var keys: [(String, String?)] = []
-        let whole = bytes.last == UInt8(ascii: "\n") ? bytes[...] : bytes[..<((bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0)]
-        for (lineNumber, line) in JSON.lines(Array(whole)) {
+        for (lineNumber, line) in JSON.completeLines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: lineNumber, reason: reason) }
             let value: JSONValue
             do { value = try JSON.parse(Array(line)) } catch { throw bad("not JSON (\(error))") }

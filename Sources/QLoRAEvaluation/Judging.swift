@@ -276,8 +276,7 @@ public enum Tournament {
     /// line without its newline does not count.
     public static func judged(_ bytes: [UInt8], file: String) throws -> Set<String> {
         var done = Set<String>()
-        let whole = bytes.last == UInt8(ascii: "\n") ? bytes[...] : bytes[..<((bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0)]
-        for (lineNumber, line) in JSON.lines(Array(whole)) {
+        for (lineNumber, line) in JSON.completeLines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: lineNumber, reason: reason) }
             let value: JSONValue
             do { value = try JSON.parse(Array(line)) } catch { throw bad("not JSON (\(error))") }

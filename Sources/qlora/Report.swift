@@ -43,10 +43,8 @@ struct Report: ParsableCommand {
     }
 
     static func read(_ bytes: [UInt8], file: String) throws -> [Point] {
-        // A line without its newline may still be being written: leave it out.
-        let whole = bytes.last == UInt8(ascii: "\n") ? bytes[...] : bytes[..<((bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0)]
         var points: [Point] = []
-        for (lineNumber, line) in JSON.lines(Array(whole)) {
+        for (lineNumber, line) in JSON.completeLines(bytes) {
             func bad(_ reason: String) -> EvaluationError { .malformedLine(file: file, line: lineNumber, reason: reason) }
             let v: JSONValue
             do { v = try JSON.parse(Array(line)) } catch { throw bad("not JSON (\(error))") }
