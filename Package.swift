@@ -42,11 +42,11 @@ let package = Package(
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
         .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
         .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
-        // The OpenAI chat protocol as a client speaks it (the judge's endpoint), over AsyncHTTPClient.
+        // The OpenAI chat protocol as a client speaks it (the judge's endpoint), over AsyncHTTPClient; messages are QLoRATokenizer's ChatMessage.
         .target(
             name: "QLoRAOpenAI",
             dependencies: [
-                "QLoRACore", .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                "QLoRACore", "QLoRATokenizer", .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),

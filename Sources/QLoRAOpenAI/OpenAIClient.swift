@@ -7,27 +7,18 @@ import AsyncHTTPClient
 import NIOCore
 import NIOHTTP1
 import QLoRACore
-
-/// A chat message as the protocol sends it.
-public struct OpenAIMessage: Sendable, Equatable {
-    public let role: String
-    public let content: String
-    public init(role: String, content: String) {
-        self.role = role
-        self.content = content
-    }
-}
+import QLoRATokenizer
 
 /// The fields of a chat completion request that swift-qlora sends.
 public struct ChatCompletionRequest: Sendable {
     public var model: String?
-    public var messages: [OpenAIMessage]
+    public var messages: [ChatMessage]
     public var temperature: Double?
     public var topP: Double?
     public var maxTokens: Int?
     public var seed: UInt64?
 
-    public init(model: String?, messages: [OpenAIMessage], temperature: Double? = nil, topP: Double? = nil, maxTokens: Int? = nil, seed: UInt64? = nil) {
+    public init(model: String?, messages: [ChatMessage], temperature: Double? = nil, topP: Double? = nil, maxTokens: Int? = nil, seed: UInt64? = nil) {
         self.model = model
         self.messages = messages
         self.temperature = temperature

@@ -234,7 +234,7 @@ struct EvalJudge: ParsableCommand {
                         let p = prepared[next]
                         next += 1
                         group.addTask {
-                            let request = ChatCompletionRequest(model: model, messages: [OpenAIMessage(role: "system", content: p.system), OpenAIMessage(role: "user", content: p.user)].filter { !$0.content.isEmpty },
+                            let request = ChatCompletionRequest(model: model, messages: [ChatMessage(role: "system", content: p.system), ChatMessage(role: "user", content: p.user)].filter { !$0.content.isEmpty },
                                                                 temperature: temperature, maxTokens: maxTokens)
                             let t0 = Clock.seconds()
                             do {

@@ -73,12 +73,4 @@ func formatBytes(_ n: Int) -> String {
     return u == 0 ? "\(n) B" : "\(formatFixed(v, 2)) \(units[u])"
 }
 
-func formatFixed(_ v: Double, _ digits: Int) -> String {
-    var scale = 1.0
-    for _ in 0..<digits { scale *= 10 }
-    let r = (abs(v) * scale).rounded()
-    let whole = Int(r / scale)
-    var frac = String(Int(r.truncatingRemainder(dividingBy: scale)))
-    while frac.count < digits { frac = "0" + frac }
-    return (v < 0 && r != 0 ? "-" : "") + (digits > 0 ? "\(whole).\(frac)" : "\(whole)")
-}
+func formatFixed(_ v: Double, _ digits: Int) -> String { Chart.fixed(v, digits) }
