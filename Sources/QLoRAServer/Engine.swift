@@ -41,6 +41,8 @@ public final class Engine: @unchecked Sendable {
     private(set) var completed = 0
     private(set) var generatedTokens = 0
     private(set) var promptTokens = 0
+    /// The most requests one batched step has decoded together.
+    private(set) var largestBatch = 0
 
     /// `models`: the base first, then each adapter, by the id clients name in "model".
     public init(models: [(id: String, model: LlamaModel)], tokenizer: Tokenizer, maxBatch: Int, maxQueue: Int) {
@@ -93,7 +95,9 @@ public final class Engine: @unchecked Sendable {
 
     /// Requests waiting and decoding.
     public var load: (waiting: Int, running: Int) { condition.withLock { (waiting.count, running) } }
-    public var counters: (completed: Int, promptTokens: Int, generatedTokens: Int) { condition.withLock { (completed, promptTokens, generatedTokens) } }
+    public var counters: (completed: Int, promptTokens: Int, generatedTokens: Int, largestBatch: Int) {
+        condition.withLock { (completed, promptTokens, generatedTokens, largestBatch) }
+    }
 
     public func start() {
         let t = Thread { [self] in loop() }
@@ -156,6 +160,8 @@ public final class Engine: @unchecked Sendable {
                 }, shouldStop: { self.condition.withLock { self.stopped } }, onText: { id, piece in
                     jobs[id]?.onText(piece) ?? false
                 })
+                let widest = generator.largestBatch
+                condition.withLock { largestBatch = max(largestBatch, widest) }
             } catch {
                 // A request the batch could not take (checked before queueing, so rare): fail what it held.
                 condition.withLock { running -= jobs.count }

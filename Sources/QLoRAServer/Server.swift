@@ -128,6 +128,7 @@ public final class Server: @unchecked Sendable {
         metric("qlora_completions_total", "counter", "Generations finished.", c.completed)
         metric("qlora_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", c.promptTokens)
         metric("qlora_generated_tokens_total", "counter", "Tokens generated.", c.generatedTokens)
+        metric("qlora_batch_size_max", "gauge", "The most requests one batched decoding step has run together.", c.largestBatch)
         let counts = lock.withLock { requestCount }
         out += "# HELP qlora_http_requests_total HTTP requests by path and status.\n# TYPE qlora_http_requests_total counter\n"
         for (k, v) in counts.sorted(by: { $0.key < $1.key }) {

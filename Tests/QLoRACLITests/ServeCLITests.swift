@@ -196,6 +196,10 @@ struct ServeCLITests {
             return out
         }
         #expect(together == alone)
+        // And they were decoded together: alone, every step held one request.
+        let metrics = try await http(.GET, server.base + "/metrics").body
+        let widest = metrics.split(separator: "\n").first { $0.hasPrefix("qlora_batch_size_max ") }.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+        #expect(widest >= 2, "\(metrics)")
 
         // One slot and one place in the queue: of 6 long requests at once, some get 429.
         let small = try ServeProcess(["--max-batch", "1", "--max-queue", "1"])
