@@ -68,7 +68,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .executableTarget(name: "qlora-bench", dependencies: ["QLoRA", "CAllocationCounter"], path: "bench/Sources/qlora-bench"),
+        .executableTarget(
+            name: "qlora-bench",
+            dependencies: [
+                "QLoRA", "CAllocationCounter", .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "bench/Sources/qlora-bench"
+        ),
         // The bench binary's malloc counter (a measuring instrument; not part of the library or CLI).
         .target(name: "CAllocationCounter", path: "bench/Sources/CAllocationCounter"),
         // Fixtures are read from Tests/<Target>/Resources through #filePath (the source tree), not bundled.

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # llama.cpp for the side-by-side inference bench (bench/inference_bench.py), from nothing but PyPI:
 #   1. the source vendored in the llama-cpp-python sdist (pip download --no-binary), built with cmake for
-#      this CPU (GGML_NATIVE, as a llama.cpp user builds it): llama-bench, llama-batched-bench, llama-quantize;
+#      this CPU (GGML_NATIVE, as a llama.cpp user builds it): llama-bench, llama-batched-bench, llama-quantize,
+#      llama-server;
 #   2. the default model as a Hugging Face folder (its GGUF weights dequantized to f32 by transformers, the
 #      real SmolLM2 tokenizer from our fixtures), converted by llama.cpp's own convert_hf_to_gguf.py to F16
 #      and quantized by llama-quantize to Q4_0 and Q4_K_M.
-# Usage: bench/llama_cpp_setup.sh PYTHON   (PYTHON: the reference stack, bench/requirements.txt)
+# Usage: bench/llama_cpp_setup.sh PYTHON   (PYTHON: the reference stack, bench/requirements.txt; "-" builds
+# llama.cpp and skips step 2, for bench/serve_load.sh, which serves the GGUF file we ship as it is)
 # Everything goes to $QLORA_CACHE/llama.cpp; steps already done are skipped. Prints `KEY=VALUE` lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,12 +29,17 @@ fi
 COMMIT=$(awk -v v="## [$VERSION]" '$0 == v {f = 1; next} f && /^## / {exit} f && /llama.cpp@/ {sub(/.*llama.cpp@/, ""); print; exit}' \
   "$DIR/llama_cpp_python-$VERSION/CHANGELOG.md")
 BIN="$SRC/build/bin"
-if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
+if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ] || [ ! -x "$BIN/llama-server" ]; then
   command -v cmake >/dev/null || { say "installing cmake"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake >&2; }
   say "building llama.cpp $COMMIT (a few minutes on 2 cores)"
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF >&2
-  cmake --build "$SRC/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize >&2
+  cmake --build "$SRC/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize llama-server >&2
+fi
+if [ "$PY" = "-" ]; then
+  echo "LLAMA_CPP_COMMIT=$COMMIT"
+  echo "LLAMA_CPP_BIN=$BIN"
+  exit 0
 fi
 
 HF="bench/out/llama.cpp-hf"

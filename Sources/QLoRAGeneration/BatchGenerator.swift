@@ -1,7 +1,8 @@
 // Several generations decoded together (continuous batching): each request has its own KV cache and
 // sampler; every step runs one batched forward over the requests in flight (LlamaModel.forward(batch:)),
-// which reads each weight once for all of them; a request that ends frees its slot for the next one,
-// prefilled on its own and then joining the batch.
+// which reads each weight once for all of them, each request with its own LoRA adapters if it names a
+// model over the same base; a request that ends frees its slot for the next ones, whose prompts are
+// prefilled together (forward(sequences:)) before they join the batch.
 import QLoRACore
 import QLoRAModel
 import QLoRATokenizer
@@ -9,10 +10,14 @@ import QLoRATokenizer
 public struct GenerationRequest: Sendable {
     public var prompt: [Int]
     public var options: GenerationOptions
+    /// The model this request runs on when it is not the generator's: the generator's base with LoRA
+    /// adapters attached (`LlamaModel.withAdapter`); its rows take those adapters in every batched step.
+    public var model: LlamaModel?
 
-    public init(prompt: [Int], options: GenerationOptions) {
+    public init(prompt: [Int], options: GenerationOptions, model: LlamaModel? = nil) {
         self.prompt = prompt
         self.options = options
+        self.model = model
     }
 }
 
@@ -34,6 +39,9 @@ public final class BatchGenerator {
     public let maxBatch: Int
     /// The most requests one step of the last `run` decoded together.
     public private(set) var largestBatch = 0
+    /// Prompt tokens prefilled in one pass at most when several requests start together (a longer
+    /// prompt runs alone); bounds the pass's activations and attention scores.
+    public var prefillTokenBudget = 1024
 
     public init(model: LlamaModel, tokenizer: Tokenizer, maxBatch: Int) {
         precondition(maxBatch >= 1)
@@ -54,6 +62,9 @@ public final class BatchGenerator {
         var logits: [Float] = []
         let prefillSeconds: Double
         let decodeStart: Double
+
+        /// The request's own model (adapters over the base), or nil for the generator's model.
+        var adapter: LlamaModel? { request.model }
 
         init(id: Int, request: GenerationRequest, cache: KVCache, eos: Set<Int>, tokenizer: Tokenizer, prefillSeconds: Double) {
             self.id = id
@@ -79,33 +90,32 @@ public final class BatchGenerator {
     /// result as it ends, in the order they end; `shouldStop()` is checked every step (true: the
     /// requests in flight end as "interrupted"). `onText(id, piece)` receives each request's reply as it
     /// grows (whole characters, stop strings cut); false ends that request as "cancelled" and frees its
-    /// cache. A prompt longer than the context throws before it runs.
+    /// cache. A prompt longer than the context throws before it runs; a request whose model is not over
+    /// this generator's base throws `ForwardError.adapterMismatch`.
     public func run(next: () throws -> (id: Int, request: GenerationRequest)?, finished: (Int, GenerationResult) throws -> Void,
                     shouldStop: () -> Bool = { false }, onText: (Int, String) -> Bool = { _, _ in true }) throws {
         var slots: [Slot] = []
         largestBatch = 0
         let limit = model.config.maxPositions
         while true {
-            // Fill the free slots; each new request's prompt runs alone. `next` is asked again on every
-            // step (a finished request may have queued a follow-up).
-            while slots.count < maxBatch {
+            // Fill the free slots; the new requests' prompts are prefilled together. `next` is asked again
+            // on every step (a finished request may have queued a follow-up).
+            var fresh: [(id: Int, request: GenerationRequest)] = []
+            while slots.count + fresh.count < maxBatch {
                 guard let (id, request) = try next() else { break }
                 guard request.prompt.count + 1 <= limit, !request.prompt.isEmpty else {
                     throw BatchGenerationError.promptTooLong(request: id, tokens: request.prompt.count, context: limit)
                 }
-                let cache = KVCache(config: model.config, capacity: min(limit, request.prompt.count + request.options.maxTokens + 1))
-                let start = Clock.seconds()
-                let logits = try model.forward(request.prompt, cache: cache, logits: .last)
-                let eos = Generator.eosIDs(request.options, model: model, tokenizer: tokenizer)
-                let slot = Slot(id: id, request: request, cache: cache, eos: eos, tokenizer: tokenizer, prefillSeconds: Clock.seconds() - start)
-                slot.logits = logits
-                slots.append(slot)
+                if let other = request.model, other !== model, other.config != model.config || other.layers.count != model.layers.count {
+                    throw ForwardError.adapterMismatch("request \(id): its model (\(other.source)) is not over this generator's base")
+                }
+                fresh.append((id, request))
             }
+            slots += try prefill(fresh, limit: limit)
             if slots.isEmpty { return }
             // Sample each slot's next token; the finished leave.
             let stop = shouldStop()
             var running: [Slot] = []
-            var tokens: [Int] = []
             for slot in slots {
                 if stop { try finished(slot.id, slot.result("interrupted")); continue }
                 let token = slot.sampler.next(logits: slot.logits, context: slot.context)
@@ -120,18 +130,68 @@ public final class BatchGenerator {
                     continue
                 }
                 running.append(slot)
-                tokens.append(token)
             }
-            slots = running
+            // Requests for the same adapters sit next to each other, so that each adapter's update is one
+            // product over its rows.
+            slots = Self.groupedByModel(running)
             if slots.isEmpty { continue }
             largestBatch = max(largestBatch, slots.count)
+            let tokens = slots.map { $0.generated.last! }
             if slots.count == 1 {
-                slots[0].logits = try model.forward(tokens, cache: slots[0].cache, logits: .last)
+                slots[0].logits = try (slots[0].adapter ?? model).forward(tokens, cache: slots[0].cache, logits: .last)
             } else {
-                let logits = try model.forward(batch: tokens, caches: slots.map(\.cache))
+                let adapters: [LlamaModel?]? = slots.contains { $0.adapter != nil } ? slots.map(\.adapter) : nil
+                let logits = try model.forward(batch: tokens, caches: slots.map(\.cache), adapters: adapters)
                 let V = model.config.vocabSize
                 for (i, slot) in slots.enumerated() { slot.logits = Array(logits[(i * V)..<((i + 1) * V)]) }
             }
         }
+    }
+
+    /// The slots of new requests, their prompts run: alone when one comes at a time (or its prompt is over
+    /// the budget), else in passes of up to `prefillTokenBudget` tokens over several prompts at once.
+    private func prefill(_ fresh: [(id: Int, request: GenerationRequest)], limit: Int) throws -> [Slot] {
+        var made: [Slot] = []
+        var i = 0
+        while i < fresh.count {
+            var group = [fresh[i]]
+            var tokens = fresh[i].request.prompt.count
+            i += 1
+            while i < fresh.count && tokens + fresh[i].request.prompt.count <= prefillTokenBudget {
+                tokens += fresh[i].request.prompt.count
+                group.append(fresh[i])
+                i += 1
+            }
+            let caches = group.map { KVCache(config: model.config, capacity: min(limit, $0.request.prompt.count + $0.request.options.maxTokens + 1)) }
+            let start = Clock.seconds()
+            let logits: [Float]
+            if group.count == 1 {
+                logits = try (group[0].request.model ?? model).forward(group[0].request.prompt, cache: caches[0], logits: .last)
+            } else {
+                let adapters: [LlamaModel?]? = group.contains { $0.request.model != nil } ? group.map(\.request.model) : nil
+                logits = try model.forward(sequences: group.map(\.request.prompt), caches: caches, adapters: adapters)
+            }
+            let seconds = Clock.seconds() - start
+            let V = model.config.vocabSize
+            for (j, (id, request)) in group.enumerated() {
+                let eos = Generator.eosIDs(request.options, model: model, tokenizer: tokenizer)
+                let slot = Slot(id: id, request: request, cache: caches[j], eos: eos, tokenizer: tokenizer, prefillSeconds: seconds)
+                slot.logits = Array(logits[(j * V)..<((j + 1) * V)])
+                made.append(slot)
+            }
+        }
+        return made
+    }
+
+    /// `slots` with those of one model next to each other, in the order each model first appears.
+    private static func groupedByModel(_ slots: [Slot]) -> [Slot] {
+        var order: [ObjectIdentifier?] = []
+        var groups: [ObjectIdentifier?: [Slot]] = [:]
+        for slot in slots {
+            let key = slot.adapter.map(ObjectIdentifier.init)
+            if groups[key] == nil { order.append(key) }
+            groups[key, default: []].append(slot)
+        }
+        return order.flatMap { groups[$0]! }
     }
 }

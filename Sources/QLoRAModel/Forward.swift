@@ -100,12 +100,15 @@ final class ForwardWorkspace {
 public enum ForwardError: Error, CustomStringConvertible, Equatable {
     case contextFull(capacity: Int, needed: Int)
     case tokenOutOfRange(token: Int, vocab: Int)
+    /// A row's adapter model is not over a base of this model's shape (or the list has the wrong length).
+    case adapterMismatch(String)
 
     public var description: String {
         switch self {
         case let .contextFull(capacity, needed):
             return "the context holds \(capacity) tokens and this step needs \(needed); start a new conversation or raise the context size"
         case let .tokenOutOfRange(token, vocab): return "token id \(token) is outside the vocabulary (0..<\(vocab))"
+        case let .adapterMismatch(reason): return "per-row adapters: \(reason)"
         }
     }
 }
@@ -147,26 +150,75 @@ extension LlamaModel {
         return T > 1 ? Gemm.withSingleThreadedBLAS(run) : run()
     }
 
+    /// Consecutive rows of a batch whose LoRA comes from another model over the same base: `layers` are
+    /// that model's (LlamaModel.withAdapter), of which only the adapters are used.
+    struct AdapterRun {
+        let rows: Range<Int>
+        let layers: [LlamaLayer]
+    }
+
+    /// The runs of rows that take an adapter model: `adapters[i]` (nil: this model alone) applies to the
+    /// `rowCounts[i]` rows of sequence i. Each must be this base with adapters attached (same shape).
+    func adapterRuns(_ adapters: [LlamaModel?]?, rowCounts: [Int]) throws -> [AdapterRun] {
+        guard let adapters else { return [] }
+        guard adapters.count == rowCounts.count else {
+            throw ForwardError.adapterMismatch("\(adapters.count) adapters for \(rowCounts.count) sequences")
+        }
+        var runs: [AdapterRun] = []
+        var row = 0, last: ObjectIdentifier? = nil
+        for (model, count) in zip(adapters, rowCounts) {
+            defer { row += count }
+            guard let model, model !== self else { last = nil; continue }
+            guard model.config == config, model.layers.count == layers.count else {
+                throw ForwardError.adapterMismatch("the adapter model from \(model.source) does not have this model's shape")
+            }
+            if last == ObjectIdentifier(model), let previous = runs.popLast() {
+                runs.append(AdapterRun(rows: previous.rows.lowerBound..<(row + count), layers: previous.layers))
+            } else {
+                runs.append(AdapterRun(rows: row..<(row + count), layers: model.layers))
+            }
+            last = ObjectIdentifier(model)
+        }
+        return runs
+    }
+
     /// The blocks over `rows` rows of ws.h, in place: for each layer, norm, q/k/v, rotation, then
     /// `attend(layer)` (which stores the keys and values and leaves attention's output in ws.attn), the
-    /// output projection and residual, then the MLP and residual.
-    func runLayers(_ ws: ForwardWorkspace, rows n: Int, cos: [Float], sin: [Float], kernels: KernelTable, attend: (Int) -> Void) {
+    /// output projection and residual, then the MLP and residual. Rows in `adapters` also get that run's
+    /// LoRA updates on every projection (on top of this model's own, if it has any).
+    func runLayers(_ ws: ForwardWorkspace, rows n: Int, cos: [Float], sin: [Float], kernels: KernelTable,
+                   adapters: [AdapterRun] = [], attend: (Int) -> Void) {
         let c = config
         let D = c.hiddenSize, d = c.headDim
         let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, proj = ws.proj, g = ws.g, u = ws.u, scratch = ws.scratch
         let bf16 = bf16Products
         for (l, layer) in layers.enumerated() {
+            // y += the run's LoRA update of the projection at `path`, for each run's rows of x.
+            func lora(_ path: KeyPath<LlamaLayer, Linear>, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>) {
+                for run in adapters {
+                    let linear = run.layers[l][keyPath: path]
+                    linear.addLoRA(x + run.rows.lowerBound * linear.inFeatures, rows: run.rows.count,
+                                   to: y + run.rows.lowerBound * linear.outFeatures)
+                }
+            }
             rmsNorm(xn, h, weight: layer.inputNorm, rows: n)
             Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, bf16: bf16, kernels: kernels)
+            lora(\.q, xn, q)
+            lora(\.k, xn, k)
+            lora(\.v, xn, v)
             Ops.rope(q, rows: n, heads: c.headCount, headDim: d, cos: cos, sin: sin)
             Ops.rope(k, rows: n, heads: c.kvHeadCount, headDim: d, cos: cos, sin: sin)
             attend(l)
             layer.o.forward(ws.attn, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
+            lora(\.o, ws.attn, proj)
             for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
             rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: n)
             Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, bf16: bf16, kernels: kernels)
+            lora(\.gate, xn, g)
+            lora(\.up, xn, u)
             Ops.swigluForward(g, gate: g, up: u, count: n * c.intermediateSize)
             layer.down.forward(g, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
+            lora(\.down, g, proj)
             for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
         }
     }
@@ -195,8 +247,12 @@ extension LlamaModel {
     /// One decoding step of several sequences at once (batched decoding): token i goes at the next position
     /// of `caches[i]`, each sequence attending over its own cache only. Every weight is read once for the
     /// whole batch. Equal, up to the order of f32 sums, to one `forward([tokens[i]], cache: caches[i])` each.
+    /// `adapters` (one per sequence, nil for none): sequence i also takes the LoRA adapters of `adapters[i]`,
+    /// which must be this base with adapters attached (`withAdapter`), so that requests for different
+    /// finetunes decode in one step over the shared base weights. Equal, up to the order of f32 sums, to
+    /// `adapters[i].forward([tokens[i]], cache: caches[i])`.
     /// - Returns: logits [B, V], row i for sequence i.
-    public func forward(batch tokens: [Int], caches: [KVCache], kernels: KernelTable = .current) throws -> [Float] {
+    public func forward(batch tokens: [Int], caches: [KVCache], adapters: [LlamaModel?]? = nil, kernels: KernelTable = .current) throws -> [Float] {
         let c = config
         let B = tokens.count
         guard B > 0 else { return [] }
@@ -206,6 +262,7 @@ extension LlamaModel {
             throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + 1)
         }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
+        let runs = try adapterRuns(adapters, rowCounts: Array(repeating: 1, count: B))
         let Hkv = c.kvHeadCount, d = c.headDim
         let qDim = c.headCount * d, kvDim = Hkv * d, group = c.headCount / Hkv
         let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!)
@@ -216,7 +273,7 @@ extension LlamaModel {
         let q = UnsafePointer(ws.q), attn = ws.attn, scores = ws.scores, rowCapacity = ws.capacity
         // BLAS on one thread while our workers split its products (as in forward(tokens:)).
         return Gemm.withSingleThreadedBLAS {
-            runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels) { l in
+            runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
                     (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
@@ -241,8 +298,10 @@ extension LlamaModel {
     /// positions of `caches[i]`, attending over that cache and their own earlier tokens only, as
     /// `forward(tokens[i], cache: caches[i])` would, while every weight is read once for all the rows.
     /// MMLU runs the questions of a subject this way, each cache holding a copy of the shared few-shot prefix.
+    /// `adapters`: as in `forward(batch:)`, sequence i's rows take `adapters[i]`'s LoRA (serve prefills
+    /// new requests for several finetunes together this way).
     /// - Returns: each sequence's last-position logits, [B, V].
-    public func forward(sequences tokens: [[Int]], caches: [KVCache], kernels: KernelTable = .current) throws -> [Float] {
+    public func forward(sequences tokens: [[Int]], caches: [KVCache], adapters: [LlamaModel?]? = nil, kernels: KernelTable = .current) throws -> [Float] {
         let c = config
         let B = tokens.count
         guard B > 0 else { return [] }
@@ -253,6 +312,7 @@ extension LlamaModel {
             guard cache.length + seq.count <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + seq.count) }
             for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         }
+        let runs = try adapterRuns(adapters, rowCounts: tokens.map(\.count))
         let qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         var offsets: [Int] = []
         var n = 0
@@ -267,7 +327,7 @@ extension LlamaModel {
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
         let starts = caches.map(\.length)
         return Gemm.withSingleThreadedBLAS {
-            runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels) { l in
+            runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     let o = offsets[i], T = tokens[i].count
                     (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)

@@ -1,7 +1,7 @@
 // The generation side of `qlora serve`: one thread owns the models and decodes every request in flight
-// together (continuous batching through BatchGenerator), fed from a bounded queue by the HTTP handlers.
-// Requests for the base and for each adapter share the 4-bit base weights; a batch holds requests of one
-// of them, and when it drains the model of the oldest waiting request runs next.
+// together (continuous batching through BatchGenerator), fed from a bounded queue by the HTTP handlers,
+// oldest first. Requests for the base and for each adapter share the 4-bit base weights and one batch:
+// each batched step applies every request's own LoRA adapters to its own rows.
 import Foundation
 import QLoRACore
 import QLoRAGeneration
@@ -116,41 +116,44 @@ public final class Engine: @unchecked Sendable {
 
     private func loop() {
         while true {
-            // Wait for work; the oldest request's model runs this batch.
-            let (modelID, model): (String, LlamaModel?) = condition.withLock {
+            let ready: Bool = condition.withLock {
                 while waiting.isEmpty && !stopped { condition.wait() }
-                if stopped { return ("", nil) }
-                let id = waiting[0].model
-                return (id, models[id])
+                return !stopped
             }
-            guard let model else {
-                if condition.withLock({ stopped }) { return }
-                // The adapter went away between queueing and running.
-                let gone = condition.withLock { () -> [EngineJob] in
-                    let g = waiting.filter { $0.model == modelID }
-                    waiting.removeAll { $0.model == modelID }
-                    return g
-                }
-                for job in gone { job.onDone(.failure(EngineError.modelRemoved(modelID))) }
-                continue
-            }
+            guard ready else { return }
+            // The base as it is now; adapters loaded while this batch runs join it.
+            let base = condition.withLock { models[order[0]]! }
             var jobs: [Int: EngineJob] = [:]
             var nextID = 0
-            let generator = BatchGenerator(model: model, tokenizer: tokenizer, maxBatch: maxBatch)
+            let generator = BatchGenerator(model: base, tokenizer: tokenizer, maxBatch: maxBatch)
             do {
                 try generator.run(next: { () -> (id: Int, request: GenerationRequest)? in
-                    let job: EngineJob? = condition.withLock {
-                        guard !stopped, let i = waiting.firstIndex(where: { $0.model == modelID }) else { return nil }
-                        running += 1
-                        return waiting.remove(at: i)
+                    while true {
+                        let taken: (EngineJob, LlamaModel?)? = condition.withLock {
+                            guard !stopped, !waiting.isEmpty else { return nil }
+                            let job = waiting.removeFirst()
+                            let model = models[job.model]
+                            if model != nil { running += 1 }
+                            return (job, model)
+                        }
+                        guard let (job, model) = taken else { return nil }
+                        guard let model else {
+                            // The adapter went away between queueing and running.
+                            job.onDone(.failure(EngineError.modelRemoved(job.model)))
+                            continue
+                        }
+                        nextID += 1
+                        jobs[nextID] = job
+                        var request = job.request
+                        request.model = model === base ? nil : model
+                        return (nextID, request)
                     }
-                    guard let job else { return nil }
-                    nextID += 1
-                    jobs[nextID] = job
-                    return (nextID, job.request)
                 }, finished: { id, result in
                     let job = jobs.removeValue(forKey: id)!
+                    let widest = generator.largestBatch
                     condition.withLock {
+                        // Before the reply goes out, so that /metrics read after it counts this batch.
+                        largestBatch = max(largestBatch, widest)
                         running -= 1
                         completed += 1
                         promptTokens += result.promptTokens
@@ -160,8 +163,6 @@ public final class Engine: @unchecked Sendable {
                 }, shouldStop: { self.condition.withLock { self.stopped } }, onText: { id, piece in
                     jobs[id]?.onText(piece) ?? false
                 })
-                let widest = generator.largestBatch
-                condition.withLock { largestBatch = max(largestBatch, widest) }
             } catch {
                 // A request the batch could not take (checked before queueing, so rare): fail what it held.
                 condition.withLock { running -= jobs.count }

@@ -18,8 +18,9 @@ struct Serve: ParsableCommand {
             LoRA adapter to the shared base. A request's "model" picks one (the base's id is the model file or folder \
             name; GET /v1/models lists them); POST /v1/adapters {"name", "path"} and DELETE /v1/adapters/NAME load and \
             unload adapters while serving. Requests in flight are decoded together, one batched step a token \
-            (--max-batch); a batch holds one model's requests, and when it drains the model of the oldest waiting \
-            request runs. Up to --max-queue requests wait; beyond that the answer is 429 with Retry-After.
+            (--max-batch), whatever their models: each step reads the base weights once for the whole batch and \
+            applies each request's own adapter to its own rows; requests that arrive together are prefilled in one \
+            pass. Up to --max-queue requests wait; beyond that the answer is 429 with Retry-After.
 
             Endpoints: POST /v1/chat/completions and /v1/completions (model, messages or prompt, temperature, top_p, \
             max_tokens, stop, seed, stream as server-sent events ending in "data: [DONE]", usage), GET /v1/models, \

@@ -98,20 +98,20 @@ func streamedText(_ body: String) throws -> (text: String, done: Bool, finish: S
 }
 
 /// A small LoRA adapter for the default model (q_proj and v_proj of every layer, fixed pseudo-random values).
-func writeTestAdapter(_ dir: String) throws {
+func writeTestAdapter(_ dir: String, seed: UInt64 = 7, amplitude: Float = 0.05) throws {
     try FileSystem.makeDirectories(dir)
     let config = #"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "SmolLM2-135M-Instruct", "bias": "none", "task_type": "CAUSAL_LM"}"#
     try FileSystem.writeFileAtomically(FileSystem.join(dir, "adapter_config.json"), bytes: Array(config.utf8))
     var header: [(String, JSONValue)] = []
     var data: [UInt8] = []
-    var rng = SeededGenerator(seed: 7)
+    var rng = SeededGenerator(seed: seed)
     for layer in 0..<30 {
         for (name, out) in [("q_proj", 576), ("v_proj", 192)] {
             for (part, shape) in [("lora_A", [4, 576]), ("lora_B", [out, 4])] {
                 let count = shape[0] * shape[1]
                 let start = data.count
                 for _ in 0..<count {
-                    let v = (Float(rng.next() % 2001) / 1000 - 1) * 0.05
+                    let v = (Float(rng.next() % 2001) / 1000 - 1) * amplitude
                     withUnsafeBytes(of: v.bitPattern.littleEndian) { data.append(contentsOf: $0) }
                 }
                 header.append(("base_model.model.model.layers.\(layer).self_attn.\(name).\(part).weight",
@@ -179,27 +179,37 @@ struct ServeCLITests {
         #expect(server.stderr.contains("prompt_tokens=") && server.stderr.contains("first_token_seconds=") && server.stderr.contains("model=tuned"))
     }
 
-    @Test("concurrent requests are decoded together and each gets its own greedy answer; a full queue answers 429 with Retry-After")
+    @Test("concurrent requests for the base and two adapters are decoded together, each row with its own adapter, and each gets its own greedy answer; a full queue answers 429 with Retry-After")
     func concurrency() async throws {
-        let server = try ServeProcess(["--max-batch", "4"])
+        let dir = try Fixtures.temporaryDirectory("serve-mixed")
+        try writeTestAdapter(FileSystem.join(dir, "one"), seed: 11, amplitude: 0.2)
+        try writeTestAdapter(FileSystem.join(dir, "two"), seed: 12, amplitude: 0.2)
+        let server = try ServeProcess(["--max-batch", "4", "--adapter", "one=\(FileSystem.join(dir, "one"))", "--adapter", "two=\(FileSystem.join(dir, "two"))"])
         defer { server.stop() }
-        var alone: [String] = []
-        for p in Self.prompts {
-            alone.append(try await http(.POST, server.base + "/v1/chat/completions", chatBody(p, maxTokens: 24)).json!["choices"]!.arrayValue![0]["message"]!["content"]!.stringValue!)
+        let base = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        // Three prompts with each model: 9 requests, alone and then all at once (at most 4 decode together).
+        let prompts = Array(Self.prompts.prefix(3))
+        let cases = prompts.flatMap { p in [base, "one", "two"].map { (p, $0) } }
+        func answer(_ c: (String, String)) async throws -> String {
+            let r = try await http(.POST, server.base + "/v1/chat/completions", chatBody(c.0, model: c.1, maxTokens: 24))
+            return r.json?["choices"]?.arrayValue?[0]["message"]?["content"]?.stringValue ?? "status \(r.status): \(r.body)"
         }
+        var alone: [String] = []
+        for c in cases { alone.append(try await answer(c)) }
         let together = try await withThrowingTaskGroup(of: (Int, String).self) { group in
-            for (i, p) in Self.prompts.enumerated() {
-                group.addTask { (i, try await http(.POST, server.base + "/v1/chat/completions", chatBody(p, maxTokens: 24)).json!["choices"]!.arrayValue![0]["message"]!["content"]!.stringValue!) }
-            }
-            var out = [String](repeating: "", count: Self.prompts.count)
+            for (i, c) in cases.enumerated() { group.addTask { (i, try await answer(c)) } }
+            var out = [String](repeating: "", count: cases.count)
             for try await (i, t) in group { out[i] = t }
             return out
         }
         #expect(together == alone)
-        // And they were decoded together: alone, every step held one request.
+        // The adapters change the answers (a row that lost its adapter would show above).
+        #expect(prompts.indices.contains { alone[3 * $0] != alone[3 * $0 + 1] } && prompts.indices.contains { alone[3 * $0 + 1] != alone[3 * $0 + 2] })
+        // And they were decoded together, models mixed: alone, every step held one request, and a batch of
+        // one model's requests would hold at most 3.
         let metrics = try await http(.GET, server.base + "/metrics").body
         let widest = metrics.split(separator: "\n").first { $0.hasPrefix("qlora_batch_size_max ") }.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
-        #expect(widest >= 2, "\(metrics)")
+        #expect(widest == 4, "\(metrics)")
 
         // One slot and one place in the queue: of 6 long requests at once, some get 429.
         let small = try ServeProcess(["--max-batch", "1", "--max-queue", "1"])

@@ -227,6 +227,64 @@ struct DefaultModelTests {
         #expect(checkClose(Array(step[(2 * V)..<(3 * V)]), own, "decoding after the pass", tolerance: 1e-5) == nil)
     }
 
+    /// `model` with random LoRA adapters (rank 8) on every projection: the same base weights, shared.
+    static func withRandomLoRA(_ model: LlamaModel, seed: UInt64) -> LlamaModel {
+        var rng = SeededRandom(seed: seed)
+        let paths: [WritableKeyPath<LlamaLayer, Linear>] = [\.q, \.k, \.v, \.o, \.gate, \.up, \.down]
+        let rank = 8
+        let layers = model.layers.map { layer -> LlamaLayer in
+            var layer = layer
+            for path in paths {
+                var linear = layer[keyPath: path]
+                let a = (0..<(rank * linear.inFeatures)).map { _ in 0.05 * rng.normal() }
+                let b = (0..<(linear.outFeatures * rank)).map { _ in 0.05 * rng.normal() }
+                linear.lora = Linear.LoRA(a: a, b: b, rank: rank, scale: 2)
+                layer[keyPath: path] = linear
+            }
+            return layer
+        }
+        return LlamaModel(config: model.config, embeddings: model.embeddings, layers: layers, finalNorm: model.finalNorm,
+                          lmHead: model.lmHead, source: "random LoRA \(seed)")
+    }
+
+    @Test("mixed adapters in one batch: each row takes its own model's LoRA, in a decoding step and in a prefill of several prompts")
+    func mixedAdapters() throws {
+        let base = try load(Self.gguf, .nf4)
+        let first = Self.withRandomLoRA(base, seed: 1), second = Self.withRandomLoRA(base, seed: 2)
+        let V = base.config.vocabSize
+        // Rows: base, first, second, first (one adapter's rows apart), second.
+        let models: [LlamaModel] = [base, first, second, first, second]
+        let prompts = [[1, 9690, 314, 253], [1, 504, 3458], [504, 1115, 1780, 28, 260, 3205, 314], [2, 504], [9690, 28]]
+        let adapters: [LlamaModel?] = models.map { $0 === base ? nil : $0 }
+        let together = prompts.map { _ in KVCache(config: base.config, capacity: 32) }
+        let prefilled = try base.forward(sequences: prompts, caches: together, adapters: adapters)
+        let alone = prompts.map { _ in KVCache(config: base.config, capacity: 32) }
+        var next: [Int] = []
+        for (i, p) in prompts.enumerated() {
+            let own = try models[i].forward(p, cache: alone[i], logits: .last)
+            #expect(checkClose(Array(prefilled[(i * V)..<((i + 1) * V)]), own, "prefill row \(i)", tolerance: 1e-5) == nil)
+            next.append((0..<V).max { own[$0] < own[$1] }!)
+        }
+        // The adapters change the logits visibly, so a row that lost its adapter would fail above.
+        let plain = try base.forward(prompts[1], cache: KVCache(config: base.config, capacity: 32), logits: .last)
+        let adapted = try first.forward(prompts[1], cache: KVCache(config: base.config, capacity: 32), logits: .last)
+        #expect(zip(plain, adapted).map { abs($0 - $1) }.max()! > 0.5)
+        for step in 0..<3 {
+            let batch = try base.forward(batch: next, caches: together, adapters: adapters)
+            var following: [Int] = []
+            for i in 0..<prompts.count {
+                let own = try models[i].forward([next[i]], cache: alone[i], logits: .last)
+                #expect(checkClose(Array(batch[(i * V)..<((i + 1) * V)]), own, "step \(step) row \(i)", tolerance: 1e-5) == nil)
+                following.append((0..<V).max { own[$0] < own[$1] }!)
+            }
+            next = following
+        }
+        // A list of the wrong length, or a model of another shape, is an error.
+        #expect(throws: ForwardError.self) { _ = try base.forward(batch: [504], caches: [KVCache(config: base.config, capacity: 4)], adapters: [nil, nil]) }
+        let tiny = try load(FileSystem.join(resources, "tiny-llama-gqa"))
+        #expect(throws: ForwardError.self) { _ = try base.forward(batch: [504], caches: [KVCache(config: base.config, capacity: 4)], adapters: [tiny]) }
+    }
+
     @Test("decoding past 128 cached positions (attention split over the workers by ranges of positions) gives the logits of one forward over the whole sequence")
     func longDecode() throws {
         let model = try load(Self.gguf, .nf4)

@@ -357,6 +357,8 @@ func batchedBench(model path: String, batches: [Int], prompt P: Int, generate N:
 
 do {
     switch args.first {
+    case "serve-load":
+        try serveLoadCommand()
     case "batched":
         guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...]") }
         let o = inferenceLoadOptions()
@@ -523,7 +525,7 @@ do {
         try memoryBench(shape: args[1], batch: option("--batch", 1), seq: option("--seq", 512), rank: option("--rank", 64), optim: optim,
                         layersOverride: args.contains("--layers") ? option("--layers", 1) : nil, f32Embeddings: args.contains("--f32-embeddings"))
     default:
-        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | sgemm | bf16gemm | memory SHAPE")
+        fail("usage: qlora-bench quant FILE | synth-llama DIR | load MODEL | train-step MODEL | infer MODEL | batched MODEL | serve-load --url URL | sgemm | bf16gemm | bandwidth | plan MODEL DATA | memory SHAPE")
     }
 } catch {
     fail("\(error)")
