@@ -455,6 +455,36 @@ struct AdapterTests {
         for b in 0..<2 {
             let ours = try model.forward(Array(ids[(b * T)..<((b + 1) * T)]), cache: KVCache(config: model.config, capacity: 32), logits: .all)
             #expect(checkClose(ours, Array(expected[(b * T * V)..<((b + 1) * T * V)]), "\(adapter) sequence \(b)") == nil)
+            // One token at a time (decoding's few-row LoRA path).
+            let cache = KVCache(config: model.config, capacity: 32)
+            var stepped: [Float] = []
+            for t in 0..<T { stepped += try model.forward([ids[b * T + t]], cache: cache, logits: .last) }
+            #expect(checkClose(stepped, Array(expected[(b * T * V)..<((b + 1) * T * V)]), "\(adapter) sequence \(b), stepped") == nil)
+        }
+    }
+
+    @Test("the few-row LoRA product (decoding) equals the BLAS one (many rows), small and large adapters")
+    func fewRowLoRA() throws {
+        var rng = SeededRandom(seed: 3)
+        for (inF, outF, rank) in [(24, 40, 4), (576, 1536, 64), (37, 19, 3)] {
+            var linear = Linear(weight: .dense((0..<(inF * outF)).map { _ in 0.1 * rng.normal() }), outFeatures: outF, inFeatures: inF)
+            linear.lora = Linear.LoRA(a: (0..<(rank * inF)).map { _ in rng.normal() }, b: (0..<(outF * rank)).map { _ in rng.normal() }, rank: rank, scale: 0.5)
+            let rows = Linear.batchedRowLimit + 4
+            let x = (0..<(rows * inF)).map { _ in rng.normal() }
+            var many = [Float](repeating: 0, count: rows * outF)
+            var few = [Float](repeating: 0, count: 3 * outF)
+            var plain = [Float](repeating: 0, count: 3 * outF)
+            var bare = linear
+            bare.lora = nil
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)  // dense weights use none
+            defer { scratch.deallocate() }
+            x.withUnsafeBufferPointer { xp in
+                many.withUnsafeMutableBufferPointer { linear.forward(xp.baseAddress!, rows: rows, into: $0.baseAddress!, scratch: scratch) }
+                few.withUnsafeMutableBufferPointer { linear.forward(xp.baseAddress!, rows: 3, into: $0.baseAddress!, scratch: scratch) }
+                plain.withUnsafeMutableBufferPointer { bare.forward(xp.baseAddress!, rows: 3, into: $0.baseAddress!, scratch: scratch) }
+            }
+            #expect(Compare.close(few, Array(many[0..<(3 * outF)]), atol: 1e-4, rtol: 1e-5, "\(inF)x\(outF) r\(rank)") == nil)
+            #expect(zip(few, plain).map { abs($0 - $1) }.max()! > 1)
         }
     }
 

@@ -14,6 +14,8 @@ struct LoadSample {
     let firstToken: Double?
     let total: Double
     let tokens: Int
+    /// What went wrong, when the status is not 200 (-1: no HTTP answer).
+    var error: String? = nil
 }
 
 /// Hands out request numbers until the count or the time is up, and keeps the samples.
@@ -58,14 +60,17 @@ func streamedChat(_ client: HTTPClient, _ s: LoadSettings, index: Int) async -> 
     var request = HTTPClientRequest(url: s.url + "/v1/chat/completions")
     request.method = .POST
     request.headers.add(name: "Content-Type", value: "application/json")
+    // A new connection for every request, on every server: llama-server closes a connection after a streamed
+    // reply without saying so, and a request sent on it fails ("I/O on closed channel").
+    request.headers.add(name: "Connection", value: "close")
     if let key = s.apiKey { request.headers.add(name: "Authorization", value: "Bearer \(key)") }
     request.body = .bytes(ByteBuffer(string: JSON.serialize(body)))
     do {
         let response = try await client.execute(request, timeout: .seconds(600))
         let status = Int(response.status.code)
         guard status == 200 else {
-            _ = try? await response.body.collect(upTo: 1 << 20)
-            return LoadSample(status: status, firstToken: nil, total: Clock.seconds() - start, tokens: 0)
+            let text = (try? await response.body.collect(upTo: 1 << 20)).map { String(buffer: $0) } ?? ""
+            return LoadSample(status: status, firstToken: nil, total: Clock.seconds() - start, tokens: 0, error: String(text.prefix(200)))
         }
         var pending: [UInt8] = []
         var first: Double?
@@ -86,7 +91,7 @@ func streamedChat(_ client: HTTPClient, _ s: LoadSettings, index: Int) async -> 
         }
         return LoadSample(status: 200, firstToken: first, total: Clock.seconds() - start, tokens: usage ?? pieces)
     } catch {
-        return LoadSample(status: -1, firstToken: nil, total: Clock.seconds() - start, tokens: 0)
+        return LoadSample(status: -1, firstToken: nil, total: Clock.seconds() - start, tokens: 0, error: "\(error)")
     }
 }
 
@@ -110,19 +115,27 @@ func runLevels(_ client: HTTPClient, _ settings: LoadSettings, levels: [Int], re
     // One request first, not counted: the server's first request may pay for lazy set-up.
     let warm = await streamedChat(client, settings, index: 0)
     guard warm.status == 200 else { fail("\(label): the warm-up request got status \(warm.status) from \(settings.url)") }
+    // Each level starts where the last one stopped in the prompt list, so that a server's cache of earlier
+    // prompts helps no more than the prompts' shared prefix (the chat template's system prompt) does.
+    var offset = 1
     for clients in levels {
         let state = LoadState(limit: max(minimumRequests, clients * requestsPerClient), seconds: seconds)
+        let first = offset
         let start = Clock.seconds()
         await withTaskGroup(of: Void.self) { group in
             for _ in 0..<clients {
                 group.addTask {
-                    while let i = await state.take() { await state.add(await streamedChat(client, settings, index: i)) }
+                    while let i = await state.take() { await state.add(await streamedChat(client, settings, index: first + i)) }
                 }
             }
         }
         let wall = Clock.seconds() - start
         let samples = await state.samples
+        offset += samples.count
         let ok = samples.filter { $0.status == 200 }
+        for (message, count) in Dictionary(grouping: samples.compactMap(\.error), by: { $0 }).mapValues(\.count) {
+            FileHandle.standardError.write(Data("serve-load: \(label), \(clients) clients: \(count)x \(message)\n".utf8))
+        }
         let tokens = ok.reduce(0) { $0 + $1.tokens }
         let ttft = ok.compactMap(\.firstToken), total = ok.map(\.total)
         let row = JSONValue.object([
