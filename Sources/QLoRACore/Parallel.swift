@@ -44,12 +44,18 @@ extension Parallel {
     /// Calls `body(range)` on consecutive pieces of `piece` items covering 0..<count, handed to the workers
     /// as they come free: for loops of equal items where a worker may start late (a helper waking up), which
     /// static chunks would leave the others waiting for. Which worker runs a piece varies from call to call,
-    /// so `body` must compute each item the same way wherever it runs.
+    /// so `body` must compute each item the same way wherever it runs. A call made while the pool is busy runs
+    /// the same pieces one after another on the calling thread, as does one thread: results depend on
+    /// neither the contention nor the thread count (prefill attention's products, for one, are sized by
+    /// their piece).
     public static func forPieces(count: Int, piece: Int, _ body: (Range<Int>) -> Void) {
         guard count > 0 else { return }
         let pieces = (count + piece - 1) / piece
         let workers = min(threadCount, pieces)
-        if workers <= 1 { body(0..<count); return }
+        if workers <= 1 {
+            for p in 0..<pieces { body((p * piece)..<min(count, (p + 1) * piece)) }
+            return
+        }
         let pool = WorkerPool.shared
         let ran = pool.run(workers: workers, resetCursor: true) { _ in
             while true {
@@ -58,7 +64,9 @@ extension Parallel {
                 body((p * piece)..<min(count, (p + 1) * piece))
             }
         }
-        if !ran { body(0..<count) }
+        if !ran {
+            for p in 0..<pieces { body((p * piece)..<min(count, (p + 1) * piece)) }
+        }
     }
 }
 
