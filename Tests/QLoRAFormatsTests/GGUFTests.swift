@@ -135,3 +135,47 @@ struct GGUFTests {
         }
     }
 }
+
+@Suite("GGML quantizers")
+struct GGMLQuantizerTests {
+    static let fixture = try! SafetensorsFile(path: FileSystem.join(resources, "ggml_quant.safetensors"))
+
+    @Test("q8_0, q4_0, f16 and bf16 bytes equal gguf-py's (ties of magnitude, halves, zero, tiny and f16-maximum blocks)",
+          arguments: [GGMLType.q8_0, .q4_0, .f16, .bf16])
+    func sameBytes(_ type: GGMLType) throws {
+        let values = Self.fixture.tensor("values")!.values(as: Float.self)
+        let want = Self.fixture.tensor(type.description.lowercased())!.values(as: UInt8.self)
+        let ours = try GGMLQuantizer.quantize(values, as: type, tensor: "values")
+        #expect(ours.count == want.count)
+        let first = zip(ours, want).enumerated().first { $0.element.0 != $0.element.1 }
+        #expect(first == nil, "\(type): first differing byte \(first.map { "\($0.offset): \($0.element.0) vs \($0.element.1)" } ?? "")")
+        // And what we wrote reads back through the GGUF dequantizer as gguf-py's bytes do.
+        let back = try GGMLQuantizer.dequantize(ours, as: type, count: values.count, tensor: "values")
+        // Within the type's step of each block's largest magnitude (q4_0: d = amax / 8, and the largest value
+        // of the other sign is clipped to 7d; q8_0: half of amax / 127; f16, bf16: their rounding; and the f16
+        // rounding of the scale, up to 2^-11 of amax), plus 1e-5
+        // for the tiny block, whose f16 scale is subnormal.
+        let tolerance: Float = [.q4_0: 0.126, .q8_0: 0.0045, .f16: 0.0005, .bf16: 0.004][type]!
+        for b in 0..<(values.count / 32) {
+            let block = values[(32 * b)..<(32 * b + 32)], amax = block.map(abs).max()!
+            for j in block.indices where abs(back[j] - values[j]) > tolerance * amax + 1e-5 {
+                Issue.record("\(type): value \(j) reads back as \(back[j]), was \(values[j]) (block max \(amax))")
+                break
+            }
+        }
+    }
+
+    @Test("bad input: rows that are not whole blocks, a non-finite value, a type we do not write")
+    func errors() {
+        #expect(throws: GGMLQuantizationError.notWholeBlocks(tensor: "w", count: 40, blockSize: 32)) {
+            _ = try GGMLQuantizer.quantize([Float](repeating: 1, count: 40), as: .q4_0, tensor: "w")
+        }
+        var values = [Float](repeating: 1, count: 64)
+        values[37] = .nan
+        #expect(throws: GGMLQuantizationError.self) { _ = try GGMLQuantizer.quantize(values, as: .q8_0, tensor: "w") }
+        #expect("\(GGMLQuantizationError.nonFinite(tensor: "w", index: 37, value: .nan))".contains("value 37"))
+        #expect(throws: GGMLQuantizationError.unsupported(tensor: "w", type: .q5_K)) {
+            _ = try GGMLQuantizer.quantize([Float](repeating: 1, count: 256), as: .q5_K, tensor: "w")
+        }
+    }
+}
