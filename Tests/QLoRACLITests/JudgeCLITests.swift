@@ -86,7 +86,8 @@ final class FakeJudge: @unchecked Sendable {
         logger.logLevel = .critical
         let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
                               onServerRunning: { channel in continuation.yield(channel.localAddress?.port ?? 0) }, logger: logger)
-        task = Task { try await app.run() }
+        // On a thread of its own: the cooperative pool may be busy with other tests' arithmetic for minutes.
+        task = Task(executorPreference: ThreadExecutor.servers) { try await app.run() }
         for await p in stream {
             port = p
             break

@@ -128,6 +128,11 @@ struct ServeCLITests {
 
     @Test("endpoints: health, models, chat (whole and streamed) equal qlora generate's greedy answer; completions; usage; metrics; the log line")
     func endpoints() async throws {
+        // The client on a thread of its own, so that other tests' arithmetic on the cooperative pool cannot run its deadlines out.
+        try await withTaskExecutorPreference(ThreadExecutor.servers) { try await endpointsBody() }
+    }
+
+    func endpointsBody() async throws {
         let dir = try Fixtures.temporaryDirectory("serve-adapter")
         let adapter = FileSystem.join(dir, "tuned")
         try writeTestAdapter(adapter)
@@ -181,6 +186,10 @@ struct ServeCLITests {
 
     @Test("concurrent requests for the base and two adapters are decoded together, each row with its own adapter, and each gets its own greedy answer; a full queue answers 429 with Retry-After")
     func concurrency() async throws {
+        try await withTaskExecutorPreference(ThreadExecutor.servers) { try await concurrencyBody() }
+    }
+
+    func concurrencyBody() async throws {
         let dir = try Fixtures.temporaryDirectory("serve-mixed")
         try writeTestAdapter(FileSystem.join(dir, "one"), seed: 11, amplitude: 0.2)
         try writeTestAdapter(FileSystem.join(dir, "two"), seed: 12, amplitude: 0.2)
@@ -227,6 +236,10 @@ struct ServeCLITests {
 
     @Test("a client that hangs up mid-stream stops its generation; errors are OpenAI error objects; the API key; adapters loaded and unloaded")
     func errorsAuthAdapters() async throws {
+        try await withTaskExecutorPreference(ThreadExecutor.servers) { try await errorsAuthAdaptersBody() }
+    }
+
+    func errorsAuthAdaptersBody() async throws {
         let server = try ServeProcess(["--max-tokens-cap", "8192", "--max-body", "65536"], environment: ["QLORA_API_KEY": "secret-key"])
         defer { server.stop() }
         let auth = [("Authorization", "Bearer secret-key")]
@@ -294,6 +307,10 @@ struct ServeCLITests {
 
     @Test("eval judge against qlora serve: the default model judges two systems through the same protocol")
     func judgeThroughServe() async throws {
+        try await withTaskExecutorPreference(ThreadExecutor.servers) { try await judgeThroughServeBody() }
+    }
+
+    func judgeThroughServeBody() async throws {
         let server = try ServeProcess([])
         defer { server.stop() }
         let dir = try Fixtures.temporaryDirectory("serve-judge")
