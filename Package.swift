@@ -50,6 +50,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // `qlora merge`: merged models as Hugging Face folders or GGUF files, tokenizers carried across formats.
+        .target(name: "QLoRAExport", dependencies: ["QLoRACore", "QLoRAFormats", "QLoRAKernels", "QLoRAModel", "QLoRATokenizer"]),
         .target(name: "QLoRATraining", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel"]),
         // `qlora serve`: the OpenAI endpoints on Hummingbird 2 over a continuous-batching engine.
         .target(
@@ -60,7 +62,7 @@ let package = Package(
                 .product(name: "HTTPTypes", package: "swift-http-types"), .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
-        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI", "QLoRAExport"]),
         .executableTarget(
             name: "qlora",
             dependencies: [

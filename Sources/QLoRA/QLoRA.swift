@@ -8,3 +8,4 @@
 @_exported import QLoRAEvaluation
 @_exported import QLoRATraining
 @_exported import QLoRAOpenAI
+@_exported import QLoRAExport

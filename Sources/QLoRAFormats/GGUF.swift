@@ -147,6 +147,8 @@ public final class GGUFFile: @unchecked Sendable {
     public let mapping: MappedFile
     /// Metadata in file order.
     public let metadata: [(String, GGUFValue)]
+    /// Each metadata key's stored type (and element type, for arrays), so that a copy keeps them.
+    public let metadataTypes: [String: GGUFTypedValue.Kind]
     public let tensors: [GGUFTensorInfo]
     public let alignment: Int
     public let dataStart: Int
@@ -165,14 +167,18 @@ public final class GGUFFile: @unchecked Sendable {
         let tensorCount = try r.count("tensor count", minimumBytesEach: 24)
         let kvCount = try r.count("metadata count", minimumBytesEach: 12)
         var metadata: [(String, GGUFValue)] = []
-        var seenKeys = Set<String>()
+        var types: [String: GGUFTypedValue.Kind] = [:]
         for _ in 0..<kvCount {
             let key = try r.string("metadata key")
-            guard seenKeys.insert(key).inserted else { throw GGUFError.invalid(file: path, what: "metadata key '\(key)' appears twice") }
+            guard types[key] == nil else { throw GGUFError.invalid(file: path, what: "metadata key '\(key)' appears twice") }
             let type = try r.u32("type of '\(key)'")
+            let at = r.offset
             metadata.append((key, try r.value(type: type, key: key, depth: 0)))
+            let element = type == 9 ? GGUFValueType(rawValue: r.bytes.loadUnaligned(fromByteOffset: at, as: UInt32.self)) : nil
+            types[key] = GGUFTypedValue.Kind(type: GGUFValueType(rawValue: type)!, element: element)
         }
         self.metadata = metadata
+        metadataTypes = types
         var alignment = 32
         if let a = metadata.first(where: { $0.0 == "general.alignment" })?.1 {
             guard let v = a.intValue, v > 0, v & (v - 1) == 0, v <= 1 << 20 else {

@@ -8,6 +8,7 @@ extension LlamaModel {
     /// The model with the adapter in `folder` attached (the base weights are shared, not copied).
     /// - Throws: `ModelError` for a module the model does not have or a shape that does not fit.
     public func withAdapter(_ folder: String) throws -> LlamaModel {
+        if folder.lowercased().hasSuffix(".gguf") { return try withGGUFAdapter(folder) }
         let adapter = try PEFTAdapter(folder: folder)
         var layers = self.layers
         let scale = adapter.config.scale
@@ -39,3 +40,44 @@ extension LlamaModel {
         "mlp.gate_proj": \.gate, "mlp.up_proj": \.up, "mlp.down_proj": \.down,
     ]
 }
+
+extension LlamaModel {
+    /// The model with a llama.cpp LoRA GGUF (general.type adapter: BLK.lora_a [r, in], BLK.lora_b [out, r],
+    /// adapter.lora.alpha; Q and K rows of B in llama.cpp's rotary order) attached.
+    func withGGUFAdapter(_ path: String) throws -> LlamaModel {
+        let g = try GGUFFile(path: path)
+        func bad(_ reason: String) -> ModelError { .invalidConfig(file: path, reason: reason) }
+        guard g.value("general.type")?.stringValue == "adapter", g.value("adapter.type")?.stringValue == "lora" else {
+            throw bad("not a LoRA adapter GGUF (general.type 'adapter', adapter.type 'lora')")
+        }
+        guard let alpha = g.value("adapter.lora.alpha")?.doubleValue else { throw bad("no adapter.lora.alpha") }
+        let names = ["attn_q": \LlamaLayer.q, "attn_k": \.k, "attn_v": \.v, "attn_output": \.o, "ffn_gate": \.gate, "ffn_up": \.up, "ffn_down": \.down]
+        var layers = self.layers
+        var used = 0
+        for t in g.tensors where t.name.hasSuffix(".lora_a") {
+            let base = String(t.name.dropLast(".lora_a".count))
+            let parts = base.split(separator: ".").map(String.init)
+            guard parts.count == 4, parts[0] == "blk", let i = Int(parts[1]), i < layers.count, parts[3] == "weight", let keyPath = names[parts[2]] else {
+                throw bad("tensor '\(t.name)' is not a LoRA of a projection of this model")
+            }
+            guard let bInfo = g.tensor(base + ".lora_b") else { throw ModelError.missingTensor(file: path, tensor: base + ".lora_b") }
+            var linear = layers[i][keyPath: keyPath]
+            let rank = t.shape[0]
+            guard t.shape == [rank, linear.inFeatures] else {
+                throw ModelError.shapeMismatch(file: path, tensor: t.name, expected: [rank, linear.inFeatures], found: t.shape)
+            }
+            guard bInfo.shape == [linear.outFeatures, rank] else {
+                throw ModelError.shapeMismatch(file: path, tensor: bInfo.name, expected: [linear.outFeatures, rank], found: bInfo.shape)
+            }
+            var b = try g.floats(bInfo)
+            if parts[2] == "attn_q" { b = ModelMerger.unpermute(b, heads: config.headCount, cols: rank) }
+            if parts[2] == "attn_k" { b = ModelMerger.unpermute(b, heads: config.kvHeadCount, cols: rank) }
+            linear.lora = Linear.LoRA(a: try g.floats(t), b: b, rank: rank, scale: Float(alpha / Double(rank)))
+            layers[i][keyPath: keyPath] = linear
+            used += 2
+        }
+        guard used == g.tensors.count else { throw bad("\(g.tensors.count - used) tensors are not lora_a / lora_b pairs") }
+        return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+    }
+}
+

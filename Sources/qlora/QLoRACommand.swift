@@ -20,10 +20,13 @@ struct QLoRACommand: ParsableCommand {
             Kernels: QLORA_KERNELS=reference|avx2|avx512 forces an instruction set; QLORA_THREADS sets the thread count.
             """,
         version: QLoRAVersion.string,
-        subcommands: [Train.self, Generate.self, Chat.self, Perplexity.self, Eval.self, Report.self, Serve.self, Tokenize.self, Quantize.self, Inspect.self]
+        subcommands: [Train.self, Generate.self, Chat.self, Perplexity.self, Eval.self, Report.self, Serve.self, Merge.self, ExportAdapter.self, Tokenize.self, Quantize.self, Inspect.self]
     )
 
     static func main() {
+        // A write past a file-size limit (ulimit -f) then fails with EFBIG, which our writers report and clean up
+        // after like a full disk, instead of the process being killed with its temporary files left behind.
+        signal(SIGXFSZ, SIG_IGN)
         var command: ParsableCommand
         var arguments = Array(CommandLine.arguments.dropFirst())
         // `qlora train --config FILE`: the file's options go first, so the command line overrides them.

@@ -386,6 +386,19 @@ do {
         try synthesize(output: args[1], hidden: option("--hidden", 2048), intermediate: option("--intermediate", 5632),
                        layers: option("--layers", 22), heads: option("--heads", 32), kvHeads: option("--kv-heads", 4),
                        vocab: option("--vocab", 32000))
+    case "logits":
+        // Every position's logits for some token ids, as a safetensors file (for the reference checks of
+        // scripts/reference/verify_merge.py): the model as `qlora generate` loads it, with an adapter or not.
+        guard args.count >= 3 else { fail("usage: qlora-bench logits MODEL OUT.safetensors --ids 1,2,3 [--adapter DIR] [--quant-type nf4|none]") }
+        let model = try LlamaModel.load(args[1], options: inferenceLoadOptions())
+        let adapted = try stringOption("--adapter").map { try model.withAdapter($0) } ?? model
+        let ids = (stringOption("--ids") ?? "").split(separator: ",").compactMap { Int($0) }
+        guard !ids.isEmpty else { fail("--ids: comma-separated token ids") }
+        let logits = try adapted.forward(ids, cache: KVCache(config: model.config, capacity: ids.count), logits: .all)
+        try SafetensorsWriter.write(path: args[2], tensors: [
+            ("logits", .make(logits, dtype: .f32, shape: [ids.count, model.config.vocabSize])),
+            ("input_ids", .make(ids.map(Int64.init), dtype: .i64, shape: [ids.count])),
+        ])
     case "load":
         // Loads a model as `qlora generate` does and reports the peak resident set size.
         guard args.count >= 2 else { fail("usage: qlora-bench load MODEL") }

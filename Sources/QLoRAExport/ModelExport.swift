@@ -1,0 +1,313 @@
+// Writing a merged model (ModelMerger's tensors, one at a time) as a Hugging Face folder (config.json,
+// generation_config.json, tokenizer files, safetensors sharded with an index) or as one GGUF file that
+// llama.cpp loads (llama.* metadata, the tokenizer, Q/K rows in llama.cpp's order, F32/F16/BF16/Q8_0/Q4_0).
+// Nothing appears under the output's name until it is complete: a folder is built under a hidden name beside
+// it and renamed; a GGUF goes through AtomicFileWriter. A failure removes what was written.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import QLoRACore
+import QLoRAFormats
+import QLoRAKernels
+import QLoRAModel
+
+public enum MergeFormat: String, Sendable, CaseIterable {
+    case safetensors, gguf
+}
+
+/// The floating-point type of a safetensors output.
+public enum MergeDType: String, Sendable, CaseIterable {
+    case f32, f16, bf16
+
+    var dtype: DType {
+        switch self {
+        case .f32: return .f32
+        case .f16: return .f16
+        case .bf16: return .bf16
+        }
+    }
+
+    var torchName: String {
+        switch self {
+        case .f32: return "float32"
+        case .f16: return "float16"
+        case .bf16: return "bfloat16"
+        }
+    }
+}
+
+public struct ExportOptions: Sendable {
+    public var dtype: MergeDType = .bf16
+    public var ggufType: GGMLType = .f16
+    /// Largest safetensors shard, in bytes (transformers' max_shard_size, 5 GB by default).
+    public var maxShardSize = 5_000_000_000
+    /// Replace an existing output.
+    public var force = false
+    public var showProgress = true
+
+    public init() {}
+}
+
+public struct ExportReport: Sendable {
+    public var files: [String] = []
+    public var bytes = 0
+    public var tensors = 0
+    public var adaptedTensors = 0
+}
+
+public enum ModelExport {
+    // MARK: Hugging Face folder
+
+    /// Writes the merged model as a Hugging Face folder at `output`.
+    public static func writeFolder(_ merger: ModelMerger, to output: String, options: ExportOptions) throws -> ExportReport {
+        try checkOutput(output, force: options.force)
+        // The tokenizer first: a model folder without one is refused before any weight is written.
+        let tokenizerFiles = try tokenizerFiles(merger)
+        let parent = FileSystem.directoryName(output)
+        if !FileSystem.exists(parent) { try FileSystem.makeDirectories(parent) }
+        let staging = FileSystem.join(parent, ".\(FileSystem.baseName(output)).partial-\(getpid())")
+        if FileSystem.exists(staging) { try FileSystem.removeTree(staging) }
+        try FileSystem.makeDirectory(staging)
+        var report = ExportReport()
+        do {
+            for (name, bytes) in tokenizerFiles { try FileSystem.writeFileAtomically(FileSystem.join(staging, name), bytes: bytes) }
+            try FileSystem.writeFileAtomically(FileSystem.join(staging, "config.json"), bytes: try configJSON(merger, dtype: options.dtype))
+            try FileSystem.writeFileAtomically(FileSystem.join(staging, "generation_config.json"), bytes: try generationConfigJSON(merger))
+            report = try writeShards(merger, into: staging, options: options)
+            report.files = (try FileSystem.listDirectory(staging)).map { FileSystem.join(output, $0) }
+            try place(staging, at: output)
+        } catch {
+            try? FileSystem.removeTree(staging)
+            throw error
+        }
+        return report
+    }
+
+    static func writeShards(_ merger: ModelMerger, into folder: String, options: ExportOptions) throws -> ExportReport {
+        let dtype = options.dtype.dtype
+        var shards: [[ModelMerger.Item]] = [[]]
+        var size = 0
+        for item in merger.items {
+            let bytes = item.shape.reduce(1, *) * dtype.byteSize
+            if !shards[shards.count - 1].isEmpty, size + bytes > options.maxShardSize {
+                shards.append([])
+                size = 0
+            }
+            shards[shards.count - 1].append(item)
+            size += bytes
+        }
+        let names = shards.count == 1 ? ["model.safetensors"]
+            : (1...shards.count).map { "model-\(pad5($0))-of-\(pad5(shards.count)).safetensors" }
+        let progress = ProgressBar("merge", total: merger.items.count, enabled: options.showProgress)
+        var report = ExportReport()
+        var weightMap: [(String, JSONValue)] = []
+        for (shard, name) in zip(shards, names) {
+            let writer = try SafetensorsWriter(
+                path: FileSystem.join(folder, name),
+                tensors: shard.map { SafetensorsWriter.Declaration(name: $0.name, dtype: dtype, shape: $0.shape) },
+                metadata: [("format", "pt")])
+            for item in shard {
+                let values = try merger.values(item)
+                try append(values, as: options.dtype, name: item.name, to: writer)
+                report.bytes += values.count * dtype.byteSize
+                report.tensors += 1
+                if item.adapted { report.adaptedTensors += 1 }
+                weightMap.append((item.name, .string(name)))
+                progress.advance(note: item.name)
+            }
+            try writer.finish()
+        }
+        if shards.count > 1 {
+            let index: JSONValue = .object([("metadata", .object([("total_size", .int(report.bytes))])), ("weight_map", .object(weightMap))])
+            try FileSystem.writeFileAtomically(FileSystem.join(folder, "model.safetensors.index.json"),
+                                               bytes: Array((JSON.serialize(index, pretty: true) + "\n").utf8))
+        }
+        return report
+    }
+
+    static func pad5(_ n: Int) -> String {
+        let s = String(n)
+        return String(repeating: "0", count: max(0, 5 - s.count)) + s
+    }
+
+    static func append(_ values: [Float], as dtype: MergeDType, name: String, to writer: SafetensorsWriter) throws {
+        switch dtype {
+        case .f32: try writer.append(name, values: values)
+        case .f16: try writer.append(name, values: values.map(floatToFloat16Bits))
+        case .bf16: try writer.append(name, values: values.map(floatToBFloat16Bits))
+        }
+    }
+
+    /// The tokenizer files of the output folder: copied from a Hugging Face base, made from a GGUF's metadata.
+    static func tokenizerFiles(_ merger: ModelMerger) throws -> [(String, [UInt8])] {
+        if let g = merger.gguf { return try TokenizerExport.huggingFaceFiles(from: g).map { ($0.name, $0.bytes) } }
+        let folder = merger.basePath
+        guard FileSystem.exists(FileSystem.join(folder, "tokenizer.json")) || FileSystem.exists(FileSystem.join(folder, "tokenizer.model")) else {
+            throw ExportError.tokenizer(file: FileSystem.join(folder, "tokenizer.json"),
+                                        reason: "missing: the merged model needs the base model's tokenizer (tokenizer.json or tokenizer.model beside config.json)")
+        }
+        let names = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
+        return try names.filter { FileSystem.exists(FileSystem.join(folder, $0)) }.map { ($0, try FileSystem.readFile(FileSystem.join(folder, $0))) }
+    }
+
+    /// config.json: the base's own (without its quantization_config) or, from a GGUF, one made from its metadata.
+    static func configJSON(_ merger: ModelMerger, dtype: MergeDType) throws -> [UInt8] {
+        var json: JSONValue
+        let source = FileSystem.join(merger.basePath, "config.json")
+        if merger.gguf == nil, FileSystem.exists(source) {
+            json = try JSON.parse(try FileSystem.readFile(source, limit: 16 << 20))
+            if case let .object(fields) = json { json = .object(fields.filter { $0.0 != "quantization_config" }) }
+        } else {
+            let c = merger.config
+            func number(_ x: Double) -> JSONValue { .double(x) }
+            var fields: [(String, JSONValue)] = [
+                ("architectures", .array([.string("LlamaForCausalLM")])), ("model_type", .string("llama")),
+                ("vocab_size", .int(c.vocabSize)), ("hidden_size", .int(c.hiddenSize)), ("intermediate_size", .int(c.intermediateSize)),
+                ("num_hidden_layers", .int(c.layerCount)), ("num_attention_heads", .int(c.headCount)),
+                ("num_key_value_heads", .int(c.kvHeadCount)), ("head_dim", .int(c.headDim)), ("hidden_act", .string("silu")),
+                ("max_position_embeddings", .int(c.maxPositions)),
+                // The f32 value's shortest decimal (1e-05, not 9.99999974e-06).
+                ("rms_norm_eps", number(Double("\(c.rmsNormEps)") ?? Double(c.rmsNormEps))), ("rope_theta", number(c.ropeTheta)),
+                ("attention_bias", .bool(false)), ("mlp_bias", .bool(false)), ("tie_word_embeddings", .bool(c.tieWordEmbeddings)),
+                ("use_cache", .bool(true)),
+            ]
+            switch c.ropeScaling {
+            case .none: fields.append(("rope_scaling", .null))
+            case let .linear(factor): fields.append(("rope_scaling", .object([("rope_type", .string("linear")), ("factor", number(factor))])))
+            case let .llama3(factor, low, high, original):
+                fields.append(("rope_scaling", .object([("rope_type", .string("llama3")), ("factor", number(factor)), ("low_freq_factor", number(low)),
+                                                        ("high_freq_factor", number(high)), ("original_max_position_embeddings", .int(original))])))
+            }
+            if let b = c.bosTokenID { fields.append(("bos_token_id", .int(b))) }
+            if let e = c.eosTokenIDs.first { fields.append(("eos_token_id", c.eosTokenIDs.count == 1 ? .int(e) : .array(c.eosTokenIDs.map { .int($0) }))) }
+            json = .object(fields)
+        }
+        json = json.setting("torch_dtype", to: .string(dtype.torchName))
+        return Array((JSON.serialize(json, pretty: true) + "\n").utf8)
+    }
+
+    static func generationConfigJSON(_ merger: ModelMerger) throws -> [UInt8] {
+        let source = FileSystem.join(merger.basePath, "generation_config.json")
+        if merger.gguf == nil, FileSystem.exists(source) { return try FileSystem.readFile(source, limit: 16 << 20) }
+        let c = merger.config
+        var fields: [(String, JSONValue)] = []
+        if let b = c.bosTokenID { fields.append(("bos_token_id", .int(b))) }
+        if let e = c.eosTokenIDs.first { fields.append(("eos_token_id", c.eosTokenIDs.count == 1 ? .int(e) : .array(c.eosTokenIDs.map { .int($0) }))) }
+        return Array((JSON.serialize(.object(fields), pretty: true) + "\n").utf8)
+    }
+
+    // MARK: GGUF
+
+    /// general.file_type for a GGUF whose matrices are `type` (llama.cpp's llama_ftype).
+    static func fileType(_ type: GGMLType) -> Int {
+        switch type {
+        case .f32: return 0
+        case .f16: return 1
+        case .q4_0: return 2
+        case .q8_0: return 7
+        case .bf16: return 32
+        default: return 1
+        }
+    }
+
+    /// The type a merged tensor is stored as: norms in F32; matrices in `type`, except rows that are not whole
+    /// blocks (F16) and, for Q4_0, the output head (or the tied embedding, which is also the head) in Q8_0.
+    static func ggufType(for item: ModelMerger.Item, type: GGMLType, tied: Bool) -> GGMLType {
+        if item.shape.count == 1 { return .f32 }
+        if item.shape[1] % type.blockLayout.elements != 0 { return .f16 }
+        if type == .q4_0, item.part == .head || (tied && item.part == .embedding) { return .q8_0 }
+        return type
+    }
+
+    /// Writes the merged model as one GGUF file at `output`.
+    public static func writeGGUF(_ merger: ModelMerger, to output: String, options: ExportOptions) throws -> ExportReport {
+        try checkOutput(output, force: options.force)
+        guard GGMLQuantizer.writable.contains(options.ggufType) else {
+            throw ExportError.unsupported(what: "GGUF type \(options.ggufType) is not written (f32, f16, bf16, q8_0, q4_0)")
+        }
+        let c = merger.config
+        if case .llama3 = c.ropeScaling {
+            throw ExportError.unsupported(what: "Llama 3.1-style rope scaling cannot be written to GGUF yet (llama.cpp needs a rope_freqs tensor); use --format safetensors")
+        }
+        var metadata: [(String, GGUFTypedValue)] = [
+            ("general.architecture", .string("llama")), ("general.type", .string("model")),
+            ("general.name", .string(merger.gguf?.value("general.name")?.stringValue ?? FileSystem.baseName(merger.basePath))),
+            ("general.file_type", .uint32(fileType(options.ggufType))),
+        ]
+        if options.ggufType.plainDType == nil { metadata.append(("general.quantization_version", .uint32(2))) }
+        metadata += [
+            ("llama.vocab_size", .uint32(c.vocabSize)), ("llama.context_length", .uint32(c.maxPositions)),
+            ("llama.embedding_length", .uint32(c.hiddenSize)), ("llama.block_count", .uint32(c.layerCount)),
+            ("llama.feed_forward_length", .uint32(c.intermediateSize)), ("llama.rope.dimension_count", .uint32(c.headDim)),
+            ("llama.attention.head_count", .uint32(c.headCount)), ("llama.attention.head_count_kv", .uint32(c.kvHeadCount)),
+            ("llama.attention.layer_norm_rms_epsilon", .float32(Double(c.rmsNormEps))), ("llama.rope.freq_base", .float32(c.ropeTheta)),
+        ]
+        if c.headDim != c.hiddenSize / c.headCount {
+            metadata += [("llama.attention.key_length", .uint32(c.headDim)), ("llama.attention.value_length", .uint32(c.headDim))]
+        }
+        if case let .linear(factor) = c.ropeScaling {
+            metadata += [("llama.rope.scaling.type", .string("linear")), ("llama.rope.scaling.factor", .float32(factor))]
+        }
+        if let g = merger.gguf {
+            for (key, _) in g.metadata where key.hasPrefix("tokenizer.") {
+                if let v = g.typedValue(key) { metadata.append((key, v)) }
+            }
+        } else {
+            metadata += try TokenizerExport.ggufMetadata(folder: merger.basePath, vocabSize: c.vocabSize, eosTokenIDs: c.eosTokenIDs)
+        }
+        let tied = !merger.items.contains { $0.part == .head }
+        var declarations: [GGUFWriter.Declaration] = []
+        for item in merger.items {
+            guard let name = ModelMerger.ggufName(item.name) else {
+                throw ExportError.unsupported(what: "tensor '\(item.name)' has no GGUF name")
+            }
+            declarations.append(.init(name: name, shape: item.shape, type: ggufType(for: item, type: options.ggufType, tied: tied)))
+        }
+        let parent = FileSystem.directoryName(output)
+        if !FileSystem.exists(parent) { try FileSystem.makeDirectories(parent) }
+        let writer = try GGUFWriter(path: output, metadata: metadata, tensors: declarations)
+        let progress = ProgressBar("merge", total: merger.items.count, enabled: options.showProgress)
+        var report = ExportReport()
+        for (item, d) in zip(merger.items, declarations) {
+            var values = try merger.values(item)
+            switch item.part {
+            case let .projection(_, module) where module == "self_attn.q_proj":
+                values = ModelMerger.permute(values, heads: c.headCount, cols: item.shape[1])
+            case let .projection(_, module) where module == "self_attn.k_proj":
+                values = ModelMerger.permute(values, heads: c.kvHeadCount, cols: item.shape[1])
+            default: break
+            }
+            let bytes = try GGMLQuantizer.quantize(values, as: d.type, tensor: d.name)
+            try writer.append(d.name, bytes: bytes)
+            report.bytes += bytes.count
+            report.tensors += 1
+            if item.adapted { report.adaptedTensors += 1 }
+            progress.advance(note: item.name)
+        }
+        try writer.finish()
+        report.files = [output]
+        return report
+    }
+
+    // MARK: Output handling
+
+    /// Refuses an existing output unless `force`.
+    static func checkOutput(_ output: String, force: Bool) throws {
+        if FileSystem.exists(output), !force { throw ExportError.outputExists(path: output) }
+    }
+
+    /// Moves a finished staging folder to `output`, replacing what is there only once the new one is complete.
+    static func place(_ staging: String, at output: String) throws {
+        if FileSystem.exists(output) {
+            let old = FileSystem.join(FileSystem.directoryName(output), ".\(FileSystem.baseName(output)).old-\(getpid())")
+            try FileSystem.rename(output, old)
+            try FileSystem.rename(staging, output)
+            try FileSystem.removeTree(old)
+        } else {
+            try FileSystem.rename(staging, output)
+        }
+    }
+}
