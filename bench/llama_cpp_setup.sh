@@ -30,13 +30,13 @@ COMMIT=$(awk -v v="## [$VERSION]" '$0 == v {f = 1; next} f && /^## / {exit} f &&
   "$DIR/llama_cpp_python-$VERSION/CHANGELOG.md")
 BIN="$SRC/build/bin"
 if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ] || [ ! -x "$BIN/llama-server" ] \
-   || [ ! -x "$BIN/llama-simple" ] || [ ! -x "$BIN/llama-perplexity" ]; then
+   || [ ! -x "$BIN/llama-simple" ] || [ ! -x "$BIN/llama-perplexity" ] || [ ! -x "$BIN/llama-completion" ]; then
   command -v cmake >/dev/null || { say "installing cmake"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake >&2; }
   say "building llama.cpp $COMMIT (a few minutes on 2 cores)"
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF >&2
   cmake --build "$SRC/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize llama-server \
-    llama-simple llama-perplexity >&2
+    llama-simple llama-perplexity llama-completion >&2
 fi
 if [ "$PY" = "-" ]; then
   echo "LLAMA_CPP_COMMIT=$COMMIT"

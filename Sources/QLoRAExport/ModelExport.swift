@@ -311,3 +311,76 @@ public enum ModelExport {
         }
     }
 }
+
+// MARK: - Requantized to bitsandbytes 4-bit
+
+extension ModelExport {
+    /// Writes the merged model as a bitsandbytes 4-bit checkpoint (`qlora merge --requantize nf4`): the merged
+    /// f32 folder is built beside the output, quantized as `qlora quantize` does (linear weights only), and removed.
+    public static func writeRequantized(_ merger: ModelMerger, to output: String, options: ExportOptions,
+                                        quantization: QuantizeOptions) throws -> ExportReport {
+        try checkOutput(output, force: options.force)
+        let parent = FileSystem.directoryName(output)
+        if !FileSystem.exists(parent) { try FileSystem.makeDirectories(parent) }
+        let merged = FileSystem.join(parent, ".\(FileSystem.baseName(output)).merged-\(getpid())")
+        let staging = FileSystem.join(parent, ".\(FileSystem.baseName(output)).partial-\(getpid())")
+        var folderOptions = options
+        folderOptions.dtype = .f32
+        folderOptions.maxShardSize = Int.max
+        folderOptions.force = true
+        defer { try? FileSystem.removeTree(merged) }
+        var report = try writeFolder(merger, to: merged, options: folderOptions)
+        do {
+            if FileSystem.exists(staging) { try FileSystem.removeTree(staging) }
+            var q = quantization
+            q.showProgress = options.showProgress
+            let quantized = try CheckpointQuantizer.quantize(input: merged, output: staging, options: q)
+            report.bytes = quantized.outputBytes
+            report.files = (try FileSystem.listDirectory(staging)).map { FileSystem.join(output, $0) }
+            try place(staging, at: output)
+        } catch {
+            try? FileSystem.removeTree(staging)
+            throw error
+        }
+        return report
+    }
+}
+
+/// How far one model's logits are from another's on the same tokens (the merged-and-requantized model against the
+/// unmerged one it came from).
+public struct LogitDrift: Sendable {
+    public var tokens = 0
+    public var maxAbsolute: Float = 0
+    public var meanAbsolute: Double = 0
+    /// Mean next-token negative log-likelihood (nats) of each model on the tokens.
+    public var nllReference: Double = 0
+    public var nllOther: Double = 0
+
+    public static func measure(reference: LlamaModel, other: LlamaModel, ids: [Int]) throws -> LogitDrift {
+        let a = try reference.forward(ids, cache: KVCache(config: reference.config, capacity: ids.count), logits: .all)
+        let b = try other.forward(ids, cache: KVCache(config: other.config, capacity: ids.count), logits: .all)
+        let V = reference.config.vocabSize
+        var d = LogitDrift()
+        d.tokens = ids.count
+        var sum = 0.0
+        for (x, y) in zip(a, b) {
+            let e = abs(x - y)
+            d.maxAbsolute = max(d.maxAbsolute, e)
+            sum += Double(e)
+        }
+        d.meanAbsolute = sum / Double(max(a.count, 1))
+        func nll(_ l: [Float]) -> Double {
+            var total = 0.0
+            for t in 0..<(ids.count - 1) {
+                let row = l[(t * V)..<((t + 1) * V)]
+                let m = row.max()!
+                let lse = Double(m) + log(row.reduce(0.0) { $0 + exp(Double($1 - m)) })
+                total += lse - Double(row[row.startIndex + ids[t + 1]])
+            }
+            return total / Double(max(ids.count - 1, 1))
+        }
+        d.nllReference = nll(a)
+        d.nllOther = nll(b)
+        return d
+    }
+}

@@ -21,7 +21,9 @@ struct Merge: ParsableCommand {
             files (copied from a Hugging Face base, or made from a GGUF's tokenizer) and model.safetensors, in shards with \
             model.safetensors.index.json past --max-shard-size. --format gguf writes one file llama.cpp loads, with the \
             tokenizer and chat template; --gguf-type sets the matrices' type (norms stay F32; with q4_0 the output head \
-            is Q8_0). The merge streams one tensor at a time; nothing appears under OUTPUT until it is complete.
+            is Q8_0). --requantize nf4 writes a bitsandbytes 4-bit folder of the merged model instead and reports how far its \
+            logits drift from the unmerged model (requantizing rounds the merged weights again, so it is not the trained \
+            model). The merge streams one tensor at a time; nothing appears under OUTPUT until it is complete.
             """
     )
 
@@ -54,6 +56,15 @@ struct Merge: ParsableCommand {
 
     @Flag(help: "It was trained without double quantization. (default: from training_args.yaml)")
     var noDoubleQuant = false
+
+    @Option(help: ArgumentHelp("Write the merged model as a bitsandbytes 4-bit checkpoint (nf4 or fp4, with --block-size and double quantization as trained) and report how far its logits drift from the unmerged model's.", valueName: "type"))
+    var requantize: String?
+
+    @Option(help: "A UTF-8 text for the --requantize drift report (default: a short built-in paragraph).")
+    var driftText: String?
+
+    @Option(help: "Tokens of that text to score.")
+    var driftTokens: Int = 256
 
     @Option(help: "Largest safetensors shard, e.g. 5GB, 500MB or a number of bytes.")
     var maxShardSize: String = "5GB"
@@ -89,6 +100,11 @@ struct Merge: ParsableCommand {
         if let quantType { try validateQuantization(quantType: quantType, blockSize: blockSize ?? 64, allowNone: false) }
         if let blockSize { try validateQuantization(quantType: quantType ?? "nf4", blockSize: blockSize, allowNone: false) }
         guard Self.byteCount(maxShardSize) != nil else { throw ValidationError("--max-shard-size must be a size such as 5GB, 500MB or 1000000 (got '\(maxShardSize)')") }
+        if let requantize {
+            guard requantize == "nf4" || requantize == "fp4" else { throw ValidationError("--requantize must be nf4 or fp4 (got '\(requantize)')") }
+            guard resolvedFormat == "safetensors" else { throw ValidationError("--requantize writes a Hugging Face folder; leave out --format gguf") }
+        }
+        guard driftTokens >= 2 else { throw ValidationError("--drift-tokens must be at least 2") }
         if resolvedFormat == "gguf" && format == nil && !output.lowercased().hasSuffix(".gguf") {
             throw ValidationError("a GGUF output should end in .gguf")
         }
@@ -122,8 +138,30 @@ struct Merge: ParsableCommand {
         export.showProgress = !quiet && !json
         let start = Clock.wallSeconds()
         let gguf = resolvedFormat == "gguf"
-        let report = gguf ? try ModelExport.writeGGUF(merger, to: output, options: export)
+        var report: ExportReport
+        var drift: LogitDrift?
+        if let requantize {
+            var q = QuantizeOptions()
+            q.quantType = QuantType(rawValue: requantize)!
+            q.blockSize = options.blockSize
+            q.doubleQuant = options.doubleQuant
+            report = try ModelExport.writeRequantized(merger, to: output, options: export, quantization: q)
+            // The drift: the unmerged model as trained (base in 4-bit + adapter) against the requantized merge.
+            var load = LoadOptions()
+            load.quantType = options.quantType
+            load.blockSize = options.blockSize
+            load.doubleQuant = options.doubleQuant
+            load.showProgress = false
+            let reference = try LlamaModel.load(merger.basePath, options: load).withAdapter(adapter)
+            let requantized = try LlamaModel.load(output, options: load)
+            let text = try driftText.map { String(decoding: try FileSystem.readFile($0), as: UTF8.self) } ?? Self.builtInDriftText
+            let ids = Array(try Tokenizer.load(model: output).encode(text).prefix(driftTokens))
+            guard ids.count >= 2 else { throw ValidationError("the drift text has fewer than 2 tokens") }
+            drift = try LogitDrift.measure(reference: reference, other: requantized, ids: ids)
+        } else {
+            report = gguf ? try ModelExport.writeGGUF(merger, to: output, options: export)
                           : try ModelExport.writeFolder(merger, to: output, options: export)
+        }
         let seconds = Clock.wallSeconds() - start
         let onto = options.onto == .quantized
             ? "dequant(\(options.quantType.rawValue)(W)), block \(options.blockSize), double quantization \(options.doubleQuant ? "on" : "off")"
@@ -137,13 +175,31 @@ struct Merge: ParsableCommand {
                 ("tensors", .int(report.tensors)), ("adapted_tensors", .int(report.adaptedTensors)), ("bytes", .int(report.bytes)),
                 ("files", .array(report.files.map { .string($0) })), ("seconds", .double(seconds)),
                 ("peak_rss_bytes", .int(peakResidentBytes())),
-            ]))
+            ] + (drift.map { d in [("drift", .object([
+                ("requantize", .string(requantize ?? "")), ("tokens", .int(d.tokens)), ("max_abs_logit_diff", .double(Double(d.maxAbsolute))),
+                ("mean_abs_logit_diff", .double(d.meanAbsolute)), ("nll_unmerged", .double(d.nllReference)),
+                ("nll_requantized", .double(d.nllOther)), ("nll_change", .double(d.nllOther - d.nllReference)),
+            ]))] } ?? [])))
             return
         }
         print("merged \(adapter) into \(merger.basePath), onto \(onto)")
         print("  \(report.tensors) tensors, \(report.adaptedTensors) changed by the adapter, \(formatFixed(Double(report.bytes) / 1e6, 1)) MB of weights")
+        if let drift, let requantize {
+            print("  wrote \(output) (bitsandbytes \(requantize), block \(options.blockSize)) in \(formatFixed(seconds, 1)) s")
+            print("  drift from the unmerged model on \(drift.tokens) tokens: max |Δlogit| \(formatFixed(Double(drift.maxAbsolute), 4)), mean \(formatFixed(drift.meanAbsolute, 5)); NLL \(formatFixed(drift.nllReference, 4)) -> \(formatFixed(drift.nllOther, 4)) nats/token (\(drift.nllOther >= drift.nllReference ? "+" : "")\(formatFixed(drift.nllOther - drift.nllReference, 4)))")
+            return
+        }
         print("  wrote \(output)" + (gguf ? " (GGUF, \(export.ggufType))" : " (\(report.files.count) files, \(export.dtype.rawValue))") + " in \(formatFixed(seconds, 1)) s")
     }
+
+    /// The default text of the drift report.
+    static let builtInDriftText = """
+        A small library stood at the end of the harbour road. Every morning the keeper opened the shutters, swept the \
+        steps and set out the newspapers for the fishermen, who read them over coffee before the boats went out. In \
+        winter the reading room was the warmest place in the village, and children did their homework there while \
+        the wind rattled the windows. Nobody remembered who had built it, but everyone agreed that the village would \
+        not be the same without it.
+        """
 }
 
 /// This process's peak resident set size so far, in bytes (getrusage; kilobytes on Linux).

@@ -1,6 +1,7 @@
-// `qlora merge` on the command line: the default model and an adapter into a GGUF and a folder our loader
-// reads back; an existing output refused; a write that runs out of space (a file-size limit, as a full disk
-// fails) leaves nothing behind; --help says which merge reproduces the trained model.
+// `qlora merge` and `qlora export-adapter` on the command line: the default model and an adapter into a GGUF and
+// a folder our loader reads back; an existing output refused; a write that runs out of space (a file-size limit,
+// as a full disk fails) leaves nothing behind; --requantize nf4 and its drift report; the adapter as a llama.cpp
+// LoRA GGUF that generate applies as it applies the PEFT folder; --help says which merge reproduces the model.
 import QLoRA
 import QLoRATestSupport
 import Testing
@@ -45,6 +46,29 @@ struct MergeCLITests {
         for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
             #expect(FileSystem.exists(FileSystem.join(folder, name)), "\(name)")
         }
+
+        // --requantize nf4: a bitsandbytes folder of the merged model and the drift report.
+        let requantized = FileSystem.join(dir, "nf4")
+        let rq = try runQLoRA(["merge", "--adapter", adapter, "--output", requantized, "--requantize", "nf4", "--json"])
+        #expect(rq.status == 0, "\(rq.stderr)")
+        let drift = try JSON.parse(rq.stdout)["drift"]
+        #expect(drift?["tokens"]?.intValue ?? 0 > 50)
+        let mean = drift?["mean_abs_logit_diff"]?.doubleValue ?? -1, maxDiff = drift?["max_abs_logit_diff"]?.doubleValue ?? -1
+        #expect(mean > 0 && mean < maxDiff && maxDiff.isFinite, "\(String(describing: drift))")
+        #expect(abs(drift?["nll_change"]?.doubleValue ?? 9) < 1)
+        let qconfig = try JSON.parse(try FileSystem.readFile(FileSystem.join(requantized, "config.json")))
+        #expect(qconfig["quantization_config"]?["bnb_4bit_quant_type"]?.stringValue == "nf4")
+        #expect(try FileSystem.listDirectory(dir).allSatisfy { !$0.hasPrefix(".") })
+
+        // export-adapter: llama.cpp's LoRA GGUF, which generate reads back onto the same base.
+        let lora = FileSystem.join(dir, "adapter.gguf")
+        let ex = try runQLoRA(["export-adapter", "--adapter", adapter, "--output", lora, "--json"])
+        #expect(ex.status == 0, "\(ex.stderr)")
+        #expect(try JSON.parse(ex.stdout)["tensors"]?.intValue == 120)
+        let prompt = ["--prompt", "What is the capital of France?", "--max-tokens", "6", "--temperature", "0", "--json"]
+        let viaFolder = try runQLoRA(["generate", "--adapter", adapter] + prompt), viaGGUF = try runQLoRA(["generate", "--adapter", lora] + prompt)
+        #expect(viaFolder.status == 0 && viaGGUF.status == 0, "\(viaGGUF.stderr)")
+        #expect(try JSON.parse(viaFolder.stdout)["text"] == JSON.parse(viaGGUF.stdout)["text"])
 
         let help = try runQLoRA(["merge", "--help"])
         #expect(help.stdout.contains("dequant(quant(W)) + s·B·A") && help.stdout.contains("--onto"))

@@ -3,10 +3,11 @@
 
 1. transformers loads the merged f32 folder; its logits are compared with ours for the unmerged model
    (the base in NF4 + the adapter, as qlora generate runs it): max |diff| / max |ours|.
-2. llama.cpp (llama-simple, llama-perplexity from bench/llama_cpp_setup.sh) loads the merged GGUF in F16,
-   Q8_0 and Q4_0: greedy continuations of 4 prompts against `qlora generate --temperature 0` on the unmerged
-   model, and perplexity by llama-perplexity's own protocol (chunks of --ctx tokens, the second half of each
-   scored) against ours by the same protocol on the unmerged model.
+2. llama.cpp (llama-simple, llama-perplexity, llama-completion from bench/llama_cpp_setup.sh) loads the merged
+   GGUF in F16, Q8_0 and Q4_0: greedy continuations of 4 prompts and perplexity by llama-perplexity's own
+   protocol (chunks of --ctx tokens, the second half of each scored), against ours on the same file and on the
+   unmerged model; llama-quantize's own Q4_0 of the F16 file for the spread; and the base GGUF with the adapter
+   from `qlora export-adapter` (--lora) against ours on the same base and adapter.
 
 Usage: verify_merge.py --adapter DIR [--model BASE.gguf] [--out DIR] [--llama-bin DIR] [--text FILE]
 Needs torch, transformers, safetensors (bench/requirements.txt). Prints one JSON object.
@@ -78,42 +79,85 @@ def main():
         worst = max(worst, ((theirs - ours).abs().max() / ours.abs().max()).item())
     results["transformers_max_relative_diff"] = worst
 
-    # 2. llama.cpp on the merged GGUFs.
+    # 2. llama.cpp on the merged GGUFs, and on the base GGUF with the exported adapter.
     if a.llama_bin:
-        greedy_ours = []
-        for prompt in PROMPTS:
-            r = json.loads(run([qlora, "generate", "--model", a.model, "--adapter", a.adapter, "--prompt", prompt,
-                                "--max-tokens", str(a.tokens), "--temperature", "0", "--json"]))
-            greedy_ours.append(r["text"])
-        results["greedy_ours"] = greedy_ours
         ids = tok(text, add_special_tokens=False)["input_ids"][: a.ctx * a.chunks]
-        nll, count = 0.0, 0
-        for c in range(a.chunks):
-            chunk = ids[c * a.ctx:(c + 1) * a.ctx]
-            out = os.path.join(a.out, "ours.safetensors")
-            run([bench, "logits", a.model, out, "--ids", ",".join(map(str, chunk)), "--adapter", a.adapter])
-            logits = load_file(out)["logits"].double()
-            logp = torch.log_softmax(logits, dim=-1)
-            for j in range(a.ctx // 2, a.ctx - 1):
-                nll -= logp[j, chunk[j + 1]].item()
-                count += 1
-        results["perplexity_ours"] = math.exp(nll / count)
         text_file = os.path.join(a.out, "ppl.txt")
-        # The same tokens as text (so llama.cpp tokenizes what we scored).
+        # The scored tokens as text, so that llama.cpp tokenizes what we scored.
         open(text_file, "w", encoding="utf-8").write(tok.decode(ids))
+
+        def our_greedy(model_path, adapter=None, quant=None):
+            out = []
+            for prompt in PROMPTS:
+                cmd = [qlora, "generate", "--model", model_path, "--prompt", prompt, "--max-tokens", str(a.tokens),
+                       "--temperature", "0", "--json"]
+                cmd += ["--adapter", adapter] if adapter else []
+                cmd += ["--quant-type", quant] if quant else []
+                out.append(json.loads(run(cmd))["text"])
+            return out
+
+        def our_perplexity(model_path, adapter=None, quant=None):
+            # llama-perplexity's protocol: chunks of ctx tokens, the second half of each scored.
+            nll, count = 0.0, 0
+            for c in range(a.chunks):
+                chunk = ids[c * a.ctx:(c + 1) * a.ctx]
+                out = os.path.join(a.out, "ours.safetensors")
+                cmd = [bench, "logits", model_path, out, "--ids", ",".join(map(str, chunk))]
+                cmd += ["--adapter", adapter] if adapter else []
+                cmd += ["--quant-type", quant] if quant else []
+                run(cmd)
+                logp = torch.log_softmax(load_file(out)["logits"].double(), dim=-1)
+                for j in range(a.ctx // 2, a.ctx - 1):
+                    nll -= logp[j, chunk[j + 1]].item()
+                    count += 1
+            return math.exp(nll / count)
+
+        def llama_perplexity(model_path, lora=None):
+            cmd = [os.path.join(a.llama_bin, "llama-perplexity"), "-m", model_path, "-f", text_file, "-c", str(a.ctx),
+                   "--chunks", str(a.chunks), "-b", str(a.ctx)] + (["--lora", lora] if lora else [])
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+            return float(m.group(1)) if m else None
+
+        def same(xs, ys):
+            return [x.strip() == y.strip() for x, y in zip(xs, ys)]
+
+        unmerged = our_greedy(a.model, a.adapter)
+        results["unmerged"] = {"greedy": unmerged, "perplexity": our_perplexity(a.model, a.adapter)}
         for t, path in ggufs.items():
             cont = []
             for prompt in PROMPTS:
                 o = run([os.path.join(a.llama_bin, "llama-simple"), "-m", path, "-n", str(a.tokens), prompt])
                 cont.append(o[len(prompt):] if o.startswith(prompt) else o)
-            ppl_out = subprocess.run([os.path.join(a.llama_bin, "llama-perplexity"), "-m", path, "-f", text_file, "-c", str(a.ctx),
-                                      "--chunks", str(a.chunks), "-b", str(a.ctx)], capture_output=True, text=True)
-            m = re.search(r"Final estimate: PPL = ([0-9.]+)", ppl_out.stdout + ppl_out.stderr)
-            ppl = float(m.group(1)) if m else None
+            # Ours on the same file, its weights as stored (dequantized, not requantized to NF4).
+            ours_same = our_greedy(path, quant="none")
+            ppl, ours_ppl = llama_perplexity(path), our_perplexity(path, quant="none")
             results[f"llama_cpp_{t}"] = {
-                "greedy_equal": [x.strip() == y.strip() for x, y in zip(cont, greedy_ours)], "greedy": cont,
-                "perplexity": ppl, "perplexity_ratio": ppl / results["perplexity_ours"] if ppl else None,
+                "greedy": cont, "greedy_equal_ours_same_file": same(cont, ours_same), "greedy_equal_unmerged": same(cont, unmerged),
+                "perplexity": ppl, "perplexity_ours_same_file": ours_ppl, "ratio_to_ours_same_file": ppl / ours_ppl if ppl else None,
+                "ratio_to_unmerged": ppl / results["unmerged"]["perplexity"] if ppl else None,
             }
+        # llama.cpp's own Q4_0 of the merged F16 file, for the spread its quantizer gives.
+        ref = os.path.join(a.out, "llama-quantize-q4_0.gguf")
+        run([os.path.join(a.llama_bin, "llama-quantize"), ggufs["f16"], ref, "Q4_0"])
+        results["llama_quantize_q4_0_perplexity"] = llama_perplexity(ref)
+
+        # The base GGUF with the adapter exported for llama.cpp's --lora: the original (Q4_1) base weights, so
+        # compared with ours on the same base unquantized (--quant-type none) with the same adapter.
+        lora = os.path.join(a.out, "adapter.gguf")
+        results["export_adapter"] = json.loads(run([qlora, "export-adapter", "--model", a.model, "--adapter", a.adapter,
+                                                    "--output", lora, "--force", "--json"]))
+        cont = []
+        for prompt in PROMPTS:
+            o = run([os.path.join(a.llama_bin, "llama-completion"), "-m", a.model, "--lora", lora, "-p", prompt, "-n", str(a.tokens),
+                     "--temp", "0", "-no-cnv", "--no-display-prompt", "--no-warmup"], stdin=subprocess.DEVNULL)
+            cont.append(o)
+        ours_same = our_greedy(a.model, a.adapter, quant="none")
+        ppl, ours_ppl = llama_perplexity(a.model, lora), our_perplexity(a.model, a.adapter, quant="none")
+        results["llama_cpp_base_plus_lora"] = {
+            "greedy": cont, "greedy_ours": ours_same, "greedy_equal": same(cont, ours_same),
+            "perplexity": ppl, "perplexity_ours": ours_ppl, "ratio": ppl / ours_ppl if ppl else None,
+        }
     print(json.dumps(results, indent=2))
 
 

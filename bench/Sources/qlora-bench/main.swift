@@ -399,6 +399,31 @@ do {
             ("logits", .make(logits, dtype: .f32, shape: [ids.count, model.config.vocabSize])),
             ("input_ids", .make(ids.map(Int64.init), dtype: .i64, shape: [ids.count])),
         ])
+    case "synth-adapter":
+        // A PEFT adapter with random A and B (normal, std 0.01) on all seven projections of MODEL's shape, for
+        // measurements (bench/merge_bench.sh) on models no adapter was trained for.
+        guard args.count >= 3 else { fail("usage: qlora-bench synth-adapter MODEL_DIR OUT_DIR [--rank 16]") }
+        let c = try LlamaConfig(configFile: FileSystem.join(args[1], "config.json"))
+        let r = option("--rank", 16)
+        var rng = SystemRandomNumberGenerator()
+        func normal() -> Float {
+            let u = Float.random(in: Float.ulpOfOne..<1, using: &rng), v = Float.random(in: 0..<1, using: &rng)
+            return 0.01 * (-2 * log(u)).squareRoot() * cos(2 * Float.pi * v)
+        }
+        let q = c.headCount * c.headDim, kv = c.kvHeadCount * c.headDim, h = c.hiddenSize, m = c.intermediateSize
+        var tensors: [(String, TensorView)] = []
+        for l in 0..<c.layerCount {
+            for (module, o, i) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q),
+                                   ("mlp.gate_proj", m, h), ("mlp.up_proj", m, h), ("mlp.down_proj", h, m)] {
+                let p = "base_model.model.model.layers.\(l).\(module)"
+                tensors.append((p + ".lora_A.weight", .make((0..<(r * i)).map { _ in normal() }, dtype: .f32, shape: [r, i])))
+                tensors.append((p + ".lora_B.weight", .make((0..<(o * r)).map { _ in normal() }, dtype: .f32, shape: [o, r])))
+            }
+        }
+        try FileSystem.makeDirectories(args[2])
+        try SafetensorsWriter.write(path: FileSystem.join(args[2], "adapter_model.safetensors"), tensors: tensors, metadata: [("format", "pt")])
+        let config = #"{"peft_type": "LORA", "r": \#(r), "lora_alpha": \#(2 * r), "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "bias": "none", "task_type": "CAUSAL_LM"}"#
+        try FileSystem.writeFileAtomically(FileSystem.join(args[2], "adapter_config.json"), bytes: Array(config.utf8))
     case "load":
         // Loads a model as `qlora generate` does and reports the peak resident set size.
         guard args.count >= 2 else { fail("usage: qlora-bench load MODEL") }
