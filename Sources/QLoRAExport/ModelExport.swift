@@ -209,16 +209,20 @@ public enum ModelExport {
         case .q4_0: return 2
         case .q8_0: return 7
         case .bf16: return 32
+        case .q4_K: return 14  // MOSTLY_Q4_K_S
         default: return 1
         }
     }
 
-    /// The type a merged tensor is stored as: norms in F32; matrices in `type`, except rows that are not whole
-    /// blocks (F16) and, for Q4_0, the output head (or the tied embedding, which is also the head) in Q8_0.
+    /// The type a merged tensor is stored as: norms in F32; matrices in `type`, except: for the 4-bit types the
+    /// output head (or the tied embedding, which is also the head) in Q8_0 (llama.cpp's quantizer gives it Q6_K),
+    /// and rows that are not whole blocks in Q8_0 (Q4_K's blocks are 256 long: SmolLM2's 576-wide rows) or F16.
     static func ggufType(for item: ModelMerger.Item, type: GGMLType, tied: Bool) -> GGMLType {
         if item.shape.count == 1 { return .f32 }
-        if item.shape[1] % type.blockLayout.elements != 0 { return .f16 }
-        if type == .q4_0, item.part == .head || (tied && item.part == .embedding) { return .q8_0 }
+        var type = type
+        if type == .q4_0 || type == .q4_K, item.part == .head || (tied && item.part == .embedding) { type = .q8_0 }
+        if item.shape[1] % type.blockLayout.elements != 0 { type = .q8_0 }
+        if item.shape[1] % type.blockLayout.elements != 0 { type = .f16 }
         return type
     }
 
@@ -226,7 +230,7 @@ public enum ModelExport {
     public static func writeGGUF(_ merger: ModelMerger, to output: String, options: ExportOptions) throws -> ExportReport {
         try checkOutput(output, force: options.force)
         guard GGMLQuantizer.writable.contains(options.ggufType) else {
-            throw ExportError.unsupported(what: "GGUF type \(options.ggufType) is not written (f32, f16, bf16, q8_0, q4_0)")
+            throw ExportError.unsupported(what: "GGUF type \(options.ggufType) is not written (f32, f16, bf16, q8_0, q4_0, q4_k)")
         }
         let c = merger.config
         if case .llama3 = c.ropeScaling {

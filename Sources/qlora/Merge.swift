@@ -20,8 +20,8 @@ struct Merge: ParsableCommand {
             --format safetensors writes a folder transformers loads: config.json, generation_config.json, the tokenizer \
             files (copied from a Hugging Face base, or made from a GGUF's tokenizer) and model.safetensors, in shards with \
             model.safetensors.index.json past --max-shard-size. --format gguf writes one file llama.cpp loads, with the \
-            tokenizer and chat template; --gguf-type sets the matrices' type (norms stay F32; with q4_0 the output head \
-            is Q8_0). --requantize nf4 writes a bitsandbytes 4-bit folder of the merged model instead and reports how far its \
+            tokenizer and chat template; --gguf-type sets the matrices' type (norms stay F32; with q4_0 and q4_k the \
+            output head is Q8_0, and so are rows that are not whole blocks). --requantize nf4 writes a bitsandbytes 4-bit folder of the merged model instead and reports how far its \
             logits drift from the unmerged model (requantizing rounds the merged weights again, so it is not the trained \
             model). The merge streams one tensor at a time; nothing appears under OUTPUT until it is complete.
             """
@@ -42,7 +42,7 @@ struct Merge: ParsableCommand {
     @Option(help: "The floating-point type of the safetensors weights: bf16, f16 or f32.")
     var dtype: String = "bf16"
 
-    @Option(help: "The type of a GGUF's matrices: f16, bf16, f32, q8_0 or q4_0.")
+    @Option(help: "The type of a GGUF's matrices: f16, bf16, f32, q8_0, q4_0 or q4_k (4-bit types keep the output head, and rows that are not whole blocks, in q8_0).")
     var ggufType: String = "f16"
 
     @Option(help: "quantized: onto dequant(quant(W)), what the adapter was trained on; original: onto W itself.")
@@ -94,7 +94,7 @@ struct Merge: ParsableCommand {
         guard MergeFormat(rawValue: resolvedFormat) != nil else { throw ValidationError("--format must be safetensors or gguf (got '\(resolvedFormat)')") }
         guard MergeDType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be bf16, f16 or f32 (got '\(dtype)')") }
         guard let t = GGMLType.allCases.first(where: { $0.description.lowercased() == ggufType.lowercased() }), GGMLQuantizer.writable.contains(t) else {
-            throw ValidationError("--gguf-type must be f16, bf16, f32, q8_0 or q4_0 (got '\(ggufType)')")
+            throw ValidationError("--gguf-type must be f16, bf16, f32, q8_0, q4_0 or q4_k (got '\(ggufType)')")
         }
         guard MergeBase(rawValue: onto) != nil else { throw ValidationError("--onto must be quantized or original (got '\(onto)')") }
         if let quantType { try validateQuantization(quantType: quantType, blockSize: blockSize ?? 64, allowNone: false) }

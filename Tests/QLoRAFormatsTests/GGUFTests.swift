@@ -165,6 +165,29 @@ struct GGMLQuantizerTests {
         }
     }
 
+    @Test("q4_K bytes equal llama.cpp's quantize_row_q4_K_ref (zero, constant, one-signed, tiny, huge sub-blocks; real weights); read back close")
+    func q4K() throws {
+        let fixture = try SafetensorsFile(path: FileSystem.join(resources, "ggml_q4k.safetensors"))
+        let values = fixture.tensor("values")!.values(as: Float.self)
+        let want = fixture.tensor("q4_K")!.values(as: UInt8.self)
+        let ours = try GGMLQuantizer.quantize(values, as: .q4_K, tensor: "values")
+        #expect(ours.count == want.count)
+        let differing = zip(ours, want).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+        #expect(differing.isEmpty, "\(differing.count) bytes differ; first in super-block \(differing.first.map { $0 / 144 } ?? -1), byte \(differing.first.map { $0 % 144 } ?? -1)")
+        let back = try GGMLQuantizer.dequantize(ours, as: .q4_K, count: values.count, tensor: "values")
+        // Each sub-block of 32 spans its range in 15 steps (6-bit scales of an f16 super-scale): within a step, on
+        // the rows whose sub-blocks are alike (not row 4's outliers or row 5, where a huge sub-block leaves its small
+        // neighbours a 6-bit scale of zero, as llama.cpp's own bytes do).
+        for b in 0..<(values.count / 32) where ![4, 5].contains(b / 16) {
+            let block = values[(32 * b)..<(32 * b + 32)]
+            let range = max(block.max()!, 0) - min(block.min()!, 0)
+            for j in block.indices where abs(back[j] - values[j]) > range / 15 + 1e-6 {
+                Issue.record("q4_K: value \(j) reads back as \(back[j]), was \(values[j]) (sub-block range \(range))")
+                break
+            }
+        }
+    }
+
     @Test("bad input: rows that are not whole blocks, a non-finite value, a type we do not write")
     func errors() {
         #expect(throws: GGMLQuantizationError.notWholeBlocks(tensor: "w", count: 40, blockSize: 32)) {
@@ -174,6 +197,9 @@ struct GGMLQuantizerTests {
         values[37] = .nan
         #expect(throws: GGMLQuantizationError.self) { _ = try GGMLQuantizer.quantize(values, as: .q8_0, tensor: "w") }
         #expect("\(GGMLQuantizationError.nonFinite(tensor: "w", index: 37, value: .nan))".contains("value 37"))
+        #expect(throws: GGMLQuantizationError.notWholeBlocks(tensor: "w", count: 288, blockSize: 256)) {
+            _ = try GGMLQuantizer.quantize([Float](repeating: 1, count: 288), as: .q4_K, tensor: "w")
+        }
         #expect(throws: GGMLQuantizationError.unsupported(tensor: "w", type: .q5_K)) {
             _ = try GGMLQuantizer.quantize([Float](repeating: 1, count: 256), as: .q5_K, tensor: "w")
         }

@@ -163,6 +163,14 @@ struct MergeTests {
         _ = try ModelExport.writeGGUF(merger, to: q4, options: quietOptions { $0.ggufType = .q4_0 })
         let g4 = try GGUFFile(path: q4)
         #expect(g4.tensor("blk.3.ffn_down.weight")?.type == .q4_0 && g4.tensor("token_embd.weight")?.type == .q8_0)
+        // Q4_K: 256-long blocks, so only the 1,536-wide rows (ffn_down) take it; the 576-wide ones are Q8_0.
+        let q4k = FileSystem.join(dir, "q4_k.gguf")
+        _ = try ModelExport.writeGGUF(merger, to: q4k, options: quietOptions { $0.ggufType = .q4_K })
+        let gk = try GGUFFile(path: q4k)
+        #expect(gk.tensor("blk.3.ffn_down.weight")?.type == .q4_K && gk.tensor("blk.3.ffn_up.weight")?.type == .q8_0)
+        // Read back, it is a 4-bit model that stays closer to the merged one than the all-Q4_0 file does.
+        let ek = relativeError(try logits(try dense(q4k), ids), expected), e4 = relativeError(try logits(try dense(q4), ids), expected)
+        #expect(ek < e4 && ek > 1e-3, "q4_k \(ek), q4_0 \(e4)")
 
         // The tokenizer and chat template travel: the folder's tokenizer.json and the GGUF's metadata encode
         // and render as the source GGUF does.
