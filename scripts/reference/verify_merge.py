@@ -4,7 +4,7 @@
 1. transformers loads the merged f32 folder; its logits are compared with ours for the unmerged model
    (the base in NF4 + the adapter, as qlora generate runs it): max |diff| / max |ours|.
 2. llama.cpp (llama-simple, llama-perplexity, llama-completion from bench/llama_cpp_setup.sh) loads the merged
-   GGUF in F16, Q8_0, Q4_0 and Q4_K: greedy continuations of 4 prompts and perplexity by llama-perplexity's own
+   GGUF in F32, F16, Q8_0, Q4_0 and Q4_K: greedy continuations of 4 prompts and perplexity by llama-perplexity's own
    protocol (chunks of --ctx tokens, the second half of each scored), against ours on the same file and on the
    unmerged model; llama-quantize's own Q4_0 and Q4_K_S of the F16 file for the spread; and the base GGUF with the adapter
    from `qlora export-adapter` (--lora) against ours on the same base and adapter.
@@ -48,7 +48,7 @@ def main():
                             "--force", "--json"]))
     results["merge_folder"] = {k: merge[k] for k in ("seconds", "peak_rss_bytes", "bytes")}
     ggufs = {}
-    for t in ("f16", "q8_0", "q4_0", "q4_k"):
+    for t in ("f32", "f16", "q8_0", "q4_0", "q4_k"):
         ggufs[t] = os.path.join(a.out, f"merged-{t}.gguf")
         m = json.loads(run([qlora, "merge", "--model", a.model, "--adapter", a.adapter, "--output", ggufs[t], "--gguf-type", t,
                             "--force", "--json"]))
