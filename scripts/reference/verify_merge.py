@@ -137,6 +137,14 @@ def main():
                 "perplexity": ppl, "perplexity_ours_same_file": ours_ppl, "ratio_to_ours_same_file": ppl / ours_ppl if ppl else None,
                 "ratio_to_unmerged": ppl / results["unmerged"]["perplexity"] if ppl else None,
             }
+        # llama.cpp's own Q8_0 of our merged F32 file: byte for byte ours?
+        from gguf import GGUFReader
+        ref = os.path.join(a.out, "llama-quantize-q8_0.gguf")
+        run([os.path.join(a.llama_bin, "llama-quantize"), "--pure", ggufs["f32"], ref, "Q8_0"])
+        theirs = {t.name: t for t in GGUFReader(ref).tensors}
+        results["q8_0_tensors_byte_equal_to_llama_quantize"] = sum(
+            t.tensor_type == theirs[t.name].tensor_type and bytes(t.data.tobytes()) == bytes(theirs[t.name].data.tobytes())
+            for t in GGUFReader(ggufs["q8_0"]).tensors)
         # llama.cpp's own Q4_0 of the merged F16 file, for the spread its quantizer gives.
         ref = os.path.join(a.out, "llama-quantize-q4_0.gguf")
         run([os.path.join(a.llama_bin, "llama-quantize"), ggufs["f16"], ref, "Q4_0"])
