@@ -8,7 +8,7 @@ BIN = .build/$(CONFIG)/qlora
 # file outside the repository, the setup cache and the system.
 AUDIT ?=
 
-.PHONY: all setup build test demo bench clean
+.PHONY: all setup build test demo bench fuzz clean
 
 all: build
 
@@ -31,6 +31,12 @@ bench: setup
 	$(SWIFT) build -c release --product qlora-bench
 	$(SWIFT) build -c release --product qlora
 	@bash bench/run.sh
+
+# libFuzzer over every parser of hostile input, FUZZ_SECONDS per target (a separate sanitized build; ROBUSTNESS.md).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz: setup
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf .build

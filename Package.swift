@@ -62,11 +62,13 @@ let package = Package(
                 .product(name: "HTTPTypes", package: "swift-http-types"), .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
+        // `--config FILE`: YAML options files.
+        .target(name: "QLoRAConfig", dependencies: ["QLoRACore", .product(name: "Yams", package: "Yams")]),
         .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI", "QLoRAExport"]),
         .executableTarget(
             name: "qlora",
             dependencies: [
-                "QLoRA", "QLoRAServer", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams"),
+                "QLoRA", "QLoRAServer", "QLoRAConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -77,6 +79,12 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             path: "bench/Sources/qlora-bench"
+        ),
+        // libFuzzer targets over every parser of hostile input (`make fuzz`; a separate, sanitized build).
+        .executableTarget(
+            name: "qlora-fuzz",
+            dependencies: ["QLoRACore", "QLoRAConfig", "QLoRAEvaluation", "QLoRAFormats", "QLoRAModel", "QLoRAServer", "QLoRATokenizer", "QLoRATraining"],
+            path: "fuzz/Sources/qlora-fuzz"
         ),
         // The bench binary's malloc counter (a measuring instrument; not part of the library or CLI).
         .target(name: "CAllocationCounter", path: "bench/Sources/CAllocationCounter"),

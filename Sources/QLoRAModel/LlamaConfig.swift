@@ -167,6 +167,15 @@ public struct LlamaConfig: Equatable, Sendable {
         if let eot = g.value("tokenizer.ggml.eot_token_id")?.intValue, !eosTokenIDs.contains(eot) { eosTokenIDs.append(eot) }
     }
 
+    /// Takes the end and start tokens of a generation_config.json (eos_token_id: one id or a list).
+    public mutating func apply(generationConfig g: JSONValue) {
+        if let e = g["eos_token_id"] {
+            let ids = e.arrayValue?.compactMap(\.intValue) ?? [e.intValue].compactMap { $0 }
+            if !ids.isEmpty { eosTokenIDs = ids }
+        }
+        if let b = g["bos_token_id"]?.intValue { bosTokenID = b }
+    }
+
     /// Rotary inverse frequencies (head_dim / 2 of them), as transformers computes them in f32.
     public func ropeInverseFrequencies() -> [Float] {
         let half = headDim / 2

@@ -169,12 +169,9 @@ extension LlamaModel {
         guard FileSystem.exists(configPath) else { throw ModelError.notFound(model: model, reason: "\(path) has no config.json") }
         var config = try LlamaConfig(configFile: configPath)
         let generation = FileSystem.join(path, "generation_config.json")
+        // Like transformers, a generation_config.json that is not JSON is passed over.
         if FileSystem.exists(generation), let g = try? JSON.parse(try FileSystem.readFile(generation)) {
-            if let e = g["eos_token_id"] {
-                let ids = e.arrayValue?.compactMap(\.intValue) ?? [e.intValue].compactMap { $0 }
-                if !ids.isEmpty { config.eosTokenIDs = ids }
-            }
-            if let b = g["bos_token_id"]?.intValue { config.bosTokenID = b }
+            config.apply(generationConfig: g)
         }
         let tensors = try TensorCollection(path: path)
         return try load(config: config, tensors: tensors, naming: .huggingFace, options: options, source: path)

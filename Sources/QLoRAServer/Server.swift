@@ -24,7 +24,8 @@ public struct ServerOptions: Sendable {
 }
 
 /// An error as the OpenAI API returns it: status, and {"error": {"message", "type", "param", "code"}}.
-struct APIError: Error {
+struct APIError: Error, CustomStringConvertible {
+    var description: String { "\(status.code) \(type): \(message)" }
     let status: HTTPResponse.Status
     let message: String
     let type: String
@@ -47,12 +48,12 @@ struct APIError: Error {
 }
 
 /// A chat or text completion request, checked.
-struct CompletionRequest {
-    var model: String
-    var prompt: [Int]
-    var options: GenerationOptions
-    var stream: Bool
-    var includeUsage: Bool
+public struct CompletionRequest: Sendable {
+    public var model: String
+    public var prompt: [Int]
+    public var options: GenerationOptions
+    public var stream: Bool
+    public var includeUsage: Bool
 }
 
 public final class Server: @unchecked Sendable {
@@ -145,14 +146,33 @@ public final class Server: @unchecked Sendable {
         do { buffer = try await request.body.collect(upTo: options.maxBodyBytes) } catch {
             throw APIError(status: .contentTooLarge, message: "the request body is larger than \(options.maxBodyBytes) bytes", type: "invalid_request_error", param: nil, code: nil)
         }
+        return try Self.object(Array(buffer.readableBytesView))
+    }
+
+    /// A request body as a JSON object, or a 400.
+    static func object(_ bytes: [UInt8]) throws -> JSONValue {
         let value: JSONValue
-        do { value = try JSON.parse(Array(buffer.readableBytesView)) } catch { throw APIError.invalid("the body is not valid JSON: \(error)") }
+        do { value = try JSON.parse(bytes) } catch { throw APIError.invalid("the body is not valid JSON: \(error)") }
         guard case .object = value else { throw APIError.invalid("the body must be a JSON object") }
         return value
     }
 
     func parse(_ v: JSONValue, chat: Bool) throws -> CompletionRequest {
-        let ids = engine.modelIDs
+        try Self.parse(v, chat: chat, modelIDs: engine.modelIDs, template: template, tokenizer: engine.tokenizer,
+                       contextLength: engine.contextLength, options: options)
+    }
+
+    /// Decodes and checks the body of a /v1/chat/completions (`chat`) or /v1/completions request against
+    /// the models served, the chat template, the context and the server's caps: what the server runs for
+    /// it, or the error it answers with (its `description` is the OpenAI error message).
+    public static func decodeRequest(_ body: [UInt8], chat: Bool, modelIDs: [String], template: ChatTemplate?, tokenizer: Tokenizer,
+                                     contextLength: Int, options: ServerOptions) throws -> CompletionRequest {
+        try parse(try object(body), chat: chat, modelIDs: modelIDs, template: template, tokenizer: tokenizer,
+                  contextLength: contextLength, options: options)
+    }
+
+    static func parse(_ v: JSONValue, chat: Bool, modelIDs ids: [String], template: ChatTemplate?, tokenizer: Tokenizer,
+                      contextLength: Int, options: ServerOptions) throws -> CompletionRequest {
         let model: String
         switch v["model"] {
         case nil, .null?: model = ids[0]
@@ -219,7 +239,7 @@ public final class Server: @unchecked Sendable {
                 messages.append(ChatTemplate.message(role == "developer" ? "system" : role, content))
             }
             guard let template else { throw APIError.invalid("this model has no chat template; use /v1/completions") }
-            do { text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: engine.tokenizer.templateSpecialTokens) } catch {
+            do { text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: tokenizer.templateSpecialTokens) } catch {
                 throw APIError.invalid("the chat template refused these messages: \(error)", param: "messages")
             }
         } else {
@@ -229,9 +249,9 @@ public final class Server: @unchecked Sendable {
             default: throw APIError.invalid("\"prompt\" must be a string", param: "prompt")
             }
         }
-        let prompt = engine.tokenizer.encode(text)
+        let prompt = tokenizer.encode(text)
         guard !prompt.isEmpty else { throw APIError.invalid("the prompt is empty", param: chat ? "messages" : "prompt") }
-        let context = engine.contextLength
+        let context = contextLength
         guard prompt.count + 1 <= context else {
             throw APIError(status: .badRequest, message: "The prompt has \(prompt.count) tokens; the model's context holds \(context)", type: "invalid_request_error", param: chat ? "messages" : "prompt", code: "context_length_exceeded")
         }

@@ -3,6 +3,7 @@
 // one `error: ...` line on stderr with a non-zero exit.
 import ArgumentParser
 import QLoRA
+import QLoRAConfig
 
 #if canImport(Glibc)
 import Glibc
