@@ -49,23 +49,29 @@ extension Parallel {
     /// neither the contention nor the thread count (prefill attention's products, for one, are sized by
     /// their piece).
     public static func forPieces(count: Int, piece: Int, _ body: (Range<Int>) -> Void) {
+        forEachPiece(count: count, piece: piece) { _, range in body(range) }
+    }
+
+    /// `forPieces` with the worker (0..<threadCount) that runs each piece: for pieces that need scratch
+    /// memory of their own. Pieces run on the calling thread (one thread, or the pool busy) get worker 0.
+    public static func forEachPiece(count: Int, piece: Int, _ body: (_ worker: Int, Range<Int>) -> Void) {
         guard count > 0 else { return }
         let pieces = (count + piece - 1) / piece
         let workers = min(threadCount, pieces)
         if workers <= 1 {
-            for p in 0..<pieces { body((p * piece)..<min(count, (p + 1) * piece)) }
+            for p in 0..<pieces { body(0, (p * piece)..<min(count, (p + 1) * piece)) }
             return
         }
         let pool = WorkerPool.shared
-        let ran = pool.run(workers: workers, resetCursor: true) { _ in
+        let ran = pool.run(workers: workers, resetCursor: true) { worker in
             while true {
                 let p = pool.nextPiece()
                 guard p < pieces else { break }
-                body((p * piece)..<min(count, (p + 1) * piece))
+                body(worker, (p * piece)..<min(count, (p + 1) * piece))
             }
         }
         if !ran {
-            for p in 0..<pieces { body((p * piece)..<min(count, (p + 1) * piece)) }
+            for p in 0..<pieces { body(0, (p * piece)..<min(count, (p + 1) * piece)) }
         }
     }
 }

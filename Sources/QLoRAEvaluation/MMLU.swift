@@ -299,11 +299,7 @@ public final class MMLUEvaluator {
             return slots[i]
         }
         func score(_ logits: ArraySlice<Float>, tokens: Int) -> MMLUScore {
-            var m = -Float.infinity
-            for v in logits { m = max(m, v) }
-            var sum = 0.0
-            for v in logits { sum += exp(Double(v - m)) }
-            let logZ = log(sum) + Double(m)
+            let logZ = LogSumExp.of(logits)
             let lp = letterTokens.map { Double(logits[logits.startIndex + $0]) - logZ }
             var best = 0
             for j in 1..<4 where lp[j] > lp[best] { best = j }

@@ -22,11 +22,7 @@ public struct PerplexityResult: Sendable {
 public enum PerplexityEvaluator {
     /// Negative log-likelihood of `target` under `logits` (one row of V).
     public static func nll(_ logits: ArraySlice<Float>, target: Int) -> Double {
-        var m = -Float.infinity
-        for v in logits { m = max(m, v) }
-        var sum = 0.0
-        for v in logits { sum += exp(Double(v - m)) }
-        return log(sum) + Double(m) - Double(logits[logits.startIndex + target])
+        LogSumExp.negativeLogLikelihood(logits, target: target)
     }
 
     public static func evaluate(model: LlamaModel, tokens: [Int], context: Int, stride: Int, showProgress: Bool = true) throws -> PerplexityResult {

@@ -376,10 +376,7 @@ public struct LogitDrift: Sendable {
         func nll(_ l: [Float]) -> Double {
             var total = 0.0
             for t in 0..<(ids.count - 1) {
-                let row = l[(t * V)..<((t + 1) * V)]
-                let m = row.max()!
-                let lse = Double(m) + log(row.reduce(0.0) { $0 + exp(Double($1 - m)) })
-                total += lse - Double(row[row.startIndex + ids[t + 1]])
+                total += LogSumExp.negativeLogLikelihood(l[(t * V)..<((t + 1) * V)], target: ids[t + 1])
             }
             return total / Double(max(ids.count - 1, 1))
         }

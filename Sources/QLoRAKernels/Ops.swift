@@ -40,16 +40,28 @@ public enum Ops {
 
     /// cos/sin tables [positions.count, d/2] for angle = position × inv_freq.
     public static func ropeTables(positions: [Int], inverseFrequencies inv: [Float]) -> (cos: [Float], sin: [Float]) {
+        var c = [Float](repeating: 0, count: positions.count * inv.count), s = c
+        c.withUnsafeMutableBufferPointer { cp in
+            s.withUnsafeMutableBufferPointer { sp in
+                ropeTables(count: positions.count, position: { positions[$0] }, inverseFrequencies: inv, cos: cp.baseAddress!, sin: sp.baseAddress!)
+            }
+        }
+        return (c, s)
+    }
+
+    /// cos/sin [count, d/2] into `cos` and `sin`, row t for angle = position(t) × inv_freq, in f32 as
+    /// transformers computes them.
+    public static func ropeTables(count: Int, position: (Int) -> Int, inverseFrequencies inv: [Float],
+                                  cos c: UnsafeMutablePointer<Float>, sin s: UnsafeMutablePointer<Float>) {
         let half = inv.count
-        var c = [Float](repeating: 0, count: positions.count * half), s = c
-        for (t, p) in positions.enumerated() {
+        for t in 0..<count {
+            let p = Float(position(t))
             for i in 0..<half {
-                let angle = Float(p) * inv[i]
+                let angle = p * inv[i]
                 c[t * half + i] = cosf(angle)
                 s[t * half + i] = sinf(angle)
             }
         }
-        return (c, s)
     }
 
     /// Rotates x [rows, heads·d] in place; row r uses table row r. `inverse` rotates by −angle (the backward).

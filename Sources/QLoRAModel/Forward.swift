@@ -59,42 +59,55 @@ public final class KVCache {
     func values(layer l: Int) -> UnsafeMutablePointer<Float> { values + l * capacity * rowWidth }
 }
 
-/// The activations of one forward pass over up to `rows` tokens (grown when a call has more).
+/// The activations of one forward pass over up to `rows` tokens (grown when a call has more), carved from
+/// one arena.
 final class ForwardWorkspace {
     let rows: Int
-    /// Positions an attention row holds (scores).
+    /// Positions an attention row holds.
     let capacity: Int
+    let arena: Arena
     let h, xn, q, k, v, attn, proj, g, u: UnsafeMutablePointer<Float>
     /// A dequantized tile of a weight and its block scales (many-row products).
     let scratch: UnsafeMutablePointer<Float>
     /// x rearranged for the 4-bit matrix-vector kernel (one-row products).
     let prepared: UnsafeMutablePointer<Float>
-    /// Attention scores: rows x capacity for prefill, or one capacity-long row per worker for decoding.
-    let scores: UnsafeMutablePointer<Float>
-    /// Decoding's attention split over ranges of positions: each range's unnormalized output (a row of
-    /// queries per worker), then each range's max and sum per query head.
-    let partial: UnsafeMutablePointer<Float>
-    private let all: [UnsafeMutablePointer<Float>]
+    /// bf16 compute: an operand converted once for the products that read it, and a packed weight tile.
+    let converted: UnsafeMutablePointer<UInt16>?
+    let packed: UnsafeMutablePointer<UInt32>?
+    /// Attention's scores and partial sums, per worker.
+    let attention: Attention.Workspace
 
-    init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int) {
+    /// `packedWords`: the words of a packed weight tile when the products run in bf16, else nil.
+    init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int, packedWords: Int?) {
         rows = T
         self.capacity = capacity
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
-        func make(_ n: Int) -> UnsafeMutablePointer<Float> {
-            let p = UnsafeMutablePointer<Float>.allocate(capacity: max(n, 1))
-            p.initialize(repeating: 0, count: max(n, 1))
-            return p
+        let widest = max(D, I, qDim)
+        struct Layout {
+            let h, xn, q, k, v, attn, proj, g, u, scratch, prepared: UnsafeMutablePointer<Float>
+            let converted: UnsafeMutablePointer<UInt16>?
+            let packed: UnsafeMutablePointer<UInt32>?
+            let attention: Attention.Workspace
         }
-        h = make(T * D); xn = make(T * D); q = make(T * qDim); k = make(T * kvDim); v = make(T * kvDim)
-        attn = make(T * qDim); proj = make(T * D); g = make(T * I); u = make(T * I)
-        scratch = make(scratchCount)
-        prepared = make(min(T, Linear.batchedRowLimit) * max(D, I, qDim))
-        scores = make(max(T, Parallel.threadCount * c.headCount / max(c.kvHeadCount, 1)) * capacity)
-        partial = make(Parallel.threadCount * (qDim + 2 * c.headCount))
-        all = [h, xn, q, k, v, attn, proj, g, u, scratch, prepared, scores, partial]
+        let (arena, l) = Arena.sized { a in
+            Layout(h: a.floats(T * D), xn: a.floats(T * D), q: a.floats(T * qDim), k: a.floats(T * kvDim), v: a.floats(T * kvDim),
+                   attn: a.floats(T * qDim), proj: a.floats(T * D), g: a.floats(T * I), u: a.floats(T * I), scratch: a.floats(scratchCount),
+                   prepared: a.floats(min(T, Linear.batchedRowLimit) * widest),
+                   converted: packedWords.map { _ in a.halves(T * BF16Gemm.paddedCount(widest)) }, packed: packedWords.map { a.words($0) },
+                   attention: Attention.Workspace(a, heads: c.attentionHeads, maxKeys: capacity, blockRows: LlamaModel.prefillAttentionRows,
+                                                  backward: false, bf16: false))
+        }
+        self.arena = arena
+        h = l.h; xn = l.xn; q = l.q; k = l.k; v = l.v; attn = l.attn; proj = l.proj; g = l.g; u = l.u
+        scratch = l.scratch; prepared = l.prepared; converted = l.converted; packed = l.packed; attention = l.attention
     }
 
-    deinit { for p in all { p.deallocate() } }
+    /// The block's view of these buffers: nothing kept for a backward, so x1 and x2 share xn, the residual
+    /// adds into h in place, and SwiGLU writes over g.
+    var block: (BlockActivations, BlockScratch) {
+        (BlockActivations(x1: xn, q: q, k: k, v: v, attn: attn, h2: h, x2: xn, g: g, u: u, a: g),
+         BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: converted, packed: packed))
+    }
 }
 
 public enum ForwardError: Error, CustomStringConvertible, Equatable {
@@ -127,7 +140,7 @@ extension LlamaModel {
         guard start + T <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: start + T) }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let kvDim = c.kvHeadCount * c.headDim
-        let ws = workspace(cache, rows: T)
+        let ws = workspace(cache, rows: T, kernels: kernels)
         for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + t * c.hiddenSize) }
         let (cos, sin) = ropeTables(positions: start..<(start + T))
         // More than one row: the BLAS products are split over our own workers with BLAS on one thread
@@ -138,7 +151,7 @@ extension LlamaModel {
                 // This step's keys and values join the cache; the queries attend over all of it.
                 (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
                 (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
-                attention(q: ws.q, layer: l, cache: cache, start: start, rows: T, into: ws.attn, scores: ws.scores, partial: ws.partial, kernels: kernels)
+                attention(ws, layer: l, caches: [cache], rowCounts: [T], starts: [start], kernels: kernels)
             }
             cache.advance(by: T)
             switch logits {
@@ -182,44 +195,23 @@ extension LlamaModel {
         return runs
     }
 
-    /// The blocks over `rows` rows of ws.h, in place: for each layer, norm, q/k/v, rotation, then
-    /// `attend(layer)` (which stores the keys and values and leaves attention's output in ws.attn), the
-    /// output projection and residual, then the MLP and residual. Rows in `adapters` also get that run's
-    /// LoRA updates on every projection (on top of this model's own, if it has any).
+    /// The blocks over `rows` rows of ws.h, in place (LlamaLayer.forward): `attend(layer)` stores the keys
+    /// and values and leaves attention's output in ws.attn. Each projection takes the layer's attached
+    /// adapter, if any, and rows in `adapters` that run's adapter as well.
     func runLayers(_ ws: ForwardWorkspace, rows n: Int, cos: [Float], sin: [Float], kernels: KernelTable,
                    adapters: [AdapterRun] = [], attend: (Int) -> Void) {
-        let c = config
-        let D = c.hiddenSize, d = c.headDim
-        let h = ws.h, xn = ws.xn, q = ws.q, k = ws.k, v = ws.v, proj = ws.proj, g = ws.g, u = ws.u, scratch = ws.scratch
-        let bf16 = bf16Products
-        for (l, layer) in layers.enumerated() {
-            // y += the run's LoRA update of the projection at `path`, for each run's rows of x.
-            func lora(_ path: KeyPath<LlamaLayer, Linear>, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>) {
-                for run in adapters {
-                    let linear = run.layers[l][keyPath: path]
-                    linear.addLoRA(x + run.rows.lowerBound * linear.inFeatures, rows: run.rows.count,
-                                   to: y + run.rows.lowerBound * linear.outFeatures)
+        let bf16 = bf16Products(kernels) ? kernels.bf16 : nil
+        let (act, scratch) = ws.block
+        cos.withUnsafeBufferPointer { cp in
+            sin.withUnsafeBufferPointer { sp in
+                let call = BlockCall(rows: n, cos: cp.baseAddress!, sin: sp.baseAddress!, bf16: bf16, kernels: kernels)
+                for (l, layer) in layers.enumerated() {
+                    layer.forward(ws.h, into: ws.h, act, scratch, config: config, call, lora: { p, apply in
+                        p.linear(in: layer).lora?.withUpdate(apply)
+                        for run in adapters { p.linear(in: run.layers[l]).lora?.withUpdate(rows: run.rows, apply) }
+                    }, attend: { attend(l) })
                 }
             }
-            rmsNorm(xn, h, weight: layer.inputNorm, rows: n)
-            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.q, q, layer.k, k, layer.v, v, bf16: bf16, kernels: kernels)
-            lora(\.q, xn, q)
-            lora(\.k, xn, k)
-            lora(\.v, xn, v)
-            Ops.rope(q, rows: n, heads: c.headCount, headDim: d, cos: cos, sin: sin)
-            Ops.rope(k, rows: n, heads: c.kvHeadCount, headDim: d, cos: cos, sin: sin)
-            attend(l)
-            layer.o.forward(ws.attn, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
-            lora(\.o, ws.attn, proj)
-            for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
-            rmsNorm(xn, h, weight: layer.postAttentionNorm, rows: n)
-            Linear.forwardShared(xn, rows: n, prepared: ws.prepared, scratch: scratch, layer.gate, g, layer.up, u, bf16: bf16, kernels: kernels)
-            lora(\.gate, xn, g)
-            lora(\.up, xn, u)
-            Ops.swigluForward(g, gate: g, up: u, count: n * c.intermediateSize)
-            layer.down.forward(g, rows: n, into: proj, scratch: scratch, bf16: bf16, kernels: kernels)
-            lora(\.down, g, proj)
-            for i in 0..<(n * D) { h[i] = h[i] + proj[i] }
         }
     }
 
@@ -228,18 +220,23 @@ extension LlamaModel {
         rmsNorm(ws.xn, ws.h + rows.lowerBound * config.hiddenSize, weight: finalNorm, rows: rows.count)
         var out = [Float](repeating: 0, count: rows.count * config.vocabSize)
         out.withUnsafeMutableBufferPointer { o in
-            head.forward(ws.xn, rows: rows.count, into: o.baseAddress!, scratch: ws.scratch, bf16: bf16Products, kernels: kernels)
+            head.forward(ws.xn, rows: rows.count, into: o.baseAddress!, scratch: ws.scratch, bf16: bf16Products(kernels), kernels: kernels)
         }
         return out
     }
 
-    /// The cache's workspace, made (or remade larger) for `rows` tokens and attention rows of `capacity`.
-    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil) -> ForwardWorkspace {
+    /// The cache's workspace, made (or remade larger) for `rows` tokens and attention rows of `capacity`, with
+    /// the bf16 operands' buffers when these kernels run the products in bf16.
+    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil, kernels: KernelTable) -> ForwardWorkspace {
         let capacity = capacity ?? cache.capacity
-        if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity { return ws }
-        let scratchCount = ((layers.first?.linears ?? []) + [head]).map(\.scratchCount).max() ?? 0
-        let ws = ForwardWorkspace(rows: max(rows, cache.workspace?.rows ?? 0), config: config,
-                                  capacity: max(capacity, cache.workspace?.capacity ?? 0), scratchCount: scratchCount)
+        let bf16 = bf16Products(kernels) && rows > Linear.batchedRowLimit
+        if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity, !bf16 || ws.packed != nil { return ws }
+        let linears = (layers.first?.linears ?? []) + [head]
+        let scratchCount = linears.map(\.scratchCount).max() ?? 0
+        let rows = max(rows, cache.workspace?.rows ?? 0)
+        let packedWords = bf16 || cache.workspace?.packed != nil ? linears.map { $0.packedWords(forRows: rows) }.max() ?? 1 : nil
+        let ws = ForwardWorkspace(rows: rows, config: config, capacity: max(capacity, cache.workspace?.capacity ?? 0), scratchCount: scratchCount,
+                                  packedWords: packedWords)
         cache.workspace = ws
         return ws
     }
@@ -263,14 +260,11 @@ extension LlamaModel {
         }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let runs = try adapterRuns(adapters, rowCounts: Array(repeating: 1, count: B))
-        let Hkv = c.kvHeadCount, d = c.headDim
-        let qDim = c.headCount * d, kvDim = Hkv * d, group = c.headCount / Hkv
-        let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!)
+        let kvDim = c.kvHeadCount * c.headDim
+        let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!, kernels: kernels)
         for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
-        let scale = 1 / Float(d).squareRoot()
-        let q = UnsafePointer(ws.q), attn = ws.attn, scores = ws.scores, rowCapacity = ws.capacity
         // BLAS on one thread while our workers split its products (as in forward(tokens:)).
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
@@ -278,16 +272,7 @@ extension LlamaModel {
                     (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
                     (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
                 }
-                // (sequence, key-value head) pairs over the workers, each worker with its own rows of scores.
-                Parallel.forChunks(count: B * Hkv, minimumChunk: 1) { worker, pairs in
-                    let rows = scores + worker * group * rowCapacity
-                    for pair in pairs {
-                        let i = pair / Hkv, kvh = pair % Hkv
-                        let cache = caches[i]
-                        kernels.attend(q + i * qDim + kvh * group * d, group, cache.keys(layer: l) + kvh * d, cache.values(layer: l) + kvh * d,
-                                       positions[i] + 1, d, kvDim, scale, rows, attn + i * qDim + kvh * group * d, nil)
-                    }
-                }
+                attention(ws, layer: l, caches: caches, rowCounts: Array(repeating: 1, count: B), starts: positions, kernels: kernels)
             }
             for cache in caches { cache.advance(by: 1) }
             return outputLogits(ws, rows: 0..<B, kernels: kernels)
@@ -313,11 +298,11 @@ extension LlamaModel {
             for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         }
         let runs = try adapterRuns(adapters, rowCounts: tokens.map(\.count))
-        let qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
+        let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         var offsets: [Int] = []
         var n = 0
         for seq in tokens { offsets.append(n); n += seq.count }
-        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!)
+        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, kernels: kernels)
         var positions: [Int] = []
         positions.reserveCapacity(n)
         for (i, seq) in tokens.enumerated() {
@@ -325,16 +310,15 @@ extension LlamaModel {
             positions += caches[i].length..<(caches[i].length + seq.count)
         }
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
-        let starts = caches.map(\.length)
+        let starts = caches.map(\.length), rowCounts = tokens.map(\.count)
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     let o = offsets[i], T = tokens[i].count
                     (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)
                     (cache.values(layer: l) + starts[i] * kvDim).update(from: ws.v + o * kvDim, count: T * kvDim)
-                    attention(q: ws.q + o * qDim, layer: l, cache: cache, start: starts[i], rows: T, into: ws.attn + o * qDim,
-                              scores: ws.scores, partial: ws.partial, kernels: kernels)
                 }
+                attention(ws, layer: l, caches: caches, rowCounts: rowCounts, starts: starts, kernels: kernels)
             }
             for (i, cache) in caches.enumerated() { cache.advance(by: tokens[i].count) }
             // Each sequence's last row moves up to row i (a source row is never below a later destination).
@@ -358,81 +342,28 @@ extension LlamaModel {
     }
 
     /// The context length from which decoding's attention splits each head's positions over the workers.
-    public static let splitAttentionFrom = 128
+    public static var splitAttentionFrom: Int { Attention.splitFrom }
     /// Query rows of a prefill attention piece.
     static let prefillAttentionRows = 32
 
-    /// Causal attention of this step's queries over every cached position, per head, grouped KV heads
-    /// shared by H / Hkv query heads. Softmax in f32 with the row maximum subtracted.
-    func attention(q: UnsafePointer<Float>, layer l: Int, cache: KVCache, start: Int, rows T: Int, into out: UnsafeMutablePointer<Float>,
-                   scores: UnsafeMutablePointer<Float>, partial: UnsafeMutablePointer<Float>, kernels: KernelTable) {
-        let c = config
-        let H = c.headCount, Hkv = c.kvHeadCount, d = c.headDim
-        let group = H / Hkv
-        let S = start + T
-        let qDim = H * d, kvDim = Hkv * d
-        let scale = 1 / Float(d).squareRoot()
-        let kBase = UnsafePointer(cache.keys(layer: l)), vBase = UnsafePointer(cache.values(layer: l))
-        let capacity = cache.workspace?.capacity ?? cache.capacity
-        if T == 1 {
-            // Decoding: the query heads of each key-value head together (its keys and values read once).
-            // Short contexts: key-value heads over the workers. Long ones: each head's positions in as many
-            // ranges as there are workers too, so that every worker has the same share (3 heads over 2
-            // workers would leave one idle a third of the time), each range's output unnormalized with its
-            // max and sum, combined after (qk_attend with stats).
-            let workers = Parallel.threadCount
-            let ranges = workers > 1 && S >= Self.splitAttentionFrom ? workers : 1
-            let stats = partial + ranges * qDim
-            Parallel.forChunks(count: Hkv * ranges, minimumChunk: 1) { worker, units in
-                let rows = scores + worker * group * capacity
-                for unit in units {
-                    let kvh = unit / ranges, r = unit % ranges
-                    if ranges == 1 {
-                        kernels.attend(q + kvh * group * d, group, kBase + kvh * d, vBase + kvh * d, S, d, kvDim, scale, rows,
-                                       out + kvh * group * d, nil)
-                    } else {
-                        let lo = S * r / ranges, hi = S * (r + 1) / ranges
-                        kernels.attend(q + kvh * group * d, group, kBase + lo * kvDim + kvh * d, vBase + lo * kvDim + kvh * d, hi - lo, d, kvDim,
-                                       scale, rows, partial + r * qDim + kvh * group * d, stats + 2 * (r * H + kvh * group))
-                    }
-                }
-            }
-            if ranges > 1 {
-                for h in 0..<H {
-                    var m = -Float.infinity
-                    for r in 0..<ranges { m = max(m, stats[2 * (r * H + h)]) }
-                    var l: Float = 0
-                    let o = out + h * d
-                    o.update(repeating: 0, count: d)
-                    for r in 0..<ranges {
-                        let w = exp(stats[2 * (r * H + h)] - m)
-                        l += w * stats[2 * (r * H + h) + 1]
-                        let p = partial + r * qDim + h * d
-                        for i in 0..<d { o[i] += w * p[i] }
-                    }
-                    let inv = 1 / l
-                    for i in 0..<d { o[i] *= inv }
-                }
-            }
-        } else {
-            // Prefill: per head, scores [T, S] and output [T, d] through BLAS, in pieces of query rows
-            // handed to the workers (BLAS single-threaded: `forward` runs this inside withSingleThreadedBLAS).
-            // A piece's rows see positions up to start + its last row only: the causal mask's zeros are
-            // neither computed nor read.
-            for h in 0..<H {
-                let kvh = h / group
-                Parallel.forPieces(count: T, piece: Self.prefillAttentionRows) { rows in
-                    let visible = start + rows.upperBound
-                    let sc = scores + rows.lowerBound * S
-                    Gemm.gemm(sc, ldc: S, q + rows.lowerBound * qDim + h * d, lda: qDim, kBase + kvh * d, ldb: kvDim,
-                              m: rows.count, n: visible, k: d, transposeB: true, alpha: scale)
-                    for t in rows {
-                        Ops.softmaxRow(scores + t * S, visible: start + t + 1, length: visible, kernels: kernels)
-                    }
-                    Gemm.gemm(out + rows.lowerBound * qDim + h * d, ldc: qDim, sc, lda: S, vBase + kvh * d, ldb: kvDim,
-                              m: rows.count, n: d, k: visible)
-                }
-            }
+    /// Causal attention of this step's queries (ws.q; sequence i's `rowCounts[i]` rows follow those of the
+    /// sequences before it) over every cached position of its own cache, into ws.attn: one row each is
+    /// decoding, otherwise a prefill of each sequence's rows at positions starts[i]... (Attention.forward).
+    func attention(_ ws: ForwardWorkspace, layer l: Int, caches: [KVCache], rowCounts: [Int], starts: [Int], kernels: KernelTable) {
+        let heads = config.attentionHeads
+        let qDim = heads.qDim
+        if rowCounts.allSatisfy({ $0 == 1 }) {
+            Attention.decode(heads, rows: caches.count, { i in
+                Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: caches[i].keys(layer: l), values: caches[i].values(layer: l),
+                                    length: starts[i] + 1)
+            }, workspace: ws.attention, kernels: kernels)
+            return
         }
+        var offsets = [Int](repeating: 0, count: caches.count)
+        for i in 1..<max(caches.count, 1) { offsets[i] = offsets[i - 1] + rowCounts[i - 1] }
+        Attention.forward(heads, sequences: caches.count, { i in
+            Attention.Sequence(q: ws.q + offsets[i] * qDim, out: ws.attn + offsets[i] * qDim, keys: caches[i].keys(layer: l),
+                               values: caches[i].values(layer: l), rows: rowCounts[i], start: starts[i])
+        }, workspace: ws.attention, bf16: nil, kernels: kernels)
     }
 }

@@ -30,6 +30,13 @@ public struct Linear: Sendable {
             self.rank = rank
             self.scale = scale
         }
+
+        /// The adapter as the update LoRA.swift applies, over `rows` of a call (all when nil).
+        public func withUpdate<R>(rows: Range<Int>? = nil, _ body: (LoRAUpdate) -> R) -> R {
+            a.withUnsafeBufferPointer { ap in
+                b.withUnsafeBufferPointer { bp in body(LoRAUpdate(a: ap.baseAddress!, b: bp.baseAddress!, rank: rank, scale: scale, rows: rows)) }
+            }
+        }
     }
 
     /// The weight's storage as a short name: f32, bf16, q8_0, or the 4-bit type (nf4, fp4, int4).
@@ -139,15 +146,37 @@ public struct Linear: Sendable {
         }
     }
 
-    /// y[rows, out] = x[rows, in] Wᵀ + b. `scratch` must hold `scratchCount` floats when the
-    /// weight is quantized and rows > 1. The BLAS products over many rows are split over our workers
-    /// (Gemm.parallelGemm): call inside Gemm.withSingleThreadedBLAS, as LlamaModel.forward does. `bf16`: a product over more rows than the matrix-vector kernels
-    /// take runs on bf16 operands (x converted once, each dequantized tile of W packed) with f32 sums,
-    /// where BF16Gemm.isSupported; LoRA stays f32.
+    /// y[rows, out] = x[rows, in] Wᵀ + b (+ the attached adapter's update). `scratch` must hold `scratchCount`
+    /// floats. `bf16`: the products over many rows take bf16 operands where the kernel table has bf16
+    /// kernels (frozenForward). Call inside Gemm.withSingleThreadedBLAS, as LlamaModel.forward does.
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
                         scratch: UnsafeMutablePointer<Float>, bf16: Bool = false, kernels: KernelTable = .current) {
-        switch weight {
-        case let .dense(w):
+        frozenForward(x, rows: rows, into: y, scratch: scratch, bf16: bf16 ? kernels.bf16 : nil, kernels: kernels)
+        addLoRA(x, rows: rows, to: y, kernels: kernels)
+    }
+
+    /// y[rows, out] = x[rows, in] Wᵀ + b, the frozen product of inference and training alike. A few rows go
+    /// through the matrix-vector kernels (the weight read once in its own format); more rows through tiles
+    /// of W dequantized into `scratch` (`scratchCount` floats) and multiplied by BLAS, split over our workers
+    /// (Gemm.parallelGemm: call inside Gemm.withSingleThreadedBLAS) or, with `bf16` kernels, on bf16
+    /// operands with f32 sums: x converted once (`converted`, when the caller already has it as
+    /// `BF16Gemm.convert` writes it, row stride paddedCount(in)), each tile packed into `packed` (at least
+    /// `packedWords(forRows:)` words; nil: a temporary).
+    public func frozenForward(_ x: UnsafePointer<Float>, converted: UnsafePointer<UInt16>? = nil, rows: Int, into y: UnsafeMutablePointer<Float>,
+                              scratch: UnsafeMutablePointer<Float>, packed: UnsafeMutablePointer<UInt32>? = nil, bf16: BF16Kernels?,
+                              kernels: KernelTable = .current) {
+        if rows <= Self.batchedRowLimit && gemvSupported {
+            gemv(x, rows: rows, y, kernels: kernels)
+        } else if let bf16 {
+            let pad = BF16Gemm.paddedCount(inFeatures)
+            withBF16Operands(x, converted: converted, rows: rows, packed: packed, bf16: bf16) { xb, packed in
+                forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                    BF16Gemm.packB(w, ldb: inFeatures, transposed: true, k: inFeatures, n: tile.count, into: packed, kernels: bf16)
+                    BF16Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, xb, lda: pad, packed, m: rows, n: tile.count, k: inFeatures,
+                                  accumulate: false, kernels: bf16)
+                }
+            }
+        } else if case let .dense(w) = weight {
             w.withUnsafeBufferPointer { wp in
                 if rows == 1 {
                     Gemm.gemv(y, wp.baseAddress!, lda: inFeatures, x, m: outFeatures, n: inFeatures)
@@ -156,85 +185,65 @@ public struct Linear: Sendable {
                                       m: rows, n: outFeatures, k: inFeatures, transposeB: true)
                 }
             }
-        case .quantized, .bf16, .q8:
-            if rows <= Self.batchedRowLimit && gemvSupported {
-                gemv(x, rows: rows, y, kernels: kernels)
-            } else if bf16 && BF16Gemm.isSupported {
-                let pad = BF16Gemm.paddedCount(inFeatures)
-                withUnsafeTemporaryAllocation(of: UInt16.self, capacity: rows * pad) { xb in
-                    BF16Gemm.convert(x, rows: rows, cols: inFeatures, ld: inFeatures, into: xb.baseAddress!, ldd: pad)
-                    let words = BF16Gemm.packedWords(k: inFeatures, n: tileRows(forRows: rows))
-                    withUnsafeTemporaryAllocation(of: UInt32.self, capacity: words) { packed in
-                        forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
-                            BF16Gemm.packB(w, ldb: inFeatures, transposed: true, k: inFeatures, n: tile.count, into: packed.baseAddress!)
-                            BF16Gemm.gemm(y + tile.lowerBound, ldc: outFeatures, xb.baseAddress!, lda: pad, packed.baseAddress!,
-                                          m: rows, n: tile.count, k: inFeatures, accumulate: false)
-                        }
-                    }
-                }
-            } else {
-                forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
-                    Gemm.parallelGemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
-                                      m: rows, n: tile.count, k: inFeatures, transposeB: true)
-                }
+        } else {
+            forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                Gemm.parallelGemm(y + tile.lowerBound, ldc: outFeatures, x, lda: inFeatures, w, ldb: inFeatures,
+                                  m: rows, n: tile.count, k: inFeatures, transposeB: true)
             }
         }
         addBias(to: y, rows: rows)
-        addLoRA(x, rows: rows, to: y)
+    }
+
+    /// dx[rows, in] += dy[rows, out] · W: the input gradient through the frozen weight (it gets no gradient
+    /// of its own), each tile of W's rows a slice of the sum over out. bf16 as in `frozenForward` (dy converted
+    /// once, `converted` with row stride paddedCount(out)).
+    public func inputGradient(_ dy: UnsafePointer<Float>, converted: UnsafePointer<UInt16>? = nil, rows: Int, into dx: UnsafeMutablePointer<Float>,
+                              scratch: UnsafeMutablePointer<Float>, packed: UnsafeMutablePointer<UInt32>? = nil, bf16: BF16Kernels?,
+                              kernels: KernelTable = .current) {
+        let inF = inFeatures, outF = outFeatures
+        if let bf16 {
+            let pad = BF16Gemm.paddedCount(outF)
+            withBF16Operands(dy, converted: converted, rows: rows, cols: outF, packed: packed, bf16: bf16) { dyb, packed in
+                forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                    BF16Gemm.packB(w, ldb: inF, transposed: false, k: tile.count, n: inF, into: packed, kernels: bf16)
+                    BF16Gemm.gemm(dx, ldc: inF, dyb + tile.lowerBound, lda: pad, packed, m: rows, n: inF, k: tile.count, accumulate: true,
+                                  kernels: bf16)
+                }
+            }
+        } else {
+            forEachTile(forRows: rows, scratch: scratch, kernels: kernels) { tile, w in
+                Gemm.parallelGemm(dx, ldc: inF, dy + tile.lowerBound, lda: outF, w, ldb: inF, m: rows, n: inF, k: tile.count, beta: 1)
+            }
+        }
+    }
+
+    /// Words of a packed tile of W for a product over `rows` rows (forward or input gradient).
+    public func packedWords(forRows rows: Int) -> Int {
+        let tile = tileRows(forRows: rows)
+        return max(BF16Gemm.packedWords(k: inFeatures, n: tile), BF16Gemm.packedWords(k: tile, n: inFeatures))
+    }
+
+    /// Calls body with x [rows, cols] as bf16 rows (`converted`, or converted into a temporary) and a buffer
+    /// for a packed tile (`packed`, or a temporary).
+    private func withBF16Operands(_ x: UnsafePointer<Float>, converted: UnsafePointer<UInt16>?, rows: Int, cols: Int? = nil,
+                                  packed: UnsafeMutablePointer<UInt32>?, bf16: BF16Kernels,
+                                  _ body: (UnsafePointer<UInt16>, UnsafeMutablePointer<UInt32>) -> Void) {
+        let cols = cols ?? inFeatures
+        func withPacked(_ xb: UnsafePointer<UInt16>) {
+            if let packed { body(xb, packed); return }
+            withUnsafeTemporaryAllocation(of: UInt32.self, capacity: packedWords(forRows: rows)) { body(xb, $0.baseAddress!) }
+        }
+        if let converted { withPacked(converted); return }
+        let pad = BF16Gemm.paddedCount(cols)
+        withUnsafeTemporaryAllocation(of: UInt16.self, capacity: rows * pad) { xb in
+            BF16Gemm.convert(x, rows: rows, cols: cols, ld: cols, into: xb.baseAddress!, ldd: pad, kernels: bf16)
+            withPacked(UnsafePointer(xb.baseAddress!))
+        }
     }
 
     /// y += scale · (x Aᵀ) Bᵀ when an adapter is attached.
-    func addLoRA(_ x: UnsafePointer<Float>, rows: Int, to y: UnsafeMutablePointer<Float>) {
-        guard let lora else { return }
-        if rows <= Self.batchedRowLimit {
-            Self.addLoRAFewRows(lora, x, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, to: y)
-            return
-        }
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: rows * lora.rank) { tp in
-            lora.a.withUnsafeBufferPointer { a in
-                Gemm.gemm(tp.baseAddress!, ldc: lora.rank, x, lda: inFeatures, a.baseAddress!, ldb: inFeatures,
-                          m: rows, n: lora.rank, k: inFeatures, transposeB: true)
-            }
-            lora.b.withUnsafeBufferPointer { b in
-                Gemm.gemm(y, ldc: outFeatures, tp.baseAddress!, lda: lora.rank, b.baseAddress!, ldb: lora.rank,
-                          m: rows, n: outFeatures, k: lora.rank, transposeB: true, alpha: lora.scale, beta: 1)
-            }
-        }
-    }
-
-    /// Adapters of at least this many floats (A and B together) split their few-row products over the workers.
-    static let loraParallelFloats = 1 << 16
-
-    /// The LoRA update for a few rows of x (decoding): each row of A, then of B, read once and dotted with
-    /// every row, in place of BLAS, which packs all of B for a product with one or two rows (measured in
-    /// serve: r 64 on every projection of the default model added 13 ms to a 10 ms token, Zen 3). Large
-    /// adapters split the rows of A and of B over the workers.
-    static func addLoRAFewRows(_ lora: LoRA, _ x: UnsafePointer<Float>, rows n: Int, inFeatures: Int, outFeatures: Int,
-                               to y: UnsafeMutablePointer<Float>) {
-        let r = lora.rank, scale = lora.scale
-        let parallel = lora.a.count + lora.b.count >= loraParallelFloats
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { tp in
-            let t = tp.baseAddress!
-            lora.a.withUnsafeBufferPointer { ap in
-                let a = ap.baseAddress!
-                func rowsOfA(_ range: Range<Int>) {
-                    for j in range {
-                        for i in 0..<n { t[i * r + j] = dotF32(x + i * inFeatures, a + j * inFeatures, inFeatures) }
-                    }
-                }
-                if parallel { Parallel.forPieces(count: r, piece: max(1, r / (2 * Parallel.threadCount)), rowsOfA) } else { rowsOfA(0..<r) }
-            }
-            lora.b.withUnsafeBufferPointer { bp in
-                let b = bp.baseAddress!
-                let tc = UnsafePointer(t)
-                func rowsOfB(_ range: Range<Int>) {
-                    for o in range {
-                        for i in 0..<n { y[i * outFeatures + o] += scale * dotF32(tc + i * r, b + o * r, r) }
-                    }
-                }
-                if parallel { Parallel.forPieces(count: outFeatures, piece: gemvPieceRows, rowsOfB) } else { rowsOfB(0..<outFeatures) }
-            }
-        }
+    func addLoRA(_ x: UnsafePointer<Float>, rows: Int, to y: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
+        lora?.withUpdate { $0.forward(x, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, into: y, kernels: kernels) }
     }
 
     /// Scratch floats `forward` needs: a tile of W and its block scales.
@@ -307,20 +316,21 @@ public struct Linear: Sendable {
         }
     }
 
-    /// y_i = x W_iᵀ + b_i (+ LoRA) for `rows` (at most `batchedRowLimit`) rows of x shared by two or three
-    /// linears (q, k and v; gate and up): their rows are split over the workers together, one parallel loop
-    /// instead of one each. `prepared` must hold rows x `inFeatures` floats. Falls back to one `forward`
-    /// each when a weight has no matrix-vector kernel.
-    public static func forwardShared(_ x: UnsafePointer<Float>, rows n: Int, prepared: UnsafeMutablePointer<Float>,
-                                     scratch: UnsafeMutablePointer<Float>,
-                                     _ a: Linear, _ ya: UnsafeMutablePointer<Float>, _ b: Linear, _ yb: UnsafeMutablePointer<Float>,
-                                     _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, bf16: Bool = false,
-                                     kernels: KernelTable = .current) {
+    /// y_i = x W_iᵀ + b_i for two or three linears that read the same x (q, k and v; gate and up): the frozen
+    /// products of the block. A few rows (at most `batchedRowLimit`) split the linears' rows over the workers
+    /// together, one parallel loop instead of one each (`prepared` must hold rows x `inFeatures` floats);
+    /// otherwise one `frozenForward` each, sharing x's bf16 conversion (`converted`) and `packed`.
+    public static func frozenForwardShared(_ x: UnsafePointer<Float>, converted: UnsafePointer<UInt16>? = nil, rows n: Int,
+                                           prepared: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>,
+                                           packed: UnsafeMutablePointer<UInt32>? = nil,
+                                           _ a: Linear, _ ya: UnsafeMutablePointer<Float>, _ b: Linear, _ yb: UnsafeMutablePointer<Float>,
+                                           _ c: Linear? = nil, _ yc: UnsafeMutablePointer<Float>? = nil, bf16: BF16Kernels?,
+                                           kernels: KernelTable = .current) {
         guard n <= batchedRowLimit, a.gemvSupported, b.gemvSupported, c?.gemvSupported ?? true, a.inFeatures == b.inFeatures,
               c.map({ $0.inFeatures == a.inFeatures }) ?? true else {
-            a.forward(x, rows: n, into: ya, scratch: scratch, bf16: bf16, kernels: kernels)
-            b.forward(x, rows: n, into: yb, scratch: scratch, bf16: bf16, kernels: kernels)
-            if let c, let yc { c.forward(x, rows: n, into: yc, scratch: scratch, bf16: bf16, kernels: kernels) }
+            a.frozenForward(x, converted: converted, rows: n, into: ya, scratch: scratch, packed: packed, bf16: bf16, kernels: kernels)
+            b.frozenForward(x, converted: converted, rows: n, into: yb, scratch: scratch, packed: packed, bf16: bf16, kernels: kernels)
+            if let c, let yc { c.frozenForward(x, converted: converted, rows: n, into: yc, scratch: scratch, packed: packed, bf16: bf16, kernels: kernels) }
             return
         }
         // One preparation serves every 4-bit weight (it depends on the kernel level only).
@@ -338,10 +348,8 @@ public struct Linear: Sendable {
             if let c, let yc { part(c, yc, na + nb) }
         }
         a.addBias(to: ya, rows: n)
-        a.addLoRA(x, rows: n, to: ya)
         b.addBias(to: yb, rows: n)
-        b.addLoRA(x, rows: n, to: yb)
-        if let c, let yc { c.addBias(to: yc, rows: n); c.addLoRA(x, rows: n, to: yc) }
+        if let c, let yc { c.addBias(to: yc, rows: n) }
     }
 
     /// W as f32 [out, in] (dequantized if needed).

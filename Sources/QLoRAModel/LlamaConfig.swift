@@ -2,6 +2,7 @@
 // MistralForCausalLM, Qwen2ForCausalLM) or from GGUF metadata (architecture "llama").
 import QLoRACore
 import QLoRAFormats
+import QLoRAKernels
 
 /// How rotary position frequencies are scaled for long contexts.
 public enum RopeScaling: Equatable, Sendable {
@@ -207,3 +208,8 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+extension LlamaConfig {
+    /// Attention's head layout.
+    public var attentionHeads: AttentionHeads { AttentionHeads(heads: headCount, kvHeads: kvHeadCount, headDim: headDim) }
+}

@@ -90,8 +90,8 @@ public final class LlamaModel: @unchecked Sendable {
     public let source: String
     /// The precision of the products over many rows (prefill); `.f32` unless a caller asks for bf16.
     public var computeDType: ComputeDType = .f32
-    /// Whether the many-row products run in bf16: asked for, and this CPU has AVX512-BF16.
-    var bf16Products: Bool { computeDType == .bf16 && BF16Gemm.isSupported }
+    /// Whether the many-row products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
+    func bf16Products(_ kernels: KernelTable) -> Bool { computeDType == .bf16 && kernels.bf16 != nil }
     let inverseFrequencies: [Float]
 
     public init(config: LlamaConfig, embeddings: Linear, layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {

@@ -12,46 +12,6 @@ import Glibc
 import Darwin
 #endif
 
-/// The seven linear projections of a Llama block.
-public enum Projection: Int, CaseIterable, Sendable, CustomStringConvertible {
-    case q, k, v, o, gate, up, down
-
-    /// The module name (transformers / PEFT).
-    public var name: String {
-        switch self {
-        case .q: return "q_proj"
-        case .k: return "k_proj"
-        case .v: return "v_proj"
-        case .o: return "o_proj"
-        case .gate: return "gate_proj"
-        case .up: return "up_proj"
-        case .down: return "down_proj"
-        }
-    }
-
-    /// The path inside a layer, e.g. "self_attn.q_proj".
-    public var modulePath: String { (rawValue < 4 ? "self_attn." : "mlp.") + name }
-
-    public var description: String { name }
-
-    public init?(name: String) {
-        guard let p = Projection.allCases.first(where: { $0.name == name }) else { return nil }
-        self = p
-    }
-
-    public func linear(in layer: LlamaLayer) -> Linear {
-        switch self {
-        case .q: return layer.q
-        case .k: return layer.k
-        case .v: return layer.v
-        case .o: return layer.o
-        case .gate: return layer.gate
-        case .up: return layer.up
-        case .down: return layer.down
-        }
-    }
-}
-
 public struct LoRAConfig: Sendable, Equatable {
     public enum Initialization: String, Sendable { case kaiming, gaussian }
 

@@ -3,7 +3,8 @@
 // is ever formed for a frozen weight: through W only dX = dY · W). Shapes: B sequences of T tokens,
 // N = B·T rows, D hidden, H / Hkv heads of d, I intermediate, V vocab, r LoRA rank.
 // With gradient checkpointing only each layer's input is kept; the backward recomputes the layer.
-// The layer forward and backward mirror each other, read top to bottom (llm.c style).
+// The model math is the block's (QLoRAModel Block.swift, Block+Backward.swift), which inference runs too;
+// this file holds the step: its buffers, the layer loop with checkpointing, and the chunked loss.
 import QLoRACore
 import QLoRAKernels
 import QLoRAModel
@@ -88,35 +89,6 @@ public struct TrainingOptions: Sendable {
     public init() {}
 }
 
-/// One allocation carved into 64-byte-aligned regions. A measuring arena only adds up the sizes, so a
-/// workspace is laid out once to learn its size and once more in the real allocation.
-final class Arena {
-    private(set) var byteCount = 0
-    private let base: UnsafeMutableRawPointer?
-
-    init(measuring: Void) { base = nil }
-
-    init(byteCount: Int) {
-        let p = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 64), alignment: 64)
-        p.initializeMemory(as: UInt8.self, repeating: 0, count: max(byteCount, 64))
-        base = p
-    }
-
-    deinit { base?.deallocate() }
-
-    private func reserve(_ bytes: Int) -> UnsafeMutableRawPointer {
-        let offset = byteCount
-        byteCount += (max(bytes, 1) + 63) / 64 * 64
-        // While measuring, a placeholder that is never dereferenced.
-        return base.map { $0 + offset } ?? UnsafeMutableRawPointer(bitPattern: 64)!
-    }
-
-    func floats(_ n: Int) -> UnsafeMutablePointer<Float> { reserve(4 * n).bindMemory(to: Float.self, capacity: max(n, 1)) }
-    func bytes(_ n: Int) -> UnsafeMutablePointer<UInt8> { reserve(n).bindMemory(to: UInt8.self, capacity: max(n, 1)) }
-    func halves(_ n: Int) -> UnsafeMutablePointer<UInt16> { reserve(2 * n).bindMemory(to: UInt16.self, capacity: max(n, 1)) }
-    func words(_ n: Int) -> UnsafeMutablePointer<UInt32> { reserve(4 * n).bindMemory(to: UInt32.self, capacity: max(n, 1)) }
-}
-
 /// What one layer's backward needs from its forward (one set with checkpointing, one per layer without).
 /// Regions are sized for the workspace's largest batch; a smaller batch uses their beginnings.
 final class LayerBuffers {
@@ -139,27 +111,10 @@ final class LayerBuffers {
             return arena.bytes(N * inF)
         }
     }
-}
 
-/// One worker's buffers for bf16 attention (one sequence and kv head at a time).
-final class AttentionScratch {
-    /// Kᵀ (forward) or Vᵀ (backward) packed, all T keys: the B of S = Q Kᵀ and dP = dO Vᵀ.
-    let keysT: UnsafeMutablePointer<UInt32>
-    /// V or K rows [0, r1) packed (B of O = P V, dQ = dS K); P or dS of a block packed (B of dVᵀ, dKᵀ).
-    let rowsPacked, blockPacked: UnsafeMutablePointer<UInt32>
-    /// A block of Q or dO rows in bf16; a block of P or dS rows in bf16; a head's Qᵀ and dOᵀ in bf16.
-    let small, block, qT, dOT: UnsafeMutablePointer<UInt16>
-    /// dVᵀ and dKᵀ [d, T] of the unit, summed over its query heads and blocks, then added into dV and dK.
-    let dVT, dKT: UnsafeMutablePointer<Float>
-
-    init(_ arena: Arena, maxT T: Int, headDim d: Int) {
-        let pad = BF16Gemm.paddedCount
-        keysT = arena.words(BF16Gemm.packedWords(k: d, n: T))
-        rowsPacked = arena.words(BF16Gemm.packedWords(k: T, n: d))
-        blockPacked = arena.words(BF16Gemm.packedWords(k: T, n: T))
-        small = arena.halves(T * pad(d)); block = arena.halves(T * pad(T))
-        qT = arena.halves(d * pad(T)); dOT = arena.halves(d * pad(T))
-        dVT = arena.floats(d * T); dKT = arena.floats(d * T)
+    /// The block's activations, all kept apart for the backward.
+    var block: BlockActivations {
+        BlockActivations(x1: x1, q: q, k: k, v: v, attn: attn, h2: h2, x2: x2, g: g, u: u, a: a, rstd1: rstd1, rstd2: rstd2)
     }
 }
 
@@ -172,20 +127,19 @@ final class StepWorkspace {
     /// hidden[l]: the input of layer l (kept: the checkpoints); hidden[L]: the last layer's output.
     let hidden: [UnsafeMutablePointer<Float>]
     let xf, rstdf, dxf, dh, dhNext, proj: UnsafeMutablePointer<Float>
-    /// dP: one [maxT, maxT] block of attention-score gradients per worker thread.
-    let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dP, dt, through, dropped, scratch: UnsafeMutablePointer<Float>
+    let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dt, through, dropped, scratch, prepared: UnsafeMutablePointer<Float>
     let ropeCos, ropeSin: UnsafeMutablePointer<Float>
     let lossX, logits, lossDx: UnsafeMutablePointer<Float>
     /// bf16 compute: the A operand converted to bf16 rows, and a packed tile of a frozen weight.
     let abf: UnsafeMutablePointer<UInt16>
     let packed: UnsafeMutablePointer<UInt32>
-    /// bf16 compute: one per worker thread.
-    let attention: [AttentionScratch]
+    /// Attention's buffers per worker (the score gradients of a head; bf16 compute: packed operands).
+    let attention: Attention.Workspace
     var lossRows: [(Int, Int)] = []
 
     /// `rows` = B·T, `pairs` = B·T² (attention probabilities per head), `maxT` the longest sequence.
     init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int, maxT: Int,
-         lossChunk: Int) {
+         lossChunk: Int, attentionBlock: Int) {
         let c = model.config
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         let maxIn = max(D, qDim, I)
@@ -198,26 +152,33 @@ final class StepWorkspace {
         da = arena.floats(N * I); dg = arena.floats(N * I); du = arena.floats(N * I)
         dx2 = arena.floats(N * D); dh2 = arena.floats(N * D); dx1 = arena.floats(N * D)
         dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
-        dP = arena.floats(Parallel.threadCount * maxT * maxT); dt = arena.floats(N * r)
+        dt = arena.floats(N * r)
         through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
         let scratchCount = (model.layers.flatMap(\.linears) + [model.head]).map(\.scratchCount).max() ?? 1
         scratch = arena.floats(scratchCount)
+        prepared = arena.floats(min(N, Linear.batchedRowLimit) * maxIn)
         ropeCos = arena.floats(N * c.headDim / 2); ropeSin = arena.floats(N * c.headDim / 2)
         lossX = arena.floats(lossChunk * D); logits = arena.floats(lossChunk * c.vocabSize); lossDx = arena.floats(lossChunk * D)
         if bf16 {
             let pad = BF16Gemm.paddedCount
             let widest = pad(max(D, qDim, kvDim, I))
             abf = arena.halves(max(N * widest, lossChunk * pad(c.vocabSize)))
-            let words = (model.layers.flatMap(\.linears) + [model.head]).map { l -> Int in
-                let tile = l.tileRows(forRows: .max)
-                return max(BF16Gemm.packedWords(k: l.inFeatures, n: tile), BF16Gemm.packedWords(k: tile, n: l.inFeatures))
-            }.max() ?? 1
+            let words = (model.layers.flatMap(\.linears) + [model.head]).map { $0.packedWords(forRows: .max) }.max() ?? 1
             packed = arena.words(words)
-            attention = (0..<Parallel.threadCount).map { _ in AttentionScratch(arena, maxT: maxT, headDim: c.headDim) }
         } else {
-            abf = arena.halves(1); packed = arena.words(1); attention = []
+            abf = arena.halves(1); packed = arena.words(1)
         }
+        attention = Attention.Workspace(arena, heads: c.attentionHeads, maxKeys: maxT, blockRows: attentionBlock, backward: true, bf16: bf16)
         lossRows.reserveCapacity(N)
+    }
+
+    /// The block's buffers: work space of the products, and the backward's.
+    func blockScratch(bf16: Bool) -> BlockScratch {
+        BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: bf16 ? abf : nil, packed: bf16 ? packed : nil)
+    }
+
+    var gradients: BlockGradients {
+        BlockGradients(da: da, dg: dg, du: du, dx2: dx2, dh2: dh2, dx1: dx1, dAttn: dAttn, dq: dq, dk: dk, dv: dv, dt: dt, through: through)
     }
 }
 
@@ -239,13 +200,6 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
-    /// Attention's dimensions: H query heads of d, `group` of them per kv head; q rows are qDim wide, k and v
-    /// rows kvDim; scores are scaled by 1/√d.
-    var headLayout: (H: Int, d: Int, group: Int, qDim: Int, kvDim: Int, scale: Float) {
-        let c = model.config
-        return (c.headCount, c.headDim, c.headCount / c.kvHeadCount, c.headCount * c.headDim, c.kvHeadCount * c.headDim,
-                1 / Float(c.headDim).squareRoot())
-    }
 
     /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or 64).
     var attentionBlock: Int { max(1, options.attentionRowBlock ?? 64) }
@@ -256,8 +210,12 @@ public final class TrainingEngine {
         return min(512, max(64, (96 << 20) / (6 * max(model.config.vocabSize, 1))))
     }
 
-    /// Whether the frozen products run in bf16 (asked for, and the CPU has AVX512-BF16).
-    public var usesBF16: Bool { options.computeDType == .bf16 && BF16Gemm.isSupported }
+    /// The bf16 kernels when the products run in bf16: asked for, and the kernel table has them (AVX512-BF16,
+    /// or the scalar reference a test put there); nil: f32.
+    var bf16: BF16Kernels? { options.computeDType == .bf16 ? kernels.bf16 : nil }
+
+    /// Whether the frozen products run in bf16.
+    public var usesBF16: Bool { bf16 != nil }
 
     public init(model: LlamaModel, lora: LoRAWeights, options: TrainingOptions = TrainingOptions(), kernels: KernelTable = .current) {
         self.model = model
@@ -280,13 +238,10 @@ public final class TrainingEngine {
         let N = max(rows, old?.maxRows ?? 0), P = max(pairs, old?.maxPairs ?? 0), T = max(maxT, old?.maxT ?? 0)
         workspace = nil  // free the old arena before making the new one
         let dropout = lora.config.dropout > 0
-        let make = { (arena: Arena) in
+        let w = Arena.sized { arena in
             StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, checkpointing: self.options.gradientCheckpointing,
-                          bf16: self.usesBF16, rows: N, pairs: P, maxT: T, lossChunk: self.lossChunkRows)
-        }
-        let measuring = Arena(measuring: ())
-        _ = make(measuring)
-        let w = make(Arena(byteCount: measuring.byteCount))
+                          bf16: self.usesBF16, rows: N, pairs: P, maxT: T, lossChunk: self.lossChunkRows, attentionBlock: self.attentionBlock)
+        }.value
         workspace = w
         workspaceAllocations += 1
         return w
@@ -304,20 +259,6 @@ public final class TrainingEngine {
         try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) }
     }
 
-    /// An f32 product of the step, split over our threads (BLAS is single-threaded inside a step).
-    func mm(_ c: UnsafeMutablePointer<Float>, ldc: Int, _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int,
-            m: Int, n: Int, k: Int, transposeA: Bool = false, transposeB: Bool = false, alpha: Float = 1, beta: Float = 0) {
-        Gemm.parallelGemm(c, ldc: ldc, a, lda: lda, b, ldb: ldb, m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB,
-                          alpha: alpha, beta: beta)
-    }
-
-    /// Calls body(worker, unit) for each (sequence, kv head) unit on our threads. A unit owns its rows of
-    /// dK and dV, so units never write the same memory.
-    func forEachKVHead(_ s: Shape, _ body: (_ worker: Int, _ b: Int, _ kvh: Int) -> Void) {
-        let hkv = model.config.kvHeadCount
-        Parallel.forChunks(count: s.B * hkv) { w, range in for u in range { body(w, u / hkv, u % hkv) } }
-    }
-
     func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
         let c = model.config
         let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize, L = c.layerCount
@@ -327,18 +268,13 @@ public final class TrainingEngine {
         let ws = workspace(rows: N, pairs: B * T * T, maxT: T)
         for (i, token) in batch.tokens.enumerated() { model.embeddings.copyRow(token, into: ws.hidden[0] + i * D) }
         // RoPE tables for each token's position in its example.
-        let half = c.headDim / 2
-        for i in 0..<N {
-            let position = Float(batch.position(of: i))
-            for j in 0..<half {
-                let angle = position * inverseFrequencies[j]
-                ws.ropeCos[i * half + j] = cosf(angle)
-                ws.ropeSin[i * half + j] = sinf(angle)
-            }
-        }
+        Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: inverseFrequencies, cos: ws.ropeCos, sin: ws.ropeSin)
         let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
-        for l in 0..<L {
-            layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, h: ws.hidden[l], out: ws.hidden[l + 1])
+        let call = BlockCall(rows: N, cos: ws.ropeCos, sin: ws.ropeSin, bf16: bf16, kernels: kernels)
+        withAdapters { lora in
+            for l in 0..<L {
+                layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, call, lora, h: ws.hidden[l], out: ws.hidden[l + 1])
+            }
         }
         // Final norm and chunked cross-entropy; dh is the gradient of the loss w.r.t. the last hidden state.
         model.finalNorm.withUnsafeBufferPointer { w in
@@ -352,14 +288,18 @@ public final class TrainingEngine {
         model.finalNorm.withUnsafeBufferPointer { w in
             Ops.rmsNormBackward(dh, ws.dxf, ws.hidden[L], rstd: ws.rstdf, weight: w.baseAddress!, rows: N, dim: D)
         }
-        for l in stride(from: L - 1, through: 0, by: -1) {
-            let act = ws.sets[options.gradientCheckpointing ? 0 : l]
-            if options.gradientCheckpointing {
-                // Recompute (same dropout masks: seeded by step and layer); the layer's output is not needed.
-                layerForward(l, act, ws, shape, h: ws.hidden[l], out: nil)
+        withAdapters { lora in
+            for l in stride(from: L - 1, through: 0, by: -1) {
+                let act = ws.sets[options.gradientCheckpointing ? 0 : l]
+                if options.gradientCheckpointing {
+                    // Recompute (same dropout masks: seeded by step and layer); the layer's output is not needed.
+                    layerForward(l, act, ws, shape, call, lora, h: ws.hidden[l], out: nil)
+                }
+                model.layers[l].backward(ws.hidden[l], act.block, dOut: dh, dIn: dhNext, ws.gradients, ws.blockScratch(bf16: usesBF16),
+                                         config: c, call, lora: { p, apply in if let u = lora(l, p, act) { apply(u) } },
+                                         attendBackward: { attentionBackward(act, ws, shape) })
+                swap(&dh, &dhNext)
             }
-            layerBackward(l, act, ws, shape, h: ws.hidden[l], dOut: dh, dIn: dhNext)
-            swap(&dh, &dhNext)
         }
         stepCounter += 1
         return loss
@@ -373,371 +313,87 @@ public final class TrainingEngine {
 
     // MARK: - Layer forward
 
-    /// Writes the layer's output into `out`. `out == nil`: the backward pass's rerun under checkpointing,
-    /// which needs every activation but not the output, so down_proj's frozen product (a quarter of the
-    /// layer's weights) is skipped.
-    func layerForward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, h: UnsafeMutablePointer<Float>, out: UnsafeMutablePointer<Float>?) {
-        let layer = model.layers[l]
-        let c = model.config
-        let N = s.N, D = c.hiddenSize, I = c.intermediateSize
-        rmsNorm(act.x1, act.rstd1, h, layer.inputNorm, rows: N)
-        var xb = bf16Operand(ws, act.x1, rows: N, cols: D)  // q, k and v read the same converted x1
-        linearForward(act, ws, layer: l, .q, rows: N, input: act.x1, inputBF16: xb, output: act.q)
-        linearForward(act, ws, layer: l, .k, rows: N, input: act.x1, inputBF16: xb, output: act.k)
-        linearForward(act, ws, layer: l, .v, rows: N, input: act.x1, inputBF16: xb, output: act.v)
-        Ops.rope(act.q, rows: N, heads: c.headCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
-        Ops.rope(act.k, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin)
-        attentionForward(act, ws, s)
-        let o = ws.proj
-        xb = bf16Operand(ws, act.attn, rows: N, cols: c.headCount * c.headDim)
-        linearForward(act, ws, layer: l, .o, rows: N, input: act.attn, inputBF16: xb, output: o)
-        Self.elementwise(N * D) { r in for i in r { act.h2[i] = h[i] + o[i] } }
-        rmsNorm(act.x2, act.rstd2, act.h2, layer.postAttentionNorm, rows: N)
-        xb = bf16Operand(ws, act.x2, rows: N, cols: D)
-        linearForward(act, ws, layer: l, .gate, rows: N, input: act.x2, inputBF16: xb, output: act.g)
-        linearForward(act, ws, layer: l, .up, rows: N, input: act.x2, inputBF16: xb, output: act.u)
-        Ops.swigluForward(act.a, gate: act.g, up: act.u, count: N * I)
-        let d = ws.proj
-        xb = out == nil ? nil : bf16Operand(ws, act.a, rows: N, cols: I)
-        linearForward(act, ws, layer: l, .down, rows: N, input: act.a, inputBF16: xb, output: d, skipBase: out == nil)
-        if let out { Self.elementwise(N * D) { r in for i in r { out[i] = act.h2[i] + d[i] } } }
+    /// The adapter being trained as the block's LoRA updates: `lora(l, p, act)` is layer l's update of
+    /// projection p (nil where p is not targeted), keeping its t and dropout mask in `act`, with its gradients.
+    typealias Adapters = (_ layer: Int, _ p: Projection, _ act: LayerBuffers) -> LoRAUpdate?
+
+    /// Runs body with the updates over the adapter's parameters and gradients.
+    func withAdapters(_ body: (Adapters) throws -> Void) rethrows {
+        let r = lora.config.rank, scale = lora.config.scale, dropout = dropoutActive ? lora.config.dropout : 0
+        let seed = lora.config.seed, step = stepCounter
+        let dropped = workspace!.dropped
+        try lora.parameters.withUnsafeBufferPointer { params in
+            try lora.gradients.withUnsafeMutableBufferPointer { grads in
+                try body { l, p, act in
+                    guard let slot = lora.slot(layer: l, projection: p) else { return nil }
+                    // Seeded by step, layer, projection (and block of rows, in LoRADropout): a recomputed layer
+                    // (checkpointing) draws the same mask, and the blocks are drawn in parallel with the same
+                    // result on any thread count.
+                    let drop = dropout > 0 ? act.masks[p.rawValue].map { mask in
+                        LoRADropout(probability: dropout, seed: seed &+ 0x9E37_79B9 &* (step &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001,
+                                    mask: mask, dropped: dropped)
+                    } : nil
+                    return LoRAUpdate(a: params.baseAddress! + slot.aOffset, b: params.baseAddress! + slot.bOffset, rank: r, scale: scale,
+                                      t: act.loraT[p.rawValue], dropout: drop,
+                                      gradA: grads.baseAddress! + slot.aOffset, gradB: grads.baseAddress! + slot.bOffset)
+                }
+            }
+        }
     }
 
-    /// Causal attention per sequence and head (GQA: query head h reads kv head h / (H / Hkv)); in a
-    /// packed row each query sees only the keys of its own example.
+    /// Layer l's block over the step's rows, into `out`. `out == nil`: the backward pass's rerun under
+    /// checkpointing (every activation, not the output).
+    func layerForward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, _ call: BlockCall, _ lora: Adapters,
+                      h: UnsafeMutablePointer<Float>, out: UnsafeMutablePointer<Float>?) {
+        model.layers[l].forward(h, into: out, act.block, ws.blockScratch(bf16: usesBF16), config: model.config, call,
+                                lora: { p, apply in if let u = lora(l, p, act) { apply(u) } }, attend: { attentionForward(act, ws, s) })
+    }
+
+    /// Causal attention per sequence (Attention.forward, the probabilities kept for the backward); in a packed
+    /// row each query sees only the keys of its own example.
     func attentionForward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        if usesBF16 { return attentionForwardBF16(act, ws, s) }
-        let T = s.T, blockRows = attentionBlock
-        let (H, d, group, qDim, kvDim, scale) = headLayout
-        forEachKVHead(s) { _, b, kvh in
-            for h in (kvh * group)..<((kvh + 1) * group) {
-                let P = act.probs + (b * H + h) * T * T
-                let Q = act.q + b * T * qDim + h * d
-                let K = act.k + b * T * kvDim + kvh * d
-                let V = act.v + b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: blockRows) {
-                    let r1 = min(T, r0 + blockRows)
-                    Gemm.gemm(P + r0 * T, ldc: T, Q + r0 * qDim, lda: qDim, K, ldb: kvDim, m: r1 - r0, n: r1, k: d, transposeB: true, alpha: scale)
-                    softmaxRows(P, r0..<r1, sequence: b, s)
-                    Gemm.gemm(act.attn + b * T * qDim + (r0 * qDim) + h * d, ldc: qDim, P + r0 * T, lda: T, V, ldb: kvDim, m: r1 - r0, n: d, k: r1)
-                }
+        let heads = model.config.attentionHeads
+        withSequences(act, ws, s) { sequence in
+            Attention.forward(heads, sequences: s.B, { sequence($0).0 }, workspace: ws.attention, bf16: bf16, kernels: kernels)
+        }
+    }
+
+    /// Sequence b's attention operands and gradients in the step's buffers.
+    func withSequences(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape,
+                       _ body: ((Int) -> (Attention.Sequence, Attention.Gradients)) -> Void) {
+        let heads = model.config.attentionHeads
+        let T = s.T, qDim = heads.qDim, kvDim = heads.kvDim, H = heads.heads
+        func run(_ starts: UnsafePointer<Int>?) {
+            body { b in
+                (Attention.Sequence(q: act.q + b * T * qDim, out: act.attn + b * T * qDim, keys: act.k + b * T * kvDim, values: act.v + b * T * kvDim,
+                                    rows: T, windowStarts: starts.map { $0 + b * T }, probs: act.probs + b * H * T * T),
+                 Attention.Gradients(dOut: ws.dAttn + b * T * qDim, dq: ws.dq + b * T * qDim, dk: ws.dk + b * T * kvDim, dv: ws.dv + b * T * kvDim))
             }
         }
-    }
-
-    /// Softmax in place over rows `rows` of one head's scores P [T, T] (sequence b): each row over the keys of
-    /// its own example up to itself; the rest of the row, up to T, becomes 0.
-    func softmaxRows(_ P: UnsafeMutablePointer<Float>, _ rows: Range<Int>, sequence b: Int, _ s: Shape) {
-        let T = s.T
-        for t in rows {
-            let start = s.windowStart?[b * T + t] ?? 0
-            for j in 0..<start { P[t * T + j] = 0 }
-            Ops.softmaxRow(P + t * T + start, visible: t + 1 - start, length: T - start)
-        }
-    }
-
-    /// Rows `rows` of S [T, T] from dP (in S) to dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, over the keys of
-    /// the block (0..<rows.upperBound); keys after a row's own position become 0.
-    func scoreGradientRows(_ S: UnsafeMutablePointer<Float>, _ P: UnsafePointer<Float>, _ rows: Range<Int>, T: Int, scale: Float) {
-        for t in rows {
-            let prow = P + t * T, srow = S + t * T
-            var dot: Float = 0
-            for j in 0...t { dot += prow[j] * srow[j] }
-            for j in 0...t { srow[j] = prow[j] * (srow[j] - dot) * scale }
-            for j in (t + 1)..<rows.upperBound { srow[j] = 0 }
-        }
-    }
-
-    /// The same computation with bf16 products (f32 softmax). Per (sequence, kv head): Kᵀ packed once; per
-    /// block of query rows, V's visible rows packed once for the group's query heads.
-    func attentionForwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let T = s.T, blockRows = attentionBlock
-        let (H, d, group, qDim, kvDim, scale) = headLayout
-        let pad = BF16Gemm.paddedCount
-        forEachKVHead(s) { worker, b, kvh in
-            let sc = ws.attention[worker]
-            let K = act.k + b * T * kvDim + kvh * d
-            let V = act.v + b * T * kvDim + kvh * d
-            BF16Gemm.packB(K, ldb: kvDim, transposed: true, k: d, n: T, into: sc.keysT, parallel: false)
-            for r0 in stride(from: 0, to: T, by: blockRows) {
-                let r1 = min(T, r0 + blockRows), rows = r1 - r0
-                BF16Gemm.packB(V, ldb: kvDim, transposed: false, k: r1, n: d, into: sc.rowsPacked, parallel: false)
-                for h in (kvh * group)..<((kvh + 1) * group) {
-                    let P = act.probs + (b * H + h) * T * T
-                    let Q = act.q + b * T * qDim + h * d
-                    BF16Gemm.convert(Q + r0 * qDim, rows: rows, cols: d, ld: qDim, into: sc.small, ldd: pad(d), parallel: false)
-                    BF16Gemm.gemm(P + r0 * T, ldc: T, sc.small, lda: pad(d), sc.keysT, m: rows, n: r1, k: d, alpha: scale,
-                                  accumulate: false, parallel: false)
-                    softmaxRows(P, r0..<r1, sequence: b, s)
-                    BF16Gemm.convert(P + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
-                    BF16Gemm.gemm(act.attn + b * T * qDim + r0 * qDim + h * d, ldc: qDim, sc.block, lda: pad(r1), sc.rowsPacked,
-                                  m: rows, n: d, k: r1, accumulate: false, parallel: false)
-                }
-            }
-        }
+        if let starts = s.windowStart { starts.withUnsafeBufferPointer { run($0.baseAddress!) } } else { run(nil) }
     }
 
     // MARK: - Layer backward
 
-    /// Given dOut = dL/d(layer output), writes dL/d(layer input) into dIn and adds the LoRA gradients.
-    func layerBackward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, h: UnsafeMutablePointer<Float>,
-                       dOut: UnsafeMutablePointer<Float>, dIn: UnsafeMutablePointer<Float>) {
-        let layer = model.layers[l]
-        let c = model.config
-        let N = s.N, D = c.hiddenSize, I = c.intermediateSize
-        let qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
-        // h3 = h2 + down(a)
-        ws.da.update(repeating: 0, count: N * I)
-        linearBackward(act, ws, layer: l, .down, rows: N, dy: dOut, input: act.a, dx: ws.da)
-        Ops.swigluBackward(dGate: ws.dg, dUp: ws.du, ws.da, gate: act.g, up: act.u, count: N * I)
-        ws.dx2.update(repeating: 0, count: N * D)
-        linearBackward(act, ws, layer: l, .gate, rows: N, dy: ws.dg, input: act.x2, dx: ws.dx2)
-        linearBackward(act, ws, layer: l, .up, rows: N, dy: ws.du, input: act.x2, dx: ws.dx2)
-        ws.dh2.update(from: dOut, count: N * D)  // residual
-        normBackward(ws.dh2, ws.dx2, act.h2, act.rstd2, layer.postAttentionNorm, rows: N)
-        // h2 = h + o(attn)
-        ws.dAttn.update(repeating: 0, count: N * qDim)
-        linearBackward(act, ws, layer: l, .o, rows: N, dy: ws.dh2, input: act.attn, dx: ws.dAttn)
-        ws.dk.update(repeating: 0, count: N * kvDim)
-        ws.dv.update(repeating: 0, count: N * kvDim)
-        attentionBackward(act, ws, s)
-        Ops.rope(ws.dq, rows: N, heads: c.headCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin, inverse: true)
-        Ops.rope(ws.dk, rows: N, heads: c.kvHeadCount, headDim: c.headDim, cos: ws.ropeCos, sin: ws.ropeSin, inverse: true)
-        ws.dx1.update(repeating: 0, count: N * D)
-        linearBackward(act, ws, layer: l, .q, rows: N, dy: ws.dq, input: act.x1, dx: ws.dx1)
-        linearBackward(act, ws, layer: l, .k, rows: N, dy: ws.dk, input: act.x1, dx: ws.dx1)
-        linearBackward(act, ws, layer: l, .v, rows: N, dy: ws.dv, input: act.x1, dx: ws.dx1)
-        dIn.update(from: ws.dh2, count: N * D)  // residual
-        normBackward(dIn, ws.dx1, h, act.rstd1, layer.inputNorm, rows: N)
-    }
-
-    /// dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dO, per sequence and head,
-    /// in the same row blocks as the forward (a block of rows touches only the keys before its end).
-    /// (Probabilities outside a query's window are 0, so its row of dS is 0 there too.)
+    /// Attention's backward per sequence (Attention.backward): dQ, and dK and dV added to.
     func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        if usesBF16 { return attentionBackwardBF16(act, ws, s) }
-        let T = s.T, blockRows = attentionBlock
-        let (H, d, group, qDim, kvDim, scale) = headLayout
-        forEachKVHead(s) { worker, b, kvh in
-            let S = ws.dP + worker * T * T
-            for h in (kvh * group)..<((kvh + 1) * group) {
-                let P = act.probs + (b * H + h) * T * T
-                let qOff = b * T * qDim + h * d, kvOff = b * T * kvDim + kvh * d
-                for r0 in stride(from: 0, to: T, by: blockRows) {
-                    let r1 = min(T, r0 + blockRows), rows = r1 - r0
-                    let dO = ws.dAttn + qOff + r0 * qDim
-                    // dP = dO Vᵀ   [rows, r1]
-                    Gemm.gemm(S + r0 * T, ldc: T, dO, lda: qDim, act.v + kvOff, ldb: kvDim, m: rows, n: r1, k: d, transposeB: true)
-                    // dV[0..<r1] += Pᵀ dO
-                    Gemm.gemm(ws.dv + kvOff, ldc: kvDim, P + r0 * T, lda: T, dO, ldb: qDim, m: r1, n: d, k: rows, transposeA: true, beta: 1)
-                    scoreGradientRows(S, P, r0..<r1, T: T, scale: scale)
-                    // dQ[r0..<r1] = dS K ; dK[0..<r1] += dSᵀ Q[r0..<r1]
-                    Gemm.gemm(ws.dq + qOff + r0 * qDim, ldc: qDim, S + r0 * T, lda: T, act.k + kvOff, ldb: kvDim, m: rows, n: d, k: r1)
-                    Gemm.gemm(ws.dk + kvOff, ldc: kvDim, S + r0 * T, lda: T, act.q + qOff + r0 * qDim, ldb: qDim, m: r1, n: d, k: rows,
-                              transposeA: true, beta: 1)
-                }
-            }
+        let heads = model.config.attentionHeads
+        withSequences(act, ws, s) { sequence in
+            Attention.backward(heads, sequences: s.B, sequence, workspace: ws.attention, bf16: bf16)
         }
     }
-
-    /// The same computation with bf16 products. dVᵀ and dKᵀ are formed ([d, T], A = dOᵀ or Qᵀ, which are
-    /// small) and added transposed into dV and dK once per unit, so no T x T matrix is ever transposed.
-    func attentionBackwardBF16(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
-        let T = s.T, blockRows = attentionBlock
-        let (H, d, group, qDim, kvDim, scale) = headLayout
-        let pad = BF16Gemm.paddedCount
-        forEachKVHead(s) { worker, b, kvh in
-            let sc = ws.attention[worker]
-            let S = ws.dP + worker * T * T
-            let kvOff = b * T * kvDim + kvh * d
-            BF16Gemm.packB(act.v + kvOff, ldb: kvDim, transposed: true, k: d, n: T, into: sc.keysT, parallel: false)
-            sc.dVT.update(repeating: 0, count: d * T)
-            sc.dKT.update(repeating: 0, count: d * T)
-            for h in (kvh * group)..<((kvh + 1) * group) {
-                let P = act.probs + (b * H + h) * T * T
-                let qOff = b * T * qDim + h * d
-                BF16Gemm.convertTransposed(ws.dAttn + qOff, rows: T, cols: d, ld: qDim, into: sc.dOT, ldd: pad(T))
-                BF16Gemm.convertTransposed(act.q + qOff, rows: T, cols: d, ld: qDim, into: sc.qT, ldd: pad(T))
-                for r0 in stride(from: 0, to: T, by: blockRows) {
-                    let r1 = min(T, r0 + blockRows), rows = r1 - r0
-                    // dP = dO Vᵀ   [rows, r1]
-                    BF16Gemm.convert(ws.dAttn + qOff + r0 * qDim, rows: rows, cols: d, ld: qDim, into: sc.small, ldd: pad(d), parallel: false)
-                    BF16Gemm.gemm(S + r0 * T, ldc: T, sc.small, lda: pad(d), sc.keysT, m: rows, n: r1, k: d, accumulate: false, parallel: false)
-                    // dVᵀ[:, 0..<r1] += dOᵀ[:, r0..<r1] P[r0..<r1, 0..<r1]
-                    BF16Gemm.packB(P + r0 * T, ldb: T, transposed: false, k: rows, n: r1, into: sc.blockPacked, parallel: false)
-                    BF16Gemm.gemm(sc.dVT, ldc: T, sc.dOT + r0, lda: pad(T), sc.blockPacked, m: d, n: r1, k: rows, accumulate: true, parallel: false)
-                    scoreGradientRows(S, P, r0..<r1, T: T, scale: scale)
-                    // dQ[r0..<r1] = dS K[0..<r1]
-                    BF16Gemm.convert(S + r0 * T, rows: rows, cols: r1, ld: T, into: sc.block, ldd: pad(r1), parallel: false)
-                    BF16Gemm.packB(act.k + kvOff, ldb: kvDim, transposed: false, k: r1, n: d, into: sc.rowsPacked, parallel: false)
-                    BF16Gemm.gemm(ws.dq + qOff + r0 * qDim, ldc: qDim, sc.block, lda: pad(r1), sc.rowsPacked, m: rows, n: d, k: r1,
-                                  accumulate: false, parallel: false)
-                    // dKᵀ[:, 0..<r1] += Qᵀ[:, r0..<r1] dS
-                    BF16Gemm.packB(S + r0 * T, ldb: T, transposed: false, k: rows, n: r1, into: sc.blockPacked, parallel: false)
-                    BF16Gemm.gemm(sc.dKT, ldc: T, sc.qT + r0, lda: pad(T), sc.blockPacked, m: d, n: r1, k: rows, accumulate: true, parallel: false)
-                }
-            }
-            let dV = ws.dv + kvOff, dK = ws.dk + kvOff
-            for j in 0..<T {
-                for e in 0..<d {
-                    dV[j * kvDim + e] += sc.dVT[e * T + j]
-                    dK[j * kvDim + e] += sc.dKT[e * T + j]
-                }
-            }
-        }
-    }
-
-    // MARK: - Linear with LoRA
-
-    /// An elementwise loop over 0..<count, split over our threads (each element written by one thread).
-    static func elementwise(_ count: Int, _ body: (Range<Int>) -> Void) {
-        Parallel.forChunks(count: count, granularity: 64, minimumChunk: 1 << 15) { _, r in body(r) }
-    }
-
-    /// Rows of a dropout mask drawn from one generator.
-    static let dropoutBlockRows = 16
 
     /// Whether LoRA dropout applies now.
     var dropoutActive: Bool { training && lora.config.dropout > 0 }
 
-    /// y = x Wᵀ (+ b) + s · (drop(x) Aᵀ) Bᵀ; keeps t = drop(x) Aᵀ and the dropout mask for the backward.
-    /// `inputBF16`: x already converted by `bf16Operand` (bf16 compute), else nil.
-    func linearForward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
-                       input x: UnsafeMutablePointer<Float>, inputBF16 xb: UnsafePointer<UInt16>?, output y: UnsafeMutablePointer<Float>,
-                       skipBase: Bool = false) {
-        if !skipBase {
-            // The frozen product only: training adapters come from `lora`; an adapter attached to the layer for
-            // inference (Linear.lora) is never applied here.
-            frozenForward(p.linear(in: model.layers[l]), x, xb, rows: N, into: y, ws)
-        }
-        guard let slot = lora.slot(layer: l, projection: p) else { return }
-        let r = lora.config.rank, inF = slot.inFeatures, outF = slot.outFeatures
-        var input = UnsafePointer(x)
-        if dropoutActive, let mask = act.masks[p.rawValue] {
-            // Seeded by step, layer, projection and block of rows: a recomputed layer (checkpointing) draws
-            // the same mask, and the blocks are drawn in parallel with the same result on any thread count.
-            let seed = lora.config.seed &+ 0x9E37_79B9 &* (stepCounter &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001
-            let dropout = lora.config.dropout, keep = 1 / (1 - dropout)
-            // Each 64-bit draw gives four 16-bit uniforms u; an element is dropped when u < ⌈p · 2¹⁶⌉, i.e.
-            // with probability p rounded up to a multiple of 2⁻¹⁶ (0.05 -> 0.050003). Each block of rows draws
-            // from its own SplitMix64 stream (`KernelTable.dropout`, vectorized), started from the block's seed.
-            let threshold = UInt32((Double(dropout) * 65_536).rounded(.up))
-            let dropped = ws.dropped
-            let blockRows = Self.dropoutBlockRows
-            let draw = kernels.dropout
-            Parallel.forChunks(count: N, granularity: blockRows) { _, range in
-                for r0 in stride(from: range.lowerBound, to: range.upperBound, by: blockRows) {
-                    var rng = SeededGenerator(seed: seed &+ UInt64(r0 / blockRows) &* 0xD1B5_4A32_D192_ED03)
-                    let start = r0 * inF, end = min(range.upperBound, r0 + blockRows) * inF
-                    draw(x + start, mask + start, dropped + start, end - start, rng.next(), threshold, keep)
-                }
-            }
-            input = UnsafePointer(ws.dropped)
-        }
-        let t = act.loraT[p.rawValue]
-        lora.parameters.withUnsafeBufferPointer { params in
-            mm(t, ldc: r, input, lda: inF, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: r, k: inF, transposeB: true)
-            mm(y, ldc: outF, t, lda: r, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: outF, k: r, transposeB: true,
-                      alpha: lora.config.scale, beta: 1)
-        }
-    }
-
-    /// dx += dy W (frozen: no weight gradient) + s · (dy B) A ⊙ dropout; dB += s · dyᵀ t; dA += (s · dy B)ᵀ drop(x).
-    func linearBackward(_ act: LayerBuffers, _ ws: StepWorkspace, layer l: Int, _ p: Projection, rows N: Int,
-                        dy: UnsafeMutablePointer<Float>, input x: UnsafeMutablePointer<Float>, dx: UnsafeMutablePointer<Float>) {
-        let linear = p.linear(in: model.layers[l])
-        frozenInputGradient(linear, dy, rows: N, into: dx, ws)
-        guard let slot = lora.slot(layer: l, projection: p) else { return }
-        let r = lora.config.rank, s = lora.config.scale, inF = slot.inFeatures, outF = slot.outFeatures
-        let t = act.loraT[p.rawValue]
-        var mask: UnsafeMutablePointer<UInt8>?
-        var input = UnsafePointer(x)
-        let keep = 1 / (1 - lora.config.dropout)
-        if dropoutActive, let m = act.masks[p.rawValue] {
-            // drop(x) again from x and the kept mask.
-            let dropped = ws.dropped
-            // As the dropout kernel wrote it: x · keep where kept, +0 where dropped (whatever x holds).
-            Self.elementwise(N * inF) { r in for i in r { dropped[i] = m[i] != 0 ? x[i] * keep : 0 } }
-            input = UnsafePointer(ws.dropped)
-            mask = m
-        }
-        let dt = ws.dt
-        lora.parameters.withUnsafeBufferPointer { params in
-            lora.gradients.withUnsafeMutableBufferPointer { grads in
-                // dB += s · dyᵀ t   [out, r]
-                mm(grads.baseAddress! + slot.bOffset, ldc: r, dy, lda: outF, t, ldb: r, m: outF, n: r, k: N, transposeA: true, alpha: s, beta: 1)
-                // dt = s · dy B   [N, r]
-                mm(dt, ldc: r, dy, lda: outF, params.baseAddress! + slot.bOffset, ldb: r, m: N, n: r, k: outF, alpha: s)
-                // dA += dtᵀ drop(x)   [r, in]
-                mm(grads.baseAddress! + slot.aOffset, ldc: inF, dt, lda: r, input, ldb: inF, m: r, n: inF, k: N, transposeA: true, beta: 1)
-                // dx += (dt A) ⊙ dropout mask / (1 − p)
-                if let mask {
-                    let through = ws.through
-                    mm(through, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r)
-                    Self.elementwise(N * inF) { r in for i in r { dx[i] += through[i] * (Float(mask[i]) * keep) } }
-                } else {
-                    mm(dx, ldc: inF, dt, lda: r, params.baseAddress! + slot.aOffset, ldb: inF, m: N, n: inF, k: r, beta: 1)
-                }
-            }
-        }
-    }
-
-    // MARK: - Frozen products
-
-    /// y = x Wᵀ (+ b) for a frozen W [out, in]. bf16 compute: `xb` is x already converted by `bf16Operand`
-    /// (shared by the products that read the same x), and each tile of W is packed for the bf16 GEMM.
-    func frozenForward(_ linear: Linear, _ x: UnsafePointer<Float>, _ xb: UnsafePointer<UInt16>?, rows N: Int,
-                       into y: UnsafeMutablePointer<Float>, _ ws: StepWorkspace) {
-        let inF = linear.inFeatures, outF = linear.outFeatures
-        linear.forEachTile(forRows: N, scratch: ws.scratch, kernels: kernels) { rows, w in
-            if let xb {
-                BF16Gemm.packB(w, ldb: inF, transposed: true, k: inF, n: rows.count, into: ws.packed)
-                BF16Gemm.gemm(y + rows.lowerBound, ldc: outF, xb, lda: BF16Gemm.paddedCount(inF), ws.packed, m: N, n: rows.count, k: inF,
-                              accumulate: false)
-            } else {
-                mm(y + rows.lowerBound, ldc: outF, x, lda: inF, w, ldb: inF, m: N, n: rows.count, k: inF, transposeB: true)
-            }
-        }
-        linear.addBias(to: y, rows: N)
-    }
-
-    /// dx += dy · W for a frozen W [out, in] (no weight gradient): each tile of W's rows is a slice of the
-    /// sum over out. bf16 compute converts dy once.
-    func frozenInputGradient(_ linear: Linear, _ dy: UnsafePointer<Float>, rows N: Int, into dx: UnsafeMutablePointer<Float>,
-                             _ ws: StepWorkspace) {
-        let inF = linear.inFeatures, outF = linear.outFeatures
-        let dyb = bf16Operand(ws, dy, rows: N, cols: outF)
-        linear.forEachTile(forRows: N, scratch: ws.scratch, kernels: kernels) { rows, w in
-            if let dyb {
-                BF16Gemm.packB(w, ldb: inF, transposed: false, k: rows.count, n: inF, into: ws.packed)
-                BF16Gemm.gemm(dx, ldc: inF, dyb + rows.lowerBound, lda: BF16Gemm.paddedCount(outF), ws.packed, m: N, n: inF, k: rows.count,
-                              accumulate: true)
-            } else {
-                mm(dx, ldc: inF, dy + rows.lowerBound, lda: outF, w, ldb: inF, m: N, n: inF, k: rows.count, beta: 1)
-            }
-        }
-    }
+    // MARK: - Loss
 
     /// x [rows, cols] converted to bf16 rows in ws.abf (bf16 compute), or nil (f32 compute). The result
     /// lives until the next conversion.
     func bf16Operand(_ ws: StepWorkspace, _ x: UnsafePointer<Float>, rows: Int, cols: Int) -> UnsafePointer<UInt16>? {
-        guard usesBF16 else { return nil }
-        BF16Gemm.convert(x, rows: rows, cols: cols, ld: cols, into: ws.abf, ldd: BF16Gemm.paddedCount(cols))
+        guard let bf16 else { return nil }
+        BF16Gemm.convert(x, rows: rows, cols: cols, ld: cols, into: ws.abf, ldd: BF16Gemm.paddedCount(cols), kernels: bf16)
         return UnsafePointer(ws.abf)
-    }
-
-    // MARK: - Norms and loss
-
-    func rmsNorm(_ y: UnsafeMutablePointer<Float>, _ rstd: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ w: [Float], rows: Int) {
-        let D = model.config.hiddenSize, eps = model.config.rmsNormEps
-        w.withUnsafeBufferPointer { wp in Ops.rmsNormForward(y, rstd: rstd, x, weight: wp.baseAddress!, rows: rows, dim: D, eps: eps) }
-    }
-
-    /// dx += RMSNorm backward of dy.
-    func normBackward(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
-                      _ w: [Float], rows: Int) {
-        let D = model.config.hiddenSize
-        w.withUnsafeBufferPointer { wp in Ops.rmsNormBackward(dx, dy, x, rstd: rstd, weight: wp.baseAddress!, rows: rows, dim: D) }
     }
 
     /// Mean cross-entropy over counted targets, computed `lossChunkRows` rows at a time; writes
@@ -760,13 +416,15 @@ public final class TrainingEngine {
         while start < rows.count {
             let n = min(chunk, rows.count - start)
             for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
-            frozenForward(head, x, bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, ws)
+            head.frozenForward(x, converted: bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, scratch: ws.scratch, packed: ws.packed,
+                               bf16: bf16, kernels: kernels)
             for k in 0..<n {
                 total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
             }
             if wantGradient {
                 dx.update(repeating: 0, count: n * D)
-                frozenInputGradient(head, logits, rows: n, into: dx, ws)
+                head.inputGradient(logits, converted: bf16Operand(ws, logits, rows: n, cols: V), rows: n, into: dx, scratch: ws.scratch,
+                                   packed: ws.packed, bf16: bf16, kernels: kernels)
                 for k in 0..<n {
                     let row = ws.dxf + rows[start + k].0 * D
                     for j in 0..<D { row[j] += dx[k * D + j] }

@@ -17,6 +17,9 @@ private func floats(_ name: String) -> [Float] {
 }
 
 /// C = A[m, k] · op(B), through convert + pack + gemm (A row stride lda >= padded k).
+/// The scalar references, or the AVX512-BF16 kernels.
+private func bf16Kernels(_ reference: Bool) -> BF16Kernels { reference ? .reference : BF16Kernels.avx512bf16! }
+
 private func product(_ a: [Float], _ b: [Float], m: Int, n: Int, k: Int, transposedB: Bool, reference: Bool,
                      alpha: Float = 1, accumulateInto c0: [Float]? = nil) -> [Float] {
     let lda = BF16Gemm.paddedCount(k) + 2  // a wider stride than needed: strides are honoured
@@ -24,18 +27,18 @@ private func product(_ a: [Float], _ b: [Float], m: Int, n: Int, k: Int, transpo
     var packed = [UInt32](repeating: 0xDEAD_BEEF, count: BF16Gemm.packedWords(k: k, n: n))
     var c = c0 ?? [Float](repeating: .nan, count: m * n)
     a.withUnsafeBufferPointer { ap in
-        ab.withUnsafeMutableBufferPointer { BF16Gemm.convert(ap.baseAddress!, rows: m, cols: k, ld: k, into: $0.baseAddress!, ldd: lda, reference: reference) }
+        ab.withUnsafeMutableBufferPointer { BF16Gemm.convert(ap.baseAddress!, rows: m, cols: k, ld: k, into: $0.baseAddress!, ldd: lda, kernels: bf16Kernels(reference)) }
     }
     b.withUnsafeBufferPointer { bp in
         packed.withUnsafeMutableBufferPointer {
-            BF16Gemm.packB(bp.baseAddress!, ldb: transposedB ? k : n, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: reference)
+            BF16Gemm.packB(bp.baseAddress!, ldb: transposedB ? k : n, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, kernels: bf16Kernels(reference))
         }
     }
     ab.withUnsafeBufferPointer { ap in
         packed.withUnsafeBufferPointer { pp in
             c.withUnsafeMutableBufferPointer {
                 BF16Gemm.gemm($0.baseAddress!, ldc: n, ap.baseAddress!, lda: lda, pp.baseAddress!, m: m, n: n, k: k, alpha: alpha,
-                              accumulate: c0 != nil, reference: reference)
+                              accumulate: c0 != nil, kernels: bf16Kernels(reference))
             }
         }
     }
@@ -58,7 +61,7 @@ struct BF16GemmTests {
             var out = [UInt16](repeating: 0, count: x.count + 1)
             x.withUnsafeBufferPointer { xp in
                 out.withUnsafeMutableBufferPointer {
-                    BF16Gemm.convert(xp.baseAddress!, rows: 1, cols: x.count, ld: x.count, into: $0.baseAddress!, ldd: x.count + 1, reference: reference)
+                    BF16Gemm.convert(xp.baseAddress!, rows: 1, cols: x.count, ld: x.count, into: $0.baseAddress!, ldd: x.count + 1, kernels: bf16Kernels(reference))
                 }
             }
             let mismatches = (0..<x.count).filter { out[$0] != expected[$0] }
@@ -75,7 +78,7 @@ struct BF16GemmTests {
             values.withUnsafeBufferPointer { xp in
                 out.withUnsafeMutableBufferPointer {
                     BF16Gemm.convert(xp.baseAddress!, rows: 1, cols: values.count, ld: values.count, into: $0.baseAddress!, ldd: values.count,
-                                     reference: reference)
+                                     kernels: bf16Kernels(reference))
                 }
             }
             for i in 0..<3 { #expect(out[i] & 0x7F80 == 0x7F80 && out[i] & 0x7F != 0 || out[i] & 0x7FC0 == 0x7FC0, "NaN \(i): \(out[i])") }
@@ -118,8 +121,8 @@ struct BF16GemmTests {
                 var p1 = [UInt32](repeating: 1, count: BF16Gemm.packedWords(k: k, n: n)), p2 = p1
                 let ldb = transposedB ? k : n
                 b.withUnsafeBufferPointer { bp in
-                    p1.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: true) }
-                    p2.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, reference: false) }
+                    p1.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, kernels: .reference) }
+                    p2.withUnsafeMutableBufferPointer { BF16Gemm.packB(bp.baseAddress!, ldb: ldb, transposed: transposedB, k: k, n: n, into: $0.baseAddress!, kernels: BF16Kernels.avx512bf16!) }
                 }
                 #expect(p1 == p2, "pack m\(m) n\(n) k\(k) transposed \(transposedB)")
             }
@@ -158,10 +161,10 @@ struct BF16GemmTests {
             let ldd = BF16Gemm.paddedCount(rows)
             var viaT = [UInt16](repeating: 1, count: cols * ldd), direct = viaT
             x.withUnsafeBufferPointer { xp in viaT.withUnsafeMutableBufferPointer {
-                BF16Gemm.convertTransposed(xp.baseAddress!, rows: rows, cols: cols, ld: cols, into: $0.baseAddress!, ldd: ldd, reference: reference)
+                BF16Gemm.convertTransposed(xp.baseAddress!, rows: rows, cols: cols, ld: cols, into: $0.baseAddress!, ldd: ldd, kernels: bf16Kernels(reference))
             } }
             transpose(x, rows: rows, cols: cols).withUnsafeBufferPointer { tp in direct.withUnsafeMutableBufferPointer {
-                BF16Gemm.convert(tp.baseAddress!, rows: cols, cols: rows, ld: rows, into: $0.baseAddress!, ldd: ldd, reference: true)
+                BF16Gemm.convert(tp.baseAddress!, rows: cols, cols: rows, ld: rows, into: $0.baseAddress!, ldd: ldd, kernels: .reference)
             } }
             #expect(viaT == direct, "\(rows) x \(cols), reference \(reference)")
         }

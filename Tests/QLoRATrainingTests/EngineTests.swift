@@ -22,7 +22,17 @@ private func batch() -> TrainingBatch {
     return TrainingBatch(tokens: tokens, labels: labels, batchSize: B, sequenceLength: T)
 }
 
-private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true, dtype: ComputeDType = .f32) -> TrainingEngine {
+/// The precisions a step runs in: f32; bf16 on this CPU's kernels (f32 where it has no AVX512-BF16); bf16 on
+/// the scalar reference kernels, which any CPU runs.
+enum StepPrecision: String, CaseIterable, CustomStringConvertible {
+    case f32, bf16, bf16Reference = "bf16-reference"
+    var description: String { rawValue }
+    var dtype: ComputeDType { self == .f32 ? .f32 : .bf16 }
+    var kernels: KernelTable { self == .bf16Reference ? KernelTable.current.withBF16(.reference) : .current }
+}
+
+private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true, dtype: ComputeDType = .f32,
+                    kernels: KernelTable = .current) -> TrainingEngine {
     var c = LoRAConfig()
     c.rank = 4
     c.alpha = 8
@@ -35,7 +45,11 @@ private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool
     o.computeDType = dtype  // f32 unless a test asks: finite differences need the f32 products
     o.gradientCheckpointing = checkpointing
     o.lossChunkRows = 7
-    return TrainingEngine(model: model, lora: lora, options: o)
+    return TrainingEngine(model: model, lora: lora, options: o, kernels: kernels)
+}
+
+private func engine(_ model: LlamaModel, dropout: Float = 0, checkpointing: Bool = true, _ precision: StepPrecision) -> TrainingEngine {
+    engine(model, dropout: dropout, checkpointing: checkpointing, dtype: precision.dtype, kernels: precision.kernels)
 }
 
 @Suite("training engine")
@@ -81,16 +95,16 @@ struct EngineTests {
         #expect(worst <= 1e-9, "gradients at scale 0.25 differ from a quarter of those at scale 1 by \(worst)")
     }
 
-    @Test("gradient checkpointing gives the same gradients as keeping every activation (f32 and bf16 compute)",
-          arguments: [ComputeDType.f32, .bf16])
-    func checkpointing(dtype: ComputeDType) throws {
+    @Test("gradient checkpointing gives the same gradients as keeping every activation (f32 and bf16 compute, bf16 on the reference kernels)",
+          arguments: StepPrecision.allCases)
+    func checkpointing(precision: StepPrecision) throws {
         let model = try tinyModel(.nf4)
-        let a = engine(model, checkpointing: true, dtype: dtype), b = engine(model, checkpointing: false, dtype: dtype)
+        let a = engine(model, checkpointing: true, precision), b = engine(model, checkpointing: false, precision)
         let la = try a.step(batch()), lb = try b.step(batch())
         #expect(la == lb)
         #expect(a.lora.gradients == b.lora.gradients)
         // With dropout too (the recomputed layer draws the same masks).
-        let c = engine(model, dropout: 0.1, checkpointing: true, dtype: dtype), d = engine(model, dropout: 0.1, checkpointing: false, dtype: dtype)
+        let c = engine(model, dropout: 0.1, checkpointing: true, precision), d = engine(model, dropout: 0.1, checkpointing: false, precision)
         #expect(try c.step(batch()) == (try d.step(batch())))
         #expect(c.lora.gradients == d.lora.gradients)
     }
@@ -265,14 +279,14 @@ struct EngineTests {
         #expect(Compare.close(ea.lora.gradients, eb.lora.gradients, atol: 1e-6, rtol: 1e-4, "gradients") == nil)
     }
 
-    @Test("causal attention in row blocks gives the gradients of whole squares (plain and packed rows; f32 and bf16)",
-          arguments: [ComputeDType.f32, .bf16])
-    func attentionBlocks(dtype: ComputeDType) throws {
+    @Test("causal attention in row blocks gives the gradients of whole squares (plain and packed rows; f32 and bf16, bf16 on the reference kernels)",
+          arguments: StepPrecision.allCases)
+    func attentionBlocks(precision: StepPrecision) throws {
         let model = try tinyModel()
         for packed in [false, true] {
             var results: [(Double, [Float])] = []
             for block in [1000, 3, 4] {
-                let e = engine(model, dtype: dtype)
+                let e = engine(model, precision)
                 e.options.attentionRowBlock = block
                 e.lora.zeroGradients()
                 var b = batch()
@@ -286,6 +300,34 @@ struct EngineTests {
                 #expect(abs(r.0 - results[0].0) <= 1e-6 * abs(results[0].0), "loss, packed \(packed)")
                 #expect(Compare.close(r.1, results[0].1, atol: 1e-7, rtol: 1e-4, "gradients, packed \(packed)") == nil)
             }
+        }
+    }
+
+    @Test("bf16 compute on the scalar reference kernels (any CPU): the loss and gradients of f32 within bf16 rounding, and those of the AVX512-BF16 kernels within f32 summation order where the CPU has them")
+    func bf16OnReferenceKernels() throws {
+        let model = try tinyModel(.nf4)
+        func run(_ precision: StepPrecision, kernels: KernelTable? = nil) throws -> (Double, [Float], Bool) {
+            let e = kernels.map { engine(model, dtype: precision.dtype, kernels: $0) } ?? engine(model, precision)
+            e.lora.zeroGradients()
+            let loss = try e.step(batch())
+            return (loss, e.lora.gradients, e.usesBF16)
+        }
+        let f32 = try run(.f32), reference = try run(.bf16Reference)
+        #expect(reference.2, "the engine computes in f32 with bf16 reference kernels in its table")
+        #expect(abs(reference.0 - f32.0) <= 1e-2 * abs(f32.0), "loss \(reference.0) against f32's \(f32.0)")
+        #expect(abs(reference.0 - f32.0) > 0, "bf16 rounding moved nothing: the bf16 path did not run")
+        // Single gradients of a tiny model move by much more than bf16's 2⁻⁸ (a small one is a difference of large
+        // terms); the gradient as a whole stays within a few percent of f32's.
+        var diff = 0.0, norm = 0.0
+        for (x, y) in zip(reference.1, f32.1) {
+            diff += Double(x - y) * Double(x - y)
+            norm += Double(y) * Double(y)
+        }
+        #expect((diff / norm).squareRoot() <= 5e-2, "bf16 (reference kernels) against f32 gradients: relative distance \((diff / norm).squareRoot())")
+        if let fast = BF16Kernels.avx512bf16 {
+            let avx = try run(.bf16, kernels: KernelTable.current.withBF16(fast))
+            #expect(abs(avx.0 - reference.0) <= 1e-5 * abs(reference.0), "loss \(avx.0) against the reference kernels' \(reference.0)")
+            #expect(Compare.close(avx.1, reference.1, atol: 1e-6, rtol: 1e-3, "AVX512-BF16 against reference kernels' gradients") == nil)
         }
     }
 }
