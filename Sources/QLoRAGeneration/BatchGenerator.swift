@@ -54,11 +54,7 @@ public final class BatchGenerator {
         let id: Int
         let request: GenerationRequest
         let cache: KVCache
-        var sampler: Sampler
-        let eos: Set<Int>
-        var reply: ReplyText
-        var context: [Int]
-        var generated: [Int] = []
+        var reply: ReplyDecoder
         var logits: [Float] = []
         let prefillSeconds: Double
         let decodeStart: Double
@@ -70,16 +66,13 @@ public final class BatchGenerator {
             self.id = id
             self.request = request
             self.cache = cache
-            sampler = Sampler(options: request.options.sampling)
-            self.eos = eos
-            reply = ReplyText(tokenizer: tokenizer, stopStrings: request.options.stopStrings)
-            context = request.prompt
+            reply = ReplyDecoder(prompt: request.prompt, options: request.options, eos: eos, tokenizer: tokenizer)
             self.prefillSeconds = prefillSeconds
             decodeStart = Clock.seconds()
         }
 
         func result(_ reason: String) -> GenerationResult {
-            GenerationResult(text: reply.text, tokenIDs: generated, promptTokens: request.prompt.count, finishReason: reason,
+            GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
                              prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart)
         }
     }
@@ -118,15 +111,9 @@ public final class BatchGenerator {
             var running: [Slot] = []
             for slot in slots {
                 if stop { try finished(slot.id, slot.result("interrupted")); continue }
-                let token = slot.sampler.next(logits: slot.logits, context: slot.context)
-                if slot.eos.contains(token) { try finished(slot.id, slot.result("eos")); continue }
-                slot.generated.append(token)
-                slot.context.append(token)
-                let (piece, stopped) = slot.reply.add(token)
-                if !piece.isEmpty && !onText(slot.id, piece) { try finished(slot.id, slot.result("cancelled")); continue }
-                if stopped { try finished(slot.id, slot.result("stop")); continue }
-                if slot.generated.count >= slot.request.options.maxTokens || slot.cache.length >= slot.cache.capacity {
-                    try finished(slot.id, slot.result("length"))
+                if let end = slot.reply.step(logits: slot.logits, cacheFull: slot.cache.length >= slot.cache.capacity,
+                                             onText: { onText(slot.id, $0) }, cancelled: "cancelled") {
+                    try finished(slot.id, slot.result(end))
                     continue
                 }
                 running.append(slot)
@@ -136,7 +123,7 @@ public final class BatchGenerator {
             slots = Self.groupedByModel(running)
             if slots.isEmpty { continue }
             largestBatch = max(largestBatch, slots.count)
-            let tokens = slots.map { $0.generated.last! }
+            let tokens = slots.map { $0.reply.generated.last! }
             if slots.count == 1 {
                 slots[0].logits = try (slots[0].adapter ?? model).forward(tokens, cache: slots[0].cache, logits: .last)
             } else {

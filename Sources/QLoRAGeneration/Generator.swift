@@ -53,28 +53,22 @@ public final class Generator {
     /// false to stop early (e.g. Ctrl-C). The cache keeps the conversation: call `cache.reset()` for a
     /// new one; a prompt continues from the cache's current length.
     public func generate(prompt: [Int], options: GenerationOptions, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        var sampler = Sampler(options: options.sampling)
-        let eos = eosIDs(options)
-        var reply = ReplyText(tokenizer: tokenizer, stopStrings: options.stopStrings)
+        var reply = ReplyDecoder(prompt: prompt, options: options, eos: eosIDs(options), tokenizer: tokenizer)
         let start = Clock.seconds()
         var logits = try model.forward(prompt, cache: cache, logits: .last)
         let prefill = Clock.seconds() - start
-        var context = prompt
-        var generated: [Int] = []
         var reason = "length"
         let decodeStart = Clock.seconds()
-        while generated.count < options.maxTokens {
-            let next = sampler.next(logits: logits, context: context)
-            if eos.contains(next) { reason = "eos"; break }
-            generated.append(next)
-            context.append(next)
-            let (piece, stopped) = reply.add(next)
-            if !piece.isEmpty && !onText(piece) { reason = "interrupted"; break }
-            if stopped { reason = "stop"; break }
-            if generated.count == options.maxTokens || cache.length >= cache.capacity { break }
-            logits = try model.forward([next], cache: cache, logits: .last)
+        if options.maxTokens > 0 {
+            while true {
+                if let end = reply.step(logits: logits, cacheFull: cache.length >= cache.capacity, onText: onText, cancelled: "interrupted") {
+                    reason = end
+                    break
+                }
+                logits = try model.forward([reply.generated.last!], cache: cache, logits: .last)
+            }
         }
-        return GenerationResult(text: reply.text, tokenIDs: generated, promptTokens: prompt.count, finishReason: reason,
+        return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: prompt.count, finishReason: reason,
                                 prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart)
     }
 }
@@ -103,5 +97,42 @@ struct ReplyText {
             return (text.count > before ? String(text.dropFirst(before)) : "", true)
         }
         return (piece, false)
+    }
+}
+
+/// One reply's decoding, a token at a time, for the generation loop and the batched one alike: sampling,
+/// the end checks (an end token, a stop string, the token limit, a full cache) and the streamed text.
+struct ReplyDecoder {
+    private var sampler: Sampler
+    private let eos: Set<Int>
+    private var reply: ReplyText
+    private var context: [Int]
+    private let maxTokens: Int
+    private(set) var generated: [Int] = []
+
+    init(prompt: [Int], options: GenerationOptions, eos: Set<Int>, tokenizer: Tokenizer) {
+        sampler = Sampler(options: options.sampling)
+        self.eos = eos
+        reply = ReplyText(tokenizer: tokenizer, stopStrings: options.stopStrings)
+        context = prompt
+        maxTokens = options.maxTokens
+    }
+
+    /// The reply's text so far.
+    var text: String { reply.text }
+
+    /// Samples the next token from `logits` and takes it: nil while the reply goes on (its token is
+    /// `generated.last`, to run next), else why it ended: "eos" (not kept), "stop", "length" (the limit, or
+    /// `cacheFull`), or `cancelled` when `onText` refused the new text.
+    mutating func step(logits: [Float], cacheFull: Bool, onText: (String) -> Bool, cancelled: String) -> String? {
+        let next = sampler.next(logits: logits, context: context)
+        if eos.contains(next) { return "eos" }
+        generated.append(next)
+        context.append(next)
+        let (piece, stopped) = reply.add(next)
+        if !piece.isEmpty && !onText(piece) { return cancelled }
+        if stopped { return "stop" }
+        if generated.count >= maxTokens || cacheFull { return "length" }
+        return nil
     }
 }

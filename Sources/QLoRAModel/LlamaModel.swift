@@ -191,21 +191,7 @@ extension LlamaModel {
             return values
         }
 
-        /// Un-permutes GGUF's Q/K rows: GGUF row h*d + 2i + s holds HF row h*d + s*d/2 + i.
-        func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] {
-            let d = w.count / cols / heads
-            var out = [Float](repeating: 0, count: w.count)
-            for h in 0..<heads {
-                for i in 0..<(d / 2) {
-                    for s in 0..<2 {
-                        let src = (h * d + 2 * i + s) * cols
-                        let dst = (h * d + s * (d / 2) + i) * cols
-                        for c in 0..<cols { out[dst + c] = w[src + c] }
-                    }
-                }
-            }
-            return out
-        }
+        func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] { RotaryRows.toHuggingFace(w, heads: heads, cols: cols) }
 
         func linear(_ name: String, out: Int, in inFeatures: Int, permuteHeads: Int? = nil, biasName: String? = nil) throws -> Linear {
             var bias: [Float]?

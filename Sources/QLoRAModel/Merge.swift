@@ -193,35 +193,11 @@ public final class ModelMerger: @unchecked Sendable {
         return w
     }
 
-    /// GGUF's Q/K rows to transformers' order: GGUF row h*d + 2i + s holds HF row h*d + s*d/2 + i.
-    public static func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] {
-        let d = w.count / cols / heads
-        var out = [Float](repeating: 0, count: w.count)
-        for h in 0..<heads {
-            for i in 0..<(d / 2) {
-                for s in 0..<2 {
-                    let src = (h * d + 2 * i + s) * cols, dst = (h * d + s * (d / 2) + i) * cols
-                    for c in 0..<cols { out[dst + c] = w[src + c] }
-                }
-            }
-        }
-        return out
-    }
+    /// GGUF's Q/K rows to transformers' order (RotaryRows).
+    public static func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] { RotaryRows.toHuggingFace(w, heads: heads, cols: cols) }
 
-    /// transformers' Q/K rows to GGUF's order (the inverse of `unpermute`), as llama.cpp's converter writes them.
-    public static func permute(_ w: [Float], heads: Int, cols: Int) -> [Float] {
-        let d = w.count / cols / heads
-        var out = [Float](repeating: 0, count: w.count)
-        for h in 0..<heads {
-            for i in 0..<(d / 2) {
-                for s in 0..<2 {
-                    let dst = (h * d + 2 * i + s) * cols, src = (h * d + s * (d / 2) + i) * cols
-                    for c in 0..<cols { out[dst + c] = w[src + c] }
-                }
-            }
-        }
-        return out
-    }
+    /// transformers' Q/K rows to GGUF's order, as llama.cpp's converter writes them (RotaryRows).
+    public static func permute(_ w: [Float], heads: Int, cols: Int) -> [Float] { RotaryRows.toGGUF(w, heads: heads, cols: cols) }
 
     /// The GGUF name of a merged tensor.
     public static func ggufName(_ hfName: String) -> String? {
@@ -239,5 +215,29 @@ public final class ModelMerger: @unchecked Sendable {
                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
         guard let g = map[module] else { return nil }
         return "blk.\(i).\(g).\(p.last!)"
+    }
+}
+
+/// The two orders of a Q or K projection's rows: transformers rotates the halves of each head as pairs
+/// (i, i + d/2), llama.cpp adjacent pairs (2i, 2i + 1), so its converter interleaves the halves: GGUF row
+/// h·d + 2i + s holds transformers' row h·d + s·d/2 + i. Rows of `cols` values each (a weight, B of an
+/// adapter, or a bias with cols 1).
+public enum RotaryRows {
+    public static func toHuggingFace(_ w: [Float], heads: Int, cols: Int) -> [Float] { reorder(w, heads: heads, cols: cols, fromGGUF: true) }
+    public static func toGGUF(_ w: [Float], heads: Int, cols: Int) -> [Float] { reorder(w, heads: heads, cols: cols, fromGGUF: false) }
+
+    static func reorder(_ w: [Float], heads: Int, cols: Int, fromGGUF: Bool) -> [Float] {
+        let d = w.count / cols / heads
+        var out = [Float](repeating: 0, count: w.count)
+        for h in 0..<heads {
+            for i in 0..<(d / 2) {
+                for s in 0..<2 {
+                    let gguf = (h * d + 2 * i + s) * cols, hf = (h * d + s * (d / 2) + i) * cols
+                    let (src, dst) = fromGGUF ? (gguf, hf) : (hf, gguf)
+                    for c in 0..<cols { out[dst + c] = w[src + c] }
+                }
+            }
+        }
+        return out
     }
 }

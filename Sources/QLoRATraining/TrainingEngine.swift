@@ -259,12 +259,16 @@ public final class TrainingEngine {
         try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) }
     }
 
-    func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
+    func checkTokens(_ batch: TrainingBatch) throws {
+        let V = model.config.vocabSize
+        for t in batch.tokens where t < 0 || t >= V { throw ForwardError.tokenOutOfRange(token: t, vocab: V) }
+    }
+
+    /// The step's forward through every layer: ws.hidden[L] holds the last layer's output.
+    func forwardLayers(_ batch: TrainingBatch) throws -> (StepWorkspace, Shape, BlockCall) {
+        try checkTokens(batch)
         let c = model.config
-        let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize, L = c.layerCount
-        for t in batch.tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
-        let count = batch.targetCount
-        guard count > 0 else { return 0 }
+        let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize
         let ws = workspace(rows: N, pairs: B * T * T, maxT: T)
         for (i, token) in batch.tokens.enumerated() { model.embeddings.copyRow(token, into: ws.hidden[0] + i * D) }
         // RoPE tables for each token's position in its example.
@@ -272,10 +276,44 @@ public final class TrainingEngine {
         let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
         let call = BlockCall(rows: N, cos: ws.ropeCos, sin: ws.ropeSin, bf16: bf16, kernels: kernels)
         withAdapters { lora in
-            for l in 0..<L {
+            for l in 0..<c.layerCount {
                 layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, call, lora, h: ws.hidden[l], out: ws.hidden[l + 1])
             }
         }
+        return (ws, shape, call)
+    }
+
+    /// The logits [B·T, V] at every position of `batch` as the training step's forward computes them (the
+    /// adapter being trained applied, without dropout), through the same block inference runs: for checks
+    /// of one against the other, and for scoring during training.
+    public func logits(_ batch: TrainingBatch) throws -> [Float] {
+        let wasTraining = training
+        training = false
+        defer { training = wasTraining }
+        return try Gemm.withSingleThreadedBLAS {
+            let (ws, _, _) = try forwardLayers(batch)
+            let c = model.config
+            let N = batch.batchSize * batch.sequenceLength
+            model.finalNorm.withUnsafeBufferPointer { w in
+                Ops.rmsNormForward(ws.xf, rstd: nil, ws.hidden[c.layerCount], weight: w.baseAddress!, rows: N, dim: c.hiddenSize, eps: c.rmsNormEps)
+            }
+            var out = [Float](repeating: 0, count: N * c.vocabSize)
+            out.withUnsafeMutableBufferPointer { o in
+                model.head.frozenForward(ws.xf, rows: N, into: o.baseAddress!, scratch: ws.scratch, bf16: bf16, kernels: kernels)
+            }
+            return out
+        }
+    }
+
+    func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
+        let c = model.config
+        let N = batch.batchSize * batch.sequenceLength, D = c.hiddenSize, L = c.layerCount
+        let count = batch.targetCount
+        guard count > 0 else {
+            try checkTokens(batch)
+            return 0
+        }
+        let (ws, shape, call) = try forwardLayers(batch)
         // Final norm and chunked cross-entropy; dh is the gradient of the loss w.r.t. the last hidden state.
         model.finalNorm.withUnsafeBufferPointer { w in
             Ops.rmsNormForward(ws.xf, rstd: ws.rstdf, ws.hidden[L], weight: w.baseAddress!, rows: N, dim: D, eps: c.rmsNormEps)

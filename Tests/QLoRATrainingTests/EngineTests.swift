@@ -330,4 +330,41 @@ struct EngineTests {
             #expect(Compare.close(avx.1, reference.1, atol: 1e-6, rtol: 1e-3, "AVX512-BF16 against reference kernels' gradients") == nil)
         }
     }
+
+    @Test("the training step's forward and the inference forward give the same logits (one block; f32, an adapter on, plain and packed rows)")
+    func trainingForwardIsInferenceForward() throws {
+        // (In bf16 they differ by design: inference keeps attention's products in f32 and decodes few rows
+        // through the matrix-vector kernels.)
+        let precision = StepPrecision.f32
+        let model = try tinyModel(.nf4)
+        let e = engine(model, dropout: 0.1, precision)  // dropout is off outside training: logits() runs without it
+        for i in e.lora.parameters.indices { e.lora.parameters[i] *= 3 }  // an update large enough to matter
+        let dir = try Fixtures.temporaryDirectory("forward-lora")
+        try e.lora.writePEFTAdapter(to: dir, baseModel: "tiny-llama-gqa")
+        let adapted = try model.withAdapter(dir)
+        let V = model.config.vocabSize
+        for packed in [false, true] {
+            var b = batch()
+            if packed {
+                let starts = (0..<b.tokens.count).map { i in i % 10 < 4 ? 0 : 4 }
+                b = TrainingBatch(tokens: b.tokens, labels: b.labels, batchSize: b.batchSize, sequenceLength: b.sequenceLength, segmentStarts: starts)
+            }
+            let training = try e.logits(b)
+            let base = try TrainingEngine(model: model, lora: LoRAWeights(model: model, config: e.lora.config), options: e.options,
+                                          kernels: precision.kernels).logits(b)
+            var moved: Float = 0
+            for s in 0..<b.batchSize {
+                // Each example of a row on its own cache, as inference runs it.
+                let row = s * b.sequenceLength
+                for (lo, hi) in packed ? [(0, 4), (4, b.sequenceLength)] : [(0, b.sequenceLength)] {
+                    let ids = Array(b.tokens[(row + lo)..<(row + hi)])
+                    let inference = try adapted.forward(ids, cache: KVCache(config: model.config, capacity: 16), logits: .all, kernels: precision.kernels)
+                    let ours = Array(training[((row + lo) * V)..<((row + hi) * V)])
+                    #expect(Compare.close(ours, inference, atol: 2e-5, rtol: 1e-4, "\(precision) packed \(packed), sequence \(s) rows \(lo)..<\(hi)") == nil)
+                    for (x, y) in zip(ours, base[((row + lo) * V)..<((row + hi) * V)]) { moved = max(moved, abs(x - y)) }
+                }
+            }
+            #expect(moved > 1e-2, "the adapter moved the logits by \(moved) only: the comparison would not see it missing")
+        }
+    }
 }
