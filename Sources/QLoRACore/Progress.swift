@@ -89,3 +89,11 @@ public enum Log {
 
     public static func info(_ text: String) { write(text + "\n") }
 }
+
+/// A byte count in decimal units, two decimals: "512 B", "1.50 MB".
+public func formatBytes(_ n: Int) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"]
+    var v = Double(n), u = 0
+    while v >= 1000 && u < units.count - 1 { v /= 1000; u += 1 }
+    return u == 0 ? "\(n) B" : "\(Chart.fixed(v, 2)) \(units[u])"
+}

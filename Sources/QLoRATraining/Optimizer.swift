@@ -211,15 +211,77 @@ public final class AdamW {
 
     /// The whole state as bytes (for checkpoints) and the step count.
     public func serializedState() -> [UInt8] {
-        Array(UnsafeRawBufferPointer(start: state.pointer, count: state.byteCount))
+        var out = Array(Self.stateMagic.utf8)
+        func u32(_ v: Int) { withUnsafeBytes(of: UInt32(v).littleEndian) { out += $0 } }
+        func u64(_ v: Int) { withUnsafeBytes(of: UInt64(v).littleEndian) { out += $0 } }
+        u32(Self.stateVersion)
+        let kindName = Array(kind.rawValue.utf8)
+        u32(kindName.count)
+        out += kindName
+        u64(tensors.count)
+        for (t, l) in zip(tensors, layouts) {
+            u64(t.count)
+            out.append(l.use8Bit ? 1 : 0)
+        }
+        let payload = UnsafeRawBufferPointer(start: state.pointer, count: state.byteCount)
+        u64(payload.count)
+        u32(Int(CRC32C.checksum(payload)))
+        out += payload
+        return out
     }
 
-    /// Restores what `serializedState` returned (same kind and tensors).
-    public func restore(state bytes: [UInt8], step: Int) throws {
-        guard bytes.count == state.byteCount else {
-            throw SystemError(call: "restore optimizer state (\(bytes.count) bytes, expected \(state.byteCount))", path: "optimizer", code: EINVAL)
+    /// The first bytes of `serializedState`, and its version.
+    static let stateMagic = "QLORAOPT"
+    static let stateVersion = 1
+
+    /// Restores what `serializedState` returned: the header must name this optimizer kind and tensor layout,
+    /// and the state must match its checksum. `legacy`: a checkpoint of format 1, whose optimizer.bin is the
+    /// bare state (no header, no checksum).
+    public func restore(state bytes: [UInt8], step: Int, legacy: Bool = false) throws {
+        var payloadStart = 0
+        if !legacy {
+            var at = 0
+            func take(_ n: Int) throws -> ArraySlice<UInt8> {
+                guard n >= 0, at + n <= bytes.count else { throw OptimizerStateError("it ends inside its header") }
+                defer { at += n }
+                return bytes[at..<(at + n)]
+            }
+            func integer(_ n: Int) throws -> Int {
+                var v = 0
+                for (i, b) in try take(n).enumerated() { v |= Int(b) << (8 * i) }
+                return v
+            }
+            guard try take(Self.stateMagic.utf8.count).elementsEqual(Self.stateMagic.utf8) else {
+                throw OptimizerStateError("it is not swift-qlora optimizer state (no \(Self.stateMagic) header)")
+            }
+            let version = try integer(4)
+            guard version == Self.stateVersion else {
+                throw OptimizerStateError("optimizer state version \(version); this version of swift-qlora reads version \(Self.stateVersion)")
+            }
+            let kindName = String(decoding: try take(try integer(4)), as: UTF8.self)
+            guard kindName == kind.rawValue else { throw OptimizerStateError("it holds \(kindName) state; this run uses \(kind.rawValue)") }
+            let count = try integer(8)
+            guard count == tensors.count else { throw OptimizerStateError("it holds \(count) tensors; this adapter has \(tensors.count)") }
+            for (k, (t, l)) in zip(tensors, layouts).enumerated() {
+                let n = try integer(8), eight = try integer(1)
+                guard n == t.count, (eight == 1) == l.use8Bit else {
+                    throw OptimizerStateError("tensor \(k) has \(n) values (\(eight == 1 ? "8" : "32")-bit); this adapter's has \(t.count)")
+                }
+            }
+            let size = try integer(8), checksum = try integer(4)
+            guard size == state.byteCount, at + size == bytes.count else {
+                throw OptimizerStateError("\(bytes.count - at) bytes of state, expected \(state.byteCount)")
+            }
+            guard Int(CRC32C.checksum(bytes[at...])) == checksum else {
+                throw OptimizerStateError("the state does not match its checksum: the file is corrupted")
+            }
+            payloadStart = at
+        } else {
+            guard bytes.count == state.byteCount else {
+                throw OptimizerStateError("\(bytes.count) bytes, expected \(state.byteCount)")
+            }
         }
-        bytes.withUnsafeBytes { state.pointer.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        if state.byteCount > 0 { bytes.withUnsafeBytes { state.pointer.copyMemory(from: $0.baseAddress! + payloadStart, byteCount: state.byteCount) } }
         self.step = step
     }
 
@@ -240,4 +302,11 @@ public final class AdamW {
         let blocks = (n + Self.blockSize - 1) / Self.blockSize
         return (Array(state.bytes(l.m, n)), Array(state.floats(l.absmaxM, blocks)), Array(state.bytes(l.v, n)), Array(state.floats(l.absmaxV, blocks)))
     }
+}
+
+/// Why saved optimizer state cannot be restored (the caller names the file).
+public struct OptimizerStateError: Error, CustomStringConvertible {
+    public let reason: String
+    init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
 }

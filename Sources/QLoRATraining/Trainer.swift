@@ -260,10 +260,16 @@ public final class Trainer {
         try FileSystem.removeTree(temporary)
         try FileSystem.makeDirectory(temporary)
         try engine.lora.writePEFTAdapter(to: temporary, baseModel: baseModel)
-        try FileSystem.writeFileAtomically(FileSystem.join(temporary, "optimizer.bin"), bytes: optimizer.serializedState())
+        let optimizerState = optimizer.serializedState()
+        try FileSystem.writeFileAtomically(FileSystem.join(temporary, "optimizer.bin"), bytes: optimizerState)
+        // Checksums of what resume reads, so that a corrupted file is refused instead of resumed from.
+        var checksums: [(String, JSONValue)] = [("optimizer.bin", .int(Int(CRC32C.checksum(optimizerState))))]
+        for name in Self.checksummedAdapterFiles {
+            checksums.append((name, .int(Int(CRC32C.checksum(try FileSystem.readFile(FileSystem.join(temporary, name)))))))
+        }
         let state: JSONValue = .object([
             ("step", .int(step)), ("optimizer", .string(config.optimizer.rawValue)), ("optimizer_step", .int(optimizer.step)),
-            ("format", .string("swift-qlora checkpoint 1")),
+            ("format", .string(Self.checkpointFormat)), ("crc32c", .object(checksums)),
         ])
         try FileSystem.writeFileAtomically(FileSystem.join(temporary, "trainer_state.json"), bytes: Array(JSON.serialize(state, pretty: true).utf8))
         for (name, bytes) in checkpointFiles { try FileSystem.writeFileAtomically(FileSystem.join(temporary, name), bytes: bytes) }
@@ -285,18 +291,50 @@ public final class Trainer {
         }.sorted { $0.0 < $1.0 }
     }
 
-    /// Restores adapter, optimizer and step from a checkpoint folder.
+    /// The format a checkpoint's trainer_state.json names: 2 has a header on optimizer.bin (OptimizerState)
+    /// and CRC-32C checksums of the files resume reads; 1 (read too) had neither.
+    public static let checkpointFormat = "swift-qlora checkpoint 2"
+    static let legacyCheckpointFormat = "swift-qlora checkpoint 1"
+    static let checksummedAdapterFiles = ["adapter_model.safetensors", "adapter_config.json"]
+
+    /// Restores adapter, optimizer and step from a checkpoint folder, after checking its format and that
+    /// every file matches its checksum.
     public func resume(from folder: String) throws {
-        let adapter = try PEFTAdapter(folder: folder)
-        try engine.lora.load(from: adapter)
-        let stateJSON = try JSON.parse(try FileSystem.readFile(FileSystem.join(folder, "trainer_state.json")))
+        let statePath = FileSystem.join(folder, "trainer_state.json")
+        let stateJSON: JSONValue
+        do { stateJSON = try JSON.parse(try FileSystem.readFile(statePath)) } catch {
+            throw FormatError.invalidConfig(file: statePath, reason: "cannot read the checkpoint's state (\(error)); resume from an earlier checkpoint")
+        }
+        let format = stateJSON["format"]?.stringValue ?? "?"
+        guard format == Self.checkpointFormat || format == Self.legacyCheckpointFormat else {
+            throw FormatError.invalidConfig(file: statePath, reason: "checkpoint format '\(format)'; this version of swift-qlora reads '\(Self.checkpointFormat)' and '\(Self.legacyCheckpointFormat)'")
+        }
+        let legacy = format == Self.legacyCheckpointFormat
         guard let s = stateJSON["step"]?.intValue, let os = stateJSON["optimizer_step"]?.intValue else {
-            throw FormatError.invalidConfig(file: FileSystem.join(folder, "trainer_state.json"), reason: "no step")
+            throw FormatError.invalidConfig(file: statePath, reason: "no step")
         }
         guard stateJSON["optimizer"]?.stringValue == config.optimizer.rawValue else {
             throw FormatError.invalidConfig(file: folder, reason: "checkpoint was written with optimizer \(stateJSON["optimizer"]?.stringValue ?? "?"), this run uses \(config.optimizer.rawValue)")
         }
-        try optimizer.restore(state: try FileSystem.readFile(FileSystem.join(folder, "optimizer.bin")), step: os)
+        if !legacy {
+            for name in Self.checksummedAdapterFiles + ["optimizer.bin"] {
+                let path = FileSystem.join(folder, name)
+                guard let expected = stateJSON["crc32c"]?[name]?.intValue else {
+                    throw FormatError.invalidConfig(file: statePath, reason: "no checksum for \(name)")
+                }
+                guard Int(CRC32C.checksum(try FileSystem.readFile(path))) == expected else {
+                    throw FormatError.invalidConfig(file: path, reason: "does not match its checksum in trainer_state.json: the checkpoint is corrupted; resume from an earlier checkpoint")
+                }
+            }
+        }
+        let adapter = try PEFTAdapter(folder: folder)
+        try engine.lora.load(from: adapter)
+        let optimizerPath = FileSystem.join(folder, "optimizer.bin")
+        do {
+            try optimizer.restore(state: try FileSystem.readFile(optimizerPath), step: os, legacy: legacy)
+        } catch let e as OptimizerStateError {
+            throw FormatError.invalidConfig(file: optimizerPath, reason: e.reason)
+        }
         step = s
     }
 }

@@ -70,11 +70,4 @@ func printJSON(_ value: JSONValue) {
 }
 
 /// Formats a byte count for people.
-func formatBytes(_ n: Int) -> String {
-    let units = ["B", "KB", "MB", "GB", "TB"]
-    var v = Double(n), u = 0
-    while v >= 1000 && u < units.count - 1 { v /= 1000; u += 1 }
-    return u == 0 ? "\(n) B" : "\(formatFixed(v, 2)) \(units[u])"
-}
-
 func formatFixed(_ v: Double, _ digits: Int) -> String { Chart.fixed(v, digits) }

@@ -162,18 +162,8 @@ struct Train: ParsableCommand {
         // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
         Interrupt.install(terminateToo: true)
         // The output folder: writable, and not silently reused.
-        try FileSystem.makeDirectories(output)
-        let probe = FileSystem.join(output, ".qlora-write-test")
-        try FileSystem.writeFileAtomically(probe, bytes: [1])
-        FileSystem.remove(probe)
-        // A checkpoint interrupted while being written (SIGKILL) leaves only its temporary folder.
-        for name in try FileSystem.listDirectory(output) where name.hasPrefix(".checkpoint-") {
-            try FileSystem.removeTree(FileSystem.join(output, name))
-        }
-        let existing = Trainer.checkpoints(in: output)
-        if !existing.isEmpty && !resume {
-            throw ValidationError("\(output) already has checkpoints (\(existing.last!.1)); pass --resume to continue, or choose another --output")
-        }
+        let latest: String?
+        do { latest = try TrainingRun.prepare(output: output, resume: resume) } catch let e as TrainingRunError { throw ValidationError(e.description) }
 
         let (model, tokenizer) = try modelOptions.load(progress: !json)
         let promptTemplate: PromptTemplate
@@ -237,108 +227,39 @@ struct Train: ParsableCommand {
         config.adam.weightDecay = weightDecay
         let padToken = tokenizer.eosTokenID ?? 0
         let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
-        let optionsYAML = Array(resolvedOptionsYAML.utf8)
-        trainer.checkpointFiles = ["training_args.yaml": optionsYAML]
-        // Room for the checkpoints kept, the one being written and the final adapter.
-        let checkpointBytes = lora.parameterCount * 4 + trainer.optimizer.stateBytes + 4096
-        let needed = checkpointBytes * (max(saveTotalLimit, 1) + 2)
-        if let free = FileSystem.freeBytes(output), free < needed {
-            throw ValidationError("\(output) has \(formatBytes(free)) free; checkpoints need about \(formatBytes(needed)) (\(formatBytes(checkpointBytes)) each); free some space or lower --save-total-limit")
-        }
-        let baseModel = modelOptions.modelPath
-        let metricsPath = FileSystem.join(output, "metrics.jsonl")
-        var metricsLines: [String] = []
-        if resume, let (_, latest) = existing.last {
-            try trainer.resume(from: latest)
-            // Keep the metrics of the steps that are done.
-            if let old = try? FileSystem.readFile(metricsPath) {
-                metricsLines = String(decoding: old, as: UTF8.self).split(separator: "\n").map(String.init).filter {
-                    ((try? JSON.parse($0))?["step"]?.intValue ?? Int.max) <= trainer.step
-                }
-            }
-            Log.info("resumed from \(latest) at step \(trainer.step)")
-        }
+        let run = TrainingRun(trainer: trainer, output: output, baseModel: modelOptions.modelPath, arguments: Array(resolvedOptionsYAML.utf8))
+        do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) }
+        run.shouldStop = { Interrupt.requested }
         Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }
-
-        // metrics.jsonl: the kept lines once, atomically; then one appended line per record, so a killed
-        // run keeps every finished step without rewriting the file each step.
-        try FileSystem.writeFileAtomically(metricsPath, bytes: Array((metricsLines.map { $0 + "\n" }.joined()).utf8))
-        let metrics = try AppendingFile(path: metricsPath)
-        func record(_ fields: [(String, JSONValue)]) throws { try metrics.append(Array((JSON.serialize(.object(fields)) + "\n").utf8)) }
-        if Interrupt.requested {
-            Log.info("interrupted before training began; nothing to save")
+        var progress: ProgressBar?
+        let result = try run.run(resumingFrom: latest) { event in
+            switch event {
+            case let .resumed(checkpoint, step): Log.info("resumed from \(checkpoint) at step \(step)")
+            case let .validationBefore(v): Log.info("validation loss before training: \(formatFixed(v, 4))")
+            case let .started(step, total):
+                progress = ProgressBar("train", total: total, enabled: !json)
+                if step > 0 { progress?.advance(by: step) }
+            case let .step(m):
+                progress?.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
+            case .checkpoint: break
+            }
+        }
+        if result.stopped {
+            Log.info(result.checkpoint.map { "\ninterrupted: saved \($0); continue with --resume" } ?? "interrupted before training began; nothing to save")
             return
         }
-        // TensorBoard: a new event file per process; a resumed run first marks its restart so the
-        // values logged past the checkpoint by the interrupted process are dropped.
-        let board = try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard"))
-        if trainer.step > 0 { try board.sessionStart(step: trainer.step + 1) }
-        let initialValidation = trainer.step == 0 ? try trainer.validationLoss() : nil
-        if let v = initialValidation {
-            Log.info("validation loss before training: \(formatFixed(v, 4))")
-            try record([("step", .int(0)), ("val_loss", .double(v))])
-            try board.scalar("eval/loss", v, step: 0)
-        }
-        let progress = ProgressBar("train", total: trainer.totalSteps, enabled: !json)
-        if trainer.step > 0 { progress.advance(by: trainer.step) }
-        var last: StepMetrics?
-        var lastCheckpoint: String?
-        var stopped = false
-        while trainer.step < trainer.totalSteps {
-            var m: StepMetrics
-            do {
-                m = try trainer.runStep()
-            } catch let e as TrainingError {
-                if case let .nonFinite(step, what, _) = e { throw TrainingError.nonFinite(step: step, what: what, checkpoint: lastCheckpoint) }
-                throw e
-            }
-            if config.evalEvery > 0 && m.step % config.evalEvery == 0 { m.validationLoss = try trainer.validationLoss() }
-            var fields: [(String, JSONValue)] = [
-                ("step", .int(m.step)), ("loss", .double(m.loss)), ("learning_rate", .double(m.learningRate)),
-                ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
-            ]
-            if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
-            try record(fields)
-            try board.scalar("train/loss", m.loss, step: m.step)
-            try board.scalar("train/learning_rate", m.learningRate, step: m.step)
-            try board.scalar("train/grad_norm", m.gradNorm, step: m.step)
-            try board.scalar("train/tokens_per_second", m.tokensPerSecond, step: m.step)
-            if let v = m.validationLoss { try board.scalar("eval/loss", v, step: m.step) }
-            progress.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
-            last = m
-            let interrupted = Interrupt.requested
-            if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || interrupted {
-                lastCheckpoint = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
-            }
-            if interrupted {
-                Log.info("\ninterrupted: saved \(lastCheckpoint!); continue with --resume")
-                stopped = true
-                break
-            }
-        }
-        if stopped { return }
-        // The last step may have been evaluated already (--eval-every dividing it).
-        let evaluatedLast = last.flatMap { $0.step == trainer.step ? $0.validationLoss : nil }
-        let finalValidation = try evaluatedLast ?? trainer.validationLoss()
-        if evaluatedLast == nil, let v = finalValidation {
-            try record([("step", .int(trainer.step)), ("val_loss", .double(v))])
-            try board.scalar("eval/loss", v, step: trainer.step)
-        }
-        _ = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
-        try lora.writePEFTAdapter(to: output, baseModel: baseModel)
-        try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: optionsYAML)
         if json {
-            var fields: [(String, JSONValue)] = [("output", .string(output)), ("steps", .int(trainer.step)),
+            var fields: [(String, JSONValue)] = [("output", .string(output)), ("steps", .int(result.steps)),
                                                  ("trainable_parameters", .int(lora.parameterCount))]
-            if let last { fields.append(("final_loss", .double(last.loss))) }
-            if let v = initialValidation { fields.append(("val_loss_before", .double(v))) }
-            if let v = finalValidation { fields.append(("val_loss_after", .double(v))) }
+            if let v = result.finalLoss { fields.append(("final_loss", .double(v))) }
+            if let v = result.validationBefore { fields.append(("val_loss_before", .double(v))) }
+            if let v = result.validationAfter { fields.append(("val_loss_after", .double(v))) }
             printJSON(.object(fields))
         } else {
-            print("Wrote the adapter to \(output) (\(trainer.step) steps)" + (finalValidation.map { ", validation loss \(initialValidation.map { formatFixed($0, 4) + " -> " } ?? "")\(formatFixed($0, 4))" } ?? ""))
+            print("Wrote the adapter to \(output) (\(result.steps) steps)" + (result.validationAfter.map { ", validation loss \(result.validationBefore.map { formatFixed($0, 4) + " -> " } ?? "")\(formatFixed($0, 4))" } ?? ""))
         }
     }
 }

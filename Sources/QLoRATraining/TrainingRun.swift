@@ -1,0 +1,185 @@
+// A training run in its output folder, as `qlora train` runs one and a Swift program can too: resume from
+// the latest checkpoint, steps with metrics.jsonl and TensorBoard, validation, checkpoints on a cadence and
+// when asked to stop (Ctrl-C), and at the end the PEFT adapter at the folder's root.
+//
+// The folder:
+//   adapter_config.json, adapter_model.safetensors   the final adapter (PEFT)
+//   checkpoint-N/    adapter, optimizer.bin (OptimizerState header + state), trainer_state.json (format,
+//                    step, checksums of the other files), training_args.yaml
+//   metrics.jsonl    one object per step (step, loss, learning_rate, grad_norm, tokens_per_second, val_loss)
+//   tensorboard/     event files, one per process
+//   training_args.yaml   the run's options (the caller's bytes)
+import QLoRACore
+import QLoRAFormats
+
+public enum TrainingRunError: Error, CustomStringConvertible, Equatable {
+    case existingCheckpoints(output: String, latest: String)
+    case notEnoughSpace(output: String, free: Int, needed: Int, perCheckpoint: Int)
+
+    public var description: String {
+        switch self {
+        case let .existingCheckpoints(output, latest):
+            return "\(output) already has checkpoints (\(latest)); pass --resume to continue, or choose another --output"
+        case let .notEnoughSpace(output, free, needed, each):
+            return "\(output) has \(formatBytes(free)) free; checkpoints need about \(formatBytes(needed)) (\(formatBytes(each)) each); free some space or lower --save-total-limit"
+        }
+    }
+}
+
+/// What a run reports as it goes.
+public enum TrainingEvent {
+    /// Continued from a checkpoint, at its step.
+    case resumed(checkpoint: String, step: Int)
+    /// The validation loss before the first step.
+    case validationBefore(Double)
+    /// The loop begins at `step` of `total`.
+    case started(step: Int, total: Int)
+    /// A step ended (with its validation loss when it was evaluated).
+    case step(StepMetrics)
+    /// A checkpoint was written.
+    case checkpoint(String)
+}
+
+public struct TrainingRunResult: Sendable {
+    /// Steps done in all (a resumed run counts those before it).
+    public var steps: Int
+    public var finalLoss: Double?
+    public var validationBefore: Double?
+    public var validationAfter: Double?
+    /// Stopped by `shouldStop` (a checkpoint was saved: `checkpoint`) or before the first step (nothing saved).
+    public var stopped: Bool
+    public var checkpoint: String?
+}
+
+public final class TrainingRun {
+    public let trainer: Trainer
+    public let output: String
+    /// The base model's name or path, written into adapter_config.json.
+    public let baseModel: String
+    /// The run's options as training_args.yaml (written in each checkpoint and at the end), or nil.
+    public let arguments: [UInt8]?
+    /// Asked after every step (and before the first): true saves a checkpoint and ends the run (Ctrl-C).
+    public var shouldStop: () -> Bool = { false }
+
+    public init(trainer: Trainer, output: String, baseModel: String, arguments: [UInt8]? = nil) {
+        self.trainer = trainer
+        self.output = output
+        self.baseModel = baseModel
+        self.arguments = arguments
+        if let arguments { trainer.checkpointFiles["training_args.yaml"] = arguments }
+    }
+
+    /// Makes `output` ready for a run before anything is loaded: created, writable, rid of checkpoint folders a
+    /// killed process left half-written. Returns the latest checkpoint to resume from, or nil for a new run;
+    /// a folder with checkpoints is refused unless `resume`.
+    public static func prepare(output: String, resume: Bool) throws -> String? {
+        try FileSystem.makeDirectories(output)
+        let probe = FileSystem.join(output, ".qlora-write-test")
+        try FileSystem.writeFileAtomically(probe, bytes: [1])
+        FileSystem.remove(probe)
+        for name in try FileSystem.listDirectory(output) where name.hasPrefix(".checkpoint-") {
+            try FileSystem.removeTree(FileSystem.join(output, name))
+        }
+        let existing = Trainer.checkpoints(in: output)
+        if let latest = existing.last?.1, !resume { throw TrainingRunError.existingCheckpoints(output: output, latest: latest) }
+        return existing.last?.1
+    }
+
+    /// Throws when `output` lacks room for the kept checkpoints, the one being written and the final adapter.
+    public func checkSpace() throws {
+        let each = trainer.engine.lora.parameterCount * 4 + trainer.optimizer.stateBytes + 4096
+        let needed = each * (max(trainer.config.saveTotalLimit, 1) + 2)
+        if let free = FileSystem.freeBytes(output), free < needed {
+            throw TrainingRunError.notEnoughSpace(output: output, free: free, needed: needed, perCheckpoint: each)
+        }
+    }
+
+    /// Runs to the last step (or until `shouldStop`), from `checkpoint` when given. metrics.jsonl keeps the
+    /// lines of the steps a resumed checkpoint had done and gets one appended line per step, so a killed run
+    /// keeps every finished step.
+    public func run(resumingFrom checkpoint: String? = nil, progress: (TrainingEvent) -> Void = { _ in }) throws -> TrainingRunResult {
+        let metricsPath = FileSystem.join(output, "metrics.jsonl")
+        var kept: [String] = []
+        if let checkpoint {
+            try trainer.resume(from: checkpoint)
+            if let old = try? FileSystem.readFile(metricsPath) {
+                let done = trainer.step
+                for (_, line) in JSON.completeLines(old) {
+                    let step = (try? JSON.parse(Array(line)))?["step"]?.intValue ?? Int.max
+                    if step <= done { kept.append(String(decoding: line, as: UTF8.self)) }
+                }
+            }
+            progress(.resumed(checkpoint: checkpoint, step: trainer.step))
+        }
+        try FileSystem.writeFileAtomically(metricsPath, bytes: Array((kept.map { $0 + "\n" }.joined()).utf8))
+        let metrics = try AppendingFile(path: metricsPath)
+        func record(_ fields: [(String, JSONValue)]) throws { try metrics.append(Array((JSON.serialize(.object(fields)) + "\n").utf8)) }
+        var result = TrainingRunResult(steps: trainer.step, stopped: false)
+        if shouldStop() {
+            result.stopped = true
+            return result
+        }
+        // TensorBoard: a new event file per process; a resumed run first marks its restart, so that the values
+        // the interrupted process logged past the checkpoint are dropped.
+        let board = try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard"))
+        if trainer.step > 0 { try board.sessionStart(step: trainer.step + 1) }
+        if trainer.step == 0, let v = try trainer.validationLoss() {
+            result.validationBefore = v
+            progress(.validationBefore(v))
+            try record([("step", .int(0)), ("val_loss", .double(v))])
+            try board.scalar("eval/loss", v, step: 0)
+        }
+        progress(.started(step: trainer.step, total: trainer.totalSteps))
+        let config = trainer.config
+        var last: StepMetrics?
+        while trainer.step < trainer.totalSteps {
+            var m: StepMetrics
+            do {
+                m = try trainer.runStep()
+            } catch let e as TrainingError {
+                if case let .nonFinite(step, what, _) = e { throw TrainingError.nonFinite(step: step, what: what, checkpoint: result.checkpoint) }
+                throw e
+            }
+            if config.evalEvery > 0 && m.step % config.evalEvery == 0 { m.validationLoss = try trainer.validationLoss() }
+            var fields: [(String, JSONValue)] = [
+                ("step", .int(m.step)), ("loss", .double(m.loss)), ("learning_rate", .double(m.learningRate)),
+                ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
+            ]
+            if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
+            try record(fields)
+            try board.scalar("train/loss", m.loss, step: m.step)
+            try board.scalar("train/learning_rate", m.learningRate, step: m.step)
+            try board.scalar("train/grad_norm", m.gradNorm, step: m.step)
+            try board.scalar("train/tokens_per_second", m.tokensPerSecond, step: m.step)
+            if let v = m.validationLoss { try board.scalar("eval/loss", v, step: m.step) }
+            progress(.step(m))
+            last = m
+            result.steps = m.step
+            result.finalLoss = m.loss
+            let stop = shouldStop()
+            if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || stop {
+                let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+                result.checkpoint = saved
+                progress(.checkpoint(saved))
+            }
+            if stop {
+                result.stopped = true
+                return result
+            }
+        }
+        // The last step may have been evaluated already (evalEvery dividing it).
+        let evaluatedLast = last.flatMap { $0.step == trainer.step ? $0.validationLoss : nil }
+        result.validationAfter = try evaluatedLast ?? trainer.validationLoss()
+        if evaluatedLast == nil, let v = result.validationAfter {
+            try record([("step", .int(trainer.step)), ("val_loss", .double(v))])
+            try board.scalar("eval/loss", v, step: trainer.step)
+        }
+        let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+        result.checkpoint = saved
+        progress(.checkpoint(saved))
+        try trainer.engine.lora.writePEFTAdapter(to: output, baseModel: baseModel)
+        if let arguments { try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: arguments) }
+        result.steps = trainer.step
+        return result
+    }
+}
