@@ -41,7 +41,7 @@ let package = Package(
         .target(name: "QLoRATokenizer", dependencies: ["QLoRACore", "QLoRAFormats"]),
         .target(name: "QLoRAModel", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats"]),
         .target(name: "QLoRAGeneration", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
-        .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer"]),
+        .target(name: "QLoRAEvaluation", dependencies: ["QLoRACore", "QLoRAModel", "QLoRATokenizer", "QLoRAGeneration"]),
         // The OpenAI chat protocol as a client speaks it (the judge's endpoint), over AsyncHTTPClient; messages are QLoRATokenizer's ChatMessage.
         .target(
             name: "QLoRAOpenAI",
@@ -86,6 +86,8 @@ let package = Package(
             dependencies: ["QLoRACore", "QLoRAConfig", "QLoRAEvaluation", "QLoRAFormats", "QLoRAModel", "QLoRAServer", "QLoRATokenizer", "QLoRATraining"],
             path: "fuzz/Sources/qlora-fuzz"
         ),
+        // The library used from Swift, as README shows it: load, train a few steps, save the adapter, chat (built by make test).
+        .executableTarget(name: "train-and-generate", dependencies: ["QLoRA"], path: "Examples/TrainAndGenerate"),
         // The bench binary's malloc counter (a measuring instrument; not part of the library or CLI).
         .target(name: "CAllocationCounter", path: "bench/Sources/CAllocationCounter"),
         // Fixtures are read from Tests/<Target>/Resources through #filePath (the source tree), not bundled.

@@ -23,9 +23,8 @@ struct Chat: ParsableCommand {
         guard let source = tokenizer.chatTemplate else { throw ValidationError("this model has no chat template") }
         let template = try ChatTemplate(source)
         let generator = Generator(model: model, tokenizer: tokenizer, contextLength: contextLength ?? min(model.config.maxPositions, 4096))
+        let session = ChatSession(generator: generator, template: template, system: system)
         Interrupt.install()
-        var messages: [JSONValue] = system.map { [ChatTemplate.message("system", $0)] } ?? []
-        var cached: [Int] = []  // tokens whose keys and values are in the cache
         Log.info("Chat with \(FileSystem.baseName(model.source)). /reset for a new conversation, /exit or Ctrl-D to quit.")
         while true {
             Log.write("> ")
@@ -38,38 +37,26 @@ struct Chat: ParsableCommand {
             if input.isEmpty { continue }
             if input == "/exit" || input == "/quit" { return }
             if input == "/reset" {
-                messages = system.map { [ChatTemplate.message("system", $0)] } ?? []
-                generator.cache.reset()
-                cached = []
+                session.reset()
                 Log.info("(new conversation)")
                 continue
             }
-            messages.append(ChatTemplate.message("user", input))
-            let ids = tokenizer.encode(try template.render(messages: messages, addGenerationPrompt: true, specialTokens: tokenizer.templateSpecialTokens))
-            // Reuse the cached prefix; process only what is new.
-            var common = 0
-            while common < min(ids.count, cached.count) && ids[common] == cached[common] { common += 1 }
-            generator.cache.truncate(to: common)
-            if ids.count + sampling.maxTokens > generator.cache.capacity {
-                Log.info("(the conversation is longer than the context of \(generator.cache.capacity) tokens; starting a new one)")
-                messages = (system.map { [ChatTemplate.message("system", $0)] } ?? []) + [ChatTemplate.message("user", input)]
-                generator.cache.reset()
-                cached = []
+            Interrupt.requested = false
+            let turn: ChatSession.Turn
+            do {
+                turn = try session.send(input, options: sampling.generationOptions) { piece in
+                    print(piece, terminator: "")
+                    fflush(stdout)
+                    return !Interrupt.requested
+                }
+            } catch let e as ChatError {
+                Log.info("(\(e))")
                 continue
             }
-            Interrupt.requested = false
-            let result = try generator.generate(prompt: Array(ids[common...]), options: sampling.generationOptions) { piece in
-                print(piece, terminator: "")
-                fflush(stdout)
-                return !Interrupt.requested
-            }
             print("")
-            if result.finishReason == "interrupted" { Log.info("(stopped)") }
+            if turn.restarted { Log.info("(the conversation outgrew the context of \(generator.cache.capacity) tokens; this reply started a new one)") }
+            if turn.result.finishReason == "interrupted" { Log.info("(stopped)") }
             Interrupt.requested = false
-            messages.append(ChatTemplate.message("assistant", result.text))
-            cached = Array(ids) + result.tokenIDs
-            // The cache holds the prompt and every generated token but the last (never fed back).
-            cached = Array(cached.prefix(generator.cache.length))
         }
     }
 }

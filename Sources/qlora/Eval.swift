@@ -4,7 +4,7 @@
 import ArgumentParser
 import QLoRA
 
-struct Eval: ParsableCommand {
+struct Eval: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Evaluate models: MMLU multiple choice, answers to chat benchmarks, Elo ratings from pairwise judgments.",
         subcommands: [EvalMMLU.self, EvalGenerate.self, EvalJudge.self, EvalElo.self]

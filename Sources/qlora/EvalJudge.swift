@@ -2,10 +2,9 @@
 // answered goes to a judge (an OpenAI-compatible chat endpoint, or a person at the terminal) and the
 // three-way verdicts go to a judgments file that `qlora eval elo` turns into ratings.
 import ArgumentParser
-import Dispatch
 import QLoRA
 
-struct EvalJudge: ParsableCommand {
+struct EvalJudge: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "judge",
         abstract: "Judge every pair of systems' answers, in both orders, through an OpenAI-compatible endpoint or by hand.",
@@ -91,19 +90,7 @@ struct EvalJudge: ParsableCommand {
         if let limit, limit < 1 { throw ValidationError("--limit must be positive") }
     }
 
-    /// A match ready to send: its question and the two answers in the order shown.
-    struct Prepared: Sendable {
-        let match: Match
-        let questionID: JSONValue
-        let category: String?
-        let system: String
-        let user: String
-        let first: [String]
-        let second: [String]
-        let question: [String]
-    }
-
-    func run() throws {
+    func run() async throws {
         var systems: [SystemAnswers] = []
         for spec in answers {
             let (name, file) = Self.split(spec)
@@ -115,32 +102,10 @@ struct EvalJudge: ParsableCommand {
         }
         let prompts = try judgePrompts.map { try JudgePrompt.parse(try FileSystem.readFile($0), file: $0) } ?? JudgePrompt.builtIn
         let human = judge == "human"
-        var matches = try Tournament.matches(systems, bothOrders: !singleOrder && !human)
-        if let limit {
-            var keys: [String] = []
-            for m in matches where !keys.contains(m.questionKey) { keys.append(m.questionKey) }
-            let kept = Set(keys.prefix(limit))
-            matches = matches.filter { kept.contains($0.questionKey) }
-        }
-        guard !matches.isEmpty else { throw EvaluationError.empty(file: answers.joined(separator: ", "), what: "no question answered by two systems") }
-        let byName = Dictionary(uniqueKeysWithValues: systems.map { ($0.name, $0) })
-
         // Resume: the matches the file already holds.
         let done = FileSystem.exists(output) ? try Tournament.judged(try FileSystem.readFile(output), file: output) : []
-        var prepared: [Prepared] = []
-        for m in matches where !done.contains(m.key) {
-            // A person sees each pair once, in either order: judged in either order counts.
-            if human && done.contains(Match(questionKey: m.questionKey, first: m.second, second: m.first).key) { continue }
-            let a = byName[m.first]!.answer(m.questionKey)!, b = byName[m.second]!.answer(m.questionKey)!
-            let q = questionTable[m.questionKey]
-            guard let question = q?.turns ?? a.question ?? b.question else {
-                throw EvaluationError.empty(file: byName[m.first]!.file, what: "no question text for question_id \(m.questionKey) in the answer files: give --questions")
-            }
-            let category = q?.category ?? a.category ?? b.category
-            let p = JudgePrompt.choose(prompts, category: category)
-            prepared.append(Prepared(match: m, questionID: a.questionID, category: category, system: p.system,
-                                     user: p.render(question: question, first: a.turns, second: b.turns), first: a.turns, second: b.turns, question: question))
-        }
+        let (matches, prepared) = try JudgeRun.plan(systems, questions: questionTable, prompts: prompts, bothOrders: !singleOrder, limit: limit,
+                                                    judged: done, human: human)
         let names = systems.map(\.name).joined(separator: ", ")
         if prepared.isEmpty {
             Log.info("all \(matches.count) matches are already judged in \(output)")
@@ -151,7 +116,12 @@ struct EvalJudge: ParsableCommand {
         let writer = try LineAppender(path: output)
         if writer.droppedBytes > 0 { Log.info("\(output): removed a partial last line (\(writer.droppedBytes) bytes) left by an interrupted run") }
         let start = Clock.seconds()
-        let tally = human ? try judgeByHand(prepared, writer: writer) : try judgeByEndpoint(prepared, writer: writer)
+        let tally: JudgeTally
+        if human {
+            tally = try JudgeRun.judgeByHand(prepared, seed: seed, writer: writer) { Self.ask($0, $1, $2, $3, of: prepared.count) }
+        } else {
+            tally = try await judgeByEndpoint(prepared, writer: writer)
+        }
         let seconds = Clock.seconds() - start
 
         // The summary counts everything in the file for these systems, not only this run's matches.
@@ -187,116 +157,49 @@ struct EvalJudge: ParsableCommand {
         return (nil, spec)
     }
 
-    struct Tally {
-        var judged = 0
-        var noVerdict = 0
-        var failed: [String] = []
-        var stopped = false
-    }
-
-    /// Writes judgment lines from many tasks, one at a time.
-    actor Sink {
-        let writer: LineAppender
-        let bar: ProgressBar
-        var tally = Tally()
-        init(writer: LineAppender, bar: ProgressBar) {
-            self.writer = writer
-            self.bar = bar
-        }
-        func record(_ line: JSONValue, verdict: Verdict?) throws {
-            try writer.append(JSON.serialize(line))
-            if verdict == nil { tally.noVerdict += 1 } else { tally.judged += 1 }
-            bar.advance()
-        }
-        func fail(_ reason: String) {
-            tally.failed.append(reason)
-            bar.advance()
-        }
-    }
-
-    final class Box: @unchecked Sendable {
-        var result: Result<Tally, Error> = .success(Tally())
-    }
-
-    func judgeByEndpoint(_ prepared: [Prepared], writer: LineAppender) throws -> Tally {
-        guard !prepared.isEmpty else { return Tally() }
-        let key = Environment.get(apiKeyEnv)
-        let client = try OpenAIChatClient(base: judge, apiKey: key, timeoutSeconds: timeout, retries: retries, backoffSeconds: backoff, connections: concurrency)
-        let sink = Sink(writer: writer, bar: ProgressBar("judge", total: prepared.count, enabled: !json))
-        let judgeName = client.url, model = judgeModel, temperature = self.temperature, maxTokens = self.maxTokens, width = concurrency
-        let box = Box()
-        let semaphore = DispatchSemaphore(value: 0)
-        Task {
-            do {
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    var next = 0
-                    func add() {
-                        let p = prepared[next]
-                        next += 1
-                        group.addTask {
-                            let request = ChatCompletionRequest(model: model, messages: [ChatMessage(role: "system", content: p.system), ChatMessage(role: "user", content: p.user)].filter { !$0.content.isEmpty },
-                                                                temperature: temperature, maxTokens: maxTokens)
-                            let t0 = Clock.seconds()
-                            do {
-                                let reply = try await client.complete(request)
-                                let verdict = Verdict.parse(reply.content)
-                                let line = Tournament.judgment(p.match, questionID: p.questionID, category: p.category, verdict: verdict, review: reply.content,
-                                                               judge: judgeName, judgeModel: model, error: verdict == nil ? "no verdict (1, 2 or 3) on the review's last line" : nil,
-                                                               seconds: Clock.seconds() - t0)
-                                try await sink.record(line, verdict: verdict)
-                            } catch let e as OpenAIError {
-                                // Refused outright (400, 401, 404, a bad URL): every other request would be too.
-                                if case .http = e, !e.isTransient { throw e }
-                                if case .badURL = e { throw e }
-                                await sink.fail("question \(p.match.questionKey), \(p.match.first) vs \(p.match.second): \(e)")
-                            }
-                        }
-                    }
-                    while next < min(width, prepared.count) { add() }
-                    while try await group.next() != nil {
-                        if next < prepared.count { add() }
-                    }
-                }
-                box.result = .success(await sink.tally)
-            } catch {
-                box.result = .failure(error)
-            }
+    func judgeByEndpoint(_ prepared: [PreparedMatch], writer: LineAppender) async throws -> JudgeTally {
+        guard !prepared.isEmpty else { return JudgeTally() }
+        let client = try OpenAIChatClient(base: judge, apiKey: Environment.get(apiKeyEnv), timeoutSeconds: timeout, retries: retries, backoffSeconds: backoff,
+                                          connections: concurrency)
+        let bar = ProgressBar("judge", total: prepared.count, enabled: !json)
+        let model = judgeModel, temperature = self.temperature, maxTokens = self.maxTokens
+        do {
+            let tally = try await JudgeRun.judge(prepared, judge: client.url, judgeModel: model, concurrency: concurrency, writer: writer, review: { system, user in
+                let request = ChatCompletionRequest(model: model, messages: [ChatMessage(role: "system", content: system), ChatMessage(role: "user", content: user)]
+                    .filter { !$0.content.isEmpty }, temperature: temperature, maxTokens: maxTokens)
+                return try await client.complete(request).content
+            }, isFatal: { error in
+                // Refused outright (400, 401, 404, a bad URL): every other request would be too.
+                guard let e = error as? OpenAIError else { return true }
+                if case .http = e, !e.isTransient { return true }
+                if case .badURL = e { return true }
+                return false
+            }, progress: { bar.advance() })
             await client.shutdown()
-            semaphore.signal()
+            return tally
+        } catch {
+            await client.shutdown()
+            throw error
         }
-        semaphore.wait()
-        return try box.result.get()
     }
 
-    func judgeByHand(_ prepared: [Prepared], writer: LineAppender) throws -> Tally {
-        var tally = Tally()
-        var rng = SeededGenerator(seed: seed)
-        for (i, p) in prepared.enumerated() {
-            // Random order: the match as planned, or the two swapped.
-            let swap = rng.next() & 1 == 1
-            let match = swap ? Match(questionKey: p.match.questionKey, first: p.match.second, second: p.match.first) : p.match
-            let (one, two) = swap ? (p.second, p.first) : (p.first, p.second)
-            func show(_ turns: [String]) -> String {
-                turns.count == 1 ? turns[0] : turns.enumerated().map { "[Turn \($0.offset + 1)] \($0.element)" }.joined(separator: "\n\n")
-            }
-            print("\n=== match \(i + 1) of \(prepared.count): question \(p.match.questionKey)\(p.category.map { " (\($0))" } ?? "")")
-            print(show(p.question))
-            print("\n--- Answer 1 ---\n\(show(one))\n\n--- Answer 2 ---\n\(show(two))\n")
-            var verdict: Verdict?
-            while true {
-                print("Better: 1, 2, or 3 for a tie (s skips, q stops)> ", terminator: "")
-                guard let line = readLine() else { print(); tally.stopped = true; return tally }
-                let answer = line.trimmingWhitespace().lowercased()
-                if answer == "q" { tally.stopped = true; return tally }
-                if answer == "s" { break }
-                if let v = Int(answer).flatMap(Verdict.init(rawValue:)) { verdict = v; break }
-                print("type 1, 2, 3, s or q")
-            }
-            guard let verdict else { continue }
-            try writer.append(JSON.serialize(Tournament.judgment(match, questionID: p.questionID, category: p.category, verdict: verdict, review: nil, judge: "human", judgeModel: nil)))
-            tally.judged += 1
+    /// Shows a match at the terminal in the order given and reads the person's verdict.
+    static func ask(_ i: Int, _ p: PreparedMatch, _ one: [String], _ two: [String], of count: Int) -> HumanJudgment {
+        func show(_ turns: [String]) -> String {
+            turns.count == 1 ? turns[0] : turns.enumerated().map { "[Turn \($0.offset + 1)] \($0.element)" }.joined(separator: "\n\n")
         }
-        return tally
+        print("\n=== match \(i + 1) of \(count): question \(p.match.questionKey)\(p.category.map { " (\($0))" } ?? "")")
+        print(show(p.question))
+        print("\n--- Answer 1 ---\n\(show(one))\n\n--- Answer 2 ---\n\(show(two))\n")
+        while true {
+            print("Better: 1, 2, or 3 for a tie (s skips, q stops)> ", terminator: "")
+            guard let line = readLine() else { print(); return .stop }
+            let answer = line.trimmingWhitespace().lowercased()
+            if answer == "q" { return .stop }
+            if answer == "s" { return .skip }
+            if let v = Int(answer).flatMap(Verdict.init(rawValue:)) { return .verdict(v) }
+            print("type 1, 2, 3, s or q")
+        }
     }
 }
 

@@ -12,7 +12,7 @@ import Darwin
 #endif
 
 @main
-struct QLoRACommand: ParsableCommand {
+struct QLoRACommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA finetuning of Llama-family models: 4-bit NormalFloat base weights, LoRA adapters.",
@@ -24,7 +24,7 @@ struct QLoRACommand: ParsableCommand {
         subcommands: [Train.self, Generate.self, Chat.self, Perplexity.self, Eval.self, Report.self, Serve.self, Merge.self, ExportAdapter.self, Tokenize.self, Quantize.self, Inspect.self]
     )
 
-    static func main() {
+    static func main() async {
         // A write past a file-size limit (ulimit -f) then fails with EFBIG, which our writers report and clean up
         // after like a full disk, instead of the process being killed with its temporary files left behind.
         signal(SIGXFSZ, SIG_IGN)
@@ -47,7 +47,11 @@ struct QLoRACommand: ParsableCommand {
             exit(withError: error)
         }
         do {
-            try command.run()
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
         } catch let error as ExitCode {
             exit(withError: error)
         } catch let error as ValidationError {

@@ -1,6 +1,5 @@
 // `qlora serve`: an OpenAI-compatible HTTP server over one 4-bit base and any number of LoRA adapters.
 import ArgumentParser
-import Dispatch
 import Logging
 import QLoRA
 import QLoRAServer
@@ -9,7 +8,7 @@ import QLoRAServer
 import Glibc
 #endif
 
-struct Serve: ParsableCommand {
+struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
         abstract: "Serve the model and its adapters over the OpenAI chat API (POST /v1/chat/completions, /v1/completions).",
@@ -67,7 +66,7 @@ struct Serve: ParsableCommand {
         }
     }
 
-    func run() throws {
+    func run() async throws {
         var adapterSpecs: [(String, String)] = []
         for spec in modelOptions.adapters {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex else {
@@ -115,22 +114,10 @@ struct Serve: ParsableCommand {
             return m
         })
         let host = self.host, auth = options.apiKey != nil, ids = models.map(\.id).joined(separator: ", ")
-        let done = DispatchSemaphore(value: 0)
-        final class Failure: @unchecked Sendable { var error: Error? }
-        let failure = Failure()
-        Task {
-            do {
-                try await server.run { port in
-                    print("listening on http://\(host):\(port)/v1 (models: \(ids)\(auth ? "; API key required" : ""))")
-                    fflush(stdout)
-                }
-            } catch {
-                failure.error = error
-            }
-            done.signal()
+        defer { engine.stop() }
+        try await server.run { port in
+            print("listening on http://\(host):\(port)/v1 (models: \(ids)\(auth ? "; API key required" : ""))")
+            fflush(stdout)
         }
-        done.wait()
-        engine.stop()
-        if let error = failure.error { throw error }
     }
 }

@@ -145,6 +145,21 @@ struct DefaultModelCLITests {
         #expect(r.stderr.contains("new conversation"))
     }
 
+    @Test("the Swift example (Examples/TrainAndGenerate) trains the default model four steps, saves a PEFT adapter and chats with it")
+    func swiftExample() throws {
+        let example = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "train-and-generate")
+        try #require(FileSystem.exists(example), "the example is built beside the tests (swift build --build-tests)")
+        let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
+        let root = FileSystem.directoryName(FileSystem.directoryName(FileSystem.directoryName("\(#filePath)")))
+        let out = FileSystem.join(try Fixtures.temporaryDirectory("example"), "adapter")
+        let r = try runProgram(example, [FileSystem.join(cache, "models/SmolLM2-135M-Instruct.Q4_1.gguf"), FileSystem.join(root, "demo/quill.jsonl"), out])
+        #expect(r.status == 0, "\(r.stdout) \(r.stderr)")
+        #expect(r.stdout.contains("step 4: loss") && r.stdout.contains("adapter saved in \(out) after 4 steps") && r.stdout.contains("reply: "), "\(r.stdout)")
+        for name in ["adapter_model.safetensors", "adapter_config.json", "checkpoint-4/trainer_state.json"] {
+            #expect(FileSystem.exists(FileSystem.join(out, name)), "\(name)")
+        }
+    }
+
     @Test("tokenize --json gives the tokenizer's ids and the decoded text")
     func tokenize() throws {
         let cache = Environment.get("QLORA_CACHE") ?? FileSystem.join(Environment.get("HOME") ?? "/root", ".cache/swift-qlora")
