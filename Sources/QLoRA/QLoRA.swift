@@ -1,4 +1,5 @@
-// swift-qlora: QLoRA finetuning of Llama-family models. Import this module to get the whole library.
+// swift-qlora: QLoRA finetuning of Llama-family models. Import this module to get the whole library (the
+// judge's HTTP client, QLoRAOpenAI, is a module of its own, so that a program that trains does not link NIO).
 @_exported import QLoRACore
 @_exported import QLoRAFormats
 @_exported import QLoRAKernels
@@ -7,5 +8,4 @@
 @_exported import QLoRAGeneration
 @_exported import QLoRAEvaluation
 @_exported import QLoRATraining
-@_exported import QLoRAOpenAI
 @_exported import QLoRAExport

@@ -110,6 +110,9 @@ final class WorkerPool: @unchecked Sendable {
         pthread_cond_init(wake, nil)
         for index in 0..<helpers {
             let context = Unmanaged.passRetained(HelperContext(pool: self, worker: index + 1)).toOpaque()
+            // pthread_t is an integer in glibc and an optional pointer in Darwin, whose start routine also
+            // takes a non-optional argument.
+            #if canImport(Glibc)
             var thread = pthread_t()
             let status = pthread_create(&thread, nil, { raw in
                 let context = Unmanaged<HelperContext>.fromOpaque(raw!).takeRetainedValue()
@@ -118,6 +121,16 @@ final class WorkerPool: @unchecked Sendable {
             }, context)
             precondition(status == 0, "cannot start worker thread: \(status)")
             pthread_detach(thread)
+            #else
+            var thread: pthread_t?
+            let status = pthread_create(&thread, nil, { raw in
+                let context = Unmanaged<HelperContext>.fromOpaque(raw).takeRetainedValue()
+                context.pool.helperLoop(worker: context.worker)
+                return nil
+            }, context)
+            precondition(status == 0, "cannot start worker thread: \(status)")
+            if let thread { pthread_detach(thread) }
+            #endif
         }
     }
 

@@ -63,5 +63,7 @@ struct Chat: ParsableCommand {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 import Foundation

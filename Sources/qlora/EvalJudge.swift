@@ -3,6 +3,7 @@
 // three-way verdicts go to a judgments file that `qlora eval elo` turns into ratings.
 import ArgumentParser
 import QLoRA
+import QLoRAOpenAI
 
 struct EvalJudge: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

@@ -64,4 +64,6 @@ struct Generate: ParsableCommand {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif

@@ -163,6 +163,8 @@ enum Interrupt {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// The precision of inference's products over many rows (generate, chat, perplexity, eval).

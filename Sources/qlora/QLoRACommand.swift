@@ -36,7 +36,7 @@ struct QLoRACommand: AsyncParsableCommand {
                 arguments = ["train"] + (try ConfigFile.expand(Array(arguments.dropFirst()), for: Train.self))
             } catch let error as ConfigFileError {
                 Log.write("error: \(error)\n")
-                Glibc.exit(1)
+                terminate(1)
             } catch {
                 exit(withError: error)
             }
@@ -63,7 +63,7 @@ struct QLoRACommand: AsyncParsableCommand {
         } catch {
             let message = "\(error)".split(separator: "\n").joined(separator: " ")
             Log.write("error: \(message)\n")
-            Glibc.exit(1)
+            terminate(1)
         }
     }
 }
@@ -75,3 +75,12 @@ func printJSON(_ value: JSONValue) {
 
 /// Formats a byte count for people.
 func formatFixed(_ v: Double, _ digits: Int) -> String { Chart.fixed(v, digits) }
+
+/// Ends the process with `code` (libc's exit, which ParsableCommand's own `exit(withError:)` hides).
+func terminate(_ code: Int32) -> Never {
+    #if canImport(Glibc)
+    Glibc.exit(code)
+    #else
+    Darwin.exit(code)
+    #endif
+}

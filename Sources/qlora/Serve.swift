@@ -6,6 +6,8 @@ import QLoRAServer
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 struct Serve: AsyncParsableCommand {

@@ -3,6 +3,8 @@ import QLoRA
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 struct Train: ParsableCommand {

@@ -6,6 +6,8 @@ import Foundation
 import QLoRACore
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 public final class JinjaTemplate: @unchecked Sendable {
@@ -618,7 +620,11 @@ private final class Renderer {
         var tmv = tm()
         localtime_r(&t, &tmv)
         var buffer = [Int8](repeating: 0, count: 256)
+        #if canImport(Glibc)
         let n = Glibc.strftime(&buffer, buffer.count, format, &tmv)
+        #else
+        let n = Darwin.strftime(&buffer, buffer.count, format, &tmv)
+        #endif
         return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
