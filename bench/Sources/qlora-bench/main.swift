@@ -9,6 +9,8 @@ import QLoRA
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 func fail(_ message: String) -> Never {
