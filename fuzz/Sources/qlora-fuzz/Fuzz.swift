@@ -29,8 +29,8 @@ final class Harness {
     private var loaded: [Tokenizer]?
     private var templateCache: ChatTemplate??
 
-    init() {
-        guard let name = getenv("QLORA_FUZZ_TARGET").map({ String(cString: $0) }), let t = FuzzTarget(rawValue: name) else {
+    init(target name: String? = getenv("QLORA_FUZZ_TARGET").map({ String(cString: $0) })) {
+        guard let name, let t = FuzzTarget(rawValue: name) else {
             let names = FuzzTarget.allCases.map(\.rawValue).joined(separator: ", ")
             fputs("qlora-fuzz: set QLORA_FUZZ_TARGET to one of: \(names)\n", stderr)
             exit(2)
@@ -275,11 +275,35 @@ public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     return 0
 }
 #else
+/// The ordinary build replays inputs through a target without libFuzzer (CI replays every committed corpus:
+/// seconds, not a campaign): `qlora-fuzz replay TARGET FILE_OR_FOLDER ...` runs each file once and exits 0
+/// when none crashed (a crash ends the process, naming the file on stderr first).
 @main
-struct FuzzUnavailable {
+struct FuzzReplay {
     static func main() {
-        print("qlora-fuzz runs only as a libFuzzer build: make fuzz (or scripts/fuzz.sh TARGET SECONDS)")
-        exit(2)
+        let args = Array(CommandLine.arguments.dropFirst())
+        guard args.count >= 3, args[0] == "replay" else {
+            print("usage: qlora-fuzz replay TARGET FILE_OR_FOLDER ... (the libFuzzer build is make fuzz: scripts/fuzz.sh)")
+            exit(2)
+        }
+        let harness = Harness(target: args[1])
+        var files: [String] = []
+        for path in args[2...] {
+            if FileSystem.isDirectory(path) {
+                files += ((try? FileSystem.listDirectory(path)) ?? []).map { FileSystem.join(path, $0) }
+            } else {
+                files.append(path)
+            }
+        }
+        for file in files {
+            guard let bytes = try? FileSystem.readFile(file) else {
+                fputs("qlora-fuzz: cannot read \(file)\n", stderr)
+                exit(2)
+            }
+            fputs("\(file)\n", stderr)
+            harness.run(bytes)
+        }
+        print("replayed \(files.count) inputs through \(args[1])")
     }
 }
 #endif
