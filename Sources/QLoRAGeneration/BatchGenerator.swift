@@ -71,8 +71,11 @@ public final class BatchGenerator {
             decodeStart = Clock.seconds()
         }
 
-        func result(_ reason: String) -> GenerationResult {
-            GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
+        /// The request's result; what its stream held back at the end goes to `onText` first.
+        func end(_ reason: String, onText: (Int, String) -> Bool) -> GenerationResult {
+            let rest = reply.finish()
+            if !rest.isEmpty { _ = onText(id, rest) }
+            return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
                              prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart)
         }
     }
@@ -110,10 +113,10 @@ public final class BatchGenerator {
             let stop = shouldStop()
             var running: [Slot] = []
             for slot in slots {
-                if stop { try finished(slot.id, slot.result("interrupted")); continue }
+                if stop { try finished(slot.id, slot.end("interrupted", onText: onText)); continue }
                 if let end = slot.reply.step(logits: slot.logits, cacheFull: slot.cache.length >= slot.cache.capacity,
                                              onText: { onText(slot.id, $0) }, cancelled: "cancelled") {
-                    try finished(slot.id, slot.result(end))
+                    try finished(slot.id, slot.end(end, onText: onText))
                     continue
                 }
                 running.append(slot)

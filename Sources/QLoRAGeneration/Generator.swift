@@ -68,6 +68,8 @@ public final class Generator {
                 logits = try model.forward([reply.generated.last!], cache: cache, logits: .last)
             }
         }
+        let rest = reply.finish()
+        if !rest.isEmpty { _ = onText(rest) }
         return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: prompt.count, finishReason: reason,
                                 prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart)
     }
@@ -88,12 +90,23 @@ struct ReplyText {
     /// Adds a token: the new text to show, and whether a stop string ended the reply (the piece then
     /// holds only what came before it).
     mutating func add(_ token: Int) -> (piece: String, stopped: Bool) {
-        let piece = stream.add(token)
-        guard !piece.isEmpty else { return ("", false) }
+        append(stream.add(token))
+    }
+
+    /// The end of the reply: what the stream held back (an incomplete or replacement character at the end).
+    mutating func finish() -> String {
+        stopped ? "" : append(stream.finish()).piece
+    }
+
+    private var stopped = false
+
+    private mutating func append(_ piece: String) -> (piece: String, stopped: Bool) {
+        guard !piece.isEmpty, !stopped else { return ("", stopped) }
         let before = text.count
         text += piece
         if let stop = stopStrings.first(where: { text.contains($0) }) {
             text = String(text[..<text.range(of: stop)!.lowerBound])
+            stopped = true
             return (text.count > before ? String(text.dropFirst(before)) : "", true)
         }
         return (piece, false)
@@ -120,6 +133,9 @@ struct ReplyDecoder {
 
     /// The reply's text so far.
     var text: String { reply.text }
+
+    /// Ends the reply: the text the stream held back at its end (see StreamingDecoder.finish), now part of `text`.
+    mutating func finish() -> String { reply.finish() }
 
     /// Samples the next token from `logits` and takes it: nil while the reply goes on (its token is
     /// `generated.last`, to run next), else why it ended: "eos" (not kept), "stop", "length" (the limit, or

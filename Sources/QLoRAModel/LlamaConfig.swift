@@ -97,13 +97,19 @@ public struct LlamaConfig: Equatable, Sendable {
         }
         let heads = try int("num_attention_heads")
         let hidden = try int("hidden_size")
+        // Optional, but positive when given (a zero divided the head count: found by make fuzz).
+        func optionalInt(_ k: String) throws -> Int? {
+            guard let v = json[k], v != .null else { return nil }
+            guard let n = v.intValue, n > 0 else { throw bad("'\(k)' must be a positive integer") }
+            return n
+        }
         self.init(vocabSize: try int("vocab_size"), hiddenSize: hidden, intermediateSize: try int("intermediate_size"),
                   layerCount: try int("num_hidden_layers"), headCount: heads,
-                  kvHeadCount: json["num_key_value_heads"]?.intValue ?? heads,
-                  headDim: json["head_dim"]?.intValue ?? hidden / heads)
+                  kvHeadCount: try optionalInt("num_key_value_heads") ?? heads,
+                  headDim: try optionalInt("head_dim") ?? hidden / heads)
         architecture = arch
         guard headCount % kvHeadCount == 0 else { throw bad("num_attention_heads \(headCount) is not a multiple of num_key_value_heads \(kvHeadCount)") }
-        guard headDim % 2 == 0 else { throw bad("head_dim \(headDim) must be even for rotary embeddings") }
+        guard headDim > 0, headDim % 2 == 0 else { throw bad("head_dim \(headDim) must be positive and even for rotary embeddings") }
         if let eps = json["rms_norm_eps"]?.doubleValue { rmsNormEps = Float(eps) }
         maxPositions = json["max_position_embeddings"]?.intValue ?? maxPositions
         tieWordEmbeddings = json["tie_word_embeddings"]?.boolValue ?? (arch == "Qwen2ForCausalLM" ? false : false)
@@ -150,11 +156,21 @@ public struct LlamaConfig: Equatable, Sendable {
         let heads = try int("attention.head_count")
         let vocab = g.value("llama.vocab_size")?.intValue ?? g.value("tokenizer.ggml.tokens")?.arrayValue?.count ?? 0
         guard vocab > 0 else { throw ModelError.invalidConfig(file: g.path, reason: "no vocabulary size") }
+        func optionalInt(_ k: String) throws -> Int? {
+            guard let v = g.value("llama." + k) else { return nil }
+            guard let n = v.intValue, n > 0 else {
+                throw ModelError.invalidConfig(file: g.path, reason: "metadata 'llama.\(k)' is not a positive integer")
+            }
+            return n
+        }
         self.init(vocabSize: vocab, hiddenSize: hidden, intermediateSize: try int("feed_forward_length"),
                   layerCount: try int("block_count"), headCount: heads,
-                  kvHeadCount: g.value("llama.attention.head_count_kv")?.intValue ?? heads,
-                  headDim: g.value("llama.attention.key_length")?.intValue ?? hidden / heads)
+                  kvHeadCount: try optionalInt("attention.head_count_kv") ?? heads,
+                  headDim: try optionalInt("attention.key_length") ?? hidden / heads)
         architecture = "GGUF llama"
+        guard headCount % kvHeadCount == 0, headDim > 0, headDim % 2 == 0 else {
+            throw ModelError.invalidConfig(file: g.path, reason: "\(headCount) heads of \(headDim) over \(kvHeadCount) key-value heads: the heads must divide evenly and head_dim be even")
+        }
         if let eps = g.value("llama.attention.layer_norm_rms_epsilon")?.doubleValue { rmsNormEps = Float(eps) }
         if let theta = g.value("llama.rope.freq_base")?.doubleValue { ropeTheta = theta }
         maxPositions = g.value("llama.context_length")?.intValue ?? maxPositions

@@ -211,6 +211,17 @@ public final class StreamingDecoder {
         return new
     }
 
+    /// Ends the stream: the text held back, if any (a U+FFFD at the end that no later token completed: an
+    /// incomplete character, or a real replacement character), so that the whole stream is `decode(ids)`.
+    public func finish() -> String {
+        let text = Array(tokenizer.decode(ids, skipSpecialTokens: skipSpecialTokens).utf8)
+        var common = 0
+        while common < min(text.count, emitted.count) && text[common] == emitted[common] { common += 1 }
+        let rest = String(decoding: text[common...], as: UTF8.self)
+        emitted = text
+        return rest
+    }
+
     /// Everything emitted so far.
     public var text: String { String(decoding: emitted, as: UTF8.self) }
 }
