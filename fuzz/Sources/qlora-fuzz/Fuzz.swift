@@ -159,8 +159,10 @@ final class Harness {
         }
         if ids.count <= 48 {
             let stream = StreamingDecoder(tokenizer: tok, skipSpecialTokens: false)
-            for id in ids { _ = stream.add(id) }
-            guard stream.text == back else { fatalError("streamed decoding differs from decode: \(ids)") }
+            var streamed = ""
+            for id in ids { streamed += stream.add(id) }
+            streamed += stream.finish()
+            guard stream.text == back, streamed == back else { fatalError("streamed decoding differs from decode: \(ids)") }
         }
     }
 
