@@ -66,6 +66,24 @@ final class Harness {
         return list
     }
 
+    /// The bytes that have a token of their own in the first tokenizer's byte-level alphabet (GPT-2's map of
+    /// bytes to printable characters).
+    lazy var byteTokens: Set<UInt8> = {
+        var printable = Array(33...126) + Array(161...172) + Array(174...255)
+        var chars = printable
+        var extra = 0
+        for b in 0..<256 where !printable.contains(b) {
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+        }
+        var covered = Set<UInt8>()
+        for (b, c) in zip(printable, chars) where tokenizers[0].id(of: String(Character(Unicode.Scalar(UInt32(c))!))) != nil {
+            covered.insert(UInt8(b))
+        }
+        return covered
+    }()
+
     var template: ChatTemplate? {
         if let templateCache { return templateCache }
         let t = tokenizers[0].chatTemplate.flatMap { try? ChatTemplate($0) }
@@ -153,8 +171,10 @@ final class Harness {
         let vocabulary = tok.vocabularySize
         for id in ids where id < 0 || id >= vocabulary { fatalError("encode gave id \(id) outside the vocabulary (\(vocabulary))") }
         let back = tok.decode(ids)
-        // A byte-level BPE tokenizer without a normalizer (the default model's) gives back what it was given.
-        if selector % UInt8(all.count) == 0 && back != text {
+        // A byte-level BPE tokenizer without a normalizer (the default model's) gives back what it was given,
+        // when each byte has its token: SmolLM2's vocabulary lacks 21 of the 256 (0x04, 0x14, 0xC0, ...), and
+        // without an unknown token those bytes are dropped, as Hugging Face tokenizers drop them (found by make fuzz).
+        if selector % UInt8(all.count) == 0 && text.utf8.allSatisfy(byteTokens.contains) && back != text {
             fatalError("decode(encode(s)) != s: \(Array(text.utf8)) -> \(ids) -> \(Array(back.utf8))")
         }
         if ids.count <= 48 {
