@@ -205,7 +205,12 @@ struct Merge: ParsableCommand {
 /// This process's peak resident set size so far, in bytes (getrusage; kilobytes on Linux).
 func peakResidentBytes() -> Int {
     var usage = rusage()
+    // Glibc imports RUSAGE_SELF as an enum (__rusage_who), Darwin as a plain Int32.
+    #if canImport(Glibc)
     getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+    #else
+    getrusage(RUSAGE_SELF, &usage)
+    #endif
     #if os(Linux)
     return Int(usage.ru_maxrss) * 1024
     #else

@@ -59,4 +59,6 @@ struct PerplexityTests {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif

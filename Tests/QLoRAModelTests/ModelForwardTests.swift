@@ -346,6 +346,8 @@ struct DefaultModelTests {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 @Suite("model errors")

@@ -122,4 +122,6 @@ final class NSLockLike: @unchecked Sendable {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif

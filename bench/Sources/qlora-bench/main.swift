@@ -73,8 +73,15 @@ func quantBench(file: String, repeats: Int) throws {
 /// Peak resident set size of this process so far, in bytes.
 func peakRSS() -> Int {
     var usage = rusage()
+    // Glibc imports RUSAGE_SELF as an enum (__rusage_who), Darwin as a plain Int32; ru_maxrss is in
+    // kilobytes on Linux, in bytes on Darwin.
+    #if canImport(Glibc)
     getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
     return Int(usage.ru_maxrss) * 1024
+    #else
+    getrusage(RUSAGE_SELF, &usage)
+    return Int(usage.ru_maxrss)
+    #endif
 }
 
 /// Writes a Llama-shaped Hugging Face folder with random bf16 weights (normal, std 0.02), streamed

@@ -15,6 +15,8 @@ import QLoRATraining
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 enum FuzzTarget: String, CaseIterable {
