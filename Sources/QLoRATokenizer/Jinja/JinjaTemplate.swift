@@ -619,12 +619,13 @@ private final class Renderer {
         var t = time_t(date.timeIntervalSince1970)
         var tmv = tm()
         localtime_r(&t, &tmv)
-        var buffer = [Int8](repeating: 0, count: 256)
+        // CChar: signed on x86-64, unsigned on Linux aarch64.
+        var buffer = [CChar](repeating: 0, count: 256)
         #if canImport(Glibc)
         let n = Glibc.strftime(&buffer, buffer.count, format, &tmv)
         #else
         let n = Darwin.strftime(&buffer, buffer.count, format, &tmv)
         #endif
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return buffer.withUnsafeBytes { String(decoding: $0.prefix(n), as: UTF8.self) }
     }
 }
