@@ -124,13 +124,6 @@ public enum Attention {
             }
             partial = arena.floats(threads * (heads.qDim + 2 * heads.heads))
         }
-
-        /// Whether this workspace serves a call with these dimensions.
-        public func fits(heads: AttentionHeads, keys: Int, blockRows: Int, backward: Bool, bf16: Bool) -> Bool {
-            let w = workers[0]
-            return heads == self.heads && keys <= maxKeys && blockRows == self.blockRows && (!backward || w.dP != nil)
-                && (!bf16 || w.keysT != nil) && (!(backward && bf16) || w.dVT != nil)
-        }
     }
 
     final class WorkerBuffers {

@@ -146,12 +146,13 @@ extension LlamaModel {
         // More than one row: the BLAS products are split over our own workers with BLAS on one thread
         // each, so that OpenBLAS's threads do not spin against ours (measured: a fifth of a prefill's time
         // in sched_yield otherwise).
+        let rows = AttentionRows(caches: [cache], counts: [T], starts: [start])
         func run() -> [Float] {
             runLayers(ws, rows: T, cos: cos, sin: sin, kernels: kernels) { l in
                 // This step's keys and values join the cache; the queries attend over all of it.
                 (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
                 (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
-                attention(ws, layer: l, caches: [cache], rowCounts: [T], starts: [start], kernels: kernels)
+                attention(ws, layer: l, rows, kernels: kernels)
             }
             cache.advance(by: T)
             switch logits {
@@ -265,6 +266,7 @@ extension LlamaModel {
         for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let rows = AttentionRows(caches: caches, counts: Array(repeating: 1, count: B), starts: positions)
         // BLAS on one thread while our workers split its products (as in forward(tokens:)).
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
@@ -272,7 +274,7 @@ extension LlamaModel {
                     (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
                     (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
                 }
-                attention(ws, layer: l, caches: caches, rowCounts: Array(repeating: 1, count: B), starts: positions, kernels: kernels)
+                attention(ws, layer: l, rows, kernels: kernels)
             }
             for cache in caches { cache.advance(by: 1) }
             return outputLogits(ws, rows: 0..<B, kernels: kernels)
@@ -297,11 +299,10 @@ extension LlamaModel {
             guard cache.length + seq.count <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + seq.count) }
             for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         }
-        let runs = try adapterRuns(adapters, rowCounts: tokens.map(\.count))
+        let rows = AttentionRows(caches: caches, counts: tokens.map(\.count), starts: caches.map(\.length))
+        let runs = try adapterRuns(adapters, rowCounts: rows.counts)
         let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
-        var offsets: [Int] = []
-        var n = 0
-        for seq in tokens { offsets.append(n); n += seq.count }
+        let offsets = rows.offsets, starts = rows.starts, n = rows.counts.reduce(0, +)
         let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, kernels: kernels)
         var positions: [Int] = []
         positions.reserveCapacity(n)
@@ -310,7 +311,6 @@ extension LlamaModel {
             positions += caches[i].length..<(caches[i].length + seq.count)
         }
         let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
-        let starts = caches.map(\.length), rowCounts = tokens.map(\.count)
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
@@ -318,7 +318,7 @@ extension LlamaModel {
                     (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)
                     (cache.values(layer: l) + starts[i] * kvDim).update(from: ws.v + o * kvDim, count: T * kvDim)
                 }
-                attention(ws, layer: l, caches: caches, rowCounts: rowCounts, starts: starts, kernels: kernels)
+                attention(ws, layer: l, rows, kernels: kernels)
             }
             for (i, cache) in caches.enumerated() { cache.advance(by: tokens[i].count) }
             // Each sequence's last row moves up to row i (a source row is never below a later destination).
@@ -346,24 +346,44 @@ extension LlamaModel {
     /// Query rows of a prefill attention piece.
     static let prefillAttentionRows = 32
 
-    /// Causal attention of this step's queries (ws.q; sequence i's `rowCounts[i]` rows follow those of the
-    /// sequences before it) over every cached position of its own cache, into ws.attn: one row each is
-    /// decoding, otherwise a prefill of each sequence's rows at positions starts[i]... (Attention.forward).
-    func attention(_ ws: ForwardWorkspace, layer l: Int, caches: [KVCache], rowCounts: [Int], starts: [Int], kernels: KernelTable) {
+    /// Where a forward call's rows attend: sequence i's `counts[i]` rows (after those of the sequences before
+    /// it, from `offsets[i]`) sit at positions starts[i]... of caches[i]. Made once per call, not per layer.
+    struct AttentionRows {
+        let caches: [KVCache]
+        let counts: [Int]
+        let starts: [Int]
+        let offsets: [Int]
+        /// One row a sequence: decoding.
+        let decoding: Bool
+
+        init(caches: [KVCache], counts: [Int], starts: [Int]) {
+            self.caches = caches
+            self.counts = counts
+            self.starts = starts
+            var offsets: [Int] = []
+            var n = 0
+            for c in counts { offsets.append(n); n += c }
+            self.offsets = offsets
+            decoding = counts.allSatisfy { $0 == 1 }
+        }
+    }
+
+    /// Causal attention of this step's queries (ws.q) over every cached position of their own cache, into
+    /// ws.attn: decoding when each sequence has one row, otherwise a prefill (Attention.forward).
+    func attention(_ ws: ForwardWorkspace, layer l: Int, _ rows: AttentionRows, kernels: KernelTable) {
         let heads = config.attentionHeads
         let qDim = heads.qDim
-        if rowCounts.allSatisfy({ $0 == 1 }) {
+        let caches = rows.caches, starts = rows.starts, offsets = rows.offsets, counts = rows.counts
+        if rows.decoding {
             Attention.decode(heads, rows: caches.count, { i in
                 Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: caches[i].keys(layer: l), values: caches[i].values(layer: l),
                                     length: starts[i] + 1)
             }, workspace: ws.attention, kernels: kernels)
             return
         }
-        var offsets = [Int](repeating: 0, count: caches.count)
-        for i in 1..<max(caches.count, 1) { offsets[i] = offsets[i - 1] + rowCounts[i - 1] }
         Attention.forward(heads, sequences: caches.count, { i in
             Attention.Sequence(q: ws.q + offsets[i] * qDim, out: ws.attn + offsets[i] * qDim, keys: caches[i].keys(layer: l),
-                               values: caches[i].values(layer: l), rows: rowCounts[i], start: starts[i])
+                               values: caches[i].values(layer: l), rows: counts[i], start: starts[i])
         }, workspace: ws.attention, bf16: nil, kernels: kernels)
     }
 }
