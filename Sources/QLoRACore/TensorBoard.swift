@@ -9,7 +9,7 @@ import Glibc
 import Darwin
 #endif
 
-/// CRC-32C (Castagnoli), as TFRecord uses it.
+/// CRC-32C (Castagnoli), as TFRecord uses it and checkpoints record their files with.
 public enum CRC32C {
     static let table: [UInt32] = (0..<256).map { i -> UInt32 in
         var c = UInt32(i)
@@ -17,9 +17,50 @@ public enum CRC32C {
         return c
     }
 
+    /// Slicing-by-8: tables[k][b] is the CRC of byte b followed by k zero bytes, so eight bytes take eight
+    /// lookups and no dependency chain between them (the byte-at-a-time loop, generic over Collection and
+    /// called across modules, ran at about 40 MB/s: 5 s a checkpoint of the default model at r 64).
+    static let tables: [UInt32] = {
+        var t = [UInt32](repeating: 0, count: 8 * 256)
+        for i in 0..<256 { t[i] = table[i] }
+        for k in 1..<8 {
+            for i in 0..<256 { t[k * 256 + i] = (t[(k - 1) * 256 + i] >> 8) ^ table[Int(t[(k - 1) * 256 + i] & 0xFF)] }
+        }
+        return t
+    }()
+
     public static func checksum<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
+        if let crc = bytes.withContiguousStorageIfAvailable({ checksum(UnsafeRawBufferPointer($0)) }) { return crc }
+        return reference(bytes)
+    }
+
+    /// Byte at a time: the definition the fast path is tested against.
+    public static func reference<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
         var crc: UInt32 = 0xFFFF_FFFF
         for b in bytes { crc = table[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
+        return crc ^ 0xFFFF_FFFF
+    }
+
+    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        guard let base = bytes.baseAddress else { return 0 }
+        let n = bytes.count
+        var i = 0
+        tables.withUnsafeBufferPointer { tp in
+            let t = tp.baseAddress!
+            while i + 8 <= n {
+                let w = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: i, as: UInt64.self)) ^ UInt64(crc)
+                crc = t[7 * 256 + Int(w & 0xFF)] ^ t[6 * 256 + Int((w >> 8) & 0xFF)]
+                    ^ t[5 * 256 + Int((w >> 16) & 0xFF)] ^ t[4 * 256 + Int((w >> 24) & 0xFF)]
+                    ^ t[3 * 256 + Int((w >> 32) & 0xFF)] ^ t[2 * 256 + Int((w >> 40) & 0xFF)]
+                    ^ t[1 * 256 + Int((w >> 48) & 0xFF)] ^ t[Int(w >> 56)]
+                i += 8
+            }
+            while i < n {
+                crc = t[Int((crc ^ UInt32(base.load(fromByteOffset: i, as: UInt8.self))) & 0xFF)] ^ (crc >> 8)
+                i += 1
+            }
+        }
         return crc ^ 0xFFFF_FFFF
     }
 

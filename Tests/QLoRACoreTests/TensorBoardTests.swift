@@ -12,6 +12,12 @@ struct TensorBoardTests {
     func crc() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        // Slicing-by-8 against the byte-at-a-time definition: every length to 80, slices starting off any
+        // alignment, and a long buffer.
+        var rng = SeededGenerator(seed: 7)
+        let bytes = (0..<4099).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        for n in 0...80 { #expect(CRC32C.checksum(Array(bytes.prefix(n))) == CRC32C.reference(bytes.prefix(n)), "length \(n)") }
+        for start in 0..<9 { #expect(CRC32C.checksum(bytes[start...]) == CRC32C.reference(bytes[start...]), "from \(start)") }
     }
 
     @Test("scalars and SessionLog START encode to the bytes torch's SummaryWriter wrote")
