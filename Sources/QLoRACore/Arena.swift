@@ -37,4 +37,5 @@ public final class Arena {
     public func bytes(_ n: Int) -> UnsafeMutablePointer<UInt8> { reserve(n).bindMemory(to: UInt8.self, capacity: max(n, 1)) }
     public func halves(_ n: Int) -> UnsafeMutablePointer<UInt16> { reserve(2 * n).bindMemory(to: UInt16.self, capacity: max(n, 1)) }
     public func words(_ n: Int) -> UnsafeMutablePointer<UInt32> { reserve(4 * n).bindMemory(to: UInt32.self, capacity: max(n, 1)) }
+    public func ints(_ n: Int) -> UnsafeMutablePointer<Int> { reserve(MemoryLayout<Int>.stride * n).bindMemory(to: Int.self, capacity: max(n, 1)) }
 }

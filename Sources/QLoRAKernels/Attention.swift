@@ -21,19 +21,21 @@ public struct AttentionHeads: Sendable, Equatable {
     public let kvHeads: Int
     public let headDim: Int
 
-    public init(heads: Int, kvHeads: Int, headDim: Int) {
+    /// Scores are q·k times `scale`: 1 / √d unless a model sets its own (Gemma 3's query_pre_attn_scalar).
+    public let scale: Float
+
+    public init(heads: Int, kvHeads: Int, headDim: Int, scale: Float? = nil) {
         precondition(heads > 0 && kvHeads > 0 && heads % kvHeads == 0 && headDim > 0, "attention heads: \(heads) over \(kvHeads) of \(headDim)")
         self.heads = heads
         self.kvHeads = kvHeads
         self.headDim = headDim
+        self.scale = scale ?? 1 / Float(headDim).squareRoot()
     }
 
     /// Query heads per key-value head.
     public var group: Int { heads / kvHeads }
     public var qDim: Int { heads * headDim }
     public var kvDim: Int { kvHeads * headDim }
-    /// Scores are q·k / √d.
-    public var scale: Float { 1 / Float(headDim).squareRoot() }
 }
 
 public enum Attention {

@@ -65,9 +65,11 @@ public enum Ops {
     }
 
     /// Rotates x [rows, heads·d] in place; row r uses table row r. `inverse` rotates by −angle (the backward).
-    public static func rope(_ x: UnsafeMutablePointer<Float>, rows: Int, heads: Int, headDim d: Int,
+    /// `rotaryDim` (default d): only each head's first rotaryDim dimensions rotate, as pairs (i, i + rotaryDim/2),
+    /// and the rest pass through (partial rotary, Phi-4-mini); the tables hold rotaryDim / 2 columns.
+    public static func rope(_ x: UnsafeMutablePointer<Float>, rows: Int, heads: Int, headDim d: Int, rotaryDim: Int? = nil,
                             cos: UnsafePointer<Float>, sin: UnsafePointer<Float>, inverse: Bool = false) {
-        let half = d / 2
+        let half = (rotaryDim ?? d) / 2
         for t in 0..<rows {
             for h in 0..<heads {
                 let base = x + (t * heads + h) * d
@@ -93,6 +95,35 @@ public enum Ops {
                                       _ da: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int,
                                       kernels: KernelTable = .current) {
         kernels.swigluBackward(dg, du, da, g, u, count)
+    }
+
+    // MARK: GeGLU with the tanh approximation  a = gelu_tanh(g) ⊙ u (Gemma)
+
+    /// √(2/π), and the cubic term's coefficient, of gelu(x) ≈ ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+    static let geluBeta: Float = 0.7978845608028654
+    static let geluKappa: Float = 0.044715
+
+    /// a = gelu_tanh(g) ⊙ u over `range` (as torch's gelu(approximate="tanh") in f32).
+    public static func gegluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
+                                    range: Range<Int>) {
+        for i in range {
+            let x = g[i]
+            let inner = geluBeta * (x + geluKappa * (x * x * x))
+            a[i] = 0.5 * x * (1 + tanhf(inner)) * u[i]
+        }
+    }
+
+    /// dg = da ⊙ u ⊙ gelu_tanh'(g), du = da ⊙ gelu_tanh(g), over `range`.
+    public static func gegluBackward(dGate dg: UnsafeMutablePointer<Float>, dUp du: UnsafeMutablePointer<Float>, _ da: UnsafePointer<Float>,
+                                     gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, range: Range<Int>) {
+        for i in range {
+            let x = g[i]
+            let t = tanhf(geluBeta * (x + geluKappa * (x * x * x)))
+            let gelu = 0.5 * x * (1 + t)
+            let slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * geluBeta * (1 + 3 * geluKappa * x * x)
+            dg[i] = da[i] * u[i] * slope
+            du[i] = da[i] * gelu
+        }
     }
 
     // MARK: Softmax rows in place, over the first `visible` entries of each row (the rest set to 0)

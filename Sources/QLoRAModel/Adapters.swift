@@ -17,11 +17,11 @@ extension LlamaModel {
             // model.layers.N.(self_attn|mlp).NAME
             let parts = m.module.split(separator: ".").map(String.init)
             guard parts.count == 5, parts[0] == "model", parts[1] == "layers", let i = Int(parts[2]), i < layers.count,
-                  let keyPath = Self.projectionKeyPaths["\(parts[3]).\(parts[4])"]
+                  let p = Projection.allCases.first(where: { $0.modulePath == "\(parts[3]).\(parts[4])" }), var linear = layers[i][p]
             else {
-                throw ModelError.invalidConfig(file: weightsFile, reason: "adapter module '\(m.module)' is not a projection of this model (supported: q/k/v/o_proj, gate/up/down_proj)")
+                let names = layers.first?.present.map(\.name).joined(separator: ", ") ?? ""
+                throw ModelError.invalidConfig(file: weightsFile, reason: "adapter module '\(m.module)' is not a projection of this model (it has \(names))")
             }
-            var linear = layers[i][keyPath: keyPath]
             let expectA = [adapter.config.rank, linear.inFeatures], expectB = [linear.outFeatures, adapter.config.rank]
             guard m.a.shape == expectA else {
                 throw ModelError.shapeMismatch(file: weightsFile, tensor: m.module + ".lora_A.weight", expected: expectA, found: m.a.shape)
@@ -30,15 +30,11 @@ extension LlamaModel {
                 throw ModelError.shapeMismatch(file: weightsFile, tensor: m.module + ".lora_B.weight", expected: expectB, found: m.b.shape)
             }
             linear.lora = Linear.LoRA(a: m.a.floats(), b: m.b.floats(), rank: adapter.config.rank, scale: scale)
-            layers[i][keyPath: keyPath] = linear
+            layers[i][p] = linear
         }
         return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
     }
 
-    static let projectionKeyPaths: [String: WritableKeyPath<LlamaLayer, Linear>] = [
-        "self_attn.q_proj": \.q, "self_attn.k_proj": \.k, "self_attn.v_proj": \.v, "self_attn.o_proj": \.o,
-        "mlp.gate_proj": \.gate, "mlp.up_proj": \.up, "mlp.down_proj": \.down,
-    ]
 }
 
 extension LlamaModel {
@@ -51,17 +47,19 @@ extension LlamaModel {
             throw bad("not a LoRA adapter GGUF (general.type 'adapter', adapter.type 'lora')")
         }
         guard let alpha = g.value("adapter.lora.alpha")?.doubleValue else { throw bad("no adapter.lora.alpha") }
-        let names = ["attn_q": \LlamaLayer.q, "attn_k": \.k, "attn_v": \.v, "attn_output": \.o, "ffn_gate": \.gate, "ffn_up": \.up, "ffn_down": \.down]
+        let fused = config.fusedProjections
+        let names: [String: Projection] = ["attn_q": .q, "attn_k": .k, "attn_v": .v, "attn_qkv": .qkv, "attn_output": .o, "ffn_gate": .gate,
+                                           "ffn_up": fused ? .gateUp : .up, "ffn_down": .down]
         var layers = self.layers
         var used = 0
         for t in g.tensors where t.name.hasSuffix(".lora_a") {
             let base = String(t.name.dropLast(".lora_a".count))
             let parts = base.split(separator: ".").map(String.init)
-            guard parts.count == 4, parts[0] == "blk", let i = Int(parts[1]), i < layers.count, parts[3] == "weight", let keyPath = names[parts[2]] else {
+            guard parts.count == 4, parts[0] == "blk", let i = Int(parts[1]), i < layers.count, parts[3] == "weight", let p = names[parts[2]],
+                  var linear = layers[i][p] else {
                 throw bad("tensor '\(t.name)' is not a LoRA of a projection of this model")
             }
             guard let bInfo = g.tensor(base + ".lora_b") else { throw ModelError.missingTensor(file: path, tensor: base + ".lora_b") }
-            var linear = layers[i][keyPath: keyPath]
             let rank = t.shape[0]
             guard t.shape == [rank, linear.inFeatures] else {
                 throw ModelError.shapeMismatch(file: path, tensor: t.name, expected: [rank, linear.inFeatures], found: t.shape)
@@ -70,10 +68,10 @@ extension LlamaModel {
                 throw ModelError.shapeMismatch(file: path, tensor: bInfo.name, expected: [linear.outFeatures, rank], found: bInfo.shape)
             }
             var b = try g.floats(bInfo)
-            if parts[2] == "attn_q" { b = ModelMerger.unpermute(b, heads: config.headCount, cols: rank) }
-            if parts[2] == "attn_k" { b = ModelMerger.unpermute(b, heads: config.kvHeadCount, cols: rank) }
+            if config.family == .llama, parts[2] == "attn_q" { b = ModelMerger.unpermute(b, heads: config.headCount, cols: rank) }
+            if config.family == .llama, parts[2] == "attn_k" { b = ModelMerger.unpermute(b, heads: config.kvHeadCount, cols: rank) }
             linear.lora = Linear.LoRA(a: try g.floats(t), b: b, rank: rank, scale: Float(alpha / Double(rank)))
-            layers[i][keyPath: keyPath] = linear
+            layers[i][p] = linear
             used += 2
         }
         guard used == g.tensors.count else { throw bad("\(g.tensors.count - used) tensors are not lora_a / lora_b pairs") }

@@ -74,6 +74,8 @@ final class ForwardWorkspace {
     /// bf16 compute: an operand converted once for the products that read it, and a packed weight tile.
     let converted: UnsafeMutablePointer<UInt16>?
     let packed: UnsafeMutablePointer<UInt32>?
+    /// A fused projection's output before it is split (Phi-3), or nil.
+    let fused: UnsafeMutablePointer<Float>?
     /// Attention's scores and partial sums, per worker.
     let attention: Attention.Workspace
 
@@ -87,6 +89,7 @@ final class ForwardWorkspace {
             let h, xn, q, k, v, attn, proj, g, u, scratch, prepared: UnsafeMutablePointer<Float>
             let converted: UnsafeMutablePointer<UInt16>?
             let packed: UnsafeMutablePointer<UInt32>?
+            let fused: UnsafeMutablePointer<Float>?
             let attention: Attention.Workspace
         }
         let (arena, l) = Arena.sized { a in
@@ -94,19 +97,20 @@ final class ForwardWorkspace {
                    attn: a.floats(T * qDim), proj: a.floats(T * D), g: a.floats(T * I), u: a.floats(T * I), scratch: a.floats(scratchCount),
                    prepared: a.floats(min(T, Linear.batchedRowLimit) * widest),
                    converted: packedWords.map { _ in a.halves(T * BF16Gemm.paddedCount(widest)) }, packed: packedWords.map { a.words($0) },
+                   fused: c.fusedProjections ? a.floats(T * max(c.qkvDim, 2 * I)) : nil,
                    attention: Attention.Workspace(a, heads: c.attentionHeads, maxKeys: capacity, blockRows: LlamaModel.prefillAttentionRows,
                                                   backward: false, bf16: false))
         }
         self.arena = arena
         h = l.h; xn = l.xn; q = l.q; k = l.k; v = l.v; attn = l.attn; proj = l.proj; g = l.g; u = l.u
-        scratch = l.scratch; prepared = l.prepared; converted = l.converted; packed = l.packed; attention = l.attention
+        scratch = l.scratch; prepared = l.prepared; converted = l.converted; packed = l.packed; fused = l.fused; attention = l.attention
     }
 
     /// The block's view of these buffers: nothing kept for a backward, so x1 and x2 share xn, the residual
     /// adds into h in place, and SwiGLU writes over g.
     var block: (BlockActivations, BlockScratch) {
         (BlockActivations(x1: xn, q: q, k: k, v: v, attn: attn, h2: h, x2: xn, g: g, u: u, a: g),
-         BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: converted, packed: packed))
+         BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: converted, packed: packed, fused: fused))
     }
 }
 
@@ -141,14 +145,14 @@ extension LlamaModel {
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(cache, rows: T, kernels: kernels)
-        for (t, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + t * c.hiddenSize) }
-        let (cos, sin) = ropeTables(positions: start..<(start + T))
+        for (t, token) in tokens.enumerated() { embed(token, into: ws.h + t * c.hiddenSize) }
+        let rope = ropeTables(positions: Array(start..<(start + T)))
         // More than one row: the BLAS products are split over our own workers with BLAS on one thread
         // each, so that OpenBLAS's threads do not spin against ours (measured: a fifth of a prefill's time
         // in sched_yield otherwise).
-        let rows = AttentionRows(caches: [cache], counts: [T], starts: [start])
+        let rows = AttentionRows(caches: [cache], counts: [T], starts: [start], window: c.slidingWindow)
         func run() -> [Float] {
-            runLayers(ws, rows: T, cos: cos, sin: sin, kernels: kernels) { l in
+            runLayers(ws, rows: T, rope: rope, kernels: kernels) { l in
                 // This step's keys and values join the cache; the queries attend over all of it.
                 (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
                 (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
@@ -199,20 +203,25 @@ extension LlamaModel {
     /// The blocks over `rows` rows of ws.h, in place (LlamaLayer.forward): `attend(layer)` stores the keys
     /// and values and leaves attention's output in ws.attn. Each projection takes the layer's attached
     /// adapter, if any, and rows in `adapters` that run's adapter as well.
-    func runLayers(_ ws: ForwardWorkspace, rows n: Int, cos: [Float], sin: [Float], kernels: KernelTable,
+    func runLayers(_ ws: ForwardWorkspace, rows n: Int, rope: RopeTables, kernels: KernelTable,
                    adapters: [AdapterRun] = [], attend: (Int) -> Void) {
         let bf16 = bf16Products(kernels) ? kernels.bf16 : nil
         let (act, scratch) = ws.block
-        cos.withUnsafeBufferPointer { cp in
-            sin.withUnsafeBufferPointer { sp in
-                let call = BlockCall(rows: n, cos: cp.baseAddress!, sin: sp.baseAddress!, bf16: bf16, kernels: kernels)
-                for (l, layer) in layers.enumerated() {
-                    layer.forward(ws.h, into: ws.h, act, scratch, config: config, call, lora: { p, apply in
-                        p.linear(in: layer).lora?.withUpdate(apply)
-                        for run in adapters { p.linear(in: run.layers[l]).lora?.withUpdate(rows: run.rows, apply) }
-                    }, attend: { attend(l) })
-                }
+        rope.withCalls(rows: n, bf16: bf16, kernels: kernels) { call in
+            for (l, layer) in layers.enumerated() {
+                layer.forward(ws.h, into: ws.h, act, scratch, config: config, call(l), lora: { p, apply in
+                    p.linear(in: layer)?.lora?.withUpdate(apply)
+                    for run in adapters { p.linear(in: run.layers[l])?.lora?.withUpdate(rows: run.rows, apply) }
+                }, attend: { attend(l) })
             }
+        }
+    }
+
+    /// Embedding row `token` into `out` (times the family's embedding scale).
+    func embed(_ token: Int, into out: UnsafeMutablePointer<Float>) {
+        embeddings.copyRow(token, into: out)
+        if let scale = config.embeddingScale {
+            for j in 0..<config.hiddenSize { out[j] *= scale }
         }
     }
 
@@ -263,13 +272,13 @@ extension LlamaModel {
         let runs = try adapterRuns(adapters, rowCounts: Array(repeating: 1, count: B))
         let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!, kernels: kernels)
-        for (i, token) in tokens.enumerated() { embeddings.copyRow(token, into: ws.h + i * c.hiddenSize) }
+        for (i, token) in tokens.enumerated() { embed(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
-        let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let rope = ropeTables(positions: positions)
         let rows = AttentionRows(caches: caches, counts: Array(repeating: 1, count: B), starts: positions)
         // BLAS on one thread while our workers split its products (as in forward(tokens:)).
         return Gemm.withSingleThreadedBLAS {
-            runLayers(ws, rows: B, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
+            runLayers(ws, rows: B, rope: rope, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
                     (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
@@ -299,7 +308,7 @@ extension LlamaModel {
             guard cache.length + seq.count <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + seq.count) }
             for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         }
-        let rows = AttentionRows(caches: caches, counts: tokens.map(\.count), starts: caches.map(\.length))
+        let rows = AttentionRows(caches: caches, counts: tokens.map(\.count), starts: caches.map(\.length), window: c.slidingWindow)
         let runs = try adapterRuns(adapters, rowCounts: rows.counts)
         let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         let offsets = rows.offsets, starts = rows.starts, n = rows.counts.reduce(0, +)
@@ -307,12 +316,12 @@ extension LlamaModel {
         var positions: [Int] = []
         positions.reserveCapacity(n)
         for (i, seq) in tokens.enumerated() {
-            for (t, token) in seq.enumerated() { embeddings.copyRow(token, into: ws.h + (offsets[i] + t) * D) }
+            for (t, token) in seq.enumerated() { embed(token, into: ws.h + (offsets[i] + t) * D) }
             positions += caches[i].length..<(caches[i].length + seq.count)
         }
-        let (cos, sin) = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let rope = ropeTables(positions: positions)
         return Gemm.withSingleThreadedBLAS {
-            runLayers(ws, rows: n, cos: cos, sin: sin, kernels: kernels, adapters: runs) { l in
+            runLayers(ws, rows: n, rope: rope, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     let o = offsets[i], T = tokens[i].count
                     (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)
@@ -336,9 +345,11 @@ extension LlamaModel {
         }
     }
 
-    /// cos and sin [positions, d/2] of position * inv_freq (f32, as transformers computes them).
-    func ropeTables(positions: Range<Int>) -> ([Float], [Float]) {
-        Ops.ropeTables(positions: Array(positions), inverseFrequencies: inverseFrequencies)
+    /// The rotary tables of these positions: the model's, and the sliding layers' own where they have them.
+    func ropeTables(positions: [Int]) -> RopeTables {
+        let global = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        let local = localInverseFrequencies.map { Ops.ropeTables(positions: positions, inverseFrequencies: $0) }
+        return RopeTables(config: config, global: global, local: local)
     }
 
     /// The context length from which decoding's attention splits each head's positions over the workers.
@@ -355,8 +366,11 @@ extension LlamaModel {
         let offsets: [Int]
         /// One row a sequence: decoding.
         let decoding: Bool
+        /// For a model with a sliding window and more than one row a sequence: each row's first visible key
+        /// (position p sees keys from max(0, p - window + 1)), rows in call order.
+        let windowStarts: [Int]?
 
-        init(caches: [KVCache], counts: [Int], starts: [Int]) {
+        init(caches: [KVCache], counts: [Int], starts: [Int], window: Int? = nil) {
             self.caches = caches
             self.counts = counts
             self.starts = starts
@@ -365,25 +379,64 @@ extension LlamaModel {
             for c in counts { offsets.append(n); n += c }
             self.offsets = offsets
             decoding = counts.allSatisfy { $0 == 1 }
+            if let window, !decoding {
+                var w: [Int] = []
+                w.reserveCapacity(n)
+                for (c, s) in zip(counts, starts) { for p in s..<(s + c) { w.append(max(0, p - window + 1)) } }
+                windowStarts = w
+            } else {
+                windowStarts = nil
+            }
         }
     }
 
-    /// Causal attention of this step's queries (ws.q) over every cached position of their own cache, into
-    /// ws.attn: decoding when each sequence has one row, otherwise a prefill (Attention.forward).
+    /// Causal attention of this step's queries (ws.q) over every cached position of their own cache (or the
+    /// last `slidingWindow` of them on a sliding layer), into ws.attn: decoding when each sequence has one row,
+    /// otherwise a prefill (Attention.forward).
     func attention(_ ws: ForwardWorkspace, layer l: Int, _ rows: AttentionRows, kernels: KernelTable) {
         let heads = config.attentionHeads
-        let qDim = heads.qDim
+        let qDim = heads.qDim, kvDim = heads.kvDim
         let caches = rows.caches, starts = rows.starts, offsets = rows.offsets, counts = rows.counts
+        let window = config.isSliding(layer: l) ? config.slidingWindow : nil
         if rows.decoding {
             Attention.decode(heads, rows: caches.count, { i in
-                Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: caches[i].keys(layer: l), values: caches[i].values(layer: l),
-                                    length: starts[i] + 1)
+                // A query at position p sees keys max(0, p - window + 1) ... p.
+                let length = starts[i] + 1, first = window.map { max(0, length - $0) } ?? 0
+                return Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: caches[i].keys(layer: l) + first * kvDim,
+                                           values: caches[i].values(layer: l) + first * kvDim, length: length - first)
             }, workspace: ws.attention, kernels: kernels)
             return
         }
-        Attention.forward(heads, sequences: caches.count, { i in
-            Attention.Sequence(q: ws.q + offsets[i] * qDim, out: ws.attn + offsets[i] * qDim, keys: caches[i].keys(layer: l),
-                               values: caches[i].values(layer: l), rows: counts[i], start: starts[i])
-        }, workspace: ws.attention, bf16: nil, kernels: kernels)
+        func run(_ windowStarts: UnsafePointer<Int>?) {
+            Attention.forward(heads, sequences: caches.count, { i in
+                Attention.Sequence(q: ws.q + offsets[i] * qDim, out: ws.attn + offsets[i] * qDim, keys: caches[i].keys(layer: l),
+                                   values: caches[i].values(layer: l), rows: counts[i], start: starts[i],
+                                   windowStarts: windowStarts.map { $0 + offsets[i] })
+            }, workspace: ws.attention, bf16: nil, kernels: kernels)
+        }
+        if window != nil, let w = rows.windowStarts { w.withUnsafeBufferPointer { run($0.baseAddress!) } } else { run(nil) }
+    }
+}
+
+/// The rotary tables of one forward call: the model's, and the sliding layers' own (Gemma 3's local base).
+struct RopeTables {
+    let config: LlamaConfig
+    let global: (cos: [Float], sin: [Float])
+    let local: (cos: [Float], sin: [Float])?
+
+    /// Runs body with a function giving each layer's BlockCall.
+    func withCalls(rows n: Int, bf16: BF16Kernels?, kernels: KernelTable, _ body: ((Int) -> BlockCall) -> Void) {
+        let local = self.local ?? global
+        global.cos.withUnsafeBufferPointer { gc in
+            global.sin.withUnsafeBufferPointer { gs in
+                local.cos.withUnsafeBufferPointer { lc in
+                    local.sin.withUnsafeBufferPointer { ls in
+                        let g = BlockCall(rows: n, cos: gc.baseAddress!, sin: gs.baseAddress!, bf16: bf16, kernels: kernels)
+                        let l = BlockCall(rows: n, cos: lc.baseAddress!, sin: ls.baseAddress!, bf16: bf16, kernels: kernels)
+                        body { config.usesLocalRope(layer: $0) ? l : g }
+                    }
+                }
+            }
+        }
     }
 }

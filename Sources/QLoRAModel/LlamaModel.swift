@@ -6,30 +6,54 @@ import QLoRAFormats
 import QLoRAKernels
 
 public struct LlamaLayer: Sendable {
+    /// The norm before attention.
     public var inputNorm: [Float]
-    public var q: Linear
-    public var k: Linear
-    public var v: Linear
-    public var o: Linear
-    public var postAttentionNorm: [Float]
-    public var gate: Linear
-    public var up: Linear
-    public var down: Linear
+    /// The norm before the MLP (transformers' post_attention_layernorm in Llama; Gemma 3's pre_feedforward_layernorm).
+    public var mlpNorm: [Float]
+    /// Per-head norms of q and k before RoPE [head_dim] (Qwen3, Gemma 3), or nil.
+    public var qNorm: [Float]?
+    public var kNorm: [Float]?
+    /// Norms of attention's and the MLP's outputs before the residual (Gemma 3's post_attention_layernorm and
+    /// post_feedforward_layernorm), or nil.
+    public var attentionOutputNorm: [Float]?
+    public var mlpOutputNorm: [Float]?
+    /// The projections by Projection.rawValue: q, k, v, o, gate, up, down, or o, down and the fused qkv and gateUp.
+    var projections: [Linear?]
 
-    public var linears: [Linear] { [q, k, v, o, gate, up, down] }
-
+    /// The seven projections of an unfused layer.
     public init(inputNorm: [Float], q: Linear, k: Linear, v: Linear, o: Linear, postAttentionNorm: [Float],
                 gate: Linear, up: Linear, down: Linear) {
         self.inputNorm = inputNorm
-        self.q = q
-        self.k = k
-        self.v = v
-        self.o = o
-        self.postAttentionNorm = postAttentionNorm
-        self.gate = gate
-        self.up = up
-        self.down = down
+        mlpNorm = postAttentionNorm
+        projections = [q, k, v, o, gate, up, down, nil, nil]
     }
+
+    /// A layer with Phi-3's fused projections.
+    public init(inputNorm: [Float], qkv: Linear, o: Linear, mlpNorm: [Float], gateUp: Linear, down: Linear) {
+        self.inputNorm = inputNorm
+        self.mlpNorm = mlpNorm
+        projections = [nil, nil, nil, o, nil, nil, down, qkv, gateUp]
+    }
+
+    /// Projection p, or nil where this layer does not have it (the unfused ones in a fused layer, and back).
+    public subscript(p: Projection) -> Linear? {
+        get { projections[p.rawValue] }
+        set { projections[p.rawValue] = newValue }
+    }
+
+    /// The projections this layer has, in PEFT's order.
+    public var present: [Projection] { Projection.present(fused: projections[Projection.qkv.rawValue] != nil) }
+
+    public var linears: [Linear] { present.map { self[$0]! } }
+
+    // The unfused layer's projections by name (o and down exist in every layer).
+    public var q: Linear { get { self[.q]! } set { self[.q] = newValue } }
+    public var k: Linear { get { self[.k]! } set { self[.k] = newValue } }
+    public var v: Linear { get { self[.v]! } set { self[.v] = newValue } }
+    public var o: Linear { get { self[.o]! } set { self[.o] = newValue } }
+    public var gate: Linear { get { self[.gate]! } set { self[.gate] = newValue } }
+    public var up: Linear { get { self[.up]! } set { self[.up] = newValue } }
+    public var down: Linear { get { self[.down]! } set { self[.down] = newValue } }
 }
 
 /// How the embedding table and the LM head (one matrix when tied) are held in memory.
@@ -93,6 +117,8 @@ public final class LlamaModel: @unchecked Sendable {
     /// Whether the many-row products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
     func bf16Products(_ kernels: KernelTable) -> Bool { computeDType == .bf16 && kernels.bf16 != nil }
     let inverseFrequencies: [Float]
+    /// The sliding layers' own (Gemma 3), or nil.
+    let localInverseFrequencies: [Float]?
 
     public init(config: LlamaConfig, embeddings: Linear, layers: [LlamaLayer], finalNorm: [Float], lmHead: Linear?, source: String) {
         self.config = config
@@ -102,12 +128,15 @@ public final class LlamaModel: @unchecked Sendable {
         self.lmHead = lmHead
         self.source = source
         inverseFrequencies = config.ropeInverseFrequencies()
+        localInverseFrequencies = config.localRopeInverseFrequencies()
     }
 
     /// Bytes of weights held in memory.
     public var weightBytes: Int {
         let linear = layers.reduce(0) { $0 + $1.linears.reduce(0) { $0 + $1.weightBytes } }
-        let norms = layers.count * 2 * config.hiddenSize * 4 + finalNorm.count * 4
+        let norms = layers.reduce(0) { n, l in
+            n + 4 * ([l.inputNorm, l.mlpNorm] + [l.qNorm, l.kNorm, l.attentionOutputNorm, l.mlpOutputNorm].compactMap { $0 }).reduce(0) { $0 + $1.count }
+        } + finalNorm.count * 4
         return embeddings.weightBytes + linear + norms + (lmHead?.weightBytes ?? 0)
     }
 
@@ -117,33 +146,44 @@ public final class LlamaModel: @unchecked Sendable {
 
 // MARK: - Loading
 
-/// Names of a layer's tensors in one checkpoint convention.
+/// Names of a layer's tensors in one checkpoint convention. Parts: input_norm, mlp_norm, attn_out_norm,
+/// mlp_out_norm, q_norm, k_norm, and the projections q, k, v, qkv, o, gate, up, gate_up, down (".bias" for a bias).
 struct TensorNaming {
     let embedding: String
     let finalNorm: String
     let lmHead: String
     let layer: (Int, String) -> String
-    /// GGUF stores Q and K rows permuted for llama.cpp's rotary layout.
+    /// GGUF stores Q and K rows permuted for llama.cpp's rotary layout (its llama architecture only).
     let permutedQK: Bool
 
-    static let huggingFace = TensorNaming(
-        embedding: "model.embed_tokens.weight", finalNorm: "model.norm.weight", lmHead: "lm_head.weight",
-        layer: { i, part in
-            let map = ["input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
-                       "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                       "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"]
-            let (base, suffix) = split(part)
-            return "model.layers.\(i).\(map[base]!).\(suffix)"
-        }, permutedQK: false)
+    static func huggingFace(_ family: ModelFamily) -> TensorNaming {
+        var map = ["input_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+                   "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+                   "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "qkv": "self_attn.qkv_proj",
+                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "gate_up": "mlp.gate_up_proj",
+                   "down": "mlp.down_proj"]
+        if family == .gemma3 {
+            map["mlp_norm"] = "pre_feedforward_layernorm"
+            map["attn_out_norm"] = "post_attention_layernorm"
+            map["mlp_out_norm"] = "post_feedforward_layernorm"
+        }
+        return TensorNaming(embedding: "model.embed_tokens.weight", finalNorm: "model.norm.weight", lmHead: "lm_head.weight",
+                            layer: { i, part in
+                                let (base, suffix) = split(part)
+                                return "model.layers.\(i).\(map[base]!).\(suffix)"
+                            }, permutedQK: false)
+    }
 
-    static let gguf = TensorNaming(
-        embedding: "token_embd.weight", finalNorm: "output_norm.weight", lmHead: "output.weight",
-        layer: { i, part in
-            let map = ["input_norm": "attn_norm", "post_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
-                       "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"]
-            let (base, suffix) = split(part)
-            return "blk.\(i).\(map[base]!).\(suffix)"
-        }, permutedQK: true)
+    static func gguf(_ family: ModelFamily) -> TensorNaming {
+        let map = ["input_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn_out_norm": "post_attention_norm", "mlp_out_norm": "post_ffw_norm",
+                   "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv",
+                   "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down"]
+        return TensorNaming(embedding: "token_embd.weight", finalNorm: "output_norm.weight", lmHead: "output.weight",
+                            layer: { i, part in
+                                let (base, suffix) = split(part)
+                                return "blk.\(i).\(map[base]!).\(suffix)"
+                            }, permutedQK: family == .llama)
+    }
 
     static func split(_ part: String) -> (String, String) {
         let pieces = part.split(separator: ".")
@@ -160,7 +200,15 @@ extension LlamaModel {
         let path = try ModelLocator.resolve(model)
         if path.lowercased().hasSuffix(".gguf") {
             let g = try GGUFFile(path: path)
-            return try load(config: try LlamaConfig(gguf: g), tensors: g, naming: .gguf, options: options, source: path)
+            var config = try LlamaConfig(gguf: g)
+            if let t = g.tensor("rope_freqs.weight") {
+                // Llama 3.1's scaling as llama.cpp stores it: a divisor per frequency.
+                guard t.shape == [config.rotaryDim / 2] else {
+                    throw ModelError.shapeMismatch(file: path, tensor: t.name, expected: [config.rotaryDim / 2], found: t.shape)
+                }
+                config.ropeFrequencyFactors = try g.floats(t)
+            }
+            return try load(config: config, tensors: g, naming: .gguf(config.family), options: options, source: path)
         }
         guard FileSystem.isDirectory(path) else {
             throw ModelError.notFound(model: model, reason: "\(path) is neither a model folder nor a .gguf file")
@@ -174,7 +222,7 @@ extension LlamaModel {
             config.apply(generationConfig: g)
         }
         let tensors = try TensorCollection(path: path)
-        return try load(config: config, tensors: tensors, naming: .huggingFace, options: options, source: path)
+        return try load(config: config, tensors: tensors, naming: .huggingFace(config.family), options: options, source: path)
     }
 
     static func load(config: LlamaConfig, tensors: TensorSource, naming: TensorNaming, options: LoadOptions, source: String) throws -> LlamaModel {
@@ -192,6 +240,12 @@ extension LlamaModel {
         }
 
         func unpermute(_ w: [Float], heads: Int, cols: Int) -> [Float] { RotaryRows.toHuggingFace(w, heads: heads, cols: cols) }
+
+        /// A norm weight as the block multiplies by it (Gemma's stored w becomes 1 + w).
+        func norm(_ name: String, _ count: Int) throws -> [Float] {
+            let w = try floats(name, shape: [count])
+            return config.normWeightOffset == 0 ? w : w.map { $0 + config.normWeightOffset }
+        }
 
         func linear(_ name: String, out: Int, in inFeatures: Int, permuteHeads: Int? = nil, biasName: String? = nil) throws -> Linear {
             var bias: [Float]?
@@ -219,7 +273,7 @@ extension LlamaModel {
         }
 
         let c = config
-        let hidden = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
+        let hidden = c.hiddenSize, qDim = c.qDim, kvDim = c.kvDim
         let progress = ProgressBar("load", total: c.layerCount + 2, enabled: options.showProgress)
         func table(_ name: String) throws -> Linear {
             let storage = tensors.info(name)?.storage.uppercased()
@@ -255,26 +309,46 @@ extension LlamaModel {
         for i in 0..<c.layerCount {
             let n = { naming.layer(i, $0) }
             let bias = c.attentionBias
-            layers.append(LlamaLayer(
-                inputNorm: try floats(n("input_norm"), shape: [hidden]),
-                q: try linear(n("q"), out: qDim, in: hidden, permuteHeads: c.headCount, biasName: bias ? n("q.bias") : nil),
-                k: try linear(n("k"), out: kvDim, in: hidden, permuteHeads: c.kvHeadCount, biasName: bias ? n("k.bias") : nil),
-                v: try linear(n("v"), out: kvDim, in: hidden, biasName: bias ? n("v.bias") : nil),
-                o: try linear(n("o"), out: hidden, in: qDim),
-                postAttentionNorm: try floats(n("post_norm"), shape: [hidden]),
-                gate: try linear(n("gate"), out: c.intermediateSize, in: hidden),
-                up: try linear(n("up"), out: c.intermediateSize, in: hidden),
-                down: try linear(n("down"), out: hidden, in: c.intermediateSize)))
+            var layer: LlamaLayer
+            if c.fusedProjections {
+                layer = LlamaLayer(
+                    inputNorm: try norm(n("input_norm"), hidden),
+                    qkv: try linear(n("qkv"), out: c.qkvDim, in: hidden, biasName: bias ? n("qkv.bias") : nil),
+                    o: try linear(n("o"), out: hidden, in: qDim, biasName: c.outputBias ? n("o.bias") : nil),
+                    mlpNorm: try norm(n("mlp_norm"), hidden),
+                    gateUp: try linear(n("gate_up"), out: 2 * c.intermediateSize, in: hidden),
+                    down: try linear(n("down"), out: hidden, in: c.intermediateSize))
+            } else {
+                layer = LlamaLayer(
+                    inputNorm: try norm(n("input_norm"), hidden),
+                    q: try linear(n("q"), out: qDim, in: hidden, permuteHeads: c.headCount, biasName: bias ? n("q.bias") : nil),
+                    k: try linear(n("k"), out: kvDim, in: hidden, permuteHeads: c.kvHeadCount, biasName: bias ? n("k.bias") : nil),
+                    v: try linear(n("v"), out: kvDim, in: hidden, biasName: bias ? n("v.bias") : nil),
+                    o: try linear(n("o"), out: hidden, in: qDim, biasName: c.outputBias ? n("o.bias") : nil),
+                    postAttentionNorm: try norm(n("mlp_norm"), hidden),
+                    gate: try linear(n("gate"), out: c.intermediateSize, in: hidden),
+                    up: try linear(n("up"), out: c.intermediateSize, in: hidden),
+                    down: try linear(n("down"), out: hidden, in: c.intermediateSize))
+            }
+            if c.qkNorm {
+                layer.qNorm = try norm(n("q_norm"), c.headDim)
+                layer.kNorm = try norm(n("k_norm"), c.headDim)
+            }
+            if c.outputNorms {
+                layer.attentionOutputNorm = try norm(n("attn_out_norm"), hidden)
+                layer.mlpOutputNorm = try norm(n("mlp_out_norm"), hidden)
+            }
+            layers.append(layer)
             progress.advance(note: "layer \(i)")
         }
-        let finalNorm = try floats(naming.finalNorm, shape: [hidden])
+        let finalNorm = try norm(naming.finalNorm, hidden)
         var lmHead: Linear?
         if !c.tieWordEmbeddings || tensors.info(naming.lmHead) != nil {
             // The output head stays in its own precision (bitsandbytes does not quantize lm_head either).
             lmHead = try table(naming.lmHead)
         }
         progress.advance(note: "head")
-        let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") }
+        let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") && $0 != "rope_freqs.weight" }
         if !unused.isEmpty { throw ModelError.unusedTensors(file: file, names: unused) }
         return LlamaModel(config: c, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
     }

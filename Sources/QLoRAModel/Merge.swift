@@ -32,6 +32,15 @@ public final class ModelMerger: @unchecked Sendable {
         case embedding, finalNorm, head
         case norm(layer: Int)
         case projection(layer: Int, module: String)
+        /// A projection's bias (Qwen2's q/k/v), carried as it is.
+        case bias(layer: Int, module: String)
+
+        var isNorm: Bool {
+            switch self {
+            case .norm, .finalNorm: return true
+            default: return false
+            }
+        }
     }
 
     /// One tensor of the merged model.
@@ -70,7 +79,7 @@ public final class ModelMerger: @unchecked Sendable {
             let g = try GGUFFile(path: path)
             config = try LlamaConfig(gguf: g)
             tensors = g
-            naming = .gguf
+            naming = .gguf(config.family)
         } else {
             guard FileSystem.isDirectory(path) else {
                 throw ModelError.notFound(model: model, reason: "\(path) is neither a model folder nor a .gguf file")
@@ -79,35 +88,46 @@ public final class ModelMerger: @unchecked Sendable {
             guard FileSystem.exists(configPath) else { throw ModelError.notFound(model: model, reason: "\(path) has no config.json") }
             config = try LlamaConfig(configFile: configPath)
             tensors = try TensorCollection(path: path)
-            naming = .huggingFace
+            naming = .huggingFace(config.family)
         }
         let c = config
-        let hidden = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim
+        let hidden = c.hiddenSize, qDim = c.qDim, kvDim = c.kvDim, I = c.intermediateSize
         var items: [Item] = []
         func add(_ name: String, _ shape: [Int], _ part: Part, source: String, permute: Int? = nil) {
             items.append(Item(name: name, shape: shape, part: part, sourceName: source, permuteHeads: permute, adapted: false))
         }
-        let hf = TensorNaming.huggingFace
+        let hf = TensorNaming.huggingFace(c.family), naming = self.naming
         add(hf.embedding, [c.vocabSize, hidden], .embedding, source: naming.embedding)
-        if c.attentionBias {
-            throw ModelError.invalidConfig(file: path, reason: "merging models with attention biases (Qwen2) is not supported yet")
-        }
-        let projections: [(String, String, Int, Int, Int?)] = [
-            ("q", "self_attn.q_proj", qDim, hidden, c.headCount), ("k", "self_attn.k_proj", kvDim, hidden, c.kvHeadCount),
-            ("v", "self_attn.v_proj", kvDim, hidden, nil), ("o", "self_attn.o_proj", hidden, qDim, nil),
-            ("gate", "mlp.gate_proj", c.intermediateSize, hidden, nil), ("up", "mlp.up_proj", c.intermediateSize, hidden, nil),
-            ("down", "mlp.down_proj", hidden, c.intermediateSize, nil),
-        ]
-        for i in 0..<c.layerCount {
-            add(hf.layer(i, "input_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "input_norm"))
-            for (short, module, out, inFeatures, heads) in projections.prefix(4) {
-                add(hf.layer(i, short), [out, inFeatures], .projection(layer: i, module: module), source: naming.layer(i, short),
+        // (part, module, out, in, heads of a rotary permutation in llama GGUFs, bias)
+        let attention: [(String, String, Int, Int, Int?, Bool)] = c.fusedProjections
+            ? [("qkv", "self_attn.qkv_proj", c.qkvDim, hidden, nil, c.attentionBias)]
+            : [("q", "self_attn.q_proj", qDim, hidden, c.headCount, c.attentionBias), ("k", "self_attn.k_proj", kvDim, hidden, c.kvHeadCount, c.attentionBias),
+               ("v", "self_attn.v_proj", kvDim, hidden, nil, c.attentionBias)]
+        let mlp: [(String, String, Int, Int, Int?, Bool)] = c.fusedProjections
+            ? [("gate_up", "mlp.gate_up_proj", 2 * I, hidden, nil, false)]
+            : [("gate", "mlp.gate_proj", I, hidden, nil, false), ("up", "mlp.up_proj", I, hidden, nil, false)]
+        func projection(_ i: Int, _ p: (String, String, Int, Int, Int?, Bool)) {
+            let (short, module, out, inFeatures, heads, bias) = p
+            add(hf.layer(i, short), [out, inFeatures], .projection(layer: i, module: module), source: naming.layer(i, short),
+                permute: naming.permutedQK ? heads : nil)
+            if bias {
+                add(hf.layer(i, short + ".bias"), [out], .bias(layer: i, module: module), source: naming.layer(i, short + ".bias"),
                     permute: naming.permutedQK ? heads : nil)
             }
-            add(hf.layer(i, "post_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "post_norm"))
-            for (short, module, out, inFeatures, _) in projections.dropFirst(4) {
-                add(hf.layer(i, short), [out, inFeatures], .projection(layer: i, module: module), source: naming.layer(i, short))
+        }
+        for i in 0..<c.layerCount {
+            add(hf.layer(i, "input_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "input_norm"))
+            attention.forEach { projection(i, $0) }
+            if c.qkNorm {
+                add(hf.layer(i, "q_norm"), [c.headDim], .norm(layer: i), source: naming.layer(i, "q_norm"))
+                add(hf.layer(i, "k_norm"), [c.headDim], .norm(layer: i), source: naming.layer(i, "k_norm"))
             }
+            projection(i, ("o", "self_attn.o_proj", hidden, qDim, nil, c.outputBias))
+            if c.outputNorms { add(hf.layer(i, "attn_out_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "attn_out_norm")) }
+            add(hf.layer(i, "mlp_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "mlp_norm"))
+            mlp.forEach { projection(i, $0) }
+            projection(i, ("down", "mlp.down_proj", hidden, I, nil, false))
+            if c.outputNorms { add(hf.layer(i, "mlp_out_norm"), [hidden], .norm(layer: i), source: naming.layer(i, "mlp_out_norm")) }
         }
         add(hf.finalNorm, [hidden], .finalNorm, source: naming.finalNorm)
         if !c.tieWordEmbeddings || tensors.info(naming.lmHead) != nil {
@@ -130,7 +150,7 @@ public final class ModelMerger: @unchecked Sendable {
             let byName = Dictionary(uniqueKeysWithValues: items.enumerated().map { ($1.name, $0) })
             for m in a.modules {
                 guard let index = byName[m.module + ".weight"], case .projection = items[index].part else {
-                    throw ModelError.invalidConfig(file: weightsFile, reason: "adapter module '\(m.module)' is not a projection of this model (\(c.layerCount) layers; supported: q/k/v/o_proj, gate/up/down_proj)")
+                    throw ModelError.invalidConfig(file: weightsFile, reason: "adapter module '\(m.module)' is not a projection of this model (\(c.layerCount) layers; \(Projection.present(fused: c.fusedProjections).map(\.name).joined(separator: ", ")))")
                 }
                 let shape = items[index].shape
                 let expectA = [a.config.rank, shape[1]], expectB = [shape[0], a.config.rank]
@@ -170,7 +190,9 @@ public final class ModelMerger: @unchecked Sendable {
         } else {
             w = try tensors.floats(item.sourceName)
             tensors.releasePages(item.sourceName)
-            if let heads = item.permuteHeads { w = Self.unpermute(w, heads: heads, cols: item.shape[1]) }
+            if let heads = item.permuteHeads { w = Self.unpermute(w, heads: heads, cols: item.shape.count > 1 ? item.shape[1] : 1) }
+            // Gemma's GGUF norms hold 1 + w; its Hugging Face ones w.
+            if item.part.isNorm, gguf != nil, config.family == .gemma3 { w = w.map { $0 - 1 } }
             if case .projection = item.part, options.onto == .quantized {
                 let q = try Quantized4Bit(w, shape: item.shape, type: options.quantType, blockSize: options.blockSize,
                                           doubleQuant: options.doubleQuant, name: item.sourceName)
@@ -199,8 +221,8 @@ public final class ModelMerger: @unchecked Sendable {
     /// transformers' Q/K rows to GGUF's order, as llama.cpp's converter writes them (RotaryRows).
     public static func permute(_ w: [Float], heads: Int, cols: Int) -> [Float] { RotaryRows.toGGUF(w, heads: heads, cols: cols) }
 
-    /// The GGUF name of a merged tensor.
-    public static func ggufName(_ hfName: String) -> String? {
+    /// The GGUF name of a merged tensor (llama.cpp's names for `family`).
+    public static func ggufName(_ hfName: String, family: ModelFamily = .llama) -> String? {
         switch hfName {
         case "model.embed_tokens.weight": return "token_embd.weight"
         case "model.norm.weight": return "output_norm.weight"
@@ -210,9 +232,15 @@ public final class ModelMerger: @unchecked Sendable {
         let p = hfName.split(separator: ".").map(String.init)
         guard p.count == 6 || p.count == 5, p[0] == "model", p[1] == "layers", let i = Int(p[2]) else { return nil }
         let module = p.count == 6 ? "\(p[3]).\(p[4])" : p[3]
-        let map = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+        var map = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
+                   "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
+        if family == .gemma3 {
+            map["post_attention_layernorm"] = "post_attention_norm"
+            map["pre_feedforward_layernorm"] = "ffn_norm"
+            map["post_feedforward_layernorm"] = "post_ffw_norm"
+        }
         guard let g = map[module] else { return nil }
         return "blk.\(i).\(g).\(p.last!)"
     }

@@ -59,8 +59,8 @@ public final class LoRAWeights {
         var index = [[Int?]](repeating: [Int?](repeating: nil, count: Projection.allCases.count), count: model.layers.count)
         var offset = 0
         for (l, layer) in model.layers.enumerated() {
-            for p in Projection.allCases where config.targets.contains(p) {
-                let lin = p.linear(in: layer)
+            for p in layer.present where config.targets.contains(p) {
+                let lin = layer[p]!
                 let slot = Slot(layer: l, projection: p, inFeatures: lin.inFeatures, outFeatures: lin.outFeatures,
                                 aOffset: offset, bOffset: offset + config.rank * lin.inFeatures)
                 offset += config.rank * (lin.inFeatures + lin.outFeatures)

@@ -93,6 +93,8 @@ public struct TrainingOptions: Sendable {
 /// Regions are sized for the workspace's largest batch; a smaller batch uses their beginnings.
 final class LayerBuffers {
     let x1, rstd1, q, k, v, probs, attn, h2, x2, rstd2, g, u, a: UnsafeMutablePointer<Float>
+    /// The optional norms' inputs and reciprocal RMS (q/k head norms; attention and MLP output norms), or nil.
+    let qPre, kPre, rstdQ, rstdK, attnOut, mlpOut, rstdAttnOut, rstdMLPOut: UnsafeMutablePointer<Float>?
     /// Per projection: t = drop(x) Aᵀ [N, r], and the dropout mask [N, in] when dropout is on.
     let loraT: [UnsafeMutablePointer<Float>]
     let masks: [UnsafeMutablePointer<UInt8>?]
@@ -104,9 +106,14 @@ final class LayerBuffers {
         probs = arena.floats(pairs * c.headCount)
         attn = arena.floats(N * qDim); h2 = arena.floats(N * D); x2 = arena.floats(N * D); rstd2 = arena.floats(N)
         g = arena.floats(N * I); u = arena.floats(N * I); a = arena.floats(N * I)
-        loraT = Projection.allCases.map { _ in arena.floats(N * r) }
+        qPre = c.qkNorm ? arena.floats(N * qDim) : nil; kPre = c.qkNorm ? arena.floats(N * kvDim) : nil
+        rstdQ = c.qkNorm ? arena.floats(N * c.headCount) : nil; rstdK = c.qkNorm ? arena.floats(N * c.kvHeadCount) : nil
+        attnOut = c.outputNorms ? arena.floats(N * D) : nil; mlpOut = c.outputNorms ? arena.floats(N * D) : nil
+        rstdAttnOut = c.outputNorms ? arena.floats(N) : nil; rstdMLPOut = c.outputNorms ? arena.floats(N) : nil
+        let present = Set(Projection.present(fused: c.fusedProjections))
+        loraT = Projection.allCases.map { present.contains($0) ? arena.floats(N * r) : arena.floats(1) }
         masks = Projection.allCases.map { p in
-            guard dropout else { return nil }
+            guard dropout, present.contains(p) else { return nil }
             let inF = p == .o ? qDim : (p == .down ? I : D)
             return arena.bytes(N * inF)
         }
@@ -114,7 +121,10 @@ final class LayerBuffers {
 
     /// The block's activations, all kept apart for the backward.
     var block: BlockActivations {
-        BlockActivations(x1: x1, q: q, k: k, v: v, attn: attn, h2: h2, x2: x2, g: g, u: u, a: a, rstd1: rstd1, rstd2: rstd2)
+        var b = BlockActivations(x1: x1, q: q, k: k, v: v, attn: attn, h2: h2, x2: x2, g: g, u: u, a: a, rstd1: rstd1, rstd2: rstd2)
+        b.qPre = qPre; b.kPre = kPre; b.rstdQ = rstdQ; b.rstdK = rstdK
+        b.attnOut = attnOut; b.mlpOut = mlpOut; b.rstdAttnOut = rstdAttnOut; b.rstdMLPOut = rstdMLPOut
+        return b
     }
 }
 
@@ -129,6 +139,12 @@ final class StepWorkspace {
     let xf, rstdf, dxf, dh, dhNext, proj: UnsafeMutablePointer<Float>
     let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dt, through, dropped, scratch, prepared: UnsafeMutablePointer<Float>
     let ropeCos, ropeSin: UnsafeMutablePointer<Float>
+    /// The sliding layers' own rotary tables (Gemma 3), or nil.
+    let localCos, localSin: UnsafeMutablePointer<Float>?
+    /// Each row's first visible key on a sliding layer (its example's start, or position - window + 1), or nil.
+    let slidingStarts: UnsafeMutablePointer<Int>?
+    /// The optional norms' input gradient, and fused projections' outputs and gradients (see BlockGradients, BlockScratch).
+    let dNorm, fused: UnsafeMutablePointer<Float>?
     let lossX, logits, lossDx: UnsafeMutablePointer<Float>
     /// bf16 compute: the A operand converted to bf16 rows, and a packed tile of a frozen weight.
     let abf: UnsafeMutablePointer<UInt16>
@@ -158,10 +174,15 @@ final class StepWorkspace {
         scratch = arena.floats(scratchCount)
         prepared = arena.floats(min(N, Linear.batchedRowLimit) * maxIn)
         ropeCos = arena.floats(N * c.headDim / 2); ropeSin = arena.floats(N * c.headDim / 2)
+        localCos = c.localRopeTheta != nil ? arena.floats(N * c.headDim / 2) : nil
+        localSin = c.localRopeTheta != nil ? arena.floats(N * c.headDim / 2) : nil
+        slidingStarts = c.slidingWindow != nil ? arena.ints(N) : nil
+        dNorm = c.qkNorm || c.outputNorms ? arena.floats(N * max(D, qDim)) : nil
+        fused = c.fusedProjections ? arena.floats(N * max(c.qkvDim, 2 * I)) : nil
         lossX = arena.floats(lossChunk * D); logits = arena.floats(lossChunk * c.vocabSize); lossDx = arena.floats(lossChunk * D)
         if bf16 {
             let pad = BF16Gemm.paddedCount
-            let widest = pad(max(D, qDim, kvDim, I))
+            let widest = pad(max(D, qDim, kvDim, I, c.fusedProjections ? max(c.qkvDim, 2 * I) : 0))
             abf = arena.halves(max(N * widest, lossChunk * pad(c.vocabSize)))
             let words = (model.layers.flatMap(\.linears) + [model.head]).map { $0.packedWords(forRows: .max) }.max() ?? 1
             packed = arena.words(words)
@@ -174,11 +195,13 @@ final class StepWorkspace {
 
     /// The block's buffers: work space of the products, and the backward's.
     func blockScratch(bf16: Bool) -> BlockScratch {
-        BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: bf16 ? abf : nil, packed: bf16 ? packed : nil)
+        BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: bf16 ? abf : nil, packed: bf16 ? packed : nil, fused: fused)
     }
 
     var gradients: BlockGradients {
-        BlockGradients(da: da, dg: dg, du: du, dx2: dx2, dh2: dh2, dx1: dx1, dAttn: dAttn, dq: dq, dk: dk, dv: dv, dt: dt, through: through)
+        var g = BlockGradients(da: da, dg: dg, du: du, dx2: dx2, dh2: dh2, dx1: dx1, dAttn: dAttn, dq: dq, dk: dk, dv: dv, dt: dt, through: through)
+        g.dNorm = dNorm
+        return g
     }
 }
 
@@ -200,6 +223,7 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
+    let localInverseFrequencies: [Float]?
 
     /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or 64).
     var attentionBlock: Int { max(1, options.attentionRowBlock ?? 64) }
@@ -223,6 +247,7 @@ public final class TrainingEngine {
         self.options = options
         self.kernels = kernels
         inverseFrequencies = model.config.ropeInverseFrequencies()
+        localInverseFrequencies = model.config.localRopeInverseFrequencies()
     }
 
     /// Makes the activation arena big enough for `batchSize` sequences of `sequenceLength` tokens ahead
@@ -270,17 +295,40 @@ public final class TrainingEngine {
         let c = model.config
         let B = batch.batchSize, T = batch.sequenceLength, N = B * T, D = c.hiddenSize
         let ws = workspace(rows: N, pairs: B * T * T, maxT: T)
-        for (i, token) in batch.tokens.enumerated() { model.embeddings.copyRow(token, into: ws.hidden[0] + i * D) }
+        for (i, token) in batch.tokens.enumerated() {
+            let row = ws.hidden[0] + i * D
+            model.embeddings.copyRow(token, into: row)
+            if let scale = c.embeddingScale { for j in 0..<D { row[j] *= scale } }
+        }
         // RoPE tables for each token's position in its example.
         Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: inverseFrequencies, cos: ws.ropeCos, sin: ws.ropeSin)
+        if let local = localInverseFrequencies, let lc = ws.localCos, let ls = ws.localSin {
+            Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: local, cos: lc, sin: ls)
+        }
+        if let window = c.slidingWindow, let starts = ws.slidingStarts {
+            // A sliding layer's row sees its own example's keys within the window.
+            for i in 0..<N {
+                let t = i % T
+                starts[i] = max(batch.segmentStarts?[i] ?? 0, t - window + 1)
+            }
+        }
         let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
         let call = BlockCall(rows: N, cos: ws.ropeCos, sin: ws.ropeSin, bf16: bf16, kernels: kernels)
         withAdapters { lora in
             for l in 0..<c.layerCount {
-                layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, call, lora, h: ws.hidden[l], out: ws.hidden[l + 1])
+                layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, layerCall(l, call, ws), lora, h: ws.hidden[l], out: ws.hidden[l + 1])
             }
         }
         return (ws, shape, call)
+    }
+
+    /// Layer l's call: the sliding layers' own rotary tables where the model has them.
+    func layerCall(_ l: Int, _ call: BlockCall, _ ws: StepWorkspace) -> BlockCall {
+        guard model.config.usesLocalRope(layer: l), let lc = ws.localCos, let ls = ws.localSin else { return call }
+        var local = call
+        local.cos = UnsafePointer(lc)
+        local.sin = UnsafePointer(ls)
+        return local
     }
 
     /// The logits [B·T, V] at every position of `batch` as the training step's forward computes them (the
@@ -329,13 +377,14 @@ public final class TrainingEngine {
         withAdapters { lora in
             for l in stride(from: L - 1, through: 0, by: -1) {
                 let act = ws.sets[options.gradientCheckpointing ? 0 : l]
+                let call = layerCall(l, call, ws)
                 if options.gradientCheckpointing {
                     // Recompute (same dropout masks: seeded by step and layer); the layer's output is not needed.
                     layerForward(l, act, ws, shape, call, lora, h: ws.hidden[l], out: nil)
                 }
                 model.layers[l].backward(ws.hidden[l], act.block, dOut: dh, dIn: dhNext, ws.gradients, ws.blockScratch(bf16: usesBF16),
                                          config: c, call, lora: { p, apply in if let u = lora(l, p, act) { apply(u) } },
-                                         attendBackward: { attentionBackward(act, ws, shape) })
+                                         attendBackward: { attentionBackward(l, act, ws, shape) })
                 swap(&dh, &dhNext)
             }
         }
@@ -384,20 +433,20 @@ public final class TrainingEngine {
     func layerForward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape, _ call: BlockCall, _ lora: Adapters,
                       h: UnsafeMutablePointer<Float>, out: UnsafeMutablePointer<Float>?) {
         model.layers[l].forward(h, into: out, act.block, ws.blockScratch(bf16: usesBF16), config: model.config, call,
-                                lora: { p, apply in if let u = lora(l, p, act) { apply(u) } }, attend: { attentionForward(act, ws, s) })
+                                lora: { p, apply in if let u = lora(l, p, act) { apply(u) } }, attend: { attentionForward(l, act, ws, s) })
     }
 
     /// Causal attention per sequence (Attention.forward, the probabilities kept for the backward); in a packed
     /// row each query sees only the keys of its own example.
-    func attentionForward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+    func attentionForward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         let heads = model.config.attentionHeads
-        withSequences(act, ws, s) { sequence in
+        withSequences(l, act, ws, s) { sequence in
             Attention.forward(heads, sequences: s.B, { sequence($0).0 }, workspace: ws.attention, bf16: bf16, kernels: kernels)
         }
     }
 
     /// Sequence b's attention operands and gradients in the step's buffers.
-    func withSequences(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape,
+    func withSequences(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape,
                        _ body: ((Int) -> (Attention.Sequence, Attention.Gradients)) -> Void) {
         let heads = model.config.attentionHeads
         let T = s.T, qDim = heads.qDim, kvDim = heads.kvDim, H = heads.heads
@@ -408,15 +457,21 @@ public final class TrainingEngine {
                  Attention.Gradients(dOut: ws.dAttn + b * T * qDim, dq: ws.dq + b * T * qDim, dk: ws.dk + b * T * kvDim, dv: ws.dv + b * T * kvDim))
             }
         }
-        if let starts = s.windowStart { starts.withUnsafeBufferPointer { run($0.baseAddress!) } } else { run(nil) }
+        if model.config.isSliding(layer: l), let sliding = ws.slidingStarts {
+            run(UnsafePointer(sliding))
+        } else if let starts = s.windowStart {
+            starts.withUnsafeBufferPointer { run($0.baseAddress!) }
+        } else {
+            run(nil)
+        }
     }
 
     // MARK: - Layer backward
 
     /// Attention's backward per sequence (Attention.backward): dQ, and dK and dV added to.
-    func attentionBackward(_ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
+    func attentionBackward(_ l: Int, _ act: LayerBuffers, _ ws: StepWorkspace, _ s: Shape) {
         let heads = model.config.attentionHeads
-        withSequences(act, ws, s) { sequence in
+        withSequences(l, act, ws, s) { sequence in
             Attention.backward(heads, sequences: s.B, sequence, workspace: ws.attention, bf16: bf16)
         }
     }
