@@ -164,16 +164,36 @@ public enum ModelExport {
             let c = merger.config
             func number(_ x: Double) -> JSONValue { .double(x) }
             var fields: [(String, JSONValue)] = [
-                ("architectures", .array([.string("LlamaForCausalLM")])), ("model_type", .string("llama")),
+                ("architectures", .array([.string(c.family.huggingFaceArchitecture)])), ("model_type", .string(c.family.modelType)),
                 ("vocab_size", .int(c.vocabSize)), ("hidden_size", .int(c.hiddenSize)), ("intermediate_size", .int(c.intermediateSize)),
                 ("num_hidden_layers", .int(c.layerCount)), ("num_attention_heads", .int(c.headCount)),
-                ("num_key_value_heads", .int(c.kvHeadCount)), ("head_dim", .int(c.headDim)), ("hidden_act", .string("silu")),
+                ("num_key_value_heads", .int(c.kvHeadCount)), ("head_dim", .int(c.headDim)),
+                (c.family == .gemma3 ? "hidden_activation" : "hidden_act", .string(c.activation.rawValue)),
                 ("max_position_embeddings", .int(c.maxPositions)),
                 // The f32 value's shortest decimal (1e-05, not 9.99999974e-06).
                 ("rms_norm_eps", number(Double("\(c.rmsNormEps)") ?? Double(c.rmsNormEps))), ("rope_theta", number(c.ropeTheta)),
-                ("attention_bias", .bool(false)), ("mlp_bias", .bool(false)), ("tie_word_embeddings", .bool(c.tieWordEmbeddings)),
-                ("use_cache", .bool(true)),
+                ("tie_word_embeddings", .bool(c.tieWordEmbeddings)), ("use_cache", .bool(true)),
             ]
+            if c.family != .qwen2 && c.family != .phi3 { fields += [("attention_bias", .bool(c.attentionBias)), ("mlp_bias", .bool(false))] }
+            if c.family == .gemma3 {
+                let scale = c.attentionScale ?? 1 / Float(c.headDim).squareRoot()
+                fields += [("query_pre_attn_scalar", number(Double(1 / (scale * scale)).rounded())),
+                           ("rope_local_base_freq", number(c.localRopeTheta ?? 10_000)),
+                           ("final_logit_softcapping", .null), ("attn_logit_softcapping", .null)]
+            }
+            if c.rotaryDim != c.headDim { fields.append(("partial_rotary_factor", number(Double(c.rotaryDim) / Double(c.headDim)))) }
+            if let w = c.slidingWindow {
+                fields.append(("sliding_window", .int(w)))
+                if !c.slidingLayers.isEmpty {
+                    fields.append(("layer_types", .array(c.slidingLayers.map { .string($0 ? "sliding_attention" : "full_attention") })))
+                }
+                if c.family == .qwen2 || c.family == .qwen3 { fields.append(("use_sliding_window", .bool(true))) }
+            } else {
+                fields.append(("sliding_window", .null))
+            }
+            if c.ropeFrequencyFactors != nil {
+                throw ExportError.unsupported(what: "a GGUF's rope_freqs divisors cannot be written as config.json rope scaling; merge from the Hugging Face folder")
+            }
             switch c.ropeScaling {
             case .none: fields.append(("rope_scaling", .null))
             case let .linear(factor): fields.append(("rope_scaling", .object([("rope_type", .string("linear")), ("factor", number(factor))])))
@@ -233,43 +253,58 @@ public enum ModelExport {
             throw ExportError.unsupported(what: "GGUF type \(options.ggufType) is not written (f32, f16, bf16, q8_0, q4_0, q4_k)")
         }
         let c = merger.config
-        if case .llama3 = c.ropeScaling {
-            throw ExportError.unsupported(what: "Llama 3.1-style rope scaling cannot be written to GGUF yet (llama.cpp needs a rope_freqs tensor); use --format safetensors")
-        }
+        let arch = c.family.ggufArchitecture
+        func key(_ k: String) -> String { arch + "." + k }
         var metadata: [(String, GGUFTypedValue)] = [
-            ("general.architecture", .string("llama")), ("general.type", .string("model")),
+            ("general.architecture", .string(arch)), ("general.type", .string("model")),
             ("general.name", .string(merger.gguf?.value("general.name")?.stringValue ?? FileSystem.baseName(merger.basePath))),
             ("general.file_type", .uint32(fileType(options.ggufType))),
         ]
         if options.ggufType.plainDType == nil { metadata.append(("general.quantization_version", .uint32(2))) }
         metadata += [
-            ("llama.vocab_size", .uint32(c.vocabSize)), ("llama.context_length", .uint32(c.maxPositions)),
-            ("llama.embedding_length", .uint32(c.hiddenSize)), ("llama.block_count", .uint32(c.layerCount)),
-            ("llama.feed_forward_length", .uint32(c.intermediateSize)), ("llama.rope.dimension_count", .uint32(c.headDim)),
-            ("llama.attention.head_count", .uint32(c.headCount)), ("llama.attention.head_count_kv", .uint32(c.kvHeadCount)),
-            ("llama.attention.layer_norm_rms_epsilon", .float32(Double(c.rmsNormEps))), ("llama.rope.freq_base", .float32(c.ropeTheta)),
+            (key("vocab_size"), .uint32(c.vocabSize)), (key("context_length"), .uint32(c.maxPositions)),
+            (key("embedding_length"), .uint32(c.hiddenSize)), (key("block_count"), .uint32(c.layerCount)),
+            (key("feed_forward_length"), .uint32(c.intermediateSize)), (key("rope.dimension_count"), .uint32(c.rotaryDim)),
+            (key("attention.head_count"), .uint32(c.headCount)), (key("attention.head_count_kv"), .uint32(c.kvHeadCount)),
+            (key("attention.layer_norm_rms_epsilon"), .float32(Double(c.rmsNormEps))), (key("rope.freq_base"), .float32(c.ropeTheta)),
         ]
-        if c.headDim != c.hiddenSize / c.headCount {
-            metadata += [("llama.attention.key_length", .uint32(c.headDim)), ("llama.attention.value_length", .uint32(c.headDim))]
-        }
+        metadata += [(key("attention.key_length"), .uint32(c.headDim)), (key("attention.value_length"), .uint32(c.headDim))]
         if case let .linear(factor) = c.ropeScaling {
-            metadata += [("llama.rope.scaling.type", .string("linear")), ("llama.rope.scaling.factor", .float32(factor))]
+            metadata += [(key("rope.scaling.type"), .string("linear")), (key("rope.scaling.factor"), .float32(factor))]
+        }
+        if let w = c.slidingWindow {
+            metadata.append((key("attention.sliding_window"), .uint32(w)))
+            // llama.cpp makes every sixth Gemma 3 layer global unless told otherwise.
+            if c.family == .gemma3, c.slidingLayers != (0..<c.layerCount).map({ ($0 + 1) % 6 != 0 }) {
+                metadata.append((key("attention.sliding_window_pattern"), .bools(c.slidingLayers)))
+            }
+        }
+        if let local = c.localRopeTheta { metadata.append((key("rope.freq_base_swa"), .float32(local))) }
+        if c.family == .phi3 { metadata.append((key("rope.scaling.original_context_length"), .uint32(c.maxPositions))) }
+        if c.family == .gemma3, let scale = c.attentionScale, abs(scale - 1 / Float(c.headDim).squareRoot()) > 1e-7,
+           !(c.layerCount == 62 && abs(scale - 1 / Float(c.hiddenSize / c.headCount).squareRoot()) < 1e-7) {
+            throw ExportError.unsupported(what: "Gemma 3's query_pre_attn_scalar other than head_dim cannot be written to GGUF (llama.cpp derives it from the model size)")
         }
         if let g = merger.gguf {
             for (key, _) in g.metadata where key.hasPrefix("tokenizer.") {
                 if let v = g.typedValue(key) { metadata.append((key, v)) }
             }
         } else {
-            metadata += try TokenizerExport.ggufMetadata(folder: merger.basePath, vocabSize: c.vocabSize, eosTokenIDs: c.eosTokenIDs)
+            metadata += try TokenizerExport.ggufMetadata(folder: merger.basePath, vocabSize: c.vocabSize, eosTokenIDs: c.eosTokenIDs,
+                                                         bosTokenID: c.bosTokenID, addSpacePrefix: c.family == .gemma3 ? false : nil)
         }
         let tied = !merger.items.contains { $0.part == .head }
         var declarations: [GGUFWriter.Declaration] = []
         for item in merger.items {
-            guard let name = ModelMerger.ggufName(item.name) else {
+            guard let name = ModelMerger.ggufName(item.name, family: c.family) else {
                 throw ExportError.unsupported(what: "tensor '\(item.name)' has no GGUF name")
             }
             declarations.append(.init(name: name, shape: item.shape, type: ggufType(for: item, type: options.ggufType, tied: tied)))
         }
+        // Llama 3.1's scaling: llama.cpp divides each inverse frequency by the rope_freqs entry (its converter's
+        // generate_extra_tensors), with no scaling keys.
+        let ropeFactors = ropeFrequencyFactors(c)
+        if let f = ropeFactors { declarations.append(.init(name: "rope_freqs.weight", shape: [f.count], type: .f32)) }
         let parent = FileSystem.directoryName(output)
         if !FileSystem.exists(parent) { try FileSystem.makeDirectories(parent) }
         let writer = try GGUFWriter(path: output, metadata: metadata, tensors: declarations)
@@ -277,13 +312,20 @@ public enum ModelExport {
         var report = ExportReport()
         for (item, d) in zip(merger.items, declarations) {
             var values = try merger.values(item)
-            switch item.part {
-            case let .projection(_, module) where module == "self_attn.q_proj":
-                values = ModelMerger.permute(values, heads: c.headCount, cols: item.shape[1])
-            case let .projection(_, module) where module == "self_attn.k_proj":
-                values = ModelMerger.permute(values, heads: c.kvHeadCount, cols: item.shape[1])
-            default: break
+            // llama.cpp's llama architecture rotates adjacent pairs: its converter permutes Q and K rows (and biases).
+            if c.family.ggufArchitecture == "llama" {
+                switch item.part {
+                case let .projection(_, module) where module == "self_attn.q_proj",
+                     let .bias(_, module) where module == "self_attn.q_proj":
+                    values = ModelMerger.permute(values, heads: c.headCount, cols: item.shape.count > 1 ? item.shape[1] : 1)
+                case let .projection(_, module) where module == "self_attn.k_proj",
+                     let .bias(_, module) where module == "self_attn.k_proj":
+                    values = ModelMerger.permute(values, heads: c.kvHeadCount, cols: item.shape.count > 1 ? item.shape[1] : 1)
+                default: break
+                }
             }
+            // Gemma's norms: the block scales by 1 + w, and llama.cpp's files store 1 + w.
+            if c.family == .gemma3, item.part.isNorm { values = values.map { $0 + 1 } }
             let bytes = try GGMLQuantizer.quantize(values, as: d.type, tensor: d.name)
             try writer.append(d.name, bytes: bytes)
             report.bytes += bytes.count
@@ -291,9 +333,32 @@ public enum ModelExport {
             if item.adapted { report.adaptedTensors += 1 }
             progress.advance(note: item.name)
         }
+        if let f = ropeFactors {
+            try writer.append("rope_freqs.weight", bytes: try GGMLQuantizer.quantize(f, as: .f32, tensor: "rope_freqs.weight"))
+            report.tensors += 1
+        }
         try writer.finish()
         report.files = [output]
         return report
+    }
+
+    /// The rope_freqs divisors of Llama 3.1's scaling as llama.cpp's converter computes them (in double precision
+    /// from f32 base frequencies), or a GGUF source's own; nil without.
+    static func ropeFrequencyFactors(_ c: LlamaConfig) -> [Float]? {
+        if let f = c.ropeFrequencyFactors { return f }
+        guard case let .llama3(factor, low, high, original) = c.ropeScaling else { return nil }
+        var base = c
+        base.ropeScaling = .none
+        // The converter's arithmetic is torch's on f32 tensors (Python's scalars taken as f32).
+        let lowWavelen = Double(original) / low, highWavelen = Double(original) / high
+        let f32Factor = Float(factor), f32Low = Float(low), f32Span = Float(high - low), f32Original = Float(original)
+        return base.ropeInverseFrequencies().map { f in
+            let wavelen = Float(2 * Double.pi) / f
+            if Double(wavelen) < highWavelen { return 1 }
+            if Double(wavelen) > lowWavelen { return f32Factor }
+            let smooth = (f32Original / wavelen - f32Low) / f32Span
+            return 1 / ((1 - smooth) / f32Factor + smooth)
+        }
     }
 
     // MARK: Output handling

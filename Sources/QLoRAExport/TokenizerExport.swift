@@ -3,7 +3,7 @@
 //   tokenizer.json (byte-level BPE) -> GGUF's tokenizer.ggml.* keys.
 // Only byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen 2) go either way: their vocabularies and merges
 // are the same strings in both formats. The pre-tokenizer is recognised from its structure (which splits and
-// which regex), the names llama.cpp gives them; SentencePiece-style ones (Llama 2, Mistral) are refused.
+// which regex), the names llama.cpp gives them; SentencePiece models (Llama 2, Mistral, Gemma, Phi-3) from their tokenizer.model.
 import QLoRACore
 import QLoRAFormats
 import QLoRAModel
@@ -121,11 +121,19 @@ public enum TokenizerExport {
 
     // MARK: Hugging Face folder -> GGUF metadata
 
-    /// The tokenizer.ggml.* keys (and tokenizer.chat_template) for a folder's tokenizer.json.
-    public static func ggufMetadata(folder: String, vocabSize: Int, eosTokenIDs: [Int]) throws -> [(String, GGUFTypedValue)] {
+    /// The tokenizer.ggml.* keys (and tokenizer.chat_template) for a folder's tokenizer: a SentencePiece
+    /// tokenizer.model as llama.cpp's converter writes it (tokenizer model "llama": Llama 2, Mistral, Gemma, Phi-3),
+    /// else a byte-level BPE tokenizer.json ("gpt2").
+    public static func ggufMetadata(folder: String, vocabSize: Int, eosTokenIDs: [Int], bosTokenID: Int? = nil,
+                                    addSpacePrefix: Bool? = nil) throws -> [(String, GGUFTypedValue)] {
         let file = FileSystem.join(folder, "tokenizer.json")
         func bad(_ r: String) -> ExportError { .tokenizer(file: file, reason: r) }
-        guard FileSystem.exists(file) else { throw bad("missing: a GGUF needs the model's tokenizer (tokenizer.json)") }
+        let spm = FileSystem.join(folder, "tokenizer.model")
+        if FileSystem.exists(spm) {
+            return try sentencePieceMetadata(folder: folder, vocabSize: vocabSize, eosTokenIDs: eosTokenIDs, bosTokenID: bosTokenID,
+                                             addSpacePrefix: addSpacePrefix)
+        }
+        guard FileSystem.exists(file) else { throw bad("missing: a GGUF needs the model's tokenizer (tokenizer.json, or tokenizer.model for SentencePiece models)") }
         let json: JSONValue
         do { json = try JSON.parse(try FileSystem.readFile(file, limit: 512 << 20)) } catch let e as JSONError { throw bad("not valid JSON: \(e)") }
         guard json["model"]?["type"]?.stringValue ?? "BPE" == "BPE", let vocabEntries = json["model"]?["vocab"]?.objectValue else {
@@ -133,7 +141,7 @@ public enum TokenizerExport {
         }
         if json["model"]?["byte_fallback"]?.boolValue == true || json["normalizer"].map({ JSON.serialize($0).contains("\u{2581}") }) == true
             || json["pre_tokenizer"].map({ JSON.serialize($0).contains("Metaspace") }) == true {
-            throw bad("SentencePiece-style tokenizers (Llama 2, Mistral) cannot be written to GGUF yet; merge with --format safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+            throw bad("a SentencePiece-style tokenizer is written to GGUF from its tokenizer.model (as llama.cpp's converter does), and this folder has none; copy the base model's tokenizer.model beside tokenizer.json")
         }
         var pre = try preTokenizerName(json["pre_tokenizer"], file: file)
         // llama.cpp's "smollm" is GPT-2's split with every digit on its own. When no token of the vocabulary holds a
@@ -187,7 +195,8 @@ public enum TokenizerExport {
             ("tokenizer.ggml.merges", .strings(merges)),
         ]
         let t = try Tokenizer.load(model: folder)
-        if let bos = t.bosTokenID { out.append(("tokenizer.ggml.bos_token_id", .uint32(bos))) }
+        // As the converter's SpecialVocab: the tokenizer's own, else config.json's.
+        if let bos = t.bosTokenID ?? bosTokenID { out.append(("tokenizer.ggml.bos_token_id", .uint32(bos))) }
         if let eos = t.eosTokenID ?? eosTokenIDs.first { out.append(("tokenizer.ggml.eos_token_id", .uint32(eos))) }
         let configPath = FileSystem.join(folder, "tokenizer_config.json")
         if let c = try? JSON.parse(try FileSystem.readFile(configPath, limit: 64 << 20)) {
@@ -201,6 +210,92 @@ public enum TokenizerExport {
         out.append(("tokenizer.ggml.add_bos_token", .bool(withSpecial.count > without.count && withSpecial.first == t.bosTokenID)))
         if let template = t.chatTemplate { out.append(("tokenizer.chat_template", .string(template))) }
         return out
+    }
+
+    /// The keys llama.cpp's converter writes for a SentencePiece model (its _create_vocab_sentencepiece and
+    /// SpecialVocab): every piece with its score and type, padded to the model's vocabulary with [PADi]; the
+    /// tokens of added_tokens.json and of tokenizer_config.json's added_tokens_decoder over them (score -1000,
+    /// control when special, else user-defined with "▁" as a space); the special ids; add_bos / add_eos; the
+    /// chat template.
+    static func sentencePieceMetadata(folder: String, vocabSize: Int, eosTokenIDs: [Int], bosTokenID: Int?,
+                                      addSpacePrefix: Bool?) throws -> [(String, GGUFTypedValue)] {
+        let model = try SentencePieceModel(path: FileSystem.join(folder, "tokenizer.model"))
+        var tokens = (0..<vocabSize).map { "[PAD\($0)]" }
+        var scores = [Float](repeating: -10000, count: vocabSize)
+        var types = [Int](repeating: 5, count: vocabSize)  // unused
+        for (id, p) in model.pieces.enumerated() where id < vocabSize {
+            tokens[id] = p.piece
+            scores[id] = p.score
+            switch p.type {
+            case .unknown: types[id] = 2
+            case .control: types[id] = 3
+            case .unused: types[id] = 5
+            case .byte: types[id] = 6
+            case .normal, .userDefined: types[id] = 1
+            }
+        }
+        func json(_ name: String) -> JSONValue? {
+            let path = FileSystem.join(folder, name)
+            guard FileSystem.exists(path) else { return nil }
+            return try? JSON.parse(try FileSystem.readFile(path, limit: 64 << 20))
+        }
+        for (key, value) in json("added_tokens.json")?.objectValue ?? [] {
+            guard let id = value.intValue, id >= 0, id < vocabSize else { continue }
+            tokens[id] = key
+            scores[id] = -1000
+            types[id] = 4
+        }
+        let tokenizerConfig = json("tokenizer_config.json")
+        for (key, data) in tokenizerConfig?["added_tokens_decoder"]?.objectValue ?? [] {
+            guard let id = Int(key), id >= 0, id < vocabSize, var content = data["content"]?.stringValue else { continue }
+            if data["special"]?.boolValue == true || looksSpecial(content) {
+                types[id] = 3
+            } else {
+                content = content.replacingOccurrences(of: "\u{2581}", with: " ")
+                types[id] = 4
+            }
+            scores[id] = -1000
+            tokens[id] = content
+        }
+        var out: [(String, GGUFTypedValue)] = [
+            ("tokenizer.ggml.model", .string("llama")), ("tokenizer.ggml.pre", .string("default")),
+            ("tokenizer.ggml.tokens", .strings(tokens)), ("tokenizer.ggml.scores", .float32s(scores)),
+            ("tokenizer.ggml.token_type", .int32s(types)),
+        ]
+        // The special ids as the converter's SpecialVocab finds them: tokenizer_config.json's tokens among
+        // tokenizer.json's added tokens (when there is a tokenizer.json), else config.json's ids.
+        let config = json("config.json")
+        var added: [String: Int] = [:]
+        for a in json("tokenizer.json")?["added_tokens"]?.arrayValue ?? [] {
+            if let c = a["content"]?.stringValue, let id = a["id"]?.intValue { added[c] = id }
+        }
+        func special(_ name: String) -> Int? {
+            let entry = tokenizerConfig?["\(name)_token"]
+            if let s = entry?.stringValue ?? entry?["content"]?.stringValue, let id = added[s], id < vocabSize { return id }
+            let value = config?["\(name)_token_id"]
+            if let id = value?.intValue ?? value?.arrayValue?.first?.intValue, id >= 0, id < vocabSize { return id }
+            return nil
+        }
+        if let bos = special("bos") ?? bosTokenID { out.append(("tokenizer.ggml.bos_token_id", .uint32(bos))) }
+        if let eos = special("eos") ?? eosTokenIDs.first { out.append(("tokenizer.ggml.eos_token_id", .uint32(eos))) }
+        if let unk = special("unk") { out.append(("tokenizer.ggml.unknown_token_id", .uint32(unk))) }
+        if let pad = special("pad") { out.append(("tokenizer.ggml.padding_token_id", .uint32(pad))) }
+        if let b = tokenizerConfig?["add_bos_token"]?.boolValue { out.append(("tokenizer.ggml.add_bos_token", .bool(b))) }
+        if let e = tokenizerConfig?["add_eos_token"]?.boolValue { out.append(("tokenizer.ggml.add_eos_token", .bool(e))) }
+        if let addSpacePrefix { out.append(("tokenizer.ggml.add_space_prefix", .bool(addSpacePrefix))) }
+        let template = FileSystem.join(folder, "chat_template.jinja")
+        if let t = tokenizerConfig?["chat_template"]?.stringValue {
+            out.append(("tokenizer.chat_template", .string(t)))
+        } else if FileSystem.exists(template) {
+            out.append(("tokenizer.chat_template", .string(String(decoding: try FileSystem.readFile(template), as: UTF8.self))))
+        }
+        return out
+    }
+
+    /// llama.cpp's converter's test for a token that is special by its look (<...>, [...], <|...|>).
+    static func looksSpecial(_ t: String) -> Bool {
+        (t.hasPrefix("<|") && t.hasSuffix("|>")) || (t.hasPrefix("<") && t.hasSuffix(">") && t.count > 2)
+            || (t.hasPrefix("[") && t.hasSuffix("]") && t.count > 2)
     }
 
     /// llama.cpp's name for a tokenizer.json pre-tokenizer, recognised by its structure.

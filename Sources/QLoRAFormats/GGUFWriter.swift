@@ -38,6 +38,7 @@ public struct GGUFTypedValue: Sendable, Equatable {
     public static func string(_ v: String) -> Self { .init(.string(v), kind: .init(type: .string)) }
     public static func strings(_ v: [String]) -> Self { .init(.array(v.map { .string($0) }), kind: .init(type: .array, element: .string)) }
     public static func int32s(_ v: [Int]) -> Self { .init(.array(v.map { .int(Int64($0)) }), kind: .init(type: .array, element: .int32)) }
+    public static func bools(_ v: [Bool]) -> Self { .init(.array(v.map { .bool($0) }), kind: .init(type: .array, element: .bool)) }
     public static func float32s(_ v: [Float]) -> Self { .init(.array(v.map { .float(Double($0)) }), kind: .init(type: .array, element: .float32)) }
 }
 

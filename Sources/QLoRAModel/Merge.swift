@@ -35,7 +35,7 @@ public final class ModelMerger: @unchecked Sendable {
         /// A projection's bias (Qwen2's q/k/v), carried as it is.
         case bias(layer: Int, module: String)
 
-        var isNorm: Bool {
+        public var isNorm: Bool {
             switch self {
             case .norm, .finalNorm: return true
             default: return false

@@ -21,8 +21,8 @@ Writes under Tests/QLoRAModelTests/Resources/, for NAME in tiny-qwen3, tiny-gemm
   NAME-lora/             the PEFT adapter (save_pretrained): every linear module of the family as PEFT names it
                          (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj), A and B drawn N(0, 0.1^2)
   NAME-bnb-nf4/          save_pretrained of the nf4 + double quant model (bitsandbytes' serialization)
-  tiny-qwen2.gguf        the converter's output for tiny-qwen2/ (make_model_fixtures.py), with the Qwen3 kind of
-                         tokenizer added.
+  tiny-qwen2.gguf,       the converter's output for tiny-qwen2/ and tiny-llama3-rope/ (make_model_fixtures.py), with
+  tiny-llama3-rope.gguf  the Qwen3 kind of tokenizer added.
   NAME.gguf              llama.cpp's convert_hf_to_gguf.py --outtype f32 of NAME/ (the llama-cpp-python 0.3.36
                          sdist's vendored converter, bench/llama_cpp_setup.sh downloads it). Its tokenizer
                          pre-type check hashes the tokenizer's output against known models; the tiny BPE is none,
@@ -311,20 +311,20 @@ def make(name):
           "f32 vs nf4", meta["max_abs_diff_f32_vs_nf4"], "lora loss", meta["lora_loss"], "greedy", greedy.tolist())
 
 
-def make_qwen2_gguf():
-    """tiny-qwen2 (make_model_fixtures.py) as llama.cpp's converter writes it: Qwen2 GGUFs have q/k/v biases and no
-    Q/K row permutation."""
+def make_converted_gguf(name):
+    """A tiny model of make_model_fixtures.py as llama.cpp's converter writes it: tiny-qwen2 (q/k/v biases, no
+    Q/K row permutation), tiny-llama3-rope (Llama 3.1's scaling as a rope_freqs tensor)."""
     with tempfile.TemporaryDirectory() as tmp:
         for f in ("config.json", "generation_config.json", "model.safetensors"):
-            shutil.copy(os.path.join(RES, "tiny-qwen2", f), tmp)
-        write_tokenizer(tmp, "bpe", "tiny-qwen2")
-        convert_gguf(tmp, os.path.join(RES, "tiny-qwen2.gguf"))
+            shutil.copy(os.path.join(RES, name, f), tmp)
+        write_tokenizer(tmp, "bpe", name)
+        convert_gguf(tmp, os.path.join(RES, name + ".gguf"))
 
 
 def main():
-    names = sys.argv[1:] or list(FAMILIES) + ["tiny-qwen2.gguf"]
+    names = sys.argv[1:] or list(FAMILIES) + ["tiny-qwen2.gguf", "tiny-llama3-rope.gguf"]
     for n in names:
-        make_qwen2_gguf() if n == "tiny-qwen2.gguf" else make(n)
+        make_converted_gguf(n[:-len(".gguf")]) if n.endswith(".gguf") else make(n)
 
 
 if __name__ == "__main__":
