@@ -1,7 +1,8 @@
 // A PEFT LoRA adapter as the GGUF file llama.cpp's `--lora` loads: general.type "adapter", adapter.type "lora",
 // adapter.lora.alpha, and per adapted projection BLK.lora_a [r, in] and BLK.lora_b [out, r] under the base
-// tensor's GGUF name (blk.N.attn_q.weight.lora_a, ...). llama.cpp stores Q and K rows in its rotary order, so
-// the rows of their B are permuted as the base weights' are (A is untouched: the permutation is of the output
+// tensor's GGUF name (blk.N.attn_q.weight.lora_a, ...; Phi-3's fused attn_qkv and ffn_up), under the base's
+// architecture. For llama, llama.cpp stores Q and K rows in its rotary order, so the rows of their B are permuted
+// as the base weights' are (A is untouched: the permutation is of the output
 // rows). llama.cpp scales B·A by alpha / r; for rsLoRA (alpha / sqrt r) the alpha written is alpha·sqrt(r).
 import QLoRACore
 import QLoRAFormats
@@ -30,9 +31,10 @@ public enum AdapterExport {
         var payload: [(String, [Float])] = []
         let byModule = Dictionary(uniqueKeysWithValues: adapter.modules.map { ($0.module + ".weight", $0) })
         for item in merger.items where item.adapted {
-            guard let m = byModule[item.name], let base = ModelMerger.ggufName(item.name) else { continue }
+            guard let m = byModule[item.name], let base = ModelMerger.ggufName(item.name, family: c.family) else { continue }
             var b = m.b.floats()
-            if case let .projection(_, module) = item.part {
+            // Only llama.cpp's llama architecture stores Q and K rows in its rotary order.
+            if case let .projection(_, module) = item.part, c.family.ggufArchitecture == "llama" {
                 if module == "self_attn.q_proj" { b = ModelMerger.permute(b, heads: c.headCount, cols: rank) }
                 if module == "self_attn.k_proj" { b = ModelMerger.permute(b, heads: c.kvHeadCount, cols: rank) }
             }
@@ -42,7 +44,7 @@ public enum AdapterExport {
             payload.append((base + ".lora_b", b))
         }
         let metadata: [(String, GGUFTypedValue)] = [
-            ("general.architecture", .string("llama")), ("general.type", .string("adapter")),
+            ("general.architecture", .string(c.family.ggufArchitecture)), ("general.type", .string("adapter")),
             ("general.name", .string(FileSystem.baseName(folder))),
             ("adapter.type", .string("lora")), ("adapter.lora.alpha", .float32(alpha)),
         ]

@@ -29,7 +29,9 @@ struct BPEModel {
         let right: Int
     }
 
-    init(vocab entries: [(String, Int)], merges: [(String, String)], byteFallback: Bool, unkToken: String?, fuseUnk: Bool, ignoreMerges: Bool) {
+    /// `mergeRanks`: each merge's rank, when several share one (SentencePiece scores); else its index.
+    init(vocab entries: [(String, Int)], merges: [(String, String)], byteFallback: Bool, unkToken: String?, fuseUnk: Bool, ignoreMerges: Bool,
+         mergeRanks: [Int]? = nil) {
         var vocab: [TokenBytes: Int] = [:]
         vocab.reserveCapacity(entries.count)
         var idToToken = [String](repeating: "", count: (entries.map(\.1).max() ?? -1) + 1)
@@ -45,7 +47,7 @@ struct BPEModel {
             guard let ia = vocab[TokenBytes(a)], let ib = vocab[TokenBytes(b)],
                   let merged = vocab[TokenBytes(bytes: Array(a.utf8) + Array(b.utf8))] else { continue }
             let key = PairKey(left: ia, right: ib)
-            if m[key] == nil { m[key] = (rank, merged) }
+            if m[key] == nil { m[key] = (mergeRanks?[rank] ?? rank, merged) }
         }
         self.merges = m
         self.byteFallback = byteFallback

@@ -202,11 +202,15 @@ extension Tokenizer {
         }
     }
 
-    /// The tokenizer in a GGUF file's metadata (tokenizer.ggml.model "gpt2": byte-level BPE).
+    /// The tokenizer in a GGUF file's metadata (tokenizer.ggml.model "gpt2": byte-level BPE; "llama": SentencePiece).
     public convenience init(gguf g: GGUFFile) throws {
         let kind = g.value("tokenizer.ggml.model")?.stringValue ?? "?"
+        if kind == "llama" {
+            try self.init(sentencePieceGGUF: g)
+            return
+        }
         guard kind == "gpt2" else {
-            throw TokenizerError.unsupported(file: g.path, what: "GGUF tokenizer model '\(kind)'", supported: "gpt2 (byte-level BPE); for sentencepiece models use the Hugging Face folder's tokenizer.json")
+            throw TokenizerError.unsupported(file: g.path, what: "GGUF tokenizer model '\(kind)'", supported: "gpt2 (byte-level BPE), llama (SentencePiece)")
         }
         guard let tokens = g.value("tokenizer.ggml.tokens")?.arrayValue?.compactMap(\.stringValue) else {
             throw TokenizerError.invalidFile(file: g.path, reason: "no tokenizer.ggml.tokens")
@@ -246,6 +250,62 @@ extension Tokenizer {
                   prefixIDs: addBOS ? [bos].compactMap { $0 } : [], suffixIDs: [], added: added, source: g.path)
         bosToken = bos.flatMap { $0 < tokens.count ? tokens[$0] : nil }
         eosToken = g.value("tokenizer.ggml.eos_token_id")?.intValue.flatMap { $0 < tokens.count ? tokens[$0] : nil }
+        chatTemplate = g.value("tokenizer.chat_template")?.stringValue
+    }
+}
+
+extension Tokenizer {
+    /// A GGUF's SentencePiece vocabulary (tokenizer.ggml.model "llama": Llama 2, Mistral, Gemma, Phi-3) encoding as
+    /// llama.cpp's SPM tokenizer does: spaces become "▁" (and one is put before the text, and after each special
+    /// token, unless add_space_prefix is false); then, from the UTF-8 characters, the adjacent pair whose
+    /// concatenation is a token of the highest score merges first (the leftmost of equal scores), and characters
+    /// left outside the vocabulary become their <0xXX> byte tokens. Here that is BPE with one merge per way of
+    /// splitting each token in two, ranked by the token's score; control and user-defined tokens are matched in
+    /// the raw text first.
+    convenience init(sentencePieceGGUF g: GGUFFile) throws {
+        guard let tokens = g.value("tokenizer.ggml.tokens")?.arrayValue?.compactMap(\.stringValue), !tokens.isEmpty else {
+            throw TokenizerError.invalidFile(file: g.path, reason: "no tokenizer.ggml.tokens")
+        }
+        let scores = g.value("tokenizer.ggml.scores")?.arrayValue?.compactMap(\.doubleValue) ?? []
+        let types = g.value("tokenizer.ggml.token_type")?.arrayValue?.compactMap(\.intValue) ?? []
+        guard scores.count == tokens.count, types.count == tokens.count else {
+            throw TokenizerError.invalidFile(file: g.path, reason: "tokenizer.ggml.scores and token_type must have one entry per token (\(tokens.count))")
+        }
+        // Rank of each score, highest first; equal scores share a rank (the heap then takes the leftmost).
+        let distinct = Array(Set(scores)).sorted(by: >)
+        let rankOf = Dictionary(uniqueKeysWithValues: distinct.enumerated().map { ($1, $0) })
+        var ids: [TokenBytes: Int] = [:]
+        for (i, t) in tokens.enumerated() where ids[TokenBytes(t)] == nil { ids[TokenBytes(t)] = i }
+        var merges: [(rank: Int, left: String, right: String)] = []
+        for (i, t) in tokens.enumerated() where types[i] != 6 {  // byte tokens are never formed from text
+            let scalars = Array(t.unicodeScalars)
+            guard scalars.count > 1 else { continue }
+            for k in 1..<scalars.count {
+                var left = "", right = ""
+                left.unicodeScalars.append(contentsOf: scalars[..<k])
+                right.unicodeScalars.append(contentsOf: scalars[k...])
+                if ids[TokenBytes(left)] != nil, ids[TokenBytes(right)] != nil { merges.append((rankOf[scores[i]]!, left, right)) }
+            }
+        }
+        merges.sort { $0.rank < $1.rank }
+        let unk = types.firstIndex(of: 2).map { tokens[$0] }
+        let model = BPEModel(vocab: tokens.enumerated().map { ($1, $0) }, merges: merges.map { ($0.left, $0.right) }, byteFallback: true,
+                             unkToken: unk, fuseUnk: false, ignoreMerges: false, mergeRanks: merges.map(\.rank))
+        var added: [AddedToken] = []
+        for (i, t) in types.enumerated() where t == 3 || t == 4 {
+            added.append(AddedToken(id: i, content: tokens[i], special: t == 3, lstrip: false, rstrip: false, singleWord: false, normalized: false))
+        }
+        let prefix = g.value("tokenizer.ggml.add_space_prefix")?.boolValue ?? true
+        let space = Normalizer.replace(pattern: " ", content: "\u{2581}")
+        let decoder: TokenDecoder = .sequence([.replace(pattern: "\u{2581}", content: " "), .byteFallback, .fuse]
+                                              + (prefix ? [.strip(content: " ", start: 1, stop: 0)] : []))
+        let bos = g.value("tokenizer.ggml.bos_token_id")?.intValue, eos = g.value("tokenizer.ggml.eos_token_id")?.intValue
+        let addBOS = g.value("tokenizer.ggml.add_bos_token")?.boolValue ?? true
+        let addEOS = g.value("tokenizer.ggml.add_eos_token")?.boolValue ?? false
+        self.init(model: model, normalizer: prefix ? .sequence([.prepend("\u{2581}"), space]) : space, preTokenizer: nil, decoder: decoder,
+                  prefixIDs: addBOS ? [bos].compactMap { $0 } : [], suffixIDs: addEOS ? [eos].compactMap { $0 } : [], added: added, source: g.path)
+        bosToken = bos.flatMap { $0 < tokens.count ? tokens[$0] : nil }
+        eosToken = eos.flatMap { $0 < tokens.count ? tokens[$0] : nil }
         chatTemplate = g.value("tokenizer.chat_template")?.stringValue
     }
 }

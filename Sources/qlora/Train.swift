@@ -51,7 +51,7 @@ struct Train: ParsableCommand {
     var loraAlpha: Float = 16
     @Option(help: "Dropout on the LoRA input.")
     var loraDropout: Float = 0.1
-    @Option(help: "Projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all).")
+    @Option(help: "Projections to adapt, comma-separated as PEFT names them (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj) or all.")
     var targetModules: String = "all"
     @Flag(help: "Scale the update by alpha / sqrt(r) (rsLoRA).")
     var useRslora = false
@@ -199,11 +199,18 @@ struct Train: ParsableCommand {
         loraConfig.useRSLoRA = useRslora
         loraConfig.initialization = loraInit == "gaussian" ? .gaussian : .kaiming
         loraConfig.seed = seed
+        let present = Projection.present(fused: model.config.fusedProjections)
         if targetModules != "all" {
+            // The model's own module names (Phi-3 fuses qkv_proj and gate_up_proj, as PEFT names them).
+            let names = present.map(\.name).joined(separator: ", ")
             loraConfig.targets = try targetModules.split(separator: ",").map {
-                guard let p = Projection(name: String($0)) else { throw ValidationError("unknown target module '\($0)' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") }
+                guard let p = Projection(name: String($0)), present.contains(p) else {
+                    throw ValidationError("target module '\($0)' is not a linear layer of this \(model.config.family.huggingFaceArchitecture) model (it has \(names))")
+                }
                 return p
             }
+        } else {
+            loraConfig.targets = present
         }
         let lora = LoRAWeights(model: model, config: loraConfig)
         var trainingOptions = TrainingOptions()
@@ -232,7 +239,7 @@ struct Train: ParsableCommand {
         let run = TrainingRun(trainer: trainer, output: output, baseModel: modelOptions.modelPath, arguments: Array(resolvedOptionsYAML.utf8))
         do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) }
         run.shouldStop = { Interrupt.requested }
-        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }

@@ -125,3 +125,23 @@ extension FamilyMergeTests {
         #expect(Compare.close(inv, hf, atol: 0, rtol: 1e-6, "inv_freq") == nil)
     }
 }
+
+extension FamilyMergeTests {
+    @Test("export-adapter: the family's PEFT adapter as a llama.cpp LoRA GGUF applies with the same logits", arguments: ["tiny-qwen3", "tiny-gemma3", "tiny-phi3"])
+    func adapterGGUF(_ family: String) throws {
+        let base = FileSystem.join(resources, family), peft = FileSystem.join(resources, family + "-lora")
+        let out = FileSystem.join(try Fixtures.temporaryDirectory("lora-\(family)"), "adapter.gguf")
+        let report = try AdapterExport.writeGGUF(adapter: peft, model: base, to: out)
+        let g = try GGUFFile(path: out)
+        #expect(g.value("general.architecture")?.stringValue == String(family.dropFirst("tiny-".count)))
+        var o = LoadOptions()
+        o.quantType = nil
+        o.showProgress = false
+        let model = try LlamaModel.load(base, options: o)
+        #expect(report.tensors == 2 * model.config.layerCount * Projection.present(fused: model.config.fusedProjections).count)
+        let ids = [1, 17, 250, 3, 99, 42, 7, 319]
+        let a = try model.withAdapter(peft).forward(ids, cache: KVCache(config: model.config, capacity: 16), logits: .all)
+        let b = try model.withAdapter(out).forward(ids, cache: KVCache(config: model.config, capacity: 16), logits: .all)
+        #expect(Compare.close(b, a, atol: 1e-5, rtol: 1e-5, "\(family) GGUF adapter") == nil)
+    }
+}

@@ -1,0 +1,36 @@
+// GGUF SentencePiece vocabularies (tokenizer.ggml.model "llama") against llama.cpp's own expected ids: the
+// vocab-only GGUFs and test vectors llama.cpp ships in models/ (ggml-vocab-*.gguf, .inp, .out; from the
+// llama-cpp-python 0.3.36 sdist's vendored llama.cpp, MIT, Resources/llama.cpp/LICENSE.llama.cpp.txt), which its
+// test-tokenizer-0 checks: each input encoded without BOS, special tokens parsed.
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+private let folder = FileSystem.join(Fixtures.resources(), "llama.cpp")
+
+@Suite("GGUF SentencePiece tokenizers")
+struct GGUFSentencePieceTests {
+    @Test("ids equal llama.cpp's test vectors (Llama 2 SPM, Phi-3)", arguments: ["llama-spm", "phi-3"])
+    func vectors(_ name: String) throws {
+        let path = FileSystem.join(folder, "ggml-vocab-\(name).gguf")
+        let t = try Tokenizer(gguf: try GGUFFile(path: path))
+        let inputs = String(decoding: try FileSystem.readFile(path + ".inp"), as: UTF8.self).components(separatedBy: "\n__ggml_vocab_test__\n")
+        var outputs = String(decoding: try FileSystem.readFile(path + ".out"), as: UTF8.self).components(separatedBy: "\n")
+        if outputs.last == "" { outputs.removeLast() }
+        #expect(inputs.count - 1 == outputs.count || inputs.count == outputs.count, "\(inputs.count) inputs, \(outputs.count) outputs")
+        var failures = 0
+        for (text, line) in zip(inputs, outputs) {
+            let expected = line.split(separator: " ").compactMap { Int($0) }
+            let ids = t.encode(text)
+            if ids != expected {
+                failures += 1
+                if failures <= 3 { Issue.record("\(name) \(JSON.serialize(.string(text))): \(ids) vs \(expected)") }
+            }
+        }
+        #expect(failures == 0, "\(name): \(failures) of \(outputs.count) differ")
+        #expect(outputs.count > 40)
+        // BOS is added on request, and decoding gives the text back.
+        #expect(t.encode("Hello world", addSpecialTokens: true).first == t.bosTokenID)
+        #expect(t.decode(t.encode("Hello world")) == "Hello world")
+    }
+}
