@@ -55,6 +55,29 @@ void qk_swiglu_backward_reference(float *dg, float *du, const float *da, const f
     }
 }
 
+/* GeGLU with GELU's tanh approximation: a = 0.5 g (1 + tanh(u)) * up, u = sqrt(2/pi) (g + 0.044715 g^3),
+   written as torch's gelu(approximate="tanh") computes it. */
+#define QK_GELU_BETA 0.7978845608028654f
+#define QK_GELU_KAPPA 0.044715f
+
+void qk_geglu_reference(float *a, const float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float x = g[i];
+        float inner = QK_GELU_BETA * (x + QK_GELU_KAPPA * (x * x * x));
+        a[i] = 0.5f * x * (1.0f + tanhf(inner)) * u[i];
+    }
+}
+
+void qk_geglu_backward_reference(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float x = g[i];
+        float t = tanhf(QK_GELU_BETA * (x + QK_GELU_KAPPA * (x * x * x)));
+        float slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * QK_GELU_BETA * (1.0f + 3.0f * QK_GELU_KAPPA * x * x);
+        dg[i] = da[i] * u[i] * slope;
+        du[i] = da[i] * (0.5f * x * (1.0f + t));
+    }
+}
+
 double qk_cross_entropy_row_reference(float *x, size_t vocab, size_t target, float scale) {
     float m = -INFINITY;
     for (size_t j = 0; j < vocab; j++) m = x[j] > m ? x[j] : m;

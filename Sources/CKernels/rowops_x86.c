@@ -152,6 +152,70 @@ void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const floa
     qk_swiglu_backward_reference(dg + i, du + i, da + i, g + i, u + i, n - i);
 }
 
+/* GeGLU (tanh approximation) as x * sigmoid(2u), which equals 0.5 x (1 + tanh(u)), u = beta (x + kappa x^3):
+   the sigmoid through the same exp as SwiGLU's. The derivative: s + x s (1 - s) 2 beta (1 + 3 kappa x^2). */
+void qk_geglu_avx512(float *a, const float *g, const float *u, size_t n) AVX512;
+void qk_geglu_avx512(float *a, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f), m2beta = _mm512_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 z = _mm512_mul_ps(m2beta, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), _mm512_mul_ps(x, x), x));
+        __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp512(z)));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    }
+    qk_geglu_reference(a + i, g + i, u + i, n - i);
+}
+
+void qk_geglu_avx2(float *a, const float *g, const float *u, size_t n) AVX2;
+void qk_geglu_avx2(float *a, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), m2beta = _mm256_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm256_set1_ps(0.044715f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 z = _mm256_mul_ps(m2beta, _mm256_fmadd_ps(_mm256_mul_ps(kappa, x), _mm256_mul_ps(x, x), x));
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp256(z)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    qk_geglu_reference(a + i, g + i, u + i, n - i);
+}
+
+void qk_geglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) AVX512;
+void qk_geglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f), m2beta = _mm512_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
+    const __m512 twobeta = _mm512_set1_ps(2.0f * 0.7978845608028654f), kappa3 = _mm512_set1_ps(3.0f * 0.044715f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i), d = _mm512_loadu_ps(da + i);
+        __m512 x2 = _mm512_mul_ps(x, x);
+        __m512 z = _mm512_mul_ps(m2beta, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), x2, x));
+        __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(z)));
+        __m512 dz = _mm512_mul_ps(twobeta, _mm512_fmadd_ps(kappa3, x2, one));
+        __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_sub_ps(one, s)), dz, s);
+        _mm512_storeu_ps(dg + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(u + i)), slope));
+        _mm512_storeu_ps(du + i, _mm512_mul_ps(d, _mm512_mul_ps(x, s)));
+    }
+    qk_geglu_backward_reference(dg + i, du + i, da + i, g + i, u + i, n - i);
+}
+
+void qk_geglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) AVX2;
+void qk_geglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), m2beta = _mm256_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm256_set1_ps(0.044715f);
+    const __m256 twobeta = _mm256_set1_ps(2.0f * 0.7978845608028654f), kappa3 = _mm256_set1_ps(3.0f * 0.044715f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i), d = _mm256_loadu_ps(da + i);
+        __m256 x2 = _mm256_mul_ps(x, x);
+        __m256 z = _mm256_mul_ps(m2beta, _mm256_fmadd_ps(_mm256_mul_ps(kappa, x), x2, x));
+        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(z)));
+        __m256 dz = _mm256_mul_ps(twobeta, _mm256_fmadd_ps(kappa3, x2, one));
+        __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_sub_ps(one, s)), dz, s);
+        _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + i)), slope));
+        _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
+    }
+    qk_geglu_backward_reference(dg + i, du + i, da + i, g + i, u + i, n - i);
+}
+
 void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) AVX2;
 void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) {
     size_t i = 0;
@@ -351,6 +415,10 @@ void qk_attend_avx512(const float *q, size_t nq, const float *k, const float *v,
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
 void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
+void qk_geglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_geglu_reference(a, g, u, n); }
+void qk_geglu_avx512(float *a, const float *g, const float *u, size_t n) { qk_geglu_reference(a, g, u, n); }
+void qk_geglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_geglu_backward_reference(dg, du, da, g, u, n); }
+void qk_geglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_geglu_backward_reference(dg, du, da, g, u, n); }
 void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_swiglu_backward_reference(dg, du, da, g, u, n); }
 void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n) { qk_swiglu_backward_reference(dg, du, da, g, u, n); }
 double qk_cross_entropy_row_avx2(float *x, size_t v, size_t t, float s) { return qk_cross_entropy_row_reference(x, v, t, s); }

@@ -82,6 +82,9 @@ public struct KernelTable: Sendable {
     public let attend: AttendFunction
     public let swiglu: SwiGLUFunction
     public let swigluBackward: SwiGLUBackwardFunction
+    /// GeGLU with GELU's tanh approximation (Gemma), forward and backward, of SwiGLU's signatures.
+    public let geglu: SwiGLUFunction
+    public let gegluBackward: SwiGLUBackwardFunction
     public let crossEntropyRow: CrossEntropyRowFunction
     public let dropout: DropoutFunction
     /// The bf16 products of the `bf16` compute dtype (BF16Gemm), or nil where they would not be fast (no
@@ -98,12 +101,14 @@ public struct KernelTable: Sendable {
                                gemvBF16: qk_gemv_bf16_reference,
                                gemm4: qk_gemm4_reference, gemm8: qk_gemm8_reference, gemmBF16: qk_gemm_bf16_reference,
                                softmaxRow: qk_softmax_row_reference, attend: qk_attend_reference, swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
+                               geglu: qk_geglu_reference, gegluBackward: qk_geglu_backward_reference,
                                crossEntropyRow: qk_cross_entropy_row_reference, dropout: qk_dropout_reference, bf16: nil)
         case .avx2:
             return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2,
                                gemv4Prepare: qk_gemv4_prepare_avx2, gemv8: qk_gemv8_avx2, gemvBF16: qk_gemv_bf16_avx2,
                                gemm4: qk_gemm4_avx2, gemm8: qk_gemm8_avx2, gemmBF16: qk_gemm_bf16_avx2,
                                softmaxRow: qk_softmax_row_avx2, attend: qk_attend_avx2, swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
+                               geglu: qk_geglu_avx2, gegluBackward: qk_geglu_backward_avx2,
                                crossEntropyRow: qk_cross_entropy_row_avx2, dropout: qk_dropout_avx2, bf16: nil)
         case .avx512:
             return KernelTable(level: level, quantize4: qk_quantize4_avx512, dequantize4: qk_dequantize4_avx512, dot4: qk_dot4_avx512,
@@ -111,6 +116,7 @@ public struct KernelTable: Sendable {
                                gemvBF16: qk_gemv_bf16_avx512,
                                gemm4: qk_gemm4_avx512, gemm8: qk_gemm8_avx512, gemmBF16: qk_gemm_bf16_avx512,
                                softmaxRow: qk_softmax_row_avx512, attend: qk_attend_avx512, swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,
+                               geglu: qk_geglu_avx512, gegluBackward: qk_geglu_backward_avx512,
                                crossEntropyRow: qk_cross_entropy_row_avx512, dropout: qk_dropout_avx512,
                                bf16: BF16Kernels.avx512bf16)
         }

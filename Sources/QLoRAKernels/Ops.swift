@@ -1,6 +1,7 @@
 // The element-wise and row-wise operations of a Llama block, each forward beside its backward.
 // Shapes: rows × dim, row-major; `d` prefixes gradients. Norm weights are frozen in QLoRA, so the
 // norm backward computes the input gradient only.
+import QLoRACore
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -10,30 +11,48 @@ import Darwin
 public enum Ops {
     // MARK: RMSNorm  y = w ⊙ x / sqrt(mean(x²) + eps)
 
-    /// Writes y and the per-row reciprocal RMS (rstd) that the backward needs.
+    /// Writes y and the per-row reciprocal RMS (rstd) that the backward needs (y may be x). Rows are split over
+    /// our threads, each row on one (its sums in the same order on any thread count).
     public static func rmsNormForward(_ y: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>?,
                                       _ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, rows: Int, dim: Int, eps: Float) {
-        for r in 0..<rows {
-            let xr = x + r * dim, yr = y + r * dim
-            var sum: Float = 0
-            for j in 0..<dim { sum += xr[j] * xr[j] }
-            let s = 1 / (sum / Float(dim) + eps).squareRoot()
-            rstd?[r] = s
-            for j in 0..<dim { yr[j] = weight[j] * (xr[j] * s) }
+        Parallel.forChunks(count: rows, minimumChunk: max(1, (1 << 14) / max(dim, 1))) { _, range in
+            for r in range {
+                let xr = x + r * dim, yr = y + r * dim
+                let s = 1 / (dot(xr, xr, dim) / Float(dim) + eps).squareRoot()
+                rstd?[r] = s
+                for j in 0..<dim { yr[j] = weight[j] * (xr[j] * s) }
+            }
         }
     }
 
     /// dx += rstd·(w⊙dy) − x·rstd³/dim·Σ(w⊙dy⊙x), per row (accumulates into dx).
     public static func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                                        rstd: UnsafePointer<Float>, weight: UnsafePointer<Float>, rows: Int, dim: Int) {
-        for r in 0..<rows {
-            let xr = x + r * dim, dyr = dy + r * dim, dxr = dx + r * dim
-            let s = rstd[r]
-            var dot: Float = 0
-            for j in 0..<dim { dot += weight[j] * dyr[j] * xr[j] }
-            let c = dot * s * s * s / Float(dim)
-            for j in 0..<dim { dxr[j] += s * weight[j] * dyr[j] - c * xr[j] }
+        Parallel.forChunks(count: rows, minimumChunk: max(1, (1 << 14) / max(dim, 1))) { _, range in
+            for r in range {
+                let xr = x + r * dim, dyr = dy + r * dim, dxr = dx + r * dim
+                let s = rstd[r]
+                var dot: Float = 0
+                for j in 0..<dim { dot += weight[j] * dyr[j] * xr[j] }
+                let c = dot * s * s * s / Float(dim)
+                for j in 0..<dim { dxr[j] += s * weight[j] * dyr[j] - c * xr[j] }
+            }
         }
+    }
+
+    /// Σ a[j]·b[j] over n, in sixteen interleaved partial sums (vectorizable), then added together.
+    @inline(__always)
+    static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD16<Float>()
+        var j = 0
+        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
+        while j + 16 <= n {
+            acc += ra.loadUnaligned(fromByteOffset: 4 * j, as: SIMD16<Float>.self) * rb.loadUnaligned(fromByteOffset: 4 * j, as: SIMD16<Float>.self)
+            j += 16
+        }
+        var sum = acc.sum()
+        while j < n { sum += a[j] * b[j]; j += 1 }
+        return sum
     }
 
     // MARK: RoPE (rotate_half convention: the two halves of each head rotate as pairs (i, i + d/2))
@@ -97,33 +116,18 @@ public enum Ops {
         kernels.swigluBackward(dg, du, da, g, u, count)
     }
 
-    // MARK: GeGLU with the tanh approximation  a = gelu_tanh(g) ⊙ u (Gemma)
+    // MARK: GeGLU with the tanh approximation  a = gelu_tanh(g) ⊙ u (Gemma; C kernels: CKernels rowops)
 
-    /// √(2/π), and the cubic term's coefficient, of gelu(x) ≈ ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
-    static let geluBeta: Float = 0.7978845608028654
-    static let geluKappa: Float = 0.044715
-
-    /// a = gelu_tanh(g) ⊙ u over `range` (as torch's gelu(approximate="tanh") in f32).
-    public static func gegluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
-                                    range: Range<Int>) {
-        for i in range {
-            let x = g[i]
-            let inner = geluBeta * (x + geluKappa * (x * x * x))
-            a[i] = 0.5 * x * (1 + tanhf(inner)) * u[i]
-        }
+    public static func gegluForward(_ a: UnsafeMutablePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int,
+                                    kernels: KernelTable = .current) {
+        kernels.geglu(a, g, u, count)
     }
 
-    /// dg = da ⊙ u ⊙ gelu_tanh'(g), du = da ⊙ gelu_tanh(g), over `range`.
-    public static func gegluBackward(dGate dg: UnsafeMutablePointer<Float>, dUp du: UnsafeMutablePointer<Float>, _ da: UnsafePointer<Float>,
-                                     gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, range: Range<Int>) {
-        for i in range {
-            let x = g[i]
-            let t = tanhf(geluBeta * (x + geluKappa * (x * x * x)))
-            let gelu = 0.5 * x * (1 + t)
-            let slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * geluBeta * (1 + 3 * geluKappa * x * x)
-            dg[i] = da[i] * u[i] * slope
-            du[i] = da[i] * gelu
-        }
+    /// dg = da ⊙ u ⊙ gelu_tanh'(g), du = da ⊙ gelu_tanh(g).
+    public static func gegluBackward(dGate dg: UnsafeMutablePointer<Float>, dUp du: UnsafeMutablePointer<Float>,
+                                     _ da: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>, count: Int,
+                                     kernels: KernelTable = .current) {
+        kernels.gegluBackward(dg, du, da, g, u, count)
     }
 
     // MARK: Softmax rows in place, over the first `visible` entries of each row (the rest set to 0)

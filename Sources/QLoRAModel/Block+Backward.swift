@@ -60,7 +60,10 @@ extension LlamaLayer {
         case .silu: Ops.swigluBackward(dGate: g.dg, dUp: g.du, g.da, gate: act.g, up: act.u, count: n * I, kernels: kernels)
         case .geluTanh:
             let dg = g.dg, du = g.du, da = g.da, gate = act.g, up = act.u
-            elementwise(n * I) { Ops.gegluBackward(dGate: dg, dUp: du, da, gate: gate, up: up, range: $0) }
+            elementwise(n * I) { r in
+                let o = r.lowerBound
+                Ops.gegluBackward(dGate: dg + o, dUp: du + o, da + o, gate: gate + o, up: up + o, count: r.count, kernels: kernels)
+            }
         }
         g.dx2.update(repeating: 0, count: n * D)
         if self[.gateUp] != nil {

@@ -180,7 +180,7 @@ extension LlamaLayer {
         case .silu: Ops.swigluForward(act.a, gate: act.g, up: act.u, count: n * I, kernels: kernels)
         case .geluTanh:
             let a = act.a, g = act.g, u = act.u
-            elementwise(n * I) { Ops.gegluForward(a, gate: g, up: u, range: $0) }
+            elementwise(n * I) { r in Ops.gegluForward(a + r.lowerBound, gate: g + r.lowerBound, up: u + r.lowerBound, count: r.count, kernels: kernels) }
         }
         let downOut = act.mlpOut ?? s.proj
         if out != nil || mlpOutputNorm != nil {

@@ -266,6 +266,19 @@ struct RowKernelTests {
             k.swigluBackward(&dg2, &du2, da, g, u, n)
             #expect(Compare.close(dg2, dg1, atol: 1e-7, rtol: 4e-6, "swiglu dg \(level) \(n)") == nil)
             #expect(Compare.close(du2, du1, atol: 1e-7, rtol: 4e-6, "swiglu du \(level) \(n)") == nil)
+            // GeGLU (tanh approximation): the SIMD kernels' x·sigmoid(2u) against the reference's 0.5x(1 + tanh(u)).
+            var e1 = [Float](repeating: 0, count: n), e2 = e1
+            reference.geglu(&e1, g, u, n)
+            k.geglu(&e2, g, u, n)
+            #expect(Compare.close(e2, e1, atol: 1e-6, rtol: 4e-6, "geglu \(level) \(n)") == nil)
+            var eg1 = e1, eu1 = e1, eg2 = e1, eu2 = e1
+            reference.gegluBackward(&eg1, &eu1, da, g, u, n)
+            k.gegluBackward(&eg2, &eu2, da, g, u, n)
+            // Where the slope is near zero (a gate near -3) its two terms cancel, in the reference's tanh form more
+            // than in the sigmoid form: an absolute tolerance on the scale of the values.
+            let scale = eg1.map(abs).max() ?? 1
+            #expect(Compare.close(eg2, eg1, atol: 2e-6 * scale, rtol: 4e-6, "geglu dg \(level) \(n)") == nil)
+            #expect(Compare.close(eu2, eu1, atol: 1e-6, rtol: 4e-6, "geglu du \(level) \(n)") == nil)
             var c1 = x, c2 = x
             let l1 = reference.crossEntropyRow(&c1, n, n / 2, 0.5), l2 = k.crossEntropyRow(&c2, n, n / 2, 0.5)
             #expect(abs(l1 - l2) <= 1e-5 * max(1, abs(l1)), "cross-entropy \(level) \(n)")

@@ -89,6 +89,12 @@ void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n);
 void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n);
 
 /// dg = da * u * sig(g) * (1 + g * (1 - sig(g))), du = da * silu(g).
+void qk_geglu_reference(float *a, const float *g, const float *u, size_t n);
+void qk_geglu_avx2(float *a, const float *g, const float *u, size_t n);
+void qk_geglu_avx512(float *a, const float *g, const float *u, size_t n);
+void qk_geglu_backward_reference(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
+void qk_geglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
+void qk_geglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
 void qk_swiglu_backward_reference(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
 void qk_swiglu_backward_avx2(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);
 void qk_swiglu_backward_avx512(float *dg, float *du, const float *da, const float *g, const float *u, size_t n);

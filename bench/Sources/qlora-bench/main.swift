@@ -86,24 +86,52 @@ func peakRSS() -> Int {
 
 /// Writes a Llama-shaped Hugging Face folder with random bf16 weights (normal, std 0.02), streamed
 /// tensor by tensor, for memory measurements on shapes we cannot download.
-func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, heads: Int, kvHeads: Int, vocab: Int) throws {
+/// A random bf16 checkpoint of `family`'s layout (Hugging Face names and config.json) at the given size: the same
+/// shapes for every family (head_dim = hidden / heads), so that their training steps compare. Gemma 3 gets its
+/// four norms a block, q/k norms and a sliding window of 512 on five layers in six; Qwen3 its q/k norms; Phi-3
+/// its fused projections and a sliding window of 2047.
+func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, heads: Int, kvHeads: Int, vocab: Int, family: ModelFamily = .llama) throws {
     try FileSystem.makeDirectory(output)
+    let d = hidden / heads
+    var extra = ""
+    switch family {
+    case .gemma3:
+        extra = #", "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": \#(d), "sliding_window": 512, "rope_local_base_freq": 10000.0, "head_dim": \#(d)"#
+    case .qwen3: extra = #", "head_dim": \#(d)"#
+    case .phi3: extra = #", "sliding_window": 2047"#
+    default: break
+    }
     let config = """
-        {"architectures": ["LlamaForCausalLM"], "hidden_size": \(hidden), "intermediate_size": \(intermediate),
+        {"architectures": ["\(family.huggingFaceArchitecture)"], "hidden_size": \(hidden), "intermediate_size": \(intermediate),
          "num_hidden_layers": \(layers), "num_attention_heads": \(heads), "num_key_value_heads": \(kvHeads),
          "vocab_size": \(vocab), "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-         "tie_word_embeddings": false, "hidden_act": "silu", "dtype": "bfloat16"}
+         "tie_word_embeddings": false\(family == .gemma3 ? "" : #", "hidden_act": "silu""#), "dtype": "bfloat16"\(extra)}
         """
     try FileSystem.writeFileAtomically(FileSystem.join(output, "config.json"), bytes: Array(config.utf8))
-    let d = hidden / heads
     var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [vocab, hidden])]
     for l in 0..<layers {
         let p = "model.layers.\(l)."
-        shapes += [(p + "input_layernorm.weight", [hidden]), (p + "self_attn.q_proj.weight", [heads * d, hidden]),
-                   (p + "self_attn.k_proj.weight", [kvHeads * d, hidden]), (p + "self_attn.v_proj.weight", [kvHeads * d, hidden]),
-                   (p + "self_attn.o_proj.weight", [hidden, heads * d]), (p + "post_attention_layernorm.weight", [hidden]),
-                   (p + "mlp.gate_proj.weight", [intermediate, hidden]), (p + "mlp.up_proj.weight", [intermediate, hidden]),
-                   (p + "mlp.down_proj.weight", [hidden, intermediate])]
+        shapes.append((p + "input_layernorm.weight", [hidden]))
+        if family == .phi3 {
+            shapes.append((p + "self_attn.qkv_proj.weight", [(heads + 2 * kvHeads) * d, hidden]))
+        } else {
+            shapes += [(p + "self_attn.q_proj.weight", [heads * d, hidden]), (p + "self_attn.k_proj.weight", [kvHeads * d, hidden]),
+                       (p + "self_attn.v_proj.weight", [kvHeads * d, hidden])]
+        }
+        if family == .qwen3 || family == .gemma3 { shapes += [(p + "self_attn.q_norm.weight", [d]), (p + "self_attn.k_norm.weight", [d])] }
+        shapes.append((p + "self_attn.o_proj.weight", [hidden, heads * d]))
+        if family == .gemma3 {
+            shapes += [(p + "post_attention_layernorm.weight", [hidden]), (p + "pre_feedforward_layernorm.weight", [hidden]),
+                       (p + "post_feedforward_layernorm.weight", [hidden])]
+        } else {
+            shapes.append((p + "post_attention_layernorm.weight", [hidden]))
+        }
+        if family == .phi3 {
+            shapes.append((p + "mlp.gate_up_proj.weight", [2 * intermediate, hidden]))
+        } else {
+            shapes += [(p + "mlp.gate_proj.weight", [intermediate, hidden]), (p + "mlp.up_proj.weight", [intermediate, hidden])]
+        }
+        shapes.append((p + "mlp.down_proj.weight", [hidden, intermediate]))
     }
     shapes += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
     let writer = try SafetensorsWriter(path: FileSystem.join(output, "model.safetensors"),
@@ -116,7 +144,7 @@ func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, hea
         for i in 0..<n {
             // Sum of uniforms: cheap, roughly normal.
             let u = (rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 0.04
-            values[i] = floatToBFloat16Bits(isNorm ? 1 : u)
+            values[i] = floatToBFloat16Bits(isNorm ? (family == .gemma3 ? 0 : 1) : u)
         }
         try writer.append(name, values: values)
     }
@@ -391,10 +419,15 @@ do {
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
     case "synth-llama":
-        guard args.count >= 2 else { fail("usage: qlora-bench synth-llama DIR [--hidden N --intermediate N --layers N --heads N --kv-heads N --vocab N]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench synth-llama DIR [--hidden N --intermediate N --layers N --heads N --kv-heads N --vocab N --family llama|qwen3|gemma3|phi3|...]") }
+        var family = ModelFamily.llama
+        if let i = args.firstIndex(of: "--family"), i + 1 < args.count {
+            guard let f = ModelFamily(rawValue: args[i + 1]) else { fail("--family: \(ModelFamily.allCases.map(\.rawValue).joined(separator: ", "))") }
+            family = f
+        }
         try synthesize(output: args[1], hidden: option("--hidden", 2048), intermediate: option("--intermediate", 5632),
                        layers: option("--layers", 22), heads: option("--heads", 32), kvHeads: option("--kv-heads", 4),
-                       vocab: option("--vocab", 32000))
+                       vocab: option("--vocab", 32000), family: family)
     case "logits":
         // Every position's logits for some token ids, as a safetensors file (for the reference checks of
         // scripts/reference/verify_merge.py): the model as `qlora generate` loads it, with an adapter or not.
