@@ -27,7 +27,9 @@ struct FamilyMergeTests {
         #expect(merger.items.filter(\.adapted).count == adapted)
         let dir = try Fixtures.temporaryDirectory("merge-\(family)")
         let folder = FileSystem.join(dir, "merged"), gguf = FileSystem.join(dir, "merged.gguf")
-        _ = try ModelExport.writeFolder(merger, to: folder, options: quiet { $0.dtype = .f32 })
+        // In shards, so that each family also loads from a sharded folder with its index.
+        _ = try ModelExport.writeFolder(merger, to: folder, options: quiet { $0.dtype = .f32; $0.maxShardSize = 150_000 })
+        #expect(try FileSystem.listDirectory(folder).filter { $0.hasSuffix(".safetensors") }.count > 1)
         _ = try ModelExport.writeGGUF(merger, to: gguf, options: quiet { $0.ggufType = .f32 })
         let g = try GGUFFile(path: gguf)
         #expect(g.value("general.architecture")?.stringValue == String(family.dropFirst("tiny-".count)))

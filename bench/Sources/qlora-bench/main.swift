@@ -90,15 +90,15 @@ func peakRSS() -> Int {
 /// shapes for every family (head_dim = hidden / heads), so that their training steps compare. Gemma 3 gets its
 /// four norms a block, q/k norms and a sliding window of 512 on five layers in six; Qwen3 its q/k norms; Phi-3
 /// its fused projections and a sliding window of 2047.
-func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, heads: Int, kvHeads: Int, vocab: Int, family: ModelFamily = .llama) throws {
+func synthesize(output: String, hidden: Int, intermediate: Int, layers: Int, heads: Int, kvHeads: Int, vocab: Int, family: ModelFamily = .llama,
+                headDim: Int? = nil) throws {
     try FileSystem.makeDirectory(output)
-    let d = hidden / heads
-    var extra = ""
+    let d = headDim ?? hidden / heads
+    var extra = #", "head_dim": \#(d)"#
     switch family {
     case .gemma3:
-        extra = #", "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": \#(d), "sliding_window": 512, "rope_local_base_freq": 10000.0, "head_dim": \#(d)"#
-    case .qwen3: extra = #", "head_dim": \#(d)"#
-    case .phi3: extra = #", "sliding_window": 2047"#
+        extra += #", "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": \#(d), "sliding_window": 512, "rope_local_base_freq": 10000.0"#
+    case .phi3: extra += #", "sliding_window": 2047"#
     default: break
     }
     let config = """
@@ -419,7 +419,7 @@ do {
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
     case "synth-llama":
-        guard args.count >= 2 else { fail("usage: qlora-bench synth-llama DIR [--hidden N --intermediate N --layers N --heads N --kv-heads N --vocab N --family llama|qwen3|gemma3|phi3|...]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench synth-llama DIR [--hidden N --intermediate N --layers N --heads N --kv-heads N --vocab N --head-dim N --family llama|qwen3|gemma3|phi3|...]") }
         var family = ModelFamily.llama
         if let i = args.firstIndex(of: "--family"), i + 1 < args.count {
             guard let f = ModelFamily(rawValue: args[i + 1]) else { fail("--family: \(ModelFamily.allCases.map(\.rawValue).joined(separator: ", "))") }
@@ -427,7 +427,8 @@ do {
         }
         try synthesize(output: args[1], hidden: option("--hidden", 2048), intermediate: option("--intermediate", 5632),
                        layers: option("--layers", 22), heads: option("--heads", 32), kvHeads: option("--kv-heads", 4),
-                       vocab: option("--vocab", 32000), family: family)
+                       vocab: option("--vocab", 32000), family: family,
+                       headDim: args.contains("--head-dim") ? option("--head-dim", 64) : nil)
     case "logits":
         // Every position's logits for some token ids, as a safetensors file (for the reference checks of
         // scripts/reference/verify_merge.py): the model as `qlora generate` loads it, with an adapter or not.
