@@ -17,7 +17,9 @@ public enum Fixtures {
         try SafetensorsFile(path: FileSystem.join(resources(file), name))
     }
 
-    /// A fresh empty temporary folder.
+    /// A fresh empty temporary folder, removed with everything in it when the test process exits
+    /// (QLORA_KEEP_TEST_FILES=1 keeps them for a look). Several tests write merged models of hundreds of
+    /// megabytes: left behind, each `make test` had filled about 2 GB of /tmp.
     public static func temporaryDirectory(_ label: String) throws -> String {
         let base = Environment.get("TMPDIR") ?? "/tmp"
         var n = 0
@@ -25,6 +27,7 @@ public enum Fixtures {
             let dir = FileSystem.join(base, "qlora-test-\(label)-\(Clock.seconds().bitPattern % 1_000_000_007)-\(n)")
             if !FileSystem.exists(dir) {
                 try FileSystem.makeDirectory(dir)
+                TemporaryDirectories.shared.add(dir)
                 return dir
             }
             n += 1
@@ -128,6 +131,29 @@ extension Fixtures {
 public struct FixtureError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
+}
+
+/// The test process's temporary folders, removed at exit.
+private final class TemporaryDirectories: @unchecked Sendable {
+    static let shared: TemporaryDirectories = {
+        let t = TemporaryDirectories()
+        atexit { TemporaryDirectories.shared.removeAll() }
+        return t
+    }()
+    private let lock = NSLock()
+    private var folders: [String] = []
+
+    func add(_ dir: String) {
+        lock.lock(); defer { lock.unlock() }
+        folders.append(dir)
+    }
+
+    func removeAll() {
+        guard Environment.get("QLORA_KEEP_TEST_FILES") != "1" else { return }
+        lock.lock(); defer { lock.unlock() }
+        for dir in folders { try? FileSystem.removeTree(dir) }
+        folders.removeAll()
+    }
 }
 
 private final class DecompressedFixtures: @unchecked Sendable {
