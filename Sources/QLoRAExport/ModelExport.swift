@@ -200,6 +200,11 @@ public enum ModelExport {
             case let .llama3(factor, low, high, original):
                 fields.append(("rope_scaling", .object([("rope_type", .string("llama3")), ("factor", number(factor)), ("low_freq_factor", number(low)),
                                                         ("high_freq_factor", number(high)), ("original_max_position_embeddings", .int(original))])))
+            case let .longrope(short, long, original, attention):
+                fields.append(("rope_scaling", .object([("rope_type", .string("longrope")), ("short_factor", .array(short.map(number))),
+                                                        ("long_factor", .array(long.map(number))), ("attention_factor", number(attention)),
+                                                        ("original_max_position_embeddings", .int(original))])))
+                fields.append(("original_max_position_embeddings", .int(original)))
             }
             if let b = c.bosTokenID { fields.append(("bos_token_id", .int(b))) }
             if let e = c.eosTokenIDs.first { fields.append(("eos_token_id", c.eosTokenIDs.count == 1 ? .int(e) : .array(c.eosTokenIDs.map { .int($0) }))) }
@@ -272,6 +277,9 @@ public enum ModelExport {
         if case let .linear(factor) = c.ropeScaling {
             metadata += [(key("rope.scaling.type"), .string("linear")), (key("rope.scaling.factor"), .float32(factor))]
         }
+        if c.slidingWindow == nil, c.family == .phi3 {
+            metadata.append((key("attention.sliding_window"), .uint32(0)))  // the converter's "none"
+        }
         if let w = c.slidingWindow {
             metadata.append((key("attention.sliding_window"), .uint32(w)))
             // llama.cpp makes every sixth Gemma 3 layer global unless told otherwise.
@@ -280,7 +288,11 @@ public enum ModelExport {
             }
         }
         if let local = c.localRopeTheta { metadata.append((key("rope.freq_base_swa"), .float32(local))) }
-        if c.family == .phi3 { metadata.append((key("rope.scaling.original_context_length"), .uint32(c.maxPositions))) }
+        if case let .longrope(_, _, original, attention) = c.ropeScaling {
+            metadata += [(key("rope.scaling.attn_factor"), .float32(attention)), (key("rope.scaling.original_context_length"), .uint32(original))]
+        } else if c.family == .phi3 {
+            metadata.append((key("rope.scaling.original_context_length"), .uint32(c.maxPositions)))
+        }
         if c.family == .gemma3, let scale = c.attentionScale, abs(scale - 1 / Float(c.headDim).squareRoot()) > 1e-7,
            !(c.layerCount == 62 && abs(scale - 1 / Float(c.hiddenSize / c.headCount).squareRoot()) < 1e-7) {
             throw ExportError.unsupported(what: "Gemma 3's query_pre_attn_scalar other than head_dim cannot be written to GGUF (llama.cpp derives it from the model size)")
@@ -305,6 +317,12 @@ public enum ModelExport {
         // generate_extra_tensors), with no scaling keys.
         let ropeFactors = ropeFrequencyFactors(c)
         if let f = ropeFactors { declarations.append(.init(name: "rope_freqs.weight", shape: [f.count], type: .f32)) }
+        // LongRoPE: its two factor sets as tensors (the converter's names), long first.
+        var longRope: [(String, [Float])] = []
+        if case let .longrope(short, long, _, _) = c.ropeScaling {
+            longRope = [("rope_factors_long.weight", long.map(Float.init)), ("rope_factors_short.weight", short.map(Float.init))]
+            for (name, values) in longRope { declarations.append(.init(name: name, shape: [values.count], type: .f32)) }
+        }
         let parent = FileSystem.directoryName(output)
         if !FileSystem.exists(parent) { try FileSystem.makeDirectories(parent) }
         let writer = try GGUFWriter(path: output, metadata: metadata, tensors: declarations)
@@ -335,6 +353,10 @@ public enum ModelExport {
         }
         if let f = ropeFactors {
             try writer.append("rope_freqs.weight", bytes: try GGMLQuantizer.quantize(f, as: .f32, tensor: "rope_freqs.weight"))
+            report.tensors += 1
+        }
+        for (name, values) in longRope {
+            try writer.append(name, bytes: try GGMLQuantizer.quantize(values, as: .f32, tensor: name))
             report.tensors += 1
         }
         try writer.finish()

@@ -35,11 +35,24 @@ public final class KVCache {
         values.deallocate()
     }
 
+    /// The tokens at the cached positions (a LongRoPE model recomputes them once a conversation outgrows its
+    /// original length, as transformers' generate does).
+    public private(set) var tokens: [Int] = []
+    /// Whether the cached keys were rotated with LongRoPE's long factors.
+    var longRope = false
+
     /// Forgets every position (a new conversation).
-    public func reset() { length = 0 }
+    public func reset() {
+        length = 0
+        tokens.removeAll(keepingCapacity: true)
+        longRope = false
+    }
 
     /// Keeps the first `n` positions only.
-    public func truncate(to n: Int) { length = min(length, max(0, n)) }
+    public func truncate(to n: Int) {
+        length = min(length, max(0, n))
+        if tokens.count > length { tokens.removeLast(tokens.count - length) }
+    }
 
     /// Holds the first `count` positions of `other` (a prefix shared by several continuations), every layer.
     public func copyPrefix(of other: KVCache, count: Int) {
@@ -50,9 +63,17 @@ public final class KVCache {
             values(layer: l).update(from: other.values(layer: l), count: count * rowWidth)
         }
         length = count
+        tokens = Array(other.tokens.prefix(count))
+        longRope = other.longRope
     }
 
     func advance(by n: Int) { length += n }
+
+    /// Records the tokens a call added (and the rotation their keys got).
+    func record(_ new: [Int], longRope long: Bool) {
+        tokens += new
+        longRope = long
+    }
 
     /// Layer `l`'s keys and values: position j at + j * rowWidth.
     func keys(layer l: Int) -> UnsafeMutablePointer<Float> { keys + l * capacity * rowWidth }
@@ -137,16 +158,31 @@ extension LlamaModel {
     /// Runs `tokens` at the cache's next positions and appends their keys and values to it.
     /// - Returns: logits [n, V] for the requested positions (n = 1 for `.last`, T for `.all`).
     public func forward(_ tokens: [Int], cache: KVCache, logits: LogitsRange = .last, kernels: KernelTable = .current) throws -> [Float] {
+        try forward(tokens, cache: cache, logits: logits, kernels: kernels, forceLongRope: false)
+    }
+
+    /// `forceLongRope`: rotate with LongRoPE's long factors even within the original length (recomputing a cache
+    /// for a call that will cross it).
+    func forward(_ tokens: [Int], cache: KVCache, logits: LogitsRange, kernels: KernelTable, forceLongRope: Bool) throws -> [Float] {
         let c = config
         let T = tokens.count
         guard T > 0 else { return [] }
         let start = cache.length
         guard start + T <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: start + T) }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
+        let long = c.longRope != nil && (forceLongRope || c.usesLongRope(maxPosition: start + T - 1))
+        if long, !cache.longRope, start > 0 {
+            // LongRoPE past the original length: the cached keys were rotated with the short factors; recompute them
+            // all with the long ones (transformers' generate drops its cache at this point too).
+            let all = cache.tokens + tokens
+            cache.reset()
+            let out = try forward(all, cache: cache, logits: logits, kernels: kernels)
+            return logits == .all ? Array(out.suffix(T * c.vocabSize)) : out
+        }
         let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(cache, rows: T, kernels: kernels)
         for (t, token) in tokens.enumerated() { embed(token, into: ws.h + t * c.hiddenSize) }
-        let rope = ropeTables(positions: Array(start..<(start + T)))
+        let rope = ropeTables(positions: Array(start..<(start + T)), long: Array(repeating: long, count: T))
         // More than one row: the BLAS products are split over our own workers with BLAS on one thread
         // each, so that OpenBLAS's threads do not spin against ours (measured: a fifth of a prefill's time
         // in sched_yield otherwise).
@@ -159,6 +195,7 @@ extension LlamaModel {
                 attention(ws, layer: l, rows, kernels: kernels)
             }
             cache.advance(by: T)
+            cache.record(tokens, longRope: long)
             switch logits {
             case .none: return []
             case .last: return outputLogits(ws, rows: (T - 1)..<T, kernels: kernels)
@@ -270,11 +307,13 @@ extension LlamaModel {
         }
         for t in tokens where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         let runs = try adapterRuns(adapters, rowCounts: Array(repeating: 1, count: B))
+        for (i, cache) in caches.enumerated() { try refreshLongRope(cache, reaching: cache.length, adapter: adapters?[i], kernels: kernels) }
         let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!, kernels: kernels)
         for (i, token) in tokens.enumerated() { embed(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
-        let rope = ropeTables(positions: positions)
+        let longRows = positions.map { c.usesLongRope(maxPosition: $0) }
+        let rope = ropeTables(positions: positions, long: longRows)
         let rows = AttentionRows(caches: caches, counts: Array(repeating: 1, count: B), starts: positions)
         // BLAS on one thread while our workers split its products (as in forward(tokens:)).
         return Gemm.withSingleThreadedBLAS {
@@ -285,7 +324,10 @@ extension LlamaModel {
                 }
                 attention(ws, layer: l, rows, kernels: kernels)
             }
-            for cache in caches { cache.advance(by: 1) }
+            for (i, cache) in caches.enumerated() {
+                cache.advance(by: 1)
+                cache.record([tokens[i]], longRope: longRows[i])
+            }
             return outputLogits(ws, rows: 0..<B, kernels: kernels)
         }
     }
@@ -308,18 +350,23 @@ extension LlamaModel {
             guard cache.length + seq.count <= cache.capacity else { throw ForwardError.contextFull(capacity: cache.capacity, needed: cache.length + seq.count) }
             for t in seq where t < 0 || t >= c.vocabSize { throw ForwardError.tokenOutOfRange(token: t, vocab: c.vocabSize) }
         }
+        for (i, cache) in caches.enumerated() {
+            try refreshLongRope(cache, reaching: cache.length + tokens[i].count - 1, adapter: adapters?[i], kernels: kernels)
+        }
         let rows = AttentionRows(caches: caches, counts: tokens.map(\.count), starts: caches.map(\.length), window: c.slidingWindow)
         let runs = try adapterRuns(adapters, rowCounts: rows.counts)
         let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         let offsets = rows.offsets, starts = rows.starts, n = rows.counts.reduce(0, +)
         let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, kernels: kernels)
-        var positions: [Int] = []
+        var positions: [Int] = [], longRows: [Bool] = []
         positions.reserveCapacity(n)
+        let longSequences = zip(caches, tokens).map { c.usesLongRope(maxPosition: $0.length + $1.count - 1) }
         for (i, seq) in tokens.enumerated() {
             for (t, token) in seq.enumerated() { embed(token, into: ws.h + (offsets[i] + t) * D) }
             positions += caches[i].length..<(caches[i].length + seq.count)
+            longRows += Array(repeating: longSequences[i], count: seq.count)
         }
-        let rope = ropeTables(positions: positions)
+        let rope = ropeTables(positions: positions, long: longRows)
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: n, rope: rope, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
@@ -329,7 +376,10 @@ extension LlamaModel {
                 }
                 attention(ws, layer: l, rows, kernels: kernels)
             }
-            for (i, cache) in caches.enumerated() { cache.advance(by: tokens[i].count) }
+            for (i, cache) in caches.enumerated() {
+                cache.advance(by: tokens[i].count)
+                cache.record(tokens[i], longRope: longSequences[i])
+            }
             // Each sequence's last row moves up to row i (a source row is never below a later destination).
             for i in 0..<B {
                 let last = offsets[i] + tokens[i].count - 1
@@ -345,11 +395,33 @@ extension LlamaModel {
         }
     }
 
-    /// The rotary tables of these positions: the model's, and the sliding layers' own where they have them.
-    func ropeTables(positions: [Int]) -> RopeTables {
-        let global = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+    /// The rotary tables of these positions: the model's (LongRoPE's long set on the rows `long` marks, and its
+    /// attention factor on cos and sin), and the sliding layers' own where they have them.
+    func ropeTables(positions: [Int], long: [Bool]? = nil) -> RopeTables {
+        var global = Ops.ropeTables(positions: positions, inverseFrequencies: inverseFrequencies)
+        if let longInverse = longInverseFrequencies, let long, long.contains(true) {
+            let l = Ops.ropeTables(positions: positions, inverseFrequencies: longInverse)
+            let half = longInverse.count
+            for (t, isLong) in long.enumerated() where isLong {
+                global.cos.replaceSubrange((t * half)..<((t + 1) * half), with: l.cos[(t * half)..<((t + 1) * half)])
+                global.sin.replaceSubrange((t * half)..<((t + 1) * half), with: l.sin[(t * half)..<((t + 1) * half)])
+            }
+        }
+        if let f = config.longRope?.attentionFactor, f != 1 {
+            global.cos = global.cos.map { $0 * f }
+            global.sin = global.sin.map { $0 * f }
+        }
         let local = localInverseFrequencies.map { Ops.ropeTables(positions: positions, inverseFrequencies: $0) }
         return RopeTables(config: config, global: global, local: local)
+    }
+
+    /// LongRoPE: before a call whose largest position in `cache` will be `maxPosition`, recomputes the cached keys
+    /// with the long factors if the call crosses the original length and they were rotated with the short ones.
+    func refreshLongRope(_ cache: KVCache, reaching maxPosition: Int, adapter: LlamaModel?, kernels: KernelTable) throws {
+        guard config.usesLongRope(maxPosition: maxPosition), !cache.longRope, cache.length > 0 else { return }
+        let held = cache.tokens
+        cache.reset()
+        _ = try (adapter ?? self).forward(held, cache: cache, logits: .none, kernels: kernels, forceLongRope: true)
     }
 
     /// The context length from which decoding's attention splits each head's positions over the workers.

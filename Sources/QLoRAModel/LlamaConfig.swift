@@ -13,6 +13,10 @@ public enum RopeScaling: Equatable, Sendable {
     case linear(factor: Double)
     /// Llama 3.1's frequency-dependent scaling.
     case llama3(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int)
+    /// LongRoPE (Phi-3.5, Phi-4-mini, Phi-3's 128k models): each inverse frequency divided by its short factor while
+    /// a call's positions stay within `originalMaxPositions`, by its long factor past it; cos and sin times
+    /// `attentionFactor`.
+    case longrope(shortFactors: [Double], longFactors: [Double], originalMaxPositions: Int, attentionFactor: Double)
 }
 
 /// The model families whose checkpoints load (each through the same block).
@@ -230,7 +234,7 @@ public struct LlamaConfig: Equatable, Sendable {
     }
 
     /// One rope parameter set (default, linear, llama3) into ropeTheta / ropeScaling.
-    mutating func readRopeParameters(_ rope: JSONValue?, bad: (String) -> ModelError) throws {
+    mutating func readRopeParameters(_ rope: JSONValue?, originalMaxPositions: Int? = nil, bad: (String) -> ModelError) throws {
         guard let rope, rope != .null else { return }
         if let theta = rope["rope_theta"]?.doubleValue { ropeTheta = theta }
         let type = rope["rope_type"]?.stringValue ?? rope["type"]?.stringValue ?? "default"
@@ -245,8 +249,22 @@ public struct LlamaConfig: Equatable, Sendable {
                   hi > lo
             else { throw bad("llama3 rope scaling needs factor, low_freq_factor < high_freq_factor, original_max_position_embeddings") }
             ropeScaling = .llama3(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig)
+        case "longrope", "su":
+            guard let short = rope["short_factor"]?.arrayValue?.compactMap(\.doubleValue),
+                  let long = rope["long_factor"]?.arrayValue?.compactMap(\.doubleValue), short.count == long.count,
+                  short.allSatisfy({ $0 > 0 }), long.allSatisfy({ $0 > 0 })
+            else { throw bad("longrope scaling needs short_factor and long_factor lists of positive numbers, one length") }
+            guard let original = rope["original_max_position_embeddings"]?.intValue ?? originalMaxPositions, original > 1 else {
+                throw bad("longrope scaling needs original_max_position_embeddings")
+            }
+            // As transformers: factor is max / original positions unless given; the attention factor
+            // sqrt(1 + ln factor / ln original) unless given.
+            let factor = rope["factor"]?.doubleValue ?? Double(maxPositions) / Double(original)
+            let attention = rope["attention_factor"]?.doubleValue
+                ?? (factor <= 1 ? 1 : (1 + log(factor) / log(Double(original))).squareRoot())
+            ropeScaling = .longrope(shortFactors: short, longFactors: long, originalMaxPositions: original, attentionFactor: attention)
         default:
-            throw bad("rope type '\(type)' is not supported (default, linear, llama3)")
+            throw bad("rope type '\(type)' is not supported (default, linear, llama3, longrope)")
         }
     }
 
@@ -269,13 +287,19 @@ public struct LlamaConfig: Equatable, Sendable {
                 try readRopeParameters(json["rope_scaling"], bad: bad)
             }
         } else {
-            try readRopeParameters(parameters ?? json["rope_scaling"], bad: bad)
-            if parameters != nil, let scaling = json["rope_scaling"], scaling != .null { try readRopeParameters(scaling, bad: bad) }
+            let original = json["original_max_position_embeddings"]?.intValue
+            try readRopeParameters(parameters ?? json["rope_scaling"], originalMaxPositions: original, bad: bad)
+            if parameters != nil, let scaling = json["rope_scaling"], scaling != .null {
+                try readRopeParameters(scaling, originalMaxPositions: original, bad: bad)
+            }
         }
         let partial = parameters?["partial_rotary_factor"]?.doubleValue ?? json["partial_rotary_factor"]?.doubleValue ?? 1
         guard partial > 0, partial <= 1 else { throw bad("partial_rotary_factor \(partial) must be in (0, 1]") }
         rotaryDim = Int(Double(headDim) * partial)
         guard rotaryDim >= 2, rotaryDim % 2 == 0 else { throw bad("partial_rotary_factor \(partial) of head_dim \(headDim) gives \(rotaryDim) rotary dimensions; they must be even") }
+        if case let .longrope(short, _, _, _) = ropeScaling, short.count != rotaryDim / 2 {
+            throw bad("longrope has \(short.count) factors; the model rotates \(rotaryDim / 2) frequencies")
+        }
     }
 
     /// Which layers attend through a sliding window: layer_types when the config lists them, else each family's rule.
@@ -354,7 +378,8 @@ public struct LlamaConfig: Equatable, Sendable {
         outputBias = g.tensor("blk.0.attn_output.bias") != nil
         qkNorm = g.tensor("blk.0.attn_q_norm.weight") != nil
         fusedProjections = g.tensor("blk.0.attn_qkv.weight") != nil
-        if let w = try optionalInt("attention.sliding_window") {
+        // The converter writes 0 for no window.
+        if let w = g.value(prefix + "attention.sliding_window")?.intValue, w > 0 {
             slidingWindow = w
             switch family {
             case .gemma3:
@@ -382,10 +407,8 @@ public struct LlamaConfig: Equatable, Sendable {
             }
             // The converter stores Gemma's norms as 1 + w already: normWeightOffset stays 0.
         }
-        if g.tensor("rope_factors_long.weight") != nil || g.tensor("rope_factors_short.weight") != nil {
-            throw bad("longrope (rope_factors_long / rope_factors_short) is not supported yet")
-        }
-        // Llama 3.1's scaling travels as a tensor of per-frequency divisors (read by LlamaModel.load).
+        // Llama 3.1's scaling travels as a tensor of per-frequency divisors, LongRoPE's as two (rope_factors_short and
+        // _long, with rope.scaling.attn_factor): both read by LlamaModel.load.
         bosTokenID = g.value("tokenizer.ggml.bos_token_id")?.intValue
         if let e = g.value("tokenizer.ggml.eos_token_id")?.intValue { eosTokenIDs = [e] }
         if let eot = g.value("tokenizer.ggml.eot_token_id")?.intValue, !eosTokenIDs.contains(eot) { eosTokenIDs.append(eot) }
@@ -400,8 +423,9 @@ public struct LlamaConfig: Equatable, Sendable {
         if let b = g["bos_token_id"]?.intValue { bosTokenID = b }
     }
 
-    /// Rotary inverse frequencies (rotary_dim / 2 of them), as transformers computes them in f32.
-    public func ropeInverseFrequencies() -> [Float] {
+    /// Rotary inverse frequencies (rotary_dim / 2 of them), as transformers computes them in f32; `long`: LongRoPE's
+    /// set for calls past the original length (the short one otherwise).
+    public func ropeInverseFrequencies(long: Bool = false) -> [Float] {
         let half = rotaryDim / 2
         var inv = (0..<half).map { i -> Float in
             let exponent = Float(2 * i) / Float(rotaryDim)
@@ -412,6 +436,12 @@ public struct LlamaConfig: Equatable, Sendable {
         }
         switch ropeScaling {
         case .none: break
+        case let .longrope(short, longFactors, _, _):
+            let factors = long ? longFactors : short
+            inv = inv.indices.map { i in
+                let exponent = Float(2 * i) / Float(rotaryDim)
+                return 1 / (Float(factors[i]) * powf(Float(ropeTheta), exponent))
+            }
         case let .linear(factor):
             inv = inv.map { $0 / Float(factor) }
         case let .llama3(factor, low, high, original):
@@ -426,6 +456,19 @@ public struct LlamaConfig: Equatable, Sendable {
             }
         }
         return inv
+    }
+
+    /// LongRoPE's original length and attention factor, or nil without LongRoPE.
+    public var longRope: (originalMaxPositions: Int, attentionFactor: Float)? {
+        guard case let .longrope(_, _, original, attention) = ropeScaling else { return nil }
+        return (original, Float(attention))
+    }
+
+    /// Whether a call whose largest position is `maxPosition` takes LongRoPE's long factors (transformers: the
+    /// call's length, its largest position + 1, past the original length).
+    public func usesLongRope(maxPosition: Int) -> Bool {
+        guard let l = longRope else { return false }
+        return maxPosition + 1 > l.originalMaxPositions
     }
 
     /// The sliding layers' inverse frequencies (localRopeTheta, no scaling), or nil when they use the model's.

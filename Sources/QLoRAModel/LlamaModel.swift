@@ -4,6 +4,11 @@
 import QLoRACore
 import QLoRAFormats
 import QLoRAKernels
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 public struct LlamaLayer: Sendable {
     /// The norm before attention.
@@ -117,6 +122,8 @@ public final class LlamaModel: @unchecked Sendable {
     /// Whether the many-row products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
     func bf16Products(_ kernels: KernelTable) -> Bool { computeDType == .bf16 && kernels.bf16 != nil }
     let inverseFrequencies: [Float]
+    /// LongRoPE's long set (calls past the original length), or nil.
+    let longInverseFrequencies: [Float]?
     /// The sliding layers' own (Gemma 3), or nil.
     let localInverseFrequencies: [Float]?
 
@@ -128,6 +135,7 @@ public final class LlamaModel: @unchecked Sendable {
         self.lmHead = lmHead
         self.source = source
         inverseFrequencies = config.ropeInverseFrequencies()
+        longInverseFrequencies = config.longRope != nil ? config.ropeInverseFrequencies(long: true) : nil
         localInverseFrequencies = config.localRopeInverseFrequencies()
     }
 
@@ -201,6 +209,23 @@ extension LlamaModel {
         if path.lowercased().hasSuffix(".gguf") {
             let g = try GGUFFile(path: path)
             var config = try LlamaConfig(gguf: g)
+            if let l = g.tensor("rope_factors_long.weight"), let sh = g.tensor("rope_factors_short.weight") {
+                // LongRoPE as llama.cpp's converter stores it: the two factor sets as tensors, the attention factor
+                // and original length as keys.
+                let half = config.rotaryDim / 2
+                for t in [l, sh] where t.shape != [half] {
+                    throw ModelError.shapeMismatch(file: path, tensor: t.name, expected: [half], found: t.shape)
+                }
+                let arch = config.family.ggufArchitecture
+                guard let original = g.value(arch + ".rope.scaling.original_context_length")?.intValue, original > 1 else {
+                    throw ModelError.invalidConfig(file: path, reason: "LongRoPE factors without \(arch).rope.scaling.original_context_length")
+                }
+                let factor = Double(config.maxPositions) / Double(original)
+                let attention = g.value(arch + ".rope.scaling.attn_factor")?.doubleValue
+                    ?? (factor <= 1 ? 1 : (1 + log(factor) / log(Double(original))).squareRoot())
+                config.ropeScaling = .longrope(shortFactors: try g.floats(sh).map(Double.init), longFactors: try g.floats(l).map(Double.init),
+                                               originalMaxPositions: original, attentionFactor: attention)
+            }
             if let t = g.tensor("rope_freqs.weight") {
                 // Llama 3.1's scaling as llama.cpp stores it: a divisor per frequency.
                 guard t.shape == [config.rotaryDim / 2] else {
@@ -348,7 +373,8 @@ extension LlamaModel {
             lmHead = try table(naming.lmHead)
         }
         progress.advance(note: "head")
-        let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") && $0 != "rope_freqs.weight" }
+        let ropeTensors: Set<String> = ["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"]
+        let unused = tensors.tensorNames.filter { !used.contains($0) && !$0.hasSuffix("rotary_emb.inv_freq") && !ropeTensors.contains($0) }
         if !unused.isEmpty { throw ModelError.unusedTensors(file: file, names: unused) }
         return LlamaModel(config: c, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
     }

@@ -223,6 +223,7 @@ public final class TrainingEngine {
     /// Bytes of the activation arena.
     public var workspaceBytes: Int { workspace?.arena.byteCount ?? 0 }
     let inverseFrequencies: [Float]
+    let longInverseFrequencies: [Float]?
     let localInverseFrequencies: [Float]?
 
     /// Query rows per attention block (`TrainingOptions.attentionRowBlock`, or 64).
@@ -247,6 +248,7 @@ public final class TrainingEngine {
         self.options = options
         self.kernels = kernels
         inverseFrequencies = model.config.ropeInverseFrequencies()
+        longInverseFrequencies = model.config.longRope != nil ? model.config.ropeInverseFrequencies(long: true) : nil
         localInverseFrequencies = model.config.localRopeInverseFrequencies()
     }
 
@@ -301,7 +303,15 @@ public final class TrainingEngine {
             if let scale = c.embeddingScale { for j in 0..<D { row[j] *= scale } }
         }
         // RoPE tables for each token's position in its example.
-        Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: inverseFrequencies, cos: ws.ropeCos, sin: ws.ropeSin)
+        // LongRoPE: the batch's largest position picks the factor set for all its rows (as transformers does).
+        var maxPosition = 0
+        for i in 0..<N { maxPosition = max(maxPosition, batch.position(of: i)) }
+        let inverse = c.usesLongRope(maxPosition: maxPosition) ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies
+        Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: inverse, cos: ws.ropeCos, sin: ws.ropeSin)
+        if let f = c.longRope?.attentionFactor, f != 1 {
+            let half = c.rotaryDim / 2
+            for i in 0..<(N * half) { ws.ropeCos[i] *= f; ws.ropeSin[i] *= f }
+        }
         if let local = localInverseFrequencies, let lc = ws.localCos, let ls = ws.localSin {
             Ops.ropeTables(count: N, position: batch.position(of:), inverseFrequencies: local, cos: lc, sin: ls)
         }

@@ -72,7 +72,7 @@ struct FamilyMergeTests {
 
 extension FamilyMergeTests {
     @Test("with no adapter, the GGUF written from the folder has the metadata and tensors llama.cpp's converter wrote (Llama 3.1's rope_freqs too)",
-          arguments: ["tiny-qwen3", "tiny-gemma3", "tiny-phi3", "tiny-llama3-rope"])
+          arguments: ["tiny-qwen3", "tiny-gemma3", "tiny-phi3", "tiny-phi3-longrope", "tiny-llama3-rope"])
     func sameAsConverter(_ family: String) throws {
         var options = MergeOptions()
         options.onto = .original

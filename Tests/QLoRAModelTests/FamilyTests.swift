@@ -146,3 +146,61 @@ struct FamilyTests {
         }
     }
 }
+
+extension FamilyTests {
+    @Test("LongRoPE (Phi-3.5 / Phi-4-mini): short factors within the original length, long past it, through the cache and in generation")
+    func longRope() throws {
+        let family = "tiny-phi3-longrope"
+        let ref = try Reference(family)
+        let model = try load(FileSystem.join(resources, family))
+        guard case .longrope = model.config.ropeScaling else { Issue.record("not read as LongRoPE"); return }
+        let ids = ref.ints("input_ids"), full = ref.floats("logits"), first8 = ref.floats("logits_first8")
+        let T = ids.count / 2, V = model.config.vocabSize
+        for b in 0..<2 {
+            let seq = Array(ids[(b * T)..<((b + 1) * T)])
+            // 12 positions: past the original 8, the long factors for every row.
+            let ours = try model.forward(seq, cache: KVCache(config: model.config, capacity: 32), logits: .all)
+            let r1 = close(ours, Array(full[(b * T * V)..<((b + 1) * T * V)]), "\(family) long \(b)")
+            #expect(r1 == nil, "\(r1 ?? "")")
+            // The first 8 alone: the short factors.
+            let cache = KVCache(config: model.config, capacity: 32)
+            let short = try model.forward(Array(seq[0..<8]), cache: cache, logits: .all)
+            let r2 = close(short, Array(first8[(b * 8 * V)..<((b + 1) * 8 * V)]), "\(family) short \(b)")
+            #expect(r2 == nil, "\(r2 ?? "")")
+            // Then one token at a time: the first step past the original length recomputes the cache with the long
+            // factors, so every later row is the long full-sequence one.
+            var stepped: [Float] = []
+            for t in 8..<T { stepped += try model.forward([seq[t]], cache: cache, logits: .last) }
+            let r3 = close(stepped, Array(full[((b * T + 8) * V)..<((b + 1) * T * V)]), "\(family) steps \(b)")
+            #expect(r3 == nil, "\(r3 ?? "")")
+        }
+        // Greedy generation across the boundary gives transformers' generate tokens (it recomputes there too).
+        let cache = KVCache(config: model.config, capacity: 32)
+        var logits = try model.forward(ref.ints("greedy_prompt"), cache: cache)
+        var tokens: [Int] = []
+        for _ in 0..<ref.ints("greedy_ids").count {
+            let next = logits.indices.max { logits[$0] < logits[$1] }!
+            tokens.append(next)
+            logits = try model.forward([next], cache: cache)
+        }
+        #expect(tokens == ref.ints("greedy_ids"))
+        // The same through batched decoding (two sequences, one crossing), and from the converter's GGUF and in NF4.
+        let a = KVCache(config: model.config, capacity: 32), b = KVCache(config: model.config, capacity: 32)
+        _ = try model.forward(Array(ids[0..<8]), cache: a)
+        _ = try model.forward(Array(ids[T..<(T + 5)]), cache: b)
+        let batched = try model.forward(batch: [ids[8], ids[T + 5]], caches: [a, b])
+        let r4 = close(Array(batched[0..<V]), Array(full[(8 * V)..<(9 * V)]), "\(family) batched crossing")
+        #expect(r4 == nil, "\(r4 ?? "")")
+        try checkLongRopeFull(try load(FileSystem.join(resources, family + ".gguf")), ref, expected: "logits", "\(family).gguf")
+        try checkLongRopeFull(try load(FileSystem.join(resources, family), .nf4), ref, expected: "logits_nf4", "\(family) nf4")
+        try checkLongRopeFull(try load(FileSystem.join(resources, family + "-bnb-nf4"), .nf4), ref, expected: "logits_nf4", "\(family) bnb")
+    }
+
+    fileprivate func checkLongRopeFull(_ model: LlamaModel, _ ref: Reference, expected name: String, _ label: String) throws {
+        let ids = ref.ints("input_ids"), want = ref.floats(name)
+        let T = ids.count / 2, V = model.config.vocabSize
+        let ours = try model.forward(Array(ids[0..<T]), cache: KVCache(config: model.config, capacity: 32), logits: .all)
+        let r = close(ours, Array(want[0..<(T * V)]), label)
+        #expect(r == nil, "\(r ?? "")")
+    }
+}

@@ -10,7 +10,7 @@ private let resources = FileSystem.join(Fixtures.repositoryRoot(), "Tests/QLoRAM
 
 @Suite("family gradients against PEFT")
 struct FamilyGradientTests {
-    static let cases = ["tiny-qwen3", "tiny-gemma3", "tiny-phi3"].flatMap { f in [true, false].map { (f, $0) } }
+    static let cases = ["tiny-qwen3", "tiny-gemma3", "tiny-phi3", "tiny-phi3-longrope"].flatMap { f in [true, false].map { (f, $0) } }
 
     @Test("loss and every LoRA gradient equal PEFT's", arguments: cases)
     func gradients(_ family: String, _ checkpointing: Bool) throws {

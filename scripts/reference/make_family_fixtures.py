@@ -1,7 +1,7 @@
 """Reference fixtures for the model families beyond Llama: Qwen3, Gemma 3 (text) and Phi-3, made with the real
 stack (transformers, bitsandbytes, peft, and llama.cpp's own convert_hf_to_gguf.py).
 
-Writes under Tests/QLoRAModelTests/Resources/, for NAME in tiny-qwen3, tiny-gemma3, tiny-phi3:
+Writes under Tests/QLoRAModelTests/Resources/, for NAME in tiny-qwen3, tiny-gemma3, tiny-phi3, tiny-phi3-longrope:
 
   NAME/                  the float32 model as save_pretrained writes it (config.json, generation_config.json,
                          model.safetensors) and a tiny tokenizer of its family's kind (so that the GGUF converter
@@ -13,7 +13,10 @@ Writes under Tests/QLoRAModelTests/Resources/, for NAME in tiny-qwen3, tiny-gemm
       logits       F32 [2, 12, 320]  full-sequence forward, eager attention, f32
       logits_step  F32 [2, 12, 320]  prefill of 8 tokens, then one at a time through transformers' cache
       logits_nf4   F32 [2, 12, 320]  the same model loaded with bitsandbytes nf4 + double quant, compute f32
-      greedy_prompt I64 [6], greedy_ids I64 [10]   model.generate(do_sample=False, max_new_tokens=10), new tokens
+      logits_first8 F32 [2, 8, 320]  the first 8 tokens alone
+      greedy_prompt I64 [6], greedy_ids I64 [10]   model.generate(do_sample=False, max_new_tokens=10), new tokens (for
+                         LongRoPE this crosses the original length, where generate recomputes the cache with the long
+                         factors)
       train_ids, train_labels I64 [2, 12]          the LoRA batch (labels -100 on the first 4 positions)
       lora.loss    F32 [1]           PEFT's loss on that batch (f32 base, LoRA r 4, alpha 8, dropout 0)
       lora.logits  F32 [2, 12, 320]  the adapted model's logits on train_ids
@@ -103,6 +106,14 @@ FAMILIES = {
     "tiny-phi3": (Phi3ForCausalLM, lambda: Phi3Config(
         **COMMON, num_hidden_layers=2, original_max_position_embeddings=256, sliding_window=5, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        tie_word_embeddings=False), "spm",
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    # Phi-3.5 / Phi-4-mini's LongRoPE: short factors up to original_max_position_embeddings (8 here), long ones past
+    # it, cos and sin times sqrt(1 + ln(256 / 8) / ln 8); partial rotary 0.75, no window.
+    "tiny-phi3-longrope": (Phi3ForCausalLM, lambda: Phi3Config(
+        **COMMON, num_hidden_layers=2, original_max_position_embeddings=8, sliding_window=None, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0], "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 24.0]},
         tie_word_embeddings=False), "spm",
         ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
@@ -240,6 +251,8 @@ def make(name):
     config = make_config()
     model = cls(config).to(torch.float32)
     randomize(model, gemma=name == "tiny-gemma3")
+    if name == "tiny-phi3-longrope":  # the same weights as tiny-phi3 (so only the rotary scaling differs)
+        model.load_state_dict(load(Phi3ForCausalLM, os.path.join(RES, "tiny-phi3")).state_dict())
     folder = os.path.join(RES, name)
     fresh_dir(folder)
     model.save_pretrained(folder, safe_serialization=True)
@@ -256,7 +269,9 @@ def make(name):
                          eos_token_id=None, pad_token_id=0)
     greedy = out[0, 6:]
     tensors = {"input_ids": ids.numpy(), "logits": f32(logits), "logits_step": f32(logits_step),
-               "greedy_prompt": prompt[0].numpy(), "greedy_ids": greedy.numpy()}
+               "greedy_prompt": prompt[0].numpy(), "greedy_ids": greedy.numpy(),
+               # The first 8 tokens alone (within LongRoPE's original length: its short factors).
+               "logits_first8": f32(full_logits(m, ids[:, :8]))}
     meta = versions()
     with open(os.path.join(folder, "config.json")) as f:
         meta["config_json"] = f.read()
