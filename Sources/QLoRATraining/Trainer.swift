@@ -131,6 +131,9 @@ public final class Trainer {
     public var checkpointFiles: [String: [UInt8]] = [:]
     /// Which examples each step trains on.
     public let order: BatchOrder
+    /// Data parallelism: this process runs the step's micro-batches i with i % size == rank, and the gradients,
+    /// loss and token count are summed over the ranks before clipping (nil: one process runs them all).
+    public var communicator: GradientCommunicator?
 
     public init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
         guard !train.isEmpty else { throw TrainingError.noData("no training examples") }
@@ -204,15 +207,24 @@ public final class Trainer {
         // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
         // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
         // is weighted n_i / sum(n), not 1 / k.
+        // Every rank knows every micro-batch's count (from the labels), so the weights are the same everywhere.
         let counts = batches.map(\.targetCount)
         let total = counts.reduce(0, +)
-        for (micro, batch) in batches.enumerated() {
+        let rank = communicator?.rank ?? 0, ranks = communicator?.size ?? 1
+        for (micro, batch) in batches.enumerated() where micro % ranks == rank {
             tokens += batch.tokens.count
             guard counts[micro] > 0 else { continue }
             let weight = Double(counts[micro]) / Double(total)
-            // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones.
+            // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones, on any rank.
             engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
             loss += try engine.step(batch, gradientScale: Float(weight)) * weight
+        }
+        if let communicator {
+            // The weighted gradients and losses add up to those of one process running every micro-batch.
+            try lora.gradients.withUnsafeMutableBufferPointer { try communicator.sumInPlace($0.baseAddress!, count: $0.count) }
+            let sums = try communicator.sum([loss, Double(tokens)])
+            loss = sums[0]
+            tokens = Int(sums[1])
         }
         let norm = lora.gradientNorm
         let lr = learningRate(at: step)

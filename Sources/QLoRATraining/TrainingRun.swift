@@ -60,6 +60,9 @@ public final class TrainingRun {
     public let arguments: [UInt8]?
     /// Asked after every step (and before the first): true saves a checkpoint and ends the run (Ctrl-C).
     public var shouldStop: () -> Bool = { false }
+    /// Whether this process writes the run's files (metrics, TensorBoard, checkpoints, the adapter): rank 0 of a
+    /// data-parallel run; the others train alongside and write nothing.
+    public var writesFiles = true
 
     public init(trainer: Trainer, output: String, baseModel: String, arguments: [UInt8]? = nil) {
         self.trainer = trainer
@@ -111,23 +114,27 @@ public final class TrainingRun {
             }
             progress(.resumed(checkpoint: checkpoint, step: trainer.step))
         }
-        try FileSystem.writeFileAtomically(metricsPath, bytes: Array((kept.map { $0 + "\n" }.joined()).utf8))
-        let metrics = try AppendingFile(path: metricsPath)
-        func record(_ fields: [(String, JSONValue)]) throws { try metrics.append(Array((JSON.serialize(.object(fields)) + "\n").utf8)) }
+        let writes = writesFiles
+        var metrics: AppendingFile?
+        if writes {
+            try FileSystem.writeFileAtomically(metricsPath, bytes: Array((kept.map { $0 + "\n" }.joined()).utf8))
+            metrics = try AppendingFile(path: metricsPath)
+        }
+        func record(_ fields: [(String, JSONValue)]) throws { try metrics?.append(Array((JSON.serialize(.object(fields)) + "\n").utf8)) }
         var result = TrainingRunResult(steps: trainer.step, stopped: false)
-        if shouldStop() {
+        if try stopRequested() {
             result.stopped = true
             return result
         }
         // TensorBoard: a new event file per process; a resumed run first marks its restart, so that the values
         // the interrupted process logged past the checkpoint are dropped.
-        let board = try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard"))
-        if trainer.step > 0 { try board.sessionStart(step: trainer.step + 1) }
+        let board = writes ? try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard")) : nil
+        if trainer.step > 0 { try board?.sessionStart(step: trainer.step + 1) }
         if trainer.step == 0, let v = try trainer.validationLoss() {
             result.validationBefore = v
             progress(.validationBefore(v))
             try record([("step", .int(0)), ("val_loss", .double(v))])
-            try board.scalar("eval/loss", v, step: 0)
+            try board?.scalar("eval/loss", v, step: 0)
         }
         progress(.started(step: trainer.step, total: trainer.totalSteps))
         let config = trainer.config
@@ -147,17 +154,17 @@ public final class TrainingRun {
             ]
             if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
             try record(fields)
-            try board.scalar("train/loss", m.loss, step: m.step)
-            try board.scalar("train/learning_rate", m.learningRate, step: m.step)
-            try board.scalar("train/grad_norm", m.gradNorm, step: m.step)
-            try board.scalar("train/tokens_per_second", m.tokensPerSecond, step: m.step)
-            if let v = m.validationLoss { try board.scalar("eval/loss", v, step: m.step) }
+            try board?.scalar("train/loss", m.loss, step: m.step)
+            try board?.scalar("train/learning_rate", m.learningRate, step: m.step)
+            try board?.scalar("train/grad_norm", m.gradNorm, step: m.step)
+            try board?.scalar("train/tokens_per_second", m.tokensPerSecond, step: m.step)
+            if let v = m.validationLoss { try board?.scalar("eval/loss", v, step: m.step) }
             progress(.step(m))
             last = m
             result.steps = m.step
             result.finalLoss = m.loss
-            let stop = shouldStop()
-            if (config.saveEvery > 0 && m.step % config.saveEvery == 0) || stop {
+            let stop = try stopRequested()
+            if writes, (config.saveEvery > 0 && m.step % config.saveEvery == 0) || stop {
                 let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
                 result.checkpoint = saved
                 progress(.checkpoint(saved))
@@ -172,14 +179,23 @@ public final class TrainingRun {
         result.validationAfter = try evaluatedLast ?? trainer.validationLoss()
         if evaluatedLast == nil, let v = result.validationAfter {
             try record([("step", .int(trainer.step)), ("val_loss", .double(v))])
-            try board.scalar("eval/loss", v, step: trainer.step)
+            try board?.scalar("eval/loss", v, step: trainer.step)
         }
+        result.steps = trainer.step
+        guard writes else { return result }
         let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
         result.checkpoint = saved
         progress(.checkpoint(saved))
         try trainer.engine.lora.writePEFTAdapter(to: output, baseModel: baseModel)
         if let arguments { try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: arguments) }
-        result.steps = trainer.step
         return result
+    }
+
+    /// shouldStop, agreed between the ranks of a data-parallel run (any rank asked to stop stops them all, at the
+    /// same step).
+    func stopRequested() throws -> Bool {
+        let stop = shouldStop()
+        guard let c = trainer.communicator else { return stop }
+        return try c.sum([stop ? 1 : 0])[0] > 0
     }
 }

@@ -105,6 +105,8 @@ struct Train: ParsableCommand {
     var noGroupByLength = false
     @Flag(help: "Skip malformed records (counted) instead of stopping at the first.")
     var skipBadRecords = false
+    @Option(help: "Data parallelism: auto (MPI when launched by mpirun -np N, N > 1), mpi, or none. Each rank runs its share of every step's micro-batches (micro-batch i on rank i mod N) and the LoRA gradients are summed over the ranks (MPI_Allreduce), so N ranks make the same update as one process; rank 0 writes the output. Needs OpenMPI (apt-get install openmpi-bin); the ranks on one machine share its cores unless QLORA_THREADS is set.")
+    var distributed: String = "auto"
     @Flag(help: "Skip a step whose loss or gradient is not finite instead of stopping.")
     var skipNonfinite = false
     @Flag(help: "Keep every activation instead of recomputing each layer in the backward pass (faster, more memory).")
@@ -152,6 +154,7 @@ struct Train: ParsableCommand {
         guard LRSchedule(rawValue: lrScheduler) != nil else { throw ValidationError("--lr-scheduler must be constant, cosine or linear") }
         guard DatasetFormat(rawValue: format) != nil else { throw ValidationError("--format must be one of \(DatasetFormat.allCases.map(\.rawValue).joined(separator: ", "))") }
         guard template == "chat" || template == "guanaco" else { throw ValidationError("--template must be chat or guanaco") }
+        guard ["auto", "mpi", "none"].contains(distributed) else { throw ValidationError("--distributed must be auto, mpi or none") }
         guard loraR > 0, batchSize > 0, gradAccum > 0, maxSeqLen >= 8, epochs > 0 else { throw ValidationError("--lora-r, --batch-size, --grad-accum, --epochs must be positive and --max-seq-len at least 8") }
         guard loraDropout >= 0 && loraDropout < 1 else { throw ValidationError("--lora-dropout must be in [0, 1)") }
         guard valSplit >= 0 && valSplit < 1 else { throw ValidationError("--val-split must be in [0, 1)") }
@@ -163,11 +166,32 @@ struct Train: ParsableCommand {
     func run() throws {
         // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
         Interrupt.install(terminateToo: true)
-        // The output folder: writable, and not silently reused.
+        // Data parallelism over MPI: the ranks on this machine split its cores, rank 0 alone speaks and writes.
+        var communicator: MPICommunicator?
+        if distributed == "mpi" || (distributed == "auto" && MPICommunicator.launchedByMPI) {
+            if Environment.get("QLORA_THREADS") == nil {
+                let cores = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+                setenv("QLORA_THREADS", "\(max(1, cores / MPICommunicator.localSize))", 1)
+            }
+            communicator = try MPICommunicator()
+        }
+        let rank = communicator?.rank ?? 0
+        Log.muted = rank != 0
+        defer { communicator?.finalize() }
+        if let communicator { Log.info("data parallel: \(communicator.size) ranks over MPI, \(Parallel.threadCount) threads each") }
+        // The output folder: writable, and not silently reused (checked alike on every rank, prepared by rank 0).
         let latest: String?
-        do { latest = try TrainingRun.prepare(output: output, resume: resume) } catch let e as TrainingRunError { throw ValidationError(e.description) }
+        do {
+            if rank == 0 {
+                latest = try TrainingRun.prepare(output: output, resume: resume)
+            } else {
+                let existing = Trainer.checkpoints(in: output).last?.1
+                if let existing, !resume { throw TrainingRunError.existingCheckpoints(output: output, latest: existing) }
+                latest = existing
+            }
+        } catch let e as TrainingRunError { throw ValidationError(e.description) }
 
-        let (model, tokenizer) = try modelOptions.load(progress: !json)
+        let (model, tokenizer) = try modelOptions.load(progress: !json && rank == 0)
         let promptTemplate: PromptTemplate
         if template == "guanaco" {
             promptTemplate = .guanaco
@@ -236,8 +260,10 @@ struct Train: ParsableCommand {
         config.adam.weightDecay = weightDecay
         let padToken = tokenizer.eosTokenID ?? 0
         let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        trainer.communicator = communicator
         let run = TrainingRun(trainer: trainer, output: output, baseModel: modelOptions.modelPath, arguments: Array(resolvedOptionsYAML.utf8))
-        do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) }
+        run.writesFiles = rank == 0
+        if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }
         Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
@@ -249,7 +275,7 @@ struct Train: ParsableCommand {
             case let .resumed(checkpoint, step): Log.info("resumed from \(checkpoint) at step \(step)")
             case let .validationBefore(v): Log.info("validation loss before training: \(formatFixed(v, 4))")
             case let .started(step, total):
-                progress = ProgressBar("train", total: total, enabled: !json)
+                progress = ProgressBar("train", total: total, enabled: !json && rank == 0)
                 if step > 0 { progress?.advance(by: step) }
             case let .step(m):
                 progress?.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
@@ -260,6 +286,7 @@ struct Train: ParsableCommand {
             Log.info(result.checkpoint.map { "\ninterrupted: saved \($0); continue with --resume" } ?? "interrupted before training began; nothing to save")
             return
         }
+        guard rank == 0 else { return }
         if json {
             var fields: [(String, JSONValue)] = [("output", .string(output)), ("steps", .int(result.steps)),
                                                  ("trainable_parameters", .int(lora.parameterCount))]
