@@ -44,6 +44,8 @@ public struct StepMetrics: Sendable {
     public let gradNorm: Double
     public let tokensPerSecond: Double
     public var validationLoss: Double?
+    /// Data parallelism: seconds this rank spent in the step's all-reduce (waiting for the slowest rank included).
+    public var allreduceSeconds: Double?
 }
 
 public enum TrainingError: Error, CustomStringConvertible {
@@ -219,10 +221,13 @@ public final class Trainer {
             engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
             loss += try engine.step(batch, gradientScale: Float(weight)) * weight
         }
+        var allreduceSeconds: Double?
         if let communicator {
             // The weighted gradients and losses add up to those of one process running every micro-batch.
+            let t0 = Clock.seconds()
             try lora.gradients.withUnsafeMutableBufferPointer { try communicator.sumInPlace($0.baseAddress!, count: $0.count) }
             let sums = try communicator.sum([loss, Double(tokens)])
+            allreduceSeconds = Clock.seconds() - t0
             loss = sums[0]
             tokens = Int(sums[1])
         }
@@ -242,7 +247,9 @@ public final class Trainer {
             lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: lr) }
         }
         step += 1
-        return StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / (Clock.seconds() - start))
+        var m = StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / (Clock.seconds() - start))
+        m.allreduceSeconds = allreduceSeconds
+        return m
     }
 
     /// Mean loss over the validation examples (no dropout, no gradients).

@@ -6,7 +6,8 @@
 //   adapter_config.json, adapter_model.safetensors   the final adapter (PEFT)
 //   checkpoint-N/    adapter, optimizer.bin (OptimizerState header + state), trainer_state.json (format,
 //                    step, checksums of the other files), training_args.yaml
-//   metrics.jsonl    one object per step (step, loss, learning_rate, grad_norm, tokens_per_second, val_loss)
+//   metrics.jsonl    one object per step (step, loss, learning_rate, grad_norm, tokens_per_second, val_loss;
+//                    allreduce_seconds in a data-parallel run)
 //   tensorboard/     event files, one per process
 //   training_args.yaml   the run's options (the caller's bytes)
 import QLoRACore
@@ -153,6 +154,7 @@ public final class TrainingRun {
                 ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
             ]
             if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
+            if let a = m.allreduceSeconds { fields.append(("allreduce_seconds", .double(a))) }
             try record(fields)
             try board?.scalar("train/loss", m.loss, step: m.step)
             try board?.scalar("train/learning_rate", m.learningRate, step: m.step)

@@ -40,9 +40,23 @@ struct DistributedCLITests {
             scale = max(scale, u.map(abs).max() ?? 0)
         }
         #expect(worst <= 1e-5 * scale, "adapter differs by \(worst) (max |value| \(scale))")
-        // Rank 0 wrote the run's files; the metrics have one line per step.
+        // Rank 0 wrote the run's files; the metrics have one line per step, with the all-reduce's time.
         let metrics = String(decoding: try FileSystem.readFile(FileSystem.join(two, "metrics.jsonl")), as: UTF8.self)
         #expect(metrics.split(separator: "\n").count == 4)
+        #expect(metrics.contains("allreduce_seconds"))
+        // A checkpoint of two ranks resumes in one process (the checkpoint does not depend on the rank count).
+        let mixed = FileSystem.join(dir, "mixed")
+        let half = try runProgram(Self.mpirun, Self.launch + [binary] + trainArguments(data, mixed, steps: 2) + ["--save-every", "1"])
+        #expect(half.status == 0, "\(half.stderr)")
+        let rest = try runQLoRA(trainArguments(data, mixed) + ["--resume"])
+        #expect(rest.status == 0, "\(rest.stderr)")
+        let z = try SafetensorsFile(path: FileSystem.join(mixed, "adapter_model.safetensors"))
+        var resumedWorst: Float = 0
+        for name in x.names {
+            let u = x.tensor(name)!.values(as: Float.self), v = z.tensor(name)!.values(as: Float.self)
+            resumedWorst = max(resumedWorst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
+        }
+        #expect(resumedWorst <= 1e-5 * scale, "resumed adapter differs by \(resumedWorst)")
     }
 
     @Test("a rank killed mid-run ends the run with an error, not a hang")
