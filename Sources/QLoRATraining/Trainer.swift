@@ -281,6 +281,8 @@ public final class Trainer {
         try engine.lora.writePEFTAdapter(to: temporary, baseModel: baseModel)
         let optimizerState = optimizer.serializedState()
         try FileSystem.writeFileAtomically(FileSystem.join(temporary, "optimizer.bin"), bytes: optimizerState)
+        // Fault injection (tests and bench/fault_trials.sh): die here, half-way through writing checkpoint N.
+        if let n = Environment.get("QLORA_FAULT_KILL_IN_CHECKPOINT").flatMap({ Int($0) }), n == step { kill(getpid(), SIGKILL) }
         // Checksums of what resume reads, so that a corrupted file is refused instead of resumed from.
         var checksums: [(String, JSONValue)] = [("optimizer.bin", .int(Int(CRC32C.checksum(optimizerState))))]
         for name in Self.checksummedAdapterFiles {
