@@ -42,8 +42,10 @@ for t in $(seq "$TRIALS"); do
     "$Q" "${ARGS[@]}" --output "$out" >/dev/null 2>&1 & pid=$!
     sleep "$delay"; kill -9 $pid 2>/dev/null || how="$how (it had finished)"; wait $pid 2>/dev/null || true
   fi
-  from=$("$Q" "${ARGS[@]}" --output "$out" --resume 2>&1 >/dev/null | sed -n 's/.*resumed from .*checkpoint-\([0-9]*\).*/\1/p')
-  if cmp -s "$W/reference/adapter_model.safetensors" "$out/adapter_model.safetensors"; then ok=yes; passed=$((passed + 1)); else ok=NO; fi
+  "$Q" "${ARGS[@]}" --output "$out" --resume >/dev/null 2>"$W/resume.err" || true
+  from=$(sed -n 's/.*resumed from .*checkpoint-\([0-9]*\).*/\1/p' "$W/resume.err")
+  if cmp -s "$W/reference/adapter_model.safetensors" "$out/adapter_model.safetensors"; then ok=yes; passed=$((passed + 1))
+  else ok="NO: $(grep -m1 'error' "$W/resume.err" || echo 'adapters differ')"; fi
   echo "| $t | $how | ${from:-start} | $ok |" >> "$W/report.md"
   rm -rf "$out"
 done
