@@ -278,6 +278,9 @@ public final class Trainer {
         let temporary = FileSystem.join(output, ".\(name).tmp-\(getpid())")
         try FileSystem.removeTree(temporary)
         try FileSystem.makeDirectory(temporary)
+        // A failed write leaves nothing behind (a full disk gets its space back), and no earlier checkpoint is touched.
+        var complete = false
+        defer { if !complete { try? FileSystem.removeTree(temporary) } }
         try engine.lora.writePEFTAdapter(to: temporary, baseModel: baseModel)
         let optimizerState = optimizer.serializedState()
         try FileSystem.writeFileAtomically(FileSystem.join(temporary, "optimizer.bin"), bytes: optimizerState)
@@ -296,6 +299,7 @@ public final class Trainer {
         for (name, bytes) in checkpointFiles { try FileSystem.writeFileAtomically(FileSystem.join(temporary, name), bytes: bytes) }
         try FileSystem.removeTree(final)
         try FileSystem.rename(temporary, final)
+        complete = true
         // Keep the newest saveTotalLimit checkpoints.
         let existing = Self.checkpoints(in: output)
         if config.saveTotalLimit > 0 && existing.count > config.saveTotalLimit {

@@ -16,9 +16,15 @@ import QLoRAFormats
 public enum TrainingRunError: Error, CustomStringConvertible, Equatable {
     case existingCheckpoints(output: String, latest: String)
     case notEnoughSpace(output: String, free: Int, needed: Int, perCheckpoint: Int)
+    /// Writing a checkpoint failed (a full disk, for one); the run stopped there, and `lastGood` is untouched.
+    case checkpointFailed(step: Int, reason: String, lastGood: String?)
 
     public var description: String {
         switch self {
+        case let .checkpointFailed(step, reason, lastGood):
+            return "checkpoint-\(step) could not be written (\(reason)); training stopped at step \(step). "
+                + (lastGood.map { "The last complete checkpoint, \($0), is intact: free some space and run again with --resume" }
+                    ?? "No earlier checkpoint exists: free some space and start again")
         case let .existingCheckpoints(output, latest):
             return "\(output) already has checkpoints (\(latest)); pass --resume to continue, or choose another --output"
         case let .notEnoughSpace(output, free, needed, each):
@@ -167,7 +173,7 @@ public final class TrainingRun {
             result.finalLoss = m.loss
             let stop = try stopRequested()
             if writes, (config.saveEvery > 0 && m.step % config.saveEvery == 0) || stop {
-                let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+                let saved = try writeCheckpoint()
                 result.checkpoint = saved
                 progress(.checkpoint(saved))
             }
@@ -185,12 +191,23 @@ public final class TrainingRun {
         }
         result.steps = trainer.step
         guard writes else { return result }
-        let saved = try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+        let saved = try writeCheckpoint()
         result.checkpoint = saved
         progress(.checkpoint(saved))
         try trainer.engine.lora.writePEFTAdapter(to: output, baseModel: baseModel)
         if let arguments { try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: arguments) }
         return result
+    }
+
+    /// Writes a checkpoint; a failure (ENOSPC, EIO...) becomes checkpointFailed naming the last complete one, which
+    /// the failed write never touches (checkpoints are built in a hidden folder, removed on failure, and renamed
+    /// into place only once complete).
+    func writeCheckpoint() throws -> String {
+        do {
+            return try trainer.saveCheckpoint(in: output, baseModel: baseModel)
+        } catch {
+            throw TrainingRunError.checkpointFailed(step: trainer.step, reason: "\(error)", lastGood: Trainer.checkpoints(in: output).last?.1)
+        }
     }
 
     /// shouldStop, agreed between the ranks of a data-parallel run (any rank asked to stop stops them all, at the

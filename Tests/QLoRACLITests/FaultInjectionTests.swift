@@ -68,4 +68,54 @@ struct FaultInjectionTests {
             #expect(got == expected, "trial \(trial) (killed after \(delay) us, killed: \(wasKilled)): adapters differ")
         }
     }
+
+    /// Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN, as in CI here); the full-disk test needs one.
+    static let canMountTmpfs: Bool = {
+        guard let dir = try? Fixtures.temporaryDirectory("tmpfs-probe") else { return false }
+        guard system("mount -t tmpfs -o size=1m tmpfs '\(dir)' 2>/dev/null") == 0 else { return false }
+        _ = system("umount '\(dir)'")
+        return true
+    }()
+
+    @Test("a disk that fills during training: the checkpoint being written fails cleanly, the last one stays intact and resumes",
+          .enabled(if: canMountTmpfs, "needs to mount a small tmpfs (root)"))
+    func fullDisk() throws {
+        let data = try TrainCLITests.dataset()
+        let dir = try Fixtures.temporaryDirectory("full-disk")
+        let reference = FileSystem.join(dir, "reference")
+        var args = arguments(data, reference)
+        args[args.firstIndex(of: "--max-steps")! + 1] = "400"
+        let straight = try runQLoRA(args)
+        #expect(straight.status == 0, "\(straight.stderr)")
+        let mount = FileSystem.join(dir, "small")
+        try FileSystem.makeDirectory(mount)
+        #expect(system("mount -t tmpfs -o size=4m tmpfs '\(mount)'") == 0)
+        defer { _ = system("umount '\(mount)'") }
+        let out = FileSystem.join(mount, "out")
+        let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
+        var runArgs = args
+        runArgs[runArgs.firstIndex(of: "--output")! + 1] = out
+        let quoted = runArgs.map { "'\($0)'" }.joined(separator: " ")
+        // Once checkpoint-3 exists, fill the disk but for 64 KB: metrics lines still fit, a checkpoint (about 120 KB) not.
+        let script = """
+            '\(binary)' \(quoted) >/dev/null 2>'\(dir)/err' & P=$!
+            for i in $(seq 500); do [ -d '\(out)/checkpoint-3' ] && break; sleep 0.02; done
+            avail=$(df -k --output=avail '\(mount)' | tail -1)
+            dd if=/dev/zero of='\(mount)/filler' bs=1k count=$((avail - 64)) 2>/dev/null
+            wait $P; echo "status $?"
+            """
+        let r = try runProgram("/bin/sh", ["-c", script])
+        let err = String(decoding: try FileSystem.readFile(FileSystem.join(dir, "err")), as: UTF8.self)
+        #expect(!r.stdout.contains("status 0"), "the run did not meet the full disk: \(r.stdout)")
+        #expect(err.contains("could not be written") && err.contains("is intact") && err.contains("--resume"), "\(err)")
+        // Nothing half-written stays behind, and the last checkpoint resumes once there is room again.
+        let left = try FileSystem.listDirectory(out)
+        #expect(left.allSatisfy { !$0.hasPrefix(".checkpoint-") }, "\(left)")
+        FileSystem.remove(FileSystem.join(mount, "filler"))
+        let resumed = try runQLoRA(runArgs + ["--resume"])
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        let x = try FileSystem.readFile(FileSystem.join(reference, "adapter_model.safetensors"))
+        let y = try FileSystem.readFile(FileSystem.join(out, "adapter_model.safetensors"))
+        #expect(x == y, "the resumed adapter differs from the uninterrupted one")
+    }
 }
