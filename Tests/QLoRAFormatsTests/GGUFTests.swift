@@ -110,6 +110,32 @@ struct GGUFTests {
         }
     }
 
+    @Test("a GGUF that claims 2^40 tensors, a 2^40-byte string or a 2^40-element array: a typed error at once, nothing allocated for it")
+    func claims() throws {
+        func u32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8((v >> (8 * UInt32($0))) & 0xFF) } }
+        func u64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8((v >> (8 * UInt64($0))) & 0xFF) } }
+        func str(_ s: String) -> [UInt8] { u64(UInt64(s.utf8.count)) + Array(s.utf8) }
+        let header = Array("GGUF".utf8) + u32(3)
+        let files: [(String, [UInt8], String)] = [
+            ("tensors", header + u64(1 << 40) + u64(0) + [UInt8](repeating: 0, count: 64), "tensor count"),
+            ("string", header + u64(0) + u64(1) + str("general.name") + u32(8) + u64(1 << 40) + Array("abc".utf8), "claims"),
+            ("array", header + u64(0) + u64(1) + str("tokenizer.ggml.tokens") + u32(9) + u32(8) + u64(1 << 40), "runs past the end"),
+        ]
+        let dir = try Fixtures.temporaryDirectory("gguf-claims")
+        for (label, bytes, expected) in files {
+            let path = FileSystem.join(dir, label + ".gguf")
+            try FileSystem.writeFileAtomically(path, bytes: bytes)
+            let start = Clock.seconds()
+            do {
+                _ = try GGUFFile(path: path)
+                Issue.record("\(label): accepted")
+            } catch let e as GGUFError {
+                #expect(e.description.hasPrefix(path) && e.description.contains(expected), "\(label): \(e)")
+            }
+            #expect(Clock.seconds() - start < 1, "\(label)")
+        }
+    }
+
     @Test("a tensor with an unknown type or misaligned offset is named in the error")
     func badTensor() throws {
         var bytes = try FileSystem.readFile(FileSystem.join(resources, "mixed.gguf"))

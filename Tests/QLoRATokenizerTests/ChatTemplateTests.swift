@@ -60,4 +60,25 @@ struct ChatTemplateTests {
         let out = try t.render(messages: [ChatTemplate.message("user", "a"), ChatTemplate.message("user", "b")], addGenerationPrompt: false)
         #expect(out == "[a]\n[b]\n")
     }
+
+    @Test("a hostile template ends with an error in bounded time: nested loops, a macro recursing through its argument, a huge range")
+    func bounds() throws {
+        let cases = [
+            ("{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}", "statements"),
+            ("{% macro m(f) %}{{ f(f) }}{% endmacro %}{{ m(m) }}", "nested past"),
+            ("{{ range(1000000000000) | length }}", "past the limit"),
+            ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", "MB"),
+            ("{{ 'x' * 100000000000 }}", "MB"),
+        ]
+        for (source, expected) in cases {
+            let start = Clock.seconds()
+            do {
+                _ = try ChatTemplate(source).render(messages: [], addGenerationPrompt: false)
+                Issue.record("\(source): rendered")
+            } catch {
+                #expect("\(error)".contains(expected), "\(source): \(error)")
+            }
+            #expect(Clock.seconds() - start < 30, "\(source): took \(Clock.seconds() - start) s")
+        }
+    }
 }

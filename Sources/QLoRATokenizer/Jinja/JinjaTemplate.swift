@@ -30,6 +30,20 @@ private enum Flow { case normal, breakLoop, continueLoop }
 
 private final class Renderer {
     var scopes: [[String: JinjaValue]]
+    /// Bounds on what a template may do, so that a hostile one (a loop of loops, a macro that calls itself through an
+    /// argument, a huge range) ends with an error instead of running away: statements executed, nested macro calls,
+    /// elements of a range, bytes of output.
+    static let maxSteps = 10_000_000
+    static let maxMacroDepth = 64
+    static let maxRange = 1_000_000
+    static let maxOutputBytes = 64 << 20
+    var steps = 0
+    var macroDepth = 0
+
+    /// A string (bytes) or list (elements) a template builds may not pass the output bound.
+    static func checkLength(_ n: Int) throws {
+        guard n <= maxOutputBytes else { throw TemplateError("a value of \(n) bytes or elements is past the template limit of \(maxOutputBytes >> 20) MB") }
+    }
 
     init(globals: [String: JinjaValue]) {
         var g = globals
@@ -44,6 +58,8 @@ private final class Renderer {
             guard ints.count == args.count, !ints.isEmpty else { throw TemplateError("range() takes integers") }
             let (start, stop, step) = ints.count == 1 ? (0, ints[0], 1) : (ints[0], ints[1], ints.count > 2 ? ints[2] : 1)
             guard step != 0 else { throw TemplateError("range() step must not be zero") }
+            let count = step > 0 ? max(0, (stop - start + step - 1) / step) : max(0, (start - stop - step - 1) / -step)
+            guard count <= Renderer.maxRange else { throw TemplateError("range() of \(count) elements is past the limit of \(Renderer.maxRange)") }
             return .array(Array(stride(from: start, to: stop, by: step)).map { .int($0) })
         }
         if g["strftime_now"] == nil {
@@ -63,6 +79,9 @@ private final class Renderer {
 
     func run(_ nodes: [Node], into out: inout String) throws -> Flow {
         for node in nodes {
+            steps += 1
+            guard steps <= Self.maxSteps else { throw TemplateError("the template ran past \(Self.maxSteps) statements (a loop that does not end?)") }
+            guard out.utf8.count <= Self.maxOutputBytes else { throw TemplateError("the template's output is past \(Self.maxOutputBytes >> 20) MB") }
             switch node {
             case let .text(t): out += t
             case let .output(e): out += try eval(e).rendered
@@ -103,9 +122,13 @@ private final class Renderer {
                             local[pname] = kv.1
                         } else if let def { local[pname] = try self.eval(def) } else { local[pname] = .undefined(pname) }
                     }
+                    guard self.macroDepth < Self.maxMacroDepth else {
+                        throw TemplateError("macro '\(name)' nested past \(Self.maxMacroDepth) calls (a recursion that does not end?)")
+                    }
+                    self.macroDepth += 1
                     let saved = self.scopes
                     self.scopes = defining + [local]
-                    defer { self.scopes = saved }
+                    defer { self.scopes = saved; self.macroDepth -= 1 }
                     var text = ""
                     _ = try self.run(body, into: &text)
                     return .string(text)
@@ -298,11 +321,18 @@ private final class Renderer {
             default: throw TemplateError("'in' needs a string, list or dict, not \(b.typeName)")
             }
             return .bool(op == "in" ? r : !r)
-        case "~": return .string(a.rendered + b.rendered)
+        case "~":
+            let (x, y) = (a.rendered, b.rendered)
+            try Self.checkLength(x.utf8.count + y.utf8.count)
+            return .string(x + y)
         case "+":
             switch (a, b) {
-            case let (.string(x), .string(y)): return .string(x + y)
-            case let (.array(x), .array(y)): return .array(x + y)
+            case let (.string(x), .string(y)):
+                try Self.checkLength(x.utf8.count + y.utf8.count)
+                return .string(x + y)
+            case let (.array(x), .array(y)):
+                try Self.checkLength(x.count + y.count)
+                return .array(x + y)
             case let (.int(x), .int(y)): return .int(x + y)
             default:
                 guard let x = number(a), let y = number(b) else {
@@ -311,7 +341,11 @@ private final class Renderer {
                 return .double(x + y)
             }
         case "-", "*", "/", "//", "%", "**":
-            if op == "*", case let .string(s) = a, case let .int(n) = b { return .string(String(repeating: s, count: max(n, 0))) }
+            if op == "*", case let .string(s) = a, case let .int(n) = b {
+                let (total, overflow) = s.utf8.count.multipliedReportingOverflow(by: max(n, 0))
+                try Self.checkLength(overflow ? Int.max : total)
+                return .string(String(repeating: s, count: max(n, 0)))
+            }
             if op == "%", case let .string(s) = a { return .string(pythonFormat(s, b)) }
             if case let .int(x) = a, case let .int(y) = b, op != "/" {
                 switch op {
