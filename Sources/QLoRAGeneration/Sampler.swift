@@ -1,5 +1,6 @@
-// Choosing the next token from logits, as transformers' generate() does: repetition penalty, then
-// temperature, top-k, top-p (nucleus) and min-p, then a draw from the softmax; temperature 0 is greedy.
+// Choosing the next token from logits, as transformers' generate() does: OpenAI's logit bias and presence /
+// frequency penalties, repetition penalty, then temperature, top-k, top-p (nucleus) and min-p, then a draw from
+// the softmax; temperature 0 is greedy.
 import QLoRACore
 
 #if canImport(Glibc)
@@ -19,6 +20,12 @@ public struct SamplingOptions: Sendable {
     public var minP: Float = 0
     /// 1 disables the penalty (>1 discourages repeating tokens of the context).
     public var repetitionPenalty: Float = 1
+    /// OpenAI's penalties on the tokens this sampler has chosen so far (not the prompt's): a token's logit
+    /// loses frequencyPenalty times its count, and presencePenalty once it has appeared.
+    public var presencePenalty: Float = 0
+    public var frequencyPenalty: Float = 0
+    /// Added to the logits of these token ids before anything else (OpenAI's logit_bias; -100 bans, 100 forces).
+    public var logitBias: [Int: Float] = [:]
     public var seed: UInt64 = 0
 
     public init() {}
@@ -37,6 +44,8 @@ public struct SamplingOptions: Sendable {
 public struct Sampler {
     public let options: SamplingOptions
     var rng: SeededGenerator
+    /// How often each token has been chosen, for the presence and frequency penalties.
+    var chosen: [Int: Int] = [:]
 
     public init(options: SamplingOptions) {
         self.options = options
@@ -45,7 +54,17 @@ public struct Sampler {
 
     /// The next token given the logits [V] and the ids so far (for the repetition penalty).
     public mutating func next(logits input: [Float], context: [Int]) -> Int {
+        let id = choose(logits: input, context: context)
+        if options.presencePenalty != 0 || options.frequencyPenalty != 0 { chosen[id, default: 0] += 1 }
+        return id
+    }
+
+    mutating func choose(logits input: [Float], context: [Int]) -> Int {
         var logits = input
+        for (id, bias) in options.logitBias where id >= 0 && id < logits.count { logits[id] += bias }
+        for (id, count) in chosen where id < logits.count {
+            logits[id] -= options.frequencyPenalty * Float(count) + options.presencePenalty
+        }
         if options.repetitionPenalty != 1 {
             for id in Set(context) where id >= 0 && id < logits.count {
                 let l = logits[id]

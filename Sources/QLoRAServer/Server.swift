@@ -54,6 +54,8 @@ public struct CompletionRequest: Sendable {
     public var options: GenerationOptions
     public var stream: Bool
     public var includeUsage: Bool
+    /// The client's end-user id ("user" or "safety_identifier"), for the request log.
+    public var user: String?
 }
 
 public final class Server: @unchecked Sendable {
@@ -171,8 +173,65 @@ public final class Server: @unchecked Sendable {
                   contextLength: contextLength, options: options)
     }
 
+    /// The request fields this server acts on, for /v1/chat/completions and /v1/completions. `top_k`, `min_p`
+    /// and `repetition_penalty` are the extensions llama-server and vLLM take; `user` and `safety_identifier`
+    /// go to the request log.
+    static let implementedFields: Set<String> = [
+        "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+        "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier",
+    ]
+    static let chatFields: Set<String> = implementedFields.union(["messages"])
+    static let completionFields: Set<String> = implementedFields.union(["prompt"])
+
+    /// OpenAI's fields that this server does not implement, with the values that ask for nothing (what the
+    /// field's absence means): those are accepted, any other value is a 400 naming the field. A field in
+    /// neither list is a 400 too, so that no part of a request is dropped without a word.
+    static func unimplemented(_ key: String, _ value: JSONValue, chat: Bool) -> String? {
+        func empty(_ v: JSONValue) -> Bool {
+            switch v {
+            case let .array(a): return a.isEmpty
+            case let .object(o): return o.isEmpty
+            default: return false
+            }
+        }
+        switch key {
+        case "n": return value.intValue == 1 ? nil : "this server returns one choice per request; send n = 1 or leave it out"
+        case "best_of" where !chat: return value.intValue == 1 ? nil : "best_of is not implemented; send 1 or leave it out"
+        case "logprobs":
+            if chat { return value.boolValue == false ? nil : "log-probabilities are not implemented yet; send false or leave it out" }
+            return "log-probabilities are not implemented yet; leave logprobs out"
+        case "top_logprobs" where chat: return value.intValue == 0 ? nil : "log-probabilities are not implemented yet; leave top_logprobs out"
+        case "echo" where !chat: return value.boolValue == false ? nil : "echo is not implemented; send false or leave it out"
+        case "suffix" where !chat: return value.stringValue == "" ? nil : "suffix (insertion) is not implemented; leave it out"
+        case "response_format":
+            return value["type"]?.stringValue == "text" ? nil : "only {\"type\": \"text\"} is implemented; JSON output (json_object, json_schema) is not yet"
+        case "tools" where chat, "functions" where chat:
+            return empty(value) ? nil : "tool calling is not implemented yet; leave \(key) out"
+        case "tool_choice" where chat, "function_call" where chat:
+            return value.stringValue == "none" || value.stringValue == "auto" ? nil : "tool calling is not implemented yet; leave \(key) out"
+        case "parallel_tool_calls" where chat: return value.boolValue != nil ? nil : "must be true or false"
+        case "modalities" where chat: return value.arrayValue?.map(\.stringValue) == ["text"] ? nil : "only [\"text\"] is implemented"
+        case "store" where chat: return value.boolValue == false ? nil : "this server stores no completions; send false or leave it out"
+        case "metadata" where chat: return empty(value) ? nil : "metadata goes with store, which this server does not implement"
+        case "service_tier": return ["auto", "default"].contains(value.stringValue ?? "") ? nil : "this server has one tier; send auto or default or leave it out"
+        case "audio" where chat, "prediction" where chat, "reasoning_effort" where chat, "verbosity" where chat, "web_search_options" where chat,
+             "prompt_cache_key" where chat:
+            return "\(key) is not implemented; leave it out"
+        default: return "this server does not know the field \"\(key)\""
+        }
+    }
+
     static func parse(_ v: JSONValue, chat: Bool, modelIDs ids: [String], template: ChatTemplate?, tokenizer: Tokenizer,
                       contextLength: Int, options: ServerOptions) throws -> CompletionRequest {
+        // Every field is either acted on or refused: a client that asks for n = 2, logprobs or JSON output gets
+        // a 400 naming the field, not a 200 without what it asked for.
+        for (key, value) in v.objectValue ?? [] where value != .null && !(chat ? chatFields : completionFields).contains(key) {
+            if let why = unimplemented(key, value, chat: chat) {
+                let known = !why.hasPrefix("this server does not know")
+                throw APIError.invalid(known ? "Unsupported value for \"\(key)\": \(why)" : "Unrecognized request field \"\(key)\": \(why) (\(chat ? "/v1/chat/completions" : "/v1/completions") takes \((chat ? chatFields : completionFields).sorted().joined(separator: ", ")))",
+                                       param: key, code: known ? "unsupported_value" : "unknown_parameter")
+            }
+        }
         let model: String
         switch v["model"] {
         case nil, .null?: model = ids[0]
@@ -211,12 +270,50 @@ public final class Server: @unchecked Sendable {
             o.stopStrings = items.compactMap(\.stringValue).filter { !$0.isEmpty }
         default: throw APIError.invalid("\"stop\" must be a string or up to 4 strings", param: "stop")
         }
+        if let p = try number("presence_penalty", -2...2) { o.sampling.presencePenalty = Float(p) }
+        if let p = try number("frequency_penalty", -2...2) { o.sampling.frequencyPenalty = Float(p) }
+        if let p = try number("min_p", 0...1) { o.sampling.minP = Float(p) }
+        if let p = try number("repetition_penalty", 0.01...100) { o.sampling.repetitionPenalty = Float(p) }
+        if let x = v["top_k"], x != .null {
+            guard let k = x.intValue, k >= 0 else { throw APIError.invalid("\"top_k\" must be a non-negative integer (0: off)", param: "top_k") }
+            o.sampling.topK = k
+        }
+        if let x = v["logit_bias"], x != .null {
+            guard let entries = x.objectValue, entries.count <= 1024 else { throw APIError.invalid("\"logit_bias\" must map up to 1024 token ids to numbers", param: "logit_bias") }
+            for (key, bias) in entries {
+                guard let id = Int(key), id >= 0, id < tokenizer.vocabularySize else {
+                    throw APIError.invalid("\"logit_bias\": \"\(key)\" is not a token id of this model (0 to \(tokenizer.vocabularySize - 1))", param: "logit_bias")
+                }
+                guard let b = bias.doubleValue, (-100...100).contains(b) else { throw APIError.invalid("\"logit_bias\": the bias of token \(id) must be a number from -100 to 100", param: "logit_bias") }
+                o.sampling.logitBias[id] = Float(b)
+            }
+        }
+        var user: String?
+        for key in ["user", "safety_identifier"] {
+            guard let x = v[key], x != .null else { continue }
+            guard let u = x.stringValue, u.utf8.count <= 256 else { throw APIError.invalid("\"\(key)\" must be a string of up to 256 bytes", param: key) }
+            user = u
+        }
         var stream = false
         if let s = v["stream"], s != .null {
             guard let b = s.boolValue else { throw APIError.invalid("\"stream\" must be true or false", param: "stream") }
             stream = b
         }
-        let includeUsage = v["stream_options"]?["include_usage"]?.boolValue ?? false
+        var includeUsage = false
+        if let so = v["stream_options"], so != .null {
+            guard let fields = so.objectValue else { throw APIError.invalid("\"stream_options\" must be an object", param: "stream_options") }
+            for (key, value) in fields where value != .null {
+                switch key {
+                case "include_usage":
+                    guard let b = value.boolValue else { throw APIError.invalid("\"stream_options.include_usage\" must be true or false", param: "stream_options") }
+                    includeUsage = b
+                case "include_obfuscation":
+                    // Padding against side channels over the network; this server sends none, which is what false asks for.
+                    guard value.boolValue != nil else { throw APIError.invalid("\"stream_options.include_obfuscation\" must be true or false", param: "stream_options") }
+                default: throw APIError.invalid("Unrecognized field \"stream_options.\(key)\" (this server takes include_usage)", param: "stream_options", code: "unknown_parameter")
+                }
+            }
+        }
         let text: String
         if chat {
             guard let list = v["messages"]?.arrayValue, !list.isEmpty else { throw APIError.invalid("\"messages\" must be a non-empty list", param: "messages") }
@@ -224,6 +321,14 @@ public final class Server: @unchecked Sendable {
             for (i, m) in list.enumerated() {
                 guard let role = m["role"]?.stringValue, ["system", "user", "assistant", "developer"].contains(role) else {
                     throw APIError.invalid("messages[\(i)].role must be system, user or assistant", param: "messages")
+                }
+                // What a message may carry besides its text: a client that sends back the message it was given
+                // sends these, empty. Tool calls and audio are refused by name.
+                for (key, value) in m.objectValue ?? [] where !["role", "content", "name"].contains(key) && value != .null {
+                    let emptyList = value.arrayValue?.isEmpty == true
+                    guard ["refusal", "annotations", "tool_calls", "function_call", "audio"].contains(key), emptyList else {
+                        throw APIError.invalid("messages[\(i)].\(key) is not implemented (messages carry role, content and name)", param: "messages", code: "unsupported_value")
+                    }
                 }
                 let content: String
                 switch m["content"] {
@@ -236,7 +341,14 @@ public final class Server: @unchecked Sendable {
                     }.joined()
                 default: throw APIError.invalid("messages[\(i)].content must be a string", param: "messages")
                 }
-                messages.append(ChatTemplate.message(role == "developer" ? "system" : role, content))
+                var message = ChatTemplate.message(role == "developer" ? "system" : role, content)
+                if let name = m["name"], name != .null {
+                    // As transformers passes it: to the template, which may use it or not.
+                    guard let n = name.stringValue, case var .object(fields) = message else { throw APIError.invalid("messages[\(i)].name must be a string", param: "messages") }
+                    fields.append(("name", .string(n)))
+                    message = .object(fields)
+                }
+                messages.append(message)
             }
             guard let template else { throw APIError.invalid("this model has no chat template; use /v1/completions") }
             do { text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: tokenizer.templateSpecialTokens) } catch {
@@ -256,7 +368,7 @@ public final class Server: @unchecked Sendable {
             throw APIError(status: .badRequest, message: "The prompt has \(prompt.count) tokens; the model's context holds \(context)", type: "invalid_request_error", param: chat ? "messages" : "prompt", code: "context_length_exceeded")
         }
         o.maxTokens = min(o.maxTokens, context - prompt.count)
-        return CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage)
+        return CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage, user: user)
     }
 
     static func finishReason(_ r: String) -> String {
@@ -292,6 +404,7 @@ public final class Server: @unchecked Sendable {
                                          "completion_tokens": .stringConvertible(r.tokenIDs.count), "finish": .string(r.finishReason),
                                          "seconds": .string(Chart.fixed(Clock.seconds() - start, 3)), "stream": .stringConvertible(req.stream)]
             if let firstToken { meta["first_token_seconds"] = .string(Chart.fixed(firstToken, 3)) }
+            if let user = req.user { meta["user"] = .string(user) }
             self.logger.info("completion", metadata: meta)
         }
         if !req.stream {

@@ -284,6 +284,45 @@ struct ServeCLITests {
         let unknown = try await error(#"{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}"#)
         #expect(unknown.0 == 400 && unknown.1 == "model")
         #expect(try await error(#"{"prompt": 5}"#, "/v1/completions").1 == "prompt")
+
+        // No field is dropped without a word: what is not implemented is a 400 naming it, with or without stream.
+        let hi = #""messages": [{"role": "user", "content": "hi"}]"#
+        for (field, value) in [("n", "2"), ("logprobs", "true"), ("top_logprobs", "3"), ("response_format", #"{"type": "json_object"}"#),
+                               ("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}"#),
+                               ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("tool_choice", #""required""#),
+                               ("store", "true"), ("audio", #"{"voice": "alloy"}"#), ("frobnicate", "1")] {
+            for stream in [false, true] {
+                let r = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "stream": \#(stream), "\#(field)": \#(value)}"#, headers: auth)
+                #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == field, "\(field): \(r.status) \(r.body)")
+                let code = r.json?["error"]?["code"]?.stringValue
+                #expect(code == (field == "frobnicate" ? "unknown_parameter" : "unsupported_value"), "\(field): \(r.body)")
+            }
+        }
+        for (field, value) in [("n", "3"), ("logprobs", "2"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
+            let r = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Hi", "\#(field)": \#(value)}"#, headers: auth)
+            #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == field, "\(field): \(r.status) \(r.body)")
+        }
+        let toolMessage = try await error(#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "hi"}]}"#)
+        #expect(toolMessage.0 == 400 && toolMessage.2?.contains("tool_calls") == true)
+        #expect(try await error(#"{\#(hi), "stream_options": {"include_usage": true, "chunk_size": 3}}"#).1 == "stream_options")
+        #expect(try await error(#"{\#(hi), "logit_bias": {"99999999": 5}}"#).1 == "logit_bias")
+        #expect(try await error(#"{\#(hi), "presence_penalty": 3}"#).1 == "presence_penalty")
+        // The values that ask for nothing are accepted, as a client that sends its defaults sends them; the message
+        // a client got back, sent back with its empty fields, too.
+        let defaults = #""n": 1, "logprobs": false, "top_logprobs": null, "response_format": {"type": "text"}, "tools": [], "tool_choice": "auto", "parallel_tool_calls": true, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "store": false, "service_tier": "auto", "user": "user-42", "stream_options": {"include_usage": false}"#
+        let plain = try await http(.POST, server.base + "/v1/chat/completions", chatBody("Name a primary color.", maxTokens: 6), headers: auth)
+        let withDefaults = try await http(.POST, server.base + "/v1/chat/completions", chatBody("Name a primary color.", maxTokens: 6, extra: ", " + defaults), headers: auth)
+        #expect(plain.status == 200 && withDefaults.status == 200, "\(withDefaults.body)")
+        let answer = plain.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue
+        #expect(answer != nil && withDefaults.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue == answer)
+        #expect(server.stderr.contains("user=user-42"))
+        let returned = #"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": [], "tool_calls": null, "audio": null}, {"role": "user", "content": "Bye", "name": "ann"}], "max_tokens": 2}"#
+        #expect(try await http(.POST, server.base + "/v1/chat/completions", returned, headers: auth).status == 200)
+        // The implemented sampling fields act: a bias of 100 on "," (SmolLM2's token 28) makes it the greedy answer.
+        let plainFirst = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}"#, headers: auth)
+        let forced = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "logit_bias": {"28": 100}}"#, headers: auth)
+        #expect(plainFirst.json?["choices"]?.arrayValue?.first?["text"]?.stringValue != ",")
+        #expect(forced.status == 200 && forced.json?["choices"]?.arrayValue?.first?["text"]?.stringValue == ",", "\(forced.body)")
         let huge = String(repeating: "word ", count: 20_000)
         #expect(try await http(.POST, server.base + "/v1/completions", #"{"prompt": "\#(huge)"}"#, headers: auth).status == 413)
         let long = String(repeating: "the sea and the sky ", count: 2_000)  // past the 8,192-token context

@@ -55,6 +55,34 @@ struct SamplerTests {
         #expect(s.next(logits: [-1, -1.5], context: [0]) == 1)
     }
 
+    @Test("logit bias moves a token before sampling; presence and frequency penalties follow OpenAI's formula over the tokens chosen, not the context")
+    func openAIPenalties() {
+        var o = SamplingOptions.greedy
+        o.logitBias = [4: 2.5]  // 1.0 + 2.5 > 3.0
+        var biased = Sampler(options: o)
+        #expect(biased.next(logits: logits, context: [1, 1, 1]) == 4)
+        o.logitBias = [1: -100]
+        var banned = Sampler(options: o)
+        #expect(banned.next(logits: logits, context: []) == 2)
+
+        // Frequency 0.06 per use: token 1 (3.0) wins until it is 0.1 below token 2 (2.9): after 2 uses
+        // 3.0 - 0.12 = 2.88 < 2.9, so 1, 1, 2, then 2.9 - 0.06 = 2.84 < 2.88: 1 again.
+        o.logitBias = [:]
+        o.frequencyPenalty = 0.06
+        var freq = Sampler(options: o)
+        #expect((0..<4).map { _ in freq.next(logits: logits, context: [1, 1, 1, 1]) } == [1, 1, 2, 1])
+        // Presence 0.2 once a token has appeared: 1, then 2 (2.9 > 2.8), then 1 (2.8 > 2.7), then 1 again (no
+        // further loss).
+        o.frequencyPenalty = 0
+        o.presencePenalty = 0.2
+        var presence = Sampler(options: o)
+        #expect((0..<4).map { _ in presence.next(logits: logits, context: []) } == [1, 2, 1, 1])
+        // A negative penalty favours what was said.
+        o.presencePenalty = -0.5
+        var negative = Sampler(options: o)
+        #expect((0..<3).map { _ in negative.next(logits: [2.0, 2.2, 0], context: []) } == [1, 1, 1])
+    }
+
     @Test("over a 49,152-word vocabulary every draw lies in the exact nucleus (a full sort), also when the nucleus needs the long tail")
     func largeVocabulary() {
         var rng = SeededGenerator(seed: 5)

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Tries `qlora serve` with the official `openai` Python client, field by field, as a new user would.
+
+    python scripts/reference/check_openai_fields.py [QLORA_BINARY]     (starts `qlora serve` on a free port)
+
+Each line: the field, what the client got (200 and the answer, or the status and the error's param and
+message). A field the server does not implement must come back as a 400 naming it; the implemented ones must
+act (greedy answers, a forced token). Exit status 1 when a check fails. Needs `pip install openai`; never run
+by `make test` (the Swift tests speak HTTP themselves).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import openai
+
+binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "..", ".build", "release", "qlora")
+server = subprocess.Popen([binary, "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+port = int(re.search(r"127\.0\.0\.1:(\d+)", server.stdout.readline()).group(1))
+base = f"http://127.0.0.1:{port}/v1"
+client = openai.OpenAI(base_url=base, api_key="unused")
+model = client.models.list().data[0].id
+messages = [{"role": "user", "content": "Name a primary color."}]
+failures = 0
+
+
+def check(label, expect_400, call):
+    global failures
+    try:
+        r = call()
+        got = "200 " + repr(summary(r))
+        ok = not expect_400
+    except openai.BadRequestError as e:
+        err = e.body if isinstance(e.body, dict) else {}
+        got = f"400 param={err.get('param')} code={err.get('code')}: {err.get('message')}"
+        ok = expect_400
+    except openai.APIStatusError as e:
+        got = f"{e.status_code}: {e}"
+        ok = False
+    if not ok:
+        failures += 1
+    print(f"{'ok  ' if ok else 'FAIL'} {label:<44} {got}")
+    return got
+
+
+def summary(r):
+    if hasattr(r, "choices"):
+        c = r.choices
+        if hasattr(c[0], "message"):
+            return [x.message.content for x in c]
+        return [x.text for x in c]
+    return r
+
+
+print(f"openai {openai.__version__} against {base} ({model})")
+greedy = dict(model=model, messages=messages, temperature=0, max_tokens=8)
+plain = check("chat, greedy", False, lambda: client.chat.completions.create(**greedy))
+check("chat, defaults sent explicitly", False, lambda: client.chat.completions.create(
+    **greedy, n=1, logprobs=False, response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0,
+    logit_bias={}, store=False, user="u1"))
+check("stream", False, lambda: "".join(
+    (ch.choices[0].delta.content or "") for ch in client.chat.completions.create(**greedy, stream=True) if ch.choices))
+check("completions, logit_bias forcing ','", False, lambda: client.completions.create(
+    model=model, prompt="The capital of France is", max_tokens=1, temperature=0, logit_bias={"28": 100}))
+check("frequency_penalty 2", False, lambda: client.chat.completions.create(**greedy, frequency_penalty=2))
+check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
+for label, kwargs in [
+    ("n=2", dict(n=2)),
+    ("logprobs=True", dict(logprobs=True)),
+    ("logprobs=True, top_logprobs=3", dict(logprobs=True, top_logprobs=3)),
+    ("response_format json_object", dict(response_format={"type": "json_object"})),
+    ("response_format json_schema", dict(response_format={"type": "json_schema", "json_schema": {
+        "name": "color", "schema": {"type": "object", "properties": {"color": {"type": "string"}}}}})),
+    ("tools", dict(tools=[{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object", "properties": {}}}}])),
+    ("tool_choice=required", dict(tool_choice="required")),
+    ("reasoning_effort", dict(reasoning_effort="low")),
+    ("unknown field (extra_body)", dict(extra_body={"frobnicate": 1})),
+]:
+    check(label, True, lambda kwargs=kwargs: client.chat.completions.create(**greedy, **kwargs))
+check("completions n=2", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2))
+check("completions logprobs=1", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, logprobs=1))
+check("completions echo", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, echo=True))
+server.terminate()
+print(f"{failures} failed")
+sys.exit(1 if failures else 0)
