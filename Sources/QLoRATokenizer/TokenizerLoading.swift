@@ -262,6 +262,9 @@ extension Tokenizer {
     /// left outside the vocabulary become their <0xXX> byte tokens. Here that is BPE with one merge per way of
     /// splitting each token in two, ranked by the token's score; control and user-defined tokens are matched in
     /// the raw text first.
+    static let maxSentencePieceToken = 1024
+    static let maxSentencePieceWork = 1_000_000_000
+
     convenience init(sentencePieceGGUF g: GGUFFile) throws {
         guard let tokens = g.value("tokenizer.ggml.tokens")?.arrayValue?.compactMap(\.stringValue), !tokens.isEmpty else {
             throw TokenizerError.invalidFile(file: g.path, reason: "no tokenizer.ggml.tokens")
@@ -276,6 +279,20 @@ extension Tokenizer {
         let rankOf = Dictionary(uniqueKeysWithValues: distinct.enumerated().map { ($1, $0) })
         var ids: [TokenBytes: Int] = [:]
         for (i, t) in tokens.enumerated() where ids[TokenBytes(t)] == nil { ids[TokenBytes(t)] = i }
+        // Each token of L characters is tried at its L - 1 splits, each built and looked up: L^2 work. A hostile
+        // vocabulary with a token of 100,000 characters took minutes; real ones stay far below both bounds
+        // (Gemma 3's 262,144 tokens: about 3e7 in all).
+        var work = 0
+        for (i, t) in tokens.enumerated() where types[i] != 6 {
+            let l = t.unicodeScalars.count
+            guard l <= Self.maxSentencePieceToken else {
+                throw TokenizerError.invalidFile(file: g.path, reason: "token \(i) has \(l) characters; a SentencePiece token may have at most \(Self.maxSentencePieceToken)")
+            }
+            work += l * l
+            guard work <= Self.maxSentencePieceWork else {
+                throw TokenizerError.invalidFile(file: g.path, reason: "the tokens up to token \(i) hold too many characters to build merges from (the sum of their squared lengths passes \(Self.maxSentencePieceWork))")
+            }
+        }
         var merges: [(rank: Int, left: String, right: String)] = []
         for (i, t) in tokens.enumerated() where types[i] != 6 {  // byte tokens are never formed from text
             let scalars = Array(t.unicodeScalars)

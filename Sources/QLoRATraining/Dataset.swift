@@ -5,6 +5,12 @@
 import QLoRACore
 import QLoRATokenizer
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 public enum DatasetFormat: String, CaseIterable, Sendable {
     case auto, alpaca, messages, sharegpt
     case promptCompletion = "prompt_completion"
@@ -34,21 +40,43 @@ public struct LoadedDataset: Sendable {
 }
 
 public enum DatasetLoader {
+    /// The largest record (a JSON line) read: a longer line is a bad record naming its line, never parsed, so
+    /// that a line of a gigabyte costs a scan, not gigabytes of memory and an hour of tokenizing. A training
+    /// example is cut at --max-length tokens anyway; long documents belong in several records.
+    public static let maxRecordBytes = 64 << 20
+    /// The largest dataset written as one JSON array (parsed whole); JSON lines have no bound but the disk's.
+    public static let maxArrayFileBytes = 1 << 30
+
     /// Loads `path`. With `skipBadRecords`, malformed records are counted instead of stopping the load.
     public static func load(_ path: String, format requested: DatasetFormat = .auto, skipBadRecords: Bool = false) throws -> LoadedDataset {
-        let bytes = try FileSystem.readFile(path)
+        let file = try MappedFile(path: path)
+        let bytes = file.bytes
         var records: [(Int, Result<JSONValue, DatasetError>)] = []
         let firstNonSpace = bytes.first { $0 != 0x20 && $0 != 0x0A && $0 != 0x0D && $0 != 0x09 }
         if firstNonSpace == UInt8(ascii: "[") {
+            guard bytes.count <= maxArrayFileBytes else {
+                throw DatasetError(file: path, line: 1, reason: "a dataset written as one JSON array may hold at most \(maxArrayFileBytes) bytes (this one has \(bytes.count)); write it as JSON lines, one record a line")
+            }
             let json: JSONValue
             do { json = try JSON.parse(bytes) } catch let e as JSONError {
                 throw DatasetError(file: path, line: lineOf(offset: e.offset, in: bytes), reason: "not valid JSON: \(e.message)")
             }
             for (i, r) in (json.arrayValue ?? []).enumerated() { records.append((i + 1, .success(r))) }
         } else {
-            for (lineNumber, line) in JSON.lines(bytes) {
+            var start = 0, lineNumber = 0
+            while start <= bytes.count {
+                let end = nextNewline(in: file, from: start)
+                lineNumber += 1
+                defer { start = end + 1 }
+                let line = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+                if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+                guard line.count <= maxRecordBytes else {
+                    records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "the record is \(line.count) bytes; a record may hold at most \(maxRecordBytes) (split long documents into several records)"))))
+                    file.releasePages(start..<end)
+                    continue
+                }
                 do {
-                    records.append((lineNumber, .success(try JSON.parse(Array(line)))))
+                    records.append((lineNumber, .success(try JSON.parse(line))))
                 } catch let e as JSONError {
                     records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "not valid JSON: \(e.message)"))))
                 }
@@ -80,7 +108,22 @@ public enum DatasetLoader {
         return LoadedDataset(examples: examples, format: format, skipped: skipped)
     }
 
-    static func lineOf(offset: Int, in bytes: [UInt8]) -> Int {
+    /// The offset of the next newline at or after `start`, or the end of the file. Scanned 16 MB at a time; the
+    /// pages of a line already past maxRecordBytes leave memory as the scan passes them.
+    static func nextNewline(in file: MappedFile, from start: Int) -> Int {
+        let bytes = file.bytes
+        guard start < bytes.count, let base = bytes.baseAddress else { return start }
+        var at = start
+        while at < bytes.count {
+            let n = min(16 << 20, bytes.count - at)
+            if let hit = memchr(base + at, 0x0A, n) { return UnsafeRawPointer(hit) - base }
+            at += n
+            if at - start > maxRecordBytes { file.releasePages(start..<at) }
+        }
+        return bytes.count
+    }
+
+    static func lineOf(offset: Int, in bytes: UnsafeRawBufferPointer) -> Int {
         1 + bytes.prefix(min(offset, bytes.count)).filter { $0 == 0x0A }.count
     }
 

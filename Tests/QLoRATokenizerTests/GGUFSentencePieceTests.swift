@@ -33,4 +33,25 @@ struct GGUFSentencePieceTests {
         #expect(t.encode("Hello world", addSpecialTokens: true).first == t.bosTokenID)
         #expect(t.decode(t.encode("Hello world")) == "Hello world")
     }
+
+    @Test("a SentencePiece vocabulary with a token of 100,000 characters: a typed error at once, not minutes of merges")
+    func longToken() throws {
+        let dir = try Fixtures.temporaryDirectory("spm-long-token")
+        let path = FileSystem.join(dir, "vocab.gguf")
+        let tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", String(repeating: "ab", count: 50_000)]
+        let writer = try GGUFWriter(path: path, metadata: [
+            ("general.architecture", .string("llama")), ("tokenizer.ggml.model", .string("llama")),
+            ("tokenizer.ggml.tokens", .strings(tokens)), ("tokenizer.ggml.scores", .float32s(tokens.indices.map { -Float($0) })),
+            ("tokenizer.ggml.token_type", .int32s([2, 3, 3, 1, 1, 1, 1])),
+        ], tensors: [])
+        try writer.finish()
+        let start = Clock.seconds()
+        do {
+            _ = try Tokenizer(gguf: try GGUFFile(path: path))
+            Issue.record("accepted")
+        } catch let e as TokenizerError {
+            #expect("\(e)".contains(path) && "\(e)".contains("token 6") && "\(e)".contains("100000 characters"), "\(e)")
+        }
+        #expect(Clock.seconds() - start < 5)
+    }
 }

@@ -1,5 +1,6 @@
 // Datasets: every format, file:line errors for malformed records, skipping; and the encoder's labels
 // (responses only, chat template and Guanaco), truncation that keeps EOS.
+import Glibc
 import QLoRA
 import QLoRATestSupport
 import Testing
@@ -69,6 +70,31 @@ struct DatasetTests {
         let d = try DatasetLoader.load(path, skipBadRecords: true)
         #expect(d.examples.count == 2)
         #expect(d.skipped.map(\.line) == [2, 3])
+    }
+
+    @Test("a line of 1 GB (a sparse file): an error naming its line and the bound, or skipped with --skip-bad-records; the other records load")
+    func gigabyteLine() throws {
+        let dir = try Fixtures.temporaryDirectory("data-gigabyte")
+        let path = FileSystem.join(dir, "huge.jsonl")
+        // {"text": "<1 GiB of NUL bytes>"} then a normal record; the file is sparse: no disk is used for the hole.
+        let head = Array(#"{"text": ""#.utf8), tail = Array("\"}\n{\"text\": \"a normal record\"}\n".utf8)
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        #expect(fd >= 0)
+        _ = head.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        _ = lseek(fd, off_t(head.count + (1 << 30)), SEEK_SET)
+        _ = tail.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        let start = Clock.seconds()
+        do {
+            _ = try DatasetLoader.load(path)
+            Issue.record("accepted a 1 GB record")
+        } catch let e as DatasetError {
+            #expect(e.line == 1 && e.description.contains("the record is 1073741836 bytes") && e.description.contains("at most 67108864"), "\(e)")
+        }
+        let d = try DatasetLoader.load(path, skipBadRecords: true)
+        #expect(d.examples == [.text("a normal record")] && d.skipped.map(\.line) == [1])
+        // A scan, not a parse: seconds at most, where parsing and tokenizing the line took minutes and gigabytes.
+        #expect(Clock.seconds() - start < 20)
     }
 
     @Test("chat-template encoding trains on the responses and their end-of-turn tokens only")
