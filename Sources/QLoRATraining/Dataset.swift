@@ -49,40 +49,7 @@ public enum DatasetLoader {
 
     /// Loads `path`. With `skipBadRecords`, malformed records are counted instead of stopping the load.
     public static func load(_ path: String, format requested: DatasetFormat = .auto, skipBadRecords: Bool = false) throws -> LoadedDataset {
-        let file = try MappedFile(path: path)
-        let bytes = file.bytes
-        var records: [(Int, Result<JSONValue, DatasetError>)] = []
-        let firstNonSpace = bytes.first { $0 != 0x20 && $0 != 0x0A && $0 != 0x0D && $0 != 0x09 }
-        if firstNonSpace == UInt8(ascii: "[") {
-            guard bytes.count <= maxArrayFileBytes else {
-                throw DatasetError(file: path, line: 1, reason: "a dataset written as one JSON array may hold at most \(maxArrayFileBytes) bytes (this one has \(bytes.count)); write it as JSON lines, one record a line")
-            }
-            let json: JSONValue
-            do { json = try JSON.parse(bytes) } catch let e as JSONError {
-                throw DatasetError(file: path, line: lineOf(offset: e.offset, in: bytes), reason: "not valid JSON: \(e.message)")
-            }
-            for (i, r) in (json.arrayValue ?? []).enumerated() { records.append((i + 1, .success(r))) }
-        } else {
-            var start = 0, lineNumber = 0
-            while start <= bytes.count {
-                let end = nextNewline(in: file, from: start)
-                lineNumber += 1
-                defer { start = end + 1 }
-                let line = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
-                if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
-                guard line.count <= maxRecordBytes else {
-                    records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "the record is \(line.count) bytes; a record may hold at most \(maxRecordBytes) (split long documents into several records)"))))
-                    file.releasePages(start..<end)
-                    continue
-                }
-                do {
-                    records.append((lineNumber, .success(try JSON.parse(line))))
-                } catch let e as JSONError {
-                    records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "not valid JSON: \(e.message)"))))
-                }
-            }
-        }
-        guard !records.isEmpty else { throw DatasetError(file: path, line: 1, reason: "no records") }
+        let records = try records(path)
         var format = requested
         if format == .auto {
             guard let first = records.first(where: { if case .success = $0.1 { return true }; return false }), case let .success(r) = first.1 else {
@@ -121,6 +88,46 @@ public enum DatasetLoader {
             if at - start > maxRecordBytes { file.releasePages(start..<at) }
         }
         return bytes.count
+    }
+
+    /// The records of a JSON-array or JSON-lines file, each with its line (JSON lines) or number (array), parsed
+    /// or the reason it is malformed. A file with none is an error.
+    public static func records(_ path: String) throws -> [(Int, Result<JSONValue, DatasetError>)] {
+        let file = try MappedFile(path: path)
+        let bytes = file.bytes
+        var records: [(Int, Result<JSONValue, DatasetError>)] = []
+        let firstNonSpace = bytes.first { $0 != 0x20 && $0 != 0x0A && $0 != 0x0D && $0 != 0x09 }
+        if firstNonSpace == UInt8(ascii: "[") {
+            guard bytes.count <= maxArrayFileBytes else {
+                throw DatasetError(file: path, line: 1, reason: "a dataset written as one JSON array may hold at most \(maxArrayFileBytes) bytes (this one has \(bytes.count)); write it as JSON lines, one record a line")
+            }
+            let json: JSONValue
+            do { json = try JSON.parse(bytes) } catch let e as JSONError {
+                throw DatasetError(file: path, line: lineOf(offset: e.offset, in: bytes), reason: "not valid JSON: \(e.message)")
+            }
+            for (i, r) in (json.arrayValue ?? []).enumerated() { records.append((i + 1, .success(r))) }
+        } else {
+            var start = 0, lineNumber = 0
+            while start <= bytes.count {
+                let end = nextNewline(in: file, from: start)
+                lineNumber += 1
+                defer { start = end + 1 }
+                let line = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+                if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+                guard line.count <= maxRecordBytes else {
+                    records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "the record is \(line.count) bytes; a record may hold at most \(maxRecordBytes) (split long documents into several records)"))))
+                    file.releasePages(start..<end)
+                    continue
+                }
+                do {
+                    records.append((lineNumber, .success(try JSON.parse(line))))
+                } catch let e as JSONError {
+                    records.append((lineNumber, .failure(DatasetError(file: path, line: lineNumber, reason: "not valid JSON: \(e.message)"))))
+                }
+            }
+        }
+        guard !records.isEmpty else { throw DatasetError(file: path, line: 1, reason: "no records") }
+        return records
     }
 
     static func lineOf(offset: Int, in bytes: UnsafeRawBufferPointer) -> Int {

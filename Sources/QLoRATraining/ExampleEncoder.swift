@@ -22,15 +22,15 @@ public struct EncodedExample: Sendable, Equatable {
 
     public var trainedTokens: Int { labels.filter { $0 != TrainingBatch.ignoreIndex }.count }
 
-    /// Holds out `fraction` of the examples (at least one) for validation, chosen by a shuffle seeded
+    /// Holds out `fraction` of the examples (or pairs; at least one) for validation, chosen by a shuffle seeded
     /// with `seed`; both parts keep the data's order.
-    public static func splitValidation(_ examples: [EncodedExample], fraction: Double, seed: UInt64) -> (train: [EncodedExample], validation: [EncodedExample]) {
+    public static func splitValidation<T>(_ items: [T], fraction: Double, seed: UInt64) -> (train: [T], validation: [T]) {
         var rng = SeededGenerator(seed: seed &+ 77)
-        var order = Array(examples.indices)
+        var order = Array(items.indices)
         order.shuffle(using: &rng)
-        let n = min(examples.count, max(1, Int(Double(examples.count) * fraction)))
+        let n = min(items.count, max(1, Int(Double(items.count) * fraction)))
         let held = Set(order.prefix(n))
-        return (examples.indices.filter { !held.contains($0) }.map { examples[$0] }, order.prefix(n).sorted().map { examples[$0] })
+        return (items.indices.filter { !held.contains($0) }.map { items[$0] }, order.prefix(n).sorted().map { items[$0] })
     }
 }
 

@@ -46,6 +46,16 @@ public struct StepMetrics: Sendable {
     public var validationLoss: Double?
     /// Data parallelism: seconds this rank spent in the step's all-reduce (waiting for the slowest rank included).
     public var allreduceSeconds: Double?
+    /// Preference tuning: the step's rewards and log-probabilities (means over its pairs).
+    public var preference: PreferenceMetrics?
+}
+
+/// What the trainer minimizes.
+public enum TrainingObjective: Sendable, Equatable {
+    /// Cross-entropy of the trained tokens (supervised finetuning).
+    case sft
+    /// DPO over preference pairs, the reference being the base with the adapter off.
+    case dpo(DPOConfig)
 }
 
 public enum TrainingError: Error, CustomStringConvertible {
@@ -137,14 +147,34 @@ public final class Trainer {
     /// loss and token count are summed over the ranks before clipping (nil: one process runs them all).
     public var communicator: GradientCommunicator?
 
-    public init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
+    /// Preference tuning: the pairs (the examples `order` indexes), and those held out.
+    public private(set) var pairs: [EncodedPair]
+    public private(set) var validationPairs: [EncodedPair]
+    public let objective: TrainingObjective
+
+    public convenience init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
+        try self.init(engine: engine, config: config, train: train, validation: validation, pairs: [], validationPairs: [], objective: .sft, padToken: padToken)
+    }
+
+    /// A preference run: each micro-batch holds `config.batchSize` pairs (twice as many rows).
+    public convenience init(engine: TrainingEngine, config: TrainerConfig, pairs: [EncodedPair], validationPairs: [EncodedPair], dpo: DPOConfig, padToken: Int) throws {
+        guard !pairs.isEmpty else { throw TrainingError.noData("no training pairs") }
+        try self.init(engine: engine, config: config, train: pairs.map(\.chosen), validation: validationPairs.map(\.chosen), pairs: pairs,
+                      validationPairs: validationPairs, objective: .dpo(dpo), padToken: padToken)
+    }
+
+    init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], pairs: [EncodedPair],
+         validationPairs: [EncodedPair], objective: TrainingObjective, padToken: Int) throws {
         guard !train.isEmpty else { throw TrainingError.noData("no training examples") }
         self.engine = engine
         self.config = config
         self.train = train
         self.validation = validation
+        self.pairs = pairs
+        self.validationPairs = validationPairs
+        self.objective = objective
         self.padToken = padToken
-        order = BatchOrder(lengths: train.map(\.tokens.count), config: config)
+        order = BatchOrder(lengths: pairs.isEmpty ? train.map(\.tokens.count) : pairs.map(\.longest), config: config)
         let lora = engine.lora
         var tensors: [(offset: Int, count: Int)] = []
         for s in lora.slots {
@@ -153,8 +183,8 @@ public final class Trainer {
         }
         optimizer = try AdamW(kind: config.optimizer, config: config.adam, tensors: tensors)
         // The activation arena, made once for the longest batch (training or validation).
-        let longest = (train + validation).map(\.tokens.count).max() ?? 1
-        engine.reserve(batchSize: config.batchSize, sequenceLength: longest)
+        let longest = (train + validation + (pairs + validationPairs).map(\.rejected)).map(\.tokens.count).max() ?? 1
+        engine.reserve(batchSize: pairs.isEmpty ? config.batchSize : 2 * config.batchSize, sequenceLength: longest)
     }
 
     // MARK: Data order
@@ -182,6 +212,70 @@ public final class Trainer {
         return TrainingBatch(tokens: tokens, labels: labels, batchSize: examples.count, sequenceLength: T, segmentStarts: packed ? starts : nil)
     }
 
+    /// Pairs as one batch: the chosen rows, then the rejected ones (TRL's layout), with the reference's
+    /// log-probabilities of the same rows.
+    public func makeBatch(pairs: [EncodedPair]) -> (batch: TrainingBatch, reference: [Double]) {
+        let batch = makeBatch(pairs.map(\.chosen) + pairs.map(\.rejected))
+        let reference = pairs.map { $0.referenceChosen ?? .nan } + pairs.map { $0.referenceRejected ?? .nan }
+        return (batch, reference)
+    }
+
+    /// Whether some pair still lacks its reference log-probabilities.
+    public var needsReference: Bool {
+        (pairs + validationPairs).contains { $0.referenceChosen == nil || $0.referenceRejected == nil }
+    }
+
+    /// A checksum of every pair's tokens and labels, naming the data a set of reference log-probabilities belongs to.
+    public var pairsFingerprint: UInt32 {
+        var bytes: [UInt8] = []
+        for p in pairs + validationPairs {
+            for e in [p.chosen, p.rejected] {
+                for v in e.tokens + [-7] + e.labels + [-9] { withUnsafeBytes(of: Int32(truncatingIfNeeded: v).littleEndian) { bytes.append(contentsOf: $0) } }
+            }
+        }
+        return CRC32C.checksum(bytes)
+    }
+
+    /// The reference (the base with the adapter off) scores every pair once, `config.batchSize` pairs a batch;
+    /// the ranks of a data-parallel run share the batches. `progress(done, total)` after each batch.
+    public func computeReference(progress: (Int, Int) -> Void = { _, _ in }) throws {
+        let all = pairs + validationPairs
+        var chosen = [Double](repeating: 0, count: all.count), rejected = chosen
+        let rank = communicator?.rank ?? 0, ranks = communicator?.size ?? 1
+        let starts = Array(stride(from: 0, to: all.count, by: config.batchSize))
+        for (j, start) in starts.enumerated() {
+            let end = min(all.count, start + config.batchSize)
+            if j % ranks == rank {
+                let (batch, _) = makeBatch(pairs: Array(all[start..<end]))
+                let logps = try engine.sequenceLogProbs(batch, adapter: false)
+                let n = end - start
+                for k in 0..<n { chosen[start + k] = logps[k]; rejected[start + k] = logps[n + k] }
+            }
+            progress(end, all.count)
+        }
+        if let communicator {
+            let sums = try communicator.sum(chosen + rejected)
+            chosen = Array(sums[..<all.count])
+            rejected = Array(sums[all.count...])
+        }
+        setReference(chosen: chosen, rejected: rejected)
+    }
+
+    /// The reference log-probabilities of every pair (training pairs, then validation pairs), as computed or cached.
+    public var reference: (chosen: [Double], rejected: [Double]) {
+        let all = pairs + validationPairs
+        return (all.map { $0.referenceChosen ?? .nan }, all.map { $0.referenceRejected ?? .nan })
+    }
+
+    public func setReference(chosen: [Double], rejected: [Double]) {
+        precondition(chosen.count == pairs.count + validationPairs.count && rejected.count == chosen.count)
+        for i in pairs.indices { pairs[i].referenceChosen = chosen[i]; pairs[i].referenceRejected = rejected[i] }
+        for i in validationPairs.indices {
+            validationPairs[i].referenceChosen = chosen[pairs.count + i]
+            validationPairs[i].referenceRejected = rejected[pairs.count + i]
+        }
+    }
+
     // MARK: Schedule
 
     public func learningRate(at step: Int) -> Double {
@@ -205,31 +299,62 @@ public final class Trainer {
         engine.training = true
         var loss = 0.0
         var tokens = 0
-        let batches = order.microBatches(ofStep: step).map { indices in makeBatch(indices.map { train[$0] }) }
-        // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
-        // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
-        // is weighted n_i / sum(n), not 1 / k.
-        // Every rank knows every micro-batch's count (from the labels), so the weights are the same everywhere.
-        let counts = batches.map(\.targetCount)
-        let total = counts.reduce(0, +)
         let rank = communicator?.rank ?? 0, ranks = communicator?.size ?? 1
-        for (micro, batch) in batches.enumerated() where micro % ranks == rank {
-            tokens += batch.tokens.count
-            guard counts[micro] > 0 else { continue }
-            let weight = Double(counts[micro]) / Double(total)
-            // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones, on any rank.
-            engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
-            loss += try engine.step(batch, gradientScale: Float(weight)) * weight
+        let plan = order.microBatches(ofStep: step)
+        var parts: [PreferenceMetrics] = []
+        if case let .dpo(dpo) = objective {
+            // Each micro-batch's loss is the mean over its pairs: weighted by its share of the step's pairs.
+            let total = plan.reduce(0) { $0 + $1.count }
+            for (micro, indices) in plan.enumerated() where micro % ranks == rank {
+                let (batch, reference) = makeBatch(pairs: indices.map { pairs[$0] })
+                precondition(!reference.contains { $0.isNaN }, "computeReference() first")
+                tokens += batch.tokens.count
+                let weight = Double(indices.count) / Double(total)
+                engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
+                loss += try engine.step(batch, objective: DPO.objective(dpo, reference: reference) { parts.append($0) }, gradientScale: Float(weight)) * weight
+            }
+        } else {
+            let batches = plan.map { indices in makeBatch(indices.map { train[$0] }) }
+            // The step's loss is the mean over all its trained tokens, as one big batch would give (and as
+            // transformers does since 4.46): micro-batch i, whose own loss is the mean over its n_i tokens,
+            // is weighted n_i / sum(n), not 1 / k.
+            // Every rank knows every micro-batch's count (from the labels), so the weights are the same everywhere.
+            let counts = batches.map(\.targetCount)
+            let total = counts.reduce(0, +)
+            for (micro, batch) in batches.enumerated() where micro % ranks == rank {
+                tokens += batch.tokens.count
+                guard counts[micro] > 0 else { continue }
+                let weight = Double(counts[micro]) / Double(total)
+                // Dropout masks are drawn from (step, micro-batch): a resumed run draws the same ones, on any rank.
+                engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
+                loss += try engine.step(batch, gradientScale: Float(weight)) * weight
+            }
         }
+        var preference: PreferenceMetrics? = parts.isEmpty && objective == .sft ? nil : PreferenceMetrics.merged(parts)
         var allreduceSeconds: Double?
         if let communicator {
             // The weighted gradients and losses add up to those of one process running every micro-batch.
             let t0 = Clock.seconds()
             try lora.gradients.withUnsafeMutableBufferPointer { try communicator.sumInPlace($0.baseAddress!, count: $0.count) }
-            let sums = try communicator.sum([loss, Double(tokens)])
+            var values = [loss, Double(tokens)]
+            if let m = preference {
+                let n = Double(m.pairs)
+                values += [m.rewardsChosen * n, m.rewardsRejected * n, m.margins * n, m.accuracy * n, m.logpsChosen * n, m.logpsRejected * n, n]
+            }
+            let sums = try communicator.sum(values)
             allreduceSeconds = Clock.seconds() - t0
             loss = sums[0]
             tokens = Int(sums[1])
+            if preference != nil {
+                var m = PreferenceMetrics()
+                let n = sums[8]
+                m.pairs = Int(n)
+                if n > 0 {
+                    (m.rewardsChosen, m.rewardsRejected, m.margins) = (sums[2] / n, sums[3] / n, sums[4] / n)
+                    (m.accuracy, m.logpsChosen, m.logpsRejected) = (sums[5] / n, sums[6] / n, sums[7] / n)
+                }
+                preference = m
+            }
         }
         let norm = lora.gradientNorm
         let lr = learningRate(at: step)
@@ -249,6 +374,7 @@ public final class Trainer {
         step += 1
         var m = StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / (Clock.seconds() - start))
         m.allreduceSeconds = allreduceSeconds
+        m.preference = preference
         return m
     }
 
@@ -257,6 +383,16 @@ public final class Trainer {
         guard !validation.isEmpty else { return nil }
         engine.training = false
         defer { engine.training = true }
+        if case let .dpo(dpo) = objective {
+            // The mean DPO loss over the held-out pairs.
+            var total = 0.0
+            for start in stride(from: 0, to: validationPairs.count, by: config.batchSize) {
+                let chunk = Array(validationPairs[start..<min(validationPairs.count, start + config.batchSize)])
+                let (batch, reference) = makeBatch(pairs: chunk)
+                total += try engine.step(batch, objective: DPO.objective(dpo, reference: reference), backward: false) * Double(chunk.count)
+            }
+            return total / Double(validationPairs.count)
+        }
         var total = 0.0, count = 0
         for start in stride(from: 0, to: validation.count, by: config.batchSize) {
             let batch = makeBatch(Array(validation[start..<min(validation.count, start + config.batchSize)]))

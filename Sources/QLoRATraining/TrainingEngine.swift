@@ -363,11 +363,46 @@ public final class TrainingEngine {
         }
     }
 
+    /// An objective over whole sequences (preference tuning): given each row's summed log-probability of its
+    /// targets and its target count, the loss and its derivative by each row's sum.
+    public typealias SequenceObjective = (_ logProbs: [Double], _ counts: [Int]) -> (loss: Double, gradient: [Double])
+
+    /// One step under a sequence objective: the forward gives every row's log-probability; `objective` turns
+    /// them into the loss and dLoss/dlogp per row; the backward then runs once, each row's token gradients
+    /// scaled by its derivative (the rows are independent up to the final hidden state, so this is exact).
+    /// Unpacked batches only: one example a row. `backward: false` scores without gradients.
+    @discardableResult
+    public func step(_ batch: TrainingBatch, objective: @escaping SequenceObjective, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
+        precondition(batch.segmentStarts == nil, "a sequence objective needs one example a row")
+        sequenceObjective = objective
+        defer { sequenceObjective = nil }
+        return try Gemm.withSingleThreadedBLAS { try stepBody(batch, backward: backward, gradientScale: gradientScale) }
+    }
+
+    /// Each row's summed log-probability of its targets, with the adapter (`adapter: true`, no dropout) or without
+    /// it: the frozen base, the reference model of preference tuning.
+    public func sequenceLogProbs(_ batch: TrainingBatch, adapter: Bool = true) throws -> [Double] {
+        let wasTraining = training, wasEnabled = adapterEnabled
+        training = false
+        adapterEnabled = adapter
+        defer { training = wasTraining; adapterEnabled = wasEnabled }
+        var out: [Double] = []
+        try step(batch, objective: { logProbs, _ in
+            out = logProbs
+            return (0, [Double](repeating: 0, count: logProbs.count))
+        }, backward: false)
+        return out
+    }
+
+    var sequenceObjective: SequenceObjective?
+    /// False: the adapter is left out of the forward (the base model alone).
+    public var adapterEnabled = true
+
     func stepBody(_ batch: TrainingBatch, backward: Bool, gradientScale: Float) throws -> Double {
         let c = model.config
         let N = batch.batchSize * batch.sequenceLength, D = c.hiddenSize, L = c.layerCount
         let count = batch.targetCount
-        guard count > 0 else {
+        guard count > 0 || sequenceObjective != nil else {
             try checkTokens(batch)
             return 0
         }
@@ -422,7 +457,7 @@ public final class TrainingEngine {
         try lora.parameters.withUnsafeBufferPointer { params in
             try lora.gradients.withUnsafeMutableBufferPointer { grads in
                 try body { l, p, act in
-                    guard let slot = lora.slot(layer: l, projection: p) else { return nil }
+                    guard adapterEnabled, let slot = lora.slot(layer: l, projection: p) else { return nil }
                     // Seeded by step, layer, projection (and block of rows, in LoRADropout): a recomputed layer
                     // (checkpointing) draws the same mask, and the blocks are drawn in parallel with the same
                     // result on any thread count.
@@ -502,6 +537,7 @@ public final class TrainingEngine {
     /// Mean cross-entropy over counted targets, computed `lossChunkRows` rows at a time; writes
     /// dL/dxf (times `scale`) into ws.dxf.
     func crossEntropy(_ ws: StepWorkspace, batch: TrainingBatch, count: Int, scale: Float, wantGradient: Bool) -> Double {
+        if let objective = sequenceObjective { return sequenceLoss(ws, batch: batch, objective: objective, scale: scale, wantGradient: wantGradient) }
         let c = model.config
         let V = c.vocabSize, D = c.hiddenSize
         let N = batch.batchSize * batch.sequenceLength
@@ -536,5 +572,52 @@ public final class TrainingEngine {
             start += n
         }
         return total / Double(count)
+    }
+
+    /// The chunked head and log-softmax as in crossEntropy, each token's gradient taken with weight 1 (that of
+    /// -log p), summed per row; then the objective's derivative by each row's log-probability scales that row's
+    /// gradient (by -dLoss/dlogp: the token gradients are those of -log p).
+    func sequenceLoss(_ ws: StepWorkspace, batch: TrainingBatch, objective: SequenceObjective, scale: Float, wantGradient: Bool) -> Double {
+        let c = model.config
+        let V = c.vocabSize, D = c.hiddenSize, T = batch.sequenceLength
+        let N = batch.batchSize * T
+        ws.lossRows.removeAll(keepingCapacity: true)
+        for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
+        let rows = ws.lossRows
+        var logProbs = [Double](repeating: 0, count: batch.batchSize), counts = [Int](repeating: 0, count: batch.batchSize)
+        let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
+        let head = model.head
+        var start = 0
+        while start < rows.count {
+            let n = min(lossChunkRows, rows.count - start)
+            for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
+            head.frozenForward(x, converted: bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, scratch: ws.scratch, packed: ws.packed,
+                               bf16: bf16, kernels: kernels)
+            for k in 0..<n {
+                let b = rows[start + k].0 / T
+                logProbs[b] -= Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: 1)
+                counts[b] += 1
+            }
+            if wantGradient {
+                dx.update(repeating: 0, count: n * D)
+                head.inputGradient(logits, converted: bf16Operand(ws, logits, rows: n, cols: V), rows: n, into: dx, scratch: ws.scratch,
+                                   packed: ws.packed, bf16: bf16, kernels: kernels)
+                for k in 0..<n {
+                    let row = ws.dxf + rows[start + k].0 * D
+                    for j in 0..<D { row[j] += dx[k * D + j] }
+                }
+            }
+            start += n
+        }
+        let (loss, gradient) = objective(logProbs, counts)
+        precondition(gradient.count == batch.batchSize)
+        if wantGradient {
+            for b in 0..<batch.batchSize {
+                let w = Float(-gradient[b]) * scale
+                let rowStart = ws.dxf + b * T * D
+                for j in 0..<(T * D) { rowStart[j] *= w }
+            }
+        }
+        return loss
     }
 }

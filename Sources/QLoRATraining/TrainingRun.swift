@@ -45,6 +45,8 @@ public enum TrainingEvent {
     case step(StepMetrics)
     /// A checkpoint was written.
     case checkpoint(String)
+    /// Preference tuning: the reference has scored `done` of `total` pairs (`cached`: read from the run folder).
+    case reference(done: Int, total: Int, cached: Bool)
 }
 
 public struct TrainingRunResult: Sendable {
@@ -137,6 +139,7 @@ public final class TrainingRun {
         // the interrupted process logged past the checkpoint are dropped.
         let board = writes ? try TensorBoardWriter(folder: FileSystem.join(output, "tensorboard")) : nil
         if trainer.step > 0 { try board?.sessionStart(step: trainer.step + 1) }
+        if trainer.needsReference { try prepareReference(progress: progress) }
         if trainer.step == 0, let v = try trainer.validationLoss() {
             result.validationBefore = v
             progress(.validationBefore(v))
@@ -161,7 +164,10 @@ public final class TrainingRun {
             ]
             if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
             if let a = m.allreduceSeconds { fields.append(("allreduce_seconds", .double(a))) }
+            let preference = m.preference.map(Self.preferenceFields) ?? []
+            fields += preference
             try record(fields)
+            for (name, value) in preference { if let v = value.doubleValue { try board?.scalar("train/" + name, v, step: m.step) } }
             try board?.scalar("train/loss", m.loss, step: m.step)
             try board?.scalar("train/learning_rate", m.learningRate, step: m.step)
             try board?.scalar("train/grad_norm", m.gradNorm, step: m.step)
@@ -197,6 +203,37 @@ public final class TrainingRun {
         try trainer.engine.lora.writePEFTAdapter(to: output, baseModel: baseModel)
         if let arguments { try FileSystem.writeFileAtomically(FileSystem.join(output, "training_args.yaml"), bytes: arguments) }
         return result
+    }
+
+    /// A preference step's metrics under TRL's names.
+    static func preferenceFields(_ m: PreferenceMetrics) -> [(String, JSONValue)] {
+        [("rewards/chosen", .double(m.rewardsChosen)), ("rewards/rejected", .double(m.rewardsRejected)), ("rewards/margins", .double(m.margins)),
+         ("rewards/accuracies", .double(m.accuracy)), ("logps/chosen", .double(m.logpsChosen)), ("logps/rejected", .double(m.logpsRejected))]
+    }
+
+    static let referenceFile = "reference_logps.json"
+    static let referenceFormat = "swift-qlora reference log-probabilities 1"
+
+    /// The reference log-probabilities of every pair: read from the run folder when they were computed for the
+    /// same pairs (a resumed run), else computed (the base with the adapter off) and written there before the
+    /// first step, so that a crash after it never computes them again.
+    func prepareReference(progress: (TrainingEvent) -> Void) throws {
+        let path = FileSystem.join(output, Self.referenceFile)
+        let fingerprint = Int(trainer.pairsFingerprint)
+        let count = trainer.pairs.count + trainer.validationPairs.count
+        if let bytes = try? FileSystem.readFile(path), let v = try? JSON.parse(bytes), v["format"]?.stringValue == Self.referenceFormat,
+           v["fingerprint"]?.intValue == fingerprint, let c = v["chosen"]?.arrayValue?.compactMap(\.doubleValue),
+           let r = v["rejected"]?.arrayValue?.compactMap(\.doubleValue), c.count == count, r.count == count {
+            trainer.setReference(chosen: c, rejected: r)
+            progress(.reference(done: count, total: count, cached: true))
+            return
+        }
+        try trainer.computeReference { done, total in progress(.reference(done: done, total: total, cached: false)) }
+        guard writesFiles else { return }
+        let (c, r) = trainer.reference
+        let value: JSONValue = .object([("format", .string(Self.referenceFormat)), ("fingerprint", .int(fingerprint)),
+                                        ("chosen", .array(c.map(JSONValue.double))), ("rejected", .array(r.map(JSONValue.double)))])
+        try FileSystem.writeFileAtomically(path, bytes: Array(JSON.serialize(value).utf8))
     }
 
     /// Writes a checkpoint; a failure (ENOSPC, EIO...) becomes checkpointFailed naming the last complete one, which

@@ -9,9 +9,9 @@ struct Report: ParsableCommand {
         abstract: "A training run's loss, validation loss and learning rate as a self-contained HTML page.",
         discussion: """
             Reads OUTPUT_DIR/metrics.jsonl (one line a step: step, loss, learning_rate, grad_norm, tokens_per_second, \
-            val_loss on evaluation steps) and OUTPUT_DIR/training_args.yaml when present, and writes \
+            val_loss on evaluation steps; rewards/* for --method dpo) and OUTPUT_DIR/training_args.yaml when present, and writes \
             OUTPUT_DIR/report.html (or --output): the training loss with its running mean over --smooth steps, the \
-            validation loss, the learning rate and the gradient norm, as inline SVG (no script, no other file), with a table \
+            validation loss, a preference run's rewards and margins, the learning rate and the gradient norm, as inline SVG (no script, no other file), with a table \
             of the run's settings. --svg writes the loss chart alone as an SVG file. A run still training can be reported \
             at any time; a last line cut short is left out.
             """
@@ -40,7 +40,10 @@ struct Report: ParsableCommand {
         var learningRate: Double?
         var gradNorm: Double?
         var tokensPerSecond: Double?
+        /// Preference runs: TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies.
+        var rewards: [String: Double] = [:]
     }
+    static let rewardKeys = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
     static func read(_ bytes: [UInt8], file: String) throws -> [Point] {
         var points: [Point] = []
@@ -54,8 +57,10 @@ struct Report: ParsableCommand {
                 guard let d = x.doubleValue else { throw bad("\"\(key)\" is not a number") }
                 return d
             }
-            points.append(Point(step: step, loss: try number("loss"), validation: try number("val_loss"), learningRate: try number("learning_rate"),
-                                gradNorm: try number("grad_norm"), tokensPerSecond: try number("tokens_per_second")))
+            var point = Point(step: step, loss: try number("loss"), validation: try number("val_loss"), learningRate: try number("learning_rate"),
+                              gradNorm: try number("grad_norm"), tokensPerSecond: try number("tokens_per_second"))
+            for key in rewardKeys { point.rewards[key] = try number(key) }
+            points.append(point)
         }
         return points
     }
@@ -91,6 +96,14 @@ struct Report: ParsableCommand {
         let speeds = points.compactMap(\.tokensPerSecond)
         if !speeds.isEmpty { summary.append(["median tokens/s", formatFixed(speeds.sorted()[speeds.count / 2], 0)]) }
         sections.append(("Loss", lossChart, summary))
+        let rewardSeries = Self.rewardKeys.dropLast().map { key in (name: String(key.dropFirst("rewards/".count)), points: points.compactMap { p in p.rewards[key].map { (x: Double(p.step), y: $0) } }) }
+        if rewardSeries.contains(where: { !$0.points.isEmpty }) {
+            let accuracy = points.compactMap { p in p.rewards["rewards/accuracies"].map { (x: Double(p.step), y: $0) } }
+            var table: [[String]] = [["", "first step", "last step"]]
+            for (name, pts) in rewardSeries + [("accuracy", accuracy)] where !pts.isEmpty { table.append([name, formatFixed(pts.first!.y, 4), formatFixed(pts.last!.y, 4)]) }
+            sections.append(("Preference rewards", Chart.lines(title: "DPO rewards (beta times the log-ratio to the reference)", xAxis: "optimizer step", yAxis: "reward",
+                                                              series: rewardSeries.filter { !$0.points.isEmpty }), table))
+        }
         let lr = points.compactMap { p in p.learningRate.map { (x: Double(p.step), y: $0) } }
         if !lr.isEmpty { sections.append(("Learning rate", Chart.lines(title: "Learning rate", xAxis: "optimizer step", yAxis: "learning rate", series: [("learning rate", lr)]), nil)) }
         let norms = points.compactMap { p in p.gradNorm.map { (x: Double(p.step), y: $0) } }

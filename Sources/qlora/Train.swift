@@ -111,6 +111,15 @@ struct Train: ParsableCommand {
     var skipNonfinite = false
     @Flag(help: "Keep every activation instead of recomputing each layer in the backward pass (faster, more memory).")
     var noGradientCheckpointing = false
+    @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json). orpo and kto are not implemented yet.")
+    var method = "sft"
+
+    @Option(help: "DPO: beta, how strongly the adapter is held near the reference (TRL's default 0.1).")
+    var beta = 0.1
+
+    @Option(help: "DPO loss: sigmoid (the DPO paper's), hinge or ipo (log-ratios averaged over tokens, as TRL).")
+    var dpoLoss = "sigmoid"
+
     @Flag(help: "Print one JSON object with the results on stdout.")
     var json = false
 
@@ -138,7 +147,7 @@ struct Train: ParsableCommand {
             ("optim", q(optim)), ("compute_dtype", q(computeDtype)), ("weight_decay", "\(weightDecay)"), ("seed", "\(seed)"), ("eval_every", "\(evalEvery)"),
             ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"), ("packing", "\(packing)"),
             ("no_group_by_length", "\(noGroupByLength)"), ("skip_bad_records", "\(skipBadRecords)"), ("skip_nonfinite", "\(skipNonfinite)"),
-            ("no_gradient_checkpointing", "\(noGradientCheckpointing)"),
+            ("no_gradient_checkpointing", "\(noGradientCheckpointing)"), ("method", q(method)), ("beta", "\(beta)"), ("dpo_loss", q(dpoLoss)),
         ]
         return o
     }
@@ -161,6 +170,19 @@ struct Train: ParsableCommand {
         guard loraInit == "kaiming" || loraInit == "gaussian" else { throw ValidationError("--lora-init must be kaiming or gaussian") }
         if let s = sourceMaxLen { guard s > 0 else { throw ValidationError("--source-max-len must be positive") } }
         if let t = targetMaxLen { guard t > 1 else { throw ValidationError("--target-max-len must be at least 2") } }
+        switch method {
+        case "sft": break
+        case "dpo":
+            guard beta > 0 else { throw ValidationError("--beta must be positive") }
+            guard DPOLoss(rawValue: dpoLoss) != nil else { throw ValidationError("--dpo-loss must be one of \(DPOLoss.allCases.map(\.rawValue).joined(separator: ", "))") }
+            // Options of supervised finetuning that have no meaning for pairs: refused, not ignored.
+            for (given, name) in [(packing, "--packing"), (trainOnInputs, "--train-on-inputs"), (template != "chat", "--template guanaco"),
+                                  (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
+                throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
+            }
+        case "orpo", "kto": throw ValidationError("--method \(method) is not implemented yet (sft, dpo)")
+        default: throw ValidationError("--method must be sft or dpo")
+        }
     }
 
     func run() throws {
@@ -198,15 +220,38 @@ struct Train: ParsableCommand {
         } else if let source = tokenizer.chatTemplate {
             promptTemplate = .chat(try ChatTemplate(source))
         } else {
-            Log.info("note: the model has no chat template; using the Guanaco format (--template guanaco)")
+            if method == "sft" { Log.info("note: the model has no chat template; using the Guanaco format (--template guanaco)") }
             promptTemplate = .guanaco
         }
+        var encoded: [EncodedExample] = [], validation: [EncodedExample] = []
+        var pairs: [EncodedPair] = [], validationPairs: [EncodedPair] = []
+        if method == "dpo" {
+            // Plain-text pairs need no template; conversational ones are refused by name without one.
+            let chatTemplate: ChatTemplate?
+            if case let .chat(t) = promptTemplate { chatTemplate = t } else { chatTemplate = nil }
+            func encodePairs(_ path: String) throws -> (pairs: [EncodedPair], records: Int, skipped: [DatasetError], dropped: Int) {
+                let (records, skipped) = try PreferenceData.load(path, skipBadRecords: skipBadRecords)
+                let encoded = try records.map { try PreferenceData.encode($0, tokenizer: tokenizer, template: chatTemplate, maxLength: maxSeqLen) }
+                return (encoded.compactMap { $0 }, records.count, skipped, encoded.filter { $0 == nil }.count)
+            }
+            let loaded = try encodePairs(data)
+            pairs = loaded.pairs
+            if let valData {
+                validationPairs = try encodePairs(valData).pairs
+            } else if valSplit > 0 && pairs.count >= 20 {
+                (pairs, validationPairs) = EncodedExample.splitValidation(pairs, fraction: valSplit, seed: seed)
+            }
+            let truncated = (pairs + validationPairs).filter { $0.chosen.truncated || $0.rejected.truncated }.count
+            Log.info("data: \(loaded.records) preference pairs, \(pairs.count) train / \(validationPairs.count) validation, \(loaded.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(loaded.dropped) dropped (a completion cut away entirely)")
+            for s in loaded.skipped.prefix(5) { Log.info("  skipped \(s)") }
+        } else {
         let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs,
                                          sourceMaxLength: sourceMaxLen, targetMaxLength: targetMaxLen)
         let prepared = try TrainingData(path: data, format: DatasetFormat(rawValue: format)!, skipBadRecords: skipBadRecords, encoder: encoder,
                                         validationPath: valData, validationFraction: valSplit, seed: seed)
-        let dataset = prepared.dataset, dropped = prepared.dropped, validation = prepared.validation
-        var encoded = prepared.train
+        let dataset = prepared.dataset, dropped = prepared.dropped
+        validation = prepared.validation
+        encoded = prepared.train
         let truncated = encoded.filter(\.truncated).count + validation.filter(\.truncated).count
         Log.info("data: \(dataset.examples.count) examples (\(dataset.format.rawValue)), \(encoded.count) train / \(validation.count) validation, \(dataset.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(dropped) dropped (no response token within \(maxSeqLen)), \(encoded.reduce(0) { $0 + $1.trainedTokens }) trained tokens")
         for s in dataset.skipped.prefix(5) { Log.info("  skipped \(s)") }
@@ -214,6 +259,7 @@ struct Train: ParsableCommand {
             let before = encoded.count
             encoded = Packing.pack(encoded, capacity: maxSeqLen)
             Log.info("packing: \(before) examples in \(encoded.count) sequences of up to \(maxSeqLen) tokens")
+        }
         }
 
         var loraConfig = LoRAConfig()
@@ -259,17 +305,26 @@ struct Train: ParsableCommand {
         config.optimizer = OptimizerKind(rawValue: optim)!
         config.adam.weightDecay = weightDecay
         let padToken = tokenizer.eosTokenID ?? 0
-        let trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        let trainer: Trainer
+        if method == "dpo" {
+            var dpo = DPOConfig()
+            dpo.beta = beta
+            dpo.loss = DPOLoss(rawValue: dpoLoss)!
+            trainer = try Trainer(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, dpo: dpo, padToken: padToken)
+        } else {
+            trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
+        }
         trainer.communicator = communicator
         let run = TrainingRun(trainer: trainer, output: output, baseModel: modelOptions.modelPath, arguments: Array(resolvedOptionsYAML.utf8))
         run.writesFiles = rank == 0
         if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }
-        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) sequences, \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "dpo" ? "pairs" : "sequences"), \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }
         var progress: ProgressBar?
+        var referenceBar: ProgressBar?, referenceDone = 0
         let result = try run.run(resumingFrom: latest) { event in
             switch event {
             case let .resumed(checkpoint, step): Log.info("resumed from \(checkpoint) at step \(step)")
@@ -278,8 +333,17 @@ struct Train: ParsableCommand {
                 progress = ProgressBar("train", total: total, enabled: !json && rank == 0)
                 if step > 0 { progress?.advance(by: step) }
             case let .step(m):
-                progress?.advance(note: "loss \(formatFixed(m.loss, 4)) lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
+                progress?.advance(note: "loss \(formatFixed(m.loss, 4))" + (m.preference.map { " margin \(formatFixed($0.margins, 3)) acc \(formatFixed($0.accuracy, 2))" } ?? "")
+                                  + " lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
             case .checkpoint: break
+            case let .reference(done, total, cached):
+                if cached {
+                    Log.info("reference log-probabilities of \(total) pairs read from \(output)/reference_logps.json")
+                } else {
+                    if referenceBar == nil { referenceBar = ProgressBar("reference", total: total, enabled: !json && rank == 0) }
+                    referenceBar?.advance(by: done - referenceDone)
+                    referenceDone = done
+                }
             }
         }
         if result.stopped {

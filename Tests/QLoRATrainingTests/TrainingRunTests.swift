@@ -52,6 +52,7 @@ struct TrainingRunTests {
             case let .started(step, total): events.append("started \(step)/\(total)")
             case let .step(m): events.append("step \(m.step)")
             case .checkpoint: events.append("checkpoint")
+            case .reference: events.append("reference")
             }
         }
         #expect(done.steps == 4 && !done.stopped && done.validationBefore != nil && done.validationAfter != nil)

@@ -1,0 +1,116 @@
+// Preference tuning on the 4-bit base: DPO's losses (sigmoid, hinge, IPO) as TRL's DPOTrainer computes them,
+// as sequence objectives of the training engine. A batch holds P pairs as 2P rows, the chosen completions
+// first and then the rejected ones (TRL's layout), each row prompt + completion with the prompt masked. The
+// reference model is the frozen base with the adapter off, so its log-probabilities are computed once per pair
+// (`TrainingEngine.sequenceLogProbs(_:adapter: false)`) and can be kept.
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public enum DPOLoss: String, CaseIterable, Sendable {
+    /// -log σ(β Δ), the DPO paper's loss.
+    case sigmoid
+    /// max(0, 1 - β Δ) (SLiC).
+    case hinge
+    /// (Δ̄ - 1 / 2β)², IPO, with each completion's log-ratio averaged over its tokens as TRL does.
+    case ipo
+}
+
+public struct DPOConfig: Sendable, Equatable {
+    /// The strength of the pull towards the reference (TRL's default 0.1).
+    public var beta = 0.1
+    public var loss = DPOLoss.sigmoid
+    public init() {}
+}
+
+/// What a preference step logs, as TRL names it: means over the batch's pairs.
+public struct PreferenceMetrics: Sendable, Equatable {
+    /// β (log π(chosen) - log π_ref(chosen)).
+    public var rewardsChosen = 0.0
+    public var rewardsRejected = 0.0
+    /// rewardsChosen - rewardsRejected.
+    public var margins = 0.0
+    /// The fraction of pairs whose chosen reward beats the rejected one.
+    public var accuracy = 0.0
+    /// The policy's summed log-probability of the completions.
+    public var logpsChosen = 0.0
+    public var logpsRejected = 0.0
+    public var pairs = 0
+    public init() {}
+
+    /// The pair-weighted mean of several micro-batches' metrics.
+    public static func merged(_ parts: [PreferenceMetrics]) -> PreferenceMetrics {
+        var m = PreferenceMetrics()
+        m.pairs = parts.reduce(0) { $0 + $1.pairs }
+        guard m.pairs > 0 else { return m }
+        func mean(_ key: KeyPath<PreferenceMetrics, Double>) -> Double { parts.reduce(0) { $0 + $1[keyPath: key] * Double($1.pairs) } / Double(m.pairs) }
+        m.rewardsChosen = mean(\.rewardsChosen)
+        m.rewardsRejected = mean(\.rewardsRejected)
+        m.margins = mean(\.margins)
+        m.accuracy = mean(\.accuracy)
+        m.logpsChosen = mean(\.logpsChosen)
+        m.logpsRejected = mean(\.logpsRejected)
+        return m
+    }
+}
+
+public enum DPO {
+    /// The objective of one batch of P pairs (rows: chosen 0..<P, then rejected), given the reference's summed
+    /// log-probabilities of the same rows: the loss is the mean over the pairs; `report` receives the metrics.
+    public static func objective(_ config: DPOConfig, reference: [Double], report: @escaping (PreferenceMetrics) -> Void = { _ in }) -> TrainingEngine.SequenceObjective {
+        { logps, counts in
+            precondition(logps.count == reference.count && logps.count % 2 == 0)
+            let P = logps.count / 2, beta = config.beta
+            var loss = 0.0
+            var gradient = [Double](repeating: 0, count: 2 * P)
+            var m = PreferenceMetrics()
+            m.pairs = P
+            for i in 0..<P {
+                let chosenRatio = logps[i] - reference[i], rejectedRatio = logps[P + i] - reference[P + i]
+                let delta = chosenRatio - rejectedRatio
+                switch config.loss {
+                case .sigmoid:
+                    // -log σ(βΔ) = softplus(-βΔ), computed without overflow either way.
+                    let z = -beta * delta
+                    loss += z > 0 ? z + log1p(exp(-z)) : log1p(exp(z))
+                    let d = -beta / (1 + exp(beta * delta))  // -β σ(-βΔ)
+                    gradient[i] = d
+                    gradient[P + i] = -d
+                case .hinge:
+                    let h = 1 - beta * delta
+                    loss += max(0, h)
+                    let d = h > 0 ? -beta : 0
+                    gradient[i] = d
+                    gradient[P + i] = -d
+                case .ipo:
+                    let nc = Double(max(counts[i], 1)), nr = Double(max(counts[P + i], 1))
+                    let e = chosenRatio / nc - rejectedRatio / nr - 1 / (2 * beta)
+                    loss += e * e
+                    gradient[i] = 2 * e / nc
+                    gradient[P + i] = -2 * e / nr
+                }
+                let rc = beta * chosenRatio, rr = beta * rejectedRatio
+                m.rewardsChosen += rc
+                m.rewardsRejected += rr
+                m.margins += rc - rr
+                m.accuracy += rc > rr ? 1 : 0
+                m.logpsChosen += logps[i]
+                m.logpsRejected += logps[P + i]
+            }
+            let p = Double(P)
+            for k in gradient.indices { gradient[k] /= p }
+            m.rewardsChosen /= p
+            m.rewardsRejected /= p
+            m.margins /= p
+            m.accuracy /= p
+            m.logpsChosen /= p
+            m.logpsRejected /= p
+            report(m)
+            return (loss / p, gradient)
+        }
+    }
+}

@@ -1,0 +1,143 @@
+// Preference data in TRL's layouts, and its encoding as TRL's DPOTrainer tokenizes it.
+//
+// A record holds "prompt", "chosen" and "rejected": plain strings, or conversations (lists of {role, content}:
+// the prompt's messages, and the chosen and rejected assistant turns). Without "prompt" (the "implicit prompt"
+// layout), chosen and rejected are whole conversations and the prompt is the messages they share.
+//
+// Encoding: the prompt alone (with the generation prompt) and the prompt with each completion are rendered
+// through the chat template and tokenized; each completion is what follows the tokens the prompt shares with
+// both. Plain strings are tokenized as the tokenizer adds special tokens, each completion ending in EOS. Pairs are
+// cut at maxLength tokens keeping the start; a pair whose chosen or rejected completion is cut away entirely is
+// dropped (TRL drops those too).
+import QLoRACore
+import QLoRATokenizer
+
+public enum PreferenceRecord: Sendable, Equatable {
+    case text(prompt: String, chosen: String, rejected: String)
+    case conversation(prompt: [ChatMessage], chosen: [ChatMessage], rejected: [ChatMessage])
+}
+
+/// One pair as the trainer runs it: the chosen and rejected sequences (prompt + completion, the prompt masked),
+/// and the reference's summed log-probability of each completion once computed.
+public struct EncodedPair: Sendable, Equatable {
+    public var chosen: EncodedExample
+    public var rejected: EncodedExample
+    public var referenceChosen: Double?
+    public var referenceRejected: Double?
+
+    public init(chosen: EncodedExample, rejected: EncodedExample) {
+        self.chosen = chosen
+        self.rejected = rejected
+    }
+
+    public var longest: Int { max(chosen.tokens.count, rejected.tokens.count) }
+}
+
+public enum PreferenceData {
+    /// The records of a preference file; malformed ones stop the load naming their line, or are skipped.
+    public static func load(_ path: String, skipBadRecords: Bool = false) throws -> (records: [PreferenceRecord], skipped: [DatasetError]) {
+        var out: [PreferenceRecord] = [], skipped: [DatasetError] = []
+        for (line, record) in try DatasetLoader.records(path) {
+            do {
+                switch record {
+                case let .failure(e): throw e
+                case let .success(r): out.append(try parse(r, file: path, line: line))
+                }
+            } catch let e as DatasetError {
+                if !skipBadRecords { throw e }
+                skipped.append(e)
+            }
+        }
+        guard !out.isEmpty else { throw DatasetError(file: path, line: 1, reason: "every record was malformed (\(skipped.count) skipped)") }
+        return (out, skipped)
+    }
+
+    static func parse(_ r: JSONValue, file: String, line: Int) throws -> PreferenceRecord {
+        func bad(_ reason: String) -> DatasetError { DatasetError(file: file, line: line, reason: reason) }
+        guard r.objectValue != nil else { throw bad("a record must be a JSON object") }
+        guard let chosen = r["chosen"], let rejected = r["rejected"] else {
+            let keys = r.objectValue!.map(\.0).joined(separator: ", ")
+            throw bad("a preference record needs \"chosen\" and \"rejected\" (and \"prompt\", or conversations sharing their first turns); this one has \(keys)")
+        }
+        func messages(_ v: JSONValue, _ key: String) throws -> [ChatMessage] {
+            guard let list = v.arrayValue else { throw bad("'\(key)' must be a string or a list of messages") }
+            return try list.enumerated().map { i, m in
+                guard let role = m["role"]?.stringValue, ["system", "user", "assistant"].contains(role) else {
+                    throw bad("\(key)[\(i)] needs a role of system, user or assistant")
+                }
+                guard let content = m["content"]?.stringValue else { throw bad("\(key)[\(i)] has no string 'content'") }
+                return ChatMessage(role: role, content: content)
+            }
+        }
+        switch (r["prompt"], chosen, rejected) {
+        case let (.string(p)?, .string(c), .string(j)):
+            guard !c.isEmpty, !j.isEmpty else { throw bad("empty chosen or rejected completion") }
+            return .text(prompt: p, chosen: c, rejected: j)
+        case (nil, .string, .string), (.null?, .string, .string):
+            throw bad("plain-text pairs need a \"prompt\"")
+        case let (prompt?, c, j) where prompt != .null:
+            let p = try messages(prompt, "prompt"), cm = try messages(c, "chosen"), jm = try messages(j, "rejected")
+            guard !p.isEmpty else { throw bad("empty prompt") }
+            guard cm.contains(where: { $0.role == "assistant" }), jm.contains(where: { $0.role == "assistant" }) else {
+                throw bad("chosen and rejected must each hold an assistant turn")
+            }
+            return .conversation(prompt: p, chosen: cm, rejected: jm)
+        default:
+            // Implicit prompt: the messages chosen and rejected share.
+            let cm = try messages(chosen, "chosen"), jm = try messages(rejected, "rejected")
+            var shared = 0
+            while shared < min(cm.count, jm.count) && cm[shared] == jm[shared] { shared += 1 }
+            // The last shared message may be the start of the answers only if it is the user's: back up to the
+            // last turn that is not the assistant's.
+            while shared > 0 && cm[shared - 1].role == "assistant" { shared -= 1 }
+            guard shared > 0, shared < cm.count, shared < jm.count else {
+                throw bad("without \"prompt\", chosen and rejected must be conversations that share their first turns and then differ")
+            }
+            return .conversation(prompt: Array(cm[..<shared]), chosen: Array(cm[shared...]), rejected: Array(jm[shared...]))
+        }
+    }
+
+    /// Encodes a record as TRL does (see the top of this file); nil when truncation leaves no completion token.
+    public static func encode(_ record: PreferenceRecord, tokenizer: Tokenizer, template: ChatTemplate?, maxLength: Int) throws -> EncodedPair? {
+        let promptIDs: [Int], chosenIDs: [Int], rejectedIDs: [Int]
+        switch record {
+        case let .text(prompt, chosen, rejected):
+            guard let eos = tokenizer.eosTokenID else {
+                throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; preference tuning ends each completion with it")
+            }
+            let eosText = tokenizer.eosToken ?? ""
+            func withEOS(_ s: String) -> [Int] {
+                let ids = tokenizer.encode(prompt + s, addSpecialTokens: true)
+                return !eosText.isEmpty && s.hasSuffix(eosText) ? ids : ids + [eos]
+            }
+            promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
+            chosenIDs = withEOS(chosen)
+            rejectedIDs = withEOS(rejected)
+        case let .conversation(prompt, chosen, rejected):
+            guard let template else {
+                throw TokenizerError.invalidFile(file: tokenizer.source, reason: "conversational preference data needs a chat template, and this model has none")
+            }
+            let special = tokenizer.templateSpecialTokens
+            func render(_ ms: [ChatMessage], _ generation: Bool) throws -> [Int] {
+                tokenizer.encode(try template.render(messages: ms.map { ChatTemplate.message($0.role, $0.content) }, addGenerationPrompt: generation, specialTokens: special))
+            }
+            promptIDs = try render(prompt, true)
+            chosenIDs = try render(prompt + chosen, false)
+            rejectedIDs = try render(prompt + rejected, false)
+        }
+        func shared(_ a: [Int], _ b: [Int]) -> Int {
+            var n = 0
+            while n < min(a.count, b.count) && a[n] == b[n] { n += 1 }
+            return n
+        }
+        let promptLength = min(shared(promptIDs, chosenIDs), shared(promptIDs, rejectedIDs))
+        func example(_ ids: [Int]) -> EncodedExample? {
+            let kept = Array(ids.prefix(maxLength))
+            guard kept.count > promptLength else { return nil }
+            let labels = kept.indices.map { $0 < promptLength ? TrainingBatch.ignoreIndex : kept[$0] }
+            return EncodedExample(tokens: kept, labels: labels, truncated: kept.count < ids.count)
+        }
+        guard let c = example(chosenIDs), let r = example(rejectedIDs) else { return nil }
+        return EncodedPair(chosen: c, rejected: r)
+    }
+}

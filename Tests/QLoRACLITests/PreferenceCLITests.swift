@@ -1,0 +1,98 @@
+// `qlora train --method dpo` as users run it: plain-text pairs on the tiny Qwen3 (the margins grow, metrics.jsonl
+// has TRL's reward columns, the reference is computed once and read back on --resume, and a resumed run ends with
+// the uninterrupted run's adapter byte for byte), conversational pairs through the default model's chat template,
+// and the errors (methods not implemented, options of supervised finetuning, malformed records).
+import Foundation
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+private let tinyQwen = FileSystem.join(Fixtures.repositoryRoot(), "Tests/QLoRAModelTests/Resources/tiny-qwen3.gguf")
+
+@Suite("command line: train --method dpo")
+struct PreferenceCLITests {
+    static func pairs(conversational: Bool) throws -> String {
+        let dir = try Fixtures.temporaryDirectory("dpo-data")
+        let path = FileSystem.join(dir, "pairs.jsonl")
+        let lines = (0..<16).map { i -> String in
+            if conversational {
+                return #"{"prompt": [{"role": "user", "content": "What is \#(i) plus one?"}], "chosen": [{"role": "assistant", "content": "It is \#(i + 1)."}], "rejected": [{"role": "assistant", "content": "I do not know."}]}"#
+            }
+            return #"{"prompt": "Count on from \#(i):", "chosen": " \#(i + 1), \#(i + 2), \#(i + 3).", "rejected": " banana banana."}"#
+        }
+        try FileSystem.writeFileAtomically(path, bytes: Array((lines.joined(separator: "\n") + "\n").utf8))
+        return path
+    }
+
+    static func arguments(_ data: String, _ out: String, steps: Int) -> [String] {
+        ["train", "--model", tinyQwen, "--method", "dpo", "--data", data, "--output", out, "--lora-r", "8", "--max-steps", "\(steps)",
+         "--batch-size", "2", "--grad-accum", "2", "--max-seq-len", "48", "--val-split", "0", "--seed", "5", "--lora-dropout", "0",
+         "--learning-rate", "2e-3", "--save-every", "3", "--json"]
+    }
+
+    static func metrics(_ out: String) throws -> [JSONValue] {
+        try JSON.completeLines(try FileSystem.readFile(FileSystem.join(out, "metrics.jsonl"))).map { try JSON.parse(Array($0.1)) }
+    }
+
+    @Test("plain-text pairs: the reward margin grows, TRL's columns in metrics.jsonl, the reference computed once and read back on --resume, the resumed adapter byte-identical")
+    func plainPairs() throws {
+        let data = try Self.pairs(conversational: false)
+        let straight = try Fixtures.temporaryDirectory("dpo-straight")
+        let r = try runQLoRA(Self.arguments(data, straight, steps: 6))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("16 preference pairs, 16 train / 0 validation") && r.stderr.contains("with DPO (sigmoid, beta 0.1)"), "\(r.stderr)")
+        let lines = try Self.metrics(straight).filter { $0["loss"] != nil }
+        #expect(lines.count == 6)
+        let margins = lines.compactMap { $0["rewards/margins"]?.doubleValue }
+        #expect(margins.count == 6 && margins.last! > margins.first! + 0.05, "\(margins)")
+        for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"] { #expect(lines[0][key]?.doubleValue != nil, "\(key)") }
+        // The first step starts from B = 0: the policy is the reference, the loss log 2 and every reward 0.
+        #expect(abs((lines[0]["loss"]?.doubleValue ?? 0) - 0.693147) < 1e-4 && abs(margins[0]) < 1e-6)
+        #expect((lines.last?["loss"]?.doubleValue ?? 1) < 0.69)
+        let report = try runQLoRA(["report", straight])
+        let page = String(decoding: (try? FileSystem.readFile(FileSystem.join(straight, "report.html"))) ?? [], as: UTF8.self)
+        #expect(report.status == 0 && page.contains("Preference rewards"))
+        let reference = try JSON.parse(try FileSystem.readFile(FileSystem.join(straight, "reference_logps.json")))
+        #expect(reference["chosen"]?.arrayValue?.count == 16 && reference["rejected"]?.arrayValue?.count == 16)
+
+        // Stopped after step 3 (its checkpoint), resumed to 6: the reference is read, not recomputed, and the adapter is the same.
+        let resumed = try Fixtures.temporaryDirectory("dpo-resumed")
+        #expect(try runQLoRA(Self.arguments(data, resumed, steps: 6) + ["--max-steps", "3"]).status == 0)
+        let second = try runQLoRA(Self.arguments(data, resumed, steps: 6) + ["--resume"])
+        #expect(second.status == 0, "\(second.stderr)")
+        #expect(second.stderr.contains("reference log-probabilities of 16 pairs read from"), "\(second.stderr)")
+        let a = try FileSystem.readFile(FileSystem.join(straight, "adapter_model.safetensors"))
+        let b = try FileSystem.readFile(FileSystem.join(resumed, "adapter_model.safetensors"))
+        #expect(a == b, "the resumed adapter differs")
+    }
+
+    @Test("conversational pairs through the default model's chat template; hinge and ipo losses; a validation split")
+    func conversationalPairs() throws {
+        let data = try Self.pairs(conversational: true)
+        for loss in ["hinge", "ipo"] {
+            let out = try Fixtures.temporaryDirectory("dpo-chat")
+            let r = try runQLoRA(["train", "--method", "dpo", "--dpo-loss", loss, "--data", data, "--output", out, "--lora-r", "4", "--max-steps", "2",
+                                  "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "64", "--val-data", data, "--json"])
+            #expect(r.status == 0, "\(r.stderr)")
+            let lines = try Self.metrics(out)
+            #expect(lines.contains { $0["rewards/margins"] != nil } && lines.contains { $0["val_loss"] != nil }, "\(lines)")
+            #expect(FileSystem.exists(FileSystem.join(out, "adapter_model.safetensors")))
+        }
+    }
+
+    @Test("errors: orpo and kto are not implemented yet; options of supervised finetuning are refused; a record without chosen names its line")
+    func errors() throws {
+        let out = try Fixtures.temporaryDirectory("dpo-errors")
+        let data = try Self.pairs(conversational: false)
+        for method in ["orpo", "kto"] {
+            let r = try runQLoRA(["train", "--model", tinyQwen, "--method", method, "--data", data, "--output", out])
+            #expect(r.status != 0 && r.stderr.contains("--method \(method) is not implemented yet"), "\(r.stderr)")
+        }
+        let packing = try runQLoRA(["train", "--model", tinyQwen, "--method", "dpo", "--packing", "--data", data, "--output", out])
+        #expect(packing.status != 0 && packing.stderr.contains("--packing applies to --method sft"), "\(packing.stderr)")
+        let bad = FileSystem.join(out, "bad.jsonl")
+        try FileSystem.writeFileAtomically(bad, bytes: Array(#"{"prompt": "a", "chosen": " b", "rejected": " c"}\#n{"prompt": "a", "answer": "b"}\#n"#.utf8))
+        let r = try runQLoRA(["train", "--model", tinyQwen, "--method", "dpo", "--data", bad, "--output", FileSystem.join(out, "o")])
+        #expect(r.status != 0 && r.stderr.contains("bad.jsonl:2: a preference record needs \"chosen\" and \"rejected\""), "\(r.stderr)")
+    }
+}
