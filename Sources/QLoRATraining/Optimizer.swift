@@ -95,6 +95,9 @@ public final class AdamW {
     /// Tensors as (offset, count) ranges of the flat parameter vector.
     public let tensors: [(offset: Int, count: Int)]
     public private(set) var step = 0
+    /// Per tensor, a factor on the learning rate (and so on its weight decay, as torch's per-group lr does): LoRA+
+    /// gives each B tensor the ratio, as PEFT's create_loraplus_optimizer puts B in a group with lr x ratio. nil: 1.
+    public var learningRateScales: [Double]?
 
     /// bitsandbytes keeps tensors smaller than this in 32-bit state.
     public static let min8BitSize = 4096
@@ -135,16 +138,17 @@ public final class AdamW {
     public var stateBytes: Int { state.byteCount }
 
     /// One update of `parameters` from `gradients` with learning rate `lr`.
-    public func update(parameters: UnsafeMutableBufferPointer<Float>, gradients: UnsafeBufferPointer<Float>, lr: Double) {
+    public func update(parameters: UnsafeMutableBufferPointer<Float>, gradients: UnsafeBufferPointer<Float>, lr baseLR: Double) {
         step += 1
         let t = Double(step)
         let b1 = config.beta1, b2 = config.beta2
         let oneMinusB1 = Float(1 - b1), oneMinusB2 = Float(1 - b2), fb1 = Float(b1), fb2 = Float(b2)
-        let decay = Float(1 - lr * config.weightDecay)
         // Paged state is released tensor by tensor as the update passes, so at most about one tensor's
         // state is resident at a time.
         var released = 0
         for (k, tensor) in tensors.enumerated() {
+            let lr = baseLR * (learningRateScales?[k] ?? 1)
+            let decay = Float(1 - lr * config.weightDecay)
             defer { released = state.release(from: released, to: k + 1 < layouts.count ? layouts[k + 1].start : state.byteCount) }
             let layout = layouts[k]
             let p = UnsafeMutableBufferPointer(rebasing: parameters[tensor.offset..<(tensor.offset + tensor.count)])

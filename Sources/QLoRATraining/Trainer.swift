@@ -33,6 +33,8 @@ public struct TrainerConfig: Sendable {
     public var skipNonFinite = false
     public var optimizer = OptimizerKind.pagedAdamw32
     public var adam = AdamWConfig()
+    /// LoRA+: B's learning rate is this times A's (PEFT's loraplus_lr_ratio); nil: plain LoRA.
+    public var loraPlusRatio: Double?
 
     public init() {}
 }
@@ -44,6 +46,8 @@ public struct StepMetrics: Sendable {
     public let gradNorm: Double
     public let tokensPerSecond: Double
     public var validationLoss: Double?
+    /// The step's wall-clock time (with the optimizer update).
+    public var seconds: Double?
     /// Data parallelism: seconds this rank spent in the step's all-reduce (waiting for the slowest rank included).
     public var allreduceSeconds: Double?
     /// Preference tuning: the step's rewards and log-probabilities (means over its pairs).
@@ -151,6 +155,8 @@ public final class Trainer {
     public private(set) var pairs: [EncodedPair]
     public private(set) var validationPairs: [EncodedPair]
     public let objective: TrainingObjective
+    /// Preference tuning: the held-out pairs' rewards at the last validation.
+    public private(set) var validationPreference: PreferenceMetrics?
 
     public convenience init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], padToken: Int) throws {
         try self.init(engine: engine, config: config, train: train, validation: validation, pairs: [], validationPairs: [], objective: .sft, padToken: padToken)
@@ -175,16 +181,23 @@ public final class Trainer {
         self.objective = objective
         self.padToken = padToken
         order = BatchOrder(lengths: pairs.isEmpty ? train.map(\.tokens.count) : pairs.map(\.longest), config: config)
-        let lora = engine.lora
-        var tensors: [(offset: Int, count: Int)] = []
-        for s in lora.slots {
-            tensors.append((s.aOffset, lora.config.rank * s.inFeatures))
-            tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
-        }
+        let (tensors, isB) = Self.optimizerTensors(engine.lora)
         optimizer = try AdamW(kind: config.optimizer, config: config.adam, tensors: tensors)
+        if let ratio = config.loraPlusRatio { optimizer.learningRateScales = isB.map { $0 ? ratio : 1 } }
         // The activation arena, made once for the longest batch (training or validation).
         let longest = (train + validation + (pairs + validationPairs).map(\.rejected)).map(\.tokens.count).max() ?? 1
         engine.reserve(batchSize: pairs.isEmpty ? config.batchSize : 2 * config.batchSize, sequenceLength: longest)
+    }
+
+    /// The optimizer's tensors: each slot's A, then its B (whether each is a B, for LoRA+).
+    public static func optimizerTensors(_ lora: LoRAWeights) -> (tensors: [(offset: Int, count: Int)], isB: [Bool]) {
+        var tensors: [(offset: Int, count: Int)] = [], isB: [Bool] = []
+        for s in lora.slots {
+            tensors.append((s.aOffset, lora.config.rank * s.inFeatures))
+            tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
+            isB += [false, true]
+        }
+        return (tensors, isB)
     }
 
     // MARK: Data order
@@ -372,7 +385,9 @@ public final class Trainer {
             lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: lr) }
         }
         step += 1
-        var m = StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / (Clock.seconds() - start))
+        let seconds = Clock.seconds() - start
+        var m = StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / seconds)
+        m.seconds = seconds
         m.allreduceSeconds = allreduceSeconds
         m.preference = preference
         return m
@@ -384,13 +399,15 @@ public final class Trainer {
         engine.training = false
         defer { engine.training = true }
         if case let .dpo(dpo) = objective {
-            // The mean DPO loss over the held-out pairs.
+            // The mean DPO loss over the held-out pairs, and their rewards (validationPreference).
             var total = 0.0
+            var parts: [PreferenceMetrics] = []
             for start in stride(from: 0, to: validationPairs.count, by: config.batchSize) {
                 let chunk = Array(validationPairs[start..<min(validationPairs.count, start + config.batchSize)])
                 let (batch, reference) = makeBatch(pairs: chunk)
-                total += try engine.step(batch, objective: DPO.objective(dpo, reference: reference), backward: false) * Double(chunk.count)
+                total += try engine.step(batch, objective: DPO.objective(dpo, reference: reference) { parts.append($0) }, backward: false) * Double(chunk.count)
             }
+            validationPreference = PreferenceMetrics.merged(parts)
             return total / Double(validationPairs.count)
         }
         var total = 0.0, count = 0

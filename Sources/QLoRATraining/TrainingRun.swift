@@ -143,7 +143,7 @@ public final class TrainingRun {
         if trainer.step == 0, let v = try trainer.validationLoss() {
             result.validationBefore = v
             progress(.validationBefore(v))
-            try record([("step", .int(0)), ("val_loss", .double(v))])
+            try record([("step", .int(0)), ("val_loss", .double(v))] + validationPreferenceFields())
             try board?.scalar("eval/loss", v, step: 0)
         }
         progress(.started(step: trainer.step, total: trainer.totalSteps))
@@ -162,7 +162,8 @@ public final class TrainingRun {
                 ("step", .int(m.step)), ("loss", .double(m.loss)), ("learning_rate", .double(m.learningRate)),
                 ("grad_norm", .double(m.gradNorm)), ("tokens_per_second", .double(m.tokensPerSecond)),
             ]
-            if let v = m.validationLoss { fields.append(("val_loss", .double(v))) }
+            if let v = m.validationLoss { fields.append(("val_loss", .double(v))); fields += validationPreferenceFields() }
+            if let s = m.seconds { fields.append(("step_seconds", .double(s))) }
             if let a = m.allreduceSeconds { fields.append(("allreduce_seconds", .double(a))) }
             let preference = m.preference.map(Self.preferenceFields) ?? []
             fields += preference
@@ -192,7 +193,7 @@ public final class TrainingRun {
         let evaluatedLast = last.flatMap { $0.step == trainer.step ? $0.validationLoss : nil }
         result.validationAfter = try evaluatedLast ?? trainer.validationLoss()
         if evaluatedLast == nil, let v = result.validationAfter {
-            try record([("step", .int(trainer.step)), ("val_loss", .double(v))])
+            try record([("step", .int(trainer.step)), ("val_loss", .double(v))] + validationPreferenceFields())
             try board?.scalar("eval/loss", v, step: trainer.step)
         }
         result.steps = trainer.step
@@ -209,6 +210,12 @@ public final class TrainingRun {
     static func preferenceFields(_ m: PreferenceMetrics) -> [(String, JSONValue)] {
         [("rewards/chosen", .double(m.rewardsChosen)), ("rewards/rejected", .double(m.rewardsRejected)), ("rewards/margins", .double(m.margins)),
          ("rewards/accuracies", .double(m.accuracy)), ("logps/chosen", .double(m.logpsChosen)), ("logps/rejected", .double(m.logpsRejected))]
+    }
+
+    /// The held-out pairs' rewards at the last validation, under TRL's eval_ names.
+    func validationPreferenceFields() -> [(String, JSONValue)] {
+        guard let m = trainer.validationPreference else { return [] }
+        return Self.preferenceFields(m).map { ("eval_" + $0.0, $0.1) }
     }
 
     static let referenceFile = "reference_logps.json"

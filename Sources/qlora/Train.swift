@@ -111,6 +111,9 @@ struct Train: ParsableCommand {
     var skipNonfinite = false
     @Flag(help: "Keep every activation instead of recomputing each layer in the backward pass (faster, more memory).")
     var noGradientCheckpointing = false
+    @Option(help: "LoRA+: train each B matrix at this many times the learning rate of A (PEFT's loraplus_lr_ratio; the LoRA+ paper suggests 16). --weight-decay applies to both, as PEFT's loraplus_weight_decay.")
+    var loraplusLrRatio: Double?
+
     @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json). orpo and kto are not implemented yet.")
     var method = "sft"
 
@@ -143,6 +146,7 @@ struct Train: ParsableCommand {
         ]
         if let s = sourceMaxLen { o.append(("source_max_len", "\(s)")) }
         if let t = targetMaxLen { o.append(("target_max_len", "\(t)")) }
+        if let r = loraplusLrRatio { o.append(("loraplus_lr_ratio", "\(r)")) }
         o += [
             ("optim", q(optim)), ("compute_dtype", q(computeDtype)), ("weight_decay", "\(weightDecay)"), ("seed", "\(seed)"), ("eval_every", "\(evalEvery)"),
             ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"), ("packing", "\(packing)"),
@@ -170,6 +174,7 @@ struct Train: ParsableCommand {
         guard loraInit == "kaiming" || loraInit == "gaussian" else { throw ValidationError("--lora-init must be kaiming or gaussian") }
         if let s = sourceMaxLen { guard s > 0 else { throw ValidationError("--source-max-len must be positive") } }
         if let t = targetMaxLen { guard t > 1 else { throw ValidationError("--target-max-len must be at least 2") } }
+        if let r = loraplusLrRatio { guard r > 0 else { throw ValidationError("--loraplus-lr-ratio must be positive") } }
         switch method {
         case "sft": break
         case "dpo":
@@ -304,6 +309,7 @@ struct Train: ParsableCommand {
         config.skipNonFinite = skipNonfinite
         config.optimizer = OptimizerKind(rawValue: optim)!
         config.adam.weightDecay = weightDecay
+        config.loraPlusRatio = loraplusLrRatio
         let padToken = tokenizer.eosTokenID ?? 0
         let trainer: Trainer
         if method == "dpo" {
@@ -319,7 +325,7 @@ struct Train: ParsableCommand {
         run.writesFiles = rank == 0
         if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }
-        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "dpo" ? "pairs" : "sequences"), \(optim), lr \(learningRate) \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "dpo" ? "pairs" : "sequences"), \(optim), lr \(learningRate)\(loraplusLrRatio.map { " (B: x\($0), LoRA+)" } ?? "") \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }

@@ -75,9 +75,62 @@ struct PreferenceCLITests {
                                   "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "64", "--val-data", data, "--json"])
             #expect(r.status == 0, "\(r.stderr)")
             let lines = try Self.metrics(out)
-            #expect(lines.contains { $0["rewards/margins"] != nil } && lines.contains { $0["val_loss"] != nil }, "\(lines)")
+            #expect(lines.contains { $0["rewards/margins"] != nil } && lines.contains { $0["val_loss"] != nil && $0["eval_rewards/margins"] != nil && $0["eval_logps/chosen"] != nil }, "\(lines)")
             #expect(FileSystem.exists(FileSystem.join(out, "adapter_model.safetensors")))
         }
+    }
+
+    @Test("two MPI ranks: the reference scored half on each, the step's pairs split, the same rewards and adapter as one process")
+    func twoRanks() throws {
+        let data = try Self.pairs(conversational: false)
+        let one = try Fixtures.temporaryDirectory("dpo-one"), two = try Fixtures.temporaryDirectory("dpo-two")
+        #expect(try runQLoRA(Self.arguments(data, one, steps: 4)).status == 0)
+        let binary = FileSystem.join(FileSystem.directoryName(CommandLine.arguments[0]), "qlora")
+        let b = try runProgram(DistributedCLITests.mpirun, DistributedCLITests.launch + [binary] + Self.arguments(data, two, steps: 4))
+        #expect(b.status == 0 && b.stderr.contains("data parallel: 2 ranks"), "mpirun: \(b.stderr)")
+        let ma = try Self.metrics(one).filter { $0["loss"] != nil }, mb = try Self.metrics(two).filter { $0["loss"] != nil }
+        #expect(ma.count == 4 && mb.count == 4)
+        for (x, y) in zip(ma, mb) {
+            for key in ["loss", "rewards/margins", "rewards/chosen", "logps/rejected"] {
+                let u = x[key]?.doubleValue ?? .nan, v = y[key]?.doubleValue ?? -1
+                #expect(abs(u - v) <= 1e-5 * max(1, abs(u)), "step \(x["step"]?.intValue ?? 0) \(key): \(u) vs \(v)")
+            }
+        }
+        let x = try SafetensorsFile(path: FileSystem.join(one, "adapter_model.safetensors"))
+        let y = try SafetensorsFile(path: FileSystem.join(two, "adapter_model.safetensors"))
+        var worst: Float = 0, scale: Float = 0
+        for name in x.names {
+            let u = x.tensor(name)!.values(as: Float.self), v = y.tensor(name)!.values(as: Float.self)
+            worst = max(worst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
+            scale = max(scale, u.map(abs).max() ?? 0)
+        }
+        #expect(scale > 0 && worst <= 1e-5 * scale, "adapter differs by \(worst) (max |value| \(scale))")
+        let r1 = try JSON.parse(try FileSystem.readFile(FileSystem.join(one, "reference_logps.json")))["chosen"]?.arrayValue?.compactMap(\.doubleValue) ?? []
+        let r2 = try JSON.parse(try FileSystem.readFile(FileSystem.join(two, "reference_logps.json")))["chosen"]?.arrayValue?.compactMap(\.doubleValue) ?? []
+        #expect(r1.count == 16 && zip(r1, r2).allSatisfy { abs($0 - $1) <= 1e-9 * max(1, abs($0)) })
+    }
+
+    @Test("--loraplus-lr-ratio: B moves that much faster than A (DPO and SFT alike), and training_args.yaml keeps it")
+    func loraPlus() throws {
+        let data = try Self.pairs(conversational: false)
+        let plain = try Fixtures.temporaryDirectory("loraplus-off"), plus = try Fixtures.temporaryDirectory("loraplus-on")
+        #expect(try runQLoRA(Self.arguments(data, plain, steps: 2)).status == 0)
+        let r = try runQLoRA(Self.arguments(data, plus, steps: 2) + ["--loraplus-lr-ratio", "16"])
+        #expect(r.status == 0 && r.stderr.contains("(B: x16.0, LoRA+)"), "\(r.stderr)")
+        let args = String(decoding: try FileSystem.readFile(FileSystem.join(plus, "training_args.yaml")), as: UTF8.self)
+        #expect(args.contains("loraplus_lr_ratio: 16.0"))
+        // A starts random and B at zero; after two steps B has moved much further with the ratio, A about as far.
+        func norms(_ dir: String) throws -> (a: Float, b: Float) {
+            let f = try SafetensorsFile(path: FileSystem.join(dir, "adapter_model.safetensors"))
+            var a: Float = 0, b: Float = 0
+            for name in f.names {
+                let v = f.tensor(name)!.values(as: Float.self).reduce(0) { $0 + $1 * $1 }
+                if name.contains("lora_B") { b += v } else { a += v }
+            }
+            return (a.squareRoot(), b.squareRoot())
+        }
+        let (x, y) = (try norms(plain), try norms(plus))
+        #expect(y.b > 5 * x.b && abs(y.a - x.a) < 0.1 * x.a, "B \(x.b) -> \(y.b), A \(x.a) -> \(y.a)")
     }
 
     @Test("errors: orpo and kto are not implemented yet; options of supervised finetuning are refused; a record without chosen names its line")

@@ -27,6 +27,49 @@ struct OptimizerTests {
         #expect(Compare.bitEqual(v, f.tensor(prefix + "exp_avg_sq")!.values(as: Float.self), "exp_avg_sq") == nil)
     }
 
+    @Test("LoRA+: the trainer's optimizer (B at 16x the learning rate, weight decay 0.01) equals PEFT's create_loraplus_optimizer over torch's AdamW, 3 steps", arguments: [false, true])
+    func loraPlus(paged: Bool) throws {
+        let f = try SafetensorsFile(path: FileSystem.join(resources, "loraplus.safetensors"))
+        let initial = try SafetensorsFile(path: FileSystem.join(resources, "lora_grads.safetensors"))
+        var o = LoadOptions()
+        o.quantType = nil
+        o.showProgress = false
+        let model = try LlamaModel.load(FileSystem.join(resources, "tiny-llama-train"), options: o)
+        var c = LoRAConfig()
+        c.rank = 8
+        c.alpha = 16
+        let lora = LoRAWeights(model: model, config: c)
+        var names: [(String, Int, Int)] = []
+        for s in lora.slots {
+            let (a, b) = LoRAWeights.peftNames(s)
+            names += [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)]
+        }
+        for (name, offset, count) in names {
+            let v = initial.tensor("untied." + name)!.values(as: Float.self)
+            for i in 0..<count { lora.parameters[offset + i] = v[i] }
+        }
+        var adam = AdamWConfig()
+        adam.weightDecay = 0.01
+        let (tensors, isB) = Trainer.optimizerTensors(lora)
+        let opt = try AdamW(kind: paged ? .pagedAdamw32 : .adamw32, config: adam, tensors: tensors)
+        opt.learningRateScales = isB.map { $0 ? 16 : 1 }
+        for t in 1...3 {
+            var grads = [Float](repeating: 0, count: lora.parameters.count)
+            for (name, offset, count) in names {
+                let g = f.tensor("step\(t).grad." + name)!.values(as: Float.self)
+                for i in 0..<count { grads[offset + i] = g[i] }
+            }
+            lora.parameters.withUnsafeMutableBufferPointer { p in grads.withUnsafeBufferPointer { opt.update(parameters: p, gradients: $0, lr: 1e-3) } }
+            for (name, offset, count) in names {
+                let expected = f.tensor("step\(t)." + name)!.values(as: Float.self)
+                #expect(Compare.close(Array(lora.parameters[offset..<(offset + count)]), expected, atol: 1e-7, rtol: 1e-6, "step \(t) \(name)") == nil)
+            }
+        }
+        // Without the ratio, B would have moved 16 times less: the check above can tell.
+        let plain = try AdamW(kind: .adamw32, config: adam, tensors: tensors)
+        #expect(plain.learningRateScales == nil)
+    }
+
     @Test("8-bit AdamW equals bitsandbytes' AdamW8bit: codes and absmax bit for bit, parameters within 1e-6; small tensors in 32-bit",
           arguments: [false, true])
     func adamw8(paged: Bool) throws {
