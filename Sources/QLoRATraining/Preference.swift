@@ -114,3 +114,61 @@ public enum DPO {
         }
     }
 }
+
+/// ORPO (Hong et al., 2024) as TRL's ORPOTrainer computes it: no reference model; the loss is the chosen sequences'
+/// negative log-likelihood over all their tokens (prompt and completion, the mean over the batch's chosen tokens)
+/// minus beta times the mean log σ of the log odds ratio of the completions' average log-probabilities.
+public struct ORPOConfig: Sendable, Equatable {
+    /// λ of the paper, TRL's beta (default 0.1).
+    public var beta = 0.1
+    public init() {}
+}
+
+public enum ORPO {
+    /// log(1 - e^x) for x < 0, split at -ln 2 as TRL does.
+    static func log1mexp(_ x: Double) -> Double { x < -0.6931471805599453 ? log1p(-exp(x)) : log(-expm1(x)) }
+
+    /// The objective of one batch of P pairs (rows: chosen 0..<P, then rejected). Rewards are beta times the average
+    /// log-probabilities, as TRL logs them; logps/* are the average log-probabilities.
+    public static func objective(_ config: ORPOConfig, report: @escaping (PreferenceMetrics) -> Void = { _ in }) -> TrainingEngine.AllTokenObjective {
+        { completion, counts, all, allCounts in
+            precondition(completion.count % 2 == 0)
+            let P = completion.count / 2, beta = config.beta
+            var dCompletion = [Double](repeating: 0, count: 2 * P), dAll = dCompletion
+            // NLL over every token of the chosen rows.
+            var chosenTokens = 0, chosenSum = 0.0
+            for i in 0..<P { chosenTokens += allCounts[i]; chosenSum += all[i] }
+            let n = Double(max(chosenTokens, 1))
+            var loss = -chosenSum / n
+            for i in 0..<P { dAll[i] = -1 / n }
+            var m = PreferenceMetrics()
+            m.pairs = P
+            for i in 0..<P {
+                let nc = Double(max(counts[i], 1)), nr = Double(max(counts[P + i], 1))
+                let ac = completion[i] / nc, ar = completion[P + i] / nr
+                let logOdds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
+                // -beta log σ(lo), averaged over the pairs.
+                let logSigmoid = logOdds >= 0 ? -log1p(exp(-logOdds)) : logOdds - log1p(exp(logOdds))
+                loss -= beta * logSigmoid / Double(P)
+                let dLogOdds = -beta / Double(P) / (1 + exp(logOdds))  // -(beta/P) σ(-lo)
+                dCompletion[i] = dLogOdds / (1 - exp(ac)) / nc
+                dCompletion[P + i] = -dLogOdds / (1 - exp(ar)) / nr
+                m.rewardsChosen += beta * ac
+                m.rewardsRejected += beta * ar
+                m.margins += beta * (ac - ar)
+                m.accuracy += ac > ar ? 1 : 0
+                m.logpsChosen += ac
+                m.logpsRejected += ar
+            }
+            let p = Double(P)
+            m.rewardsChosen /= p
+            m.rewardsRejected /= p
+            m.margins /= p
+            m.accuracy /= p
+            m.logpsChosen /= p
+            m.logpsRejected /= p
+            report(m)
+            return (loss, dCompletion, dAll)
+        }
+    }
+}

@@ -60,6 +60,8 @@ public enum TrainingObjective: Sendable, Equatable {
     case sft
     /// DPO over preference pairs, the reference being the base with the adapter off.
     case dpo(DPOConfig)
+    /// ORPO over preference pairs (no reference).
+    case orpo(ORPOConfig)
 }
 
 public enum TrainingError: Error, CustomStringConvertible {
@@ -164,9 +166,29 @@ public final class Trainer {
 
     /// A preference run: each micro-batch holds `config.batchSize` pairs (twice as many rows).
     public convenience init(engine: TrainingEngine, config: TrainerConfig, pairs: [EncodedPair], validationPairs: [EncodedPair], dpo: DPOConfig, padToken: Int) throws {
+        try self.init(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, objective: .dpo(dpo), padToken: padToken)
+    }
+
+    /// A preference run under `objective` (.dpo or .orpo).
+    public convenience init(engine: TrainingEngine, config: TrainerConfig, pairs: [EncodedPair], validationPairs: [EncodedPair], objective: TrainingObjective, padToken: Int) throws {
         guard !pairs.isEmpty else { throw TrainingError.noData("no training pairs") }
+        precondition(objective != .sft)
         try self.init(engine: engine, config: config, train: pairs.map(\.chosen), validation: validationPairs.map(\.chosen), pairs: pairs,
-                      validationPairs: validationPairs, objective: .dpo(dpo), padToken: padToken)
+                      validationPairs: validationPairs, objective: objective, padToken: padToken)
+    }
+
+    /// One micro-batch of pairs under the preference objective; its loss (the mean over its pairs).
+    func preferenceStep(_ pairs: [EncodedPair], backward: Bool, gradientScale: Float, report: @escaping (PreferenceMetrics) -> Void) throws -> Double {
+        let (batch, reference) = makeBatch(pairs: pairs)
+        switch objective {
+        case let .dpo(dpo):
+            precondition(!reference.contains { $0.isNaN }, "computeReference() first")
+            return try engine.step(batch, objective: DPO.objective(dpo, reference: reference, report: report), backward: backward, gradientScale: gradientScale)
+        case let .orpo(orpo):
+            return try engine.step(batch, allTokenObjective: ORPO.objective(orpo, report: report), backward: backward, gradientScale: gradientScale)
+        case .sft:
+            preconditionFailure("not a preference run")
+        }
     }
 
     init(engine: TrainingEngine, config: TrainerConfig, train: [EncodedExample], validation: [EncodedExample], pairs: [EncodedPair],
@@ -235,7 +257,8 @@ public final class Trainer {
 
     /// Whether some pair still lacks its reference log-probabilities.
     public var needsReference: Bool {
-        (pairs + validationPairs).contains { $0.referenceChosen == nil || $0.referenceRejected == nil }
+        guard case .dpo = objective else { return false }
+        return (pairs + validationPairs).contains { $0.referenceChosen == nil || $0.referenceRejected == nil }
     }
 
     /// A checksum of every pair's tokens and labels, naming the data a set of reference log-probabilities belongs to.
@@ -315,16 +338,15 @@ public final class Trainer {
         let rank = communicator?.rank ?? 0, ranks = communicator?.size ?? 1
         let plan = order.microBatches(ofStep: step)
         var parts: [PreferenceMetrics] = []
-        if case let .dpo(dpo) = objective {
+        if objective != .sft {
             // Each micro-batch's loss is the mean over its pairs: weighted by its share of the step's pairs.
             let total = plan.reduce(0) { $0 + $1.count }
             for (micro, indices) in plan.enumerated() where micro % ranks == rank {
-                let (batch, reference) = makeBatch(pairs: indices.map { pairs[$0] })
-                precondition(!reference.contains { $0.isNaN }, "computeReference() first")
-                tokens += batch.tokens.count
+                let chunk = indices.map { pairs[$0] }
+                tokens += chunk.count * 2 * chunk.map(\.longest).max()!
                 let weight = Double(indices.count) / Double(total)
                 engine.stepCounter = UInt64(step) &* 1_000_003 &+ UInt64(micro)
-                loss += try engine.step(batch, objective: DPO.objective(dpo, reference: reference) { parts.append($0) }, gradientScale: Float(weight)) * weight
+                loss += try preferenceStep(chunk, backward: true, gradientScale: Float(weight)) { parts.append($0) } * weight
             }
         } else {
             let batches = plan.map { indices in makeBatch(indices.map { train[$0] }) }
@@ -398,14 +420,13 @@ public final class Trainer {
         guard !validation.isEmpty else { return nil }
         engine.training = false
         defer { engine.training = true }
-        if case let .dpo(dpo) = objective {
-            // The mean DPO loss over the held-out pairs, and their rewards (validationPreference).
+        if objective != .sft {
+            // The mean preference loss over the held-out pairs, and their rewards (validationPreference).
             var total = 0.0
             var parts: [PreferenceMetrics] = []
             for start in stride(from: 0, to: validationPairs.count, by: config.batchSize) {
                 let chunk = Array(validationPairs[start..<min(validationPairs.count, start + config.batchSize)])
-                let (batch, reference) = makeBatch(pairs: chunk)
-                total += try engine.step(batch, objective: DPO.objective(dpo, reference: reference) { parts.append($0) }, backward: false) * Double(chunk.count)
+                total += try preferenceStep(chunk, backward: false, gradientScale: 1) { parts.append($0) } * Double(chunk.count)
             }
             validationPreference = PreferenceMetrics.merged(parts)
             return total / Double(validationPairs.count)

@@ -373,6 +373,23 @@ public final class TrainingEngine {
     /// Unpacked batches only: one example a row. `backward: false` scores without gradients.
     @discardableResult
     public func step(_ batch: TrainingBatch, objective: @escaping SequenceObjective, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
+        try step(batch, objective: .completions(objective), backward: backward, gradientScale: gradientScale)
+    }
+
+    /// An objective that also needs each row's log-probability of all its tokens (ORPO's NLL runs over prompt and
+    /// completion): given the completion sums and counts and the all-token sums and counts (a row's tokens end at
+    /// its last labeled one), the loss and its derivative by each of the two sums of each row.
+    public typealias AllTokenObjective = (_ completion: [Double], _ completionCounts: [Int], _ all: [Double], _ allCounts: [Int])
+        -> (loss: Double, dCompletion: [Double], dAll: [Double])
+
+    @discardableResult
+    public func step(_ batch: TrainingBatch, allTokenObjective: @escaping AllTokenObjective, backward: Bool = true, gradientScale: Float = 1) throws -> Double {
+        try step(batch, objective: .allTokens(allTokenObjective), backward: backward, gradientScale: gradientScale)
+    }
+
+    enum Objective { case completions(SequenceObjective), allTokens(AllTokenObjective) }
+
+    func step(_ batch: TrainingBatch, objective: Objective, backward: Bool, gradientScale: Float) throws -> Double {
         precondition(batch.segmentStarts == nil, "a sequence objective needs one example a row")
         sequenceObjective = objective
         defer { sequenceObjective = nil }
@@ -394,7 +411,7 @@ public final class TrainingEngine {
         return out
     }
 
-    var sequenceObjective: SequenceObjective?
+    var sequenceObjective: Objective?
     /// False: the adapter is left out of the forward (the base model alone).
     public var adapterEnabled = true
 
@@ -575,47 +592,75 @@ public final class TrainingEngine {
     }
 
     /// The chunked head and log-softmax as in crossEntropy, each token's gradient taken with weight 1 (that of
-    /// -log p), summed per row; then the objective's derivative by each row's log-probability scales that row's
-    /// gradient (by -dLoss/dlogp: the token gradients are those of -log p).
-    func sequenceLoss(_ ws: StepWorkspace, batch: TrainingBatch, objective: SequenceObjective, scale: Float, wantGradient: Bool) -> Double {
+    /// -log p), summed per row (completion targets, and for an all-token objective every target up to the row's last
+    /// labeled token); then each target's gradient is scaled by minus the objective's derivative by the sums it
+    /// belongs to (the token gradients are those of -log p).
+    func sequenceLoss(_ ws: StepWorkspace, batch: TrainingBatch, objective: Objective, scale: Float, wantGradient: Bool) -> Double {
         let c = model.config
-        let V = c.vocabSize, D = c.hiddenSize, T = batch.sequenceLength
-        let N = batch.batchSize * T
-        ws.lossRows.removeAll(keepingCapacity: true)
-        for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
-        let rows = ws.lossRows
-        var logProbs = [Double](repeating: 0, count: batch.batchSize), counts = [Int](repeating: 0, count: batch.batchSize)
+        let V = c.vocabSize, D = c.hiddenSize, T = batch.sequenceLength, B = batch.batchSize
+        var allTokens = false
+        if case .allTokens = objective { allTokens = true }
+        // Targets: (row position, token, whether it is a completion target).
+        var targets: [(Int, Int, Bool)] = []
+        for b in 0..<B {
+            var end = -1
+            for t in 0..<T where batch.labels[b * T + t] != TrainingBatch.ignoreIndex { end = t }
+            for t in 0..<(T - 1) {
+                let i = b * T + t
+                if let target = batch.target(of: i) {
+                    targets.append((i, target, true))
+                } else if allTokens && t < end {
+                    targets.append((i, batch.tokens[i + 1], false))
+                }
+            }
+        }
+        var completion = [Double](repeating: 0, count: B), completionCounts = [Int](repeating: 0, count: B)
+        var all = completion, allCounts = completionCounts
         let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
         let head = model.head
         var start = 0
-        while start < rows.count {
-            let n = min(lossChunkRows, rows.count - start)
-            for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
+        while start < targets.count {
+            let n = min(lossChunkRows, targets.count - start)
+            for k in 0..<n { (x + k * D).update(from: ws.xf + targets[start + k].0 * D, count: D) }
             head.frozenForward(x, converted: bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, scratch: ws.scratch, packed: ws.packed,
                                bf16: bf16, kernels: kernels)
             for k in 0..<n {
-                let b = rows[start + k].0 / T
-                logProbs[b] -= Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: 1)
-                counts[b] += 1
+                let (i, target, isCompletion) = targets[start + k]
+                let b = i / T
+                let logp = -Ops.crossEntropyRow(logits + k * V, vocab: V, target: target, scale: 1)
+                all[b] += logp
+                allCounts[b] += 1
+                if isCompletion {
+                    completion[b] += logp
+                    completionCounts[b] += 1
+                }
             }
             if wantGradient {
                 dx.update(repeating: 0, count: n * D)
                 head.inputGradient(logits, converted: bf16Operand(ws, logits, rows: n, cols: V), rows: n, into: dx, scratch: ws.scratch,
                                    packed: ws.packed, bf16: bf16, kernels: kernels)
                 for k in 0..<n {
-                    let row = ws.dxf + rows[start + k].0 * D
+                    let row = ws.dxf + targets[start + k].0 * D
                     for j in 0..<D { row[j] += dx[k * D + j] }
                 }
             }
             start += n
         }
-        let (loss, gradient) = objective(logProbs, counts)
-        precondition(gradient.count == batch.batchSize)
+        let loss: Double, dCompletion: [Double], dAll: [Double]
+        switch objective {
+        case let .completions(f):
+            (loss, dCompletion) = f(completion, completionCounts)
+            dAll = [Double](repeating: 0, count: B)
+        case let .allTokens(f):
+            (loss, dCompletion, dAll) = f(completion, completionCounts, all, allCounts)
+        }
+        precondition(dCompletion.count == B && dAll.count == B)
         if wantGradient {
-            for b in 0..<batch.batchSize {
-                let w = Float(-gradient[b]) * scale
-                let rowStart = ws.dxf + b * T * D
-                for j in 0..<(T * D) { rowStart[j] *= w }
+            for (i, _, isCompletion) in targets {
+                let b = i / T
+                let w = Float(-(dAll[b] + (isCompletion ? dCompletion[b] : 0))) * scale
+                let row = ws.dxf + i * D
+                for j in 0..<D { row[j] *= w }
             }
         }
         return loss

@@ -114,10 +114,10 @@ struct Train: ParsableCommand {
     @Option(help: "LoRA+: train each B matrix at this many times the learning rate of A (PEFT's loraplus_lr_ratio; the LoRA+ paper suggests 16). --weight-decay applies to both, as PEFT's loraplus_weight_decay.")
     var loraplusLrRatio: Double?
 
-    @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json). orpo and kto are not implemented yet.")
+    @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json), or orpo (the same pairs, no reference: the chosen sequences' likelihood plus beta times the odds-ratio term, as TRL's ORPOTrainer). kto is not implemented yet.")
     var method = "sft"
 
-    @Option(help: "DPO: beta, how strongly the adapter is held near the reference (TRL's default 0.1).")
+    @Option(help: "DPO: beta, how strongly the adapter is held near the reference; ORPO: the weight of the odds-ratio term (lambda). TRL's default 0.1 for both.")
     var beta = 0.1
 
     @Option(help: "DPO loss: sigmoid (the DPO paper's), hinge or ipo (log-ratios averaged over tokens, as TRL).")
@@ -185,8 +185,15 @@ struct Train: ParsableCommand {
                                   (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
                 throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
             }
-        case "orpo", "kto": throw ValidationError("--method \(method) is not implemented yet (sft, dpo)")
-        default: throw ValidationError("--method must be sft or dpo")
+        case "orpo":
+            guard beta > 0 else { throw ValidationError("--beta must be positive") }
+            guard dpoLoss == "sigmoid" else { throw ValidationError("--dpo-loss applies to --method dpo") }
+            for (given, name) in [(packing, "--packing"), (trainOnInputs, "--train-on-inputs"), (template != "chat", "--template guanaco"),
+                                  (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
+                throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
+            }
+        case "kto": throw ValidationError("--method kto is not implemented yet (sft, dpo, orpo)")
+        default: throw ValidationError("--method must be sft, dpo or orpo")
         }
     }
 
@@ -230,7 +237,7 @@ struct Train: ParsableCommand {
         }
         var encoded: [EncodedExample] = [], validation: [EncodedExample] = []
         var pairs: [EncodedPair] = [], validationPairs: [EncodedPair] = []
-        if method == "dpo" {
+        if method != "sft" {
             // Plain-text pairs need no template; conversational ones are refused by name without one.
             let chatTemplate: ChatTemplate?
             if case let .chat(t) = promptTemplate { chatTemplate = t } else { chatTemplate = nil }
@@ -317,6 +324,10 @@ struct Train: ParsableCommand {
             dpo.beta = beta
             dpo.loss = DPOLoss(rawValue: dpoLoss)!
             trainer = try Trainer(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, dpo: dpo, padToken: padToken)
+        } else if method == "orpo" {
+            var orpo = ORPOConfig()
+            orpo.beta = beta
+            trainer = try Trainer(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, objective: .orpo(orpo), padToken: padToken)
         } else {
             trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
         }
@@ -325,7 +336,7 @@ struct Train: ParsableCommand {
         run.writesFiles = rank == 0
         if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }
-        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "dpo" ? "pairs" : "sequences"), \(optim), lr \(learningRate)\(loraplusLrRatio.map { " (B: x\($0), LoRA+)" } ?? "") \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : method == "orpo" ? " with ORPO (beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "sft" ? "sequences" : "pairs"), \(optim), lr \(learningRate)\(loraplusLrRatio.map { " (B: x\($0), LoRA+)" } ?? "") \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }

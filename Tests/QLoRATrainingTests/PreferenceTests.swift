@@ -72,4 +72,35 @@ struct PreferenceTests {
         }
         print("DPO \(loss) (checkpointing \(checkpointing)): loss \(value) vs TRL \(expected("loss")), relative \(abs(value - expected("loss")) / abs(expected("loss"))); worst LoRA gradient |ours - TRL| / max|TRL| \(worst)")
     }
+
+    @Test("ORPO: loss (NLL over every chosen token minus beta log σ of the log odds ratio), every LoRA gradient and the rewards equal TRL's ORPOTrainer", arguments: [true, false])
+    func orpoEqualsTRL(_ checkpointing: Bool) throws {
+        let (engine, lora, f, c) = try engine(checkpointing: checkpointing)
+        let ids = f.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let mask = f.tensor("completion_mask")!.values(as: Int64.self).map(Int.init)
+        let rows = f.tensor("input_ids")!.shape[0], T = f.tensor("input_ids")!.shape[1]
+        let labels = zip(ids, mask).map { $1 == 1 ? $0 : TrainingBatch.ignoreIndex }
+        let batch = TrainingBatch(tokens: ids, labels: labels, batchSize: rows, sequenceLength: T)
+        var metrics = PreferenceMetrics()
+        lora.zeroGradients()
+        let value = try engine.step(batch, allTokenObjective: ORPO.objective(ORPOConfig()) { metrics = $0 })
+        func expected(_ key: String) -> Double { Double(f.tensor("orpo." + key)!.values(as: Float.self)[0]) }
+        #expect(abs(value - expected("loss")) / expected("loss") < 1e-5, "ORPO loss \(value) vs \(expected("loss"))")
+        for (key, ours) in [("rewards_chosen", metrics.rewardsChosen), ("rewards_rejected", metrics.rewardsRejected), ("rewards_margins", metrics.margins),
+                            ("rewards_accuracies", metrics.accuracy), ("logps_chosen", metrics.logpsChosen), ("logps_rejected", metrics.logpsRejected)] {
+            #expect(abs(ours - expected(key)) <= 1e-5 * max(1, abs(expected(key))), "\(key): \(ours) vs \(expected(key))")
+        }
+        var worst: Float = 0
+        for s in lora.slots {
+            let (a, b) = LoRAWeights.peftNames(s)
+            for (name, offset, count) in [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)] {
+                let theirs = f.tensor("orpo.grad." + name)!.values(as: Float.self)
+                let ours = Array(lora.gradients[offset..<(offset + count)])
+                let scale = theirs.map(abs).max()!
+                #expect(Compare.close(ours, theirs, atol: 1e-4 * scale, rtol: 1e-4, "orpo \(name)") == nil)
+                worst = max(worst, zip(ours, theirs).map { abs($0 - $1) }.max()! / scale)
+            }
+        }
+        print("ORPO (checkpointing \(checkpointing)): loss \(value) vs TRL \(expected("loss")), relative \(abs(value - expected("loss")) / expected("loss")); worst LoRA gradient |ours - TRL| / max|TRL| \(worst)")
+    }
 }

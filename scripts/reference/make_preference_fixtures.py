@@ -9,6 +9,8 @@ pairs, plain text (TRL then appends EOS to chosen and rejected), of different pr
 through TRL's tokenization and DataCollatorForPreference; then DPOTrainer.compute_loss and backward for each loss
 type (sigmoid, hinge, ipo) with beta 0.1: the loss, each LoRA gradient, and the logged rewards.
 
+Then ORPO (TRL's experimental ORPOTrainer, beta 0.1) on the same six rows: loss, gradients and metrics.
+
 Writes Tests/QLoRATrainingTests/Resources/dpo_grads.safetensors.
 """
 import os
@@ -84,8 +86,37 @@ for loss_type in ["sigmoid", "hinge", "ipo"]:
         tensors["attention_mask"] = batch["attention_mask"].to(torch.int64)
     print(loss_type, float(loss), {k: m[k][-1] for k in ["rewards/chosen", "rewards/rejected", "rewards/margins"]})
 
+# ORPO (TRL's experimental ORPOTrainer, beta 0.1) on the same six rows: its get_batch_loss_metrics on a batch made
+# of them (labels: the completion tokens; its NLL runs over every attended token of the chosen rows).
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+
+ids, cmask, amask = tensors["input_ids"], tensors["completion_mask"], tensors["attention_mask"]
+labels = torch.where(cmask == 1, ids, torch.full_like(ids, -100))
+P = ids.shape[0] // 2
+base = AutoModelForCausalLM.from_pretrained(os.path.join(RES, "tiny-llama-train"), dtype=torch.float32, attn_implementation="eager")
+config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+oargs = ORPOConfig(output_dir=tempfile.mkdtemp(), beta=BETA, per_device_train_batch_size=3, report_to="none", use_cpu=True, bf16=False,
+                   gradient_checkpointing=False, max_length=64)
+orpo = ORPOTrainer(model=base, args=oargs, train_dataset=data, processing_class=tokenizer, peft_config=config)
+model = orpo.model
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.copy_(lora["untied." + n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")])
+batch = {"chosen_input_ids": ids[:P], "chosen_attention_mask": amask[:P], "chosen_labels": labels[:P],
+         "rejected_input_ids": ids[P:], "rejected_attention_mask": amask[P:], "rejected_labels": labels[P:]}
+model.train()
+loss, metrics = orpo.get_batch_loss_metrics(model, batch)
+loss.backward()
+tensors["orpo.loss"] = loss.detach().reshape(1).float()
+for n, p in model.named_parameters():
+    if "lora_" in n and p.requires_grad:
+        tensors["orpo.grad." + n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = p.grad.detach().float().contiguous()
+for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss"]:
+    tensors["orpo." + key.replace("/", "_")] = torch.tensor([float(metrics[key])], dtype=torch.float32)
+print("orpo", float(loss), {k: float(metrics[k]) for k in ["nll_loss", "rewards/margins", "log_odds_ratio"]})
+
 meta = {"generator": "scripts/reference/make_preference_fixtures.py", "trl": trl.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "torch": torch.__version__, "beta": str(BETA)}
 save_file(tensors, os.path.join(RES, "dpo_grads.safetensors"), metadata=meta)
-print(batch["input_ids"])
-print(batch["completion_mask"])
