@@ -20,6 +20,8 @@ public struct ServerOptions: Sendable {
     public var maxBodyBytes = 1 << 20
     public var maxTokensCap = 2048
     public var defaultMaxTokens = 512
+    /// The most choices ("n") one request may ask for.
+    public var maxChoices = 8
     public init() {}
 }
 
@@ -56,6 +58,8 @@ public struct CompletionRequest: Sendable {
     public var includeUsage: Bool
     /// The client's end-user id ("user" or "safety_identifier"), for the request log.
     public var user: String?
+    /// Choices to generate for the prompt ("n"): each its own sequence in the batch, seeded seed + index.
+    public var choices = 1
 }
 
 public final class Server: @unchecked Sendable {
@@ -178,7 +182,7 @@ public final class Server: @unchecked Sendable {
     /// go to the request log.
     static let implementedFields: Set<String> = [
         "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-        "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier",
+        "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier", "n",
     ]
     static let chatFields: Set<String> = implementedFields.union(["messages"])
     static let completionFields: Set<String> = implementedFields.union(["prompt"])
@@ -195,7 +199,6 @@ public final class Server: @unchecked Sendable {
             }
         }
         switch key {
-        case "n": return value.intValue == 1 ? nil : "this server returns one choice per request; send n = 1 or leave it out"
         case "best_of" where !chat: return value.intValue == 1 ? nil : "best_of is not implemented; send 1 or leave it out"
         case "logprobs":
             if chat { return value.boolValue == false ? nil : "log-probabilities are not implemented yet; send false or leave it out" }
@@ -288,6 +291,12 @@ public final class Server: @unchecked Sendable {
                 o.sampling.logitBias[id] = Float(b)
             }
         }
+        var choices = 1
+        if let x = v["n"], x != .null {
+            guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"n\" must be a positive integer", param: "n") }
+            guard n <= options.maxChoices else { throw APIError.invalid("\"n\" is \(n); this server generates at most \(options.maxChoices) choices a request", param: "n") }
+            choices = n
+        }
         var user: String?
         for key in ["user", "safety_identifier"] {
             guard let x = v[key], x != .null else { continue }
@@ -368,7 +377,9 @@ public final class Server: @unchecked Sendable {
             throw APIError(status: .badRequest, message: "The prompt has \(prompt.count) tokens; the model's context holds \(context)", type: "invalid_request_error", param: chat ? "messages" : "prompt", code: "context_length_exceeded")
         }
         o.maxTokens = min(o.maxTokens, context - prompt.count)
-        return CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage, user: user)
+        var request = CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage, user: user)
+        request.choices = choices
+        return request
     }
 
     static func finishReason(_ r: String) -> String {
@@ -383,8 +394,8 @@ public final class Server: @unchecked Sendable {
         let req = try parse(try await body(request), chat: chat)
         let id = newID(chat ? "chatcmpl" : "cmpl")
         let object = chat ? "chat.completion" : "text_completion"
-        @Sendable func choice(_ text: String?, delta: Bool, finish: String?) -> JSONValue {
-            var fields: [(String, JSONValue)] = [("index", .int(0))]
+        @Sendable func choice(_ text: String?, delta: Bool, finish: String?, index: Int = 0) -> JSONValue {
+            var fields: [(String, JSONValue)] = [("index", .int(index))]
             if chat {
                 if delta { fields.append(("delta", text.map { .object([("content", .string($0))]) } ?? .object([]))) } else {
                     fields.append(("message", .object([("role", .string("assistant")), ("content", .string(text ?? ""))])))
@@ -395,8 +406,16 @@ public final class Server: @unchecked Sendable {
             fields.append(("finish_reason", finish.map(JSONValue.string) ?? .null))
             return .object(fields)
         }
-        @Sendable func usage(_ r: GenerationResult) -> JSONValue {
-            .object([("prompt_tokens", .int(r.promptTokens)), ("completion_tokens", .int(r.tokenIDs.count)), ("total_tokens", .int(r.promptTokens + r.tokenIDs.count))])
+        @Sendable func usage(_ results: [GenerationResult]) -> JSONValue {
+            // The prompt is counted once, the completions of every choice together (as OpenAI counts n > 1).
+            let prompt = results.first?.promptTokens ?? 0, completion = results.reduce(0) { $0 + $1.tokenIDs.count }
+            return .object([("prompt_tokens", .int(prompt)), ("completion_tokens", .int(completion)), ("total_tokens", .int(prompt + completion))])
+        }
+        /// Choice i's request: the same prompt and options, seeded seed + i.
+        func choiceRequest(_ i: Int) -> GenerationRequest {
+            var o = req.options
+            o.sampling.seed = o.sampling.seed &+ UInt64(i)
+            return GenerationRequest(prompt: req.prompt, options: o)
         }
         let created = Int(Clock.wallSeconds())
         let log = { (r: GenerationResult, firstToken: Double?) in
@@ -408,29 +427,53 @@ public final class Server: @unchecked Sendable {
             self.logger.info("completion", metadata: meta)
         }
         if !req.stream {
-            let result: GenerationResult = try await withCheckedThrowingContinuation { c in
-                let job = EngineJob(model: req.model, request: GenerationRequest(prompt: req.prompt, options: req.options), onDone: { c.resume(with: $0) })
-                if !engine.submit(job) { c.resume(throwing: Self.busy) }
+            // The n choices are queued together, so the engine decodes them in one batch.
+            let cancelled = ManagedFlag()
+            var pending: [Task<GenerationResult, Error>] = []
+            for i in 0..<req.choices {
+                let (result, continuation) = AsyncThrowingStream<GenerationResult, Error>.makeStream()
+                let job = EngineJob(model: req.model, request: choiceRequest(i), onText: { _ in !cancelled.value }, onDone: { r in
+                    continuation.yield(with: r)
+                    continuation.finish()
+                })
+                guard engine.submit(job) else {
+                    cancelled.value = true  // the choices already queued stop at their first token
+                    throw Self.busy
+                }
+                pending.append(Task {
+                    for try await r in result { return r }
+                    throw CancellationError()
+                })
             }
-            log(result, nil)
+            var results: [GenerationResult] = []
+            for task in pending { results.append(try await task.value) }
+            for r in results { log(r, nil) }
             return Self.json(.object([
                 ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
-                ("choices", .array([choice(result.text, delta: false, finish: Self.finishReason(result.finishReason))])), ("usage", usage(result)),
+                ("choices", .array(results.enumerated().map { i, r in choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i) })),
+                ("usage", usage(results)),
             ]))
         }
         // Streaming: the engine's pieces go through an AsyncStream to the body writer. When a write fails
         // (the client hung up) the flag stops the generation at its next token.
         let (events, continuation) = AsyncStream<StreamEvent>.makeStream()
         let gone = ManagedFlag()
-        let job = EngineJob(model: req.model, request: GenerationRequest(prompt: req.prompt, options: req.options), onText: { piece in
-            if gone.value { return false }
-            continuation.yield(.piece(piece))
-            return true
-        }, onDone: { result in
-            continuation.yield(.done(result))
-            continuation.finish()
-        })
-        guard engine.submit(job) else { throw Self.busy }
+        let remaining = Countdown(req.choices)
+        for i in 0..<req.choices {
+            let job = EngineJob(model: req.model, request: choiceRequest(i), onText: { piece in
+                if gone.value { return false }
+                continuation.yield(.piece(i, piece))
+                return true
+            }, onDone: { result in
+                continuation.yield(.done(i, result))
+                if remaining.decrement() == 0 { continuation.finish() }
+            })
+            guard engine.submit(job) else {
+                // Choices already queued stop at their first token; the client gets the 429 and no stream.
+                gone.value = true
+                throw Self.busy
+            }
+        }
         let chunkObject = chat ? "chat.completion.chunk" : "text_completion"
         let model = req.model, includeUsage = req.includeUsage
         @Sendable func chunk(_ choices: [JSONValue], usage: JSONValue? = nil) -> ByteBuffer {
@@ -438,23 +481,30 @@ public final class Server: @unchecked Sendable {
             if let usage { fields.append(("usage", usage)) }
             return ByteBuffer(string: "data: " + JSON.serialize(.object(fields)) + "\n\n")
         }
+        let choices = req.choices
         let body = ResponseBody { writer in
             var first: Double?
+            var finished: [GenerationResult] = []
             do {
-                if chat { try await writer.write(chunk([.object([("index", .int(0)), ("delta", .object([("role", .string("assistant")), ("content", .string(""))])), ("finish_reason", .null)])])) }
+                if chat {
+                    for i in 0..<choices {
+                        try await writer.write(chunk([.object([("index", .int(i)), ("delta", .object([("role", .string("assistant")), ("content", .string(""))])), ("finish_reason", .null)])]))
+                    }
+                }
                 for await event in events {
                     switch event {
-                    case let .piece(p):
+                    case let .piece(i, p):
                         if first == nil { first = Clock.seconds() - start }
-                        try await writer.write(chunk([choice(p, delta: true, finish: nil)]))
-                    case let .done(.success(r)):
+                        try await writer.write(chunk([choice(p, delta: true, finish: nil, index: i)]))
+                    case let .done(i, .success(r)):
                         log(r, first)
-                        try await writer.write(chunk([choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason))]))
-                        if includeUsage { try await writer.write(chunk([], usage: usage(r))) }
-                    case let .done(.failure(e)):
+                        finished.append(r)
+                        try await writer.write(chunk([choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason), index: i)]))
+                    case let .done(_, .failure(e)):
                         try await writer.write(ByteBuffer(string: "data: " + JSON.serialize(.object([("error", .object([("message", .string("\(e)")), ("type", .string("server_error"))]))])) + "\n\n"))
                     }
                 }
+                if includeUsage { try await writer.write(chunk([], usage: usage(finished))) }
                 try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
                 try await writer.finish(nil)
             } catch {
@@ -462,7 +512,7 @@ public final class Server: @unchecked Sendable {
                 // Drain until the engine lets go of the request (at its next token), then say where it stopped.
                 var tokens = -1, reason = "?"
                 for await e in events {
-                    if case let .done(.success(r)) = e { (tokens, reason) = (r.tokenIDs.count, r.finishReason) }
+                    if case let .done(_, .success(r)) = e { (tokens, reason) = (r.tokenIDs.count, r.finishReason) }
                 }
                 self.logger.info("client went away mid-stream; generation stopped", metadata: [
                     "id": .string(id), "completion_tokens": .stringConvertible(tokens), "finish": .string(reason),
@@ -489,7 +539,16 @@ public final class Server: @unchecked Sendable {
     }
 }
 
-enum StreamEvent: Sendable { case piece(String), done(Result<GenerationResult, Error>) }
+/// A streamed request's events, by choice index.
+enum StreamEvent: Sendable { case piece(Int, String), done(Int, Result<GenerationResult, Error>) }
+
+/// Counts down the choices of a request still generating.
+final class Countdown: @unchecked Sendable {
+    private let lock = NSLock()
+    private var left: Int
+    init(_ n: Int) { left = n }
+    func decrement() -> Int { lock.withLock { left -= 1; return left } }
+}
 
 final class ManagedFlag: @unchecked Sendable {
     private let lock = NSLock()

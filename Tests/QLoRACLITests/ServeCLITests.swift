@@ -287,7 +287,7 @@ struct ServeCLITests {
 
         // No field is dropped without a word: what is not implemented is a 400 naming it, with or without stream.
         let hi = #""messages": [{"role": "user", "content": "hi"}]"#
-        for (field, value) in [("n", "2"), ("logprobs", "true"), ("top_logprobs", "3"), ("response_format", #"{"type": "json_object"}"#),
+        for (field, value) in [("logprobs", "true"), ("top_logprobs", "3"), ("response_format", #"{"type": "json_object"}"#),
                                ("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}"#),
                                ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("tool_choice", #""required""#),
                                ("store", "true"), ("audio", #"{"voice": "alloy"}"#), ("frobnicate", "1")] {
@@ -298,7 +298,7 @@ struct ServeCLITests {
                 #expect(code == (field == "frobnicate" ? "unknown_parameter" : "unsupported_value"), "\(field): \(r.body)")
             }
         }
-        for (field, value) in [("n", "3"), ("logprobs", "2"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
+        for (field, value) in [("n", "9"), ("logprobs", "2"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
             let r = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Hi", "\#(field)": \#(value)}"#, headers: auth)
             #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == field, "\(field): \(r.status) \(r.body)")
         }
@@ -318,6 +318,28 @@ struct ServeCLITests {
         #expect(server.stderr.contains("user=user-42"))
         let returned = #"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": [], "tool_calls": null, "audio": null}, {"role": "user", "content": "Bye", "name": "ann"}], "max_tokens": 2}"#
         #expect(try await http(.POST, server.base + "/v1/chat/completions", returned, headers: auth).status == 200)
+        // n: that many choices, each its own seeded sequence (decoded together), the prompt counted once in usage;
+        // streamed, each choice's pieces carry its index and each ends with its own finish_reason.
+        let three = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "n": 3, "temperature": 1, "seed": 5, "max_tokens": 12}"#, headers: auth)
+        let choices = three.json?["choices"]?.arrayValue ?? []
+        #expect(three.status == 200 && choices.map { $0["index"]?.intValue ?? -1 } == [0, 1, 2], "\(three.body)")
+        let texts = choices.compactMap { $0["message"]?["content"]?.stringValue }
+        #expect(texts.count == 3 && Set(texts).count > 1, "\(texts)")
+        let one = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "temperature": 1, "seed": 6, "max_tokens": 12}"#, headers: auth)
+        #expect(one.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue == texts[1], "choice 1 is seeded seed + 1")
+        let prompt = three.json?["usage"]?["prompt_tokens"]?.intValue ?? 0, completion = three.json?["usage"]?["completion_tokens"]?.intValue ?? 0
+        #expect(prompt == one.json?["usage"]?["prompt_tokens"]?.intValue && completion > 12, "\(three.body)")
+        let streamed = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Once upon a time", "n": 2, "temperature": 1, "seed": 5, "max_tokens": 8, "stream": true}"#, headers: auth)
+        var byIndex: [Int: String] = [:], finishes: [Int: String] = [:]
+        for event in streamed.body.components(separatedBy: "\n\n") where event.hasPrefix("data: {") {
+            guard let c = try JSON.parse(String(event.dropFirst(6)))["choices"]?.arrayValue?.first, let i = c["index"]?.intValue else { continue }
+            byIndex[i, default: ""] += c["text"]?.stringValue ?? ""
+            if let f = c["finish_reason"]?.stringValue { finishes[i] = f }
+        }
+        #expect(Set(byIndex.keys) == [0, 1] && finishes.count == 2 && streamed.body.hasSuffix("data: [DONE]\n\n"), "\(streamed.body)")
+        let whole = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Once upon a time", "n": 2, "temperature": 1, "seed": 5, "max_tokens": 8}"#, headers: auth)
+        #expect(whole.json?["choices"]?.arrayValue?.compactMap { $0["text"]?.stringValue } == [byIndex[0] ?? "", byIndex[1] ?? ""], "streamed and whole choices agree")
+
         // The implemented sampling fields act: a bias of 100 on "," (SmolLM2's token 28) makes it the greedy answer.
         let plainFirst = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}"#, headers: auth)
         let forced = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "logit_bias": {"28": 100}}"#, headers: auth)

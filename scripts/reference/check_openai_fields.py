@@ -64,9 +64,9 @@ check("stream", False, lambda: "".join(
 check("completions, logit_bias forcing ','", False, lambda: client.completions.create(
     model=model, prompt="The capital of France is", max_tokens=1, temperature=0, logit_bias={"28": 100}))
 check("frequency_penalty 2", False, lambda: client.chat.completions.create(**greedy, frequency_penalty=2))
+check("n=3 (temperature 1)", False, lambda: client.chat.completions.create(**dict(greedy, temperature=1), n=3, seed=5))
 check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
 for label, kwargs in [
-    ("n=2", dict(n=2)),
     ("logprobs=True", dict(logprobs=True)),
     ("logprobs=True, top_logprobs=3", dict(logprobs=True, top_logprobs=3)),
     ("response_format json_object", dict(response_format={"type": "json_object"})),
@@ -78,7 +78,8 @@ for label, kwargs in [
     ("unknown field (extra_body)", dict(extra_body={"frobnicate": 1})),
 ]:
     check(label, True, lambda kwargs=kwargs: client.chat.completions.create(**greedy, **kwargs))
-check("completions n=2", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2))
+check("completions n=2", False, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2))
+check("n=9 (past the cap of 8)", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=9))
 check("completions logprobs=1", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, logprobs=1))
 check("completions echo", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, echo=True))
 server.terminate()
