@@ -76,7 +76,7 @@ public final class BatchGenerator {
             let rest = reply.finish()
             if !rest.isEmpty { _ = onText(id, rest) }
             return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
-                             prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart)
+                             prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart, logprobs: reply.logprobs)
         }
     }
 

@@ -4,6 +4,12 @@ import QLoRACore
 import QLoRAModel
 import QLoRATokenizer
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 public struct GenerationOptions: Sendable {
     public var maxTokens = 256
     public var sampling = SamplingOptions()
@@ -11,8 +17,43 @@ public struct GenerationOptions: Sendable {
     public var stopStrings: [String] = []
     /// End-of-sequence ids; defaults to the model's (generation_config.json) and the tokenizer's EOS.
     public var eosTokenIDs: [Int]?
+    /// Record each generated token's log-probability under the model (the log-softmax of its logits, before
+    /// any sampling setting) and this many of the likeliest alternatives; nil: none.
+    public var logprobs: Int?
 
     public init() {}
+}
+
+/// A generated token's log-probability and the likeliest tokens at its position (descending).
+public struct TokenLogprob: Sendable, Equatable {
+    public let id: Int
+    public let logprob: Double
+    public let top: [Alternative]
+
+    public struct Alternative: Sendable, Equatable {
+        public let id: Int
+        public let logprob: Double
+    }
+
+    /// From the logits [V] of the position that chose `id`.
+    init(id: Int, logits: [Float], top k: Int) {
+        var maxLogit = -Float.infinity
+        for l in logits where l > maxLogit { maxLogit = l }
+        var sum = 0.0
+        for l in logits { sum += exp(Double(l - maxLogit)) }
+        let logZ = Double(maxLogit) + log(sum)
+        self.id = id
+        logprob = Double(logits[id]) - logZ
+        var best: [(Int, Float)] = []
+        if k > 0 {
+            // A partial selection: the k largest, ties by id.
+            for (i, l) in logits.enumerated() {
+                if best.count < k { best.append((i, l)); best.sort { ($0.1, -$0.0) > ($1.1, -$1.0) }; continue }
+                if l > best[k - 1].1 { best[k - 1] = (i, l); best.sort { ($0.1, -$0.0) > ($1.1, -$1.0) } }
+            }
+        }
+        top = best.map { Alternative(id: $0.0, logprob: Double($0.1) - logZ) }
+    }
 }
 
 public struct GenerationResult: Sendable {
@@ -23,6 +64,8 @@ public struct GenerationResult: Sendable {
     public let finishReason: String
     public let prefillSeconds: Double
     public let decodeSeconds: Double
+    /// One entry a generated token when GenerationOptions.logprobs was set.
+    public var logprobs: [TokenLogprob]? = nil
 
     public var tokensPerSecond: Double { decodeSeconds > 0 ? Double(max(tokenIDs.count - 1, 0)) / decodeSeconds : 0 }
 }
@@ -71,7 +114,7 @@ public final class Generator {
         let rest = reply.finish()
         if !rest.isEmpty { _ = onText(rest) }
         return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: prompt.count, finishReason: reason,
-                                prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart)
+                                prefillSeconds: prefill, decodeSeconds: Clock.seconds() - decodeStart, logprobs: reply.logprobs)
     }
 }
 
@@ -122,8 +165,13 @@ struct ReplyDecoder {
     private var context: [Int]
     private let maxTokens: Int
     private(set) var generated: [Int] = []
+    private let topLogprobs: Int?
+    /// Each generated token's log-probability, when asked for.
+    private(set) var logprobs: [TokenLogprob]?
 
     init(prompt: [Int], options: GenerationOptions, eos: Set<Int>, tokenizer: Tokenizer) {
+        topLogprobs = options.logprobs
+        logprobs = options.logprobs == nil ? nil : []
         sampler = Sampler(options: options.sampling)
         self.eos = eos
         reply = ReplyText(tokenizer: tokenizer, stopStrings: options.stopStrings)
@@ -144,6 +192,7 @@ struct ReplyDecoder {
         let next = sampler.next(logits: logits, context: context)
         if eos.contains(next) { return "eos" }
         generated.append(next)
+        if let k = topLogprobs { logprobs?.append(TokenLogprob(id: next, logits: logits, top: k)) }
         context.append(next)
         let (piece, stopped) = reply.add(next)
         if !piece.isEmpty && !onText(piece) { return cancelled }

@@ -182,9 +182,9 @@ public final class Server: @unchecked Sendable {
     /// go to the request log.
     static let implementedFields: Set<String> = [
         "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-        "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier", "n",
+        "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier", "n", "logprobs",
     ]
-    static let chatFields: Set<String> = implementedFields.union(["messages"])
+    static let chatFields: Set<String> = implementedFields.union(["messages", "top_logprobs"])
     static let completionFields: Set<String> = implementedFields.union(["prompt"])
 
     /// OpenAI's fields that this server does not implement, with the values that ask for nothing (what the
@@ -200,10 +200,6 @@ public final class Server: @unchecked Sendable {
         }
         switch key {
         case "best_of" where !chat: return value.intValue == 1 ? nil : "best_of is not implemented; send 1 or leave it out"
-        case "logprobs":
-            if chat { return value.boolValue == false ? nil : "log-probabilities are not implemented yet; send false or leave it out" }
-            return "log-probabilities are not implemented yet; leave logprobs out"
-        case "top_logprobs" where chat: return value.intValue == 0 ? nil : "log-probabilities are not implemented yet; leave top_logprobs out"
         case "echo" where !chat: return value.boolValue == false ? nil : "echo is not implemented; send false or leave it out"
         case "suffix" where !chat: return value.stringValue == "" ? nil : "suffix (insertion) is not implemented; leave it out"
         case "response_format":
@@ -291,6 +287,20 @@ public final class Server: @unchecked Sendable {
                 o.sampling.logitBias[id] = Float(b)
             }
         }
+        // Log-probabilities: chat's logprobs (true) with top_logprobs (0-20), completions' logprobs (0-5 alternatives).
+        if chat {
+            let wanted = v["logprobs"].flatMap { $0 == .null ? nil : $0 }
+            if let w = wanted, w.boolValue == nil { throw APIError.invalid("\"logprobs\" must be true or false", param: "logprobs") }
+            let top = v["top_logprobs"].flatMap { $0 == .null ? nil : $0 }
+            if let t = top {
+                guard let k = t.intValue, (0...20).contains(k) else { throw APIError.invalid("\"top_logprobs\" must be an integer from 0 to 20", param: "top_logprobs") }
+                guard wanted?.boolValue == true else { throw APIError.invalid("\"top_logprobs\" needs \"logprobs\": true", param: "top_logprobs") }
+            }
+            if wanted?.boolValue == true { o.logprobs = top?.intValue ?? 0 }
+        } else if let x = v["logprobs"], x != .null {
+            guard let k = x.intValue, (0...5).contains(k) else { throw APIError.invalid("\"logprobs\" must be an integer from 0 to 5", param: "logprobs") }
+            o.logprobs = k
+        }
         var choices = 1
         if let x = v["n"], x != .null {
             guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"n\" must be a positive integer", param: "n") }
@@ -307,6 +317,9 @@ public final class Server: @unchecked Sendable {
         if let s = v["stream"], s != .null {
             guard let b = s.boolValue else { throw APIError.invalid("\"stream\" must be true or false", param: "stream") }
             stream = b
+        }
+        if stream && o.logprobs != nil {
+            throw APIError.invalid("Unsupported value for \"logprobs\": log-probabilities of a streamed reply are not implemented yet; ask without stream", param: "logprobs", code: "unsupported_value")
         }
         var includeUsage = false
         if let so = v["stream_options"], so != .null {
@@ -450,7 +463,14 @@ public final class Server: @unchecked Sendable {
             for r in results { log(r, nil) }
             return Self.json(.object([
                 ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
-                ("choices", .array(results.enumerated().map { i, r in choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i) })),
+                ("choices", .array(results.enumerated().map { i, r in
+                    var c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
+                    if let lp = r.logprobs, case var .object(fields) = c {
+                        fields.insert(("logprobs", chat ? self.chatLogprobs(lp) : self.completionLogprobs(lp)), at: fields.count - 1)
+                        c = .object(fields)
+                    }
+                    return c
+                })),
                 ("usage", usage(results)),
             ]))
         }
@@ -521,6 +541,41 @@ public final class Server: @unchecked Sendable {
             }
         }
         return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"], body: body)
+    }
+
+    /// A token's text and bytes as the logprobs objects carry them (a byte-level token may hold part of a character:
+    /// its text then has U+FFFD, its bytes are exact).
+    func tokenText(_ id: Int) -> (String, JSONValue) {
+        let bytes = engine.tokenizer.decodedBytes([id])
+        return (String(decoding: bytes, as: UTF8.self), .array(bytes.map { .int(Int($0)) }))
+    }
+
+    /// Chat's logprobs object: {"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}.
+    func chatLogprobs(_ tokens: [TokenLogprob]) -> JSONValue {
+        func entry(_ id: Int, _ logprob: Double) -> [(String, JSONValue)] {
+            let (text, bytes) = tokenText(id)
+            return [("token", .string(text)), ("logprob", .double(logprob)), ("bytes", bytes)]
+        }
+        let content: [JSONValue] = tokens.map { t in
+            .object(entry(t.id, t.logprob) + [("top_logprobs", .array(t.top.map { .object(entry($0.id, $0.logprob)) }))])
+        }
+        return .object([("content", .array(content)), ("refusal", .null)])
+    }
+
+    /// The completions API's logprobs object: tokens, token_logprobs, top_logprobs (token to log-probability),
+    /// text_offset (characters from the start of the completion).
+    func completionLogprobs(_ tokens: [TokenLogprob]) -> JSONValue {
+        var offsets: [JSONValue] = [], offset = 0
+        var texts: [JSONValue] = []
+        for t in tokens {
+            let (text, _) = tokenText(t.id)
+            texts.append(.string(text))
+            offsets.append(.int(offset))
+            offset += text.unicodeScalars.count
+        }
+        let top: [JSONValue] = tokens.map { t in .object(t.top.map { (tokenText($0.id).0, JSONValue.double($0.logprob)) }) }
+        return .object([("tokens", .array(texts)), ("token_logprobs", .array(tokens.map { .double($0.logprob) })), ("top_logprobs", .array(top)),
+                        ("text_offset", .array(offsets))])
     }
 
     static let busy = APIError(status: .tooManyRequests, message: "The server is busy: its queue is full. Retry after a second.", type: "rate_limit_exceeded", param: nil, code: "rate_limit_exceeded",

@@ -172,6 +172,12 @@ public final class Tokenizer: @unchecked Sendable {
 
     /// The text of `ids`; `skipSpecialTokens` leaves out special added tokens. Every token, added
     /// ones included, goes through the decoder chain together, as in tokenizers.
+    /// The bytes `ids` decode to, before they are read as UTF-8 (a byte-level token may hold part of a character).
+    public func decodedBytes(_ ids: [Int]) -> [UInt8] {
+        let tokens: [Chunk] = ids.compactMap { token(of: $0).map(Chunk.text) }
+        return (decoder?.apply(tokens) ?? tokens).flatMap(\.utf8)
+    }
+
     public func decode(_ ids: [Int], skipSpecialTokens: Bool = false) -> String {
         var tokens: [Chunk] = []
         tokens.reserveCapacity(ids.count)

@@ -287,7 +287,7 @@ struct ServeCLITests {
 
         // No field is dropped without a word: what is not implemented is a 400 naming it, with or without stream.
         let hi = #""messages": [{"role": "user", "content": "hi"}]"#
-        for (field, value) in [("logprobs", "true"), ("top_logprobs", "3"), ("response_format", #"{"type": "json_object"}"#),
+        for (field, value) in [("response_format", #"{"type": "json_object"}"#),
                                ("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}"#),
                                ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("tool_choice", #""required""#),
                                ("store", "true"), ("audio", #"{"voice": "alloy"}"#), ("frobnicate", "1")] {
@@ -298,7 +298,7 @@ struct ServeCLITests {
                 #expect(code == (field == "frobnicate" ? "unknown_parameter" : "unsupported_value"), "\(field): \(r.body)")
             }
         }
-        for (field, value) in [("n", "9"), ("logprobs", "2"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
+        for (field, value) in [("n", "9"), ("logprobs", "6"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
             let r = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Hi", "\#(field)": \#(value)}"#, headers: auth)
             #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == field, "\(field): \(r.status) \(r.body)")
         }
@@ -318,6 +318,29 @@ struct ServeCLITests {
         #expect(server.stderr.contains("user=user-42"))
         let returned = #"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": [], "tool_calls": null, "audio": null}, {"role": "user", "content": "Bye", "name": "ann"}], "max_tokens": 2}"#
         #expect(try await http(.POST, server.base + "/v1/chat/completions", returned, headers: auth).status == 200)
+        // logprobs: each generated token's log-probability under the model and the likeliest alternatives; greedy, the
+        // chosen token is the first alternative. Streamed replies with logprobs are refused by name (not yet).
+        let lp = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3}"#, headers: auth)
+        let content = lp.json?["choices"]?.arrayValue?.first?["logprobs"]?["content"]?.arrayValue ?? []
+        #expect(lp.status == 200 && content.count == lp.json?["usage"]?["completion_tokens"]?.intValue, "\(lp.body)")
+        for entry in content {
+            let top = entry["top_logprobs"]?.arrayValue ?? []
+            let values = top.compactMap { $0["logprob"]?.doubleValue }
+            #expect(top.count == 3 && values == values.sorted(by: >) && values.allSatisfy { $0 <= 0 } && values.map(exp).reduce(0, +) <= 1 + 1e-9)
+            #expect(top.first?["token"]?.stringValue == entry["token"]?.stringValue && abs((values.first ?? 1) - (entry["logprob"]?.doubleValue ?? 0)) < 1e-9, "\(entry)")
+            #expect(entry["bytes"]?.arrayValue?.count == entry["token"]?.stringValue?.utf8.count)
+        }
+        let joined = content.compactMap { $0["token"]?.stringValue }.joined()
+        #expect(joined == lp.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue, "\(joined)")
+        let lpStream = try await error(#"{\#(hi), "stream": true, "logprobs": true}"#)
+        #expect(lpStream.0 == 400 && lpStream.1 == "logprobs")
+        #expect(try await error(#"{\#(hi), "top_logprobs": 2}"#).1 == "top_logprobs")
+        let clp = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "temperature": 0, "max_tokens": 5, "logprobs": 2}"#, headers: auth)
+        let lpc = clp.json?["choices"]?.arrayValue?.first?["logprobs"]
+        let offsets = lpc?["text_offset"]?.arrayValue?.compactMap(\.intValue) ?? []
+        #expect(lpc?["tokens"]?.arrayValue?.count == 5 && lpc?["token_logprobs"]?.arrayValue?.count == 5 && offsets.first == 0 && offsets == offsets.sorted(), "\(clp.body)")
+        #expect((lpc?["top_logprobs"]?.arrayValue ?? []).allSatisfy { ($0.objectValue?.count ?? 0) >= 1 && ($0.objectValue?.count ?? 9) <= 2 })
+
         // n: that many choices, each its own seeded sequence (decoded together), the prompt counted once in usage;
         // streamed, each choice's pieces carry its index and each ends with its own finish_reason.
         let three = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "n": 3, "temperature": 1, "seed": 5, "max_tokens": 12}"#, headers: auth)

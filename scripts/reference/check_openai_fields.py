@@ -65,10 +65,11 @@ check("completions, logit_bias forcing ','", False, lambda: client.completions.c
     model=model, prompt="The capital of France is", max_tokens=1, temperature=0, logit_bias={"28": 100}))
 check("frequency_penalty 2", False, lambda: client.chat.completions.create(**greedy, frequency_penalty=2))
 check("n=3 (temperature 1)", False, lambda: client.chat.completions.create(**dict(greedy, temperature=1), n=3, seed=5))
+check("logprobs=True, top_logprobs=3", False, lambda: [(t.token, round(t.logprob, 4), [a.token for a in t.top_logprobs])
+                                                    for t in client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3).choices[0].logprobs.content][:3])
+check("logprobs with stream", True, lambda: list(client.chat.completions.create(**greedy, logprobs=True, stream=True)))
 check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
 for label, kwargs in [
-    ("logprobs=True", dict(logprobs=True)),
-    ("logprobs=True, top_logprobs=3", dict(logprobs=True, top_logprobs=3)),
     ("response_format json_object", dict(response_format={"type": "json_object"})),
     ("response_format json_schema", dict(response_format={"type": "json_schema", "json_schema": {
         "name": "color", "schema": {"type": "object", "properties": {"color": {"type": "string"}}}}})),
@@ -80,7 +81,7 @@ for label, kwargs in [
     check(label, True, lambda kwargs=kwargs: client.chat.completions.create(**greedy, **kwargs))
 check("completions n=2", False, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2))
 check("n=9 (past the cap of 8)", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, n=9))
-check("completions logprobs=1", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, logprobs=1))
+check("completions logprobs=1", False, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, logprobs=1).choices[0].logprobs.token_logprobs)
 check("completions echo", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, echo=True))
 server.terminate()
 print(f"{failures} failed")
