@@ -69,6 +69,9 @@ struct ChatTemplateTests {
             ("{{ range(1000000000000) | length }}", "past the limit"),
             ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", "MB"),
             ("{{ 'x' * 100000000000 }}", "MB"),
+            // Found by the fuzzer (run 3): a slice step of zero trapped (stride by 0); Python raises, so do we.
+            ("{{ [1, 2, 3][::-0] }}", "slice step cannot be zero"),
+            ("{{ 'abc'[1:2:0] }}", "slice step cannot be zero"),
         ]
         for (source, expected) in cases {
             let start = Clock.seconds()

@@ -275,8 +275,10 @@ private final class Renderer {
 
     func slice(_ v: JinjaValue, _ a: JinjaValue?, _ b: JinjaValue?, _ c: JinjaValue?) throws -> JinjaValue {
         func int(_ x: JinjaValue?) -> Int? { if case let .int(i) = x { return i }; return nil }
-        func indices(_ n: Int) -> [Int] {
+        func indices(_ n: Int) throws -> [Int] {
             let step = int(c) ?? 1
+            // Python (and so Jinja) raises here; stride(by: 0) would trap.
+            guard step != 0 else { throw TemplateError("slice step cannot be zero") }
             func clamp(_ x: Int?, _ def: Int) -> Int {
                 guard var x else { return def }
                 if x < 0 { x += n }
@@ -290,10 +292,10 @@ private final class Renderer {
             return s > e ? Array(stride(from: s, to: e, by: step)) : []
         }
         switch v {
-        case let .array(arr): return .array(indices(arr.count).map { arr[$0] })
+        case let .array(arr): return .array(try indices(arr.count).map { arr[$0] })
         case let .string(s):
             let chars = Array(s)
-            return .string(String(indices(chars.count).map { chars[$0] }))
+            return .string(String(try indices(chars.count).map { chars[$0] }))
         default: throw TemplateError("cannot slice a \(v.typeName)")
         }
     }
