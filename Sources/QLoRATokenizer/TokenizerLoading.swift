@@ -274,6 +274,10 @@ extension Tokenizer {
         guard scores.count == tokens.count, types.count == tokens.count else {
             throw TokenizerError.invalidFile(file: g.path, reason: "tokenizer.ggml.scores and token_type must have one entry per token (\(tokens.count))")
         }
+        // A NaN score has no rank (NaN equals nothing): found by the fuzzer, it trapped below.
+        if let bad = scores.firstIndex(where: { !$0.isFinite }) {
+            throw TokenizerError.invalidFile(file: g.path, reason: "tokenizer.ggml.scores: the score of token \(bad) is not a finite number")
+        }
         // Rank of each score, highest first; equal scores share a rank (the heap then takes the leftmost).
         let distinct = Array(Set(scores)).sorted(by: >)
         let rankOf = Dictionary(uniqueKeysWithValues: distinct.enumerated().map { ($1, $0) })

@@ -34,6 +34,25 @@ struct GGUFSentencePieceTests {
         #expect(t.decode(t.encode("Hello world")) == "Hello world")
     }
 
+    @Test("a SentencePiece vocabulary with a NaN score: a typed error naming the token (found by the fuzzer: it trapped)")
+    func nanScore() throws {
+        let dir = try Fixtures.temporaryDirectory("spm-nan")
+        let path = FileSystem.join(dir, "vocab.gguf")
+        let tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab"]
+        let writer = try GGUFWriter(path: path, metadata: [
+            ("general.architecture", .string("llama")), ("tokenizer.ggml.model", .string("llama")),
+            ("tokenizer.ggml.tokens", .strings(tokens)), ("tokenizer.ggml.scores", .float32s([0, 0, 0, -1, -2, .nan])),
+            ("tokenizer.ggml.token_type", .int32s([2, 3, 3, 1, 1, 1])),
+        ], tensors: [])
+        try writer.finish()
+        do {
+            _ = try Tokenizer(gguf: try GGUFFile(path: path))
+            Issue.record("accepted")
+        } catch let e as TokenizerError {
+            #expect("\(e)".contains("score of token 5 is not a finite number"), "\(e)")
+        }
+    }
+
     @Test("a SentencePiece vocabulary with a token of 100,000 characters: a typed error at once, not minutes of merges")
     func longToken() throws {
         let dir = try Fixtures.temporaryDirectory("spm-long-token")
