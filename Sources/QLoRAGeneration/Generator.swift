@@ -20,6 +20,9 @@ public struct GenerationOptions: Sendable {
     /// Record each generated token's log-probability under the model (the log-softmax of its logits, before
     /// any sampling setting) and this many of the likeliest alternatives; nil: none.
     public var logprobs: Int?
+    /// With `logprobs`: receives each token's entry as the token is taken, before its text is streamed (the
+    /// server sends them with the pieces of a streamed reply).
+    public var onLogprob: (@Sendable (TokenLogprob) -> Void)?
 
     public init() {}
 }
@@ -166,11 +169,13 @@ struct ReplyDecoder {
     private let maxTokens: Int
     private(set) var generated: [Int] = []
     private let topLogprobs: Int?
+    private let onLogprob: (@Sendable (TokenLogprob) -> Void)?
     /// Each generated token's log-probability, when asked for.
     private(set) var logprobs: [TokenLogprob]?
 
     init(prompt: [Int], options: GenerationOptions, eos: Set<Int>, tokenizer: Tokenizer) {
         topLogprobs = options.logprobs
+        onLogprob = options.onLogprob
         logprobs = options.logprobs == nil ? nil : []
         sampler = Sampler(options: options.sampling)
         self.eos = eos
@@ -192,7 +197,11 @@ struct ReplyDecoder {
         let next = sampler.next(logits: logits, context: context)
         if eos.contains(next) { return "eos" }
         generated.append(next)
-        if let k = topLogprobs { logprobs?.append(TokenLogprob(id: next, logits: logits, top: k)) }
+        if let k = topLogprobs {
+            let entry = TokenLogprob(id: next, logits: logits, top: k)
+            logprobs?.append(entry)
+            onLogprob?(entry)
+        }
         context.append(next)
         let (piece, stopped) = reply.add(next)
         if !piece.isEmpty && !onText(piece) { return cancelled }

@@ -318,9 +318,6 @@ public final class Server: @unchecked Sendable {
             guard let b = s.boolValue else { throw APIError.invalid("\"stream\" must be true or false", param: "stream") }
             stream = b
         }
-        if stream && o.logprobs != nil {
-            throw APIError.invalid("Unsupported value for \"logprobs\": log-probabilities of a streamed reply are not implemented yet; ask without stream", param: "logprobs", code: "unsupported_value")
-        }
         var includeUsage = false
         if let so = v["stream_options"], so != .null {
             guard let fields = so.objectValue else { throw APIError.invalid("\"stream_options\" must be an object", param: "stream_options") }
@@ -480,12 +477,17 @@ public final class Server: @unchecked Sendable {
         let gone = ManagedFlag()
         let remaining = Countdown(req.choices)
         for i in 0..<req.choices {
-            let job = EngineJob(model: req.model, request: choiceRequest(i), onText: { piece in
+            // Log-probabilities arrive as each token is taken and go out with the next piece of text (a token that
+            // completes no character yet waits for the one that does; what is left goes with the finish).
+            let pending = LogprobBuffer()
+            var request = choiceRequest(i)
+            if request.options.logprobs != nil { request.options.onLogprob = { pending.append($0) } }
+            let job = EngineJob(model: req.model, request: request, onText: { piece in
                 if gone.value { return false }
-                continuation.yield(.piece(i, piece))
+                continuation.yield(.piece(i, piece, pending.take()))
                 return true
             }, onDone: { result in
-                continuation.yield(.done(i, result))
+                continuation.yield(.done(i, result, pending.take()))
                 if remaining.decrement() == 0 { continuation.finish() }
             })
             guard engine.submit(job) else {
@@ -502,9 +504,18 @@ public final class Server: @unchecked Sendable {
             return ByteBuffer(string: "data: " + JSON.serialize(.object(fields)) + "\n\n")
         }
         let choices = req.choices
+        let wantsLogprobs = req.options.logprobs != nil
+        /// A chunk's choice with the log-probabilities of the tokens it carries.
+        @Sendable func withLogprobs(_ c: JSONValue, _ tokens: [TokenLogprob], offset: inout Int) -> JSONValue {
+            guard wantsLogprobs, case var .object(fields) = c else { return c }
+            fields.insert(("logprobs", chat ? self.chatLogprobs(tokens) : self.completionLogprobs(tokens, startingAt: offset)), at: fields.count - 1)
+            for t in tokens { offset += self.tokenText(t.id).0.unicodeScalars.count }
+            return .object(fields)
+        }
         let body = ResponseBody { writer in
             var first: Double?
             var finished: [GenerationResult] = []
+            var offsets = [Int](repeating: 0, count: choices)
             do {
                 if chat {
                     for i in 0..<choices {
@@ -513,14 +524,15 @@ public final class Server: @unchecked Sendable {
                 }
                 for await event in events {
                     switch event {
-                    case let .piece(i, p):
+                    case let .piece(i, p, tokens):
                         if first == nil { first = Clock.seconds() - start }
-                        try await writer.write(chunk([choice(p, delta: true, finish: nil, index: i)]))
-                    case let .done(i, .success(r)):
+                        try await writer.write(chunk([withLogprobs(choice(p, delta: true, finish: nil, index: i), tokens, offset: &offsets[i])]))
+                    case let .done(i, .success(r), tokens):
                         log(r, first)
                         finished.append(r)
-                        try await writer.write(chunk([choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason), index: i)]))
-                    case let .done(_, .failure(e)):
+                        let end = choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason), index: i)
+                        try await writer.write(chunk([tokens.isEmpty ? end : withLogprobs(end, tokens, offset: &offsets[i])]))
+                    case let .done(_, .failure(e), _):
                         try await writer.write(ByteBuffer(string: "data: " + JSON.serialize(.object([("error", .object([("message", .string("\(e)")), ("type", .string("server_error"))]))])) + "\n\n"))
                     }
                 }
@@ -532,7 +544,7 @@ public final class Server: @unchecked Sendable {
                 // Drain until the engine lets go of the request (at its next token), then say where it stopped.
                 var tokens = -1, reason = "?"
                 for await e in events {
-                    if case let .done(_, .success(r)) = e { (tokens, reason) = (r.tokenIDs.count, r.finishReason) }
+                    if case let .done(_, .success(r), _) = e { (tokens, reason) = (r.tokenIDs.count, r.finishReason) }
                 }
                 self.logger.info("client went away mid-stream; generation stopped", metadata: [
                     "id": .string(id), "completion_tokens": .stringConvertible(tokens), "finish": .string(reason),
@@ -564,8 +576,8 @@ public final class Server: @unchecked Sendable {
 
     /// The completions API's logprobs object: tokens, token_logprobs, top_logprobs (token to log-probability),
     /// text_offset (characters from the start of the completion).
-    func completionLogprobs(_ tokens: [TokenLogprob]) -> JSONValue {
-        var offsets: [JSONValue] = [], offset = 0
+    func completionLogprobs(_ tokens: [TokenLogprob], startingAt start: Int = 0) -> JSONValue {
+        var offsets: [JSONValue] = [], offset = start
         var texts: [JSONValue] = []
         for t in tokens {
             let (text, _) = tokenText(t.id)
@@ -595,7 +607,15 @@ public final class Server: @unchecked Sendable {
 }
 
 /// A streamed request's events, by choice index.
-enum StreamEvent: Sendable { case piece(Int, String), done(Int, Result<GenerationResult, Error>) }
+enum StreamEvent: Sendable { case piece(Int, String, [TokenLogprob]), done(Int, Result<GenerationResult, Error>, [TokenLogprob]) }
+
+/// The log-probabilities of tokens taken but not yet sent.
+final class LogprobBuffer: @unchecked Sendable {
+    private let lock = NSLock()
+    private var entries: [TokenLogprob] = []
+    func append(_ e: TokenLogprob) { lock.withLock { entries.append(e) } }
+    func take() -> [TokenLogprob] { lock.withLock { defer { entries = [] }; return entries } }
+}
 
 /// Counts down the choices of a request still generating.
 final class Countdown: @unchecked Sendable {

@@ -332,8 +332,17 @@ struct ServeCLITests {
         }
         let joined = content.compactMap { $0["token"]?.stringValue }.joined()
         #expect(joined == lp.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue, "\(joined)")
-        let lpStream = try await error(#"{\#(hi), "stream": true, "logprobs": true}"#)
-        #expect(lpStream.0 == 400 && lpStream.1 == "logprobs")
+        // Streamed, each chunk carries the log-probabilities of the tokens its text came from: together, the same entries.
+        let lpStream = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3, "stream": true}"#, headers: auth)
+        var streamedEntries: [JSONValue] = []
+        for event in lpStream.body.components(separatedBy: "\n\n") where event.hasPrefix("data: {") {
+            let c = try JSON.parse(String(event.dropFirst(6)))["choices"]?.arrayValue?.first
+            streamedEntries += c?["logprobs"]?["content"]?.arrayValue ?? []
+        }
+        #expect(lpStream.status == 200 && streamedEntries.count == content.count, "\(lpStream.body)")
+        for (a, b) in zip(streamedEntries, content) {
+            #expect(a["token"] == b["token"] && abs((a["logprob"]?.doubleValue ?? 1) - (b["logprob"]?.doubleValue ?? 0)) < 1e-9)
+        }
         #expect(try await error(#"{\#(hi), "top_logprobs": 2}"#).1 == "top_logprobs")
         let clp = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "temperature": 0, "max_tokens": 5, "logprobs": 2}"#, headers: auth)
         let lpc = clp.json?["choices"]?.arrayValue?.first?["logprobs"]
