@@ -551,71 +551,12 @@ public final class TrainingEngine {
         return UnsafePointer(ws.abf)
     }
 
-    /// Mean cross-entropy over counted targets, computed `lossChunkRows` rows at a time; writes
-    /// dL/dxf (times `scale`) into ws.dxf.
-    func crossEntropy(_ ws: StepWorkspace, batch: TrainingBatch, count: Int, scale: Float, wantGradient: Bool) -> Double {
-        if let objective = sequenceObjective { return sequenceLoss(ws, batch: batch, objective: objective, scale: scale, wantGradient: wantGradient) }
-        let c = model.config
-        let V = c.vocabSize, D = c.hiddenSize
-        let N = batch.batchSize * batch.sequenceLength
-        // Rows whose target counts: row i = (b, t) predicts labels[b, t + 1].
-        ws.lossRows.removeAll(keepingCapacity: true)
-        for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
-        let rows = ws.lossRows
-        let chunk = lossChunkRows
-        var total = 0.0
-        let inv = Float(1) / Float(count)
-        let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
-        // The frozen head (lm_head or the tied embedding; f32 or bf16 tiles): logits = x Hᵀ, dx = dlogits H.
-        let head = model.head
-        var start = 0
-        while start < rows.count {
-            let n = min(chunk, rows.count - start)
-            for k in 0..<n { (x + k * D).update(from: ws.xf + rows[start + k].0 * D, count: D) }
-            head.frozenForward(x, converted: bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, scratch: ws.scratch, packed: ws.packed,
-                               bf16: bf16, kernels: kernels)
-            for k in 0..<n {
-                total += Ops.crossEntropyRow(logits + k * V, vocab: V, target: rows[start + k].1, scale: inv * scale)
-            }
-            if wantGradient {
-                dx.update(repeating: 0, count: n * D)
-                head.inputGradient(logits, converted: bf16Operand(ws, logits, rows: n, cols: V), rows: n, into: dx, scratch: ws.scratch,
-                                   packed: ws.packed, bf16: bf16, kernels: kernels)
-                for k in 0..<n {
-                    let row = ws.dxf + rows[start + k].0 * D
-                    for j in 0..<D { row[j] += dx[k * D + j] }
-                }
-            }
-            start += n
-        }
-        return total / Double(count)
-    }
-
-    /// The chunked head and log-softmax as in crossEntropy, each token's gradient taken with weight 1 (that of
-    /// -log p), summed per row (completion targets, and for an all-token objective every target up to the row's last
-    /// labeled token); then each target's gradient is scaled by minus the objective's derivative by the sums it
-    /// belongs to (the token gradients are those of -log p).
-    func sequenceLoss(_ ws: StepWorkspace, batch: TrainingBatch, objective: Objective, scale: Float, wantGradient: Bool) -> Double {
-        let c = model.config
-        let V = c.vocabSize, D = c.hiddenSize, T = batch.sequenceLength, B = batch.batchSize
-        var allTokens = false
-        if case .allTokens = objective { allTokens = true }
-        // Targets: (row position, token, whether it is a completion target).
-        var targets: [(Int, Int, Bool)] = []
-        for b in 0..<B {
-            var end = -1
-            for t in 0..<T where batch.labels[b * T + t] != TrainingBatch.ignoreIndex { end = t }
-            for t in 0..<(T - 1) {
-                let i = b * T + t
-                if let target = batch.target(of: i) {
-                    targets.append((i, target, true))
-                } else if allTokens && t < end {
-                    targets.append((i, batch.tokens[i + 1], false))
-                }
-            }
-        }
-        var completion = [Double](repeating: 0, count: B), completionCounts = [Int](repeating: 0, count: B)
-        var all = completion, allCounts = completionCounts
+    /// The frozen head (lm_head or the tied embedding; f32 or bf16 tiles) and log-softmax over `targets` (row
+    /// position in the batch, target token), `lossChunkRows` at a time: logits = x Hᵀ, then `visit(k, loss)` with
+    /// target k's -log p (its logits turned into its gradient times `scale`), and with `wantGradient` that gradient
+    /// back through the head (dx = dlogits H) added into the target's row of ws.dxf.
+    func chunkedHead(_ ws: StepWorkspace, targets: [(Int, Int)], scale: Float, wantGradient: Bool, visit: (Int, Double) -> Void) {
+        let V = model.config.vocabSize, D = model.config.hiddenSize
         let x = ws.lossX, logits = ws.logits, dx = ws.lossDx
         let head = model.head
         var start = 0
@@ -624,17 +565,7 @@ public final class TrainingEngine {
             for k in 0..<n { (x + k * D).update(from: ws.xf + targets[start + k].0 * D, count: D) }
             head.frozenForward(x, converted: bf16Operand(ws, x, rows: n, cols: D), rows: n, into: logits, scratch: ws.scratch, packed: ws.packed,
                                bf16: bf16, kernels: kernels)
-            for k in 0..<n {
-                let (i, target, isCompletion) = targets[start + k]
-                let b = i / T
-                let logp = -Ops.crossEntropyRow(logits + k * V, vocab: V, target: target, scale: 1)
-                all[b] += logp
-                allCounts[b] += 1
-                if isCompletion {
-                    completion[b] += logp
-                    completionCounts[b] += 1
-                }
-            }
+            for k in 0..<n { visit(start + k, Ops.crossEntropyRow(logits + k * V, vocab: V, target: targets[start + k].1, scale: scale)) }
             if wantGradient {
                 dx.update(repeating: 0, count: n * D)
                 head.inputGradient(logits, converted: bf16Operand(ws, logits, rows: n, cols: V), rows: n, into: dx, scratch: ws.scratch,
@@ -646,6 +577,54 @@ public final class TrainingEngine {
             }
             start += n
         }
+    }
+
+    /// Mean cross-entropy over counted targets; writes dL/dxf (times `scale`) into ws.dxf.
+    func crossEntropy(_ ws: StepWorkspace, batch: TrainingBatch, count: Int, scale: Float, wantGradient: Bool) -> Double {
+        if let objective = sequenceObjective { return sequenceLoss(ws, batch: batch, objective: objective, scale: scale, wantGradient: wantGradient) }
+        let N = batch.batchSize * batch.sequenceLength
+        // Rows whose target counts: row i = (b, t) predicts labels[b, t + 1].
+        ws.lossRows.removeAll(keepingCapacity: true)
+        for i in 0..<N { if let target = batch.target(of: i) { ws.lossRows.append((i, target)) } }
+        var total = 0.0
+        chunkedHead(ws, targets: ws.lossRows, scale: Float(1) / Float(count) * scale, wantGradient: wantGradient) { _, loss in total += loss }
+        return total / Double(count)
+    }
+
+    /// The head and log-softmax as in crossEntropy, each token's gradient taken with weight 1 (that of -log p),
+    /// summed per row (completion targets, and for an all-token objective every target up to the row's last labeled
+    /// token); then each target's gradient is scaled by minus the objective's derivative by the sums it belongs to.
+    func sequenceLoss(_ ws: StepWorkspace, batch: TrainingBatch, objective: Objective, scale: Float, wantGradient: Bool) -> Double {
+        let D = model.config.hiddenSize, T = batch.sequenceLength, B = batch.batchSize
+        var allTokens = false
+        if case .allTokens = objective { allTokens = true }
+        // Targets (row position, token), and whether each is a completion target.
+        var targets: [(Int, Int)] = [], isCompletion: [Bool] = []
+        for b in 0..<B {
+            var end = -1
+            for t in 0..<T where batch.labels[b * T + t] != TrainingBatch.ignoreIndex { end = t }
+            for t in 0..<(T - 1) {
+                let i = b * T + t
+                if let target = batch.target(of: i) {
+                    targets.append((i, target))
+                    isCompletion.append(true)
+                } else if allTokens && t < end {
+                    targets.append((i, batch.tokens[i + 1]))
+                    isCompletion.append(false)
+                }
+            }
+        }
+        var completion = [Double](repeating: 0, count: B), completionCounts = [Int](repeating: 0, count: B)
+        var all = completion, allCounts = completionCounts
+        chunkedHead(ws, targets: targets, scale: 1, wantGradient: wantGradient) { k, loss in
+            let b = targets[k].0 / T
+            all[b] -= loss
+            allCounts[b] += 1
+            if isCompletion[k] {
+                completion[b] -= loss
+                completionCounts[b] += 1
+            }
+        }
         let loss: Double, dCompletion: [Double], dAll: [Double]
         switch objective {
         case let .completions(f):
@@ -656,9 +635,9 @@ public final class TrainingEngine {
         }
         precondition(dCompletion.count == B && dAll.count == B)
         if wantGradient {
-            for (i, _, isCompletion) in targets {
+            for (k, (i, _)) in targets.enumerated() {
                 let b = i / T
-                let w = Float(-(dAll[b] + (isCompletion ? dCompletion[b] : 0))) * scale
+                let w = Float(-(dAll[b] + (isCompletion[k] ? dCompletion[b] : 0))) * scale
                 let row = ws.dxf + i * D
                 for j in 0..<D { row[j] *= w }
             }
