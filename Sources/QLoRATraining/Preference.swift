@@ -42,19 +42,38 @@ public struct PreferenceMetrics: Sendable, Equatable {
     public var pairs = 0
     public init() {}
 
+    /// Each pair's rewards and policy log-probabilities, averaged (margin and accuracy derived from the rewards).
+    init(perPair: [(rewardChosen: Double, rewardRejected: Double, logpChosen: Double, logpRejected: Double)]) {
+        pairs = perPair.count
+        guard pairs > 0 else { return }
+        let n = Double(pairs)
+        for p in perPair {
+            rewardsChosen += p.rewardChosen / n
+            rewardsRejected += p.rewardRejected / n
+            margins += (p.rewardChosen - p.rewardRejected) / n
+            accuracy += (p.rewardChosen > p.rewardRejected ? 1 : 0) / n
+            logpsChosen += p.logpChosen / n
+            logpsRejected += p.logpRejected / n
+        }
+    }
+
+    /// The means, in one order (merging and the all-reduce of data parallelism go through it).
+    static let means: [WritableKeyPath<PreferenceMetrics, Double>] = [\.rewardsChosen, \.rewardsRejected, \.margins, \.accuracy, \.logpsChosen, \.logpsRejected]
+
+    /// Each mean times the pair count, then the pair count: these add up over micro-batches and ranks.
+    public var weightedSums: [Double] { Self.means.map { self[keyPath: $0] * Double(pairs) } + [Double(pairs)] }
+
+    /// The metrics whose weightedSums these are (summed over parts).
+    public init(weightedSums sums: [Double]) {
+        precondition(sums.count == Self.means.count + 1)
+        pairs = Int(sums.last!)
+        guard pairs > 0 else { return }
+        for (k, key) in Self.means.enumerated() { self[keyPath: key] = sums[k] / sums.last! }
+    }
+
     /// The pair-weighted mean of several micro-batches' metrics.
     public static func merged(_ parts: [PreferenceMetrics]) -> PreferenceMetrics {
-        var m = PreferenceMetrics()
-        m.pairs = parts.reduce(0) { $0 + $1.pairs }
-        guard m.pairs > 0 else { return m }
-        func mean(_ key: KeyPath<PreferenceMetrics, Double>) -> Double { parts.reduce(0) { $0 + $1[keyPath: key] * Double($1.pairs) } / Double(m.pairs) }
-        m.rewardsChosen = mean(\.rewardsChosen)
-        m.rewardsRejected = mean(\.rewardsRejected)
-        m.margins = mean(\.margins)
-        m.accuracy = mean(\.accuracy)
-        m.logpsChosen = mean(\.logpsChosen)
-        m.logpsRejected = mean(\.logpsRejected)
-        return m
+        PreferenceMetrics(weightedSums: parts.reduce([Double](repeating: 0, count: means.count + 1)) { zip($0, $1.weightedSums).map(+) })
     }
 }
 
@@ -67,8 +86,7 @@ public enum DPO {
             let P = logps.count / 2, beta = config.beta
             var loss = 0.0
             var gradient = [Double](repeating: 0, count: 2 * P)
-            var m = PreferenceMetrics()
-            m.pairs = P
+            var perPair: [(rewardChosen: Double, rewardRejected: Double, logpChosen: Double, logpRejected: Double)] = []
             for i in 0..<P {
                 let chosenRatio = logps[i] - reference[i], rejectedRatio = logps[P + i] - reference[P + i]
                 let delta = chosenRatio - rejectedRatio
@@ -93,23 +111,11 @@ public enum DPO {
                     gradient[i] = 2 * e / nc
                     gradient[P + i] = -2 * e / nr
                 }
-                let rc = beta * chosenRatio, rr = beta * rejectedRatio
-                m.rewardsChosen += rc
-                m.rewardsRejected += rr
-                m.margins += rc - rr
-                m.accuracy += rc > rr ? 1 : 0
-                m.logpsChosen += logps[i]
-                m.logpsRejected += logps[P + i]
+                perPair.append((beta * chosenRatio, beta * rejectedRatio, logps[i], logps[P + i]))
             }
             let p = Double(P)
             for k in gradient.indices { gradient[k] /= p }
-            m.rewardsChosen /= p
-            m.rewardsRejected /= p
-            m.margins /= p
-            m.accuracy /= p
-            m.logpsChosen /= p
-            m.logpsRejected /= p
-            report(m)
+            report(PreferenceMetrics(perPair: perPair))
             return (loss / p, gradient)
         }
     }
@@ -141,8 +147,7 @@ public enum ORPO {
             let n = Double(max(chosenTokens, 1))
             var loss = -chosenSum / n
             for i in 0..<P { dAll[i] = -1 / n }
-            var m = PreferenceMetrics()
-            m.pairs = P
+            var perPair: [(rewardChosen: Double, rewardRejected: Double, logpChosen: Double, logpRejected: Double)] = []
             for i in 0..<P {
                 let nc = Double(max(counts[i], 1)), nr = Double(max(counts[P + i], 1))
                 let ac = completion[i] / nc, ar = completion[P + i] / nr
@@ -153,21 +158,9 @@ public enum ORPO {
                 let dLogOdds = -beta / Double(P) / (1 + exp(logOdds))  // -(beta/P) σ(-lo)
                 dCompletion[i] = dLogOdds / (1 - exp(ac)) / nc
                 dCompletion[P + i] = -dLogOdds / (1 - exp(ar)) / nr
-                m.rewardsChosen += beta * ac
-                m.rewardsRejected += beta * ar
-                m.margins += beta * (ac - ar)
-                m.accuracy += ac > ar ? 1 : 0
-                m.logpsChosen += ac
-                m.logpsRejected += ar
+                perPair.append((beta * ac, beta * ar, ac, ar))
             }
-            let p = Double(P)
-            m.rewardsChosen /= p
-            m.rewardsRejected /= p
-            m.margins /= p
-            m.accuracy /= p
-            m.logpsChosen /= p
-            m.logpsRejected /= p
-            report(m)
+            report(PreferenceMetrics(perPair: perPair))
             return (loss, dCompletion, dAll)
         }
     }

@@ -365,31 +365,17 @@ public final class Trainer {
                 loss += try engine.step(batch, gradientScale: Float(weight)) * weight
             }
         }
-        var preference: PreferenceMetrics? = parts.isEmpty && objective == .sft ? nil : PreferenceMetrics.merged(parts)
+        var preference: PreferenceMetrics? = objective == .sft ? nil : PreferenceMetrics.merged(parts)
         var allreduceSeconds: Double?
         if let communicator {
             // The weighted gradients and losses add up to those of one process running every micro-batch.
             let t0 = Clock.seconds()
             try lora.gradients.withUnsafeMutableBufferPointer { try communicator.sumInPlace($0.baseAddress!, count: $0.count) }
-            var values = [loss, Double(tokens)]
-            if let m = preference {
-                let n = Double(m.pairs)
-                values += [m.rewardsChosen * n, m.rewardsRejected * n, m.margins * n, m.accuracy * n, m.logpsChosen * n, m.logpsRejected * n, n]
-            }
-            let sums = try communicator.sum(values)
+            let sums = try communicator.sum([loss, Double(tokens)] + (preference?.weightedSums ?? []))
             allreduceSeconds = Clock.seconds() - t0
             loss = sums[0]
             tokens = Int(sums[1])
-            if preference != nil {
-                var m = PreferenceMetrics()
-                let n = sums[8]
-                m.pairs = Int(n)
-                if n > 0 {
-                    (m.rewardsChosen, m.rewardsRejected, m.margins) = (sums[2] / n, sums[3] / n, sums[4] / n)
-                    (m.accuracy, m.logpsChosen, m.logpsRejected) = (sums[5] / n, sums[6] / n, sums[7] / n)
-                }
-                preference = m
-            }
+            if preference != nil { preference = PreferenceMetrics(weightedSums: Array(sums[2...])) }
         }
         let norm = lora.gradientNorm
         let lr = learningRate(at: step)
