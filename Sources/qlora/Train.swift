@@ -177,17 +177,14 @@ struct Train: ParsableCommand {
         if let r = loraplusLrRatio { guard r > 0 else { throw ValidationError("--loraplus-lr-ratio must be positive") } }
         switch method {
         case "sft": break
-        case "dpo":
+        case "dpo", "orpo":
             guard beta > 0 else { throw ValidationError("--beta must be positive") }
-            guard DPOLoss(rawValue: dpoLoss) != nil else { throw ValidationError("--dpo-loss must be one of \(DPOLoss.allCases.map(\.rawValue).joined(separator: ", "))") }
-            // Options of supervised finetuning that have no meaning for pairs: refused, not ignored.
-            for (given, name) in [(packing, "--packing"), (trainOnInputs, "--train-on-inputs"), (template != "chat", "--template guanaco"),
-                                  (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
-                throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
+            if method == "dpo" {
+                guard DPOLoss(rawValue: dpoLoss) != nil else { throw ValidationError("--dpo-loss must be one of \(DPOLoss.allCases.map(\.rawValue).joined(separator: ", "))") }
+            } else {
+                guard dpoLoss == "sigmoid" else { throw ValidationError("--dpo-loss applies to --method dpo") }
             }
-        case "orpo":
-            guard beta > 0 else { throw ValidationError("--beta must be positive") }
-            guard dpoLoss == "sigmoid" else { throw ValidationError("--dpo-loss applies to --method dpo") }
+            // Options of supervised finetuning that have no meaning for pairs: refused, not ignored.
             for (given, name) in [(packing, "--packing"), (trainOnInputs, "--train-on-inputs"), (template != "chat", "--template guanaco"),
                                   (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
                 throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
