@@ -436,65 +436,53 @@ public final class Server: @unchecked Sendable {
             if let user = req.user { meta["user"] = .string(user) }
             self.logger.info("completion", metadata: meta)
         }
-        if !req.stream {
-            // The n choices are queued together, so the engine decodes them in one batch.
-            let cancelled = ManagedFlag()
-            var pending: [Task<GenerationResult, Error>] = []
-            for i in 0..<req.choices {
-                let (result, continuation) = AsyncThrowingStream<GenerationResult, Error>.makeStream()
-                let job = EngineJob(model: req.model, request: choiceRequest(i), onText: { _ in !cancelled.value }, onDone: { r in
-                    continuation.yield(with: r)
-                    continuation.finish()
-                })
-                guard engine.submit(job) else {
-                    cancelled.value = true  // the choices already queued stop at their first token
-                    throw Self.busy
-                }
-                pending.append(Task {
-                    for try await r in result { return r }
-                    throw CancellationError()
-                })
-            }
-            var results: [GenerationResult] = []
-            for task in pending { results.append(try await task.value) }
-            for r in results { log(r, nil) }
-            return Self.json(.object([
-                ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
-                ("choices", .array(results.enumerated().map { i, r in
-                    var c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
-                    if let lp = r.logprobs, case var .object(fields) = c {
-                        fields.insert(("logprobs", chat ? self.chatLogprobs(lp) : self.completionLogprobs(lp)), at: fields.count - 1)
-                        c = .object(fields)
-                    }
-                    return c
-                })),
-                ("usage", usage(results)),
-            ]))
-        }
-        // Streaming: the engine's pieces go through an AsyncStream to the body writer. When a write fails
-        // (the client hung up) the flag stops the generation at its next token.
+        // The n choices are queued together (the engine decodes them in one batch); their pieces (streaming) and
+        // results come back through one AsyncStream. When a write fails (the client hung up) the flag stops the
+        // generation at its next token.
         let (events, continuation) = AsyncStream<StreamEvent>.makeStream()
         let gone = ManagedFlag()
         let remaining = Countdown(req.choices)
+        let streaming = req.stream
         for i in 0..<req.choices {
-            // Log-probabilities arrive as each token is taken and go out with the next piece of text (a token that
-            // completes no character yet waits for the one that does; what is left goes with the finish).
+            // Streamed log-probabilities arrive as each token is taken and go out with the next piece of text (a token
+            // that completes no character yet waits for the one that does; what is left goes with the finish).
             let pending = LogprobBuffer()
             var request = choiceRequest(i)
-            if request.options.logprobs != nil { request.options.onLogprob = { pending.append($0) } }
+            if streaming && request.options.logprobs != nil { request.options.onLogprob = { pending.append($0) } }
             let job = EngineJob(model: req.model, request: request, onText: { piece in
                 if gone.value { return false }
-                continuation.yield(.piece(i, piece, pending.take()))
+                if streaming { continuation.yield(.piece(i, piece, pending.take())) }
                 return true
             }, onDone: { result in
                 continuation.yield(.done(i, result, pending.take()))
                 if remaining.decrement() == 0 { continuation.finish() }
             })
             guard engine.submit(job) else {
-                // Choices already queued stop at their first token; the client gets the 429 and no stream.
+                // Choices already queued stop at their first token; the client gets the 429.
                 gone.value = true
                 throw Self.busy
             }
+        }
+        if !streaming {
+            var results = [GenerationResult?](repeating: nil, count: req.choices)
+            for await event in events {
+                guard case let .done(i, result, _) = event else { continue }
+                do { results[i] = try result.get() } catch {
+                    gone.value = true  // the other choices stop at their next token
+                    throw error
+                }
+            }
+            let finished = results.compactMap { $0 }
+            for r in finished { log(r, nil) }
+            return Self.json(.object([
+                ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
+                ("choices", .array(finished.enumerated().map { i, r in
+                    let c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
+                    var offset = 0
+                    return r.logprobs.map { self.withLogprobs(c, $0, chat: chat, offset: &offset) } ?? c
+                })),
+                ("usage", usage(finished)),
+            ]))
         }
         let chunkObject = chat ? "chat.completion.chunk" : "text_completion"
         let model = req.model, includeUsage = req.includeUsage
@@ -505,13 +493,6 @@ public final class Server: @unchecked Sendable {
         }
         let choices = req.choices
         let wantsLogprobs = req.options.logprobs != nil
-        /// A chunk's choice with the log-probabilities of the tokens it carries.
-        @Sendable func withLogprobs(_ c: JSONValue, _ tokens: [TokenLogprob], offset: inout Int) -> JSONValue {
-            guard wantsLogprobs, case var .object(fields) = c else { return c }
-            fields.insert(("logprobs", chat ? self.chatLogprobs(tokens) : self.completionLogprobs(tokens, startingAt: offset)), at: fields.count - 1)
-            for t in tokens { offset += self.tokenText(t.id).0.unicodeScalars.count }
-            return .object(fields)
-        }
         let body = ResponseBody { writer in
             var first: Double?
             var finished: [GenerationResult] = []
@@ -526,12 +507,13 @@ public final class Server: @unchecked Sendable {
                     switch event {
                     case let .piece(i, p, tokens):
                         if first == nil { first = Clock.seconds() - start }
-                        try await writer.write(chunk([withLogprobs(choice(p, delta: true, finish: nil, index: i), tokens, offset: &offsets[i])]))
+                        let c = choice(p, delta: true, finish: nil, index: i)
+                        try await writer.write(chunk([wantsLogprobs ? self.withLogprobs(c, tokens, chat: chat, offset: &offsets[i]) : c]))
                     case let .done(i, .success(r), tokens):
                         log(r, first)
                         finished.append(r)
                         let end = choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason), index: i)
-                        try await writer.write(chunk([tokens.isEmpty ? end : withLogprobs(end, tokens, offset: &offsets[i])]))
+                        try await writer.write(chunk([tokens.isEmpty ? end : self.withLogprobs(end, tokens, chat: chat, offset: &offsets[i])]))
                     case let .done(_, .failure(e), _):
                         try await writer.write(ByteBuffer(string: "data: " + JSON.serialize(.object([("error", .object([("message", .string("\(e)")), ("type", .string("server_error"))]))])) + "\n\n"))
                     }
@@ -576,8 +558,8 @@ public final class Server: @unchecked Sendable {
 
     /// The completions API's logprobs object: tokens, token_logprobs, top_logprobs (token to log-probability),
     /// text_offset (characters from the start of the completion).
-    func completionLogprobs(_ tokens: [TokenLogprob], startingAt start: Int = 0) -> JSONValue {
-        var offsets: [JSONValue] = [], offset = start
+    func completionLogprobs(_ tokens: [TokenLogprob], offset: inout Int) -> JSONValue {
+        var offsets: [JSONValue] = []
         var texts: [JSONValue] = []
         for t in tokens {
             let (text, _) = tokenText(t.id)
@@ -588,6 +570,14 @@ public final class Server: @unchecked Sendable {
         let top: [JSONValue] = tokens.map { t in .object(t.top.map { (tokenText($0.id).0, JSONValue.double($0.logprob)) }) }
         return .object([("tokens", .array(texts)), ("token_logprobs", .array(tokens.map { .double($0.logprob) })), ("top_logprobs", .array(top)),
                         ("text_offset", .array(offsets))])
+    }
+
+    /// A choice (whole, or a chunk's) with the logprobs object of its tokens before its finish_reason; `offset`: the
+    /// completions API's text_offset of the first token, moved past these tokens.
+    func withLogprobs(_ choice: JSONValue, _ tokens: [TokenLogprob], chat: Bool, offset: inout Int) -> JSONValue {
+        guard case var .object(fields) = choice else { return choice }
+        fields.insert(("logprobs", chat ? chatLogprobs(tokens) : completionLogprobs(tokens, offset: &offset)), at: fields.count - 1)
+        return .object(fields)
     }
 
     static let busy = APIError(status: .tooManyRequests, message: "The server is busy: its queue is full. Retry after a second.", type: "rate_limit_exceeded", param: nil, code: "rate_limit_exceeded",
