@@ -12,6 +12,19 @@ private func trainArguments(_ data: String, _ out: String, steps: Int = 4) -> [S
      "--grad-accum", "4", "--max-seq-len", "48", "--val-split", "0", "--seed", "3", "--lora-dropout", "0.1", "--template", "guanaco", "--json"]
 }
 
+/// The largest |difference| between the adapters written in two output folders, and the largest |value| of the first.
+func adapterDifference(_ a: String, _ b: String) throws -> (worst: Float, scale: Float) {
+    let x = try SafetensorsFile(path: FileSystem.join(a, "adapter_model.safetensors"))
+    let y = try SafetensorsFile(path: FileSystem.join(b, "adapter_model.safetensors"))
+    var worst: Float = 0, scale: Float = 0
+    for name in x.names {
+        let u = x.tensor(name)!.values(as: Float.self), v = y.tensor(name)!.values(as: Float.self)
+        worst = max(worst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
+        scale = max(scale, u.map(abs).max() ?? 0)
+    }
+    return (worst, scale)
+}
+
 @Suite("command line: data-parallel training")
 struct DistributedCLITests {
     static let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: FileSystem.exists) ?? "mpirun"
@@ -31,14 +44,7 @@ struct DistributedCLITests {
         // One JSON report (rank 0's), the same final loss.
         let la = try JSON.parse(a.stdout)["final_loss"]?.doubleValue ?? .nan, lb = try JSON.parse(b.stdout)["final_loss"]?.doubleValue ?? -1
         #expect(abs(la - lb) <= 1e-6 * abs(la), "loss \(la) vs \(lb)")
-        let x = try SafetensorsFile(path: FileSystem.join(one, "adapter_model.safetensors"))
-        let y = try SafetensorsFile(path: FileSystem.join(two, "adapter_model.safetensors"))
-        var worst: Float = 0, scale: Float = 0
-        for name in x.names {
-            let u = x.tensor(name)!.values(as: Float.self), v = y.tensor(name)!.values(as: Float.self)
-            worst = max(worst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
-            scale = max(scale, u.map(abs).max() ?? 0)
-        }
+        let (worst, scale) = try adapterDifference(one, two)
         #expect(worst <= 1e-5 * scale, "adapter differs by \(worst) (max |value| \(scale))")
         // Rank 0 wrote the run's files; the metrics have one line per step, with the all-reduce's time.
         let metrics = String(decoding: try FileSystem.readFile(FileSystem.join(two, "metrics.jsonl")), as: UTF8.self)
@@ -50,12 +56,7 @@ struct DistributedCLITests {
         #expect(half.status == 0, "\(half.stderr)")
         let rest = try runQLoRA(trainArguments(data, mixed) + ["--resume"])
         #expect(rest.status == 0, "\(rest.stderr)")
-        let z = try SafetensorsFile(path: FileSystem.join(mixed, "adapter_model.safetensors"))
-        var resumedWorst: Float = 0
-        for name in x.names {
-            let u = x.tensor(name)!.values(as: Float.self), v = z.tensor(name)!.values(as: Float.self)
-            resumedWorst = max(resumedWorst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
-        }
+        let resumedWorst = try adapterDifference(one, mixed).worst
         #expect(resumedWorst <= 1e-5 * scale, "resumed adapter differs by \(resumedWorst)")
     }
 

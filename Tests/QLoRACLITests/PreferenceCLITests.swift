@@ -96,14 +96,7 @@ struct PreferenceCLITests {
                 #expect(abs(u - v) <= 1e-5 * max(1, abs(u)), "step \(x["step"]?.intValue ?? 0) \(key): \(u) vs \(v)")
             }
         }
-        let x = try SafetensorsFile(path: FileSystem.join(one, "adapter_model.safetensors"))
-        let y = try SafetensorsFile(path: FileSystem.join(two, "adapter_model.safetensors"))
-        var worst: Float = 0, scale: Float = 0
-        for name in x.names {
-            let u = x.tensor(name)!.values(as: Float.self), v = y.tensor(name)!.values(as: Float.self)
-            worst = max(worst, zip(u, v).map { abs($0 - $1) }.max() ?? 0)
-            scale = max(scale, u.map(abs).max() ?? 0)
-        }
+        let (worst, scale) = try adapterDifference(one, two)
         #expect(scale > 0 && worst <= 1e-5 * scale, "adapter differs by \(worst) (max |value| \(scale))")
         let r1 = try JSON.parse(try FileSystem.readFile(FileSystem.join(one, "reference_logps.json")))["chosen"]?.arrayValue?.compactMap(\.doubleValue) ?? []
         let r2 = try JSON.parse(try FileSystem.readFile(FileSystem.join(two, "reference_logps.json")))["chosen"]?.arrayValue?.compactMap(\.doubleValue) ?? []

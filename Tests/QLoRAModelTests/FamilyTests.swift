@@ -47,6 +47,19 @@ private func checkLogits(_ model: LlamaModel, _ ref: Reference, expected name: S
     }
 }
 
+/// Greedy decoding of the reference's prompt through a KV cache, as many tokens as transformers generated.
+private func greedyTokens(_ model: LlamaModel, _ ref: Reference) throws -> [Int] {
+    let cache = KVCache(config: model.config, capacity: 32)
+    var logits = try model.forward(ref.ints("greedy_prompt"), cache: cache)
+    var tokens: [Int] = []
+    for _ in 0..<ref.ints("greedy_ids").count {
+        let next = logits.indices.max { logits[$0] < logits[$1] }!
+        tokens.append(next)
+        logits = try model.forward([next], cache: cache)
+    }
+    return tokens
+}
+
 @Suite("model families")
 struct FamilyTests {
     static let families = ["tiny-qwen3", "tiny-gemma3", "tiny-phi3"]
@@ -61,15 +74,7 @@ struct FamilyTests {
     func greedy(_ family: String) throws {
         let ref = try Reference(family)
         let model = try load(FileSystem.join(resources, family))
-        let cache = KVCache(config: model.config, capacity: 32)
-        var logits = try model.forward(ref.ints("greedy_prompt"), cache: cache)
-        var tokens: [Int] = []
-        for _ in 0..<ref.ints("greedy_ids").count {
-            let next = logits.indices.max { logits[$0] < logits[$1] }!
-            tokens.append(next)
-            logits = try model.forward([next], cache: cache)
-        }
-        #expect(tokens == ref.ints("greedy_ids"))
+        #expect(try greedyTokens(model, ref) == ref.ints("greedy_ids"))
     }
 
     @Test("NF4 + double quantization equals transformers + bitsandbytes, quantized here and from its saved checkpoint", arguments: families)
@@ -175,15 +180,7 @@ extension FamilyTests {
             #expect(r3 == nil, "\(r3 ?? "")")
         }
         // Greedy generation across the boundary gives transformers' generate tokens (it recomputes there too).
-        let cache = KVCache(config: model.config, capacity: 32)
-        var logits = try model.forward(ref.ints("greedy_prompt"), cache: cache)
-        var tokens: [Int] = []
-        for _ in 0..<ref.ints("greedy_ids").count {
-            let next = logits.indices.max { logits[$0] < logits[$1] }!
-            tokens.append(next)
-            logits = try model.forward([next], cache: cache)
-        }
-        #expect(tokens == ref.ints("greedy_ids"))
+        #expect(try greedyTokens(model, ref) == ref.ints("greedy_ids"))
         // The same through batched decoding (two sequences, one crossing), and from the converter's GGUF and in NF4.
         let a = KVCache(config: model.config, capacity: 32), b = KVCache(config: model.config, capacity: 32)
         _ = try model.forward(Array(ids[0..<8]), cache: a)

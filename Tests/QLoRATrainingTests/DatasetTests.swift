@@ -1,6 +1,6 @@
 // Datasets: every format, file:line errors for malformed records, skipping; and the encoder's labels
 // (responses only, chat template and Guanaco), truncation that keeps EOS.
-import Glibc
+import Foundation
 import QLoRA
 import QLoRATestSupport
 import Testing
@@ -78,12 +78,11 @@ struct DatasetTests {
         let path = FileSystem.join(dir, "huge.jsonl")
         // {"text": "<1 GiB of NUL bytes>"} then a normal record; the file is sparse: no disk is used for the hole.
         let head = Array(#"{"text": ""#.utf8), tail = Array("\"}\n{\"text\": \"a normal record\"}\n".utf8)
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        #expect(fd >= 0)
-        _ = head.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        _ = lseek(fd, off_t(head.count + (1 << 30)), SEEK_SET)
-        _ = tail.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        close(fd)
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(head)))
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        try handle.seek(toOffset: UInt64(head.count + (1 << 30)))
+        try handle.write(contentsOf: tail)
+        try handle.close()
         let start = Clock.seconds()
         do {
             _ = try DatasetLoader.load(path)

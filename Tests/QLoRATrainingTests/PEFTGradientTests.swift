@@ -8,28 +8,12 @@ import Testing
 
 private let resources = Fixtures.resources()
 
-/// Relative tolerance for gradients against PyTorch (f32 throughout, different summation orders).
-private let gradientTolerance: Float = 1e-4
 
 @Suite("gradients against PyTorch + PEFT")
 struct PEFTGradientTests {
     func run(base: String, fixture: String, prefix: String, quant: QuantType?, checkpointing: Bool, dtype: ComputeDType = .f32) throws {
         let f = try SafetensorsFile(path: FileSystem.join(resources, fixture))
-        var o = LoadOptions()
-        o.quantType = quant
-        o.showProgress = false
-        let model = try LlamaModel.load(FileSystem.join(resources, base), options: o)
-        var c = LoRAConfig()
-        c.rank = 8
-        c.alpha = 16
-        c.dropout = 0
-        let lora = LoRAWeights(model: model, config: c)
-        for s in lora.slots {
-            let (a, b) = LoRAWeights.peftNames(s)
-            let av = f.tensor(prefix + a)!.values(as: Float.self), bv = f.tensor(prefix + b)!.values(as: Float.self)
-            for i in 0..<av.count { lora.parameters[s.aOffset + i] = av[i] }
-            for i in 0..<bv.count { lora.parameters[s.bOffset + i] = bv[i] }
-        }
+        let (model, lora) = try tinyLoRA(base, quant: quant, weights: f, prefix: prefix)
         var options = TrainingOptions()
         options.computeDType = dtype  // f32: checked at 1e-4 against PEFT's f32 gradients
         options.gradientCheckpointing = checkpointing
@@ -47,32 +31,21 @@ struct PEFTGradientTests {
             // bf16 operands carry 8 significant bits: each tensor's gradient within 3% of PEFT's f32 one
             // (relative L2 error), the loss within 1%.
             #expect(abs(loss - expectedLoss) / expectedLoss < 1e-2, "bf16 loss \(loss) vs \(expectedLoss)")
-            for s in lora.slots {
-                let (a, b) = LoRAWeights.peftNames(s)
-                for (name, offset, count) in [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)] {
-                    let expected = f.tensor(prefix + "grad." + name)!.values(as: Float.self)
-                    var err = 0.0, norm = 0.0
-                    for i in 0..<count {
-                        let e = Double(expected[i]), o = Double(lora.gradients[offset + i])
-                        err += (o - e) * (o - e); norm += e * e
-                    }
-                    #expect((err / max(norm, 1e-30)).squareRoot() < 3e-2, "\(name): relative error \((err / norm).squareRoot())")
+            for (name, offset, count) in peftTensors(lora) {
+                let expected = f.tensor(prefix + "grad." + name)!.values(as: Float.self)
+                var err = 0.0, norm = 0.0
+                for i in 0..<count {
+                    let e = Double(expected[i]), o = Double(lora.gradients[offset + i])
+                    err += (o - e) * (o - e); norm += e * e
                 }
+                #expect((err / max(norm, 1e-30)).squareRoot() < 3e-2, "\(name): relative error \((err / norm).squareRoot())")
             }
             let expectedNorm = Double(f.tensor(prefix + "grad_norm")!.values(as: Float.self)[0])
             #expect(abs(lora.gradientNorm - expectedNorm) / expectedNorm < 1e-2)
             return
         }
         #expect(abs(loss - expectedLoss) / expectedLoss < 1e-5, "\(fixture) \(prefix) loss \(loss) vs \(expectedLoss)")
-        for s in lora.slots {
-            let (a, b) = LoRAWeights.peftNames(s)
-            for (name, offset, count) in [(a, s.aOffset, c.rank * s.inFeatures), (b, s.bOffset, s.outFeatures * c.rank)] {
-                let expected = f.tensor(prefix + "grad." + name)!.values(as: Float.self)
-                let ours = Array(lora.gradients[offset..<(offset + count)])
-                let scale = expected.map(abs).max()!
-                #expect(Compare.close(ours, expected, atol: gradientTolerance * scale, rtol: gradientTolerance, "\(prefix)\(name)") == nil)
-            }
-        }
+        checkGradients(lora, against: f, prefix: prefix + "grad.")
         let expectedNorm = Double(f.tensor(prefix + "grad_norm")!.values(as: Float.self)[0])
         #expect(abs(lora.gradientNorm - expectedNorm) / expectedNorm < 1e-4)
     }
