@@ -24,6 +24,9 @@ public enum AdapterExport {
         // The merger checks the adapter against the base: every module a projection, every shape right.
         let merger = try ModelMerger(model: model, adapter: folder)
         guard let adapter = merger.adapter else { throw ExportError.unsupported(what: "no adapter") }
+        guard !adapter.config.useDoRA else {
+            throw ExportError.unsupported(what: "a DoRA adapter (use_dora) in a llama.cpp LoRA GGUF: llama.cpp's LoRA has no magnitude vector; merge it with `qlora merge` and export the merged model instead")
+        }
         let c = merger.config
         let rank = adapter.config.rank
         let alpha = Double(adapter.config.scale) * Double(rank)

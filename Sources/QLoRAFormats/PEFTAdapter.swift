@@ -1,6 +1,7 @@
 // PEFT LoRA adapter folders: adapter_config.json (peft_type LORA, r, lora_alpha, target_modules,
 // use_rslora, ...) and adapter_model.safetensors with keys
-// `base_model.model.<module path>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+// `base_model.model.<module path>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r] (and with use_dora
+// `...lora_magnitude_vector` [out]).
 import QLoRACore
 
 public struct PEFTAdapterConfig: Sendable, Equatable {
@@ -11,12 +12,14 @@ public struct PEFTAdapterConfig: Sendable, Equatable {
     public var useRSLoRA: Bool
     public var baseModel: String?
     public var bias: String
+    /// DoRA: a magnitude vector per adapted module (`<module>.lora_magnitude_vector` [out]).
+    public var useDoRA: Bool
 
     /// The factor applied to B·A: alpha / r, or alpha / sqrt(r) with rsLoRA.
     public var scale: Float { Float(useRSLoRA ? alpha / Double(rank).squareRoot() : alpha / Double(rank)) }
 
     public init(rank: Int, alpha: Double, dropout: Double = 0, targetModules: [String], useRSLoRA: Bool = false,
-                baseModel: String? = nil, bias: String = "none") {
+                baseModel: String? = nil, bias: String = "none", useDoRA: Bool = false) {
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -24,6 +27,7 @@ public struct PEFTAdapterConfig: Sendable, Equatable {
         self.useRSLoRA = useRSLoRA
         self.baseModel = baseModel
         self.bias = bias
+        self.useDoRA = useDoRA
     }
 
     public init(file: String) throws {
@@ -34,7 +38,6 @@ public struct PEFTAdapterConfig: Sendable, Equatable {
         }
         let type = json["peft_type"]?.stringValue ?? "?"
         guard type == "LORA" else { throw bad("peft_type '\(type)' is not supported (LORA)") }
-        if json["use_dora"]?.boolValue == true { throw bad("DoRA adapters (use_dora) are not supported") }
         if json["fan_in_fan_out"]?.boolValue == true { throw bad("fan_in_fan_out adapters (GPT-2 Conv1D layers) are not supported") }
         if let patterns = json["rank_pattern"]?.objectValue, !patterns.isEmpty { throw bad("per-module rank_pattern is not supported") }
         if let patterns = json["alpha_pattern"]?.objectValue, !patterns.isEmpty { throw bad("per-module alpha_pattern is not supported") }
@@ -46,7 +49,7 @@ public struct PEFTAdapterConfig: Sendable, Equatable {
         }
         self.init(rank: r, alpha: alpha, dropout: json["lora_dropout"]?.doubleValue ?? 0, targetModules: targets,
                   useRSLoRA: json["use_rslora"]?.boolValue ?? false, baseModel: json["base_model_name_or_path"]?.stringValue,
-                  bias: json["bias"]?.stringValue ?? "none")
+                  bias: json["bias"]?.stringValue ?? "none", useDoRA: json["use_dora"]?.boolValue ?? false)
         guard bias == "none" else { throw bad("bias '\(bias)' is not supported (none)") }
     }
 }
@@ -59,6 +62,8 @@ public struct PEFTAdapterWeights: Sendable {
     public let a: TensorView
     /// [out, r]
     public let b: TensorView
+    /// DoRA's magnitude [out] (adapters with use_dora), else nil.
+    public let magnitude: TensorView?
 }
 
 public struct PEFTAdapter: Sendable {
@@ -67,6 +72,8 @@ public struct PEFTAdapter: Sendable {
     public let modules: [PEFTAdapterWeights]
 
     public static let keyPrefix = "base_model.model."
+    /// The suffix of a DoRA magnitude's key (PEFT keeps it without ".weight").
+    public static let magnitudeSuffix = ".lora_magnitude_vector"
 
     public init(folder: String) throws {
         self.folder = folder
@@ -81,15 +88,27 @@ public struct PEFTAdapter: Sendable {
         }
         let file = try SafetensorsFile(path: weightsPath)
         var byModule: [String: (TensorView?, TensorView?)] = [:]
+        var magnitudes: [String: TensorView] = [:]
         var order: [String] = []
         for name in file.names {
             guard name.hasPrefix(Self.keyPrefix) else {
                 throw FormatError.invalidConfig(file: weightsPath, reason: "tensor '\(name)' does not start with '\(Self.keyPrefix)'")
             }
             let rest = String(name.dropFirst(Self.keyPrefix.count))
+            if rest.hasSuffix(Self.magnitudeSuffix) {
+                let t = file.tensor(name)!
+                guard config.useDoRA else {
+                    throw FormatError.invalidConfig(file: weightsPath, reason: "tensor '\(name)' is a DoRA magnitude but adapter_config.json has no use_dora")
+                }
+                guard t.shape.count == 1, t.dtype.isFloatingPoint else {
+                    throw FormatError.invalidConfig(file: weightsPath, reason: "tensor '\(name)' must be a 1-D float vector")
+                }
+                magnitudes[String(rest.dropLast(Self.magnitudeSuffix.count))] = t
+                continue
+            }
             let isA = rest.hasSuffix(".lora_A.weight"), isB = rest.hasSuffix(".lora_B.weight")
             guard isA || isB else {
-                throw FormatError.invalidConfig(file: weightsPath, reason: "tensor '\(name)' is not a lora_A or lora_B weight (only LoRA matrices are supported)")
+                throw FormatError.invalidConfig(file: weightsPath, reason: "tensor '\(name)' is not a lora_A or lora_B weight or a DoRA magnitude (only LoRA and DoRA are supported)")
             }
             let module = String(rest.dropLast(".lora_A.weight".count))
             let t = file.tensor(name)!
@@ -101,7 +120,7 @@ public struct PEFTAdapter: Sendable {
             if isA { entry.0 = t } else { entry.1 = t }
             byModule[module] = entry
         }
-        let rank = config.rank
+        let rank = config.rank, useDoRA = config.useDoRA
         modules = try order.map { m in
             let (a, b) = byModule[m]!
             guard let a, let b else {
@@ -110,7 +129,19 @@ public struct PEFTAdapter: Sendable {
             guard a.shape[0] == rank, b.shape[1] == rank else {
                 throw FormatError.invalidConfig(file: weightsPath, reason: "module '\(m)': lora_A \(a.shape) and lora_B \(b.shape) do not match r = \(rank)")
             }
-            return PEFTAdapterWeights(module: m, a: a, b: b)
+            let magnitude = magnitudes.removeValue(forKey: m)
+            if useDoRA {
+                guard let magnitude else {
+                    throw FormatError.invalidConfig(file: weightsPath, reason: "use_dora but no tensor '\(Self.keyPrefix + m + Self.magnitudeSuffix)'")
+                }
+                guard magnitude.shape == [b.shape[0]] else {
+                    throw FormatError.invalidConfig(file: weightsPath, reason: "module '\(m)': magnitude \(magnitude.shape) does not match lora_B \(b.shape)")
+                }
+            }
+            return PEFTAdapterWeights(module: m, a: a, b: b, magnitude: magnitude)
+        }
+        if let extra = magnitudes.keys.sorted().first {
+            throw FormatError.invalidConfig(file: weightsPath, reason: "DoRA magnitude of '\(extra)' has no lora_A / lora_B")
         }
     }
 }

@@ -1,5 +1,5 @@
 // Applying a PEFT LoRA adapter to a loaded model for inference: every adapted projection gets its A, B
-// and scale. Module paths follow transformers' names, so adapters trained with PEFT on the Hugging Face
+// and scale (and a DoRA adapter its per-row factor). Module paths follow transformers' names, so adapters trained with PEFT on the Hugging Face
 // model apply to the same model loaded from a folder, a bitsandbytes checkpoint or a GGUF file.
 import QLoRACore
 import QLoRAFormats
@@ -29,7 +29,16 @@ extension LlamaModel {
             guard m.b.shape == expectB else {
                 throw ModelError.shapeMismatch(file: weightsFile, tensor: m.module + ".lora_B.weight", expected: expectB, found: m.b.shape)
             }
-            linear.lora = Linear.LoRA(a: m.a.floats(), b: m.b.floats(), rank: adapter.config.rank, scale: scale)
+            var lora = Linear.LoRA(a: m.a.floats(), b: m.b.floats(), rank: adapter.config.rank, scale: scale)
+            if let magnitude = m.magnitude?.floats() {
+                // DoRA: g = m / ‖W + s·BA‖ per row, fixed for inference.
+                let norms = lora.a.withUnsafeBufferPointer { a in
+                    lora.b.withUnsafeBufferPointer { b in linear.doraNorms(a: a.baseAddress!, b: b.baseAddress!, rank: lora.rank, scale: scale) }
+                }
+                lora.doraScale = zip(magnitude, norms).map { $0 / $1 }
+                lora.doraBias = linear.bias
+            }
+            linear.lora = lora
             layers[i][p] = linear
         }
         return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)

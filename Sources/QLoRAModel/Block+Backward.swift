@@ -16,6 +16,8 @@ public struct BlockGradients {
     /// The input gradient of an optional norm (q/k head norms, output norms), [rows, max(D, qDim)]: nil for a
     /// model without them.
     public var dNorm: UnsafeMutablePointer<Float>?
+    /// DoRA: g ⊙ dy [rows, widest output], or nil without DoRA.
+    public var dora: UnsafeMutablePointer<Float>?
 
     public init(da: UnsafeMutablePointer<Float>, dg: UnsafeMutablePointer<Float>, du: UnsafeMutablePointer<Float>, dx2: UnsafeMutablePointer<Float>,
                 dh2: UnsafeMutablePointer<Float>, dx1: UnsafeMutablePointer<Float>, dAttn: UnsafeMutablePointer<Float>, dq: UnsafeMutablePointer<Float>,
@@ -36,9 +38,15 @@ extension LlamaLayer {
         let n = call.rows, D = c.hiddenSize, I = c.intermediateSize
         let qDim = c.qDim, kvDim = c.kvDim
         let kernels = call.kernels
-        /// dx += dy · W, and each update's backward.
+        /// dx += dy · W, and each update's backward (DoRA's: the whole projection's, DoRA.swift).
         func backward(_ p: Projection, dy: UnsafePointer<Float>, input x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>) {
             guard let linear = self[p] else { return }
+            var dora: LoRAUpdate?
+            updates(p) { if $0.dora != nil { dora = $0 } }
+            if let dora {
+                linear.doraBackward(dora, dy, input: x, rows: n, dx: dx, g, s, call)
+                return
+            }
             let dyb = call.converted(dy, cols: linear.outFeatures, s, always: true)
             linear.inputGradient(dy, converted: dyb, rows: n, into: dx, scratch: s.tile, packed: s.packed, bf16: call.bf16, kernels: kernels)
             updates(p) {

@@ -120,7 +120,7 @@ extension LlamaLayer {
     /// attached one, the per-row adapters of a batch; none at all for the base model). `attend` runs attention on
     /// act.q, act.k and act.v (normed where the model norms them, rotated) into act.attn. `out == nil` is training's
     /// recomputation under gradient checkpointing, which needs every activation but not the output: the frozen
-    /// part of down_proj (a quarter of the block's weights) is skipped unless a norm follows it; its LoRA still runs.
+    /// part of down_proj (a quarter of the block's weights) is skipped unless a norm or DoRA follows it; its LoRA still runs.
     ///
     /// h2 = h + N_a(o(attn(x1))), x1 = norm(h); out = h2 + N_m(down(act(gate(x2)) ⊙ up(x2))), x2 = norm'(h2), where
     /// N_a and N_m are Gemma 3's output norms (identity elsewhere).
@@ -131,7 +131,13 @@ extension LlamaLayer {
         let bf16 = call.bf16, kernels = call.kernels
         func lora(_ p: Projection, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>) {
             guard let linear = self[p] else { return }
-            updates(p) { $0.forward(x, rows: n, inFeatures: linear.inFeatures, outFeatures: linear.outFeatures, into: y, kernels: kernels) }
+            updates(p) { u in
+                if u.dora != nil && u.dropout != nil {
+                    linear.doraDropoutForward(u, x, rows: n, into: y, s, call)
+                } else {
+                    u.forward(x, rows: n, inFeatures: linear.inFeatures, outFeatures: linear.outFeatures, into: y, kernels: kernels)
+                }
+            }
         }
         norm(inputNorm, act.x1, rstd: act.rstd1, h, rows: n, config: c)
         var xb = call.converted(act.x1, cols: D, s)
@@ -183,7 +189,9 @@ extension LlamaLayer {
             elementwise(n * I) { r in Ops.gegluForward(a + r.lowerBound, gate: g + r.lowerBound, up: u + r.lowerBound, count: r.count, kernels: kernels) }
         }
         let downOut = act.mlpOut ?? s.proj
-        if out != nil || mlpOutputNorm != nil {
+        var doraDown = false  // DoRA scales the frozen output too
+        updates(.down) { if $0.dora != nil { doraDown = true } }
+        if out != nil || mlpOutputNorm != nil || doraDown {
             xb = call.converted(act.a, cols: I, s)
             down.frozenForward(act.a, converted: xb, rows: n, into: downOut, scratch: s.tile, packed: s.packed, bf16: bf16, kernels: kernels)
         }

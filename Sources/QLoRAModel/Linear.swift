@@ -23,6 +23,9 @@ public struct Linear: Sendable {
         public var b: [Float]
         public var rank: Int
         public var scale: Float
+        /// DoRA: g = m / ‖W + s·BA‖ per output row, fixed when attached, and the projection's bias (nil: plain LoRA).
+        public var doraScale: [Float]?
+        public var doraBias: [Float]?
 
         public init(a: [Float], b: [Float], rank: Int, scale: Float) {
             self.a = a
@@ -34,7 +37,18 @@ public struct Linear: Sendable {
         /// The adapter as the update LoRA.swift applies, over `rows` of a call (all when nil).
         public func withUpdate<R>(rows: Range<Int>? = nil, _ body: (LoRAUpdate) -> R) -> R {
             a.withUnsafeBufferPointer { ap in
-                b.withUnsafeBufferPointer { bp in body(LoRAUpdate(a: ap.baseAddress!, b: bp.baseAddress!, rank: rank, scale: scale, rows: rows)) }
+                b.withUnsafeBufferPointer { bp in
+                    var u = LoRAUpdate(a: ap.baseAddress!, b: bp.baseAddress!, rank: rank, scale: scale, rows: rows)
+                    guard let doraScale else { return body(u) }
+                    return doraScale.withUnsafeBufferPointer { g in
+                        func run(_ bias: UnsafePointer<Float>?) -> R {
+                            u.dora = LoRAUpdate.DoRA(scale: g.baseAddress!, bias: bias)
+                            return body(u)
+                        }
+                        if let doraBias { return doraBias.withUnsafeBufferPointer { run($0.baseAddress!) } }
+                        return run(nil)
+                    }
+                }
             }
         }
     }

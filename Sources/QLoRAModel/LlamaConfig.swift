@@ -155,6 +155,18 @@ public struct LlamaConfig: Equatable, Sendable {
     public var kvDim: Int { kvHeadCount * headDim }
     public var qkvDim: Int { qDim + 2 * kvDim }
 
+    /// The output width of projection p.
+    public func outFeatures(_ p: Projection) -> Int {
+        switch p {
+        case .q: return qDim
+        case .k, .v: return kvDim
+        case .o, .down: return hiddenSize
+        case .gate, .up: return intermediateSize
+        case .qkv: return qkvDim
+        case .gateUp: return 2 * intermediateSize
+        }
+    }
+
     /// Parameters of the model (embeddings counted once when tied).
     public var parameterCount: Int {
         let attention = hiddenSize * headDim * (2 * headCount + 2 * kvHeadCount)

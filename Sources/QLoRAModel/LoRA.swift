@@ -3,6 +3,9 @@
 // being trained (with dropout on its input, and its gradients).
 //   y  += s · t Bᵀ,  t = drop(x) Aᵀ           A [r, in], B [out, r], s = alpha / r (or alpha / √r)
 //   dB += s · dyᵀ t,  dt = s · dy B,  dA += dtᵀ drop(x),  dx += (dt A) ⊙ mask / (1 − p)
+// DoRA (Liu et al. 2024, as PEFT computes it) scales each output of the adapted projection by g = m / ‖W + s·BA‖
+// (the row's norm, not differentiated): y = g ⊙ (W x + s·B A x) + b without dropout; with dropout PEFT adds
+// g ⊙ (W d + s·B A d) − W d to W x + b, d = drop(x) (DoRA.swift has that form and the backward).
 import QLoRACore
 import QLoRAKernels
 
@@ -44,10 +47,29 @@ public struct LoRAUpdate {
     /// Training: dA [r, in] and dB [out, r], added to by the backward.
     public var gradA: UnsafeMutablePointer<Float>?
     public var gradB: UnsafeMutablePointer<Float>?
+    /// DoRA's magnitude scaling of the update's projection, or nil (plain LoRA).
+    public var dora: DoRA?
+
+    /// DoRA's per-output factors for one projection [out] and what training keeps.
+    public struct DoRA {
+        /// g = m / ‖W + s·BA‖ per output row.
+        public var scale: UnsafePointer<Float>
+        /// The projection's bias (g scales W x + s·BA x only), or nil.
+        public var bias: UnsafePointer<Float>?
+        /// Training: 1 / ‖W + s·BA‖ per row, z = W d + s·B A d [rows, out] kept by the forward, and dm [out].
+        public var inverseNorm: UnsafePointer<Float>?
+        public var z: UnsafeMutablePointer<Float>?
+        public var gradMagnitude: UnsafeMutablePointer<Float>?
+
+        public init(scale: UnsafePointer<Float>, bias: UnsafePointer<Float>? = nil, inverseNorm: UnsafePointer<Float>? = nil,
+                    z: UnsafeMutablePointer<Float>? = nil, gradMagnitude: UnsafeMutablePointer<Float>? = nil) {
+            self.scale = scale; self.bias = bias; self.inverseNorm = inverseNorm; self.z = z; self.gradMagnitude = gradMagnitude
+        }
+    }
 
     public init(a: UnsafePointer<Float>, b: UnsafePointer<Float>, rank: Int, scale: Float, rows: Range<Int>? = nil,
                 t: UnsafeMutablePointer<Float>? = nil, dropout: LoRADropout? = nil,
-                gradA: UnsafeMutablePointer<Float>? = nil, gradB: UnsafeMutablePointer<Float>? = nil) {
+                gradA: UnsafeMutablePointer<Float>? = nil, gradB: UnsafeMutablePointer<Float>? = nil, dora: DoRA? = nil) {
         self.a = a
         self.b = b
         self.rank = rank
@@ -57,6 +79,7 @@ public struct LoRAUpdate {
         self.dropout = dropout
         self.gradA = gradA
         self.gradB = gradB
+        self.dora = dora
     }
 
     /// Inputs of at most this many rows take the matrix-vector form (each row of A and of B read once and
@@ -68,12 +91,28 @@ public struct LoRAUpdate {
     /// Adapters of at least this many floats (A and B together) split their few-row products over the workers.
     static let parallelFloats = 1 << 16
 
-    /// y += s · (drop(x) Aᵀ) Bᵀ for the update's rows of x [n, in] and y [n, out] (n the call's rows).
+    /// y += s · (drop(x) Aᵀ) Bᵀ for the update's rows of x [n, in] and y [n, out] (n the call's rows); with DoRA
+    /// (no dropout: DoRA.swift has that form), y = g ⊙ (y − b + s · (x Aᵀ) Bᵀ) + b, keeping the parenthesis in z.
     public func forward(_ x: UnsafePointer<Float>, rows n: Int, inFeatures inF: Int, outFeatures outF: Int,
                         into y: UnsafeMutablePointer<Float>, kernels: KernelTable = .current) {
         let range = rows ?? 0..<n
         guard !range.isEmpty else { return }
         let x = x + range.lowerBound * inF, y = y + range.lowerBound * outF, n = range.count
+        if let dora {
+            precondition(dropout == nil, "DoRA with dropout runs through Linear.doraForward")
+            var plain = self
+            plain.dora = nil
+            plain.rows = nil
+            func run(_ z: UnsafeMutablePointer<Float>) {
+                dora.unscaled(y, rows: n, outFeatures: outF, into: z)
+                plain.forward(x, rows: n, inFeatures: inF, outFeatures: outF, into: z, kernels: kernels)
+                dora.rescale(z, rows: n, outFeatures: outF, into: y)
+            }
+            if let z = dora.z { run(z + range.lowerBound * outF) } else {
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: n * outF) { run($0.baseAddress!) }
+            }
+            return
+        }
         var input = x
         if let dropout {
             dropout.draw(x, rows: n, inFeatures: inF, kernels: kernels)
@@ -145,6 +184,29 @@ public struct LoRAUpdate {
             Gemm.parallelGemm(dx, ldc: inF, dt, lda: r, a, ldb: inF, m: n, n: inF, k: r, beta: 1)
         }
     }
+}
+
+extension LoRAUpdate.DoRA {
+    /// z = y − b over rows x [out].
+    func unscaled(_ y: UnsafePointer<Float>, rows n: Int, outFeatures outF: Int, into z: UnsafeMutablePointer<Float>) {
+        z.update(from: y, count: n * outF)
+        guard let bias else { return }
+        byRows(n) { r in for o in 0..<outF { z[r * outF + o] -= bias[o] } }
+    }
+
+    /// y = g ⊙ z + b.
+    func rescale(_ z: UnsafePointer<Float>, rows n: Int, outFeatures outF: Int, into y: UnsafeMutablePointer<Float>) {
+        let g = scale, bias = bias
+        byRows(n) { r in
+            let yr = y + r * outF, zr = z + r * outF
+            if let bias { for o in 0..<outF { yr[o] = g[o] * zr[o] + bias[o] } } else { for o in 0..<outF { yr[o] = g[o] * zr[o] } }
+        }
+    }
+}
+
+/// body(r) for each row r < n, rows split over our threads.
+func byRows(_ n: Int, _ body: (Int) -> Void) {
+    Parallel.forChunks(count: n, granularity: 1, minimumChunk: 8) { _, range in for r in range { body(r) } }
 }
 
 extension LoRADropout {

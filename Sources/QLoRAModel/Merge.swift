@@ -65,7 +65,7 @@ public final class ModelMerger: @unchecked Sendable {
     public let options: MergeOptions
     public let items: [Item]
     let naming: TensorNaming
-    private let lora: [String: (a: TensorView, b: TensorView)]
+    private let lora: [String: (a: TensorView, b: TensorView, magnitude: TensorView?)]
 
     public var gguf: GGUFFile? { tensors as? GGUFFile }
 
@@ -143,7 +143,7 @@ public final class ModelMerger: @unchecked Sendable {
             }
         }
 
-        var lora: [String: (a: TensorView, b: TensorView)] = [:]
+        var lora: [String: (a: TensorView, b: TensorView, magnitude: TensorView?)] = [:]
         if let adapterFolder {
             let a = try PEFTAdapter(folder: adapterFolder)
             let weightsFile = FileSystem.join(adapterFolder, "adapter_model.safetensors")
@@ -160,7 +160,7 @@ public final class ModelMerger: @unchecked Sendable {
                 guard m.b.shape == expectB else {
                     throw ModelError.shapeMismatch(file: weightsFile, tensor: m.module + ".lora_B.weight", expected: expectB, found: m.b.shape)
                 }
-                lora[items[index].name] = (m.a, m.b)
+                lora[items[index].name] = (m.a, m.b, m.magnitude)
                 let old = items[index]
                 items[index] = Item(name: old.name, shape: old.shape, part: old.part, sourceName: old.sourceName,
                                     permuteHeads: old.permuteHeads, adapted: true)
@@ -209,6 +209,15 @@ public final class ModelMerger: @unchecked Sendable {
                         Gemm.gemm(wp.baseAddress!, bp.baseAddress!, ap.baseAddress!, m: out, n: inFeatures, k: rank,
                                   alpha: adapter.config.scale, beta: 1)
                     }
+                }
+            }
+            // DoRA (PEFT's merge): each row of W + s·BA rescaled to its magnitude, W' = m ⊙ (W + s·BA) / ‖W + s·BA‖.
+            if let m = pair.magnitude?.floats() {
+                for o in 0..<out {
+                    var sum = 0.0
+                    for j in 0..<inFeatures { sum += Double(w[o * inFeatures + j]) * Double(w[o * inFeatures + j]) }
+                    let factor = m[o] / Float(sum.squareRoot())
+                    for j in 0..<inFeatures { w[o * inFeatures + j] *= factor }
                 }
             }
         }

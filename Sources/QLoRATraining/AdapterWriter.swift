@@ -1,5 +1,6 @@
 // Writing LoRA weights as a PEFT adapter folder that peft.PeftModel.from_pretrained loads:
-// adapter_config.json and adapter_model.safetensors (keys base_model.model.model.layers.N.<module>.lora_A.weight).
+// adapter_config.json and adapter_model.safetensors (keys base_model.model.model.layers.N.<module>.lora_A.weight, and
+// with DoRA <module>.lora_magnitude_vector).
 import QLoRACore
 import QLoRAFormats
 
@@ -27,7 +28,7 @@ extension LoRAWeights {
             ("revision", .null),
             ("target_modules", .array(targets.map { .string($0) })),
             ("task_type", .string("CAUSAL_LM")),
-            ("use_dora", .bool(false)),
+            ("use_dora", .bool(self.config.useDoRA)),
             ("use_rslora", .bool(self.config.useRSLoRA)),
         ])
         var tensors: [(String, TensorView)] = []
@@ -36,6 +37,9 @@ extension LoRAWeights {
             let (a, b) = Self.peftNames(s)
             tensors.append((a, .make(Array(parameters[s.aOffset..<(s.aOffset + r * s.inFeatures)]), dtype: .f32, shape: [r, s.inFeatures])))
             tensors.append((b, .make(Array(parameters[s.bOffset..<(s.bOffset + s.outFeatures * r)]), dtype: .f32, shape: [s.outFeatures, r])))
+            if let m = s.magnitudeOffset {
+                tensors.append((Self.peftMagnitudeName(s), .make(Array(parameters[m..<(m + s.outFeatures)]), dtype: .f32, shape: [s.outFeatures])))
+            }
         }
         try SafetensorsWriter.write(path: FileSystem.join(folder, "adapter_model.safetensors"), tensors: tensors, metadata: [("format", "pt")])
         try FileSystem.writeFileAtomically(FileSystem.join(folder, "adapter_config.json"), bytes: Array((JSON.serialize(config, pretty: true) + "\n").utf8))

@@ -23,6 +23,8 @@ public struct LoRAConfig: Sendable, Equatable {
     public var useRSLoRA = false
     public var initialization = Initialization.kaiming
     public var seed: UInt64 = 0
+    /// DoRA (Liu et al. 2024): a trained magnitude per output row of each adapted projection (LoRAUpdate.DoRA).
+    public var useDoRA = false
 
     public init() {}
 
@@ -39,6 +41,8 @@ public final class LoRAWeights {
         /// Offsets of A [r, in] and B [out, r] in `parameters` (and `gradients`).
         public let aOffset: Int
         public let bOffset: Int
+        /// DoRA: the offset of the magnitude m [out], or nil.
+        public let magnitudeOffset: Int?
     }
 
     public let config: LoRAConfig
@@ -52,7 +56,8 @@ public final class LoRAWeights {
     public var parameterCount: Int { parameters.count }
 
     /// Lays out the adapters for `model` and initializes them as PEFT does: A Kaiming-uniform with
-    /// a = √5 (bound 1/√in) or Gaussian (std 1/r), B zeros, so the adapted model starts as the base.
+    /// a = √5 (bound 1/√in) or Gaussian (std 1/r), B zeros, so the adapted model starts as the base; with DoRA
+    /// the magnitude is each row's norm of W (PEFT's ‖W + s·BA‖ with B = 0).
     public init(model: LlamaModel, config: LoRAConfig) {
         self.config = config
         var slots: [Slot] = []
@@ -62,8 +67,9 @@ public final class LoRAWeights {
             for p in layer.present where config.targets.contains(p) {
                 let lin = layer[p]!
                 let slot = Slot(layer: l, projection: p, inFeatures: lin.inFeatures, outFeatures: lin.outFeatures,
-                                aOffset: offset, bOffset: offset + config.rank * lin.inFeatures)
-                offset += config.rank * (lin.inFeatures + lin.outFeatures)
+                                aOffset: offset, bOffset: offset + config.rank * lin.inFeatures,
+                                magnitudeOffset: config.useDoRA ? offset + config.rank * (lin.inFeatures + lin.outFeatures) : nil)
+                offset += config.rank * (lin.inFeatures + lin.outFeatures) + (config.useDoRA ? lin.outFeatures : 0)
                 index[l][p.rawValue] = slots.count
                 slots.append(slot)
             }
@@ -84,7 +90,30 @@ public final class LoRAWeights {
                 for i in 0..<n { parameters[s.aOffset + i] = Self.normal(&rng) * std }
             }
         }
+        if config.useDoRA { initializeMagnitudes(model) }
     }
+
+    /// Sets each DoRA magnitude to ‖W + s·BA‖ per row with the current A and B (PEFT's initial magnitude).
+    public func initializeMagnitudes(_ model: LlamaModel) {
+        for (s, norms) in zip(slots, norms(model)) {
+            guard let m = s.magnitudeOffset else { continue }
+            for o in 0..<s.outFeatures { parameters[m + o] = norms[o] }
+        }
+    }
+
+    /// ‖W + s·BA‖ per output row of every slot (DoRA's weight norm; empty arrays without DoRA).
+    public func norms(_ model: LlamaModel) -> [[Float]] {
+        guard config.useDoRA else { return slots.map { _ in [] } }
+        return parameters.withUnsafeBufferPointer { p in
+            slots.map { s in
+                model.layers[s.layer][s.projection]!.doraNorms(a: p.baseAddress! + s.aOffset, b: p.baseAddress! + s.bOffset,
+                                                                rank: config.rank, scale: config.scale)
+            }
+        }
+    }
+
+    /// The index of layer l's slot for projection p in `slots`, or nil.
+    public func slotIndex(layer: Int, projection: Projection) -> Int? { index[layer][projection.rawValue] }
 
     static func normal(_ rng: inout SeededGenerator) -> Float {
         let u1 = max(rng.nextDouble(), 1e-300), u2 = rng.nextDouble()
@@ -112,10 +141,18 @@ public final class LoRAWeights {
         return (base + ".lora_A.weight", base + ".lora_B.weight")
     }
 
+    /// The PEFT tensor name of a slot's DoRA magnitude.
+    public static func peftMagnitudeName(_ s: Slot) -> String {
+        PEFTAdapter.keyPrefix + "model.layers.\(s.layer).\(s.projection.modulePath)" + PEFTAdapter.magnitudeSuffix
+    }
+
     /// Copies A and B from named tensors (a PEFT adapter's), checking shapes.
     public func load(from adapter: PEFTAdapter) throws {
         guard adapter.config.rank == config.rank else {
             throw FormatError.invalidConfig(file: adapter.folder, reason: "adapter rank \(adapter.config.rank) differs from \(config.rank)")
+        }
+        guard adapter.config.useDoRA == config.useDoRA else {
+            throw FormatError.invalidConfig(file: adapter.folder, reason: adapter.config.useDoRA ? "a DoRA adapter (use_dora) for a run without --use-dora" : "not a DoRA adapter (no use_dora) for a run with --use-dora")
         }
         var byModule: [String: PEFTAdapterWeights] = [:]
         for m in adapter.modules { byModule[m.module] = m }
@@ -130,6 +167,9 @@ public final class LoRAWeights {
             }
             for i in 0..<a.count { parameters[s.aOffset + i] = a[i] }
             for i in 0..<b.count { parameters[s.bOffset + i] = b[i] }
+            if let offset = s.magnitudeOffset, let m = m.magnitude?.floats() {
+                for i in 0..<m.count { parameters[offset + i] = m[i] }
+            }
         }
     }
 }

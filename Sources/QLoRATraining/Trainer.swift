@@ -211,13 +211,18 @@ public final class Trainer {
         engine.reserve(batchSize: pairs.isEmpty ? config.batchSize : 2 * config.batchSize, sequenceLength: longest)
     }
 
-    /// The optimizer's tensors: each slot's A, then its B (whether each is a B, for LoRA+).
+    /// The optimizer's tensors: each slot's A, then its B, then its DoRA magnitude (whether each is in LoRA+'s B
+    /// group: B, and the magnitude as PEFT's create_loraplus_optimizer puts every 1-D parameter there).
     public static func optimizerTensors(_ lora: LoRAWeights) -> (tensors: [(offset: Int, count: Int)], isB: [Bool]) {
         var tensors: [(offset: Int, count: Int)] = [], isB: [Bool] = []
         for s in lora.slots {
             tensors.append((s.aOffset, lora.config.rank * s.inFeatures))
             tensors.append((s.bOffset, s.outFeatures * lora.config.rank))
             isB += [false, true]
+            if let m = s.magnitudeOffset {
+                tensors.append((m, s.outFeatures))
+                isB.append(true)
+            }
         }
         return (tensors, isB)
     }

@@ -98,8 +98,10 @@ final class LayerBuffers {
     /// Per projection: t = drop(x) Aᵀ [N, r], and the dropout mask [N, in] when dropout is on.
     let loraT: [UnsafeMutablePointer<Float>]
     let masks: [UnsafeMutablePointer<UInt8>?]
+    /// DoRA: per projection z = W d + s·B A d [N, out] (DoRA.swift), or nil.
+    let doraZ: [UnsafeMutablePointer<Float>?]
 
-    init(_ arena: Arena, rows N: Int, pairs: Int, config c: LlamaConfig, rank r: Int, dropout: Bool) {
+    init(_ arena: Arena, rows N: Int, pairs: Int, config c: LlamaConfig, rank r: Int, dropout: Bool, dora: Bool) {
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         x1 = arena.floats(N * D); rstd1 = arena.floats(N)
         q = arena.floats(N * qDim); k = arena.floats(N * kvDim); v = arena.floats(N * kvDim)
@@ -116,6 +118,10 @@ final class LayerBuffers {
             guard dropout, present.contains(p) else { return nil }
             let inF = p == .o ? qDim : (p == .down ? I : D)
             return arena.bytes(N * inF)
+        }
+        doraZ = Projection.allCases.map { p in
+            guard dora, present.contains(p) else { return nil }
+            return arena.floats(N * c.outFeatures(p))
         }
     }
 
@@ -138,6 +144,8 @@ final class StepWorkspace {
     let hidden: [UnsafeMutablePointer<Float>]
     let xf, rstdf, dxf, dh, dhNext, proj: UnsafeMutablePointer<Float>
     let da, dg, du, dx2, dh2, dx1, dAttn, dq, dk, dv, dt, through, dropped, scratch, prepared: UnsafeMutablePointer<Float>
+    /// DoRA: g ⊙ dy [N, widest output], or nil.
+    let doraScaled: UnsafeMutablePointer<Float>?
     let ropeCos, ropeSin: UnsafeMutablePointer<Float>
     /// The sliding layers' own rotary tables (Gemma 3), or nil.
     let localCos, localSin: UnsafeMutablePointer<Float>?
@@ -154,14 +162,14 @@ final class StepWorkspace {
     var lossRows: [(Int, Int)] = []
 
     /// `rows` = B·T, `pairs` = B·T² (attention probabilities per head), `maxT` the longest sequence.
-    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int, maxT: Int,
-         lossChunk: Int, attentionBlock: Int) {
+    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, dora: Bool, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int,
+         maxT: Int, lossChunk: Int, attentionBlock: Int) {
         let c = model.config
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         let maxIn = max(D, qDim, I)
         maxRows = N; maxPairs = pairs; self.maxT = maxT
         self.arena = arena
-        sets = (0..<(checkpointing ? 1 : c.layerCount)).map { _ in LayerBuffers(arena, rows: N, pairs: pairs, config: c, rank: r, dropout: dropout) }
+        sets = (0..<(checkpointing ? 1 : c.layerCount)).map { _ in LayerBuffers(arena, rows: N, pairs: pairs, config: c, rank: r, dropout: dropout, dora: dora) }
         hidden = (0...c.layerCount).map { _ in arena.floats(N * D) }
         xf = arena.floats(N * D); rstdf = arena.floats(N); dxf = arena.floats(N * D)
         dh = arena.floats(N * D); dhNext = arena.floats(N * D); proj = arena.floats(N * D)
@@ -170,6 +178,7 @@ final class StepWorkspace {
         dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
         dt = arena.floats(N * r)
         through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
+        doraScaled = dora ? arena.floats(N * Projection.allCases.map { c.outFeatures($0) }.max()!) : nil
         let scratchCount = (model.layers.flatMap(\.linears) + [model.head]).map(\.scratchCount).max() ?? 1
         scratch = arena.floats(scratchCount)
         prepared = arena.floats(min(N, Linear.batchedRowLimit) * maxIn)
@@ -201,6 +210,7 @@ final class StepWorkspace {
     var gradients: BlockGradients {
         var g = BlockGradients(da: da, dg: dg, du: du, dx2: dx2, dh2: dh2, dx1: dx1, dAttn: dAttn, dq: dq, dk: dk, dv: dv, dt: dt, through: through)
         g.dNorm = dNorm
+        g.dora = doraScaled
         return g
     }
 }
@@ -252,6 +262,11 @@ public final class TrainingEngine {
         localInverseFrequencies = model.config.localRopeInverseFrequencies()
     }
 
+    deinit {
+        doraFactors.first.map { $0.scale.deallocate() }
+        for f in doraFactors { f.bias.map { UnsafeMutablePointer(mutating: $0).deallocate() } }
+    }
+
     /// Makes the activation arena big enough for `batchSize` sequences of `sequenceLength` tokens ahead
     /// of time (the trainer does this for its longest batch), so no later step of that size or smaller
     /// allocates.
@@ -266,7 +281,8 @@ public final class TrainingEngine {
         workspace = nil  // free the old arena before making the new one
         let dropout = lora.config.dropout > 0
         let w = Arena.sized { arena in
-            StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, checkpointing: self.options.gradientCheckpointing,
+            StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, dora: self.lora.config.useDoRA,
+                          checkpointing: self.options.gradientCheckpointing,
                           bf16: self.usesBF16, rows: N, pairs: P, maxT: T, lossChunk: self.lossChunkRows, attentionBlock: self.attentionBlock)
         }.value
         workspace = w
@@ -324,6 +340,7 @@ public final class TrainingEngine {
         }
         let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
         let call = BlockCall(rows: N, cos: ws.ropeCos, sin: ws.ropeSin, bf16: bf16, kernels: kernels)
+        if lora.config.useDoRA && adapterEnabled { refreshDoRA() }
         withAdapters { lora in
             for l in 0..<c.layerCount {
                 layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, layerCall(l, call, ws), lora, h: ws.hidden[l], out: ws.hidden[l + 1])
@@ -482,9 +499,14 @@ public final class TrainingEngine {
                         LoRADropout(probability: dropout, seed: seed &+ 0x9E37_79B9 &* (step &+ 1) &+ UInt64(l * 16 + p.rawValue) &* 0x1000_0001,
                                     mask: mask, dropped: dropped)
                     } : nil
-                    return LoRAUpdate(a: params.baseAddress! + slot.aOffset, b: params.baseAddress! + slot.bOffset, rank: r, scale: scale,
-                                      t: act.loraT[p.rawValue], dropout: drop,
-                                      gradA: grads.baseAddress! + slot.aOffset, gradB: grads.baseAddress! + slot.bOffset)
+                    var update = LoRAUpdate(a: params.baseAddress! + slot.aOffset, b: params.baseAddress! + slot.bOffset, rank: r, scale: scale,
+                                            t: act.loraT[p.rawValue], dropout: drop,
+                                            gradA: grads.baseAddress! + slot.aOffset, gradB: grads.baseAddress! + slot.bOffset)
+                    if let m = slot.magnitudeOffset, let i = lora.slotIndex(layer: l, projection: p) {
+                        update.dora = LoRAUpdate.DoRA(scale: doraFactors[i].scale, bias: doraFactors[i].bias, inverseNorm: doraFactors[i].inverseNorm,
+                                                      z: act.doraZ[p.rawValue], gradMagnitude: grads.baseAddress! + m)
+                    }
+                    return update
                 }
             }
         }
@@ -535,6 +557,37 @@ public final class TrainingEngine {
         let heads = model.config.attentionHeads
         withSequences(l, act, ws, s) { sequence in
             Attention.backward(heads, sequences: s.B, sequence, workspace: ws.attention, bf16: bf16)
+        }
+    }
+
+    /// DoRA's per-slot factors for the current A, B and magnitudes (refreshDoRA), each array [out], allocated once.
+    var doraFactors: [(scale: UnsafeMutablePointer<Float>, inverseNorm: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>?)] = []
+
+    /// Recomputes g = m / ‖W + s·BA‖ and 1 / ‖W + s·BA‖ for every slot from the adapter's current parameters (A
+    /// and B change at each optimizer step; PEFT recomputes the norm in every forward, which gives the same).
+    func refreshDoRA() {
+        let norms = lora.norms(model)
+        if doraFactors.isEmpty {
+            let total = lora.slots.reduce(0) { $0 + 2 * $1.outFeatures }
+            let storage = UnsafeMutablePointer<Float>.allocate(capacity: total)
+            var offset = 0
+            doraFactors = lora.slots.map { s in
+                defer { offset += 2 * s.outFeatures }
+                let bias = model.layers[s.layer][s.projection]!.bias.map { b -> UnsafePointer<Float> in
+                    let p = UnsafeMutablePointer<Float>.allocate(capacity: b.count)
+                    p.initialize(from: b, count: b.count)
+                    return UnsafePointer(p)
+                }
+                return (storage + offset, storage + offset + s.outFeatures, bias)
+            }
+        }
+        for (i, s) in lora.slots.enumerated() {
+            guard let m = s.magnitudeOffset else { continue }
+            for o in 0..<s.outFeatures {
+                let inverse = 1 / norms[i][o]
+                doraFactors[i].inverseNorm[o] = inverse
+                doraFactors[i].scale[o] = lora.parameters[m + o] * inverse
+            }
         }
     }
 

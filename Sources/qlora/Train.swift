@@ -55,6 +55,8 @@ struct Train: ParsableCommand {
     var targetModules: String = "all"
     @Flag(help: "Scale the update by alpha / sqrt(r) (rsLoRA).")
     var useRslora = false
+    @Flag(help: "DoRA (weight-decomposed LoRA, as PEFT's use_dora): each adapted projection also trains a magnitude per output row, W' = m (W + s BA) / |W + s BA|; written in PEFT's layout and merged by qlora merge. With --lora-dropout > 0 the frozen product of each adapted projection runs a second time on the dropped-out input (as PEFT's DoRA does).")
+    var useDora = false
     @Option(help: "LoRA A initialization: kaiming (PEFT's default) or gaussian.")
     var loraInit: String = "kaiming"
 
@@ -140,7 +142,7 @@ struct Train: ParsableCommand {
         o += [
             ("val_split", "\(valSplit)"), ("format", q(format)), ("template", q(template)), ("output", q(output)),
             ("lora_r", "\(loraR)"), ("lora_alpha", "\(loraAlpha)"), ("lora_dropout", "\(loraDropout)"), ("target_modules", q(targetModules)),
-            ("use_rslora", "\(useRslora)"), ("lora_init", q(loraInit)), ("learning_rate", "\(learningRate)"), ("lr_scheduler", q(lrScheduler)),
+            ("use_rslora", "\(useRslora)"), ("use_dora", "\(useDora)"), ("lora_init", q(loraInit)), ("learning_rate", "\(learningRate)"), ("lr_scheduler", q(lrScheduler)),
             ("warmup_steps", "\(warmupSteps)"), ("max_steps", "\(maxSteps)"), ("epochs", "\(epochs)"), ("batch_size", "\(batchSize)"),
             ("grad_accum", "\(gradAccum)"), ("max_grad_norm", "\(maxGradNorm)"), ("max_seq_len", "\(maxSeqLen)"),
         ]
@@ -276,6 +278,7 @@ struct Train: ParsableCommand {
         loraConfig.alpha = loraAlpha
         loraConfig.dropout = loraDropout
         loraConfig.useRSLoRA = useRslora
+        loraConfig.useDoRA = useDora
         loraConfig.initialization = loraInit == "gaussian" ? .gaussian : .kaiming
         loraConfig.seed = seed
         let present = Projection.present(fused: model.config.fusedProjections)

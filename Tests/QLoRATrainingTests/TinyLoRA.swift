@@ -4,18 +4,19 @@ import QLoRA
 import QLoRATestSupport
 import Testing
 
-/// The LoRA tensors of `lora` as PEFT names them, with their place in the flat parameter (and gradient) vector.
+/// The LoRA tensors of `lora` (and DoRA magnitudes) as PEFT names them, with their place in the flat parameter (and gradient) vector.
 func peftTensors(_ lora: LoRAWeights) -> [(name: String, offset: Int, count: Int)] {
     let r = lora.config.rank
     return lora.slots.flatMap { s -> [(name: String, offset: Int, count: Int)] in
         let (a, b) = LoRAWeights.peftNames(s)
-        return [(a, s.aOffset, r * s.inFeatures), (b, s.bOffset, s.outFeatures * r)]
+        let magnitude = s.magnitudeOffset.map { [(LoRAWeights.peftMagnitudeName(s), $0, s.outFeatures)] } ?? []
+        return [(a, s.aOffset, r * s.inFeatures), (b, s.bOffset, s.outFeatures * r)] + magnitude
     }
 }
 
 /// The model in Resources/`folder` (f32 unless `quant`) with LoRA r 8, alpha 16, no dropout, on every projection, each
-/// tensor set from `weights`' tensor `prefix + its PEFT name`.
-func tinyLoRA(_ folder: String, quant: QuantType? = nil, weights: SafetensorsFile, prefix: String) throws -> (LlamaModel, LoRAWeights) {
+/// tensor set from `weights`' tensor `prefix + its PEFT name` (DoRA's magnitudes too with `dora`).
+func tinyLoRA(_ folder: String, quant: QuantType? = nil, weights: SafetensorsFile, prefix: String, dora: Bool = false) throws -> (LlamaModel, LoRAWeights) {
     var o = LoadOptions()
     o.quantType = quant
     o.showProgress = false
@@ -24,6 +25,7 @@ func tinyLoRA(_ folder: String, quant: QuantType? = nil, weights: SafetensorsFil
     c.rank = 8
     c.alpha = 16
     c.dropout = 0
+    c.useDoRA = dora
     let lora = LoRAWeights(model: model, config: c)
     for (name, offset, count) in peftTensors(lora) {
         let v = weights.tensor(prefix + name)!.values(as: Float.self)
