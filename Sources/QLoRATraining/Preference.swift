@@ -39,7 +39,13 @@ public struct PreferenceMetrics: Sendable, Equatable {
     /// The policy's summed log-probability of the completions.
     public var logpsChosen = 0.0
     public var logpsRejected = 0.0
+    /// KTO: the estimate of KL(policy ‖ reference) from mismatched prompt/completion rows (0 for DPO and ORPO).
+    public var kl = 0.0
+    /// Pairs (rows for KTO) the means are over.
     public var pairs = 0
+    /// KTO's unpaired rows: the rewards are means over the desirable and the undesirable rows, there is no
+    /// accuracy, and kl is logged.
+    public var unpaired = false
     public init() {}
 
     /// Each pair's rewards and policy log-probabilities, averaged (margin and accuracy derived from the rewards).
@@ -58,7 +64,7 @@ public struct PreferenceMetrics: Sendable, Equatable {
     }
 
     /// The means, in one order (merging and the all-reduce of data parallelism go through it).
-    static let means: [WritableKeyPath<PreferenceMetrics, Double>] = [\.rewardsChosen, \.rewardsRejected, \.margins, \.accuracy, \.logpsChosen, \.logpsRejected]
+    static let means: [WritableKeyPath<PreferenceMetrics, Double>] = [\.rewardsChosen, \.rewardsRejected, \.margins, \.accuracy, \.logpsChosen, \.logpsRejected, \.kl]
 
     /// Each mean times the pair count, then the pair count: these add up over micro-batches and ranks.
     public var weightedSums: [Double] { Self.means.map { self[keyPath: $0] * Double(pairs) } + [Double(pairs)] }
@@ -73,7 +79,9 @@ public struct PreferenceMetrics: Sendable, Equatable {
 
     /// The pair-weighted mean of several micro-batches' metrics.
     public static func merged(_ parts: [PreferenceMetrics]) -> PreferenceMetrics {
-        PreferenceMetrics(weightedSums: parts.reduce([Double](repeating: 0, count: means.count + 1)) { zip($0, $1.weightedSums).map(+) })
+        var m = PreferenceMetrics(weightedSums: parts.reduce([Double](repeating: 0, count: means.count + 1)) { zip($0, $1.weightedSums).map(+) })
+        m.unpaired = parts.first?.unpaired ?? false
+        return m
     }
 }
 
@@ -162,6 +170,82 @@ public enum ORPO {
             }
             report(PreferenceMetrics(perPair: perPair))
             return (loss, dCompletion, dAll)
+        }
+    }
+}
+
+/// KTO (Ethayarajh et al., 2024) as TRL's KTOTrainer computes it: unpaired completions labelled desirable or not. Each
+/// row's log-ratio r = log π(completion) − log π_ref(completion) (sums over the completion's tokens) is compared with
+/// z, an estimate of KL(π ‖ π_ref) from mismatched rows (each prompt with another row's completion: the mean of their
+/// log-ratios, at least 0, not differentiated). Desirable rows lose w_d (1 − σ(β (r − z))), undesirable ones
+/// w_u (1 − σ(β (z − r))); the loss is the mean over all rows. TRL's apo_zero_unpaired drops z: 1 − σ(β r) and σ(β r).
+public enum KTOLoss: String, CaseIterable, Sendable {
+    case kto
+    case apoZeroUnpaired = "apo_zero_unpaired"
+}
+
+public struct KTOConfig: Sendable, Equatable {
+    /// TRL's defaults: beta 0.1, both weights 1.
+    public var beta = 0.1
+    public var desirableWeight = 1.0
+    public var undesirableWeight = 1.0
+    public var loss = KTOLoss.kto
+    public init() {}
+}
+
+public enum KTO {
+    /// The objective of one batch of B rows followed by their B mismatched (KL) rows, given the reference's summed
+    /// log-probabilities of the same 2B rows and each row's label (true: desirable). The KL rows get no gradient.
+    public static func objective(_ config: KTOConfig, reference: [Double], desirable: [Bool],
+                                 report: @escaping (PreferenceMetrics) -> Void = { _ in }) -> TrainingEngine.SequenceObjective {
+        { logps, _ in
+            precondition(logps.count == reference.count && logps.count == 2 * desirable.count)
+            let B = desirable.count, beta = config.beta
+            var z = 0.0
+            if config.loss == .kto {
+                for i in B..<(2 * B) { z += logps[i] - reference[i] }
+                z = max(0, z / Double(B))
+            }
+            var loss = 0.0
+            var gradient = [Double](repeating: 0, count: 2 * B)
+            var m = PreferenceMetrics()
+            m.unpaired = true
+            m.pairs = B
+            m.kl = z
+            var chosen = 0, rejected = 0
+            for i in 0..<B {
+                let r = logps[i] - reference[i]
+                // 1 − σ(x) = σ(−x); d/dr.
+                func sigmoid(_ x: Double) -> Double { x >= 0 ? 1 / (1 + exp(-x)) : exp(x) / (1 + exp(x)) }
+                if desirable[i] {
+                    let x = beta * (r - (config.loss == .kto ? z : 0)), s = sigmoid(x)
+                    loss += config.desirableWeight * (1 - s)
+                    gradient[i] = -config.desirableWeight * beta * s * (1 - s)
+                    chosen += 1
+                    m.rewardsChosen += beta * r
+                    m.logpsChosen += logps[i]
+                } else if config.loss == .kto {
+                    let x = beta * (z - r), s = sigmoid(x)
+                    loss += config.undesirableWeight * (1 - s)
+                    gradient[i] = config.undesirableWeight * beta * s * (1 - s)
+                    rejected += 1
+                    m.rewardsRejected += beta * r
+                    m.logpsRejected += logps[i]
+                } else {
+                    let s = sigmoid(beta * r)
+                    loss += config.undesirableWeight * s
+                    gradient[i] = config.undesirableWeight * beta * s * (1 - s)
+                    rejected += 1
+                    m.rewardsRejected += beta * r
+                    m.logpsRejected += logps[i]
+                }
+            }
+            if chosen > 0 { m.rewardsChosen /= Double(chosen); m.logpsChosen /= Double(chosen) }
+            if rejected > 0 { m.rewardsRejected /= Double(rejected); m.logpsRejected /= Double(rejected) }
+            m.margins = m.rewardsChosen - m.rewardsRejected
+            for k in 0..<B { gradient[k] /= Double(B) }
+            report(m)
+            return (loss / Double(B), gradient)
         }
     }
 }

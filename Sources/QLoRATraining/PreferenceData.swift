@@ -17,6 +17,16 @@ public enum PreferenceRecord: Sendable, Equatable {
     case conversation(prompt: [ChatMessage], chosen: [ChatMessage], rejected: [ChatMessage])
 }
 
+/// KTO's unpaired record: a prompt, one completion and whether it is desirable (TRL's prompt / completion / label).
+public struct UnpairedRecord: Sendable, Equatable {
+    public enum Content: Sendable, Equatable {
+        case text(prompt: String, completion: String)
+        case conversation(prompt: [ChatMessage], completion: [ChatMessage])
+    }
+    public var content: Content
+    public var desirable: Bool
+}
+
 /// One pair as the trainer runs it: the chosen and rejected sequences (prompt + completion, the prompt masked),
 /// and the reference's summed log-probability of each completion once computed.
 public struct EncodedPair: Sendable, Equatable {
@@ -24,10 +34,14 @@ public struct EncodedPair: Sendable, Equatable {
     public var rejected: EncodedExample
     public var referenceChosen: Double?
     public var referenceRejected: Double?
+    /// KTO: `chosen` is the row (prompt + its completion), `rejected` the mismatched row that estimates the KL term
+    /// (the prompt with another row's completion), and this the row's label (true: desirable); nil for pairs.
+    public var desirable: Bool?
 
-    public init(chosen: EncodedExample, rejected: EncodedExample) {
+    public init(chosen: EncodedExample, rejected: EncodedExample, desirable: Bool? = nil) {
         self.chosen = chosen
         self.rejected = rejected
+        self.desirable = desirable
     }
 
     public var longest: Int { max(chosen.tokens.count, rejected.tokens.count) }
@@ -139,5 +153,122 @@ public enum PreferenceData {
         }
         guard let c = example(chosenIDs), let r = example(rejectedIDs) else { return nil }
         return EncodedPair(chosen: c, rejected: r)
+    }
+
+    // MARK: KTO's unpaired data
+
+    /// The records of an unpaired file (KTO): {prompt, completion, label} in plain text or conversations; a file of
+    /// pairs ({prompt, chosen, rejected}) is unpaired as TRL does it: every chosen completion (desirable), then every
+    /// rejected one.
+    public static func loadUnpaired(_ path: String, skipBadRecords: Bool = false) throws -> (records: [UnpairedRecord], skipped: [DatasetError]) {
+        var out: [UnpairedRecord] = [], fromPairs: [PreferenceRecord] = [], skipped: [DatasetError] = []
+        for (line, record) in try DatasetLoader.records(path) {
+            do {
+                switch record {
+                case let .failure(e): throw e
+                case let .success(r):
+                    if r["chosen"] != nil || r["rejected"] != nil {
+                        fromPairs.append(try parse(r, file: path, line: line))
+                    } else {
+                        out.append(try parseUnpaired(r, file: path, line: line))
+                    }
+                }
+            } catch let e as DatasetError {
+                if !skipBadRecords { throw e }
+                skipped.append(e)
+            }
+        }
+        if !fromPairs.isEmpty {
+            guard out.isEmpty else {
+                throw DatasetError(file: path, line: 1, reason: "the file mixes unpaired records (prompt/completion/label) with pairs (chosen/rejected)")
+            }
+            for desirable in [true, false] {
+                for p in fromPairs {
+                    switch p {
+                    case let .text(prompt, chosen, rejected):
+                        out.append(UnpairedRecord(content: .text(prompt: prompt, completion: desirable ? chosen : rejected), desirable: desirable))
+                    case let .conversation(prompt, chosen, rejected):
+                        out.append(UnpairedRecord(content: .conversation(prompt: prompt, completion: desirable ? chosen : rejected), desirable: desirable))
+                    }
+                }
+            }
+        }
+        guard !out.isEmpty else { throw DatasetError(file: path, line: 1, reason: "every record was malformed (\(skipped.count) skipped)") }
+        return (out, skipped)
+    }
+
+    static func parseUnpaired(_ r: JSONValue, file: String, line: Int) throws -> UnpairedRecord {
+        func bad(_ reason: String) -> DatasetError { DatasetError(file: file, line: line, reason: reason) }
+        guard let object = r.objectValue else { throw bad("a record must be a JSON object") }
+        guard let prompt = r["prompt"], let completion = r["completion"], let label = r["label"] else {
+            throw bad("an unpaired (KTO) record needs \"prompt\", \"completion\" and \"label\" (or \"chosen\" and \"rejected\"); this one has \(object.map(\.0).joined(separator: ", "))")
+        }
+        guard let desirable = label.boolValue else { throw bad("'label' must be true (desirable) or false") }
+        switch (prompt, completion) {
+        case let (.string(p), .string(c)):
+            guard !c.isEmpty else { throw bad("empty completion") }
+            return UnpairedRecord(content: .text(prompt: p, completion: c), desirable: desirable)
+        default:
+            // The conversational layout: parsed as a pair whose two completions are this one.
+            let pair = try parse(.object([("prompt", prompt), ("chosen", completion), ("rejected", completion)]), file: file, line: line)
+            guard case let .conversation(p, c, _) = pair else { throw bad("prompt and completion must both be strings or both conversations") }
+            return UnpairedRecord(content: .conversation(prompt: p, completion: c), desirable: desirable)
+        }
+    }
+
+    /// The row whose completion row i's KL row takes: the previous row of its block of `blockSize` consecutive rows,
+    /// the block's last for its first (TRL rotates each block's completions by one; a block of one row keeps its own).
+    public static func mismatchedRow(_ i: Int, count: Int, blockSize: Int) -> Int {
+        let block = max(1, blockSize), start = i / block * block, end = min(count, start + block)
+        return i == start ? end - 1 : i - 1
+    }
+
+    /// Encodes unpaired records as TRL's KTOTrainer does: each row's prompt and completion split where the tokenized
+    /// prompt stops being a prefix of the tokenized whole (plain text: the completion ends in EOS); rows whose prompt
+    /// alone fills maxLength are dropped; each row's mismatched (KL) row is its prompt with the completion of the
+    /// previous row of its block of `blockSize` consecutive rows (the block's first row takes the block's last), the
+    /// KL dataset TRL builds once with per_device_train_batch_size; both rows cut at maxLength keeping the start.
+    /// Returns the rows (main row in `chosen`, KL row in `rejected`) and how many were dropped.
+    public static func encodeUnpaired(_ records: [UnpairedRecord], tokenizer: Tokenizer, template: ChatTemplate?, maxLength: Int,
+                                      blockSize: Int) throws -> (rows: [EncodedPair], dropped: Int) {
+        var split: [(prompt: [Int], completion: [Int], desirable: Bool)] = []
+        for record in records {
+            let promptIDs: [Int], fullIDs: [Int]
+            switch record.content {
+            case let .text(prompt, completion):
+                guard let eos = tokenizer.eosTokenID else {
+                    throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; KTO ends each completion with it")
+                }
+                let eosText = tokenizer.eosToken ?? ""
+                promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
+                let ids = tokenizer.encode(prompt + completion, addSpecialTokens: true)
+                fullIDs = !eosText.isEmpty && completion.hasSuffix(eosText) ? ids : ids + [eos]
+            case let .conversation(prompt, completion):
+                guard let template else {
+                    throw TokenizerError.invalidFile(file: tokenizer.source, reason: "conversational KTO data needs a chat template, and this model has none")
+                }
+                let special = tokenizer.templateSpecialTokens
+                func render(_ ms: [ChatMessage], _ generation: Bool) throws -> [Int] {
+                    tokenizer.encode(try template.render(messages: ms.map { ChatTemplate.message($0.role, $0.content) }, addGenerationPrompt: generation, specialTokens: special))
+                }
+                promptIDs = try render(prompt, true)
+                fullIDs = try render(prompt + completion, false)
+            }
+            var n = 0
+            while n < min(promptIDs.count, fullIDs.count) && promptIDs[n] == fullIDs[n] { n += 1 }
+            guard n < maxLength, n < fullIDs.count else { continue }
+            split.append((Array(fullIDs[..<n]), Array(fullIDs[n...]), record.desirable))
+        }
+        func example(_ prompt: [Int], _ completion: [Int]) -> EncodedExample {
+            let ids = prompt + completion, kept = Array(ids.prefix(maxLength))
+            let labels = kept.indices.map { $0 < prompt.count ? TrainingBatch.ignoreIndex : kept[$0] }
+            return EncodedExample(tokens: kept, labels: labels, truncated: kept.count < ids.count)
+        }
+        let rows = split.indices.map { i -> EncodedPair in
+            let other = mismatchedRow(i, count: split.count, blockSize: blockSize)
+            return EncodedPair(chosen: example(split[i].prompt, split[i].completion), rejected: example(split[i].prompt, split[other].completion),
+                               desirable: split[i].desirable)
+        }
+        return (rows, records.count - split.count)
     }
 }

@@ -62,6 +62,17 @@ public enum TrainingObjective: Sendable, Equatable {
     case dpo(DPOConfig)
     /// ORPO over preference pairs (no reference).
     case orpo(ORPOConfig)
+    /// KTO over unpaired rows (EncodedPair: the row and its mismatched KL row, with its label), the reference being
+    /// the base with the adapter off.
+    case kto(KTOConfig)
+
+    /// Whether the objective compares with the reference model (whose log-probabilities are computed once).
+    public var needsReference: Bool {
+        switch self {
+        case .dpo, .kto: return true
+        case .sft, .orpo: return false
+        }
+    }
 }
 
 public enum TrainingError: Error, CustomStringConvertible {
@@ -186,6 +197,10 @@ public final class Trainer {
             return try engine.step(batch, objective: DPO.objective(dpo, reference: reference, report: report), backward: backward, gradientScale: gradientScale)
         case let .orpo(orpo):
             return try engine.step(batch, allTokenObjective: ORPO.objective(orpo, report: report), backward: backward, gradientScale: gradientScale)
+        case let .kto(kto):
+            precondition(!reference.contains { $0.isNaN }, "computeReference() first")
+            let objective = KTO.objective(kto, reference: reference, desirable: pairs.map { $0.desirable ?? true }, report: report)
+            return try engine.step(batch, objective: objective, backward: backward, gradientScale: gradientScale)
         case .sft:
             preconditionFailure("not a preference run")
         }
@@ -262,7 +277,7 @@ public final class Trainer {
 
     /// Whether some pair still lacks its reference log-probabilities.
     public var needsReference: Bool {
-        guard case .dpo = objective else { return false }
+        guard objective.needsReference else { return false }
         return (pairs + validationPairs).contains { $0.referenceChosen == nil || $0.referenceRejected == nil }
     }
 
@@ -380,7 +395,10 @@ public final class Trainer {
             allreduceSeconds = Clock.seconds() - t0
             loss = sums[0]
             tokens = Int(sums[1])
-            if preference != nil { preference = PreferenceMetrics(weightedSums: Array(sums[2...])) }
+            if let p = preference {
+                preference = PreferenceMetrics(weightedSums: Array(sums[2...]))
+                preference?.unpaired = p.unpaired
+            }
         }
         let norm = lora.gradientNorm
         let lr = learningRate(at: step)

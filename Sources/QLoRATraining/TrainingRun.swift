@@ -208,8 +208,9 @@ public final class TrainingRun {
 
     /// A preference step's metrics under TRL's names.
     static func preferenceFields(_ m: PreferenceMetrics) -> [(String, JSONValue)] {
-        [("rewards/chosen", .double(m.rewardsChosen)), ("rewards/rejected", .double(m.rewardsRejected)), ("rewards/margins", .double(m.margins)),
-         ("rewards/accuracies", .double(m.accuracy)), ("logps/chosen", .double(m.logpsChosen)), ("logps/rejected", .double(m.logpsRejected))]
+        [("rewards/chosen", .double(m.rewardsChosen)), ("rewards/rejected", .double(m.rewardsRejected)), ("rewards/margins", .double(m.margins))]
+            + (m.unpaired ? [("kl", .double(m.kl))] : [("rewards/accuracies", .double(m.accuracy))])
+            + [("logps/chosen", .double(m.logpsChosen)), ("logps/rejected", .double(m.logpsRejected))]
     }
 
     /// The held-out pairs' rewards at the last validation, under TRL's eval_ names.

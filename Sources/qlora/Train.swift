@@ -116,7 +116,7 @@ struct Train: ParsableCommand {
     @Option(help: "LoRA+: train each B matrix at this many times the learning rate of A (PEFT's loraplus_lr_ratio; the LoRA+ paper suggests 16). --weight-decay applies to both, as PEFT's loraplus_weight_decay.")
     var loraplusLrRatio: Double?
 
-    @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json), or orpo (the same pairs, no reference: the chosen sequences' likelihood plus beta times the odds-ratio term, as TRL's ORPOTrainer). kto is not implemented yet.")
+    @Option(help: "What to train for: sft (supervised: the responses of DATA) or dpo (preference pairs: DATA holds prompt/chosen/rejected, as TRL's DPOTrainer reads them, plain text or conversations; the reference is the frozen base with the adapter off, scored once and kept in OUTPUT/reference_logps.json), or orpo (the same pairs, no reference: the chosen sequences' likelihood plus beta times the odds-ratio term, as TRL's ORPOTrainer), or kto (unpaired completions: DATA holds prompt/completion/label, label true for a desirable completion, or pairs, which are unpaired as TRL does; as TRL's KTOTrainer, each row is also scored with the completion of the previous row of its block of --batch-size rows to estimate the KL term; the reference as for dpo).")
     var method = "sft"
 
     @Option(help: "DPO: beta, how strongly the adapter is held near the reference; ORPO: the weight of the odds-ratio term (lambda). TRL's default 0.1 for both.")
@@ -124,6 +124,15 @@ struct Train: ParsableCommand {
 
     @Option(help: "DPO loss: sigmoid (the DPO paper's), hinge or ipo (log-ratios averaged over tokens, as TRL).")
     var dpoLoss = "sigmoid"
+
+    @Option(help: "KTO loss: kto (the KTO paper's, with the KL estimate) or apo_zero_unpaired (TRL's: no KL term).")
+    var ktoLoss = "kto"
+
+    @Option(help: "KTO: the weight of the desirable rows' losses (TRL's desirable_weight). With unequal counts of desirable and undesirable rows, the KTO paper keeps desirable_weight x desirable rows / (undesirable_weight x undesirable rows) within [1, 4/3].")
+    var desirableWeight = 1.0
+
+    @Option(help: "KTO: the weight of the undesirable rows' losses (TRL's undesirable_weight).")
+    var undesirableWeight = 1.0
 
     @Flag(help: "Print one JSON object with the results on stdout.")
     var json = false
@@ -154,6 +163,7 @@ struct Train: ParsableCommand {
             ("save_every", "\(saveEvery)"), ("save_total_limit", "\(saveTotalLimit)"), ("train_on_inputs", "\(trainOnInputs)"), ("packing", "\(packing)"),
             ("no_group_by_length", "\(noGroupByLength)"), ("skip_bad_records", "\(skipBadRecords)"), ("skip_nonfinite", "\(skipNonfinite)"),
             ("no_gradient_checkpointing", "\(noGradientCheckpointing)"), ("method", q(method)), ("beta", "\(beta)"), ("dpo_loss", q(dpoLoss)),
+            ("kto_loss", q(ktoLoss)), ("desirable_weight", "\(desirableWeight)"), ("undesirable_weight", "\(undesirableWeight)"),
         ]
         return o
     }
@@ -179,8 +189,18 @@ struct Train: ParsableCommand {
         if let r = loraplusLrRatio { guard r > 0 else { throw ValidationError("--loraplus-lr-ratio must be positive") } }
         switch method {
         case "sft": break
-        case "dpo", "orpo":
+        case "dpo", "orpo", "kto":
             guard beta > 0 else { throw ValidationError("--beta must be positive") }
+            if method == "kto" {
+                guard KTOLoss(rawValue: ktoLoss) != nil else { throw ValidationError("--kto-loss must be one of \(KTOLoss.allCases.map(\.rawValue).joined(separator: ", "))") }
+                guard desirableWeight > 0, undesirableWeight > 0 else { throw ValidationError("--desirable-weight and --undesirable-weight must be positive") }
+                // The KL estimate pairs each row with another row of its block (as TRL, which refuses a batch of one).
+                guard batchSize > 1 || ktoLoss == "apo_zero_unpaired" else { throw ValidationError("--method kto needs --batch-size of at least 2: each row's KL estimate takes the completion of another row of its batch") }
+            } else {
+                for (given, name) in [(ktoLoss != "kto", "--kto-loss"), (desirableWeight != 1, "--desirable-weight"), (undesirableWeight != 1, "--undesirable-weight")] where given {
+                    throw ValidationError("\(name) applies to --method kto")
+                }
+            }
             if method == "dpo" {
                 guard DPOLoss(rawValue: dpoLoss) != nil else { throw ValidationError("--dpo-loss must be one of \(DPOLoss.allCases.map(\.rawValue).joined(separator: ", "))") }
             } else {
@@ -191,8 +211,7 @@ struct Train: ParsableCommand {
                                   (format != "auto", "--format"), (sourceMaxLen != nil, "--source-max-len"), (targetMaxLen != nil, "--target-max-len")] where given {
                 throw ValidationError("\(name) applies to --method sft; preference pairs are read as TRL reads them and rendered with the chat template")
             }
-        case "kto": throw ValidationError("--method kto is not implemented yet (sft, dpo, orpo)")
-        default: throw ValidationError("--method must be sft, dpo or orpo")
+        default: throw ValidationError("--method must be sft, dpo, orpo or kto")
         }
     }
 
@@ -245,6 +264,31 @@ struct Train: ParsableCommand {
                 let encoded = try records.map { try PreferenceData.encode($0, tokenizer: tokenizer, template: chatTemplate, maxLength: maxSeqLen) }
                 return (encoded.compactMap { $0 }, records.count, skipped, encoded.filter { $0 == nil }.count)
             }
+            if method == "kto" {
+                // Unpaired rows; the validation split is of records, so that each set pairs its own rows for the KL term.
+                let (records, skipped) = try PreferenceData.loadUnpaired(data, skipBadRecords: skipBadRecords)
+                var train = records, held: [UnpairedRecord] = []
+                if let valData {
+                    held = try PreferenceData.loadUnpaired(valData, skipBadRecords: skipBadRecords).records
+                } else if valSplit > 0 && records.count >= 20 {
+                    (train, held) = EncodedExample.splitValidation(records, fraction: valSplit, seed: seed)
+                }
+                let encodedTrain = try PreferenceData.encodeUnpaired(train, tokenizer: tokenizer, template: chatTemplate, maxLength: maxSeqLen, blockSize: batchSize)
+                let encodedHeld = try PreferenceData.encodeUnpaired(held, tokenizer: tokenizer, template: chatTemplate, maxLength: maxSeqLen, blockSize: batchSize)
+                pairs = encodedTrain.rows
+                validationPairs = encodedHeld.rows
+                let desirable = pairs.filter { $0.desirable == true }.count, undesirable = pairs.count - desirable
+                let truncated = (pairs + validationPairs).filter { $0.chosen.truncated }.count
+                Log.info("data: \(records.count) KTO rows (\(desirable) desirable, \(undesirable) undesirable in training), \(pairs.count) train / \(validationPairs.count) validation, \(skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(encodedTrain.dropped + encodedHeld.dropped) dropped (a prompt of \(maxSeqLen) tokens or more)")
+                for s in skipped.prefix(5) { Log.info("  skipped \(s)") }
+                // The KTO paper's advice, which TRL checks too: the weighted desirable and undesirable totals within 1 to 4/3.
+                if desirable > 0 && undesirable > 0 {
+                    let ratio = desirableWeight * Double(desirable) / (undesirableWeight * Double(undesirable))
+                    if ratio < 1 || ratio > 4.0 / 3.0 {
+                        Log.info("note: desirable_weight x desirable rows / (undesirable_weight x undesirable rows) is \(formatFixed(ratio, 2)); the KTO paper recommends 1 to 1.33 (set --desirable-weight or --undesirable-weight)")
+                    }
+                }
+            } else {
             let loaded = try encodePairs(data)
             pairs = loaded.pairs
             if let valData {
@@ -255,6 +299,7 @@ struct Train: ParsableCommand {
             let truncated = (pairs + validationPairs).filter { $0.chosen.truncated || $0.rejected.truncated }.count
             Log.info("data: \(loaded.records) preference pairs, \(pairs.count) train / \(validationPairs.count) validation, \(loaded.skipped.count) skipped, \(truncated) truncated to \(maxSeqLen) tokens, \(loaded.dropped) dropped (a completion cut away entirely)")
             for s in loaded.skipped.prefix(5) { Log.info("  skipped \(s)") }
+            }
         } else {
         let encoder = try ExampleEncoder(tokenizer: tokenizer, template: promptTemplate, maxLength: maxSeqLen, trainOnInputs: trainOnInputs,
                                          sourceMaxLength: sourceMaxLen, targetMaxLength: targetMaxLen)
@@ -328,6 +373,13 @@ struct Train: ParsableCommand {
             var orpo = ORPOConfig()
             orpo.beta = beta
             trainer = try Trainer(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, objective: .orpo(orpo), padToken: padToken)
+        } else if method == "kto" {
+            var kto = KTOConfig()
+            kto.beta = beta
+            kto.loss = KTOLoss(rawValue: ktoLoss)!
+            kto.desirableWeight = desirableWeight
+            kto.undesirableWeight = undesirableWeight
+            trainer = try Trainer(engine: engine, config: config, pairs: pairs, validationPairs: validationPairs, objective: .kto(kto), padToken: padToken)
         } else {
             trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
         }
@@ -336,7 +388,7 @@ struct Train: ParsableCommand {
         run.writesFiles = rank == 0
         if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }
-        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : method == "orpo" ? " with ORPO (beta \(beta))" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "sft" ? "sequences" : "pairs"), \(optim), lr \(learningRate)\(loraplusLrRatio.map { " (B: x\($0), LoRA+)" } ?? "") \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
+        Log.info("training \(lora.parameterCount) LoRA parameters (r \(loraR), \(loraConfig.targets.count) projections (\(loraConfig.targets.map(\.name).joined(separator: ", "))) x \(model.config.layerCount) layers)\(method == "dpo" ? " with DPO (\(dpoLoss), beta \(beta))" : method == "orpo" ? " with ORPO (beta \(beta))" : method == "kto" ? " with KTO (\(ktoLoss), beta \(beta), weights \(desirableWeight) / \(undesirableWeight))" : "")\(useDora ? ", DoRA" : ""), \(trainer.totalSteps) steps of \(batchSize) x \(gradAccum) \(method == "sft" ? "sequences" : method == "kto" ? "rows" : "pairs"), \(optim), lr \(learningRate)\(loraplusLrRatio.map { " (B: x\($0), LoRA+)" } ?? "") \(lrScheduler), \(engine.usesBF16 ? "bf16" : "f32") compute")
         if trainingOptions.computeDType == .bf16 && !engine.usesBF16 {
             Log.info("note: this CPU has no AVX512-BF16; computing in f32")
         }
@@ -350,12 +402,12 @@ struct Train: ParsableCommand {
                 progress = ProgressBar("train", total: total, enabled: !json && rank == 0)
                 if step > 0 { progress?.advance(by: step) }
             case let .step(m):
-                progress?.advance(note: "loss \(formatFixed(m.loss, 4))" + (m.preference.map { " margin \(formatFixed($0.margins, 3)) acc \(formatFixed($0.accuracy, 2))" } ?? "")
+                progress?.advance(note: "loss \(formatFixed(m.loss, 4))" + (m.preference.map { " margin \(formatFixed($0.margins, 3)) " + ($0.unpaired ? "kl \(formatFixed($0.kl, 3))" : "acc \(formatFixed($0.accuracy, 2))") } ?? "")
                                   + " lr \(m.learningRate) \(formatFixed(m.tokensPerSecond, 0)) tok/s" + (m.validationLoss.map { " val \(formatFixed($0, 4))" } ?? ""))
             case .checkpoint: break
             case let .reference(done, total, cached):
                 if cached {
-                    Log.info("reference log-probabilities of \(total) pairs read from \(output)/reference_logps.json")
+                    Log.info("reference log-probabilities of \(total) \(method == "kto" ? "rows" : "pairs") read from \(output)/reference_logps.json")
                 } else {
                     if referenceBar == nil { referenceBar = ProgressBar("reference", total: total, enabled: !json && rank == 0) }
                     referenceBar?.advance(by: done - referenceDone)

@@ -141,17 +141,67 @@ struct PreferenceCLITests {
         #expect(dpoLoss.status != 0 && dpoLoss.stderr.contains("--dpo-loss applies to --method dpo"))
     }
 
-    @Test("errors: kto is not implemented yet; options of supervised finetuning are refused; a record without chosen names its line")
+    @Test("errors: KTO with a batch of one or DPO with KTO's options; options of supervised finetuning are refused; a record without chosen names its line")
     func errors() throws {
         let out = try Fixtures.temporaryDirectory("dpo-errors")
         let data = try Self.pairs(conversational: false)
-        let kto = try runQLoRA(["train", "--model", tinyQwen, "--method", "kto", "--data", data, "--output", out])
-        #expect(kto.status != 0 && kto.stderr.contains("--method kto is not implemented yet"), "\(kto.stderr)")
+        let kto = try runQLoRA(["train", "--model", tinyQwen, "--method", "kto", "--batch-size", "1", "--data", data, "--output", out])
+        #expect(kto.status != 0 && kto.stderr.contains("--method kto needs --batch-size of at least 2"), "\(kto.stderr)")
+        let weights = try runQLoRA(["train", "--model", tinyQwen, "--method", "dpo", "--desirable-weight", "2", "--data", data, "--output", out])
+        #expect(weights.status != 0 && weights.stderr.contains("--desirable-weight applies to --method kto"), "\(weights.stderr)")
         let packing = try runQLoRA(["train", "--model", tinyQwen, "--method", "dpo", "--packing", "--data", data, "--output", out])
         #expect(packing.status != 0 && packing.stderr.contains("--packing applies to --method sft"), "\(packing.stderr)")
         let bad = FileSystem.join(out, "bad.jsonl")
         try FileSystem.writeFileAtomically(bad, bytes: Array(#"{"prompt": "a", "chosen": " b", "rejected": " c"}\#n{"prompt": "a", "answer": "b"}\#n"#.utf8))
         let r = try runQLoRA(["train", "--model", tinyQwen, "--method", "dpo", "--data", bad, "--output", FileSystem.join(out, "o")])
         #expect(r.status != 0 && r.stderr.contains("bad.jsonl:2: a preference record needs \"chosen\" and \"rejected\""), "\(r.stderr)")
+        let badKTO = FileSystem.join(out, "bad-kto.jsonl")
+        try FileSystem.writeFileAtomically(badKTO, bytes: Array(#"{"prompt": "a", "completion": " b", "label": true}\#n{"prompt": "a", "completion": " b", "label": "yes"}\#n"#.utf8))
+        let k = try runQLoRA(["train", "--model", tinyQwen, "--method", "kto", "--data", badKTO, "--output", FileSystem.join(out, "k")])
+        #expect(k.status != 0 && k.stderr.contains("bad-kto.jsonl:2: 'label' must be true (desirable) or false"), "\(k.stderr)")
+    }
+
+    static func unpaired() throws -> String {
+        let dir = try Fixtures.temporaryDirectory("kto-data")
+        let path = FileSystem.join(dir, "rows.jsonl")
+        let lines = (0..<16).map { i -> String in
+            i % 2 == 0 ? #"{"prompt": "Count on from \#(i):", "completion": " \#(i + 1), \#(i + 2), \#(i + 3).", "label": true}"#
+                : #"{"prompt": "Count on from \#(i):", "completion": " banana banana.", "label": false}"#
+        }
+        try FileSystem.writeFileAtomically(path, bytes: Array((lines.joined(separator: "\n") + "\n").utf8))
+        return path
+    }
+
+    @Test("KTO on unpaired rows: the margin grows, kl and TRL's reward columns in metrics.jsonl, the reference read back on --resume, the resumed adapter byte-identical; pairs are unpaired")
+    func kto() throws {
+        let data = try Self.unpaired()
+        func arguments(_ out: String) -> [String] {
+            ["train", "--model", tinyQwen, "--method", "kto", "--data", data, "--output", out, "--lora-r", "8", "--max-steps", "6",
+             "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "48", "--val-split", "0", "--seed", "5", "--lora-dropout", "0",
+             "--learning-rate", "2e-3", "--save-every", "3", "--json"]
+        }
+        let straight = try Fixtures.temporaryDirectory("kto-straight")
+        let r = try runQLoRA(arguments(straight))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("16 KTO rows (8 desirable, 8 undesirable in training)") && r.stderr.contains("with KTO (kto, beta 0.1, weights 1.0 / 1.0)"), "\(r.stderr)")
+        let lines = try Self.metrics(straight).filter { $0["loss"] != nil }
+        #expect(lines.count == 6)
+        let margins = lines.compactMap { $0["rewards/margins"]?.doubleValue }
+        #expect(margins.count == 6 && margins.last! > margins.first! + 0.05, "\(margins)")
+        #expect(lines.allSatisfy { $0["kl"]?.doubleValue != nil && $0["rewards/accuracies"] == nil }, "\(lines)")
+        // The first step starts from B = 0: the policy is the reference, every reward 0 and each loss 1 − σ(0).
+        #expect(abs((lines[0]["loss"]?.doubleValue ?? 0) - 0.5) < 1e-6 && abs(margins[0]) < 1e-6)
+        let resumed = try Fixtures.temporaryDirectory("kto-resumed")
+        #expect(try runQLoRA(arguments(resumed) + ["--max-steps", "3"]).status == 0)
+        let second = try runQLoRA(arguments(resumed) + ["--resume"])
+        #expect(second.status == 0, "\(second.stderr)")
+        #expect(second.stderr.contains("reference log-probabilities of 16 rows read from"), "\(second.stderr)")
+        #expect(try FileSystem.readFile(FileSystem.join(straight, "adapter_model.safetensors"))
+                == (try FileSystem.readFile(FileSystem.join(resumed, "adapter_model.safetensors"))), "the resumed adapter differs")
+        // A file of conversational pairs, through the default model's chat template: each pair gives a desirable and an undesirable row.
+        let fromPairs = try runQLoRA(["train", "--method", "kto", "--data", try Self.pairs(conversational: true), "--output",
+                                      try Fixtures.temporaryDirectory("kto-pairs"), "--lora-r", "4", "--max-steps", "1", "--batch-size", "2",
+                                      "--grad-accum", "1", "--max-seq-len", "64", "--val-split", "0"])
+        #expect(fromPairs.status == 0 && fromPairs.stderr.contains("32 KTO rows (16 desirable, 16 undesirable in training)"), "\(fromPairs.stderr)")
     }
 }

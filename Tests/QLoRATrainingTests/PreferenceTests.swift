@@ -70,3 +70,89 @@ struct PreferenceTests {
         print("ORPO (checkpointing \(checkpointing)): loss \(value) vs TRL \(expected("loss")), relative \(abs(value - expected("loss")) / expected("loss")); worst LoRA gradient |ours - TRL| / max|TRL| \(worst)")
     }
 }
+
+// KTO against TRL 1.16's KTOTrainer (Resources/kto_grads.safetensors, from scripts/reference/make_kto_fixture.py): four
+// unpaired rows (labels desirable, undesirable, undesirable, desirable) and their mismatched KL rows as TRL built and
+// collated them; per case the loss, every LoRA gradient, the logged KL estimate and rewards, and the per-row log-probabilities.
+@Suite("KTO against TRL")
+struct KTOTests {
+    let f: SafetensorsFile
+    init() throws { f = try SafetensorsFile(path: FileSystem.join(resources, "kto_grads.safetensors")) }
+
+    /// Rows of `ids` [B, T] without their right padding (attention mask 0), with their completion masks.
+    func rows(_ prefix: String, _ key: String) -> [(ids: [Int], completion: [Int])] {
+        let t = f.tensor(prefix + key + "input_ids")!, T = t.shape[1]
+        let ids = t.values(as: Int64.self).map(Int.init)
+        let attention = f.tensor(prefix + key + "attention_mask")!.values(as: Int64.self).map(Int.init)
+        let completion = f.tensor(prefix + key + "completion_mask")!.values(as: Int64.self).map(Int.init)
+        return (0..<t.shape[0]).map { b in
+            let n = attention[(b * T)..<((b + 1) * T)].reduce(0, +)
+            return (Array(ids[(b * T)..<(b * T + n)]), Array(completion[(b * T)..<(b * T + n)]))
+        }
+    }
+
+    /// The main rows, then the KL rows, as one right-padded batch with the prompts masked (the trainer's layout).
+    func batch(_ prefix: String) -> (TrainingBatch, [Bool]) {
+        let all = rows(prefix, "") + rows(prefix, "KL_")
+        let T = all.map(\.ids.count).max()!
+        var tokens: [Int] = [], labels: [Int] = []
+        for r in all {
+            tokens += r.ids + Array(repeating: 0, count: T - r.ids.count)
+            labels += zip(r.ids, r.completion).map { $1 == 1 ? $0 : TrainingBatch.ignoreIndex } + Array(repeating: TrainingBatch.ignoreIndex, count: T - r.ids.count)
+        }
+        let desirable = f.tensor(prefix + "label")!.values(as: Int64.self).map { $0 == 1 }
+        return (TrainingBatch(tokens: tokens, labels: labels, batchSize: all.count, sequenceLength: T), desirable)
+    }
+
+    @Test("each row's KL row is its prompt with the previous row's completion, rotated within the batch, as TRL built them")
+    func mismatchedRows() {
+        for prefix in ["", "kto_clamped."] {
+            let main = rows(prefix, ""), kl = rows(prefix, "KL_")
+            for i in main.indices {
+                let j = PreferenceData.mismatchedRow(i, count: main.count, blockSize: main.count)
+                let prompt = main[i].ids.enumerated().filter { main[i].completion[$0.offset] == 0 }.map(\.element)
+                let completion = main[j].ids.enumerated().filter { main[j].completion[$0.offset] == 1 }.map(\.element)
+                #expect(kl[i].ids == prompt + completion, "row \(i)")
+            }
+        }
+        #expect(PreferenceData.mismatchedRow(4, count: 5, blockSize: 4) == 4)  // a last block of one keeps its own
+        #expect((0..<6).map { PreferenceData.mismatchedRow($0, count: 6, blockSize: 4) } == [3, 0, 1, 2, 5, 4])
+    }
+
+    @Test("loss, every LoRA gradient, the KL estimate, rewards and log-probabilities equal TRL's: kto, weighted, apo_zero_unpaired, a clamped KL",
+          arguments: [("kto", ""), ("kto_weighted", ""), ("apo_zero_unpaired", ""), ("kto_clamped", "kto_clamped.")])
+    func equalsTRL(_ name: String, _ batchPrefix: String) throws {
+        let (model, lora) = try tinyLoRA("tiny-llama-train", weights: try SafetensorsFile(path: FileSystem.join(resources, "lora_grads.safetensors")), prefix: "untied.")
+        var options = TrainingOptions()
+        options.computeDType = .f32
+        let engine = TrainingEngine(model: model, lora: lora, options: options)
+        let (batch, desirable) = batch(batchPrefix)
+        let B = desirable.count, prefix = name + "."
+        let reference = try engine.sequenceLogProbs(batch, adapter: false)
+        let theirReference = f.tensor(prefix + "ref_logps")!.values(as: Float.self).map(Double.init)
+        #expect(zip(reference[..<B], theirReference).allSatisfy { abs($0 - $1) < 1e-4 * max(1, abs($1)) }, "\(reference) vs \(theirReference)")
+        if let kl = f.tensor(prefix + "ref_KL_logps")?.values(as: Float.self) {
+            #expect(zip(reference[B...], kl).allSatisfy { abs($0 - Double($1)) < 1e-4 * max(1, abs(Double($1))) })
+        }
+        var config = KTOConfig()
+        switch name {
+        case "kto_weighted": config.desirableWeight = 1.33; config.undesirableWeight = 0.5
+        case "apo_zero_unpaired": config.loss = .apoZeroUnpaired
+        default: break
+        }
+        var metrics = PreferenceMetrics()
+        lora.zeroGradients()
+        let value = try engine.step(batch, objective: KTO.objective(config, reference: reference, desirable: desirable) { metrics = $0 })
+        func expected(_ key: String) -> Double { Double(f.tensor(prefix + key)!.values(as: Float.self)[0]) }
+        #expect(abs(value - expected("loss")) / expected("loss") < 1e-5, "\(name) loss \(value) vs \(expected("loss"))")
+        var keys = [("metric_rewards_chosen", metrics.rewardsChosen), ("metric_rewards_rejected", metrics.rewardsRejected),
+                    ("metric_rewards_margins", metrics.margins), ("metric_logps_chosen", metrics.logpsChosen), ("metric_logps_rejected", metrics.logpsRejected)]
+        if f.tensor(prefix + "metric_kl") != nil { keys.append(("metric_kl", metrics.kl)) }
+        for (key, ours) in keys {
+            #expect(abs(ours - expected(key)) <= 1e-5 * max(1, abs(expected(key))), "\(prefix)\(key): \(ours) vs \(expected(key))")
+        }
+        #expect(metrics.unpaired && (name != "kto_clamped" || metrics.kl == 0) && (name != "kto" || metrics.kl > 1))
+        let worst = checkGradients(lora, against: f, prefix: prefix + "grad.")
+        print("KTO \(name): loss \(value) vs TRL \(expected("loss")), relative \(abs(value - expected("loss")) / expected("loss")); KL \(metrics.kl); worst LoRA gradient |ours - TRL| / max|TRL| \(worst)")
+    }
+}
