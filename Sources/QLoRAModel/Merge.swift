@@ -182,8 +182,12 @@ public final class ModelMerger: @unchecked Sendable {
         return BnB4bit.quantStateName(for: item.sourceName, in: collection) != nil
     }
 
+    /// Tensors to write instead of the merge, by name (a frozen base that PiSSA or LoftQ replaced, written with it).
+    public var replacements: [String: [Float]] = [:]
+
     /// The merged tensor in f32, row-major in `item.shape`.
     public func values(_ item: Item) throws -> [Float] {
+        if let replaced = replacements[item.name] { return replaced }
         var w: [Float]
         if let collection = tensors as? TensorCollection, BnB4bit.quantStateName(for: item.sourceName, in: collection) != nil {
             w = try BnB4bit.load(item.sourceName, from: collection).0.dequantize()

@@ -78,13 +78,15 @@ public enum TrainingObjective: Sendable, Equatable {
 public enum TrainingError: Error, CustomStringConvertible {
     case nonFinite(step: Int, what: String, checkpoint: String?)
     case noData(String)
+    /// An option that cannot apply to this model or run, with the reason.
+    case unsupported(String)
 
     public var description: String {
         switch self {
         case let .nonFinite(step, what, checkpoint):
             return "step \(step): the \(what) is not finite; training stopped" + (checkpoint.map { ", the last good checkpoint is \($0)" } ?? "")
                 + " (lower --learning-rate, or --skip-nonfinite to skip such steps)"
-        case let .noData(s): return s
+        case let .noData(s), let .unsupported(s): return s
         }
     }
 }

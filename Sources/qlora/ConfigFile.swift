@@ -17,7 +17,9 @@ enum ConfigFile {
                 let w = word.hasSuffix(",") ? word.dropLast() : word
                 guard w.hasPrefix("--") else { continue }
                 let name = String(w.dropFirst(2))
-                let rest = line.components(separatedBy: "--" + name).dropFirst().first ?? ""
+                var rest = Substring(line.components(separatedBy: "--" + name).dropFirst().first ?? "")
+                // Past the option's other names (`--lora-init, --init-lora <init>`).
+                while rest.hasPrefix(", --") { rest = rest.dropFirst(2).drop { $0 != " " } }
                 result[name] = rest.hasPrefix(" <")
             }
         }

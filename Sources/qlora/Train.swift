@@ -57,8 +57,10 @@ struct Train: ParsableCommand {
     var useRslora = false
     @Flag(help: "DoRA (weight-decomposed LoRA, as PEFT's use_dora): each adapted projection also trains a magnitude per output row, W' = m (W + s BA) / |W + s BA|; written in PEFT's layout and merged by qlora merge. With --lora-dropout > 0 the frozen product of each adapted projection runs a second time on the dropped-out input (as PEFT's DoRA does).")
     var useDora = false
-    @Option(help: "LoRA A initialization: kaiming (PEFT's default) or gaussian.")
+    @Option(name: [.customLong("lora-init"), .customLong("init-lora")], help: ArgumentHelp("LoRA initialization: kaiming (PEFT's default) or gaussian (A random, B zero: the model starts as the base), or pissa (the adapter takes the r principal singular directions of each full-precision weight and the frozen base is the residual, quantized: PiSSA, as PEFT's init_lora_weights pissa) or loftq (the base quantized and the adapter the rank-r SVD of what quantization lost, --loftq-iter rounds: LoftQ, as PEFT's LoftQConfig, with s BA rather than BA equal to the fit). pissa and loftq read the model's full-precision weights (not a bitsandbytes checkpoint); when the base differs from the model's own quantization (pissa; loftq after more than one round), it is written to OUTPUT/base as a bitsandbytes 4-bit folder, and the adapter names it as its base.", valueName: "init"))
     var loraInit: String = "kaiming"
+    @Option(help: "LoftQ: rounds of quantize-and-SVD (PEFT's loftq_iter, default 1).")
+    var loftqIter: Int = 1
 
     @Option(help: "Peak learning rate.")
     var learningRate: Double = 2e-4
@@ -151,7 +153,7 @@ struct Train: ParsableCommand {
         o += [
             ("val_split", "\(valSplit)"), ("format", q(format)), ("template", q(template)), ("output", q(output)),
             ("lora_r", "\(loraR)"), ("lora_alpha", "\(loraAlpha)"), ("lora_dropout", "\(loraDropout)"), ("target_modules", q(targetModules)),
-            ("use_rslora", "\(useRslora)"), ("use_dora", "\(useDora)"), ("lora_init", q(loraInit)), ("learning_rate", "\(learningRate)"), ("lr_scheduler", q(lrScheduler)),
+            ("use_rslora", "\(useRslora)"), ("use_dora", "\(useDora)"), ("lora_init", q(loraInit)), ("loftq_iter", "\(loftqIter)"), ("learning_rate", "\(learningRate)"), ("lr_scheduler", q(lrScheduler)),
             ("warmup_steps", "\(warmupSteps)"), ("max_steps", "\(maxSteps)"), ("epochs", "\(epochs)"), ("batch_size", "\(batchSize)"),
             ("grad_accum", "\(gradAccum)"), ("max_grad_norm", "\(maxGradNorm)"), ("max_seq_len", "\(maxSeqLen)"),
         ]
@@ -183,7 +185,13 @@ struct Train: ParsableCommand {
         guard loraR > 0, batchSize > 0, gradAccum > 0, maxSeqLen >= 8, epochs > 0 else { throw ValidationError("--lora-r, --batch-size, --grad-accum, --epochs must be positive and --max-seq-len at least 8") }
         guard loraDropout >= 0 && loraDropout < 1 else { throw ValidationError("--lora-dropout must be in [0, 1)") }
         guard valSplit >= 0 && valSplit < 1 else { throw ValidationError("--val-split must be in [0, 1)") }
-        guard loraInit == "kaiming" || loraInit == "gaussian" else { throw ValidationError("--lora-init must be kaiming or gaussian") }
+        guard ["kaiming", "gaussian", "pissa", "loftq"].contains(loraInit) else { throw ValidationError("--lora-init must be kaiming, gaussian, pissa or loftq") }
+        guard loftqIter >= 1 else { throw ValidationError("--loftq-iter must be at least 1") }
+        if loftqIter != 1 && loraInit != "loftq" { throw ValidationError("--loftq-iter applies to --lora-init loftq") }
+        if loraInit == "loftq" && quantTypeIsNone { throw ValidationError("--lora-init loftq starts from the error of a 4-bit base; --quant-type none has none") }
+        if (loraInit == "pissa" || loraInit == "loftq") && modelOptions.adapter != nil {
+            throw ValidationError("--lora-init \(loraInit) starts a new adapter from the base's weights; it cannot start from --adapter")
+        }
         if let s = sourceMaxLen { guard s > 0 else { throw ValidationError("--source-max-len must be positive") } }
         if let t = targetMaxLen { guard t > 1 else { throw ValidationError("--target-max-len must be at least 2") } }
         if let r = loraplusLrRatio { guard r > 0 else { throw ValidationError("--loraplus-lr-ratio must be positive") } }
@@ -215,6 +223,44 @@ struct Train: ParsableCommand {
         }
     }
 
+    var quantTypeIsNone: Bool { modelOptions.quantType == "none" }
+
+    /// PiSSA or LoftQ: A and B from the full-precision weights, and the model with its new frozen bases. When the bases
+    /// differ from the model's own quantization (PiSSA; LoftQ past one round), the first run (`write`) writes them to
+    /// OUTPUT/base (a bitsandbytes 4-bit folder, or f32 with --quant-type none) and the adapter names that folder as its
+    /// base; a resumed run computes the same bases again (the SVDs are deterministic) and reads A and B from its checkpoint.
+    func startLowRank(_ method: LowRankInit.Method, model: LlamaModel, lora: LoRAWeights, write: Bool, json: Bool) throws -> (LlamaModel, String) {
+        let source: ModelMerger
+        do { source = try LowRankInit.source(modelOptions.modelPath, method: method) } catch let e as TrainingError { throw ValidationError(e.description) }
+        let quantization = QuantType(rawValue: modelOptions.quantType).map { (type: $0, blockSize: modelOptions.blockSize, doubleQuant: !modelOptions.noDoubleQuant) }
+        let start = Clock.seconds()
+        let bar = ProgressBar(method.rawValue, total: lora.slots.count, enabled: !json)
+        let (updated, bases) = try LowRankInit.apply(method, iterations: loftqIter, model: model, lora: lora, source: source, quantization: quantization) { done, _ in
+            bar.advance(by: 1, note: "\(done) projections")
+        }
+        Log.info("\(method == .pissa ? "PiSSA" : "LoftQ (\(loftqIter) round\(loftqIter == 1 ? "" : "s"))"): A and B of \(lora.slots.count) projections from the SVD of their \(method == .pissa ? "weights" : "quantization error") in \(formatFixed(Clock.seconds() - start, 1)) s")
+        // LoftQ's one round leaves the base as the model's own quantization: nothing to write.
+        guard method == .pissa || loftqIter > 1 else { return (updated, modelOptions.modelPath) }
+        let folder = FileSystem.join(output, "base")
+        if write && !FileSystem.exists(folder) {
+            source.replacements = bases
+            var export = ExportOptions()
+            export.dtype = .f32
+            export.showProgress = !json
+            if let q = quantization {
+                var options = QuantizeOptions()
+                options.quantType = q.type
+                options.blockSize = q.blockSize
+                options.doubleQuant = q.doubleQuant
+                _ = try ModelExport.writeRequantized(source, to: folder, options: export, quantization: options)
+            } else {
+                _ = try ModelExport.writeFolder(source, to: folder, options: export)
+            }
+            Log.info("the new base (the \(method == .pissa ? "residual" : "LoftQ-quantized") weights) written to \(folder): use it with --model \(folder) --adapter \(output)")
+        }
+        return (updated, folder)
+    }
+
     func run() throws {
         // Ctrl-C or SIGTERM from here on ends the run cleanly (after saving, once training has begun).
         Interrupt.install(terminateToo: true)
@@ -243,7 +289,8 @@ struct Train: ParsableCommand {
             }
         } catch let e as TrainingRunError { throw ValidationError(e.description) }
 
-        let (model, tokenizer) = try modelOptions.load(progress: !json && rank == 0)
+        let (loaded, tokenizer) = try modelOptions.load(progress: !json && rank == 0)
+        var model = loaded
         let promptTemplate: PromptTemplate
         if template == "guanaco" {
             promptTemplate = .guanaco
@@ -324,7 +371,7 @@ struct Train: ParsableCommand {
         loraConfig.dropout = loraDropout
         loraConfig.useRSLoRA = useRslora
         loraConfig.useDoRA = useDora
-        loraConfig.initialization = loraInit == "gaussian" ? .gaussian : .kaiming
+        loraConfig.initialization = loraInit == "gaussian" ? .gaussian : .kaiming  // pissa and loftq set A and B below
         loraConfig.seed = seed
         let present = Projection.present(fused: model.config.fusedProjections)
         if targetModules != "all" {
@@ -340,6 +387,10 @@ struct Train: ParsableCommand {
             loraConfig.targets = present
         }
         let lora = LoRAWeights(model: model, config: loraConfig)
+        var baseModel = modelOptions.modelPath
+        if let method = LowRankInit.Method(rawValue: loraInit) {
+            (model, baseModel) = try startLowRank(method, model: model, lora: lora, write: rank == 0 && latest == nil, json: json || rank != 0)
+        }
         var trainingOptions = TrainingOptions()
         trainingOptions.gradientCheckpointing = !noGradientCheckpointing
         trainingOptions.computeDType = ComputeDType(rawValue: computeDtype)!
@@ -384,7 +435,7 @@ struct Train: ParsableCommand {
             trainer = try Trainer(engine: engine, config: config, train: encoded, validation: validation, padToken: padToken)
         }
         trainer.communicator = communicator
-        let run = TrainingRun(trainer: trainer, output: output, baseModel: modelOptions.modelPath, arguments: Array(resolvedOptionsYAML.utf8))
+        let run = TrainingRun(trainer: trainer, output: output, baseModel: baseModel, arguments: Array(resolvedOptionsYAML.utf8))
         run.writesFiles = rank == 0
         if rank == 0 { do { try run.checkSpace() } catch let e as TrainingRunError { throw ValidationError(e.description) } }
         run.shouldStop = { Interrupt.requested }

@@ -483,7 +483,7 @@ do {
         ]), pretty: true))
     case "train-step":
         // Times QLoRA training steps (forward + backward into LoRA) on random tokens.
-        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N --bf16-embeddings]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench train-step MODEL [--batch N --seq N --rank N --steps N --no-checkpointing --compute-dtype f32|bf16 --loss-chunk N --bf16-embeddings --use-dora]") }
         var o = LoadOptions()
         o.showProgress = false
         o.embeddingDType = headDType(default: args.contains("--bf16-embeddings") ? .bf16 : .auto)
@@ -492,6 +492,7 @@ do {
         c.rank = option("--rank", 16)
         c.alpha = Float(2 * c.rank)
         c.dropout = 0.05
+        c.useDoRA = args.contains("--use-dora")
         let lora = LoRAWeights(model: model, config: c)
         var to = TrainingOptions()
         to.gradientCheckpointing = !args.contains("--no-checkpointing")
@@ -520,7 +521,7 @@ do {
         // Steps after the first (which makes the activation arena): what the step loop itself allocates.
         let later = allocations.dropFirst()
         print(JSON.serialize(.object([
-            ("model", .string(args[1])), ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(c.rank)),
+            ("model", .string(args[1])), ("batch", .int(B)), ("seq", .int(T)), ("rank", .int(c.rank)), ("dora", .bool(c.useDoRA)),
             ("compute_dtype", .string(engine.usesBF16 ? "bf16" : "f32")),
             ("trainable_parameters", .int(lora.parameterCount)), ("step_seconds", .array(times.map { .double($0) })),
             ("tokens_per_second", .double(Double(B * T) / best)), ("peak_rss_bytes", .int(peakRSS())),
