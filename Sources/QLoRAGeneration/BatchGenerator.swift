@@ -42,6 +42,8 @@ public final class BatchGenerator {
     /// Prompt tokens prefilled in one pass at most when several requests start together (a longer
     /// prompt runs alone); bounds the pass's activations and attention scores.
     public var prefillTokenBudget = 1024
+    /// Keys and values of earlier prompts to reuse (nil: every prompt runs whole).
+    public var prefixCache: PrefixCache?
 
     public init(model: LlamaModel, tokenizer: Tokenizer, maxBatch: Int) {
         precondition(maxBatch >= 1)
@@ -58,6 +60,8 @@ public final class BatchGenerator {
         var logits: [Float] = []
         let prefillSeconds: Double
         let decodeStart: Double
+        /// Prompt positions copied from the prefix cache instead of run.
+        var cachedTokens = 0
 
         /// The request's own model (adapters over the base), or nil for the generator's model.
         var adapter: LlamaModel? { request.model }
@@ -75,8 +79,10 @@ public final class BatchGenerator {
         func end(_ reason: String, onText: (Int, String) -> Bool) -> GenerationResult {
             let rest = reply.finish()
             if !rest.isEmpty { _ = onText(id, rest) }
-            return GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
-                             prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart, logprobs: reply.logprobs)
+            var result = GenerationResult(text: reply.text, tokenIDs: reply.generated, promptTokens: request.prompt.count, finishReason: reason,
+                                          prefillSeconds: prefillSeconds, decodeSeconds: Clock.seconds() - decodeStart, logprobs: reply.logprobs)
+            result.cachedPromptTokens = cachedTokens
+            return result
         }
     }
 
@@ -138,36 +144,56 @@ public final class BatchGenerator {
         }
     }
 
-    /// The slots of new requests, their prompts run: alone when one comes at a time (or its prompt is over
-    /// the budget), else in passes of up to `prefillTokenBudget` tokens over several prompts at once.
+    /// The slots of new requests, their prompts run. A prompt that starts with a prefix the prefix cache holds copies
+    /// it and runs the rest alone; the others run alone when one comes at a time (or its prompt is over the budget),
+    /// else in passes of up to `prefillTokenBudget` tokens over several prompts at once. Every prompt run is offered
+    /// to the prefix cache.
     private func prefill(_ fresh: [(id: Int, request: GenerationRequest)], limit: Int) throws -> [Slot] {
         var made: [Slot] = []
+        var cold: [(id: Int, request: GenerationRequest, cache: KVCache)] = []
+        let V = model.config.vocabSize
+        func slot(_ id: Int, _ request: GenerationRequest, _ cache: KVCache, _ logits: ArraySlice<Float>, _ seconds: Double) -> Slot {
+            let eos = Generator.eosIDs(request.options, model: model, tokenizer: tokenizer)
+            let slot = Slot(id: id, request: request, cache: cache, eos: eos, tokenizer: tokenizer, prefillSeconds: seconds)
+            slot.logits = Array(logits)
+            prefixCache?.store(request.prompt, model: request.model ?? model, from: cache)
+            return slot
+        }
+        for (id, request) in fresh {
+            let cache = KVCache(config: model.config, capacity: min(limit, request.prompt.count + request.options.maxTokens + 1))
+            let runner = request.model ?? model
+            let reused = prefixCache?.restore(request.prompt, model: runner, into: cache) ?? 0
+            guard reused > 0 else {
+                cold.append((id, request, cache))
+                continue
+            }
+            let start = Clock.seconds()
+            let logits = try runner.forward(Array(request.prompt[reused...]), cache: cache, logits: .last)
+            let made1 = slot(id, request, cache, logits[...], Clock.seconds() - start)
+            made1.cachedTokens = reused
+            made.append(made1)
+        }
         var i = 0
-        while i < fresh.count {
-            var group = [fresh[i]]
-            var tokens = fresh[i].request.prompt.count
+        while i < cold.count {
+            var group = [cold[i]]
+            var tokens = cold[i].request.prompt.count
             i += 1
-            while i < fresh.count && tokens + fresh[i].request.prompt.count <= prefillTokenBudget {
-                tokens += fresh[i].request.prompt.count
-                group.append(fresh[i])
+            while i < cold.count && tokens + cold[i].request.prompt.count <= prefillTokenBudget {
+                tokens += cold[i].request.prompt.count
+                group.append(cold[i])
                 i += 1
             }
-            let caches = group.map { KVCache(config: model.config, capacity: min(limit, $0.request.prompt.count + $0.request.options.maxTokens + 1)) }
             let start = Clock.seconds()
             let logits: [Float]
             if group.count == 1 {
-                logits = try (group[0].request.model ?? model).forward(group[0].request.prompt, cache: caches[0], logits: .last)
+                logits = try (group[0].request.model ?? model).forward(group[0].request.prompt, cache: group[0].cache, logits: .last)
             } else {
                 let adapters: [LlamaModel?]? = group.contains { $0.request.model != nil } ? group.map(\.request.model) : nil
-                logits = try model.forward(sequences: group.map(\.request.prompt), caches: caches, adapters: adapters)
+                logits = try model.forward(sequences: group.map(\.request.prompt), caches: group.map(\.cache), adapters: adapters)
             }
             let seconds = Clock.seconds() - start
-            let V = model.config.vocabSize
-            for (j, (id, request)) in group.enumerated() {
-                let eos = Generator.eosIDs(request.options, model: model, tokenizer: tokenizer)
-                let slot = Slot(id: id, request: request, cache: caches[j], eos: eos, tokenizer: tokenizer, prefillSeconds: seconds)
-                slot.logits = Array(logits[(j * V)..<((j + 1) * V)])
-                made.append(slot)
+            for (j, entry) in group.enumerated() {
+                made.append(slot(entry.id, entry.request, entry.cache, logits[(j * V)..<((j + 1) * V)], seconds))
             }
         }
         return made

@@ -69,6 +69,8 @@ public struct GenerationResult: Sendable {
     public let decodeSeconds: Double
     /// One entry a generated token when GenerationOptions.logprobs was set.
     public var logprobs: [TokenLogprob]? = nil
+    /// Prompt tokens whose keys and values came from the prefix cache instead of being run (`qlora serve`).
+    public var cachedPromptTokens = 0
 
     public var tokensPerSecond: Double { decodeSeconds > 0 ? Double(max(tokenIDs.count - 1, 0)) / decodeSeconds : 0 }
 }

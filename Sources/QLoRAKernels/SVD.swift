@@ -30,12 +30,19 @@ public enum SVD {
         var rowsL = Int32(n), colsL = Int32(m), lda = Int32(n), ldu = Int32(n), ldvt = Int32(k), info: Int32 = 0
         var jobz = Int8(UInt8(ascii: "S"))
         // The workspace size first (lwork = -1), then the decomposition.
-        var query = 0.0, lwork: Int32 = -1
-        dgesdd_(&jobz, &rowsL, &colsL, &work, &lda, &s, &u, &ldu, &vt, &ldvt, &query, &lwork, &iwork, &info, 1)
+        var query = [0.0], lwork: Int32 = -1
+        func call(_ space: UnsafeMutablePointer<Double>) {
+            #if canImport(Accelerate)
+            dgesdd_(&jobz, &rowsL, &colsL, &work, &lda, &s, &u, &ldu, &vt, &ldvt, space, &lwork, &iwork, &info)
+            #else
+            dgesdd_(&jobz, &rowsL, &colsL, &work, &lda, &s, &u, &ldu, &vt, &ldvt, space, &lwork, &iwork, &info, 1)
+            #endif
+        }
+        call(&query)
         guard info == 0 else { throw SVDError.failed(info: Int(info), what: what) }
-        lwork = Int32(query.rounded(.up))
+        lwork = Int32(query[0].rounded(.up))
         var space = [Double](repeating: 0, count: Int(lwork))
-        dgesdd_(&jobz, &rowsL, &colsL, &work, &lda, &s, &u, &ldu, &vt, &ldvt, &space, &lwork, &iwork, &info, 1)
+        call(&space)
         guard info == 0 else { throw SVDError.failed(info: Int(info), what: what) }
         return (vt, s, u)
     }

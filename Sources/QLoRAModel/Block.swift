@@ -82,6 +82,8 @@ public struct BlockScratch {
     /// Fused projections (Phi-3): their output [rows, qDim + 2 kvDim] or [rows, 2 I] before it is split, and
     /// the gradient gathered for their backward; nil for a model without them.
     public var fused: UnsafeMutablePointer<Float>?
+    /// DoRA with dropout in training: the frozen product of the dropped-out input [rows, widest output]; nil: a temporary.
+    public var dora: UnsafeMutablePointer<Float>?
 
     public init(proj: UnsafeMutablePointer<Float>, tile: UnsafeMutablePointer<Float>, prepared: UnsafeMutablePointer<Float>,
                 converted: UnsafeMutablePointer<UInt16>? = nil, packed: UnsafeMutablePointer<UInt32>? = nil,
@@ -189,8 +191,8 @@ extension LlamaLayer {
             elementwise(n * I) { r in Ops.gegluForward(a + r.lowerBound, gate: g + r.lowerBound, up: u + r.lowerBound, count: r.count, kernels: kernels) }
         }
         let downOut = act.mlpOut ?? s.proj
-        var doraDown = false  // DoRA scales the frozen output too
-        updates(.down) { if $0.dora != nil { doraDown = true } }
+        var doraDown = false  // DoRA without dropout scales the frozen output (its dropout form reruns the product itself)
+        updates(.down) { if $0.dora != nil && $0.dropout == nil { doraDown = true } }
         if out != nil || mlpOutputNorm != nil || doraDown {
             xb = call.converted(act.a, cols: I, s)
             down.frozenForward(act.a, converted: xb, rows: n, into: downOut, scratch: s.tile, packed: s.packed, bf16: bf16, kernels: kernels)

@@ -52,8 +52,7 @@ extension Linear {
         plain.dora = nil
         z.update(repeating: 0, count: n * outF)
         plain.forward(x, rows: n, inFeatures: inFeatures, outFeatures: outF, into: z, kernels: call.kernels)  // z = s·BA d; d drawn
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * outF) { buffer in
-            let wd = buffer.baseAddress!
+        func run(_ wd: UnsafeMutablePointer<Float>) {
             frozenForward(dropout.dropped, rows: n, into: wd, scratch: s.tile, packed: s.packed, bf16: call.bf16, kernels: call.kernels)
             let g = dora.scale, bias = dora.bias
             byRows(n) { r in
@@ -65,6 +64,7 @@ extension Linear {
                 }
             }
         }
+        if let buffer = s.dora { run(buffer) } else { withUnsafeTemporaryAllocation(of: Float.self, capacity: n * outF) { run($0.baseAddress!) } }
     }
 
     /// DoRA's backward for the training update `u` given dy [n, out]: adds dm, dA and dB, and dx += the whole input

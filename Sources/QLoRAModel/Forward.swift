@@ -35,6 +35,9 @@ public final class KVCache {
         values.deallocate()
     }
 
+    /// Bytes of keys and values the cache holds room for.
+    public var byteCount: Int { 2 * layers * capacity * rowWidth * MemoryLayout<Float>.size }
+
     /// The tokens at the cached positions (a LongRoPE model recomputes them once a conversation outgrows its
     /// original length, as transformers' generate does).
     public private(set) var tokens: [Int] = []

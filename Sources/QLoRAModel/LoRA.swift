@@ -99,7 +99,7 @@ public struct LoRAUpdate {
         guard !range.isEmpty else { return }
         let x = x + range.lowerBound * inF, y = y + range.lowerBound * outF, n = range.count
         if let dora {
-            precondition(dropout == nil, "DoRA with dropout runs through Linear.doraForward")
+            precondition(dropout == nil, "DoRA with dropout runs through Linear.doraDropoutForward")
             var plain = self
             plain.dora = nil
             plain.rows = nil

@@ -182,6 +182,15 @@ public final class ModelMerger: @unchecked Sendable {
         return BnB4bit.quantStateName(for: item.sourceName, in: collection) != nil
     }
 
+    /// A projection's weight as the source stores it: a bitsandbytes 4-bit tensor as its codes and constants (not
+    /// quantized again), anything else as f32 (the merge's values).
+    public func storedWeight(_ item: Item) throws -> Linear.Weight {
+        if let collection = tensors as? TensorCollection, BnB4bit.quantStateName(for: item.sourceName, in: collection) != nil {
+            return .quantized(try BnB4bit.load(item.sourceName, from: collection).0)
+        }
+        return .dense(try values(item))
+    }
+
     /// Tensors to write instead of the merge, by name (a frozen base that PiSSA or LoftQ replaced, written with it).
     public var replacements: [String: [Float]] = [:]
 

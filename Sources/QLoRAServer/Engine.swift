@@ -43,9 +43,12 @@ public final class Engine: @unchecked Sendable {
     private(set) var promptTokens = 0
     /// The most requests one batched step has decoded together.
     private(set) var largestBatch = 0
+    /// Keys and values of earlier prompts, reused by later ones that start the same way (nil: off).
+    public let prefixCache: PrefixCache?
 
     /// `models`: the base first, then each adapter, by the id clients name in "model".
-    public init(models: [(id: String, model: LlamaModel)], tokenizer: Tokenizer, maxBatch: Int, maxQueue: Int) {
+    public init(models: [(id: String, model: LlamaModel)], tokenizer: Tokenizer, maxBatch: Int, maxQueue: Int, prefixCache: PrefixCache? = nil) {
+        self.prefixCache = prefixCache
         precondition(!models.isEmpty && maxBatch >= 1 && maxQueue >= 1)
         self.models = Dictionary(uniqueKeysWithValues: models.map { ($0.id, $0.model) })
         order = models.map(\.id)
@@ -61,17 +64,20 @@ public final class Engine: @unchecked Sendable {
 
     /// Adds (or replaces) an adapter's model while serving.
     public func add(id: String, model: LlamaModel) {
-        condition.withLock {
+        let replaced: LlamaModel? = condition.withLock {
             if models[id] == nil { order.append(id) }
-            models[id] = model
+            defer { models[id] = model }
+            return models[id]
         }
+        if let replaced { prefixCache?.removeAll(model: replaced) }
     }
 
     /// Removes an adapter; requests already queued for it fail. False when there is no such adapter or
     /// it is the base.
     public func remove(id: String) -> Bool {
         let dropped: [EngineJob]? = condition.withLock {
-            guard id != order[0], models[id] != nil else { return nil }
+            guard id != order[0], let model = models[id] else { return nil }
+            prefixCache?.removeAll(model: model)
             models[id] = nil
             order.removeAll { $0 == id }
             let gone = waiting.filter { $0.model == id }
@@ -126,6 +132,7 @@ public final class Engine: @unchecked Sendable {
             var jobs: [Int: EngineJob] = [:]
             var nextID = 0
             let generator = BatchGenerator(model: base, tokenizer: tokenizer, maxBatch: maxBatch)
+            generator.prefixCache = prefixCache
             do {
                 try generator.run(next: { () -> (id: Int, request: GenerationRequest)? in
                     while true {

@@ -134,6 +134,14 @@ public final class Server: @unchecked Sendable {
         metric("qlora_requests_running", "gauge", "Requests decoding now.", running)
         metric("qlora_completions_total", "counter", "Generations finished.", c.completed)
         metric("qlora_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", c.promptTokens)
+        if let p = engine.prefixCache {
+            let stats = p.statistics
+            metric("qlora_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.", stats.lookups)
+            metric("qlora_prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix.", stats.hits)
+            metric("qlora_prefix_cache_cached_tokens_total", "counter", "Prompt tokens taken from the prefix cache instead of run.", stats.cachedTokens)
+            metric("qlora_prefix_cache_evictions_total", "counter", "Prefix cache entries evicted for space.", stats.evictions)
+            metric("qlora_prefix_cache_bytes", "gauge", "Bytes of keys and values the prefix cache holds.", p.bytes)
+        }
         metric("qlora_generated_tokens_total", "counter", "Tokens generated.", c.generatedTokens)
         metric("qlora_batch_size_max", "gauge", "The most requests one batched decoding step has run together.", c.largestBatch)
         let counts = lock.withLock { requestCount }
@@ -419,7 +427,10 @@ public final class Server: @unchecked Sendable {
         @Sendable func usage(_ results: [GenerationResult]) -> JSONValue {
             // The prompt is counted once, the completions of every choice together (as OpenAI counts n > 1).
             let prompt = results.first?.promptTokens ?? 0, completion = results.reduce(0) { $0 + $1.tokenIDs.count }
-            return .object([("prompt_tokens", .int(prompt)), ("completion_tokens", .int(completion)), ("total_tokens", .int(prompt + completion))])
+            // OpenAI's prompt_tokens_details.cached_tokens: the prompt positions the prefix cache held (the fewest of the choices).
+            let cached = results.map(\.cachedPromptTokens).min() ?? 0
+            return .object([("prompt_tokens", .int(prompt)), ("completion_tokens", .int(completion)), ("total_tokens", .int(prompt + completion)),
+                            ("prompt_tokens_details", .object([("cached_tokens", .int(cached))]))])
         }
         /// Choice i's request: the same prompt and options, seeded seed + i.
         func choiceRequest(_ i: Int) -> GenerationRequest {
@@ -430,6 +441,7 @@ public final class Server: @unchecked Sendable {
         let created = Int(Clock.wallSeconds())
         let log = { (r: GenerationResult, firstToken: Double?) in
             var meta: Logger.Metadata = ["id": .string(id), "model": .string(req.model), "prompt_tokens": .stringConvertible(r.promptTokens),
+                                         "cached_tokens": .stringConvertible(r.cachedPromptTokens),
                                          "completion_tokens": .stringConvertible(r.tokenIDs.count), "finish": .string(r.finishReason),
                                          "seconds": .string(Chart.fixed(Clock.seconds() - start, 3)), "stream": .stringConvertible(req.stream)]
             if let firstToken { meta["first_token_seconds"] = .string(Chart.fixed(firstToken, 3)) }

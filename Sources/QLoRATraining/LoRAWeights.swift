@@ -51,6 +51,13 @@ public final class LoRAWeights {
     let index: [[Int?]]
     public var parameters: [Float]
     public var gradients: [Float]
+    /// Counts the changes of `parameters` that `markChanged()` reports (an optimizer step, a load): what depends on
+    /// them, as DoRA's norms, is computed again when it moves. (An observer on `parameters` would copy the array at
+    /// every element written.)
+    public private(set) var version = 0
+
+    /// Reports that `parameters` changed.
+    public func markChanged() { version &+= 1 }
 
     /// Trainable parameter count (what PEFT's print_trainable_parameters reports).
     public var parameterCount: Int { parameters.count }
@@ -99,6 +106,7 @@ public final class LoRAWeights {
             guard let m = s.magnitudeOffset else { continue }
             for o in 0..<s.outFeatures { parameters[m + o] = norms[o] }
         }
+        markChanged()
     }
 
     /// ‖W + s·BA‖ per output row of every slot (DoRA's weight norm; empty arrays without DoRA).
@@ -171,5 +179,6 @@ public final class LoRAWeights {
                 for i in 0..<m.count { parameters[offset + i] = m[i] }
             }
         }
+        markChanged()
     }
 }

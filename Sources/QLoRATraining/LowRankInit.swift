@@ -84,6 +84,26 @@ extension LowRankInit {
         return try ModelMerger(model: model, adapter: nil, options: o)
     }
 
+    /// The model with each adapted projection's frozen weight read from `folder` (the base a PiSSA or LoftQ run wrote:
+    /// its 4-bit codes as written, so a resumed run trains on the same base without running the SVDs again).
+    public static func restoreBases(from folder: String, model: LlamaModel, lora: LoRAWeights) throws -> LlamaModel {
+        let written = try ModelMerger(model: folder, adapter: nil)
+        let byName = Dictionary(uniqueKeysWithValues: written.items.map { ($0.name, $0) })
+        var layers = model.layers
+        for slot in lora.slots {
+            let name = "model.layers.\(slot.layer).\(slot.projection.modulePath).weight"
+            guard let item = byName[name], var linear = layers[slot.layer][slot.projection], item.shape == [linear.outFeatures, linear.inFeatures] else {
+                throw TrainingError.unsupported("\(folder) has no tensor \(name) of this model's shape: not the base this run wrote")
+            }
+            linear.weight = try written.storedWeight(item)
+            layers[slot.layer][slot.projection] = linear
+        }
+        let restored = LlamaModel(config: model.config, embeddings: model.embeddings, layers: layers, finalNorm: model.finalNorm,
+                                  lmHead: model.lmHead, source: model.source)
+        restored.computeDType = model.computeDType
+        return restored
+    }
+
     /// How the frozen bases are stored: a 4-bit type with its block size and double quantization, or nil (f32).
     public typealias Quantization = (type: QuantType, blockSize: Int, doubleQuant: Bool)
 
@@ -92,8 +112,9 @@ extension LowRankInit {
     /// projection's frozen weight replaced by its new base (PiSSA: the residual; LoftQ: Q), stored as `quantization`,
     /// and the f32 values each new base was made from, by tensor name (quantized again with the same settings, they
     /// give the same codes: what a base written for later use holds). `progress(done, total)` after each projection.
+    /// `progress` may throw (an interrupt) to stop between projections.
     public static func apply(_ method: Method, iterations: Int = 1, model: LlamaModel, lora: LoRAWeights, source: ModelMerger,
-                             quantization: Quantization?, progress: (Int, Int) -> Void = { _, _ in }) throws -> (model: LlamaModel, bases: [String: [Float]]) {
+                             quantization: Quantization?, progress: (Int, Int) throws -> Void = { _, _ in }) throws -> (model: LlamaModel, bases: [String: [Float]]) {
         if method == .loftq && quantization == nil {
             throw TrainingError.unsupported("LoftQ starts the adapter from the error of a 4-bit base; with --quant-type none there is none")
         }
@@ -127,11 +148,12 @@ extension LowRankInit {
             linear.weight = try store(base, linear, name: name)
             layers[slot.layer][slot.projection] = linear
             bases[name] = base
-            progress(done + 1, lora.slots.count)
+            try progress(done + 1, lora.slots.count)
         }
         let updated = LlamaModel(config: model.config, embeddings: model.embeddings, layers: layers, finalNorm: model.finalNorm,
                                  lmHead: model.lmHead, source: model.source)
         updated.computeDType = model.computeDType
+        lora.markChanged()
         if lora.config.useDoRA { lora.initializeMagnitudes(updated) }
         return (updated, bases)
     }

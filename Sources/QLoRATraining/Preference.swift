@@ -43,6 +43,10 @@ public struct PreferenceMetrics: Sendable, Equatable {
     public var kl = 0.0
     /// Pairs (rows for KTO) the means are over.
     public var pairs = 0
+    /// The rows the chosen and the rejected means are over: the pairs for DPO and ORPO; KTO's desirable and
+    /// undesirable rows (either may be 0 in a micro-batch).
+    public var chosenCount = 0
+    public var rejectedCount = 0
     /// KTO's unpaired rows: the rewards are means over the desirable and the undesirable rows, there is no
     /// accuracy, and kl is logged.
     public var unpaired = false
@@ -51,35 +55,42 @@ public struct PreferenceMetrics: Sendable, Equatable {
     /// Each pair's rewards and policy log-probabilities, averaged (margin and accuracy derived from the rewards).
     init(perPair: [(rewardChosen: Double, rewardRejected: Double, logpChosen: Double, logpRejected: Double)]) {
         pairs = perPair.count
+        chosenCount = pairs
+        rejectedCount = pairs
         guard pairs > 0 else { return }
         let n = Double(pairs)
         for p in perPair {
             rewardsChosen += p.rewardChosen / n
             rewardsRejected += p.rewardRejected / n
-            margins += (p.rewardChosen - p.rewardRejected) / n
             accuracy += (p.rewardChosen > p.rewardRejected ? 1 : 0) / n
             logpsChosen += p.logpChosen / n
             logpsRejected += p.logpRejected / n
         }
+        margins = rewardsChosen - rewardsRejected
     }
 
-    /// The means, in one order (merging and the all-reduce of data parallelism go through it).
-    static let means: [WritableKeyPath<PreferenceMetrics, Double>] = [\.rewardsChosen, \.rewardsRejected, \.margins, \.accuracy, \.logpsChosen, \.logpsRejected, \.kl]
-
-    /// Each mean times the pair count, then the pair count: these add up over micro-batches and ranks.
-    public var weightedSums: [Double] { Self.means.map { self[keyPath: $0] * Double(pairs) } + [Double(pairs)] }
+    /// Sums that add up over micro-batches and ranks: each chosen mean times its row count, each rejected mean times
+    /// its, accuracy and kl times the pairs, then the three counts. The margin is derived again from the merged means.
+    public var weightedSums: [Double] {
+        let c = Double(chosenCount), r = Double(rejectedCount), p = Double(pairs)
+        return [rewardsChosen * c, logpsChosen * c, rewardsRejected * r, logpsRejected * r, accuracy * p, kl * p, c, r, p]
+    }
 
     /// The metrics whose weightedSums these are (summed over parts).
-    public init(weightedSums sums: [Double]) {
-        precondition(sums.count == Self.means.count + 1)
-        pairs = Int(sums.last!)
-        guard pairs > 0 else { return }
-        for (k, key) in Self.means.enumerated() { self[keyPath: key] = sums[k] / sums.last! }
+    public init(weightedSums s: [Double]) {
+        precondition(s.count == 9)
+        chosenCount = Int(s[6])
+        rejectedCount = Int(s[7])
+        pairs = Int(s[8])
+        if chosenCount > 0 { rewardsChosen = s[0] / s[6]; logpsChosen = s[1] / s[6] }
+        if rejectedCount > 0 { rewardsRejected = s[2] / s[7]; logpsRejected = s[3] / s[7] }
+        if pairs > 0 { accuracy = s[4] / s[8]; kl = s[5] / s[8] }
+        margins = chosenCount > 0 && rejectedCount > 0 ? rewardsChosen - rewardsRejected : 0
     }
 
-    /// The pair-weighted mean of several micro-batches' metrics.
+    /// The row-weighted means of several micro-batches' metrics.
     public static func merged(_ parts: [PreferenceMetrics]) -> PreferenceMetrics {
-        var m = PreferenceMetrics(weightedSums: parts.reduce([Double](repeating: 0, count: means.count + 1)) { zip($0, $1.weightedSums).map(+) })
+        var m = PreferenceMetrics(weightedSums: parts.reduce([Double](repeating: 0, count: 9)) { zip($0, $1.weightedSums).map(+) })
         m.unpaired = parts.first?.unpaired ?? false
         return m
     }
@@ -242,7 +253,9 @@ public enum KTO {
             }
             if chosen > 0 { m.rewardsChosen /= Double(chosen); m.logpsChosen /= Double(chosen) }
             if rejected > 0 { m.rewardsRejected /= Double(rejected); m.logpsRejected /= Double(rejected) }
-            m.margins = m.rewardsChosen - m.rewardsRejected
+            m.chosenCount = chosen
+            m.rejectedCount = rejected
+            m.margins = chosen > 0 && rejected > 0 ? m.rewardsChosen - m.rewardsRejected : 0
             for k in 0..<B { gradient[k] /= Double(B) }
             report(m)
             return (loss / Double(B), gradient)

@@ -162,34 +162,39 @@ public enum PreferenceData {
     /// rejected one.
     public static func loadUnpaired(_ path: String, skipBadRecords: Bool = false) throws -> (records: [UnpairedRecord], skipped: [DatasetError]) {
         var out: [UnpairedRecord] = [], fromPairs: [PreferenceRecord] = [], skipped: [DatasetError] = []
+        var firstKind: (pairs: Bool, line: Int)?
         for (line, record) in try DatasetLoader.records(path) {
             do {
                 switch record {
                 case let .failure(e): throw e
                 case let .success(r):
-                    if r["chosen"] != nil || r["rejected"] != nil {
+                    let isPair = r["chosen"] != nil || r["rejected"] != nil
+                    if let first = firstKind, first.pairs != isPair {
+                        throw DatasetError(file: path, line: line, reason: "\(isPair ? "a pair (chosen/rejected)" : "an unpaired record (prompt/completion/label)") in a file whose line \(first.line) is \(first.pairs ? "a pair" : "an unpaired record"): use one layout")
+                    }
+                    if isPair {
                         fromPairs.append(try parse(r, file: path, line: line))
                     } else {
                         out.append(try parseUnpaired(r, file: path, line: line))
                     }
+                    if firstKind == nil { firstKind = (isPair, line) }
                 }
             } catch let e as DatasetError {
                 if !skipBadRecords { throw e }
                 skipped.append(e)
             }
         }
-        if !fromPairs.isEmpty {
-            guard out.isEmpty else {
-                throw DatasetError(file: path, line: 1, reason: "the file mixes unpaired records (prompt/completion/label) with pairs (chosen/rejected)")
-            }
+        // TRL's unpair_preference_dataset: a batched map of 1,000 pairs at a time, each batch's chosen rows then its rejected.
+        for start in stride(from: 0, to: fromPairs.count, by: 1000) {
+            let batch = fromPairs[start..<min(fromPairs.count, start + 1000)]
             for desirable in [true, false] {
-                for p in fromPairs {
+                for p in batch {
+                    let content: UnpairedRecord.Content
                     switch p {
-                    case let .text(prompt, chosen, rejected):
-                        out.append(UnpairedRecord(content: .text(prompt: prompt, completion: desirable ? chosen : rejected), desirable: desirable))
-                    case let .conversation(prompt, chosen, rejected):
-                        out.append(UnpairedRecord(content: .conversation(prompt: prompt, completion: desirable ? chosen : rejected), desirable: desirable))
+                    case let .text(prompt, chosen, rejected): content = .text(prompt: prompt, completion: desirable ? chosen : rejected)
+                    case let .conversation(prompt, chosen, rejected): content = .conversation(prompt: prompt, completion: desirable ? chosen : rejected)
                     }
+                    out.append(UnpairedRecord(content: content, desirable: desirable))
                 }
             }
         }
@@ -208,11 +213,18 @@ public enum PreferenceData {
         case let (.string(p), .string(c)):
             guard !c.isEmpty else { throw bad("empty completion") }
             return UnpairedRecord(content: .text(prompt: p, completion: c), desirable: desirable)
+        case (.array, .array):
+            // The conversational layout: parsed as a pair whose two completions are this one (errors reworded).
+            do {
+                let pair = try parse(.object([("prompt", prompt), ("chosen", completion), ("rejected", completion)]), file: file, line: line)
+                guard case let .conversation(p, c, _) = pair else { throw bad("prompt and completion must both be strings or both conversations") }
+                return UnpairedRecord(content: .conversation(prompt: p, completion: c), desirable: desirable)
+            } catch let e as DatasetError {
+                throw bad(e.reason.replacingOccurrences(of: "chosen and rejected must each hold", with: "the completion must hold")
+                    .replacingOccurrences(of: "'chosen'", with: "'completion'").replacingOccurrences(of: "chosen[", with: "completion["))
+            }
         default:
-            // The conversational layout: parsed as a pair whose two completions are this one.
-            let pair = try parse(.object([("prompt", prompt), ("chosen", completion), ("rejected", completion)]), file: file, line: line)
-            guard case let .conversation(p, c, _) = pair else { throw bad("prompt and completion must both be strings or both conversations") }
-            return UnpairedRecord(content: .conversation(prompt: p, completion: c), desirable: desirable)
+            throw bad("prompt and completion must both be strings or both conversations (lists of messages)")
         }
     }
 

@@ -201,7 +201,10 @@ public final class Trainer {
             return try engine.step(batch, allTokenObjective: ORPO.objective(orpo, report: report), backward: backward, gradientScale: gradientScale)
         case let .kto(kto):
             precondition(!reference.contains { $0.isNaN }, "computeReference() first")
-            let objective = KTO.objective(kto, reference: reference, desirable: pairs.map { $0.desirable ?? true }, report: report)
+            let objective = KTO.objective(kto, reference: reference, desirable: pairs.map { row -> Bool in
+                guard let label = row.desirable else { preconditionFailure("a KTO row without a label") }
+                return label
+            }, report: report)
             return try engine.step(batch, objective: objective, backward: backward, gradientScale: gradientScale)
         case .sft:
             preconditionFailure("not a preference run")
@@ -417,6 +420,7 @@ public final class Trainer {
         lora.parameters.withUnsafeMutableBufferPointer { p in
             lora.gradients.withUnsafeBufferPointer { g in optimizer.update(parameters: p, gradients: g, lr: lr) }
         }
+        lora.markChanged()
         step += 1
         let seconds = Clock.seconds() - start
         var m = StepMetrics(step: step, loss: loss, learningRate: lr, gradNorm: norm, tokensPerSecond: Double(tokens) / seconds)

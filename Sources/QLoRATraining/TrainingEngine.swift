@@ -101,7 +101,7 @@ final class LayerBuffers {
     /// DoRA: per projection z = W d + s·B A d [N, out] (DoRA.swift), or nil.
     let doraZ: [UnsafeMutablePointer<Float>?]
 
-    init(_ arena: Arena, rows N: Int, pairs: Int, config c: LlamaConfig, rank r: Int, dropout: Bool, dora: Bool) {
+    init(_ arena: Arena, rows N: Int, pairs: Int, config c: LlamaConfig, rank r: Int, dropout: Bool, dora: Set<Projection>) {
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
         x1 = arena.floats(N * D); rstd1 = arena.floats(N)
         q = arena.floats(N * qDim); k = arena.floats(N * kvDim); v = arena.floats(N * kvDim)
@@ -120,7 +120,7 @@ final class LayerBuffers {
             return arena.bytes(N * inF)
         }
         doraZ = Projection.allCases.map { p in
-            guard dora, present.contains(p) else { return nil }
+            guard dora.contains(p), present.contains(p) else { return nil }
             return arena.floats(N * c.outFeatures(p))
         }
     }
@@ -162,7 +162,7 @@ final class StepWorkspace {
     var lossRows: [(Int, Int)] = []
 
     /// `rows` = B·T, `pairs` = B·T² (attention probabilities per head), `maxT` the longest sequence.
-    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, dora: Bool, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int,
+    init(_ arena: Arena, model: LlamaModel, rank r: Int, dropout: Bool, dora: Set<Projection>, checkpointing: Bool, bf16: Bool, rows N: Int, pairs: Int,
          maxT: Int, lossChunk: Int, attentionBlock: Int) {
         let c = model.config
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
@@ -178,7 +178,7 @@ final class StepWorkspace {
         dAttn = arena.floats(N * qDim); dq = arena.floats(N * qDim); dk = arena.floats(N * kvDim); dv = arena.floats(N * kvDim)
         dt = arena.floats(N * r)
         through = arena.floats(N * maxIn); dropped = arena.floats(N * maxIn)
-        doraScaled = dora ? arena.floats(N * Projection.allCases.map { c.outFeatures($0) }.max()!) : nil
+        doraScaled = dora.isEmpty ? nil : arena.floats(N * dora.map { c.outFeatures($0) }.max()!)
         let scratchCount = (model.layers.flatMap(\.linears) + [model.head]).map(\.scratchCount).max() ?? 1
         scratch = arena.floats(scratchCount)
         prepared = arena.floats(min(N, Linear.batchedRowLimit) * maxIn)
@@ -204,7 +204,9 @@ final class StepWorkspace {
 
     /// The block's buffers: work space of the products, and the backward's.
     func blockScratch(bf16: Bool) -> BlockScratch {
-        BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: bf16 ? abf : nil, packed: bf16 ? packed : nil, fused: fused)
+        var s = BlockScratch(proj: proj, tile: scratch, prepared: prepared, converted: bf16 ? abf : nil, packed: bf16 ? packed : nil, fused: fused)
+        s.dora = doraScaled  // free in the forward, where the dropout form needs it
+        return s
     }
 
     var gradients: BlockGradients {
@@ -281,7 +283,8 @@ public final class TrainingEngine {
         workspace = nil  // free the old arena before making the new one
         let dropout = lora.config.dropout > 0
         let w = Arena.sized { arena in
-            StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout, dora: self.lora.config.useDoRA,
+            StepWorkspace(arena, model: self.model, rank: self.lora.config.rank, dropout: dropout,
+                          dora: self.lora.config.useDoRA ? Set(self.lora.slots.map(\.projection)) : [],
                           checkpointing: self.options.gradientCheckpointing,
                           bf16: self.usesBF16, rows: N, pairs: P, maxT: T, lossChunk: self.lossChunkRows, attentionBlock: self.attentionBlock)
         }.value
@@ -340,7 +343,11 @@ public final class TrainingEngine {
         }
         let shape = Shape(B: B, T: T, windowStart: batch.segmentStarts)
         let call = BlockCall(rows: N, cos: ws.ropeCos, sin: ws.ropeSin, bf16: bf16, kernels: kernels)
-        if lora.config.useDoRA && adapterEnabled { refreshDoRA() }
+        // DoRA's norms follow A and B: computed again only when the parameters changed (an optimizer step, a load).
+        if lora.config.useDoRA && adapterEnabled && doraVersion != lora.version {
+            refreshDoRA()
+            doraVersion = lora.version
+        }
         withAdapters { lora in
             for l in 0..<c.layerCount {
                 layerForward(l, ws.sets[options.gradientCheckpointing ? 0 : l], ws, shape, layerCall(l, call, ws), lora, h: ws.hidden[l], out: ws.hidden[l + 1])
@@ -560,6 +567,8 @@ public final class TrainingEngine {
         }
     }
 
+    /// The adapter's version the DoRA factors were computed for.
+    var doraVersion = -1
     /// DoRA's per-slot factors for the current A, B and magnitudes (refreshDoRA), each array [out], allocated once.
     var doraFactors: [(scale: UnsafeMutablePointer<Float>, inverseNorm: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>?)] = []
 

@@ -207,10 +207,17 @@ public final class TrainingRun {
     }
 
     /// A preference step's metrics under TRL's names.
+    /// A side without rows (KTO: no desirable, or no undesirable, rows in the step) is left out, as TRL leaves it.
     static func preferenceFields(_ m: PreferenceMetrics) -> [(String, JSONValue)] {
-        [("rewards/chosen", .double(m.rewardsChosen)), ("rewards/rejected", .double(m.rewardsRejected)), ("rewards/margins", .double(m.margins))]
-            + (m.unpaired ? [("kl", .double(m.kl))] : [("rewards/accuracies", .double(m.accuracy))])
-            + [("logps/chosen", .double(m.logpsChosen)), ("logps/rejected", .double(m.logpsRejected))]
+        let chosen = m.chosenCount > 0, rejected = m.rejectedCount > 0
+        var fields: [(String, JSONValue)] = []
+        if chosen { fields.append(("rewards/chosen", .double(m.rewardsChosen))) }
+        if rejected { fields.append(("rewards/rejected", .double(m.rewardsRejected))) }
+        if chosen && rejected { fields.append(("rewards/margins", .double(m.margins))) }
+        fields.append(m.unpaired ? ("kl", .double(m.kl)) : ("rewards/accuracies", .double(m.accuracy)))
+        if chosen { fields.append(("logps/chosen", .double(m.logpsChosen))) }
+        if rejected { fields.append(("logps/rejected", .double(m.logpsRejected))) }
+        return fields
     }
 
     /// The held-out pairs' rewards at the last validation, under TRL's eval_ names.

@@ -60,9 +60,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "The largest request body in bytes.")
     var maxBody = 1 << 20
 
+    @Option(help: "Megabytes of keys and values kept from earlier prompts: a request whose prompt starts as a kept one did (a shared system prompt, the earlier turns of a conversation; per model and adapter) copies that prefix instead of running it again, as llama-server's prompt cache does; least recently used evicted; usage.prompt_tokens_details.cached_tokens says how many. 0 turns it off.")
+    var prefixCacheMb = 512
+
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("--port must be from 0 to 65535") }
         guard maxBatch >= 1 && maxBatch <= Linear.batchedRowLimit else { throw ValidationError("--max-batch must be from 1 to \(Linear.batchedRowLimit)") }
+        guard prefixCacheMb >= 0 else { throw ValidationError("--prefix-cache-mb must be 0 or more") }
         guard maxQueue >= 1 && maxTokensCap >= 1 && defaultMaxTokens >= 1 && maxBody >= 1024 else {
             throw ValidationError("--max-queue, --max-tokens-cap and --default-max-tokens must be positive, --max-body at least 1024")
         }
@@ -92,7 +96,8 @@ struct Serve: AsyncParsableCommand {
         }
         let template = try tokenizer.chatTemplate.map { try ChatTemplate($0) }
         if template == nil { Log.info("note: the model has no chat template; /v1/chat/completions will refuse requests (use /v1/completions)") }
-        let engine = Engine(models: models, tokenizer: tokenizer, maxBatch: maxBatch, maxQueue: maxQueue)
+        let engine = Engine(models: models, tokenizer: tokenizer, maxBatch: maxBatch, maxQueue: maxQueue,
+                            prefixCache: prefixCacheMb > 0 ? PrefixCache(byteBudget: prefixCacheMb << 20) : nil)
         engine.start()
         var options = ServerOptions()
         options.host = host

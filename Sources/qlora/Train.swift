@@ -189,6 +189,10 @@ struct Train: ParsableCommand {
         guard loftqIter >= 1 else { throw ValidationError("--loftq-iter must be at least 1") }
         if loftqIter != 1 && loraInit != "loftq" { throw ValidationError("--loftq-iter applies to --lora-init loftq") }
         if loraInit == "loftq" && quantTypeIsNone { throw ValidationError("--lora-init loftq starts from the error of a 4-bit base; --quant-type none has none") }
+        if (loraInit == "pissa" || loraInit == "loftq") && (method == "dpo" || method == "kto") {
+            // Their reference is the base with the adapter off, which after PiSSA or LoftQ is not the model they start from.
+            throw ValidationError("--lora-init \(loraInit) with --method \(method): the reference of \(method) is the base with the adapter off, and after \(loraInit) that is not the model training starts from; start from kaiming or gaussian (or use --method orpo, which has no reference)")
+        }
         if (loraInit == "pissa" || loraInit == "loftq") && modelOptions.adapter != nil {
             throw ValidationError("--lora-init \(loraInit) starts a new adapter from the base's weights; it cannot start from --adapter")
         }
@@ -226,10 +230,21 @@ struct Train: ParsableCommand {
     var quantTypeIsNone: Bool { modelOptions.quantType == "none" }
 
     /// PiSSA or LoftQ: A and B from the full-precision weights, and the model with its new frozen bases. When the bases
-    /// differ from the model's own quantization (PiSSA; LoftQ past one round), the first run (`write`) writes them to
-    /// OUTPUT/base (a bitsandbytes 4-bit folder, or f32 with --quant-type none) and the adapter names that folder as its
-    /// base; a resumed run computes the same bases again (the SVDs are deterministic) and reads A and B from its checkpoint.
-    func startLowRank(_ method: LowRankInit.Method, model: LlamaModel, lora: LoRAWeights, write: Bool, json: Bool) throws -> (LlamaModel, String) {
+    /// differ from the model's own quantization (PiSSA; LoftQ past one round), a new run (rank 0) writes them to
+    /// OUTPUT/base (bitsandbytes 4-bit; f32 with --quant-type none), replacing what an earlier attempt left there, and
+    /// the adapter names that folder as its base. A resumed run reads its bases back from there (A and B come from
+    /// its checkpoint) instead of running the SVDs again.
+    func startLowRank(_ method: LowRankInit.Method, model: LlamaModel, lora: LoRAWeights, resuming: Bool, write: Bool, json: Bool) throws -> (LlamaModel, String) {
+        let folder = FileSystem.join(output, "base")
+        let changesBase = method == .pissa || loftqIter > 1
+        if resuming {
+            // LoftQ's one round leaves the model's own quantization as the base.
+            guard changesBase else { return (model, modelOptions.modelPath) }
+            guard FileSystem.exists(FileSystem.join(folder, "config.json")) else {
+                throw ValidationError("--resume with --lora-init \(method.rawValue): \(folder), the base the first run wrote, is missing")
+            }
+            do { return (try LowRankInit.restoreBases(from: folder, model: model, lora: lora), folder) } catch let e as TrainingError { throw ValidationError(e.description) }
+        }
         let source: ModelMerger
         do { source = try LowRankInit.source(modelOptions.modelPath, method: method) } catch let e as TrainingError { throw ValidationError(e.description) }
         let quantization = QuantType(rawValue: modelOptions.quantType).map { (type: $0, blockSize: modelOptions.blockSize, doubleQuant: !modelOptions.noDoubleQuant) }
@@ -237,12 +252,13 @@ struct Train: ParsableCommand {
         let bar = ProgressBar(method.rawValue, total: lora.slots.count, enabled: !json)
         let (updated, bases) = try LowRankInit.apply(method, iterations: loftqIter, model: model, lora: lora, source: source, quantization: quantization) { done, _ in
             bar.advance(by: 1, note: "\(done) projections")
+            if Interrupt.requested { throw ValidationError("interrupted while computing the \(method.rawValue) initialisation; nothing was written") }
         }
         Log.info("\(method == .pissa ? "PiSSA" : "LoftQ (\(loftqIter) round\(loftqIter == 1 ? "" : "s"))"): A and B of \(lora.slots.count) projections from the SVD of their \(method == .pissa ? "weights" : "quantization error") in \(formatFixed(Clock.seconds() - start, 1)) s")
-        // LoftQ's one round leaves the base as the model's own quantization: nothing to write.
-        guard method == .pissa || loftqIter > 1 else { return (updated, modelOptions.modelPath) }
-        let folder = FileSystem.join(output, "base")
-        if write && !FileSystem.exists(folder) {
+        guard changesBase else { return (updated, modelOptions.modelPath) }
+        if write {
+            // A new run: whatever an earlier attempt left in OUTPUT/base (other options, another model) is replaced.
+            if FileSystem.exists(folder) { try FileSystem.removeTree(folder) }
             source.replacements = bases
             var export = ExportOptions()
             export.dtype = .f32
@@ -389,7 +405,7 @@ struct Train: ParsableCommand {
         let lora = LoRAWeights(model: model, config: loraConfig)
         var baseModel = modelOptions.modelPath
         if let method = LowRankInit.Method(rawValue: loraInit) {
-            (model, baseModel) = try startLowRank(method, model: model, lora: lora, write: rank == 0 && latest == nil, json: json || rank != 0)
+            (model, baseModel) = try startLowRank(method, model: model, lora: lora, resuming: latest != nil, write: rank == 0, json: json || rank != 0)
         }
         var trainingOptions = TrainingOptions()
         trainingOptions.gradientCheckpointing = !noGradientCheckpointing

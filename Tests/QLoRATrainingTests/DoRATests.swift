@@ -188,6 +188,9 @@ struct DoRADropoutTests {
         let dB = Array(UnsafeBufferPointer(start: dbp, count: outF * r)), dm = Array(UnsafeBufferPointer(start: dmp, count: outF))
         let dx = Array(UnsafeBufferPointer(start: dxp, count: n * inF))
         #expect(p == 0 ? mask.allSatisfy { $0 == 1 } : mask.contains(0) && mask.contains(1))
+        // PEFT computes this formula with dropout (checked by the fixture's generator on its own dropout masks).
+        let fixture = try SafetensorsFile(path: FileSystem.join(resources, "dora_grads.safetensors"))
+        #expect((Double(fixture.metadataValue("dora.dropout_check.maxdiff") ?? "1") ?? 1) < 1e-6)
         let keep = 1 / (1 - Double(p))
         // PEFT's formula in f64, as a function of (A, B, m, x), for the loss Σ dy ⊙ y.
         func loss(_ a: [Double], _ b: [Double], _ m: [Double], _ x: [Double]) -> (y: [Double], value: Double) {

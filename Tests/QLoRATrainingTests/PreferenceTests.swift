@@ -155,4 +155,16 @@ struct KTOTests {
         let worst = checkGradients(lora, against: f, prefix: prefix + "grad.")
         print("KTO \(name): loss \(value) vs TRL \(expected("loss")), relative \(abs(value - expected("loss")) / expected("loss")); KL \(metrics.kl); worst LoRA gradient |ours - TRL| / max|TRL| \(worst)")
     }
+
+    @Test("KTO's metrics over micro-batches: each side's means over its own rows, a side a micro-batch lacks is not counted as 0, the margin from the merged means")
+    func mergedMetrics() {
+        var a = PreferenceMetrics(), b = PreferenceMetrics()
+        a.unpaired = true; a.pairs = 4; a.chosenCount = 4; a.rejectedCount = 0; a.rewardsChosen = 0.2; a.logpsChosen = -10; a.kl = 1
+        b.unpaired = true; b.pairs = 4; b.chosenCount = 1; b.rejectedCount = 3; b.rewardsChosen = 0.7; b.logpsChosen = -20
+        b.rewardsRejected = -0.3; b.logpsRejected = -30; b.kl = 3
+        let m = PreferenceMetrics.merged([a, b])
+        #expect(abs(m.rewardsChosen - (4 * 0.2 + 0.7) / 5) < 1e-12 && abs(m.rewardsRejected - -0.3) < 1e-12 && abs(m.logpsChosen - (-40 - 20) / 5) < 1e-12)
+        #expect(abs(m.margins - (m.rewardsChosen - m.rewardsRejected)) < 1e-12 && abs(m.kl - 2) < 1e-12 && m.unpaired && m.chosenCount == 5 && m.rejectedCount == 3)
+        #expect(PreferenceMetrics(weightedSums: m.weightedSums).rewardsChosen == m.rewardsChosen)
+    }
 }
