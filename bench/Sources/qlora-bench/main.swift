@@ -514,6 +514,7 @@ do {
             let calls = qlora_allocation_count(), bytes = qlora_allocated_bytes(), blas = qlora_blas_allocated_bytes()
             lora.zeroGradients()
             try engine.step(batch)
+            lora.markChanged()  // as an optimizer step would (DoRA computes its norms again)
             allocations.append((qlora_allocation_count() - calls, qlora_allocated_bytes() - bytes, qlora_blas_allocated_bytes() - blas))
             times.append(Clock.seconds() - t0)
         }
