@@ -205,20 +205,22 @@ public struct KTOConfig: Sendable, Equatable {
 }
 
 public enum KTO {
-    /// The objective of one batch of B rows followed by their B mismatched (KL) rows, given the reference's summed
-    /// log-probabilities of the same 2B rows and each row's label (true: desirable). The KL rows get no gradient.
-    public static func objective(_ config: KTOConfig, reference: [Double], desirable: [Bool],
+    /// The objective of one batch of B rows, given the reference's summed log-probabilities of the same rows, each
+    /// row's label (true: desirable) and, for the kto loss, the policy's and the reference's log-probabilities of the
+    /// rows' mismatched (KL) rows, scored without gradients (as TRL scores them under no_grad).
+    public static func objective(_ config: KTOConfig, reference: [Double], desirable: [Bool], kl: (policy: [Double], reference: [Double])?,
                                  report: @escaping (PreferenceMetrics) -> Void = { _ in }) -> TrainingEngine.SequenceObjective {
         { logps, _ in
-            precondition(logps.count == reference.count && logps.count == 2 * desirable.count)
+            precondition(logps.count == reference.count && logps.count == desirable.count)
             let B = desirable.count, beta = config.beta
             var z = 0.0
             if config.loss == .kto {
-                for i in B..<(2 * B) { z += logps[i] - reference[i] }
+                guard let kl, kl.policy.count == B, kl.reference.count == B else { preconditionFailure("the kto loss needs the KL rows' log-probabilities") }
+                for i in 0..<B { z += kl.policy[i] - kl.reference[i] }
                 z = max(0, z / Double(B))
             }
             var loss = 0.0
-            var gradient = [Double](repeating: 0, count: 2 * B)
+            var gradient = [Double](repeating: 0, count: B)
             var m = PreferenceMetrics()
             m.unpaired = true
             m.pairs = B

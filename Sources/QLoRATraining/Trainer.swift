@@ -201,11 +201,15 @@ public final class Trainer {
             return try engine.step(batch, allTokenObjective: ORPO.objective(orpo, report: report), backward: backward, gradientScale: gradientScale)
         case let .kto(kto):
             precondition(!reference.contains { $0.isNaN }, "computeReference() first")
-            let objective = KTO.objective(kto, reference: reference, desirable: pairs.map { row -> Bool in
+            // Only the rows themselves get gradients: the KL rows are scored by a forward of their own (the adapter on,
+            // no dropout, no backward), and not at all for apo_zero_unpaired.
+            let B = pairs.count
+            let kl = kto.loss == .kto ? (policy: try engine.sequenceLogProbs(makeBatch(pairs.map(\.rejected))), reference: Array(reference[B...])) : nil
+            let objective = KTO.objective(kto, reference: Array(reference[..<B]), desirable: pairs.map { row -> Bool in
                 guard let label = row.desirable else { preconditionFailure("a KTO row without a label") }
                 return label
-            }, report: report)
-            return try engine.step(batch, objective: objective, backward: backward, gradientScale: gradientScale)
+            }, kl: kl, report: report)
+            return try engine.step(makeBatch(pairs.map(\.chosen)), objective: objective, backward: backward, gradientScale: gradientScale)
         case .sft:
             preconditionFailure("not a preference run")
         }

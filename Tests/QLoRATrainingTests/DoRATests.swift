@@ -96,6 +96,25 @@ struct DoRATests {
         }
     }
 
+    @Test("in a batch that mixes models (what qlora serve runs), the DoRA rows get PEFT's logits and the base's rows the base's")
+    func mixedBatch() throws {
+        let (model, adapted) = try peftAdapted()
+        let ids = batch().tokens, T = ids.count / 2, V = model.config.vocabSize
+        let rows = [Array(ids[0..<T]), Array(ids[T..<(2 * T)])]
+        let caches = rows.map { _ in KVCache(config: model.config, capacity: T + 1) }
+        // Prefill both (one pass over the two prompts), then one batched decoding step.
+        let last = try model.forward(sequences: rows, caches: caches, adapters: [adapted, nil])
+        let expected = fixture.tensor("dora.logits")!.values(as: Float.self)
+        let scale = expected.map(abs).max()!
+        #expect(Compare.close(Array(last[0..<V]), Array(expected[((T - 1) * V)..<(T * V)]), atol: 1e-4 * scale, rtol: 1e-4, "DoRA row") == nil)
+        let base = try model.forward(rows[1], cache: KVCache(config: model.config, capacity: T + 1), logits: .last)
+        #expect(Compare.close(Array(last[V..<(2 * V)]), base, atol: 1e-4 * scale, rtol: 1e-4, "base row") == nil)
+        let next = [5, 9]
+        let stepped = try model.forward(batch: next, caches: caches, adapters: [adapted, nil])
+        let alone = try adapted.forward(rows[0] + [5], cache: KVCache(config: model.config, capacity: T + 1), logits: .last)
+        #expect(Compare.close(Array(stepped[0..<V]), alone, atol: 1e-4 * scale, rtol: 1e-4, "DoRA row, decoding") == nil)
+    }
+
     @Test("qlora merge of PEFT's DoRA adapter gives PEFT's merge_and_unload weights")
     func merge() throws {
         var options = MergeOptions()

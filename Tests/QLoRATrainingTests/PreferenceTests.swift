@@ -142,7 +142,16 @@ struct KTOTests {
         }
         var metrics = PreferenceMetrics()
         lora.zeroGradients()
-        let value = try engine.step(batch, objective: KTO.objective(config, reference: reference, desirable: desirable) { metrics = $0 })
+        // As the trainer runs it: the KL rows scored by a forward of their own, the rows themselves stepped.
+        let main = TrainingBatch(tokens: Array(batch.tokens[..<(B * batch.sequenceLength)]), labels: Array(batch.labels[..<(B * batch.sequenceLength)]),
+                                 batchSize: B, sequenceLength: batch.sequenceLength)
+        let klRows = TrainingBatch(tokens: Array(batch.tokens[(B * batch.sequenceLength)...]), labels: Array(batch.labels[(B * batch.sequenceLength)...]),
+                                   batchSize: B, sequenceLength: batch.sequenceLength)
+        let kl = config.loss == .kto ? (policy: try engine.sequenceLogProbs(klRows), reference: Array(reference[B...])) : nil
+        if let kl, let theirs = f.tensor(prefix + "policy_KL_logps")?.values(as: Float.self) {
+            #expect(zip(kl.policy, theirs).allSatisfy { abs($0 - Double($1)) < 1e-4 * max(1, abs(Double($1))) }, "\(kl.policy) vs \(theirs)")
+        }
+        let value = try engine.step(main, objective: KTO.objective(config, reference: Array(reference[..<B]), desirable: desirable, kl: kl) { metrics = $0 })
         func expected(_ key: String) -> Double { Double(f.tensor(prefix + key)!.values(as: Float.self)[0]) }
         #expect(abs(value - expected("loss")) / expected("loss") < 1e-5, "\(name) loss \(value) vs \(expected("loss"))")
         var keys = [("metric_rewards_chosen", metrics.rewardsChosen), ("metric_rewards_rejected", metrics.rewardsRejected),
