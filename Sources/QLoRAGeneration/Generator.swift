@@ -23,6 +23,11 @@ public struct GenerationOptions: Sendable {
     /// With `logprobs`: receives each token's entry as the token is taken, before its text is streamed (the
     /// server sends them with the pieces of a streamed reply).
     public var onLogprob: (@Sendable (TokenLogprob) -> Void)?
+    /// `.jsonObject`: only tokens that continue a valid JSON object are sampled, and the reply ends when it closes
+    /// (JSONConstraint; OpenAI's response_format json_object).
+    public var responseFormat = ResponseFormat.text
+
+    public enum ResponseFormat: Sendable, Equatable { case text, jsonObject }
 
     public init() {}
 }
@@ -174,6 +179,10 @@ struct ReplyDecoder {
     private let onLogprob: (@Sendable (TokenLogprob) -> Void)?
     /// Each generated token's log-probability, when asked for.
     private(set) var logprobs: [TokenLogprob]?
+    private let tokenizer: Tokenizer
+    private let responseFormat: GenerationOptions.ResponseFormat
+    /// JSON output's constraint, made at the first step (it needs the vocabulary's size).
+    private var json: JSONConstraint?
 
     init(prompt: [Int], options: GenerationOptions, eos: Set<Int>, tokenizer: Tokenizer) {
         topLogprobs = options.logprobs
@@ -184,6 +193,8 @@ struct ReplyDecoder {
         reply = ReplyText(tokenizer: tokenizer, stopStrings: options.stopStrings)
         context = prompt
         maxTokens = options.maxTokens
+        self.tokenizer = tokenizer
+        responseFormat = options.responseFormat
     }
 
     /// The reply's text so far.
@@ -196,7 +207,16 @@ struct ReplyDecoder {
     /// `generated.last`, to run next), else why it ended: "eos" (not kept), "stop", "length" (the limit, or
     /// `cacheFull`), or `cancelled` when `onText` refused the new text.
     mutating func step(logits: [Float], cacheFull: Bool, onText: (String) -> Bool, cancelled: String) -> String? {
-        let next = sampler.next(logits: logits, context: context)
+        var next: Int
+        if responseFormat == .jsonObject {
+            if json == nil { json = JSONConstraint(tokenizer: tokenizer, vocabularySize: logits.count) }
+            var masked = logits
+            guard json!.mask(&masked, eos: eos) else { return "stop" }
+            next = sampler.next(logits: masked, context: context)
+            json!.advance(next)
+        } else {
+            next = sampler.next(logits: logits, context: context)
+        }
         if eos.contains(next) { return "eos" }
         generated.append(next)
         if let k = topLogprobs {

@@ -211,7 +211,8 @@ public final class Server: @unchecked Sendable {
         case "echo" where !chat: return value.boolValue == false ? nil : "echo is not implemented; send false or leave it out"
         case "suffix" where !chat: return value.stringValue == "" ? nil : "suffix (insertion) is not implemented; leave it out"
         case "response_format":
-            return value["type"]?.stringValue == "text" ? nil : "only {\"type\": \"text\"} is implemented; JSON output (json_object, json_schema) is not yet"
+            return ["text", "json_object"].contains(value["type"]?.stringValue ?? "") && value.objectValue?.count == 1 ? nil
+                : "{\"type\": \"text\"} and {\"type\": \"json_object\"} are implemented; json_schema is not yet"
         case "tools" where chat, "functions" where chat:
             return empty(value) ? nil : "tool calling is not implemented yet; leave \(key) out"
         case "tool_choice" where chat, "function_call" where chat:
@@ -309,6 +310,8 @@ public final class Server: @unchecked Sendable {
             guard let k = x.intValue, (0...5).contains(k) else { throw APIError.invalid("\"logprobs\" must be an integer from 0 to 5", param: "logprobs") }
             o.logprobs = k
         }
+        // JSON output by constrained decoding (text and json_object only: unimplemented() refused the rest).
+        if v["response_format"]?["type"]?.stringValue == "json_object" { o.responseFormat = .jsonObject }
         var choices = 1
         if let x = v["n"], x != .null {
             guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"n\" must be a positive integer", param: "n") }

@@ -292,8 +292,7 @@ struct ServeCLITests {
 
         // No field is dropped without a word: what is not implemented is a 400 naming it, with or without stream.
         let hi = #""messages": [{"role": "user", "content": "hi"}]"#
-        for (field, value) in [("response_format", #"{"type": "json_object"}"#),
-                               ("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}"#),
+        for (field, value) in [("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}"#),
                                ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("tool_choice", #""required""#),
                                ("store", "true"), ("audio", #"{"voice": "alloy"}"#), ("frobnicate", "1")] {
             for stream in [false, true] {
@@ -306,6 +305,13 @@ struct ServeCLITests {
         for (field, value) in [("n", "9"), ("logprobs", "6"), ("echo", "true"), ("best_of", "2"), ("suffix", #""end""#), ("messages", "[]")] {
             let r = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "Hi", "\#(field)": \#(value)}"#, headers: auth)
             #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == field, "\(field): \(r.status) \(r.body)")
+        }
+        // JSON output (response_format json_object) by constrained decoding: whole and streamed, the reply parses as an object.
+        for stream in [false, true] {
+            let body = #"{"messages": [{"role": "user", "content": "Give the name and the capital of France as JSON."}], "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 120, "stream": \#(stream)}"#
+            let r = try await http(.POST, server.base + "/v1/chat/completions", body, headers: auth)
+            let text = stream ? try streamedText(r.body).text : r.json?["choices"]?.arrayValue?.first?["message"]?["content"]?.stringValue ?? ""
+            #expect(r.status == 200 && (try? JSON.parse(text))?.objectValue != nil, "\(r.body)")
         }
         let toolMessage = try await error(#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "hi"}]}"#)
         #expect(toolMessage.0 == 400 && toolMessage.2?.contains("tool_calls") == true)

@@ -11,6 +11,7 @@ by `make test` (the Swift tests speak HTTP themselves).
 import os
 import re
 import subprocess
+import json
 import sys
 
 import openai
@@ -69,9 +70,11 @@ check("logprobs=True, top_logprobs=3", False, lambda: [(t.token, round(t.logprob
                                                     for t in client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3).choices[0].logprobs.content][:3])
 check("logprobs with stream", False, lambda: [t.token for ch in client.chat.completions.create(**greedy, logprobs=True, stream=True)
                                                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content][:4])
+check("response_format json_object (the reply parses)", False, lambda: json.loads(client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Give the name and the capital of France as JSON."}], max_tokens=120, temperature=0,
+    response_format={"type": "json_object"}).choices[0].message.content))
 check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
 for label, kwargs in [
-    ("response_format json_object", dict(response_format={"type": "json_object"})),
     ("response_format json_schema", dict(response_format={"type": "json_schema", "json_schema": {
         "name": "color", "schema": {"type": "object", "properties": {"color": {"type": "string"}}}}})),
     ("tools", dict(tools=[{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object", "properties": {}}}}])),

@@ -1,0 +1,211 @@
+// JSON output by constrained decoding (OpenAI's response_format {"type": "json_object"}): at each step the tokens whose
+// bytes cannot continue a valid JSON object are masked out before sampling, and once the object is closed only an end
+// token may follow, so a reply that ends by itself always parses. `JSONPrefix` is the byte-level recognizer of RFC 8259
+// text whose top level is an object; `JSONConstraint` applies it to a tokenizer's vocabulary.
+import Foundation
+import QLoRACore
+import QLoRATokenizer
+
+/// Whether a byte sequence is the beginning of a JSON object (RFC 8259), fed one byte at a time.
+public struct JSONPrefix: Sendable, Equatable {
+    enum State: Equatable {
+        case start                      // before the top-level object: whitespace or '{'
+        case value                      // a value must come: after ':' or ','-in-array
+        case keyOrClose                 // after '{': a key or '}'
+        case key                        // after ',' in an object: a key
+        case colon                      // after a key
+        case valueOrClose               // after '[': a value or ']'
+        case commaOrClose               // after a value inside a container
+        case string(key: Bool)
+        case escape(key: Bool)
+        case unicode(key: Bool, left: Int)
+        case number(NumberState)
+        case literal(rest: [UInt8])
+        case done                       // the top-level object is closed: whitespace only
+    }
+
+    enum NumberState: Equatable { case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits }
+
+    var state = State.start
+    /// Open containers, innermost last: '{' or '['.
+    var stack: [UInt8] = []
+
+    public init() {}
+
+    /// Whether the top-level object has been closed.
+    public var isComplete: Bool { state == .done }
+
+    /// JSON's whitespace.
+    public static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
+    static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
+    static func isHex(_ b: UInt8) -> Bool { isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66) }
+
+    /// A value has ended: what may follow it.
+    mutating func endValue() { state = stack.isEmpty ? .done : .commaOrClose }
+
+    /// The start of a value at `b`, or false.
+    mutating func startValue(_ b: UInt8) -> Bool {
+        switch b {
+        case UInt8(ascii: "{"): stack.append(b); state = .keyOrClose
+        case UInt8(ascii: "["): stack.append(b); state = .valueOrClose
+        case UInt8(ascii: "\""): state = .string(key: false)
+        case UInt8(ascii: "-"): state = .number(.minus)
+        case UInt8(ascii: "0"): state = .number(.zero)
+        case UInt8(ascii: "1")...UInt8(ascii: "9"): state = .number(.integer)
+        case UInt8(ascii: "t"): state = .literal(rest: Array("rue".utf8))
+        case UInt8(ascii: "f"): state = .literal(rest: Array("alse".utf8))
+        case UInt8(ascii: "n"): state = .literal(rest: Array("ull".utf8))
+        default: return false
+        }
+        return true
+    }
+
+    /// Closes the innermost container with `b` if it matches, or false.
+    mutating func close(_ b: UInt8) -> Bool {
+        guard let open = stack.last, (open == UInt8(ascii: "{") && b == UInt8(ascii: "}")) || (open == UInt8(ascii: "[") && b == UInt8(ascii: "]")) else { return false }
+        stack.removeLast()
+        endValue()
+        return true
+    }
+
+    /// Takes one byte; false (and the state unchanged in meaning: the caller drops this copy) when it cannot continue.
+    public mutating func feed(_ b: UInt8) -> Bool {
+        switch state {
+        case .start:
+            if Self.isSpace(b) { return true }
+            guard b == UInt8(ascii: "{") else { return false }
+            stack.append(b)
+            state = .keyOrClose
+            return true
+        case .done:
+            return Self.isSpace(b)
+        case .value:
+            return Self.isSpace(b) || startValue(b)
+        case .keyOrClose:
+            if Self.isSpace(b) { return true }
+            if b == UInt8(ascii: "\"") { state = .string(key: true); return true }
+            return close(b)
+        case .key:
+            if Self.isSpace(b) { return true }
+            guard b == UInt8(ascii: "\"") else { return false }
+            state = .string(key: true)
+            return true
+        case .colon:
+            if Self.isSpace(b) { return true }
+            guard b == UInt8(ascii: ":") else { return false }
+            state = .value
+            return true
+        case .valueOrClose:
+            if Self.isSpace(b) { return true }
+            return startValue(b) || close(b)
+        case .commaOrClose:
+            if Self.isSpace(b) { return true }
+            if b == UInt8(ascii: ",") { state = stack.last == UInt8(ascii: "{") ? .key : .value; return true }
+            return close(b)
+        case let .string(key):
+            switch b {
+            case UInt8(ascii: "\""):
+                if key { state = .colon } else { endValue() }
+                return true
+            case UInt8(ascii: "\\"): state = .escape(key: key); return true
+            default: return b >= 0x20
+            }
+        case let .escape(key):
+            switch b {
+            case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"), UInt8(ascii: "b"), UInt8(ascii: "f"), UInt8(ascii: "n"),
+                 UInt8(ascii: "r"), UInt8(ascii: "t"):
+                state = .string(key: key)
+                return true
+            case UInt8(ascii: "u"): state = .unicode(key: key, left: 4); return true
+            default: return false
+            }
+        case let .unicode(key, left):
+            guard Self.isHex(b) else { return false }
+            state = left == 1 ? .string(key: key) : .unicode(key: key, left: left - 1)
+            return true
+        case let .literal(rest):
+            guard b == rest[0] else { return false }
+            if rest.count == 1 { endValue() } else { state = .literal(rest: Array(rest.dropFirst())) }
+            return true
+        case let .number(n):
+            let digit = Self.isDigit(b)
+            switch (n, b) {
+            case (.minus, _) where b == UInt8(ascii: "0"): state = .number(.zero); return true
+            case (.minus, _) where digit: state = .number(.integer); return true
+            case (.integer, _) where digit: return true
+            case (.zero, UInt8(ascii: ".")), (.integer, UInt8(ascii: ".")): state = .number(.point); return true
+            case (.point, _) where digit, (.fraction, _) where digit: state = .number(.fraction); return true
+            case (.zero, UInt8(ascii: "e")), (.zero, UInt8(ascii: "E")), (.integer, UInt8(ascii: "e")), (.integer, UInt8(ascii: "E")),
+                 (.fraction, UInt8(ascii: "e")), (.fraction, UInt8(ascii: "E")):
+                state = .number(.exponent)
+                return true
+            case (.exponent, UInt8(ascii: "+")), (.exponent, UInt8(ascii: "-")): state = .number(.exponentSign); return true
+            case (.exponent, _) where digit, (.exponentSign, _) where digit, (.exponentDigits, _) where digit:
+                state = .number(.exponentDigits)
+                return true
+            default:
+                // The number ends here if it may; the byte then belongs to what follows it.
+                guard [.zero, .integer, .fraction, .exponentDigits].contains(n) else { return false }
+                endValue()
+                return feed(b)
+            }
+        }
+    }
+
+    /// Takes `bytes`; false when they cannot continue (self is then left partway: use a copy).
+    public mutating func feed<S: Sequence>(_ bytes: S) -> Bool where S.Element == UInt8 {
+        for b in bytes where !feed(b) { return false }
+        return true
+    }
+}
+
+/// A tokenizer's vocabulary under JSONPrefix: which tokens may come next, and the state after each one taken.
+public final class JSONConstraint: @unchecked Sendable {
+    /// Each token's bytes, or nil for tokens that never appear in JSON output (special and added ones, empty ones).
+    let pieces: [[UInt8]?]
+    public private(set) var prefix = JSONPrefix()
+
+    public init(tokenizer: Tokenizer, vocabularySize: Int) {
+        pieces = Self.pieces(tokenizer, vocabularySize)
+    }
+
+    /// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them).
+    static func pieces(_ tokenizer: Tokenizer, _ size: Int) -> [[UInt8]?] {
+        let key = "\(ObjectIdentifier(tokenizer).hashValue) \(size)"
+        if let known = cacheLock.withLock({ cache[key] }) { return known }
+        let made: [[UInt8]?] = (0..<size).map { id in
+            guard !tokenizer.isSpecial(id) else { return nil }
+            let bytes = tokenizer.decodedBytes([id])
+            return bytes.isEmpty ? nil : bytes
+        }
+        cacheLock.withLock { cache[key] = made }
+        return made
+    }
+
+    nonisolated(unsafe) static var cache: [String: [[UInt8]?]] = [:]
+    static let cacheLock = NSLock()
+
+    /// Sets every logit whose token cannot continue the object to -infinity; once the object is closed, every token
+    /// but the end tokens `eos`. Returns false when no token is left (the caller ends the reply).
+    public func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool {
+        var any = false
+        let complete = prefix.isComplete
+        for id in logits.indices {
+            var allowed = false
+            if eos.contains(id) {
+                allowed = complete
+            } else if !complete, let bytes = pieces.indices.contains(id) ? pieces[id] : nil {
+                var copy = prefix
+                allowed = copy.feed(bytes)
+            }
+            if allowed { any = true } else { logits[id] = -.infinity }
+        }
+        return any
+    }
+
+    /// Takes the chosen token (one `mask` allowed).
+    public func advance(_ id: Int) {
+        guard pieces.indices.contains(id), let bytes = pieces[id] else { return }
+        _ = prefix.feed(bytes)
+    }
+}
