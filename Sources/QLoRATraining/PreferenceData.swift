@@ -111,23 +111,27 @@ public enum PreferenceData {
         }
     }
 
-    /// Encodes a record as TRL does (see the top of this file); nil when truncation leaves no completion token.
-    public static func encode(_ record: PreferenceRecord, tokenizer: Tokenizer, template: ChatTemplate?, maxLength: Int) throws -> EncodedPair? {
-        let promptIDs: [Int], chosenIDs: [Int], rejectedIDs: [Int]
-        switch record {
-        case let .text(prompt, chosen, rejected):
+    /// A prompt and its completions, as text or as conversations.
+    enum Turns {
+        case text(String, [String])
+        case conversation([ChatMessage], [[ChatMessage]])
+    }
+
+    /// The tokens of the prompt alone and of the prompt with each completion, as TRL's trainers make them: plain text
+    /// with the tokenizer's special tokens, each completion ending in EOS (appended unless it ends with EOS's text);
+    /// conversations through the chat template, the prompt alone with the generation prompt.
+    static func tokenized(_ turns: Turns, tokenizer: Tokenizer, template: ChatTemplate?) throws -> (prompt: [Int], full: [[Int]]) {
+        switch turns {
+        case let .text(prompt, completions):
             guard let eos = tokenizer.eosTokenID else {
                 throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; preference tuning ends each completion with it")
             }
             let eosText = tokenizer.eosToken ?? ""
-            func withEOS(_ s: String) -> [Int] {
-                let ids = tokenizer.encode(prompt + s, addSpecialTokens: true)
-                return !eosText.isEmpty && s.hasSuffix(eosText) ? ids : ids + [eos]
-            }
-            promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
-            chosenIDs = withEOS(chosen)
-            rejectedIDs = withEOS(rejected)
-        case let .conversation(prompt, chosen, rejected):
+            return (tokenizer.encode(prompt, addSpecialTokens: true), completions.map { c in
+                let ids = tokenizer.encode(prompt + c, addSpecialTokens: true)
+                return !eosText.isEmpty && c.hasSuffix(eosText) ? ids : ids + [eos]
+            })
+        case let .conversation(prompt, completions):
             guard let template else {
                 throw TokenizerError.invalidFile(file: tokenizer.source, reason: "conversational preference data needs a chat template, and this model has none")
             }
@@ -135,10 +139,20 @@ public enum PreferenceData {
             func render(_ ms: [ChatMessage], _ generation: Bool) throws -> [Int] {
                 tokenizer.encode(try template.render(messages: ms.map { ChatTemplate.message($0.role, $0.content) }, addGenerationPrompt: generation, specialTokens: special))
             }
-            promptIDs = try render(prompt, true)
-            chosenIDs = try render(prompt + chosen, false)
-            rejectedIDs = try render(prompt + rejected, false)
+            return (try render(prompt, true), try completions.map { try render(prompt + $0, false) })
         }
+    }
+
+    /// Encodes a record as TRL does (see the top of this file); nil when truncation leaves no completion token.
+    public static func encode(_ record: PreferenceRecord, tokenizer: Tokenizer, template: ChatTemplate?, maxLength: Int) throws -> EncodedPair? {
+        let promptIDs: [Int], full: [[Int]]
+        switch record {
+        case let .text(prompt, chosen, rejected):
+            (promptIDs, full) = try tokenized(.text(prompt, [chosen, rejected]), tokenizer: tokenizer, template: template)
+        case let .conversation(prompt, chosen, rejected):
+            (promptIDs, full) = try tokenized(.conversation(prompt, [chosen, rejected]), tokenizer: tokenizer, template: template)
+        }
+        let chosenIDs = full[0], rejectedIDs = full[1]
         func shared(_ a: [Int], _ b: [Int]) -> Int {
             var n = 0
             while n < min(a.count, b.count) && a[n] == b[n] { n += 1 }
@@ -245,27 +259,13 @@ public enum PreferenceData {
                                       blockSize: Int) throws -> (rows: [EncodedPair], dropped: Int) {
         var split: [(prompt: [Int], completion: [Int], desirable: Bool)] = []
         for record in records {
-            let promptIDs: [Int], fullIDs: [Int]
+            let turns: Turns
             switch record.content {
-            case let .text(prompt, completion):
-                guard let eos = tokenizer.eosTokenID else {
-                    throw TokenizerError.invalidFile(file: tokenizer.source, reason: "the tokenizer has no EOS token; KTO ends each completion with it")
-                }
-                let eosText = tokenizer.eosToken ?? ""
-                promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
-                let ids = tokenizer.encode(prompt + completion, addSpecialTokens: true)
-                fullIDs = !eosText.isEmpty && completion.hasSuffix(eosText) ? ids : ids + [eos]
-            case let .conversation(prompt, completion):
-                guard let template else {
-                    throw TokenizerError.invalidFile(file: tokenizer.source, reason: "conversational KTO data needs a chat template, and this model has none")
-                }
-                let special = tokenizer.templateSpecialTokens
-                func render(_ ms: [ChatMessage], _ generation: Bool) throws -> [Int] {
-                    tokenizer.encode(try template.render(messages: ms.map { ChatTemplate.message($0.role, $0.content) }, addGenerationPrompt: generation, specialTokens: special))
-                }
-                promptIDs = try render(prompt, true)
-                fullIDs = try render(prompt + completion, false)
+            case let .text(prompt, completion): turns = .text(prompt, [completion])
+            case let .conversation(prompt, completion): turns = .conversation(prompt, [completion])
             }
+            let (promptIDs, full) = try tokenized(turns, tokenizer: tokenizer, template: template)
+            let fullIDs = full[0]
             var n = 0
             while n < min(promptIDs.count, fullIDs.count) && promptIDs[n] == fullIDs[n] { n += 1 }
             guard n < maxLength, n < fullIDs.count else { continue }
