@@ -104,8 +104,8 @@ struct KTOTests {
         return (TrainingBatch(tokens: tokens, labels: labels, batchSize: all.count, sequenceLength: T), desirable)
     }
 
-    @Test("each row's KL row is its prompt with the previous row's completion, rotated within the batch, as TRL built them")
-    func mismatchedRows() {
+    @Test("each row's KL row is its prompt with the previous row's completion, rotated within its block, as TRL built them")
+    func mismatchedRows() throws {
         for prefix in ["", "kto_clamped."] {
             let main = rows(prefix, ""), kl = rows(prefix, "KL_")
             for i in main.indices {
@@ -115,8 +115,17 @@ struct KTOTests {
                 #expect(kl[i].ids == prompt + completion, "row \(i)")
             }
         }
-        #expect(PreferenceData.mismatchedRow(4, count: 5, blockSize: 4) == 4)  // a last block of one keeps its own
-        #expect((0..<6).map { PreferenceData.mismatchedRow($0, count: 6, blockSize: 4) } == [3, 0, 1, 2, 5, 4])
+        // Several blocks and a short last one, as TRL 1.16 prepares them (Resources/kto_kl_blocks.json, from
+        // scripts/reference/make_kto_blocks_fixture.py: seven rows in blocks of 3).
+        let blocks = try JSON.parse(try FileSystem.readFile(FileSystem.join(resources, "kto_kl_blocks.json")))
+        let list = try #require(blocks["rows"]?.arrayValue)
+        let block = try #require(blocks["block_size"]?.intValue)
+        func ids(_ v: JSONValue?) -> [Int] { v?.arrayValue?.compactMap(\.intValue) ?? [] }
+        #expect(list.count == 7 && block == 3)
+        for i in list.indices {
+            let j = PreferenceData.mismatchedRow(i, count: list.count, blockSize: block)
+            #expect(ids(list[i]["KL_completion_ids"]) == ids(list[j]["completion_ids"]), "row \(i) takes row \(j)'s completion")
+        }
     }
 
     @Test("loss, every LoRA gradient, the KL estimate, rewards and log-probabilities equal TRL's: kto, weighted, apo_zero_unpaired, a clamped KL",
