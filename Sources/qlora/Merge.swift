@@ -128,7 +128,7 @@ struct Merge: ParsableCommand {
         options.quantType = QuantType(rawValue: quantType ?? args["quant_type"] ?? "nf4") ?? .nf4
         options.blockSize = blockSize ?? args["block_size"].flatMap(Int.init) ?? 64
         options.doubleQuant = !(noDoubleQuant || args["no_double_quant"] == "true")
-        let base = model ?? args["model"] ?? defaultModelPath()
+        let base = try baseModel(for: adapter, given: model) { args["model"] ?? defaultModelPath() }
         let merger = try ModelMerger(model: base, adapter: adapter, options: options)
         var export = ExportOptions()
         export.dtype = MergeDType(rawValue: dtype)!
@@ -254,7 +254,7 @@ struct ExportAdapter: ParsableCommand {
 
     func run() throws {
         let args = try Merge.trainingArguments(adapter)
-        let base = model ?? args["model"] ?? defaultModelPath()
+        let base = try baseModel(for: adapter, given: model) { args["model"] ?? defaultModelPath() }
         let t = GGMLType.allCases.first { $0.description.lowercased() == type }!
         let report = try AdapterExport.writeGGUF(adapter: adapter, model: base, to: output, type: t, force: force)
         if json {

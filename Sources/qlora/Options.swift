@@ -22,6 +22,26 @@ func validateQuantization(quantType: String, blockSize: Int, allowNone: Bool) th
 /// The default model that scripts/setup.sh fetches.
 func defaultModelPath() -> String { FileSystem.join(cacheFolder(), "models/SmolLM2-135M-Instruct.Q4_1.gguf") }
 
+/// The base an adapter was trained on when its run changed the base (`--lora-init pissa`, or loftq past one round):
+/// the folder OUTPUT/base that run wrote beside the adapter; nil for every other adapter.
+func trainedBase(ofAdapter dir: String) -> String? {
+    let base = FileSystem.join(dir, "base")
+    return FileSystem.exists(FileSystem.join(base, "config.json")) ? base : nil
+}
+
+/// The model `adapter` goes on: the base its run wrote, when it wrote one (a --model naming another is refused: the
+/// adapter does not fit it), else `given`, else `fallback()`.
+func baseModel(for adapter: String, given: String?, fallback: () -> String) throws -> String {
+    guard let base = trainedBase(ofAdapter: adapter) else { return given ?? fallback() }
+    if let given {
+        func canonical(_ p: String) -> String { ((try? ModelLocator.resolve(p)) ?? p).split(separator: "/").joined(separator: "/") }
+        guard canonical(given) == canonical(base) else {
+            throw ValidationError("\(adapter) was trained on the base its run wrote, \(base) (--lora-init pissa or loftq), not on \(given): leave --model out or pass --model \(base)")
+        }
+    }
+    return base
+}
+
 struct ModelOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: "A Hugging Face model folder, a bitsandbytes 4-bit folder, a .gguf file, or org/name in the local Hugging Face cache. (default: SmolLM2-135M-Instruct, fetched by scripts/setup.sh)")
     var model: String?
@@ -60,7 +80,8 @@ struct ModelOptions: ParsableArguments {
     /// The embedding and head storage the options ask for.
     var embeddingDType: EmbeddingDType { bf16Embeddings ? .bf16 : EmbeddingDType(rawValue: headDtype) ?? .auto }
 
-    var modelPath: String { model ?? defaultModelPath() }
+    /// --model, else the base the adapter's run wrote (PiSSA, LoftQ), else the default model.
+    var modelPath: String { model ?? adapter.flatMap(trainedBase(ofAdapter:)) ?? defaultModelPath() }
 
     func loadOptions(progress: Bool) -> LoadOptions {
         var o = LoadOptions()
@@ -78,6 +99,7 @@ struct ModelOptions: ParsableArguments {
         if model == nil && !FileSystem.exists(modelPath) {
             throw ValidationError("the default model is not at \(modelPath); run scripts/setup.sh (or make demo) first, or pass --model")
         }
+        if let adapter { _ = try baseModel(for: adapter, given: model) { modelPath } }
         let start = Clock.seconds()
         let path = try ModelLocator.resolve(modelPath)
         var m = try LlamaModel.load(path, options: loadOptions(progress: progress))

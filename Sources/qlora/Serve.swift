@@ -87,6 +87,7 @@ struct Serve: AsyncParsableCommand {
         inference.apply(to: model)
         let baseID = FileSystem.baseName(modelOptions.modelPath)
         var models: [(id: String, model: LlamaModel)] = [(baseID, model)]
+        for (_, dir) in adapterSpecs { _ = try baseModel(for: dir, given: modelOptions.modelPath) { modelOptions.modelPath } }
         for (name, dir) in adapterSpecs {
             guard !models.contains(where: { $0.id == name }) else { throw ValidationError("two models named \"\(name)\": name the adapters with NAME=DIR") }
             let m = try model.withAdapter(dir)

@@ -39,9 +39,17 @@ struct LowRankInitCLITests {
         #expect(second.status == 0, "\(second.stderr)")
         #expect(try FileSystem.readFile(FileSystem.join(straight, "adapter_model.safetensors"))
                 == (try FileSystem.readFile(FileSystem.join(resumed, "adapter_model.safetensors"))), "the resumed PiSSA adapter differs")
-        let generated = try runQLoRA(["generate", "--model", base, "--adapter", straight, "--prompt", "Say the number 7 in words.", "--max-tokens", "4",
-                                      "--temperature", "0", "--json"])
+        let prompt = ["--prompt", "Say the number 7 in words.", "--max-tokens", "4", "--temperature", "0", "--json"]
+        let generated = try runQLoRA(["generate", "--model", base, "--adapter", straight] + prompt)
         #expect(generated.status == 0, "\(generated.stderr)")
+        // Without --model the adapter goes on the base its run wrote; on another model it is refused by name (it does not fit).
+        let implicit = try runQLoRA(["generate", "--adapter", straight] + prompt)
+        #expect(implicit.status == 0 && (try? JSON.parse(implicit.stdout))?["text"] == (try? JSON.parse(generated.stdout))?["text"], "\(implicit.stderr)")
+        let wrong = try runQLoRA(["generate", "--model", tinyQwen, "--adapter", straight] + prompt)
+        #expect(wrong.status != 0 && wrong.stderr.contains("was trained on the base its run wrote"), "\(wrong.stderr)")
+        let merged = FileSystem.join(dir, "merged.gguf")
+        let m = try runQLoRA(["merge", "--adapter", straight, "--output", merged, "--gguf-type", "f32", "--quiet"])
+        #expect(m.status == 0 && FileSystem.exists(merged), "\(m.stderr)")
     }
 
     @Test("LoftQ: one round keeps the model's quantized base (nothing written), two rounds write theirs; refusals")
