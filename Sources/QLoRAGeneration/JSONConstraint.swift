@@ -169,20 +169,23 @@ public final class JSONConstraint: @unchecked Sendable {
         pieces = Self.pieces(tokenizer, vocabularySize)
     }
 
-    /// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them).
+    /// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them). Entries hold their
+    /// tokenizer, so that another one made later at the same address is not taken for it.
     static func pieces(_ tokenizer: Tokenizer, _ size: Int) -> [[UInt8]?] {
-        let key = "\(ObjectIdentifier(tokenizer).hashValue) \(size)"
-        if let known = cacheLock.withLock({ cache[key] }) { return known }
+        if let known = cacheLock.withLock({ cache.first { $0.tokenizer === tokenizer && $0.size == size }?.pieces }) { return known }
         let made: [[UInt8]?] = (0..<size).map { id in
             guard !tokenizer.isSpecial(id) else { return nil }
             let bytes = tokenizer.decodedBytes([id])
             return bytes.isEmpty ? nil : bytes
         }
-        cacheLock.withLock { cache[key] = made }
+        cacheLock.withLock {
+            cache.append((tokenizer, size, made))
+            if cache.count > 8 { cache.removeFirst() }
+        }
         return made
     }
 
-    nonisolated(unsafe) static var cache: [String: [[UInt8]?]] = [:]
+    nonisolated(unsafe) static var cache: [(tokenizer: Tokenizer, size: Int, pieces: [[UInt8]?])] = []
     static let cacheLock = NSLock()
 
     /// Sets every logit whose token cannot continue the object to -infinity; once the object is closed, every token

@@ -17,14 +17,7 @@ public enum LowRankInit {
     /// B = U[:, ..<r] √S' [out, r] and the residual W − s·BA (from the f32 A and B, as PEFT).
     public static func pissa(_ w: [Float], out: Int, in inF: Int, rank r: Int, scale s: Float, what: String) throws
         -> (a: [Float], b: [Float], residual: [Float]) {
-        let (u, sv, vt) = try SVD.thin(w.map(Double.init), rows: out, cols: inF, what: what)
-        let k = min(r, sv.count)
-        var a = [Float](repeating: 0, count: r * inF), b = [Float](repeating: 0, count: out * r)
-        for j in 0..<k {
-            let root = (sv[j] / Double(s)).squareRoot()
-            for c in 0..<inF { a[j * inF + c] = Float(root * vt[j * inF + c]) }
-            for o in 0..<out { b[o * r + j] = Float(u[o * sv.count + j] * root) }
-        }
+        let (a, b) = try factors(w.map(Double.init), out: out, in: inF, rank: r, scale: s, what: what)
         return (a, b, subtractLowRank(w, a: a, b: b, out: out, in: inF, rank: r, scale: s))
     }
 
@@ -38,21 +31,25 @@ public enum LowRankInit {
         var a = [Float](repeating: 0, count: r * inF), b = [Float](repeating: 0, count: out * r), q: [Float] = []
         for round in 0..<iterations {
             q = try quantize(input)
-            let error = zip(w, q).map { Double($0) - Double($1) }
-            let (u, sv, vt) = try SVD.thin(error, rows: out, cols: inF, what: "\(what) (LoftQ round \(round + 1))")
-            let k = min(r, sv.count)
-            // L = U[:, ..<r] √S, R = √S Vt[..<r] (PEFT's); A = R / √s, B = L / √s so that s·BA = L·R.
-            let perSide = 1 / Double(s).squareRoot()
-            a = [Float](repeating: 0, count: r * inF)
-            b = [Float](repeating: 0, count: out * r)
-            for j in 0..<k {
-                let root = sv[j].squareRoot()
-                for c in 0..<inF { a[j * inF + c] = Float(root * vt[j * inF + c] * perSide) }
-                for o in 0..<out { b[o * r + j] = Float(u[o * sv.count + j] * root * perSide) }
-            }
+            // PEFT's L = U[:, ..<r] √S and R = √S Vt[..<r], as A and B with s·BA = L·R.
+            (a, b) = try factors(zip(w, q).map { Double($0) - Double($1) }, out: out, in: inF, rank: r, scale: s,
+                                 what: "\(what) (LoftQ round \(round + 1))")
             if round + 1 < iterations { input = subtractLowRank(w, a: a, b: b, out: out, in: inF, rank: r, scale: s) }
         }
         return (a, b, q, input)
+    }
+
+    /// A [r, in] and B [out, r] with s·BA the rank-r truncated SVD of m [out, in] (each side √(S / s) times a singular
+    /// vector: PiSSA's A and B, and LoftQ's with its fit as s·BA).
+    static func factors(_ m: [Double], out: Int, in inF: Int, rank r: Int, scale s: Float, what: String) throws -> (a: [Float], b: [Float]) {
+        let (u, sv, vt) = try SVD.thin(m, rows: out, cols: inF, what: what)
+        var a = [Float](repeating: 0, count: r * inF), b = [Float](repeating: 0, count: out * r)
+        for j in 0..<min(r, sv.count) {
+            let root = (sv[j] / Double(s)).squareRoot()
+            for c in 0..<inF { a[j * inF + c] = Float(root * vt[j * inF + c]) }
+            for o in 0..<out { b[o * r + j] = Float(u[o * sv.count + j] * root) }
+        }
+        return (a, b)
     }
 
     /// W − s·B·A in f32 (B [out, r], A [r, in]).
