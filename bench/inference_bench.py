@@ -35,9 +35,10 @@ def llama_bench(bin_dir, gguf, threads):
     return {"prefill": pp["avg_ts"], "decode": tg["avg_ts"], "rss": rss, "bytes": os.path.getsize(gguf)}
 
 
-def ours(binary, quant, threads, compute="f32"):
+def ours(binary, quant, threads, compute="f32", kv="f16"):
     env = {**os.environ, "QLORA_THREADS": str(threads)}
-    out, rss = timed([binary, "infer", MODEL, "-p", "512", "-n", "128", "--repeats", "3", "--quant-type", quant, "--compute-dtype", compute], env)
+    out, rss = timed([binary, "infer", MODEL, "-p", "512", "-n", "128", "--repeats", "3", "--quant-type", quant, "--compute-dtype", compute,
+                      "--kv-cache", kv], env)
     r = json.loads(out)
     return {"prefill": r["prefill_tokens_per_second"], "decode": r["decode_tokens_per_second"], "rss": rss,
             "bytes": r["decode_bytes_per_token"], "head": r["head"], "kernels": r["kernels"]}
@@ -48,9 +49,9 @@ def llama_depth(bin_dir, gguf, threads, depth):
     return json.loads(out)[0]["avg_ts"]
 
 
-def ours_depth(binary, threads, depth):
+def ours_depth(binary, threads, depth, kv="f16"):
     env = {**os.environ, "QLORA_THREADS": str(threads)}
-    out, _ = timed([binary, "infer", MODEL, "-p", "0", "-n", "128", "-d", str(depth), "--repeats", "2"], env)
+    out, _ = timed([binary, "infer", MODEL, "-p", "0", "-n", "128", "-d", str(depth), "--repeats", "2", "--kv-cache", kv], env)
     return json.loads(out)["decode_tokens_per_second"]
 
 
@@ -80,16 +81,19 @@ def main():
     setup = dict(l.split("=", 1) for l in subprocess.run(["bash", "bench/llama_cpp_setup.sh", sys.executable], capture_output=True,
                                                           text=True, check=True).stdout.split("\n") if "=" in l)
     bin_dir, models = setup["LLAMA_CPP_BIN"], setup["LLAMA_CPP_MODELS"]
+    bf16_cpu = " avx512_bf16" in next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
     configs = [("llama.cpp Q4_0", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads)),
                ("llama.cpp Q4_K_M", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-Q4_K_M.gguf"), a.threads)),
                ("llama.cpp F16", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-f16.gguf"), a.threads)),
-               ("swift-qlora NF4 + DQ", lambda: ours(a.binary, "nf4", a.threads)),
-               ("swift-qlora NF4 + DQ, --compute-dtype bf16", lambda: ours(a.binary, "nf4", a.threads, "bf16")),
+               ("swift-qlora NF4 + DQ, the defaults (bf16 prefill where the CPU has it, f16 cache)",
+                lambda: ours(a.binary, "nf4", a.threads, "bf16" if bf16_cpu else "f32")),
+               ("swift-qlora NF4 + DQ, --compute-dtype f32 --kv-cache f32", lambda: ours(a.binary, "nf4", a.threads, "f32", "f32")),
                ("swift-qlora f32", lambda: ours(a.binary, "none", a.threads))]
     runs = {name: [] for name, _ in configs}
     batched = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": []}
     bandwidth = []
-    depth = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": []}
+    depths = (512, 2048, 4096)
+    depth = {(name, d): [] for name in ("llama.cpp Q4_0", "swift-qlora f16 cache", "swift-qlora f32 cache") for d in depths}
     for rnd in range(a.rounds):
         print(f"round {rnd + 1} of {a.rounds}", file=sys.stderr)
         bandwidth.append(json.loads(subprocess.run([a.binary, "bandwidth"], capture_output=True, text=True, check=True).stdout))
@@ -98,8 +102,10 @@ def main():
         if rnd < 2:
             batched["llama.cpp Q4_0"].append(llama_batched(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads))
             batched["swift-qlora NF4 + DQ"].append(ours_batched(a.binary, a.threads))
-            depth["llama.cpp Q4_0"].append(llama_depth(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads, 1024))
-            depth["swift-qlora NF4 + DQ"].append(ours_depth(a.binary, a.threads, 1024))
+            for d in depths:
+                depth[("llama.cpp Q4_0", d)].append(llama_depth(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads, d))
+                depth[("swift-qlora f16 cache", d)].append(ours_depth(a.binary, a.threads, d, "f16"))
+                depth[("swift-qlora f32 cache", d)].append(ours_depth(a.binary, a.threads, d, "f32"))
 
     read = max(b["read_gbps"] for b in bandwidth)
     copy = max(b["copy_gbps"] for b in bandwidth)
@@ -131,9 +137,14 @@ def main():
         o = max(x[b] for x in batched["swift-qlora NF4 + DQ"])
         print(f"| {b} | {l:.1f} | {o:.1f} | {o / l:.2f}x |")
     print()
-    l, o = max(depth["llama.cpp Q4_0"]), max(depth["swift-qlora NF4 + DQ"])
-    print(f"Decoding after a 1,024-token context (llama-bench -d 1024 -n 128; llama.cpp's cache in f16, ours in f32): "
-          f"llama.cpp Q4_0 {l:.1f}, swift-qlora NF4 + DQ {o:.1f} tokens/s ({o / l:.2f}x).")
+    print("Decoding 128 tokens after a context of D tokens, tokens/s (llama-bench -d D -n 128, its cache f16; qlora-bench infer -d D):")
+    print()
+    print("| depth | llama.cpp Q4_0 | swift-qlora NF4 + DQ, f16 cache (default) | ratio | swift-qlora, f32 cache | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for d in depths:
+        l = max(depth[("llama.cpp Q4_0", d)])
+        o16, o32 = max(depth[("swift-qlora f16 cache", d)]), max(depth[("swift-qlora f32 cache", d)])
+        print(f"| {d} | {l:.1f} | {o16:.1f} | {o16 / l:.2f}x | {o32:.1f} | {o32 / l:.2f}x |")
 
 
 if __name__ == "__main__":

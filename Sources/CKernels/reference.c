@@ -8,9 +8,11 @@ int qk_cpu_supports(int level) {
     if (level <= QK_LEVEL_REFERENCE) return 1;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (level == QK_LEVEL_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (level == QK_LEVEL_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (level == QK_LEVEL_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
 #endif
     return 0;
 }

@@ -104,3 +104,85 @@ void qk_dropout_reference(const float *x, uint8_t *mask, float *out, size_t n, u
         }
     }
 }
+
+// ---- The 16-bit KV cache ----------------------------------------------------------------------------
+
+static inline uint32_t float_bits(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    return v.u;
+}
+
+static inline float bits_float(uint32_t u) {
+    union { uint32_t u; float f; } v = {.u = u};
+    return v.f;
+}
+
+static uint16_t narrow_f16(float f) {
+    uint32_t x = float_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t exponent = (x >> 23) & 0xFF, mantissa = x & 0x7FFFFF;
+    if (exponent == 0xFF) return mantissa ? (uint16_t)(sign | 0x7E00 | (mantissa >> 13)) : (uint16_t)(sign | 0x7C00);
+    int e = (int)exponent - 127 + 15;
+    if (e >= 0x1F) return sign | 0x7C00;
+    if (e <= 0) {
+        // A subnormal half (or zero): the mantissa with its implicit bit, shifted right and rounded to even.
+        if (e < -10) return sign;
+        uint32_t full = mantissa | 0x800000;
+        uint32_t shift = (uint32_t)(14 - e);
+        uint32_t half = full >> shift, rest = full & ((1u << shift) - 1), midpoint = 1u << (shift - 1);
+        if (rest > midpoint || (rest == midpoint && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((uint32_t)e << 10) | (mantissa >> 13), rest = mantissa & 0x1FFF;
+    // Rounding up may carry into the exponent, up to infinity: the bit pattern's order makes that right.
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+}
+
+static float widen_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F) return bits_float(sign | 0x7F800000 | (mantissa << 13));
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * 5.9604644775390625e-8f;  // 2^-24
+        return sign ? -magnitude : magnitude;
+    }
+    return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+static uint16_t narrow_bf16(float f) {
+    uint32_t x = float_bits(f);
+    if ((x & 0x7F800000) == 0x7F800000 && (x & 0x7FFFFF)) return (uint16_t)((x >> 16) | 0x40);  // quiet NaN
+    return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16);
+}
+
+static inline float widen_bf16(uint16_t h) { return bits_float((uint32_t)h << 16); }
+
+void qk_kv_narrow_reference(const float *src, uint16_t *dst, size_t n, int format) {
+    for (size_t i = 0; i < n; i++) dst[i] = format == QK_KV_F16 ? narrow_f16(src[i]) : narrow_bf16(src[i]);
+}
+
+void qk_kv_widen_reference(const uint16_t *src, float *dst, size_t n, int format) {
+    for (size_t i = 0; i < n; i++) dst[i] = format == QK_KV_F16 ? widen_f16(src[i]) : widen_bf16(src[i]);
+}
+
+void qk_attend16_reference(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d, size_t stride,
+                           float scale, float *scores, float *out, float *stats, int format) {
+    for (size_t qi = 0; qi < nq; qi++) {
+        const float *qq = q + qi * d;
+        float *sc = scores + qi * S, *o = out + qi * d;
+        for (size_t j = 0; j < S; j++) {
+            const uint16_t *k = keys + j * stride;
+            float dot = 0.0f;
+            for (size_t i = 0; i < d; i++) dot += qq[i] * (format == QK_KV_F16 ? widen_f16(k[i]) : widen_bf16(k[i]));
+            sc[j] = dot * scale;
+        }
+        if (stats) stats[2 * qi + 1] = exp_row_reference(sc, S, &stats[2 * qi]);
+        else qk_softmax_row_reference(sc, S, S);
+        for (size_t i = 0; i < d; i++) o[i] = 0.0f;
+        for (size_t j = 0; j < S; j++) {
+            const uint16_t *v = values + j * stride;
+            float p = sc[j];
+            for (size_t i = 0; i < d; i++) o[i] += p * (format == QK_KV_F16 ? widen_f16(v[i]) : widen_bf16(v[i]));
+        }
+    }
+}

@@ -402,6 +402,206 @@ void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float 
     qk_attend_avx2(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
 }
 
+// ---- The 16-bit KV cache ------------------------------------------------------------------------------
+#define AVX2F16C __attribute__((target("avx2,fma,f16c")))
+#define AVX512F16 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// Eight cache words as eight floats (exact).
+AVX2F16C static inline __m256 widen8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+AVX2F16C static inline __m256 widen8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+// Sixteen cache words as sixteen floats (exact).
+AVX512F16 static inline __m512 widen16_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+AVX512F16 static inline __m512 widen16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+void qk_kv_narrow_avx2(const float *src, uint16_t *dst, size_t n, int format) AVX2F16C;
+void qk_kv_narrow_avx2(const float *src, uint16_t *dst, size_t n, int format) {
+    size_t i = 0;
+    if (format == QK_KV_F16) {
+        // vcvtps2ph rounds to nearest even, overflows to infinity and quiets NaN as the reference does.
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), exponent = _mm256_set1_epi32(0x7F800000);
+        const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), quiet = _mm256_set1_epi32(0x00400000);
+        for (; i + 8 <= n; i += 8) {
+            __m256i x = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+            __m256i rounded = _mm256_add_epi32(x, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(x, 16), one)));
+            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, magnitude), exponent);
+            __m256i r = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, _mm256_or_si256(x, quiet), nan), 16);
+            // 32-bit lanes to 16-bit words in order (packus saturates, but every lane is below 65536).
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+            _mm_storeu_si128((__m128i *)(dst + i), _mm256_castsi256_si128(packed));
+        }
+    }
+    qk_kv_narrow_reference(src + i, dst + i, n - i, format);
+}
+
+void qk_kv_widen_avx2(const uint16_t *src, float *dst, size_t n, int format) AVX2F16C;
+void qk_kv_widen_avx2(const uint16_t *src, float *dst, size_t n, int format) {
+    size_t i = 0;
+    if (format == QK_KV_F16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8_f16(src + i));
+    else
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8_bf16(src + i));
+    qk_kv_widen_reference(src + i, dst + i, n - i, format);
+}
+
+// qk_attend_avx2's loops over 16-bit words: WIDEN8 turns eight words into eight floats.
+#define ATTEND16_AVX2_BODY(WIDEN8)                                                                                            \
+    size_t j = 0;                                                                                                             \
+    for (; j + 8 <= S; j += 8) {                                                                                              \
+        for (size_t t = 0; t < 8; t++)                                                                                        \
+            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0); \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *qq = q + qi * d;                                                                                     \
+            __m256 acc[8];                                                                                                    \
+            for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();                                                      \
+            for (size_t i = 0; i < d; i += 8) {                                                                               \
+                __m256 qv = _mm256_loadu_ps(qq + i);                                                                          \
+                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, WIDEN8(keys + (j + t) * stride + i), acc[t]);    \
+            }                                                                                                                 \
+            __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);                                \
+            __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);                                \
+            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);                                        \
+            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);         \
+            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));               \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (; j < S; j++) {                                                                                                      \
+        const uint16_t *k = keys + j * stride;                                                                                \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            __m256 a0 = _mm256_setzero_ps();                                                                                  \
+            for (size_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * d + i), WIDEN8(k + i), a0);       \
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));                                  \
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                                           \
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                                            \
+            scores[qi * S + j] = _mm_cvtss_f32(h) * scale;                                                                    \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (size_t qi = 0; qi < nq; qi++) {                                                                                      \
+        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);                                      \
+        else qk_softmax_row_avx2(scores + qi * S, S, S);                                                                      \
+    }                                                                                                                         \
+    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;                                                                        \
+    for (size_t j0 = 0; j0 < S; j0 += 32) {                                                                                   \
+        size_t j1 = S - j0 < 32 ? S : j0 + 32;                                                                                \
+        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)                                                               \
+            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);           \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *p = scores + qi * S;                                                                                 \
+            for (size_t i0 = 0; i0 < d; i0 += 64) {                                                                           \
+                size_t n = d - i0 < 64 ? (d - i0) / 8 : 8;                                                                    \
+                float *o = out + qi * d + i0;                                                                                 \
+                __m256 acc[8];                                                                                                \
+                for (size_t t = 0; t < n; t++) acc[t] = _mm256_loadu_ps(o + 8 * t);                                           \
+                for (size_t jj = j0; jj < j1; jj++) {                                                                         \
+                    const uint16_t *v = values + jj * stride + i0;                                                            \
+                    __m256 pj = _mm256_set1_ps(p[jj]);                                                                        \
+                    for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(pj, WIDEN8(v + 8 * t), acc[t]);                   \
+                }                                                                                                             \
+                for (size_t t = 0; t < n; t++) _mm256_storeu_ps(o + 8 * t, acc[t]);                                           \
+            }                                                                                                                 \
+        }                                                                                                                     \
+    }
+
+AVX2F16C static void attend16_f16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
+                                        size_t stride, float scale, float *scores, float *out, float *stats) {
+    ATTEND16_AVX2_BODY(widen8_f16)
+}
+
+AVX2F16C static void attend16_bf16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
+                                         size_t stride, float scale, float *scores, float *out, float *stats) {
+    ATTEND16_AVX2_BODY(widen8_bf16)
+}
+
+void qk_attend16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d, size_t stride,
+                      float scale, float *scores, float *out, float *stats, int format) {
+    if (d % 8 != 0 || d > 256) qk_attend16_reference(q, nq, keys, values, S, d, stride, scale, scores, out, stats, format);
+    else if (format == QK_KV_F16) attend16_f16_avx2(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
+    else attend16_bf16_avx2(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
+}
+
+// The same with sixteen lanes: a position's dot product in a 512-bit accumulator folded to 256 bits, then
+// qk_attend_avx2's reduction tree over eight positions; the output 128 lanes of a query at a time.
+#define ATTEND16_AVX512_BODY(WIDEN16)                                                                                         \
+    size_t j = 0;                                                                                                             \
+    for (; j + 8 <= S; j += 8) {                                                                                              \
+        for (size_t t = 0; t < 8; t++)                                                                                        \
+            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0); \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *qq = q + qi * d;                                                                                     \
+            __m512 acc[8];                                                                                                    \
+            for (size_t t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();                                                      \
+            for (size_t i = 0; i < d; i += 16) {                                                                              \
+                __m512 qv = _mm512_loadu_ps(qq + i);                                                                          \
+                for (size_t t = 0; t < 8; t++) acc[t] = _mm512_fmadd_ps(qv, WIDEN16(keys + (j + t) * stride + i), acc[t]);   \
+            }                                                                                                                 \
+            __m256 f[8];                                                                                                      \
+            for (size_t t = 0; t < 8; t++)                                                                                    \
+                f[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),                                                          \
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));                  \
+            __m256 s01 = _mm256_hadd_ps(f[0], f[1]), s23 = _mm256_hadd_ps(f[2], f[3]);                                        \
+            __m256 s45 = _mm256_hadd_ps(f[4], f[5]), s67 = _mm256_hadd_ps(f[6], f[7]);                                        \
+            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);                                        \
+            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);         \
+            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));               \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (; j < S; j++) {                                                                                                      \
+        const uint16_t *k = keys + j * stride;                                                                                \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            __m512 a0 = _mm512_setzero_ps();                                                                                  \
+            for (size_t i = 0; i < d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + qi * d + i), WIDEN16(k + i), a0);     \
+            scores[qi * S + j] = _mm512_reduce_add_ps(a0) * scale;                                                            \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (size_t qi = 0; qi < nq; qi++) {                                                                                      \
+        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);                                      \
+        else qk_softmax_row_avx512(scores + qi * S, S, S);                                                                    \
+    }                                                                                                                         \
+    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;                                                                        \
+    for (size_t j0 = 0; j0 < S; j0 += 32) {                                                                                   \
+        size_t j1 = S - j0 < 32 ? S : j0 + 32;                                                                                \
+        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)                                                               \
+            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);           \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *p = scores + qi * S;                                                                                 \
+            for (size_t i0 = 0; i0 < d; i0 += 128) {                                                                          \
+                size_t n = d - i0 < 128 ? (d - i0) / 16 : 8;                                                                  \
+                float *o = out + qi * d + i0;                                                                                 \
+                __m512 acc[8];                                                                                                \
+                for (size_t t = 0; t < n; t++) acc[t] = _mm512_loadu_ps(o + 16 * t);                                          \
+                for (size_t jj = j0; jj < j1; jj++) {                                                                         \
+                    const uint16_t *v = values + jj * stride + i0;                                                            \
+                    __m512 pj = _mm512_set1_ps(p[jj]);                                                                        \
+                    for (size_t t = 0; t < n; t++) acc[t] = _mm512_fmadd_ps(pj, WIDEN16(v + 16 * t), acc[t]);                 \
+                }                                                                                                             \
+                for (size_t t = 0; t < n; t++) _mm512_storeu_ps(o + 16 * t, acc[t]);                                          \
+            }                                                                                                                 \
+        }                                                                                                                     \
+    }
+
+AVX512F16 static void attend16_f16_avx512(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
+                                           size_t stride, float scale, float *scores, float *out, float *stats) {
+    ATTEND16_AVX512_BODY(widen16_f16)
+}
+
+AVX512F16 static void attend16_bf16_avx512(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
+                                            size_t stride, float scale, float *scores, float *out, float *stats) {
+    ATTEND16_AVX512_BODY(widen16_bf16)
+}
+
+void qk_attend16_avx512(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d, size_t stride,
+                        float scale, float *scores, float *out, float *stats, int format) {
+    if (d % 16 != 0 || d > 256) qk_attend16_avx2(q, nq, keys, values, S, d, stride, scale, scores, out, stats, format);
+    else if (format == QK_KV_F16) attend16_f16_avx512(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
+    else attend16_bf16_avx512(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
+}
+
 #else
 void qk_dropout_avx2(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
 void qk_dropout_avx512(const float *x, uint8_t *m, float *o, size_t n, uint64_t s, uint32_t t, float k) { qk_dropout_reference(x, m, o, n, s, t, k); }
@@ -413,6 +613,16 @@ void qk_attend_avx512(const float *q, size_t nq, const float *k, const float *v,
     qk_attend_reference(q, nq, k, v, S, d, st, sc, s, o, t);
 }
 void qk_softmax_row_avx512(float *r, size_t v, size_t l) { qk_softmax_row_reference(r, v, l); }
+void qk_kv_narrow_avx2(const float *s, uint16_t *d, size_t n, int f) { qk_kv_narrow_reference(s, d, n, f); }
+void qk_kv_widen_avx2(const uint16_t *s, float *d, size_t n, int f) { qk_kv_widen_reference(s, d, n, f); }
+void qk_attend16_avx2(const float *q, size_t nq, const uint16_t *k, const uint16_t *v, size_t S, size_t d, size_t st, float sc, float *s, float *o,
+                      float *t, int f) {
+    qk_attend16_reference(q, nq, k, v, S, d, st, sc, s, o, t, f);
+}
+void qk_attend16_avx512(const float *q, size_t nq, const uint16_t *k, const uint16_t *v, size_t S, size_t d, size_t st, float sc, float *s,
+                        float *o, float *t, int f) {
+    qk_attend16_reference(q, nq, k, v, S, d, st, sc, s, o, t, f);
+}
 void qk_swiglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
 void qk_swiglu_avx512(float *a, const float *g, const float *u, size_t n) { qk_swiglu_reference(a, g, u, n); }
 void qk_geglu_avx2(float *a, const float *g, const float *u, size_t n) { qk_geglu_reference(a, g, u, n); }

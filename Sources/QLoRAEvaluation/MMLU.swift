@@ -282,7 +282,7 @@ public final class MMLUEvaluator {
         var prefixVersion = 0
         func ensureCache(_ n: Int) -> KVCache {
             if let c = cache, c.capacity >= n { return c }
-            let c = KVCache(config: model.config, capacity: min(limit, max(n, 512)))
+            let c = model.makeCache(capacity: min(limit, max(n, 512)))
             cache = c
             cachedPrefix = nil
             return c
@@ -291,9 +291,9 @@ public final class MMLUEvaluator {
         var slots: [KVCache] = []
         var slotVersion: [Int] = []
         func slot(_ i: Int, capacity: Int) -> KVCache {
-            while slots.count <= i { slots.append(KVCache(config: model.config, capacity: 0)); slotVersion.append(-1) }
+            while slots.count <= i { slots.append(model.makeCache(capacity: 0)); slotVersion.append(-1) }
             if slots[i].capacity < capacity {
-                slots[i] = KVCache(config: model.config, capacity: min(limit, max(capacity, 1024)))
+                slots[i] = model.makeCache(capacity: min(limit, max(capacity, 1024)))
                 slotVersion[i] = -1
             }
             return slots[i]

@@ -41,7 +41,7 @@ public enum PerplexityEvaluator {
         let progress = ProgressBar("perplexity", total: windows.count, enabled: showProgress)
         for (begin, end) in windows {
             let input = Array(tokens[begin..<end])
-            let cache = KVCache(config: model.config, capacity: input.count)
+            let cache = model.makeCache(capacity: input.count)
             let logits = try model.forward(input, cache: cache, logits: .all)
             // Targets: positions max(previousEnd, begin + 1)..<end, each predicted by the row before it.
             let firstTarget = max(previousEnd, begin + 1)

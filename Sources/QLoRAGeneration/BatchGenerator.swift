@@ -160,7 +160,7 @@ public final class BatchGenerator {
             return slot
         }
         for (id, request) in fresh {
-            let cache = KVCache(config: model.config, capacity: min(limit, request.prompt.count + request.options.maxTokens + 1))
+            let cache = model.makeCache(capacity: min(limit, request.prompt.count + request.options.maxTokens + 1))
             let runner = request.model ?? model
             let reused = prefixCache?.restore(request.prompt, model: runner, into: cache) ?? 0
             guard reused > 0 else {

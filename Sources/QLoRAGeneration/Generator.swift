@@ -88,7 +88,7 @@ public final class Generator {
     public init(model: LlamaModel, tokenizer: Tokenizer, contextLength: Int? = nil) {
         self.model = model
         self.tokenizer = tokenizer
-        cache = KVCache(config: model.config, capacity: min(contextLength ?? model.config.maxPositions, model.config.maxPositions))
+        cache = model.makeCache(capacity: min(contextLength ?? model.config.maxPositions, model.config.maxPositions))
     }
 
     /// The end ids in force for `options`.

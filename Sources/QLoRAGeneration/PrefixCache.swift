@@ -41,7 +41,7 @@ public final class PrefixCache: @unchecked Sendable {
         lock.withLock {
             counts.lookups += 1
             var best = -1, bestLength = 0
-            for (i, e) in entries.enumerated() where e.model === model {
+            for (i, e) in entries.enumerated() where e.model === model && e.cache.dtype == cache.dtype {
                 let n = min(e.tokens.count, prompt.count - 1)
                 var k = 0
                 while k < n && e.tokens[k] == prompt[k] { k += 1 }
@@ -62,15 +62,15 @@ public final class PrefixCache: @unchecked Sendable {
     /// least recently used go while the budget is exceeded (a prompt larger than the budget is not kept).
     public func store(_ prompt: [Int], model: LlamaModel, from cache: KVCache) {
         guard prompt.count >= minimumTokens, cache.length >= prompt.count else { return }
-        let copy = KVCache(config: model.config, capacity: prompt.count)
+        let copy = KVCache(config: model.config, capacity: prompt.count, dtype: cache.dtype)
         guard copy.byteCount <= byteBudget else { return }
         lock.withLock {
             clock += 1
-            if let i = entries.firstIndex(where: { $0.model === model && $0.tokens.count >= prompt.count && Array($0.tokens.prefix(prompt.count)) == prompt }) {
+            if let i = entries.firstIndex(where: { $0.model === model && $0.cache.dtype == cache.dtype && $0.tokens.count >= prompt.count && Array($0.tokens.prefix(prompt.count)) == prompt }) {
                 entries[i].lastUsed = clock
                 return
             }
-            entries.removeAll { $0.model === model && $0.tokens.count < prompt.count && Array(prompt.prefix($0.tokens.count)) == $0.tokens }
+            entries.removeAll { $0.model === model && $0.cache.dtype == cache.dtype && $0.tokens.count < prompt.count && Array(prompt.prefix($0.tokens.count)) == $0.tokens }
             copy.copyPrefix(of: cache, count: prompt.count)
             entries.append(Entry(model: model, tokens: prompt, cache: copy, lastUsed: clock))
             var total = entries.reduce(0) { $0 + $1.cache.byteCount }

@@ -7,6 +7,7 @@
 //
 // Shapes: H query heads of d, Hkv key-value heads, G = H / Hkv query heads read each key-value head.
 // Query and output rows are H·d wide (qDim), key and value rows Hkv·d (kvDim).
+import CKernels
 import QLoRACore
 
 #if canImport(Glibc)
@@ -38,6 +39,36 @@ public struct AttentionHeads: Sendable, Equatable {
     public var kvDim: Int { kvHeads * headDim }
 }
 
+/// How a KV cache keeps keys and values: f32, or 16-bit words widened to f32 as attention reads them (half
+/// the bytes a decoded token reads from the cache; f16 keeps 10 mantissa bits, bf16 7 with f32's range).
+public enum KVCacheDType: String, Sendable, CaseIterable, CustomStringConvertible {
+    case f32, f16, bf16
+
+    /// Bytes an element takes.
+    public var byteWidth: Int { self == .f32 ? 4 : 2 }
+    /// The C kernels' word format (CKernelsKV.h); f32 has none.
+    var format: Int32 { self == .f16 ? Int32(QK_KV_F16) : Int32(QK_KV_BF16) }
+    public var description: String { rawValue }
+
+    /// `count` floats from `src` into `dst` as this type (narrowed for the 16-bit ones).
+    public func store(_ src: UnsafePointer<Float>, into dst: UnsafeMutableRawPointer, count: Int, kernels: KernelTable) {
+        if self == .f32 {
+            dst.assumingMemoryBound(to: Float.self).update(from: src, count: count)
+        } else {
+            kernels.kvNarrow(src, dst.assumingMemoryBound(to: UInt16.self), count, format)
+        }
+    }
+
+    /// `count` elements of this type at `src` into `dst` as f32.
+    public func load(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int, kernels: KernelTable) {
+        if self == .f32 {
+            dst.update(from: src.assumingMemoryBound(to: Float.self), count: count)
+        } else {
+            kernels.kvWiden(src.assumingMemoryBound(to: UInt16.self), dst, count, format)
+        }
+    }
+}
+
 public enum Attention {
     /// One sequence of a many-row call: `rows` queries at positions start..<start+rows attend over keys and
     /// values [0, start + rows) (a query at position p sees keys 0...p, or from its window's start on).
@@ -45,9 +76,10 @@ public enum Attention {
         /// Queries [rows, qDim]; the output [rows, qDim].
         public var q: UnsafePointer<Float>
         public var out: UnsafeMutablePointer<Float>
-        /// Keys and values [start + rows, kvDim] (a cache, or this call's own rows).
-        public var keys: UnsafePointer<Float>
-        public var values: UnsafePointer<Float>
+        /// Keys and values [start + rows, kvDim] (a cache, or this call's own rows), elements of `dtype`.
+        public var keys: UnsafeRawPointer
+        public var values: UnsafeRawPointer
+        public var dtype: KVCacheDType
         public var rows: Int
         public var start: Int
         /// For each row, the first key it may see (examples packed in one row of a batch), or nil: key 0.
@@ -57,10 +89,19 @@ public enum Attention {
 
         public init(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
                     rows: Int, start: Int = 0, windowStarts: UnsafePointer<Int>? = nil, probs: UnsafeMutablePointer<Float>? = nil) {
+            self.init(q: q, out: out, keys: UnsafeRawPointer(keys), values: UnsafeRawPointer(values), dtype: .f32, rows: rows, start: start,
+                      windowStarts: windowStarts, probs: probs)
+        }
+
+        /// Keys and values of any cache type (a 16-bit one is widened per key-value head as a block reads it).
+        public init(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, keys: UnsafeRawPointer, values: UnsafeRawPointer,
+                    dtype: KVCacheDType, rows: Int, start: Int = 0, windowStarts: UnsafePointer<Int>? = nil,
+                    probs: UnsafeMutablePointer<Float>? = nil) {
             self.q = q
             self.out = out
             self.keys = keys
             self.values = values
+            self.dtype = dtype
             self.rows = rows
             self.start = start
             self.windowStarts = windowStarts
@@ -68,20 +109,38 @@ public enum Attention {
         }
     }
 
-    /// One query row over `length` cached positions (decoding).
+    /// One query row over `length` cached positions (decoding), the cache's elements of `dtype`.
     public struct DecodeRow {
         public var q: UnsafePointer<Float>
         public var out: UnsafeMutablePointer<Float>
-        public var keys: UnsafePointer<Float>
-        public var values: UnsafePointer<Float>
+        public var keys: UnsafeRawPointer
+        public var values: UnsafeRawPointer
+        public var dtype: KVCacheDType
         public var length: Int
 
-        public init(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>, length: Int) {
+        public init(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, keys: UnsafeRawPointer, values: UnsafeRawPointer,
+                    dtype: KVCacheDType = .f32, length: Int) {
             self.q = q
             self.out = out
             self.keys = keys
             self.values = values
+            self.dtype = dtype
             self.length = length
+        }
+
+        /// This row's attention over positions lo..<hi for key-value head kvh's query heads (Attention.decode).
+        func attend(_ heads: AttentionHeads, kvHead kvh: Int, positions lo: Int, _ hi: Int, scores: UnsafeMutablePointer<Float>,
+                    out o: UnsafeMutablePointer<Float>, stats: UnsafeMutablePointer<Float>?, kernels: KernelTable) {
+            let G = heads.group, d = heads.headDim, kvDim = heads.kvDim
+            let offset = (lo * kvDim + kvh * d) * dtype.byteWidth
+            if dtype == .f32 {
+                kernels.attend(q + kvh * G * d, G, (keys + offset).assumingMemoryBound(to: Float.self),
+                               (values + offset).assumingMemoryBound(to: Float.self), hi - lo, d, kvDim, heads.scale, scores, o, stats)
+            } else {
+                kernels.attend16(q + kvh * G * d, G, (keys + offset).assumingMemoryBound(to: UInt16.self),
+                                 (values + offset).assumingMemoryBound(to: UInt16.self), hi - lo, d, kvDim, heads.scale, scores, o, stats,
+                                 dtype.format)
+            }
         }
     }
 
@@ -106,7 +165,7 @@ public enum Attention {
 
     /// Per-worker buffers for up to `keys` positions and blocks of `blockRows` query rows, carved from an
     /// arena (lay it out with `Arena.sized`). `backward`: also what the backward needs; `bf16`: also the
-    /// packed operands of the bf16 products.
+    /// packed operands of the bf16 products; `widen`: room to widen a 16-bit cache's keys and values.
     public final class Workspace {
         public let heads: AttentionHeads
         public let maxKeys: Int
@@ -116,13 +175,14 @@ public enum Attention {
         /// max and sum per query head.
         let partial: UnsafeMutablePointer<Float>
 
-        public init(_ arena: Arena, heads: AttentionHeads, maxKeys: Int, blockRows: Int, backward: Bool, bf16: Bool) {
+        public init(_ arena: Arena, heads: AttentionHeads, maxKeys: Int, blockRows: Int, backward: Bool, bf16: Bool, widen: Bool = false) {
             self.heads = heads
             self.maxKeys = max(1, maxKeys)
             self.blockRows = max(1, blockRows)
             let threads = Parallel.threadCount
             workers = (0..<threads).map { _ in
-                WorkerBuffers(arena, heads: heads, keys: max(1, maxKeys), blockRows: max(1, blockRows), backward: backward, bf16: bf16)
+                WorkerBuffers(arena, heads: heads, keys: max(1, maxKeys), blockRows: max(1, blockRows), backward: backward, bf16: bf16,
+                              widen: widen)
             }
             partial = arena.floats(threads * (heads.qDim + 2 * heads.heads))
         }
@@ -131,6 +191,8 @@ public enum Attention {
     final class WorkerBuffers {
         /// Scores of a block of query rows (or of a decoding row's query heads) over every key.
         let scores: UnsafeMutablePointer<Float>
+        /// A 16-bit cache's keys and values of one key-value head widened to f32 ([keys, d] each), or nil.
+        let wideKeys, wideValues: UnsafeMutablePointer<Float>?
         /// Backward: the score gradients of one head, [keys, keys].
         let dP: UnsafeMutablePointer<Float>?
         /// bf16: Kᵀ (forward) or Vᵀ (backward) packed, the B of S = Q Kᵀ and dP = dO Vᵀ.
@@ -142,11 +204,13 @@ public enum Attention {
         /// bf16 backward: dVᵀ and dKᵀ [d, keys] of a key-value head, added into dV and dK once at its end.
         let dVT, dKT: UnsafeMutablePointer<Float>?
 
-        init(_ arena: Arena, heads: AttentionHeads, keys S: Int, blockRows: Int, backward: Bool, bf16: Bool) {
+        init(_ arena: Arena, heads: AttentionHeads, keys S: Int, blockRows: Int, backward: Bool, bf16: Bool, widen: Bool) {
             let d = heads.headDim
             let pad = BF16Gemm.paddedCount
             let rows = min(blockRows, S)
             scores = arena.floats(max(rows, heads.group) * S)
+            wideKeys = widen ? arena.floats(S * d) : nil
+            wideValues = widen ? arena.floats(S * d) : nil
             dP = backward ? arena.floats(S * S) : nil
             if bf16 {
                 keysT = arena.words(BF16Gemm.packedWords(k: d, n: S))
@@ -199,10 +263,26 @@ public enum Attention {
                              bf16: BF16Kernels?, kernels: KernelTable) {
         let d = heads.headDim, qDim = heads.qDim, kvDim = heads.kvDim, scale = heads.scale
         let S = s.start + s.rows, visible = s.start + rows.upperBound, n = rows.count
-        let K = s.keys + kvh * d, V = s.values + kvh * d
+        // K and V of this key-value head with row stride ld: the f32 cache itself, or a 16-bit one's rows widened.
+        let K: UnsafePointer<Float>, V: UnsafePointer<Float>, ld: Int
+        if s.dtype == .f32 {
+            K = s.keys.assumingMemoryBound(to: Float.self) + kvh * d
+            V = s.values.assumingMemoryBound(to: Float.self) + kvh * d
+            ld = kvDim
+        } else {
+            guard let wk = w.wideKeys, let wv = w.wideValues else { preconditionFailure("a 16-bit cache without room to widen it") }
+            let width = s.dtype.byteWidth
+            for j in 0..<visible {
+                s.dtype.load(s.keys + ((j * kvDim + kvh * d) * width), into: wk + j * d, count: d, kernels: kernels)
+                s.dtype.load(s.values + ((j * kvDim + kvh * d) * width), into: wv + j * d, count: d, kernels: kernels)
+            }
+            K = UnsafePointer(wk)
+            V = UnsafePointer(wv)
+            ld = d
+        }
         if let bf16 {
-            BF16Gemm.packB(K, ldb: kvDim, transposed: true, k: d, n: visible, into: w.keysT!, parallel: false, kernels: bf16)
-            BF16Gemm.packB(V, ldb: kvDim, transposed: false, k: visible, n: d, into: w.rowsPacked!, parallel: false, kernels: bf16)
+            BF16Gemm.packB(K, ldb: ld, transposed: true, k: d, n: visible, into: w.keysT!, parallel: false, kernels: bf16)
+            BF16Gemm.packB(V, ldb: ld, transposed: false, k: visible, n: d, into: w.rowsPacked!, parallel: false, kernels: bf16)
         }
         let pad = BF16Gemm.paddedCount
         for h in (kvh * heads.group)..<((kvh + 1) * heads.group) {
@@ -214,7 +294,7 @@ public enum Attention {
                 BF16Gemm.gemm(P, ldc: S, w.small!, lda: pad(d), w.keysT!, m: n, n: visible, k: d, alpha: scale, accumulate: false,
                               parallel: false, kernels: bf16)
             } else {
-                Gemm.gemm(P, ldc: S, Q, lda: qDim, K, ldb: kvDim, m: n, n: visible, k: d, transposeB: true, alpha: scale)
+                Gemm.gemm(P, ldc: S, Q, lda: qDim, K, ldb: ld, m: n, n: visible, k: d, transposeB: true, alpha: scale)
             }
             for t in rows {
                 let row = P + (t - rows.lowerBound) * S
@@ -227,7 +307,7 @@ public enum Attention {
                 BF16Gemm.gemm(O, ldc: qDim, w.block!, lda: pad(visible), w.rowsPacked!, m: n, n: d, k: visible, accumulate: false,
                               parallel: false, kernels: bf16)
             } else {
-                Gemm.gemm(O, ldc: qDim, P, lda: S, V, ldb: kvDim, m: n, n: d, k: visible)
+                Gemm.gemm(O, ldc: qDim, P, lda: S, V, ldb: ld, m: n, n: d, k: visible)
             }
         }
     }
@@ -242,7 +322,7 @@ public enum Attention {
     public static func decode(_ heads: AttentionHeads, rows count: Int, _ row: (Int) -> DecodeRow, workspace: Workspace, kernels: KernelTable) {
         guard count > 0 else { return }
         let H = heads.heads, Hkv = heads.kvHeads, G = heads.group, d = heads.headDim
-        let qDim = heads.qDim, kvDim = heads.kvDim, scale = heads.scale
+        let qDim = heads.qDim
         let first = row(0)
         let workers = Parallel.threadCount
         let ranges = count == 1 && workers > 1 && first.length >= splitFrom ? workers : 1
@@ -253,12 +333,11 @@ public enum Attention {
                 let r = unit % ranges, kvh = (unit / ranges) % Hkv, i = unit / (ranges * Hkv)
                 let x = i == 0 ? first : row(i)
                 if ranges == 1 {
-                    kernels.attend(x.q + kvh * G * d, G, x.keys + kvh * d, x.values + kvh * d, x.length, d, kvDim, scale, scores,
-                                   x.out + kvh * G * d, nil)
+                    x.attend(heads, kvHead: kvh, positions: 0, x.length, scores: scores, out: x.out + kvh * G * d, stats: nil, kernels: kernels)
                 } else {
                     let lo = x.length * r / ranges, hi = x.length * (r + 1) / ranges
-                    kernels.attend(x.q + kvh * G * d, G, x.keys + lo * kvDim + kvh * d, x.values + lo * kvDim + kvh * d, hi - lo, d, kvDim,
-                                   scale, scores, partial + r * qDim + kvh * G * d, stats + 2 * (r * H + kvh * G))
+                    x.attend(heads, kvHead: kvh, positions: lo, hi, scores: scores, out: partial + r * qDim + kvh * G * d,
+                             stats: stats + 2 * (r * H + kvh * G), kernels: kernels)
                 }
             }
         }
@@ -290,7 +369,8 @@ public enum Attention {
         Parallel.forChunks(count: count * Hkv) { worker, units in
             for u in units {
                 let (s, g) = sequence(u / Hkv)
-                precondition(s.start == 0 && s.probs != nil, "attention backward: probabilities of a sequence that starts at 0")
+                precondition(s.start == 0 && s.probs != nil && s.dtype == .f32,
+                             "attention backward: probabilities of an f32 sequence that starts at 0")
                 if let bf16 {
                     backwardUnitBF16(heads, s, g, kvHead: u % Hkv, blockRows: workspace.blockRows, buffers: workspace.workers[worker], bf16: bf16)
                 } else {
@@ -303,7 +383,8 @@ public enum Attention {
     static func backwardUnit(_ heads: AttentionHeads, _ s: Sequence, _ g: Gradients, kvHead kvh: Int, blockRows: Int, buffers w: WorkerBuffers) {
         let T = s.rows, d = heads.headDim, qDim = heads.qDim, kvDim = heads.kvDim, scale = heads.scale
         let S = w.dP!
-        let K = s.keys + kvh * d, V = s.values + kvh * d, dK = g.dk + kvh * d, dV = g.dv + kvh * d
+        let K = s.keys.assumingMemoryBound(to: Float.self) + kvh * d, V = s.values.assumingMemoryBound(to: Float.self) + kvh * d
+        let dK = g.dk + kvh * d, dV = g.dv + kvh * d
         for h in (kvh * heads.group)..<((kvh + 1) * heads.group) {
             let P = UnsafePointer(s.probs! + h * T * T)
             let Q = s.q + h * d, dO = g.dOut + h * d, dQ = g.dq + h * d
@@ -328,7 +409,7 @@ public enum Attention {
         let T = s.rows, d = heads.headDim, qDim = heads.qDim, kvDim = heads.kvDim, scale = heads.scale
         let pad = BF16Gemm.paddedCount
         let S = w.dP!, dVT = w.dVT!, dKT = w.dKT!
-        let K = s.keys + kvh * d, V = s.values + kvh * d
+        let K = s.keys.assumingMemoryBound(to: Float.self) + kvh * d, V = s.values.assumingMemoryBound(to: Float.self) + kvh * d
         BF16Gemm.packB(V, ldb: kvDim, transposed: true, k: d, n: T, into: w.keysT!, parallel: false, kernels: bf16)
         dVT.update(repeating: 0, count: d * T)
         dKT.update(repeating: 0, count: d * T)

@@ -54,6 +54,12 @@ public typealias AttendFunction = @convention(c) (
     UnsafePointer<Float>?, Int, UnsafePointer<Float>?, UnsafePointer<Float>?, Int, Int, Int, Float, UnsafeMutablePointer<Float>?,
     UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?
 ) -> Void
+public typealias Attend16Function = @convention(c) (
+    UnsafePointer<Float>?, Int, UnsafePointer<UInt16>?, UnsafePointer<UInt16>?, Int, Int, Int, Float, UnsafeMutablePointer<Float>?,
+    UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?, Int32
+) -> Void
+public typealias KVNarrowFunction = @convention(c) (UnsafePointer<Float>?, UnsafeMutablePointer<UInt16>?, Int, Int32) -> Void
+public typealias KVWidenFunction = @convention(c) (UnsafePointer<UInt16>?, UnsafeMutablePointer<Float>?, Int, Int32) -> Void
 public typealias SwiGLUFunction = @convention(c) (UnsafeMutablePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int) -> Void
 public typealias SwiGLUBackwardFunction = @convention(c) (
     UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, Int
@@ -80,6 +86,10 @@ public struct KernelTable: Sendable {
     public let softmaxRow: SoftmaxRowFunction
     /// Decoding's attention: the query heads of one key-value head over its cached positions.
     public let attend: AttendFunction
+    /// The same over a 16-bit cache (CKernelsKV.h), and the cache's conversions from and to f32.
+    public let attend16: Attend16Function
+    public let kvNarrow: KVNarrowFunction
+    public let kvWiden: KVWidenFunction
     public let swiglu: SwiGLUFunction
     public let swigluBackward: SwiGLUBackwardFunction
     /// GeGLU with GELU's tanh approximation (Gemma), forward and backward, of SwiGLU's signatures.
@@ -100,14 +110,16 @@ public struct KernelTable: Sendable {
                                gemv4Prepare: qk_gemv4_prepare_reference, gemv8: qk_gemv8_reference,
                                gemvBF16: qk_gemv_bf16_reference,
                                gemm4: qk_gemm4_reference, gemm8: qk_gemm8_reference, gemmBF16: qk_gemm_bf16_reference,
-                               softmaxRow: qk_softmax_row_reference, attend: qk_attend_reference, swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
+                               softmaxRow: qk_softmax_row_reference, attend: qk_attend_reference, attend16: qk_attend16_reference, kvNarrow: qk_kv_narrow_reference, kvWiden: qk_kv_widen_reference,
+                               swiglu: qk_swiglu_reference, swigluBackward: qk_swiglu_backward_reference,
                                geglu: qk_geglu_reference, gegluBackward: qk_geglu_backward_reference,
                                crossEntropyRow: qk_cross_entropy_row_reference, dropout: qk_dropout_reference, bf16: nil)
         case .avx2:
             return KernelTable(level: level, quantize4: qk_quantize4_avx2, dequantize4: qk_dequantize4_avx2, dot4: qk_dot4_avx2,
                                gemv4Prepare: qk_gemv4_prepare_avx2, gemv8: qk_gemv8_avx2, gemvBF16: qk_gemv_bf16_avx2,
                                gemm4: qk_gemm4_avx2, gemm8: qk_gemm8_avx2, gemmBF16: qk_gemm_bf16_avx2,
-                               softmaxRow: qk_softmax_row_avx2, attend: qk_attend_avx2, swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
+                               softmaxRow: qk_softmax_row_avx2, attend: qk_attend_avx2, attend16: qk_attend16_avx2, kvNarrow: qk_kv_narrow_avx2, kvWiden: qk_kv_widen_avx2,
+                               swiglu: qk_swiglu_avx2, swigluBackward: qk_swiglu_backward_avx2,
                                geglu: qk_geglu_avx2, gegluBackward: qk_geglu_backward_avx2,
                                crossEntropyRow: qk_cross_entropy_row_avx2, dropout: qk_dropout_avx2, bf16: nil)
         case .avx512:
@@ -115,7 +127,8 @@ public struct KernelTable: Sendable {
                                gemv4Prepare: qk_gemv4_prepare_avx512, gemv8: qk_gemv8_avx512,
                                gemvBF16: qk_gemv_bf16_avx512,
                                gemm4: qk_gemm4_avx512, gemm8: qk_gemm8_avx512, gemmBF16: qk_gemm_bf16_avx512,
-                               softmaxRow: qk_softmax_row_avx512, attend: qk_attend_avx512, swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,
+                               softmaxRow: qk_softmax_row_avx512, attend: qk_attend_avx512, attend16: qk_attend16_avx512, kvNarrow: qk_kv_narrow_avx2, kvWiden: qk_kv_widen_avx2,
+                               swiglu: qk_swiglu_avx512, swigluBackward: qk_swiglu_backward_avx512,
                                geglu: qk_geglu_avx512, gegluBackward: qk_geglu_backward_avx512,
                                crossEntropyRow: qk_cross_entropy_row_avx512, dropout: qk_dropout_avx512,
                                bf16: BF16Kernels.avx512bf16)

@@ -41,7 +41,7 @@ extension LlamaModel {
             linear.lora = lora
             layers[i][p] = linear
         }
-        return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+        return inheritingSettings(LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source))
     }
 
 }
@@ -84,7 +84,13 @@ extension LlamaModel {
             used += 2
         }
         guard used == g.tensors.count else { throw bad("\(g.tensors.count - used) tensors are not lora_a / lora_b pairs") }
-        return LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source)
+        return inheritingSettings(LlamaModel(config: config, embeddings: embeddings, layers: layers, finalNorm: finalNorm, lmHead: lmHead, source: source))
+    }
+
+    /// `other` (this base with adapters) with this model's inference settings: the compute and cache types.
+    func inheritingSettings(_ other: LlamaModel) -> LlamaModel {
+        other.computeDType = computeDType
+        other.kvCacheDType = kvCacheDType
+        return other
     }
 }
-

@@ -15,19 +15,24 @@ import Darwin
 public final class KVCache {
     public let capacity: Int
     public private(set) var length = 0
+    /// How keys and values are kept: f32 (exact, the reference runs' and training's), or f16/bf16 (half the bytes
+    /// decoding reads a position; the command line's default is f16).
+    public let dtype: KVCacheDType
     let layers: Int
     let rowWidth: Int  // Hkv * d
-    /// [layers, capacity, Hkv * d]; pages are touched only as positions fill.
-    let keys: UnsafeMutablePointer<Float>
-    let values: UnsafeMutablePointer<Float>
+    /// [layers, capacity, Hkv * d] elements of `dtype`; pages are touched only as positions fill.
+    let keys: UnsafeMutableRawPointer
+    let values: UnsafeMutableRawPointer
     var workspace: ForwardWorkspace?
 
-    public init(config: LlamaConfig, capacity: Int) {
+    public init(config: LlamaConfig, capacity: Int, dtype: KVCacheDType = .f32) {
         self.capacity = capacity
+        self.dtype = dtype
         layers = config.layerCount
         rowWidth = config.kvHeadCount * config.headDim
-        keys = .allocate(capacity: max(1, layers * capacity * rowWidth))
-        values = .allocate(capacity: max(1, layers * capacity * rowWidth))
+        let bytes = max(1, layers * capacity * rowWidth) * dtype.byteWidth
+        keys = .allocate(byteCount: bytes, alignment: 64)
+        values = .allocate(byteCount: bytes, alignment: 64)
     }
 
     deinit {
@@ -36,7 +41,7 @@ public final class KVCache {
     }
 
     /// Bytes of keys and values the cache holds room for.
-    public var byteCount: Int { 2 * layers * capacity * rowWidth * MemoryLayout<Float>.size }
+    public var byteCount: Int { 2 * layers * capacity * rowWidth * dtype.byteWidth }
 
     /// The tokens at the cached positions (a LongRoPE model recomputes them once a conversation outgrows its
     /// original length, as transformers' generate does).
@@ -60,10 +65,12 @@ public final class KVCache {
     /// Holds the first `count` positions of `other` (a prefix shared by several continuations), every layer.
     public func copyPrefix(of other: KVCache, count: Int) {
         precondition(other.layers == layers && other.rowWidth == rowWidth, "caches of different models")
+        precondition(other.dtype == dtype, "caches of different element types (\(other.dtype), \(dtype))")
         precondition(count <= other.length && count <= capacity, "the prefix is longer than one of the caches")
+        let bytes = count * rowWidth * dtype.byteWidth
         for l in 0..<layers {
-            keys(layer: l).update(from: other.keys(layer: l), count: count * rowWidth)
-            values(layer: l).update(from: other.values(layer: l), count: count * rowWidth)
+            keys(layer: l).copyMemory(from: other.keys(layer: l), byteCount: bytes)
+            values(layer: l).copyMemory(from: other.values(layer: l), byteCount: bytes)
         }
         length = count
         tokens = Array(other.tokens.prefix(count))
@@ -78,9 +85,17 @@ public final class KVCache {
         longRope = long
     }
 
-    /// Layer `l`'s keys and values: position j at + j * rowWidth.
-    func keys(layer l: Int) -> UnsafeMutablePointer<Float> { keys + l * capacity * rowWidth }
-    func values(layer l: Int) -> UnsafeMutablePointer<Float> { values + l * capacity * rowWidth }
+    /// Layer `l`'s keys and values: position j's row at element j * rowWidth.
+    func keys(layer l: Int) -> UnsafeMutableRawPointer { keys + l * capacity * rowWidth * dtype.byteWidth }
+    func values(layer l: Int) -> UnsafeMutableRawPointer { values + l * capacity * rowWidth * dtype.byteWidth }
+
+    /// Writes `rows` rows of keys and values (f32, rowWidth apart) at positions position... of layer `l`,
+    /// narrowed to the cache's type.
+    func store(layer l: Int, at position: Int, keys k: UnsafePointer<Float>, values v: UnsafePointer<Float>, rows: Int, kernels: KernelTable) {
+        let offset = position * rowWidth * dtype.byteWidth
+        dtype.store(k, into: keys(layer: l) + offset, count: rows * rowWidth, kernels: kernels)
+        dtype.store(v, into: values(layer: l) + offset, count: rows * rowWidth, kernels: kernels)
+    }
 }
 
 /// The activations of one forward pass over up to `rows` tokens (grown when a call has more), carved from
@@ -123,7 +138,7 @@ final class ForwardWorkspace {
                    converted: packedWords.map { _ in a.halves(T * BF16Gemm.paddedCount(widest)) }, packed: packedWords.map { a.words($0) },
                    fused: c.fusedProjections ? a.floats(T * max(c.qkvDim, 2 * I)) : nil,
                    attention: Attention.Workspace(a, heads: c.attentionHeads, maxKeys: capacity, blockRows: LlamaModel.prefillAttentionRows,
-                                                  backward: false, bf16: false))
+                                                  backward: false, bf16: false, widen: true))
         }
         self.arena = arena
         h = l.h; xn = l.xn; q = l.q; k = l.k; v = l.v; attn = l.attn; proj = l.proj; g = l.g; u = l.u
@@ -182,7 +197,6 @@ extension LlamaModel {
             let out = try forward(all, cache: cache, logits: logits, kernels: kernels)
             return logits == .all ? Array(out.suffix(T * c.vocabSize)) : out
         }
-        let kvDim = c.kvHeadCount * c.headDim
         let ws = workspace(cache, rows: T, kernels: kernels)
         for (t, token) in tokens.enumerated() { embed(token, into: ws.h + t * c.hiddenSize) }
         let rope = ropeTables(positions: Array(start..<(start + T)), long: Array(repeating: long, count: T))
@@ -193,8 +207,7 @@ extension LlamaModel {
         func run() -> [Float] {
             runLayers(ws, rows: T, rope: rope, kernels: kernels) { l in
                 // This step's keys and values join the cache; the queries attend over all of it.
-                (cache.keys(layer: l) + start * kvDim).update(from: ws.k, count: T * kvDim)
-                (cache.values(layer: l) + start * kvDim).update(from: ws.v, count: T * kvDim)
+                cache.store(layer: l, at: start, keys: ws.k, values: ws.v, rows: T, kernels: kernels)
                 attention(ws, layer: l, rows, kernels: kernels)
             }
             cache.advance(by: T)
@@ -322,8 +335,7 @@ extension LlamaModel {
         return Gemm.withSingleThreadedBLAS {
             runLayers(ws, rows: B, rope: rope, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
-                    (cache.keys(layer: l) + positions[i] * kvDim).update(from: ws.k + i * kvDim, count: kvDim)
-                    (cache.values(layer: l) + positions[i] * kvDim).update(from: ws.v + i * kvDim, count: kvDim)
+                    cache.store(layer: l, at: positions[i], keys: ws.k + i * kvDim, values: ws.v + i * kvDim, rows: 1, kernels: kernels)
                 }
                 attention(ws, layer: l, rows, kernels: kernels)
             }
@@ -374,8 +386,7 @@ extension LlamaModel {
             runLayers(ws, rows: n, rope: rope, kernels: kernels, adapters: runs) { l in
                 for (i, cache) in caches.enumerated() {
                     let o = offsets[i], T = tokens[i].count
-                    (cache.keys(layer: l) + starts[i] * kvDim).update(from: ws.k + o * kvDim, count: T * kvDim)
-                    (cache.values(layer: l) + starts[i] * kvDim).update(from: ws.v + o * kvDim, count: T * kvDim)
+                    cache.store(layer: l, at: starts[i], keys: ws.k + o * kvDim, values: ws.v + o * kvDim, rows: T, kernels: kernels)
                 }
                 attention(ws, layer: l, rows, kernels: kernels)
             }
@@ -477,15 +488,16 @@ extension LlamaModel {
             Attention.decode(heads, rows: caches.count, { i in
                 // A query at position p sees keys max(0, p - window + 1) ... p.
                 let length = starts[i] + 1, first = window.map { max(0, length - $0) } ?? 0
-                return Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: caches[i].keys(layer: l) + first * kvDim,
-                                           values: caches[i].values(layer: l) + first * kvDim, length: length - first)
+                let cache = caches[i], offset = first * kvDim * cache.dtype.byteWidth
+                return Attention.DecodeRow(q: ws.q + i * qDim, out: ws.attn + i * qDim, keys: cache.keys(layer: l) + offset,
+                                           values: cache.values(layer: l) + offset, dtype: cache.dtype, length: length - first)
             }, workspace: ws.attention, kernels: kernels)
             return
         }
         func run(_ windowStarts: UnsafePointer<Int>?) {
             Attention.forward(heads, sequences: caches.count, { i in
                 Attention.Sequence(q: ws.q + offsets[i] * qDim, out: ws.attn + offsets[i] * qDim, keys: caches[i].keys(layer: l),
-                                   values: caches[i].values(layer: l), rows: counts[i], start: starts[i],
+                                   values: caches[i].values(layer: l), dtype: caches[i].dtype, rows: counts[i], start: starts[i],
                                    windowStarts: windowStarts.map { $0 + offsets[i] })
             }, workspace: ws.attention, bf16: nil, kernels: kernels)
         }

@@ -121,6 +121,12 @@ public final class LlamaModel: @unchecked Sendable {
     public var computeDType: ComputeDType = .f32
     /// Whether the many-row products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
     func bf16Products(_ kernels: KernelTable) -> Bool { computeDType == .bf16 && kernels.bf16 != nil }
+    /// How the caches this model makes (`makeCache`) keep keys and values; `.f32` unless a caller asks for
+    /// 16 bits (the command line's default, `--kv-cache f16`).
+    public var kvCacheDType: KVCacheDType = .f32
+
+    /// A KV cache of `capacity` positions for this model, of its `kvCacheDType`.
+    public func makeCache(capacity: Int) -> KVCache { KVCache(config: config, capacity: capacity, dtype: kvCacheDType) }
     let inverseFrequencies: [Float]
     /// LongRoPE's long set (calls past the original length), or nil.
     let longInverseFrequencies: [Float]?

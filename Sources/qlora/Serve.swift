@@ -91,7 +91,6 @@ struct Serve: AsyncParsableCommand {
         for (name, dir) in adapterSpecs {
             guard !models.contains(where: { $0.id == name }) else { throw ValidationError("two models named \"\(name)\": name the adapters with NAME=DIR") }
             let m = try model.withAdapter(dir)
-            m.computeDType = model.computeDType
             models.append((name, m))
             Log.info("adapter \(name): \(dir)")
         }
@@ -115,11 +114,8 @@ struct Serve: AsyncParsableCommand {
             h.logLevel = .info
             return h
         }
-        let compute = model.computeDType
         let server = Server(engine: engine, template: template, options: options, logger: Logger(label: "qlora.serve"), loadAdapter: { dir in
-            let m = try model.withAdapter(dir)
-            m.computeDType = compute
-            return m
+            try model.withAdapter(dir)
         })
         let host = self.host, auth = options.apiKey != nil, ids = models.map(\.id).joined(separator: ", ")
         defer { engine.stop() }

@@ -138,6 +138,20 @@ struct DefaultModelCLITests {
         #expect(result["generated_tokens"]?.intValue == 12 || result["finish_reason"]?.stringValue == "eos")
     }
 
+    @Test("--kv-cache: f16 (the default), bf16 and f32 give the same greedy answer; another value is refused naming the choices")
+    func kvCache() throws {
+        var texts: [String] = []
+        for dtype in ["f16", "bf16", "f32"] {
+            let j = try runQLoRA(["generate", "--chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12", "--json",
+                                  "--kv-cache", dtype])
+            #expect(j.status == 0, "\(j.stderr)")
+            texts.append(try JSON.parse(j.stdout)["text"]?.stringValue ?? "")
+        }
+        #expect(texts[0].contains("Paris") && Set(texts).count == 1, "\(texts)")
+        let bad = try runQLoRA(["generate", "-p", "x", "--kv-cache", "f8"])
+        #expect(bad.status != 0 && bad.stderr.contains("--kv-cache must be f16, bf16 or f32"), "\(bad.stderr)")
+    }
+
     @Test("chat: two turns, /reset, /exit, over standard input")
     func chat() throws {
         let r = try runQLoRA(["chat", "--temperature", "0", "--max-tokens", "16"],

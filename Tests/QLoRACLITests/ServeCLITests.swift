@@ -352,9 +352,11 @@ struct ServeCLITests {
         }
         #expect(lpStream.status == 200 && streamedEntries.count == content.count, "\(lpStream.body)")
         // (This prompt's keys and values come from the prefix cache: its last token runs alone through the one-row
-        // kernels, whose sums are ordered differently from the whole prompt's, so the values agree to 1e-4, not 1e-9.)
+        // kernels, whose sums are ordered differently from the whole prompt's, and its key and value are then rounded to
+        // the f16 cache, where an element on a rounding boundary lands one unit (2^-11) apart: the values agree to about
+        // 1e-3 (measured up to 1.4e-3; 1e-4 with --kv-cache f32), not 1e-9.)
         for (a, b) in zip(streamedEntries, content) {
-            #expect(a["token"] == b["token"] && abs((a["logprob"]?.doubleValue ?? 1) - (b["logprob"]?.doubleValue ?? 0)) < 1e-4)
+            #expect(a["token"] == b["token"] && abs((a["logprob"]?.doubleValue ?? 1) - (b["logprob"]?.doubleValue ?? 0)) < 5e-3, "\(a) against \(b)")
         }
         #expect(try await error(#"{\#(hi), "top_logprobs": 2}"#).1 == "top_logprobs")
         let clp = try await http(.POST, server.base + "/v1/completions", #"{"prompt": "The capital of France is", "temperature": 0, "max_tokens": 5, "logprobs": 2}"#, headers: auth)

@@ -1,5 +1,6 @@
 // Every kernel variant this CPU supports against the scalar reference, over lengths with tails
 // (as ggml's test-quantize-fns sweeps them).
+import CKernels
 import Foundation
 import QLoRACore
 import QLoRATestSupport
@@ -333,6 +334,87 @@ struct RowKernelTests {
                         }
                         #expect(Compare.close(Array(scores[(qi * S)..<((qi + 1) * S)]), e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5,
                                               "\(label) probabilities") == nil)
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("the 16-bit cache's conversions: f16 and bf16, narrowed and widened bit for bit as QLoRACore's (numpy's) conversions, every length",
+          arguments: KernelTable.available.map(\.level))
+    func kvConversions(level: KernelLevel) {
+        let k = KernelTable.forLevel(level)!
+        // Edges: zeros, f16's subnormals and their rounding, its largest value and the first that overflows, bf16
+        // midpoints (ties to even both ways), infinities and NaN.
+        let edges: [Float] = [0, -0, 5.96e-8, 2.98e-8, 2.99e-8, 6.1e-5, 6.0975e-5, 65504, 65519.9, 65520, 1e10, -1e10, .infinity, -.infinity,
+                              .nan, Float(bitPattern: 0x3F80_8000), Float(bitPattern: 0x3F81_8000), Float(bitPattern: 0x3F80_8001),
+                              Float(bitPattern: 0x3F80_1000), Float(bitPattern: 0x3F80_3000), 1.0009765625, -3.3e-7, Float.leastNormalMagnitude]
+        for n in lengths + [edges.count] {
+            var rng = SeededRandom(seed: UInt64(n))
+            let x: [Float] = n == edges.count ? edges : (0..<n).map { i in i % 11 == 0 ? rng.normal() * 1e-6 : rng.normal() * 8 }
+            for (dtype, format) in [(KVCacheDType.f16, Int32(QK_KV_F16)), (.bf16, Int32(QK_KV_BF16))] {
+                var narrowed = [UInt16](repeating: 0xDEAD, count: n)
+                k.kvNarrow(x, &narrowed, n, format)
+                let expected = x.map { dtype == .f16 ? floatToFloat16Bits($0) : floatToBFloat16Bits($0) }
+                #expect(narrowed == expected, "\(level) \(dtype) narrowed, n \(n)")
+                var widened = [Float](repeating: 1234, count: n)
+                k.kvWiden(narrowed, &widened, n, format)
+                let back = expected.map { dtype == .f16 ? float16BitsToFloat($0) : bfloat16BitsToFloat($0) }
+                #expect(widened.map(\.bitPattern) == back.map(\.bitPattern), "\(level) \(dtype) widened, n \(n)")
+            }
+        }
+    }
+
+    @Test("attention over a 16-bit cache: each variant within f32 rounding of an f64 computation on the widened keys and values, whole and split",
+          arguments: KernelTable.available.map(\.level))
+    func attend16(level: KernelLevel) {
+        let k = KernelTable.forLevel(level)!
+        var rng = SeededRandom(seed: 34)
+        for (dtype, format) in [(KVCacheDType.f16, Int32(QK_KV_F16)), (.bf16, Int32(QK_KV_BF16))] {
+            for d in [64, 128, 48, 8, 5] {
+                for S in [1, 7, 8, 9, 33, 65, 300] {
+                    for nq in [1, 3] {
+                        let stride = 3 * d + 4
+                        let q = (0..<(nq * d)).map { _ in rng.normal() }
+                        let narrow = { (v: Float) in dtype == .f16 ? floatToFloat16Bits(v) : floatToBFloat16Bits(v) }
+                        let widen = { (b: UInt16) in dtype == .f16 ? float16BitsToFloat(b) : bfloat16BitsToFloat(b) }
+                        let keys = (0..<(S * stride)).map { _ in narrow(rng.normal()) }, values = (0..<(S * stride)).map { _ in narrow(rng.normal()) }
+                        let scale = 1 / Float(d).squareRoot()
+                        var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
+                        k.attend16(q, nq, keys, values, S, d, stride, scale, &scores, &out, nil, format)
+                        let cut = S / 2
+                        var combined = [Float](repeating: .nan, count: nq * d)
+                        if cut > 0 {
+                            var s1 = [Float](repeating: .nan, count: nq * cut), s2 = [Float](repeating: .nan, count: nq * (S - cut))
+                            var o1 = [Float](repeating: .nan, count: nq * d), o2 = o1
+                            var t1 = [Float](repeating: .nan, count: 2 * nq), t2 = t1
+                            k.attend16(q, nq, keys, values, cut, d, stride, scale, &s1, &o1, &t1, format)
+                            keys.withUnsafeBufferPointer { kb in
+                                values.withUnsafeBufferPointer { vb in
+                                    k.attend16(q, nq, kb.baseAddress! + cut * stride, vb.baseAddress! + cut * stride, S - cut, d, stride, scale, &s2, &o2,
+                                               &t2, format)
+                                }
+                            }
+                            for qi in 0..<nq {
+                                let m = max(t1[2 * qi], t2[2 * qi])
+                                let w1 = Foundation.exp(t1[2 * qi] - m), w2 = Foundation.exp(t2[2 * qi] - m)
+                                let l = w1 * t1[2 * qi + 1] + w2 * t2[2 * qi + 1]
+                                for i in 0..<d { combined[qi * d + i] = (w1 * o1[qi * d + i] + w2 * o2[qi * d + i]) / l }
+                            }
+                        }
+                        for qi in 0..<nq {
+                            let dots = (0..<S).map { j in
+                                Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * Double(widen(keys[j * stride + $1])) }
+                            }
+                            let m = dots.max()!
+                            let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
+                            let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(widen(values[$1 * stride + i])) }) }
+                            let label = "\(level) \(dtype) d \(d) S \(S) query \(qi) of \(nq)"
+                            #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, label) == nil)
+                            if cut > 0 {
+                                #expect(Compare.close(Array(combined[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, "\(label) split") == nil)
+                            }
+                        }
                     }
                 }
             }

@@ -123,3 +123,6 @@ double qk_cross_entropy_row_avx512(float *x, size_t vocab, size_t target, float 
 
 // The matrix-vector products of decoding.
 #include "CKernelsGemv.h"
+
+// The 16-bit KV cache's conversions and attention.
+#include "CKernelsKV.h"

@@ -273,17 +273,18 @@ func decodeBytes(_ model: LlamaModel) -> Int {
 /// cache (logits of the last only), tg = N forwards of one random token each from an empty cache.
 /// Best of `repeats` each; one warm-up forward first.
 func inferBench(model path: String, prompt P: Int, generate N: Int, depth: Int, repeats: Int, options o: LoadOptions,
-                compute: ComputeDType) throws {
+                compute: ComputeDType, kvCache: KVCacheDType) throws {
     let loadStart = Clock.seconds()
     let model = try LlamaModel.load(path, options: o)
     model.computeDType = compute
+    model.kvCacheDType = kvCache
     let loadSeconds = Clock.seconds() - loadStart
     var rng = SeededGenerator(seed: 42)
     let V = model.config.vocabSize
     let promptTokens = (0..<max(P, 1)).map { _ in Int(rng.next() % UInt64(V)) }
     let genTokens = (0..<max(N, 1)).map { _ in Int(rng.next() % UInt64(V)) }
     let context = (0..<depth).map { _ in Int(rng.next() % UInt64(V)) }
-    let cache = KVCache(config: model.config, capacity: max(P, depth + N) + 1)
+    let cache = model.makeCache(capacity: max(P, depth + N) + 1)
     _ = try model.forward(Array(promptTokens.prefix(8)), cache: cache, logits: .last)
     var pp = Double.infinity, tg = Double.infinity
     for _ in 0..<repeats {
@@ -306,10 +307,17 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, depth: Int, 
         ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
         ("weight_bytes", .int(model.weightBytes)), ("decode_bytes_per_token", .int(decodeBytes(model))), ("load_seconds", .double(loadSeconds)),
         ("prompt_tokens", .int(P)), ("prefill_tokens_per_second", .double(P > 0 ? Double(P) / pp : 0)),
-        ("generated_tokens", .int(N)), ("depth", .int(depth)), ("compute_dtype", .string(compute.rawValue)),
+        ("generated_tokens", .int(N)), ("depth", .int(depth)), ("compute_dtype", .string(compute.rawValue)), ("kv_cache", .string(kvCache.rawValue)),
         ("bf16_supported", .bool(BF16Gemm.isSupported)), ("decode_tokens_per_second", .double(N > 0 ? Double(N) / tg : 0)),
         ("peak_rss_bytes", .int(peakRSS())),
     ]), pretty: true))
+}
+
+/// --kv-cache: the KV cache's element type, f16 (the command line's default) unless named.
+func kvCacheOption() -> KVCacheDType {
+    guard let s = stringOption("--kv-cache") else { return .f16 }
+    guard let d = KVCacheDType(rawValue: s) else { fail("--kv-cache: f16, bf16 or f32") }
+    return d
 }
 
 /// The load options of the inference benches: --quant-type (nf4, fp4, int4, none) and --head-dtype.
@@ -360,11 +368,12 @@ func bandwidthBench(megabytes: Int, repeats: Int) {
 /// prefill rate and the aggregate decoding rate (B N tokens over the decoding time); best of `repeats`.
 func batchedBench(model path: String, batches: [Int], prompt P: Int, generate N: Int, repeats: Int, options o: LoadOptions) throws {
     let model = try LlamaModel.load(path, options: o)
+    model.kvCacheDType = kvCacheOption()
     var rng = SeededGenerator(seed: 7)
     let V = model.config.vocabSize
     var rows: [JSONValue] = []
     for B in batches {
-        let caches = (0..<B).map { _ in KVCache(config: model.config, capacity: P + N + 1) }
+        let caches = (0..<B).map { _ in model.makeCache(capacity: P + N + 1) }
         var pp = Double.infinity, tg = Double.infinity
         for _ in 0..<repeats {
             caches.forEach { $0.reset() }
@@ -397,7 +406,7 @@ do {
     case "serve-load":
         try serveLoadCommand()
     case "batched":
-        guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...] [--kv-cache f16|bf16|f32]") }
         let o = inferenceLoadOptions()
         let batches = (stringOption("--batch") ?? "1,4,16").split(separator: ",").compactMap { Int($0) }
         try batchedBench(model: args[1], batches: batches, prompt: option("-p", 128), generate: option("-n", 128), repeats: option("--repeats", 2),
@@ -406,7 +415,7 @@ do {
         bandwidthBench(megabytes: option("--megabytes", 512), repeats: option("--repeats", 5))
     case "infer":
         guard args.count >= 2 else {
-            fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [-d 0] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0] [--compute-dtype f32|bf16]")
+            fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [-d 0] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0] [--compute-dtype f32|bf16] [--kv-cache f16|bf16|f32]")
         }
         let o = inferenceLoadOptions()
         let compute = stringOption("--compute-dtype").map { s -> ComputeDType in
@@ -414,7 +423,7 @@ do {
             return d
         } ?? .f32
         try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), depth: option("-d", 0), repeats: option("--repeats", 3),
-                       options: o, compute: compute)
+                       options: o, compute: compute, kvCache: kvCacheOption())
     case "quant":
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
