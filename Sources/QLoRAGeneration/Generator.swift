@@ -24,10 +24,21 @@ public struct GenerationOptions: Sendable {
     /// server sends them with the pieces of a streamed reply).
     public var onLogprob: (@Sendable (TokenLogprob) -> Void)?
     /// `.jsonObject`: only tokens that continue a valid JSON object are sampled, and the reply ends when it closes
-    /// (JSONConstraint; OpenAI's response_format json_object).
+    /// (JSONConstraint; OpenAI's response_format json_object). `.jsonSchema`: the same for values of a JSON Schema
+    /// (JSONSchemaMatcher; json_schema).
     public var responseFormat = ResponseFormat.text
 
-    public enum ResponseFormat: Sendable, Equatable { case text, jsonObject }
+    public enum ResponseFormat: Sendable, Equatable {
+        case text, jsonObject, jsonSchema(JSONSchemaGrammar)
+
+        public static func == (a: ResponseFormat, b: ResponseFormat) -> Bool {
+            switch (a, b) {
+            case (.text, .text), (.jsonObject, .jsonObject): return true
+            case let (.jsonSchema(x), .jsonSchema(y)): return x === y
+            default: return false
+            }
+        }
+    }
 
     public init() {}
 }
@@ -182,7 +193,7 @@ struct ReplyDecoder {
     private let tokenizer: Tokenizer
     private let responseFormat: GenerationOptions.ResponseFormat
     /// JSON output's constraint, made at the first step (it needs the vocabulary's size).
-    private var json: JSONConstraint?
+    private var json: VocabularyMask?
 
     init(prompt: [Int], options: GenerationOptions, eos: Set<Int>, tokenizer: Tokenizer) {
         topLogprobs = options.logprobs
@@ -208,8 +219,14 @@ struct ReplyDecoder {
     /// `cacheFull`), or `cancelled` when `onText` refused the new text.
     mutating func step(logits: [Float], cacheFull: Bool, onText: (String) -> Bool, cancelled: String) -> String? {
         var next: Int
-        if responseFormat == .jsonObject {
-            if json == nil { json = JSONConstraint(tokenizer: tokenizer, vocabularySize: logits.count) }
+        if responseFormat != .text {
+            if json == nil {
+                switch responseFormat {
+                case let .jsonSchema(grammar):
+                    json = TokenConstraint(tokenizer: tokenizer, vocabularySize: logits.count, start: JSONSchemaMatcher(grammar))
+                default: json = JSONConstraint(tokenizer: tokenizer, vocabularySize: logits.count)
+                }
+            }
             var masked = logits
             guard json!.mask(&masked, eos: eos) else { return "stop" }
             next = sampler.next(logits: masked, context: context)

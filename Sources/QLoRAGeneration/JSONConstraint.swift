@@ -1,14 +1,15 @@
 // JSON output by constrained decoding (OpenAI's response_format {"type": "json_object"}): at each step the tokens whose
 // bytes cannot continue a valid JSON object are masked out before sampling, and once the object is closed only an end
 // token may follow, so a reply that ends by itself always parses. `JSONPrefix` is the byte-level recognizer of RFC 8259
-// text whose top level is an object; `JSONConstraint` applies it to a tokenizer's vocabulary.
+// text whose top level is an object; `TokenConstraint` applies it (or JSONSchemaMatcher, for json_schema) to a
+// tokenizer's vocabulary.
 import Foundation
 import QLoRACore
 import QLoRATokenizer
 
 /// Whether a byte sequence is the beginning of a JSON object (RFC 8259), fed one byte at a time.
-public struct JSONPrefix: Sendable, Equatable {
-    enum State: Equatable {
+public struct JSONPrefix: Sendable, Hashable {
+    enum State: Hashable {
         case start                      // before the top-level object: whitespace or '{'
         case value                      // a value must come: after ':' or ','-in-array
         case keyOrClose                 // after '{': a key or '}'
@@ -24,7 +25,7 @@ public struct JSONPrefix: Sendable, Equatable {
         case done                       // the top-level object is closed: whitespace only
     }
 
-    enum NumberState: Equatable { case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits }
+    enum NumberState: Hashable { case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits }
 
     var state = State.start
     /// Open containers, innermost last: '{' or '['.
@@ -159,18 +160,89 @@ public struct JSONPrefix: Sendable, Equatable {
     }
 }
 
-/// A tokenizer's vocabulary under JSONPrefix: which tokens may come next, and the state after each one taken.
-public final class JSONConstraint: @unchecked Sendable {
-    /// Each token's bytes, or nil for tokens that never appear in JSON output (special and added ones, empty ones).
-    let pieces: [[UInt8]?]
-    public private(set) var prefix = JSONPrefix()
+/// A byte-level recognizer of what a constrained reply may be: takes bytes while they can continue it.
+public protocol ByteRecognizer: Hashable {
+    /// Takes one byte; false when it cannot continue (the caller then drops this copy).
+    mutating func feed(_ b: UInt8) -> Bool
+    /// Whether the bytes so far are a whole reply (an end token may come).
+    var isComplete: Bool { get }
+}
 
-    public init(tokenizer: Tokenizer, vocabularySize: Int) {
-        pieces = Self.pieces(tokenizer, vocabularySize)
+extension JSONPrefix: ByteRecognizer {}
+
+/// A tokenizer's vocabulary under a ByteRecognizer: which tokens may come next, and the state after each one taken.
+public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Sendable, VocabularyMask {
+    /// Each token's bytes, or nil for tokens that never appear in constrained output (special and added ones, empty ones).
+    let pieces: [[UInt8]?]
+    public private(set) var state: Recognizer
+
+    public init(tokenizer: Tokenizer, vocabularySize: Int, start: Recognizer) {
+        pieces = VocabularyPieces.pieces(tokenizer, vocabularySize)
+        state = start
     }
 
-    /// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them). Entries hold their
-    /// tokenizer, so that another one made later at the same address is not taken for it.
+    /// The tokens allowed in states met before (a reply inside a long string meets the same state at every step), at
+    /// most `memoLimit` of them.
+    private var memo: [Recognizer: [UInt64]] = [:]
+    static var memoLimit: Int { 256 }
+
+    /// Sets every logit whose token cannot continue the reply to -infinity; once it is complete, every token but the
+    /// end tokens `eos` (which only a complete reply may take). Returns false when no token is left (the caller ends
+    /// the reply).
+    public func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool {
+        let bits = memo[state] ?? allowedTokens(count: logits.count, eos: eos)
+        if memo[state] == nil {
+            if memo.count >= Self.memoLimit { memo.removeAll(keepingCapacity: true) }
+            memo[state] = bits
+        }
+        var any = false
+        for id in logits.indices {
+            if bits[id >> 6] & (1 << UInt64(id & 63)) != 0 { any = true } else { logits[id] = -.infinity }
+        }
+        return any
+    }
+
+    /// A bit per token: whether it may come next in this state.
+    func allowedTokens(count: Int, eos: Set<Int>) -> [UInt64] {
+        var bits = [UInt64](repeating: 0, count: (count + 63) / 64)
+        let complete = state.isComplete
+        for id in 0..<count {
+            var allowed = false
+            if eos.contains(id) {
+                allowed = complete
+            } else if !complete, let bytes = pieces.indices.contains(id) ? pieces[id] : nil {
+                var copy = state
+                allowed = true
+                for b in bytes where !copy.feed(b) { allowed = false; break }
+            }
+            if allowed { bits[id >> 6] |= 1 << UInt64(id & 63) }
+        }
+        return bits
+    }
+
+    /// Takes the chosen token (one `mask` allowed).
+    public func advance(_ id: Int) {
+        guard pieces.indices.contains(id), let bytes = pieces[id] else { return }
+        for b in bytes where !state.feed(b) { return }
+    }
+}
+
+/// JSON output (response_format json_object): any JSON object.
+public typealias JSONConstraint = TokenConstraint<JSONPrefix>
+
+extension TokenConstraint where Recognizer == JSONPrefix {
+    public convenience init(tokenizer: Tokenizer, vocabularySize: Int) { self.init(tokenizer: tokenizer, vocabularySize: vocabularySize, start: JSONPrefix()) }
+}
+
+/// What the sampler asks of a constraint, whatever its recognizer.
+public protocol VocabularyMask: AnyObject {
+    func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool
+    func advance(_ id: Int)
+}
+
+/// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them). Entries hold their
+/// tokenizer, so that another one made later at the same address is not taken for it.
+enum VocabularyPieces {
     static func pieces(_ tokenizer: Tokenizer, _ size: Int) -> [[UInt8]?] {
         if let known = cacheLock.withLock({ cache.first { $0.tokenizer === tokenizer && $0.size == size }?.pieces }) { return known }
         let made: [[UInt8]?] = (0..<size).map { id in
@@ -187,28 +259,4 @@ public final class JSONConstraint: @unchecked Sendable {
 
     nonisolated(unsafe) static var cache: [(tokenizer: Tokenizer, size: Int, pieces: [[UInt8]?])] = []
     static let cacheLock = NSLock()
-
-    /// Sets every logit whose token cannot continue the object to -infinity; once the object is closed, every token
-    /// but the end tokens `eos`. Returns false when no token is left (the caller ends the reply).
-    public func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool {
-        var any = false
-        let complete = prefix.isComplete
-        for id in logits.indices {
-            var allowed = false
-            if eos.contains(id) {
-                allowed = complete
-            } else if !complete, let bytes = pieces.indices.contains(id) ? pieces[id] : nil {
-                var copy = prefix
-                allowed = copy.feed(bytes)
-            }
-            if allowed { any = true } else { logits[id] = -.infinity }
-        }
-        return any
-    }
-
-    /// Takes the chosen token (one `mask` allowed).
-    public func advance(_ id: Int) {
-        guard pieces.indices.contains(id), let bytes = pieces[id] else { return }
-        _ = prefix.feed(bytes)
-    }
 }

@@ -211,8 +211,10 @@ public final class Server: @unchecked Sendable {
         case "echo" where !chat: return value.boolValue == false ? nil : "echo is not implemented; send false or leave it out"
         case "suffix" where !chat: return value.stringValue == "" ? nil : "suffix (insertion) is not implemented; leave it out"
         case "response_format":
+            // json_schema's own fields are checked where the schema is compiled (parse).
+            if value["type"]?.stringValue == "json_schema" { return nil }
             return ["text", "json_object"].contains(value["type"]?.stringValue ?? "") && value.objectValue?.count == 1 ? nil
-                : "{\"type\": \"text\"} and {\"type\": \"json_object\"} are implemented; json_schema is not yet"
+                : "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}}"
         case "tools" where chat, "functions" where chat:
             return empty(value) ? nil : "tool calling is not implemented yet; leave \(key) out"
         case "tool_choice" where chat, "function_call" where chat:
@@ -226,6 +228,30 @@ public final class Server: @unchecked Sendable {
              "prompt_cache_key" where chat:
             return "\(key) is not implemented; leave it out"
         default: return "this server does not know the field \"\(key)\""
+        }
+    }
+
+    /// The grammar of response_format {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}
+    /// (OpenAI's fields), or a 400 naming what is wrong or what the schema asks that cannot be enforced.
+    static func jsonSchema(_ format: JSONValue) throws -> JSONSchemaGrammar {
+        func bad(_ message: String) -> APIError { APIError.invalid("response_format: \(message)", param: "response_format") }
+        guard let fields = format.objectValue, Set(fields.map(\.0)).isSubset(of: ["type", "json_schema"]) else {
+            throw bad("json_schema takes the fields type and json_schema")
+        }
+        guard let spec = format["json_schema"], let specFields = spec.objectValue else { throw bad("\"json_schema\" must be an object with name and schema") }
+        if let unknown = specFields.map(\.0).first(where: { !["name", "schema", "strict", "description"].contains($0) }) {
+            throw bad("json_schema has no field \"\(unknown)\"")
+        }
+        guard let name = spec["name"]?.stringValue, !name.isEmpty, name.count <= 64,
+              name.unicodeScalars.allSatisfy({ $0.isASCII && (CharacterSet.alphanumerics.contains($0) || $0 == "_" || $0 == "-") }) else {
+            throw bad("json_schema.name must be 1 to 64 letters, digits, underscores or dashes")
+        }
+        if let strict = spec["strict"], strict != .null, strict.boolValue == nil { throw bad("json_schema.strict must be true or false") }
+        guard let schema = spec["schema"] else { throw bad("json_schema.schema is required") }
+        do {
+            return try JSONSchemaGrammar(schema: schema)
+        } catch {
+            throw APIError.invalid("response_format: json_schema.schema \(error)", param: "response_format", code: "unsupported_value")
         }
     }
 
@@ -310,8 +336,9 @@ public final class Server: @unchecked Sendable {
             guard let k = x.intValue, (0...5).contains(k) else { throw APIError.invalid("\"logprobs\" must be an integer from 0 to 5", param: "logprobs") }
             o.logprobs = k
         }
-        // JSON output by constrained decoding (text and json_object only: unimplemented() refused the rest).
+        // JSON output by constrained decoding: any object, or a value of the request's JSON Schema.
         if v["response_format"]?["type"]?.stringValue == "json_object" { o.responseFormat = .jsonObject }
+        if let format = v["response_format"], format["type"]?.stringValue == "json_schema" { o.responseFormat = .jsonSchema(try jsonSchema(format)) }
         var choices = 1
         if let x = v["n"], x != .null {
             guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"n\" must be a positive integer", param: "n") }

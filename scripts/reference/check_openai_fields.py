@@ -73,10 +73,44 @@ check("logprobs with stream", False, lambda: [t.token for ch in client.chat.comp
 check("response_format json_object (the reply parses)", False, lambda: json.loads(client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "Give the name and the capital of France as JSON."}], max_tokens=120, temperature=0,
     response_format={"type": "json_object"}).choices[0].message.content))
+SCHEMA = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"},
+                                           "population_millions": {"type": "number"},
+                                           "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]}},
+          "required": ["country", "capital", "population_millions", "continent"], "additionalProperties": False}
+
+
+def schema_reply():
+    text = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Describe France as JSON."}], max_tokens=160,
+                                          temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                              "name": "country", "strict": True, "schema": SCHEMA}}).choices[0].message.content
+    import jsonschema
+    jsonschema.validate(json.loads(text), SCHEMA)  # raises when the reply does not follow the schema
+    return json.loads(text)
+
+
+check("response_format json_schema (jsonschema validates)", False, schema_reply)
+
+
+def parsed_reply():
+    # The client's own typed path: a pydantic model turned into a strict schema by the openai package.
+    import pydantic
+
+    class Country(pydantic.BaseModel):
+        country: str
+        capital: str
+        population_millions: float
+        languages: list[str]
+
+    r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": "Describe France."}], max_tokens=160, temperature=0,
+                                      response_format=Country)
+    return r.choices[0].message.parsed
+
+
+check("chat.completions.parse(response_format=pydantic model)", False, parsed_reply)
+check("json_schema with a pattern (cannot be enforced)", True, lambda: client.chat.completions.create(**greedy, response_format={
+    "type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "string", "pattern": "^[a-z]+$"}}}))
 check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
 for label, kwargs in [
-    ("response_format json_schema", dict(response_format={"type": "json_schema", "json_schema": {
-        "name": "color", "schema": {"type": "object", "properties": {"color": {"type": "string"}}}}})),
     ("tools", dict(tools=[{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object", "properties": {}}}}])),
     ("tool_choice=required", dict(tool_choice="required")),
     ("reasoning_effort", dict(reasoning_effort="low")),

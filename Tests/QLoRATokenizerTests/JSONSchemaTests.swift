@@ -1,0 +1,132 @@
+// json_schema by constrained decoding: JSONSchemaMatcher against the `jsonschema` package's verdicts on thousands of texts
+// (Resources/json_schema_cases.json, scripts/reference/make_schema_fixture.py), random walks that never reach a dead end
+// and always end in JSON our parser reads, the keywords it refuses by name, and the mask over the SmolLM2 vocabulary.
+import QLoRA
+import QLoRATestSupport
+import Testing
+
+@Suite("JSON schema constraint")
+struct JSONSchemaTests {
+    static func cases() throws -> [(name: String, schema: JSONValue, texts: [(String, Bool)])] {
+        let root = try JSON.parse(String(contentsOfFile: FileSystem.join(Fixtures.resources(), "json_schema_cases.json"), encoding: .utf8))
+        return (root["cases"]?.arrayValue ?? []).map { c in
+            (c["name"]?.stringValue ?? "", c["schema"] ?? .null,
+             (c["texts"]?.arrayValue ?? []).map { ($0["text"]?.stringValue ?? "", $0["valid"]?.boolValue ?? false) })
+        }
+    }
+
+    /// Whether the matcher takes every byte of `text` and ends with a whole value.
+    static func accepts(_ grammar: JSONSchemaGrammar, _ text: String) -> Bool {
+        var m = JSONSchemaMatcher(grammar)
+        for b in text.utf8 where !m.feed(b) { return false }
+        return m.isComplete
+    }
+
+    @Test("every text jsonschema (Draft 2020-12) calls valid is taken whole; every one it calls invalid is refused")
+    func agreesWithJsonschema() throws {
+        let all = try Self.cases()
+        #expect(all.count >= 9)
+        var checked = 0
+        for c in all {
+            let grammar = try JSONSchemaGrammar(schema: c.schema)
+            for (text, valid) in c.texts {
+                #expect(Self.accepts(grammar, text) == valid, "\(c.name): \(valid ? "valid" : "invalid") text \(text)")
+                checked += 1
+            }
+        }
+        print("JSONSchemaMatcher against jsonschema: \(checked) texts over \(all.count) schemas")
+    }
+
+    @Test("random walks over the bytes a schema allows never reach a dead end, and those that end parse as JSON")
+    func randomWalks() throws {
+        var rng = SeededRandom(seed: 9)
+        // Every printable ASCII byte, a newline and a two-byte character: whatever a model writes (every schema's names too).
+        let alphabet = Array(0x20...0x7E) + [0x0A] + Array("é".utf8)
+        var ended = 0
+        for c in try Self.cases() {
+            let grammar = try JSONSchemaGrammar(schema: c.schema)
+            for _ in 0..<60 {
+                var m = JSONSchemaMatcher(grammar)
+                var bytes: [UInt8] = []
+                for _ in 0..<400 {
+                    let allowed = alphabet.filter { var copy = m; return copy.feed($0) }
+                    if m.isComplete, allowed.allSatisfy({ $0 == 0x20 || $0 == 0x0A }) || rng.next() % 10 < 3 { break }
+                    guard let b = allowed.isEmpty ? nil : allowed[Int(rng.next() % UInt64(allowed.count))] else {
+                        Issue.record("\(c.name): dead end after \(String(decoding: bytes, as: UTF8.self).debugDescription)")
+                        break
+                    }
+                    _ = m.feed(b)
+                    bytes.append(b)
+                }
+                guard m.isComplete else { continue }
+                ended += 1
+                let text = String(decoding: bytes, as: UTF8.self)
+                #expect((try? JSON.parse(text)) != nil, "\(c.name): \(text)")
+            }
+        }
+        #expect(ended > 100, "\(ended) walks ended")
+    }
+
+    @Test("a keyword that cannot be enforced is an error naming where it is; references and type lists compile")
+    func refusals() throws {
+        func error(_ schema: String) -> String? {
+            do {
+                _ = try JSONSchemaGrammar(schema: try JSON.parse(schema))
+                return nil
+            } catch {
+                return "\(error)"
+            }
+        }
+        #expect(error(#"{"type": "string", "pattern": "^a+$"}"#)?.hasPrefix("#/pattern") == true)
+        #expect(error(#"{"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}"#)?.hasPrefix("#/properties/n/minimum") == true)
+        #expect(error(#"{"type": "objekt"}"#)?.contains("unknown type") == true)
+        #expect(error(#"{"$ref": "https://example.com/s.json"}"#)?.contains("only references within the schema") == true)
+        #expect(error(##"{"$ref": "#/$defs/missing"}"##)?.contains("names nothing") == true)
+        #expect(error(#"{"type": "object", "required": ["x"]}"#)?.contains("is not one of the properties") == true)
+        #expect(error("false")?.contains("admits no value") == true)
+        #expect(error(#"{"type": ["string", "null"], "description": "d", "title": "t"}"#) == nil)
+        #expect(error(##"{"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "$ref": "#/$defs/a"}"##) == nil)
+        let nested = try JSONSchemaGrammar(schema: JSON.parse(##"{"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "$ref": "#/$defs/a"}"##))
+        #expect(Self.accepts(nested, "[[], [[]], [[[]]]]") && !Self.accepts(nested, "[1]"))
+    }
+
+    @Test("the mask over the SmolLM2 vocabulary follows the schema: an enum's tokens only, the end token only when the value is whole")
+    func mask() throws {
+        let tokenizer = try Tokenizer(jsonFile: FileSystem.join(Fixtures.resources(), "smollm2-tokenizer.json"))
+        let V = tokenizer.vocabularySize
+        let end = try #require(tokenizer.eosTokenID ?? tokenizer.id(of: "<|im_end|>"))
+        let schema = try JSON.parse(#"{"type": "object", "properties": {"unit": {"enum": ["celsius", "kelvin"]}, "t": {"type": "number"}}, "required": ["unit", "t"], "additionalProperties": false}"#)
+        let constraint = TokenConstraint(tokenizer: tokenizer, vocabularySize: V, start: JSONSchemaMatcher(try JSONSchemaGrammar(schema: schema)))
+        func allowed() -> [Int] {
+            var logits = [Float](repeating: 0, count: V)
+            _ = constraint.mask(&logits, eos: [end])
+            return logits.indices.filter { logits[$0] == 0 }
+        }
+        for id in tokenizer.encode(#"{"unit": ""#) { constraint.advance(id) }
+        // Inside the enum's string: every token allowed is the start of "celsius" or "kelvin" (closing quote included).
+        let inside = allowed()
+        #expect(!inside.isEmpty)
+        for id in inside {
+            let piece = tokenizer.decode([id])
+            #expect("celsius\"".hasPrefix(piece) || "kelvin\"".hasPrefix(piece), "\(piece)")
+        }
+        for id in tokenizer.encode(#"kelvin", "t": 2"#) {
+            #expect(allowed().contains(id), "\(tokenizer.decode([id]))")
+            constraint.advance(id)
+        }
+        #expect(!allowed().contains(end))
+        for id in tokenizer.encode("}") { constraint.advance(id) }
+        #expect(allowed() == [end])
+        // What the mask costs a decoding step inside a free string (printed, not asserted: timings are for bench/).
+        let open = try JSON.parse(#"{"type": "object", "properties": {"name": {"type": "string"}}}"#)
+        let again = TokenConstraint(tokenizer: tokenizer, vocabularySize: V, start: JSONSchemaMatcher(try JSONSchemaGrammar(schema: open)))
+        for id in tokenizer.encode(#"{"name": "Pa"#) { again.advance(id) }
+        var logits = [Float](repeating: 0, count: V)
+        let start = Clock.seconds()
+        _ = again.mask(&logits, eos: [end])
+        let first = Clock.seconds() - start
+        for _ in 0..<20 { _ = again.mask(&logits, eos: [end]) }
+        print("json_schema mask over \(V) tokens inside a string: \(Chart.fixed(first * 1000, 2)) ms the first time, "
+              + "\(Chart.fixed((Clock.seconds() - start - first) / 20 * 1000, 2)) ms in a state met before")
+    }
+}
