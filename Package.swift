@@ -102,7 +102,7 @@ let package = Package(
         .testTarget(
             name: "QLoRACLITests",
             dependencies: [
-                "QLoRA", "QLoRATestSupport", "qlora", "qlora-bench", .product(name: "Hummingbird", package: "hummingbird"),
+                "QLoRA", "QLoRAServer", "QLoRATestSupport", "qlora", "qlora-bench", .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"), .product(name: "Logging", package: "swift-log"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
             ]

@@ -60,6 +60,8 @@ public struct CompletionRequest: Sendable {
     public var user: String?
     /// Choices to generate for the prompt ("n"): each its own sequence in the batch, seeded seed + index.
     public var choices = 1
+    /// The tools in play (chat with tools and a tool_choice other than none), whose calls the reply is parsed for.
+    public var tools: ToolRequest?
 }
 
 public final class Server: @unchecked Sendable {
@@ -215,10 +217,9 @@ public final class Server: @unchecked Sendable {
             if value["type"]?.stringValue == "json_schema" { return nil }
             return ["text", "json_object"].contains(value["type"]?.stringValue ?? "") && value.objectValue?.count == 1 ? nil
                 : "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}}"
-        case "tools" where chat, "functions" where chat:
-            return empty(value) ? nil : "tool calling is not implemented yet; leave \(key) out"
-        case "tool_choice" where chat, "function_call" where chat:
-            return value.stringValue == "none" || value.stringValue == "auto" ? nil : "tool calling is not implemented yet; leave \(key) out"
+        case "tools" where chat, "tool_choice" where chat: return nil  // ToolRequest.read checks them
+        case "functions" where chat, "function_call" where chat:
+            return empty(value) || value.stringValue == "none" || value.stringValue == "auto" ? nil : "\(key) (deprecated by OpenAI) is not implemented; send tools and tool_choice"
         case "parallel_tool_calls" where chat: return value.boolValue != nil ? nil : "must be true or false"
         case "modalities" where chat: return value.arrayValue?.map(\.stringValue) == ["text"] ? nil : "only [\"text\"] is implemented"
         case "store" where chat: return value.boolValue == false ? nil : "this server stores no completions; send false or leave it out"
@@ -262,7 +263,7 @@ public final class Server: @unchecked Sendable {
         for (key, value) in v.objectValue ?? [] where value != .null && !(chat ? chatFields : completionFields).contains(key) {
             if let why = unimplemented(key, value, chat: chat) {
                 let known = !why.hasPrefix("this server does not know")
-                throw APIError.invalid(known ? "Unsupported value for \"\(key)\": \(why)" : "Unrecognized request field \"\(key)\": \(why) (\(chat ? "/v1/chat/completions" : "/v1/completions") takes \((chat ? chatFields : completionFields).sorted().joined(separator: ", ")))",
+                throw APIError.invalid(known ? "Unsupported value for \"\(key)\": \(why)" : "Unrecognized request field \"\(key)\": \(why) (\(chat ? "/v1/chat/completions" : "/v1/completions") takes \((chat ? chatFields.union(["response_format", "tools", "tool_choice", "parallel_tool_calls"]) : completionFields.union(["response_format"])).sorted().joined(separator: ", ")))",
                                        param: key, code: known ? "unsupported_value" : "unknown_parameter")
             }
         }
@@ -371,24 +372,35 @@ public final class Server: @unchecked Sendable {
                 }
             }
         }
-        let text: String
+        var text: String
+        var toolRequest: ToolRequest?
         if chat {
             guard let list = v["messages"]?.arrayValue, !list.isEmpty else { throw APIError.invalid("\"messages\" must be a non-empty list", param: "messages") }
+            toolRequest = try ToolRequest.read(v, template: template)
             var messages: [JSONValue] = []
             for (i, m) in list.enumerated() {
-                guard let role = m["role"]?.stringValue, ["system", "user", "assistant", "developer"].contains(role) else {
-                    throw APIError.invalid("messages[\(i)].role must be system, user or assistant", param: "messages")
+                guard let role = m["role"]?.stringValue, ["system", "user", "assistant", "developer", "tool"].contains(role) else {
+                    throw APIError.invalid("messages[\(i)].role must be system, user, assistant or tool", param: "messages")
                 }
                 // What a message may carry besides its text: a client that sends back the message it was given
-                // sends these, empty. Tool calls and audio are refused by name.
+                // sends these, empty. An assistant's tool calls and a tool's result go to the template; audio is
+                // refused by name.
+                var extra: [(String, JSONValue)] = []
                 for (key, value) in m.objectValue ?? [] where !["role", "content", "name"].contains(key) && value != .null {
+                    if key == "tool_calls", role == "assistant", let calls = value.arrayValue, !calls.isEmpty {
+                        extra.append(("tool_calls", .array(try calls.enumerated().map { j, c in try Self.toolCallMessage(c, at: "messages[\(i)].tool_calls[\(j)]") })))
+                        continue
+                    }
+                    if key == "tool_call_id", role == "tool", let id = value.stringValue { extra.append(("tool_call_id", .string(id))); continue }
                     let emptyList = value.arrayValue?.isEmpty == true
                     guard ["refusal", "annotations", "tool_calls", "function_call", "audio"].contains(key), emptyList else {
-                        throw APIError.invalid("messages[\(i)].\(key) is not implemented (messages carry role, content and name)", param: "messages", code: "unsupported_value")
+                        throw APIError.invalid("messages[\(i)].\(key) is not implemented (messages carry role, content and name; an assistant's tool_calls; a tool's tool_call_id)",
+                                               param: "messages", code: "unsupported_value")
                     }
                 }
                 let content: String
                 switch m["content"] {
+                case nil where !extra.isEmpty, .null? where !extra.isEmpty: content = ""  // a message of tool calls only
                 case let .string(s)?: content = s
                 case let .array(parts)?:
                     // The list form: text parts only.
@@ -405,11 +417,25 @@ public final class Server: @unchecked Sendable {
                     fields.append(("name", .string(n)))
                     message = .object(fields)
                 }
+                if !extra.isEmpty, case let .object(fields) = message { message = .object(fields + extra) }
                 messages.append(message)
             }
             guard let template else { throw APIError.invalid("this model has no chat template; use /v1/completions") }
-            do { text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: tokenizer.templateSpecialTokens) } catch {
+            do {
+                text = try template.render(messages: messages, addGenerationPrompt: true, specialTokens: tokenizer.templateSpecialTokens,
+                                           tools: toolRequest?.tools)
+            } catch {
                 throw APIError.invalid("the chat template refused these messages: \(error)", param: "messages")
+            }
+            if let t = toolRequest, t.forced {
+                // The reply must be a call: the prompt ends with the model's own opening of one, and the reply is held to
+                // a call of the tools' parameter schemas.
+                guard o.responseFormat == .text else { throw APIError.invalid("response_format cannot be combined with a forced tool call", param: "response_format") }
+                do { o.responseFormat = .jsonSchema(try JSONSchemaGrammar(schema: t.callSchema())) } catch {
+                    throw APIError.invalid("tool_choice \(t.choice == .required ? "required" : "with a named function") holds the reply to the tools' parameter schemas, and one cannot be enforced: \(error)",
+                                           param: "tools", code: "unsupported_value")
+                }
+                text += t.format.opening
             }
         } else {
             switch v["prompt"] {
@@ -427,7 +453,31 @@ public final class Server: @unchecked Sendable {
         o.maxTokens = min(o.maxTokens, context - prompt.count)
         var request = CompletionRequest(model: model, prompt: prompt, options: o, stream: stream, includeUsage: includeUsage, user: user)
         request.choices = choices
+        request.tools = toolRequest
         return request
+    }
+
+    /// An assistant message's tool call as the template reads it: arguments as a JSON object (clients send them as
+    /// the JSON text they were given; the templates write them with tojson, so text would be quoted twice).
+    static func toolCallMessage(_ c: JSONValue, at path: String) throws -> JSONValue {
+        guard let f = c["function"], let name = f["name"]?.stringValue else { throw APIError.invalid("\(path) must have function.name", param: "messages") }
+        var arguments = f["arguments"] ?? .object([])
+        if let s = arguments.stringValue {
+            guard let parsed = try? JSON.parse(s), parsed.objectValue != nil else {
+                throw APIError.invalid("\(path).function.arguments must be a JSON object (or its text)", param: "messages")
+            }
+            arguments = parsed
+        }
+        var fields: [(String, JSONValue)] = []
+        if let id = c["id"]?.stringValue { fields.append(("id", .string(id))) }
+        fields += [("type", .string("function")), ("function", .object([("name", .string(name)), ("arguments", arguments)]))]
+        return .object(fields)
+    }
+
+    /// A tool call's id: "call_" and 24 letters and digits, as OpenAI's.
+    static func toolCallID() -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        return "call_" + String((0..<24).map { _ in alphabet[Int.random(in: 0..<alphabet.count)] })
     }
 
     static func finishReason(_ r: String) -> String {
@@ -519,7 +569,13 @@ public final class Server: @unchecked Sendable {
             return Self.json(.object([
                 ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
                 ("choices", .array(finished.enumerated().map { i, r in
-                    let c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
+                    var c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
+                    if let t = req.tools, let parsed = t.parse(r.text) {
+                        // The calls the reply made: content is the text before them (null when none), as OpenAI answers.
+                        let message: JSONValue = .object([("role", .string("assistant")), ("content", parsed.content.map(JSONValue.string) ?? .null),
+                                                          ("tool_calls", .array(parsed.calls.map { $0.json(id: Self.toolCallID()) }))])
+                        c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string(t.finishReason))])
+                    }
                     var offset = 0
                     return r.logprobs.map { self.withLogprobs(c, $0, chat: chat, offset: &offset) } ?? c
                 })),
@@ -535,6 +591,8 @@ public final class Server: @unchecked Sendable {
         }
         let choices = req.choices
         let wantsLogprobs = req.options.logprobs != nil
+        // With tools: each choice's text held back where a call may begin, its calls sent whole at its end.
+        let toolStreams = (0..<choices).map { _ in req.tools.map(ToolStream.init) }
         let body = ResponseBody { writer in
             var first: Double?
             var finished: [GenerationResult] = []
@@ -549,12 +607,25 @@ public final class Server: @unchecked Sendable {
                     switch event {
                     case let .piece(i, p, tokens):
                         if first == nil { first = Clock.seconds() - start }
-                        let c = choice(p, delta: true, finish: nil, index: i)
+                        let text = toolStreams[i]?.add(p) ?? p
+                        if text.isEmpty && tokens.isEmpty && toolStreams[i] != nil { continue }
+                        let c = choice(text, delta: true, finish: nil, index: i)
                         try await writer.write(chunk([wantsLogprobs ? self.withLogprobs(c, tokens, chat: chat, offset: &offsets[i]) : c]))
                     case let .done(i, .success(r), tokens):
                         log(r, first)
                         finished.append(r)
-                        let end = choice(chat ? nil : "", delta: true, finish: Self.finishReason(r.finishReason), index: i)
+                        var reason = Self.finishReason(r.finishReason)
+                        if let stream = toolStreams[i] {
+                            let (rest, calls) = stream.finish()
+                            if !rest.isEmpty { try await writer.write(chunk([choice(rest, delta: true, finish: nil, index: i)])) }
+                            if let calls {
+                                // Each call whole in one delta (id, type, name and arguments), as clients join them by index.
+                                let delta: JSONValue = .object([("tool_calls", .array(calls.enumerated().map { k, c in c.json(id: Self.toolCallID(), index: k) }))])
+                                try await writer.write(chunk([.object([("index", .int(i)), ("delta", delta), ("finish_reason", .null)])]))
+                                reason = stream.request.finishReason
+                            }
+                        }
+                        let end = choice(chat ? nil : "", delta: true, finish: reason, index: i)
                         try await writer.write(chunk([tokens.isEmpty ? end : self.withLogprobs(end, tokens, chat: chat, offset: &offsets[i])]))
                     case let .done(_, .failure(e), _):
                         try await writer.write(ByteBuffer(string: "data: " + JSON.serialize(.object([("error", .object([("message", .string("\(e)")), ("type", .string("server_error"))]))])) + "\n\n"))

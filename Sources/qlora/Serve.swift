@@ -36,6 +36,9 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup var modelOptions: ModelOptions
     @OptionGroup var inference: InferenceOptions
 
+    @Option(help: ArgumentHelp("A Jinja chat template file to use instead of the model's own (as llama-server's --chat-template-file): for a model whose template lacks something, such as tool calls.", valueName: "file"))
+    var chatTemplate: String?
+
     @Option(help: "The address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
     var host = "127.0.0.1"
 
@@ -94,7 +97,16 @@ struct Serve: AsyncParsableCommand {
             models.append((name, m))
             Log.info("adapter \(name): \(dir)")
         }
-        let template = try tokenizer.chatTemplate.map { try ChatTemplate($0) }
+        let template: ChatTemplate?
+        if let file = chatTemplate {
+            guard FileSystem.exists(file) else { throw ValidationError("--chat-template: no file at \(file)") }
+            do { template = try ChatTemplate(String(decoding: try FileSystem.readFile(file), as: UTF8.self)) } catch {
+                throw ValidationError("--chat-template \(file): \(error)")
+            }
+        } else {
+            template = try tokenizer.chatTemplate.map { try ChatTemplate($0) }
+        }
+        if let t = template, let format = ToolFormat.of(t) { Log.info("tool calls: the chat template writes them in the \(format.rawValue) format") }
         if template == nil { Log.info("note: the model has no chat template; /v1/chat/completions will refuse requests (use /v1/completions)") }
         let engine = Engine(models: models, tokenizer: tokenizer, maxBatch: maxBatch, maxQueue: maxQueue,
                             prefixCache: prefixCacheMb > 0 ? PrefixCache(byteBudget: prefixCacheMb << 20) : nil)

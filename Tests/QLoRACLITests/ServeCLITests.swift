@@ -293,7 +293,7 @@ struct ServeCLITests {
         // No field is dropped without a word: what is not implemented is a 400 naming it, with or without stream.
         let hi = #""messages": [{"role": "user", "content": "hi"}]"#
         for (field, value) in [("response_format", #"{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}"#),
-                               ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("tool_choice", #""required""#),
+                               ("tools", #"[{"type": "function", "function": {"name": "f", "parameters": {}}}]"#), ("functions", #"[{"name": "f"}]"#),
                                ("store", "true"), ("audio", #"{"voice": "alloy"}"#), ("frobnicate", "1")] {
             for stream in [false, true] {
                 let r = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(hi), "stream": \#(stream), "\#(field)": \#(value)}"#, headers: auth)
@@ -328,6 +328,8 @@ struct ServeCLITests {
         }
         let badSchema = try await error(#"{\#(hi), "response_format": {"type": "json_schema", "json_schema": {"name": "x y", "schema": {}}}}"#)
         #expect(badSchema.1 == "response_format" && badSchema.2?.contains("name") == true)
+        // SmolLM2's template has no tool calls: tools are a 400 naming them (above); tool_choice without tools too.
+        #expect(try await error(#"{\#(hi), "tool_choice": "required"}"#).1 == "tool_choice")
         let toolMessage = try await error(#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "hi"}]}"#)
         #expect(toolMessage.0 == 400 && toolMessage.2?.contains("tool_calls") == true)
         #expect(try await error(#"{\#(hi), "stream_options": {"include_usage": true, "chunk_size": 3}}"#).1 == "stream_options")
@@ -426,6 +428,60 @@ struct ServeCLITests {
         #expect(try await http(.POST, server.base + "/v1/chat/completions", chatBody("Hi", model: "late"), headers: auth).status == 400)
         #expect(try await http(.DELETE, server.base + "/v1/adapters/SmolLM2-135M-Instruct.Q4_1.gguf", headers: auth).status == 404)
         #expect(try await http(.POST, server.base + "/v1/adapters", #"{"name": "y", "path": "\#(FileSystem.join(dir, "a"))"}"#).status == 401)
+    }
+
+    @Test("tools through a chat template that writes Hermes calls (Qwen 2.5's, --chat-template): required and named calls follow the tools' schemas, whole and streamed; calls and tool results go back to the template")
+    func tools() async throws {
+        let cases = try JSON.parse(String(contentsOfFile: FileSystem.join(Fixtures.repositoryRoot(), "Tests/QLoRATokenizerTests/Resources/chat_template_cases.json"), encoding: .utf8))
+        let dir = try Fixtures.temporaryDirectory("tools")
+        let templateFile = FileSystem.join(dir, "qwen2.5.jinja")
+        try FileSystem.writeFileAtomically(templateFile, bytes: Array((cases["templates"]?["qwen2.5"]?["template"]?.stringValue ?? "").utf8))
+        let server = try ServeProcess(["--chat-template", templateFile])
+        defer { server.stop() }
+        #expect(server.stderr.contains("tool calls: the chat template writes them in the hermes format"))
+        let tools = #"[{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": false}}}, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"], "additionalProperties": false}}}]"#
+        let ask = #""messages": [{"role": "user", "content": "What is the weather in Paris?"}], "temperature": 0, "max_tokens": 60, "tools": \#(tools)"#
+        for (choice, name, finish) in [(#""required""#, nil as String?, "tool_calls"), (#"{"type": "function", "function": {"name": "get_time"}}"#, "get_time", "stop")] {
+            for stream in [false, true] {
+                let r = try await http(.POST, server.base + "/v1/chat/completions", #"{\#(ask), "tool_choice": \#(choice), "stream": \#(stream)}"#)
+                var calls: [JSONValue] = [], reason: String?
+                if stream {
+                    for event in r.body.components(separatedBy: "\n\n") where event.hasPrefix("data: {") {
+                        let c = try JSON.parse(String(event.dropFirst(6)))["choices"]?.arrayValue?.first
+                        calls += c?["delta"]?["tool_calls"]?.arrayValue ?? []
+                        #expect((c?["delta"]?["content"]?.stringValue ?? "").isEmpty, "a forced call streams no text: \(event)")
+                        if let f = c?["finish_reason"]?.stringValue { reason = f }
+                    }
+                } else {
+                    let c = r.json?["choices"]?.arrayValue?.first
+                    calls = c?["message"]?["tool_calls"]?.arrayValue ?? []
+                    reason = c?["finish_reason"]?.stringValue
+                    #expect(c?["message"]?["content"] == .null, "\(r.body)")
+                }
+                #expect(r.status == 200 && calls.count == 1 && reason == finish, "\(choice) stream \(stream): \(r.body)")
+                let f = calls.first?["function"]
+                let called = f?["name"]?.stringValue ?? ""
+                let arguments = try JSON.parse(f?["arguments"]?.stringValue ?? "")
+                #expect(calls.first?["id"]?.stringValue?.hasPrefix("call_") == true && calls.first?["type"]?.stringValue == "function")
+                #expect(name == nil ? ["get_weather", "get_time"].contains(called) : called == name, "\(r.body)")
+                // The arguments follow the called tool's schema: its required keys, and nothing else.
+                let keys = Set((arguments.objectValue ?? []).map(\.0))
+                #expect(keys == (called == "get_weather" ? ["city", "unit"] : ["zone"]), "\(r.body)")
+                if called == "get_weather" { #expect(["celsius", "fahrenheit"].contains(arguments["unit"]?.stringValue ?? "")) }
+            }
+        }
+        // A call and its result sent back: the template renders them (arguments as the JSON text OpenAI clients send).
+        let roundTrip = #"{"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"}], "tools": \#(tools), "max_tokens": 4}"#
+        let back = try await http(.POST, server.base + "/v1/chat/completions", roundTrip)
+        #expect(back.status == 200, "\(back.body)")
+        // The errors: a tool_choice naming no tool, malformed tools, arguments that are not JSON, a schema keyword that cannot be enforced.
+        for (body, param) in [(#"{\#(ask), "tool_choice": {"type": "function", "function": {"name": "nope"}}}"#, "tool_choice"),
+                              (#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#, "tools"),
+                              (#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}], "tool_choice": "required"}"#, "tools"),
+                              (#"{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, {"role": "user", "content": "x"}]}"#, "messages")] {
+            let r = try await http(.POST, server.base + "/v1/chat/completions", body)
+            #expect(r.status == 400 && r.json?["error"]?["param"]?.stringValue == param, "\(r.body)")
+        }
     }
 
     @Test("eval judge against qlora serve: the default model judges two systems through the same protocol")

@@ -111,8 +111,8 @@ check("json_schema with a pattern (cannot be enforced)", True, lambda: client.ch
     "type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "string", "pattern": "^[a-z]+$"}}}))
 check("top_k via extra_body", False, lambda: client.chat.completions.create(**greedy, extra_body={"top_k": 1}))
 for label, kwargs in [
-    ("tools", dict(tools=[{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object", "properties": {}}}}])),
-    ("tool_choice=required", dict(tool_choice="required")),
+    ("tools (SmolLM2's template has no tool calls)", dict(tools=[{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object", "properties": {}}}}])),
+    ("tool_choice=required without tools", dict(tool_choice="required")),
     ("reasoning_effort", dict(reasoning_effort="low")),
     ("unknown field (extra_body)", dict(extra_body={"frobnicate": 1})),
 ]:
@@ -122,5 +122,62 @@ check("n=9 (past the cap of 8)", True, lambda: client.completions.create(model=m
 check("completions logprobs=1", False, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, logprobs=1).choices[0].logprobs.token_logprobs)
 check("completions echo", True, lambda: client.completions.create(model=model, prompt="Hi", max_tokens=2, echo=True))
 server.terminate()
+
+# Tools through a template that writes Hermes calls: Qwen 2.5's (from the chat template fixtures) on the same model.
+import tempfile
+
+here = os.path.dirname(os.path.abspath(__file__))
+cases = json.load(open(os.path.join(here, "..", "..", "Tests", "QLoRATokenizerTests", "Resources", "chat_template_cases.json")))
+template = tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False)
+template.write(cases["templates"]["qwen2.5"]["template"])
+template.close()
+server = subprocess.Popen([binary, "serve", "--port", "0", "--chat-template", template.name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+port = int(re.search(r"127\.0\.0\.1:(\d+)", server.stdout.readline()).group(1))
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+import pydantic
+
+
+class GetWeather(pydantic.BaseModel):
+    """The weather in a city."""
+    city: str
+    unit: str
+
+
+weather = openai.pydantic_function_tool(GetWeather, name="get_weather")
+ask = dict(model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}], temperature=0, max_tokens=60, tools=[weather])
+
+
+def calls(r):
+    c = r.choices[0]
+    return (c.finish_reason, [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []])
+
+
+check("tools + tool_choice=required (pydantic_function_tool)", False, lambda: calls(client.chat.completions.create(**ask, tool_choice="required")))
+check("tools + tool_choice naming the function", False, lambda: calls(client.chat.completions.create(
+    **ask, tool_choice={"type": "function", "function": {"name": "get_weather"}})))
+check("tools + tool_choice=auto", False, lambda: summary(client.chat.completions.create(**ask)))
+
+
+def streamed_call():
+    parts = {}
+    for ch in client.chat.completions.create(**ask, tool_choice="required", stream=True):
+        for t in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            p = parts.setdefault(t.index, {"name": "", "arguments": ""})
+            p["name"] += t.function.name or ""
+            p["arguments"] += t.function.arguments or ""
+    return [(p["name"], json.loads(p["arguments"])) for p in parts.values()]
+
+
+check("tools streamed (deltas joined by index)", False, streamed_call)
+check("chat.completions.parse with a strict pydantic tool", False, lambda: client.chat.completions.parse(
+    **ask, tool_choice="required").choices[0].message.tool_calls[0].function.parsed_arguments)
+check("a tool call and its result sent back", False, lambda: summary(client.chat.completions.create(
+    model=model, temperature=0, max_tokens=12, tools=[weather], messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"}])))
+server.terminate()
+os.unlink(template.name)
 print(f"{failures} failed")
 sys.exit(1 if failures else 0)

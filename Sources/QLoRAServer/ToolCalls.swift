@@ -1,0 +1,233 @@
+// OpenAI's tools and tool_choice through the chat template's own tool support: the tools go to the template as
+// transformers' apply_chat_template passes them, and the calls the model writes in its family's format come back as
+// the response's tool_calls. Two formats, told apart by the template as llama.cpp tells them: Hermes (Qwen 2.5, Qwen 3:
+// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one block a call) and Llama 3.1/3.2 (a bare
+// `{"name": ..., "parameters": {...}}` as the whole reply). tool_choice "required" or a named function constrains the
+// reply to a call of the tools' own parameter schemas (JSONSchemaMatcher), so that it always parses.
+import Foundation
+import QLoRACore
+import QLoRAGeneration
+import QLoRATokenizer
+
+public enum ToolFormat: String, Sendable {
+    case hermes, llama3
+
+    /// The format a chat template writes tool calls in, or nil when it has none.
+    public static func of(_ template: ChatTemplate) -> ToolFormat? {
+        if template.source.contains("<tool_call>") { return .hermes }
+        if template.source.contains("<|start_header_id|>ipython<|end_header_id|>") || template.source.contains("ipython") && template.source.contains("\"parameters\"") {
+            return .llama3
+        }
+        return nil
+    }
+
+    /// The key of a call's arguments in this format.
+    var argumentsKey: String { self == .hermes ? "arguments" : "parameters" }
+
+    /// What the prompt ends with when the reply must be a call (the model's own opening of one).
+    var opening: String { self == .hermes ? "<tool_call>\n" : "" }
+}
+
+/// A call the model made: the function's name and its arguments (a JSON object).
+public struct ToolCall: Sendable, Equatable {
+    public var name: String
+    public var arguments: JSONValue
+
+    /// The OpenAI object: {"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}.
+    func json(id: String, index: Int? = nil) -> JSONValue {
+        var fields: [(String, JSONValue)] = []
+        if let index { fields.append(("index", .int(index))) }
+        fields += [("id", .string(id)), ("type", .string("function")),
+                   ("function", .object([("name", .string(name)), ("arguments", .string(JSON.serialize(arguments)))]))]
+        return .object(fields)
+    }
+}
+
+/// The tools of a request and what it asks of them.
+public struct ToolRequest: Sendable {
+    public enum Choice: Sendable, Equatable { case auto, required, named(String) }
+    public var format: ToolFormat
+    public var choice: Choice
+    /// The tools as the request sent them (to the template).
+    public var tools: JSONValue
+    public var names: [String]
+    /// parallel_tool_calls: false keeps the first call only.
+    public var parallel = true
+
+    public init(format: ToolFormat, choice: Choice, tools: JSONValue, names: [String], parallel: Bool = true) {
+        self.format = format
+        self.choice = choice
+        self.tools = tools
+        self.names = names
+        self.parallel = parallel
+    }
+
+    /// The finish_reason of a reply that made calls: OpenAI's "stop" for a named function, else "tool_calls".
+    var finishReason: String { if case .named = choice { return "stop" }; return "tool_calls" }
+
+    /// Whether the reply is constrained to be a call.
+    var forced: Bool { choice != .auto }
+
+    /// The schema of one call, any of the tools (or the named one): its name and its parameters' schema.
+    public func callSchema() -> JSONValue {
+        var alternatives: [JSONValue] = []
+        for t in tools.arrayValue ?? [] {
+            guard let f = t["function"], let name = f["name"]?.stringValue else { continue }
+            if case let .named(n) = choice, n != name { continue }
+            var parameters = f["parameters"] ?? .object([("type", .string("object"))])
+            if parameters.objectValue?.isEmpty == true { parameters = .object([("type", .string("object"))]) }
+            alternatives.append(.object([
+                ("type", .string("object")),
+                ("properties", .object([("name", .object([("const", .string(name))])), (format.argumentsKey, parameters)])),
+                ("required", .array([.string("name"), .string(format.argumentsKey)])),
+                ("additionalProperties", .bool(false)),
+            ]))
+        }
+        return alternatives.count == 1 ? alternatives[0] : .object([("anyOf", .array(alternatives))])
+    }
+
+    /// The calls in a reply and the text before them, or nil when it made none (it is then plain content). A forced
+    /// reply is the call's JSON itself (the prompt ended with the opening).
+    public func parse(_ text: String) -> (content: String?, calls: [ToolCall])? {
+        if forced {
+            guard let call = Self.call(text, format: format) else { return nil }
+            return (nil, [call])
+        }
+        var found: (content: String?, calls: [ToolCall])?
+        switch format {
+        case .hermes:
+            // <tool_call> blocks; the last may be left open at the end of the reply.
+            let parts = text.components(separatedBy: "<tool_call>")
+            guard parts.count > 1 else { return nil }
+            var calls: [ToolCall] = []
+            for part in parts.dropFirst() {
+                let body = part.components(separatedBy: "</tool_call>")[0]
+                guard let call = Self.call(body, format: format) else { return nil }  // a malformed call: all of it is content
+                calls.append(call)
+            }
+            let before = parts[0].trimmingCharacters(in: .whitespacesAndNewlines)
+            found = (before.isEmpty ? nil : before, calls)
+        case .llama3:
+            // The whole reply is one call (after whitespace; <|python_tag|> is a special token the decoder dropped).
+            guard text.trimmingCharacters(in: .whitespacesAndNewlines).hasPrefix("{"), let call = Self.call(text, format: format) else { return nil }
+            found = (nil, [call])
+        }
+        if var f = found, !parallel, f.calls.count > 1 { f.calls = [f.calls[0]]; found = f }
+        return found
+    }
+
+    /// One call's JSON: {"name": ..., "arguments" | "parameters": {...}} (either key taken in both formats, as vLLM does).
+    static func call(_ text: String, format: ToolFormat) -> ToolCall? {
+        guard let value = try? JSON.parse(text.trimmingCharacters(in: .whitespacesAndNewlines)), let name = value["name"]?.stringValue else { return nil }
+        let arguments = value[format.argumentsKey] ?? value[format == .hermes ? "parameters" : "arguments"] ?? .object([])
+        guard arguments.objectValue != nil else { return nil }
+        return ToolCall(name: name, arguments: arguments)
+    }
+
+    /// Reads tools, tool_choice and parallel_tool_calls (nil: no tools in play, or tool_choice "none", whose tools are
+    /// left out of the prompt so that no call can come).
+    static func read(_ v: JSONValue, template: ChatTemplate?) throws -> ToolRequest? {
+        func bad(_ param: String, _ message: String) -> APIError { APIError.invalid(message, param: param) }
+        let list = v["tools"].flatMap { $0 == .null ? nil : $0 }
+        guard let list else {
+            if let c = v["tool_choice"], c != .null, c.stringValue != "none", c.stringValue != "auto" {
+                throw bad("tool_choice", "tool_choice needs tools")
+            }
+            return nil
+        }
+        guard let tools = list.arrayValue else { throw bad("tools", "\"tools\" must be a list") }
+        var names: [String] = []
+        for (i, t) in tools.enumerated() {
+            guard t["type"]?.stringValue == "function", let f = t["function"], let name = f["name"]?.stringValue, !name.isEmpty else {
+                throw bad("tools", "tools[\(i)] must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}")
+            }
+            guard !names.contains(name) else { throw bad("tools", "two tools are named \"\(name)\"") }
+            if let p = f["parameters"], p != .null, p.objectValue == nil { throw bad("tools", "tools[\(i)].function.parameters must be a JSON Schema object") }
+            names.append(name)
+        }
+        var choice = Choice.auto
+        switch v["tool_choice"] {
+        case nil, .null?: break
+        case let .string(s)?:
+            switch s {
+            case "none": return nil
+            case "auto": break
+            case "required": choice = .required
+            default: throw bad("tool_choice", "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+            }
+        case let c?:
+            guard c["type"]?.stringValue == "function", let name = c["function"]?["name"]?.stringValue else {
+                throw bad("tool_choice", "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+            }
+            guard names.contains(name) else { throw bad("tool_choice", "tool_choice names \"\(name)\", which is not among the tools") }
+            choice = .named(name)
+        }
+        guard !tools.isEmpty else {
+            if choice != .auto { throw bad("tool_choice", "tool_choice needs tools") }
+            return nil
+        }
+        guard let template, let format = ToolFormat.of(template) else {
+            throw APIError.invalid("this model's chat template defines no tool calls (tools work with templates that write Hermes <tool_call> blocks, such as Qwen 2.5 and 3, or Llama 3.1/3.2's JSON calls)",
+                                   param: "tools", code: "unsupported_value")
+        }
+        var request = ToolRequest(format: format, choice: choice, tools: list, names: names)
+        if let p = v["parallel_tool_calls"], p != .null {
+            guard let b = p.boolValue else { throw bad("parallel_tool_calls", "must be true or false") }
+            request.parallel = b
+        }
+        return request
+    }
+}
+
+/// Streams a reply that may make calls: text goes out as it comes until it may be the start of a call, which is held
+/// back until the reply ends and is then sent as tool_calls (or as text, if it was none).
+public final class ToolStream: @unchecked Sendable {
+    public let request: ToolRequest
+    public private(set) var text = ""
+    /// Characters of `text` already sent as content.
+    private var sent = 0
+
+    public init(_ request: ToolRequest) { self.request = request }
+
+    /// The content to send now for a new piece.
+    public func add(_ piece: String) -> String {
+        text += piece
+        guard !request.forced else { return "" }
+        let safe: Int
+        switch request.format {
+        case .hermes:
+            let marker = "<tool_call>"
+            if let r = text.range(of: marker) {
+                safe = text.distance(from: text.startIndex, to: r.lowerBound)
+            } else {
+                // Hold back a tail that may be the marker's beginning.
+                var keep = 0
+                for k in stride(from: min(marker.count - 1, text.count), through: 1, by: -1) where text.hasSuffix(String(marker.prefix(k))) {
+                    keep = k
+                    break
+                }
+                safe = text.count - keep
+            }
+        case .llama3:
+            // A call is the whole reply: hold it while it is blank or starts with '{'.
+            let trimmed = text.drop { $0.isWhitespace }
+            safe = trimmed.isEmpty || trimmed.first == "{" ? 0 : text.count
+        }
+        guard safe > sent else { return "" }
+        let out = String(text.dropFirst(sent).prefix(safe - sent))
+        sent = safe
+        return out
+    }
+
+    /// At the end: the content not yet sent and the calls (nil: none, the rest is content).
+    public func finish() -> (content: String, calls: [ToolCall]?) {
+        if let parsed = request.parse(text) {
+            let before = parsed.content ?? ""
+            let rest = before.count > sent ? String(before.dropFirst(sent)) : ""
+            return (rest, parsed.calls)
+        }
+        let rest = String(text.dropFirst(sent))
+        sent = text.count
+        return (rest, nil)
+    }
+}
