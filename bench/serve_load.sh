@@ -5,8 +5,8 @@
 #   - ours on the base alone, then with two LoRA adapters (r 16 and r 64, trained here on demo/quill.jsonl)
 #     mixed with the base request by request: base, quill16, quill64, base, ...;
 #   - llama-server on the base alone, 16 slots (llama.cpp built from the llama-cpp-python sdist:
-#     bench/llama_cpp_setup.sh). Its per-request LoRA needs adapters in llama.cpp's GGUF layout, which
-#     swift-qlora does not write yet (issue 15), so it is not in the mixed run.
+#     bench/llama_cpp_setup.sh), then with the same two adapters written by `qlora export-adapter` in llama.cpp's
+#     LoRA GGUF, mixed the same way through its per-request "lora" field (--lora-init-without-apply).
 # Usage: bench/serve_load.sh [OUT_DIR]   (default bench/out/serve-load); JSON lines, one per server and level.
 # Needs: swift build -c release (qlora, qlora-bench). Runs one server at a time; nothing else should run.
 set -euo pipefail
@@ -67,5 +67,16 @@ pid=$!
 wait_for "$PORT"
 say "llama-server ($LLAMA_CPP_COMMIT)"
 "$BENCH" serve-load --url "http://127.0.0.1:$PORT" --models "$BASE_ID" --label "llama-server" "${LOAD[@]}" | tee -a "$OUT/results.jsonl"
+kill "$pid"; wait "$pid" 2>/dev/null || true
+
+for r in 16 64; do
+  [ -f "$OUT/quill$r.gguf" ] || "$QLORA" export-adapter --adapter "$OUT/quill$r" --model "$MODEL" --output "$OUT/quill$r.gguf" >/dev/null
+done
+"$LLAMA_CPP_BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$PORT" -t "$(nproc)" -tb "$(nproc)" --parallel 16 -c 16384 \
+  --lora "$OUT/quill16.gguf" --lora "$OUT/quill64.gguf" --lora-init-without-apply --no-webui >"$OUT/llama-server-mixed.log" 2>&1 &
+pid=$!
+wait_for "$PORT"
+say "llama-server with two adapters ($LLAMA_CPP_COMMIT)"
+"$BENCH" serve-load --url "http://127.0.0.1:$PORT" --models "$BASE_ID,lora:0,lora:1" --label "llama-server-mixed" "${LOAD[@]}" | tee -a "$OUT/results.jsonl"
 kill "$pid"; wait "$pid" 2>/dev/null || true
 say "results: $OUT/results.jsonl"

@@ -174,10 +174,15 @@ extension JSONPrefix: ByteRecognizer {}
 public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Sendable, VocabularyMask {
     /// Each token's bytes, or nil for tokens that never appear in constrained output (special and added ones, empty ones).
     let pieces: [[UInt8]?]
+    /// The first token's bytes: a reply decoded on its own loses its first token's leading space under a
+    /// SentencePiece decoder, so the first step sees the token decoded alone (the same as `pieces` elsewhere).
+    let firstPieces: [[UInt8]?]
     public private(set) var state: Recognizer
+    /// Whether a token has been taken.
+    private var started = false
 
     public init(tokenizer: Tokenizer, vocabularySize: Int, start: Recognizer) {
-        pieces = VocabularyPieces.pieces(tokenizer, vocabularySize)
+        (pieces, firstPieces) = VocabularyPieces.pieces(tokenizer, vocabularySize)
         state = start
     }
 
@@ -190,8 +195,8 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
     /// end tokens `eos` (which only a complete reply may take). Returns false when no token is left (the caller ends
     /// the reply).
     public func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool {
-        let bits = memo[state] ?? allowedTokens(count: logits.count, eos: eos)
-        if memo[state] == nil {
+        let bits = (started ? memo[state] : nil) ?? allowedTokens(count: logits.count, eos: eos)
+        if started && memo[state] == nil {
             if memo.count >= Self.memoLimit { memo.removeAll(keepingCapacity: true) }
             memo[state] = bits
         }
@@ -206,11 +211,12 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
     func allowedTokens(count: Int, eos: Set<Int>) -> [UInt64] {
         var bits = [UInt64](repeating: 0, count: (count + 63) / 64)
         let complete = state.isComplete
+        let table = started ? pieces : firstPieces
         for id in 0..<count {
             var allowed = false
             if eos.contains(id) {
                 allowed = complete
-            } else if !complete, let bytes = pieces.indices.contains(id) ? pieces[id] : nil {
+            } else if !complete, let bytes = table.indices.contains(id) ? table[id] : nil {
                 var copy = state
                 allowed = true
                 for b in bytes where !copy.feed(b) { allowed = false; break }
@@ -222,7 +228,9 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
 
     /// Takes the chosen token (one `mask` allowed).
     public func advance(_ id: Int) {
-        guard pieces.indices.contains(id), let bytes = pieces[id] else { return }
+        let table = started ? pieces : firstPieces
+        started = true
+        guard table.indices.contains(id), let bytes = table[id] else { return }
         for b in bytes where !state.feed(b) { return }
     }
 }
@@ -243,20 +251,42 @@ public protocol VocabularyMask: AnyObject {
 /// The vocabulary's bytes, made once per tokenizer and size (a server's requests share them). Entries hold their
 /// tokenizer, so that another one made later at the same address is not taken for it.
 enum VocabularyPieces {
-    static func pieces(_ tokenizer: Tokenizer, _ size: Int) -> [[UInt8]?] {
-        if let known = cacheLock.withLock({ cache.first { $0.tokenizer === tokenizer && $0.size == size }?.pieces }) { return known }
-        let made: [[UInt8]?] = (0..<size).map { id in
-            guard !tokenizer.isSpecial(id) else { return nil }
-            let bytes = tokenizer.decodedBytes([id])
-            return bytes.isEmpty ? nil : bytes
+    /// Each token's bytes after other text, and decoded alone (a reply's first token), or nil for tokens that never
+    /// appear in constrained output (special ones, empty ones).
+    static func pieces(_ tokenizer: Tokenizer, _ size: Int) -> ([[UInt8]?], [[UInt8]?]) {
+        if let known = cacheLock.withLock({ cache.first { $0.tokenizer === tokenizer && $0.size == size } }) { return (known.pieces, known.first) }
+        // A token's bytes as they come out after other text: decoded after an anchor token and taken off it, because
+        // a SentencePiece decoder drops the leading space of the first token (Metaspace's first-token rule, Llama 2's
+        // Strip), which a reply's later tokens keep. A byte-fallback token (<0xC3>) is its byte, which decoded alone
+        // would be U+FFFD.
+        let anchor = tokenizer.encode("a").first
+        let anchorBytes = anchor.map { tokenizer.decodedBytes([$0]) } ?? []
+        var later: [[UInt8]?] = [], first: [[UInt8]?] = []
+        later.reserveCapacity(size)
+        first.reserveCapacity(size)
+        for id in 0..<size {
+            guard !tokenizer.isSpecial(id) else { later.append(nil); first.append(nil); continue }
+            if let t = tokenizer.token(of: id), t.utf8.count == 6, t.hasPrefix("<0x"), t.hasSuffix(">"), let b = UInt8(t.dropFirst(3).prefix(2), radix: 16) {
+                later.append([b])
+                first.append([b])
+                continue
+            }
+            let alone = tokenizer.decodedBytes([id])
+            var bytes = alone
+            if let anchor {
+                let both = tokenizer.decodedBytes([anchor, id])
+                if both.starts(with: anchorBytes) { bytes = Array(both.dropFirst(anchorBytes.count)) }
+            }
+            later.append(bytes.isEmpty ? nil : bytes)
+            first.append(alone.isEmpty ? nil : alone)
         }
         cacheLock.withLock {
-            cache.append((tokenizer, size, made))
+            cache.append((tokenizer, size, later, first))
             if cache.count > 8 { cache.removeFirst() }
         }
-        return made
+        return (later, first)
     }
 
-    nonisolated(unsafe) static var cache: [(tokenizer: Tokenizer, size: Int, pieces: [[UInt8]?])] = []
+    nonisolated(unsafe) static var cache: [(tokenizer: Tokenizer, size: Int, pieces: [[UInt8]?], first: [[UInt8]?])] = []
     static let cacheLock = NSLock()
 }

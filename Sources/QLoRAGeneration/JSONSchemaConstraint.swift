@@ -41,6 +41,67 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
         var compiler = Compiler(document: schema)
         root = try compiler.compile(schema, path: "#")
         nodes = compiler.nodes
+        try checkCycles()
+        try pruneUnproductive()
+    }
+
+    /// Refuses alternatives or references that come back to themselves before a byte is read (`{"$ref": "#"}`,
+    /// `{"anyOf": [{"$ref": "#"}, ...]}`): the matcher would follow them forever.
+    func checkCycles() throws(JSONSchemaError) {
+        var state = [UInt8](repeating: 0, count: nodes.count)  // 0 new, 1 on the path, 2 done
+        func visit(_ n: Int) -> Bool {
+            if state[n] == 1 { return false }
+            if state[n] == 2 { return true }
+            state[n] = 1
+            if case let .anyOf(list) = nodes[n] { for m in list where !visit(m) { return false } }
+            state[n] = 2
+            return true
+        }
+        for n in nodes.indices where !visit(n) {
+            throw JSONSchemaError(path: "#", reason: "a $ref or anyOf refers back to itself before any value starts; such a schema admits nothing to write")
+        }
+    }
+
+    /// Which nodes have a finite value (a fixpoint: strings, numbers and literals do; an object when its required
+    /// properties do; an array when it may be empty or its items do; anyOf when an alternative does). The root must;
+    /// elsewhere what has none is cut away (an optional property, an alternative, additional properties), so that a
+    /// reply can always be finished.
+    func pruneUnproductive() throws(JSONSchemaError) {
+        var productive = [Bool](repeating: false, count: nodes.count)
+        var changed = true
+        while changed {
+            changed = false
+            for (i, n) in nodes.enumerated() where !productive[i] {
+                let ok: Bool
+                switch n {
+                case .string, .number, .literal: ok = true
+                case let .object(_, values, required, _): ok = values.indices.allSatisfy { required & (1 << UInt64($0)) == 0 || productive[values[$0]] }
+                case let .array(items, minItems, _): ok = minItems == 0 || productive[items]
+                case let .anyOf(list): ok = list.contains { productive[$0] }
+                case .pending: ok = false
+                }
+                if ok { productive[i] = true; changed = true }
+            }
+        }
+        guard productive[root] else {
+            throw JSONSchemaError(path: "#", reason: "the schema admits no finite value (a required property or item that always needs another)")
+        }
+        for (i, n) in nodes.enumerated() {
+            switch n {
+            case let .object(keys, values, required, additional):
+                // An optional property without a finite value can never be written to the end: it is not offered.
+                let keep = values.indices.filter { productive[values[$0]] }
+                var bits: UInt64 = 0
+                for (j, k) in keep.enumerated() where required & (1 << UInt64(k)) != 0 { bits |= 1 << UInt64(j) }
+                nodes[i] = .object(keys: keep.map { keys[$0] }, values: keep.map { values[$0] }, required: bits,
+                                   additional: additional.flatMap { productive[$0] ? $0 : nil })
+            case let .anyOf(list):
+                nodes[i] = .anyOf(list.filter { productive[$0] })
+            case let .array(items, minItems, _) where !productive[items] && minItems == 0:
+                nodes[i] = .array(items: items, minItems: 0, maxItems: 0)
+            default: break
+            }
+        }
     }
 
     struct Compiler {
@@ -70,6 +131,38 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
         }
 
         func fail(_ path: String, _ reason: String) -> JSONSchemaError { JSONSchemaError(path: path, reason: reason) }
+
+        static func typeNames(_ t: JSONValue) -> [String]? {
+            if let s = t.stringValue { return [s] }
+            guard let list = t.arrayValue else { return nil }
+            let names = list.compactMap(\.stringValue)
+            return names.count == list.count && !names.isEmpty ? names : nil
+        }
+
+        static func isOfType(_ v: JSONValue, _ t: String) -> Bool {
+            switch (v, t) {
+            case (.object, "object"), (.array, "array"), (.string, "string"), (.bool, "boolean"), (.null, "null"), (.number, "number"): return true
+            case let (.number(n), "integer"): return Double(n).map { $0.rounded() == $0 } ?? false
+            default: return false
+            }
+        }
+
+        /// The JSON types a schema's values may have, when it says so plainly (type, enum or const), else nil.
+        static func declaredTypes(_ s: JSONValue) -> Set<String>? {
+            func kind(_ v: JSONValue) -> String {
+                switch v {
+                case .object: return "object"
+                case .array: return "array"
+                case .string: return "string"
+                case .bool: return "boolean"
+                case .null: return "null"
+                case .number: return "number"
+                }
+            }
+            if let values = s["enum"]?.arrayValue ?? s["const"].map({ [$0] }) { return Set(values.map(kind)) }
+            guard let t = s["type"], let names = typeNames(t) else { return nil }
+            return Set(names.map { $0 == "integer" ? "number" : $0 })
+        }
 
         /// The node of `ref` ("#", "#/$defs/Name" or "#/definitions/Name"), compiled once (recursion allowed).
         mutating func reference(_ ref: String, path: String) throws(JSONSchemaError) -> Int {
@@ -102,12 +195,22 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 return try reference(ref, path: path)
             }
             if let alternatives = s["anyOf"] ?? s["oneOf"] {
-                // oneOf is taken as anyOf: the output is a value of one of them (exactly one cannot be checked a byte at a time).
                 let key = s["anyOf"] != nil ? "anyOf" : "oneOf"
                 guard keys.subtracting(JSONSchemaGrammar.annotations).subtracting([key]).isEmpty else {
                     throw fail(path, "\(key) beside other keywords is not supported; move them into each alternative")
                 }
                 guard let list = alternatives.arrayValue, !list.isEmpty else { throw fail("\(path)/\(key)", "must be a non-empty array of schemas") }
+                if key == "oneOf" {
+                    // Exactly one cannot be checked a byte at a time; it holds when no value can be of two alternatives,
+                    // which is sure when their types do not overlap.
+                    var seen: Set<String> = []
+                    for (i, a) in list.enumerated() {
+                        guard let t = Self.declaredTypes(a), seen.isDisjoint(with: t) else {
+                            throw fail("\(path)/oneOf/\(i)", "oneOf is enforced only when its alternatives are of different types (one value could match two here); use anyOf")
+                        }
+                        seen.formUnion(t)
+                    }
+                }
                 var ids: [Int] = []
                 for (i, a) in list.enumerated() { ids.append(try compile(a, path: "\(path)/\(key)/\(i)")) }
                 return add(.anyOf(ids))
@@ -123,7 +226,13 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 guard keys.subtracting(JSONSchemaGrammar.annotations).subtracting([key, "type"]).isEmpty else {
                     throw fail(path, "\(key) beside keywords other than type is not supported")
                 }
-                guard let list = values.arrayValue, !list.isEmpty else { throw fail("\(path)/enum", "must be a non-empty array") }
+                guard var list = values.arrayValue, !list.isEmpty else { throw fail("\(path)/enum", "must be a non-empty array") }
+                if let t = s["type"] {
+                    // Only the values of the given types are valid (an integral number counts as an integer, as jsonschema has it).
+                    guard let types = Self.typeNames(t) else { throw fail("\(path)/type", "must be a type name or a list of them") }
+                    list = list.filter { v in types.contains { Self.isOfType(v, $0) } }
+                    guard !list.isEmpty else { throw fail(path, "no value of \(key) is of the type the schema gives") }
+                }
                 var strings: [[UInt8]] = [], others: [[UInt8]] = []
                 for v in list {
                     let text = Array(JSON.serialize(v).utf8)
@@ -178,6 +287,7 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 guard properties.count <= 64 else { throw fail("\(path)/properties", "more than 64 properties in one object are not supported") }
                 properties.sort { $0.0.lexicographicallyPrecedes($1.0) }
                 var required: UInt64 = 0
+                if let r = s["required"], r.arrayValue == nil { throw fail("\(path)/required", "must be a list of property names") }
                 for r in s["required"]?.arrayValue ?? [] {
                     guard let name = r.stringValue, let i = properties.firstIndex(where: { $0.2 == name }) else {
                         throw fail("\(path)/required", "\(JSON.serialize(r)) is not one of the properties")
@@ -195,7 +305,11 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 return add(.object(keys: properties.map(\.0), values: values, required: required, additional: additional))
             case "array":
                 let items = try s["items"].map { x throws(JSONSchemaError) in try compile(x, path: "\(path)/items") } ?? any()
+                for k in ["minItems", "maxItems"] {
+                    if let v = s[k], (v.intValue ?? -1) < 0 { throw fail("\(path)/\(k)", "must be a non-negative integer") }
+                }
                 let minItems = s["minItems"]?.intValue ?? 0, maxItems = s["maxItems"]?.intValue
+                guard minItems <= 4096 else { throw fail("\(path)/minItems", "more than 4096 items cannot be written within a reply") }
                 if let m = maxItems, m < minItems { throw fail("\(path)/maxItems", "is below minItems") }
                 return add(.array(items: items, minItems: minItems, maxItems: maxItems))
             case "string": return add(.string(nil))
@@ -295,7 +409,10 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         var first: Stack?
         var rest: [Stack] = []
         mutating func append(_ s: Stack) {
-            if first == nil { first = s } else if rest.count < JSONSchemaMatcher.maxStacks { rest.append(s) }
+            // Alternatives that reached the same state are one (a list of int | float items would double them each item).
+            guard let f = first else { first = s; return }
+            if f == s || rest.contains(s) || rest.count >= JSONSchemaMatcher.maxStacks { return }
+            rest.append(s)
         }
     }
 
@@ -475,8 +592,8 @@ public struct JSONSchemaMatcher: ByteRecognizer {
             out.append(s)
         case let .number(integer, state, digits):
             let digit = isDigit(b)
-            // Up to 15 digits before the point and after it (f64's precision), 3 in the exponent.
-            let room = digits < (state == .exponentSign || state == .exponentDigits ? 3 : 15)
+            // Up to 15 digits before the point and after it (f64's precision), 2 in the exponent (f64's range).
+            let room = digits < (state == .exponentSign || state == .exponentDigits ? 2 : 15)
             var next: NumberState?
             switch (state, b) {
             case (.minus, _) where b == UInt8(ascii: "0"): next = .zero

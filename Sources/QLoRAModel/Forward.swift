@@ -119,7 +119,11 @@ final class ForwardWorkspace {
     let attention: Attention.Workspace
 
     /// `packedWords`: the words of a packed weight tile when the products run in bf16, else nil.
-    init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int, packedWords: Int?) {
+    /// Whether attention has room to widen a 16-bit cache's keys and values.
+    let widens: Bool
+
+    init(rows T: Int, config c: LlamaConfig, capacity: Int, scratchCount: Int, packedWords: Int?, widen: Bool) {
+        widens = widen
         rows = T
         self.capacity = capacity
         let D = c.hiddenSize, qDim = c.headCount * c.headDim, kvDim = c.kvHeadCount * c.headDim, I = c.intermediateSize
@@ -138,7 +142,7 @@ final class ForwardWorkspace {
                    converted: packedWords.map { _ in a.halves(T * BF16Gemm.paddedCount(widest)) }, packed: packedWords.map { a.words($0) },
                    fused: c.fusedProjections ? a.floats(T * max(c.qkvDim, 2 * I)) : nil,
                    attention: Attention.Workspace(a, heads: c.attentionHeads, maxKeys: capacity, blockRows: LlamaModel.prefillAttentionRows,
-                                                  backward: false, bf16: false, widen: true))
+                                                  backward: false, bf16: false, widen: widen))
         }
         self.arena = arena
         h = l.h; xn = l.xn; q = l.q; k = l.k; v = l.v; attn = l.attn; proj = l.proj; g = l.g; u = l.u
@@ -290,16 +294,18 @@ extension LlamaModel {
 
     /// The cache's workspace, made (or remade larger) for `rows` tokens and attention rows of `capacity`, with
     /// the bf16 operands' buffers when these kernels run the products in bf16.
-    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil, kernels: KernelTable) -> ForwardWorkspace {
+    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil, widen: Bool? = nil, kernels: KernelTable) -> ForwardWorkspace {
         let capacity = capacity ?? cache.capacity
         let bf16 = bf16Products(kernels) && rows > Linear.batchedRowLimit
-        if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity, !bf16 || ws.packed != nil { return ws }
+        // Room to widen keys and values only for a 16-bit cache read by many rows (decoding reads them as they are).
+        let widen = (widen ?? (cache.dtype != .f32)) || cache.workspace?.widens == true
+        if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity, !bf16 || ws.packed != nil, !widen || ws.widens { return ws }
         let linears = (layers.first?.linears ?? []) + [head]
         let scratchCount = linears.map(\.scratchCount).max() ?? 0
         let rows = max(rows, cache.workspace?.rows ?? 0)
         let packedWords = bf16 || cache.workspace?.packed != nil ? linears.map { $0.packedWords(forRows: rows) }.max() ?? 1 : nil
         let ws = ForwardWorkspace(rows: rows, config: config, capacity: max(capacity, cache.workspace?.capacity ?? 0), scratchCount: scratchCount,
-                                  packedWords: packedWords)
+                                  packedWords: packedWords, widen: widen)
         cache.workspace = ws
         return ws
     }
@@ -372,7 +378,7 @@ extension LlamaModel {
         let runs = try adapterRuns(adapters, rowCounts: rows.counts)
         let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         let offsets = rows.offsets, starts = rows.starts, n = rows.counts.reduce(0, +)
-        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, kernels: kernels)
+        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, widen: caches.contains { $0.dtype != .f32 }, kernels: kernels)
         var positions: [Int] = [], longRows: [Bool] = []
         positions.reserveCapacity(n)
         let longSequences = zip(caches, tokens).map { c.usesLongRope(maxPosition: $0.length + $1.count - 1) }

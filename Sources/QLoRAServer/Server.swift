@@ -398,9 +398,12 @@ public final class Server: @unchecked Sendable {
                                                param: "messages", code: "unsupported_value")
                     }
                 }
+                if role == "tool", !extra.contains(where: { $0.0 == "tool_call_id" }) {
+                    throw APIError.invalid("messages[\(i)]: a tool message needs tool_call_id (the id of the call it answers)", param: "messages")
+                }
                 let content: String
                 switch m["content"] {
-                case nil where !extra.isEmpty, .null? where !extra.isEmpty: content = ""  // a message of tool calls only
+                case nil where !extra.isEmpty && role == "assistant", .null? where !extra.isEmpty && role == "assistant": content = ""  // a message of tool calls only
                 case let .string(s)?: content = s
                 case let .array(parts)?:
                     // The list form: text parts only.
@@ -427,10 +430,17 @@ public final class Server: @unchecked Sendable {
             } catch {
                 throw APIError.invalid("the chat template refused these messages: \(error)", param: "messages")
             }
+            if toolRequest != nil, o.responseFormat != .text {
+                // A reply held to a JSON value cannot also write a call in the template's format.
+                throw APIError.invalid("response_format cannot be combined with tools (unless tool_choice is none)", param: "response_format")
+            }
+            if toolRequest?.forced == true || o.responseFormat != .text, !o.stopStrings.isEmpty {
+                // Stop strings would cut a constrained value (a "}" or a newline inside it) and leave it unparsable.
+                throw APIError.invalid("stop cannot be combined with a JSON response_format or a forced tool call (the value ends by itself)", param: "stop")
+            }
             if let t = toolRequest, t.forced {
                 // The reply must be a call: the prompt ends with the model's own opening of one, and the reply is held to
                 // a call of the tools' parameter schemas.
-                guard o.responseFormat == .text else { throw APIError.invalid("response_format cannot be combined with a forced tool call", param: "response_format") }
                 do { o.responseFormat = .jsonSchema(try JSONSchemaGrammar(schema: t.callSchema())) } catch {
                     throw APIError.invalid("tool_choice \(t.choice == .required ? "required" : "with a named function") holds the reply to the tools' parameter schemas, and one cannot be enforced: \(error)",
                                            param: "tools", code: "unsupported_value")

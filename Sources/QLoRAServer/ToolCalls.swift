@@ -90,7 +90,7 @@ public struct ToolRequest: Sendable {
     /// reply is the call's JSON itself (the prompt ended with the opening).
     public func parse(_ text: String) -> (content: String?, calls: [ToolCall])? {
         if forced {
-            guard let call = Self.call(text, format: format) else { return nil }
+            guard let call = call(text) else { return nil }
             return (nil, [call])
         }
         var found: (content: String?, calls: [ToolCall])?
@@ -102,25 +102,28 @@ public struct ToolRequest: Sendable {
             var calls: [ToolCall] = []
             for part in parts.dropFirst() {
                 let body = part.components(separatedBy: "</tool_call>")[0]
-                guard let call = Self.call(body, format: format) else { return nil }  // a malformed call: all of it is content
+                guard let call = call(body) else { return nil }  // a malformed call: all of it is content
                 calls.append(call)
             }
             let before = parts[0].trimmingCharacters(in: .whitespacesAndNewlines)
             found = (before.isEmpty ? nil : before, calls)
         case .llama3:
             // The whole reply is one call (after whitespace; <|python_tag|> is a special token the decoder dropped).
-            guard text.trimmingCharacters(in: .whitespacesAndNewlines).hasPrefix("{"), let call = Self.call(text, format: format) else { return nil }
+            guard text.trimmingCharacters(in: .whitespacesAndNewlines).hasPrefix("{"), let call = call(text) else { return nil }
             found = (nil, [call])
         }
         if var f = found, !parallel, f.calls.count > 1 { f.calls = [f.calls[0]]; found = f }
         return found
     }
 
-    /// One call's JSON: {"name": ..., "arguments" | "parameters": {...}} (either key taken in both formats, as vLLM does).
-    static func call(_ text: String, format: ToolFormat) -> ToolCall? {
-        guard let value = try? JSON.parse(text.trimmingCharacters(in: .whitespacesAndNewlines)), let name = value["name"]?.stringValue else { return nil }
-        let arguments = value[format.argumentsKey] ?? value[format == .hermes ? "parameters" : "arguments"] ?? .object([])
-        guard arguments.objectValue != nil else { return nil }
+    /// One call's JSON: {"name": ..., "arguments" | "parameters": {...}} (either key taken in both formats, as vLLM does),
+    /// of one of the request's tools (a reply that names another function, or a JSON object that merely has a "name",
+    /// is text, not a call).
+    func call(_ text: String) -> ToolCall? {
+        guard let value = try? JSON.parse(text.trimmingCharacters(in: .whitespacesAndNewlines)), let name = value["name"]?.stringValue,
+              names.contains(name), let fields = value.objectValue, fields.count == 2,
+              let arguments = value[format.argumentsKey] ?? value[format == .hermes ? "parameters" : "arguments"], arguments.objectValue != nil
+        else { return nil }
         return ToolCall(name: name, arguments: arguments)
     }
 
@@ -184,7 +187,8 @@ public struct ToolRequest: Sendable {
 public final class ToolStream: @unchecked Sendable {
     public let request: ToolRequest
     public private(set) var text = ""
-    /// Characters of `text` already sent as content.
+    /// Unicode scalars of `text` already sent as content (scalars, not characters: a piece may be a combining mark
+    /// that joins the character before it).
     private var sent = 0
 
     public init(_ request: ToolRequest) { self.request = request }
@@ -193,41 +197,59 @@ public final class ToolStream: @unchecked Sendable {
     public func add(_ piece: String) -> String {
         text += piece
         guard !request.forced else { return "" }
+        let scalars = Array(text.unicodeScalars)
         let safe: Int
         switch request.format {
         case .hermes:
-            let marker = "<tool_call>"
-            if let r = text.range(of: marker) {
-                safe = text.distance(from: text.startIndex, to: r.lowerBound)
+            let marker = Array("<tool_call>".unicodeScalars)
+            if let at = Self.find(marker, in: scalars) {
+                safe = at
             } else {
                 // Hold back a tail that may be the marker's beginning.
                 var keep = 0
-                for k in stride(from: min(marker.count - 1, text.count), through: 1, by: -1) where text.hasSuffix(String(marker.prefix(k))) {
+                for k in stride(from: min(marker.count - 1, scalars.count), through: 1, by: -1) where Array(scalars.suffix(k)) == Array(marker.prefix(k)) {
                     keep = k
                     break
                 }
-                safe = text.count - keep
+                safe = scalars.count - keep
             }
         case .llama3:
             // A call is the whole reply: hold it while it is blank or starts with '{'.
-            let trimmed = text.drop { $0.isWhitespace }
-            safe = trimmed.isEmpty || trimmed.first == "{" ? 0 : text.count
+            let first = scalars.first { !$0.properties.isWhitespace }
+            safe = first == nil || first == "{" ? 0 : scalars.count
         }
         guard safe > sent else { return "" }
-        let out = String(text.dropFirst(sent).prefix(safe - sent))
+        var out = String.UnicodeScalarView()
+        out.append(contentsOf: scalars[sent..<safe])
         sent = safe
-        return out
+        return String(out)
+    }
+
+    static func find(_ needle: [Unicode.Scalar], in hay: [Unicode.Scalar]) -> Int? {
+        guard hay.count >= needle.count else { return nil }
+        for i in 0...(hay.count - needle.count) where Array(hay[i..<(i + needle.count)]) == needle { return i }
+        return nil
     }
 
     /// At the end: the content not yet sent and the calls (nil: none, the rest is content).
     public func finish() -> (content: String, calls: [ToolCall]?) {
+        let scalars = Array(text.unicodeScalars)
         if let parsed = request.parse(text) {
-            let before = parsed.content ?? ""
-            let rest = before.count > sent ? String(before.dropFirst(sent)) : ""
-            return (rest, parsed.calls)
+            // What came before the first call and was not sent yet.
+            let before: Int
+            switch request.format {
+            case .hermes: before = Self.find(Array("<tool_call>".unicodeScalars), in: scalars) ?? 0
+            case .llama3: before = 0
+            }
+            var rest = String.UnicodeScalarView()
+            if before > sent { rest.append(contentsOf: scalars[sent..<before]) }
+            sent = scalars.count
+            _ = parsed
+            return (String(rest).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ? "" : String(rest), parsed.calls)
         }
-        let rest = String(text.dropFirst(sent))
-        sent = text.count
-        return (rest, nil)
+        var rest = String.UnicodeScalarView()
+        if scalars.count > sent { rest.append(contentsOf: scalars[sent...]) }
+        sent = scalars.count
+        return (String(rest), nil)
     }
 }

@@ -39,7 +39,10 @@ struct ToolCallTests {
                     continue
                 }
                 let turn = String(rendered[start.upperBound..<end.lowerBound])
-                let request = ToolRequest(format: format, choice: .auto, tools: c["tools"] ?? .null, names: [])
+                let names = (c["tools"]?.arrayValue ?? []).compactMap { $0["function"]?["name"]?.stringValue }
+                let request = ToolRequest(format: format, choice: .auto, tools: c["tools"] ?? .null, names: names)
+                #expect(ToolRequest(format: format, choice: .auto, tools: c["tools"] ?? .null, names: ["other"]).parse(turn) == nil,
+                        "\(name): a call of a function the request did not offer is text")
                 let parsed = try #require(request.parse(turn), "\(name): \(turn)")
                 #expect(parsed.calls.map(\.name) == expected.map { $0["function"]?["name"]?.stringValue ?? "" }, "\(name)")
                 #expect(parsed.calls.map(\.arguments) == expected.map { $0["function"]?["arguments"] ?? .null }, "\(name)")
@@ -51,7 +54,7 @@ struct ToolCallTests {
 
     @Test("Hermes: text before the calls is content, several calls (the first only without parallel calls), a malformed call is all content")
     func hermes() throws {
-        let r = ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: [])
+        let r = ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: ["a", "b"])
         let two = "Let me check.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>"
         let parsed = try #require(r.parse(two))
         #expect(parsed.content == "Let me check." && parsed.calls.map(\.name) == ["a", "b"])
@@ -61,11 +64,14 @@ struct ToolCallTests {
         #expect(r.parse("<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}") != nil, "the last call may be left open at the end")
         #expect(r.parse("<tool_call>\n{\"name\": \"a\", \"arguments\": [1]}\n</tool_call>") == nil)
         #expect(r.parse("no call here") == nil)
+        #expect(r.parse("<tool_call>\n{\"name\": \"c\", \"arguments\": {}}\n</tool_call>") == nil, "c is not among the tools")
+        let llama = ToolRequest(format: .llama3, choice: .auto, tools: .array([]), names: ["a"])
+        #expect(llama.parse(#"{"name": "Paris", "country": "France"}"#) == nil && llama.parse(#" {"name": "a", "parameters": {"x": 2}}"#)?.calls.first?.name == "a")
     }
 
     @Test("streaming: text goes out until a call may begin; the call comes whole at the end")
     func stream() {
-        let s = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: []))
+        let s = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: ["f"]))
         var sent = ""
         for piece in ["Sure", ", here", " <tool", "_call>\n{\"name\": \"f\",", " \"arguments\": {\"q\": \"x\"}}\n</tool_call>"] { sent += s.add(piece) }
         #expect(sent == "Sure, here ")
@@ -75,5 +81,9 @@ struct ToolCallTests {
         let t = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: []))
         let early = t.add("a <tool")
         #expect(early == "a " && t.finish().content == "<tool" && t.finish().calls == nil)
+        // A piece that only extends the character before it (a combining accent, the second half of a flag) is sent.
+        let u = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: []))
+        let pieces = ["e", "\u{301}", " \u{1F1EB}", "\u{1F1F7}"].map { u.add($0) }.joined() + u.finish().content
+        #expect(pieces == "e\u{301} \u{1F1EB}\u{1F1F7}" && pieces.unicodeScalars.count == 5)
     }
 }

@@ -86,8 +86,50 @@ struct JSONSchemaTests {
         #expect(error("false")?.contains("admits no value") == true)
         #expect(error(#"{"type": ["string", "null"], "description": "d", "title": "t"}"#) == nil)
         #expect(error(##"{"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "$ref": "#/$defs/a"}"##) == nil)
+        // Schemas the matcher could not follow or finish: refused when compiled, not met at the first token.
+        #expect(error(##"{"$ref": "#"}"##)?.contains("refers back to itself") == true)
+        #expect(error(##"{"anyOf": [{"$ref": "#"}, {"type": "string"}]}"##)?.contains("refers back to itself") == true)
+        #expect(error(##"{"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "required": ["next"]}}, "$ref": "#/$defs/n"}"##)?.contains("no finite value") == true)
+        #expect(error(#"{"oneOf": [{"type": "number"}, {"type": "integer"}]}"#)?.contains("use anyOf") == true)
+        #expect(error(#"{"oneOf": [{"type": "string"}, {"type": "null"}]}"#) == nil)
+        #expect(error(#"{"type": "object", "properties": {"a": {"type": "string"}}, "required": "a"}"#)?.contains("list of property names") == true)
+        #expect(error(#"{"type": "array", "minItems": "3"}"#)?.contains("non-negative integer") == true)
+        // type beside enum keeps only the values of that type.
+        let typed = try JSONSchemaGrammar(schema: JSON.parse(#"{"type": "string", "enum": ["a", null, 1]}"#))
+        #expect(Self.accepts(typed, #""a""#) && !Self.accepts(typed, "null") && !Self.accepts(typed, "1"))
+        // An optional property that could never be finished is not offered.
+        let pruned = try JSONSchemaGrammar(schema: JSON.parse(##"{"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "required": ["next"]}}, "type": "object", "properties": {"x": {"$ref": "#/$defs/n"}, "y": {"type": "integer"}}, "additionalProperties": false}"##))
+        var m = JSONSchemaMatcher(pruned)
+        #expect(Self.accepts(pruned, #"{"y": 1}"#) && m.feed(UInt8(ascii: "{")) && m.feed(UInt8(ascii: "\"")) && !m.feed(UInt8(ascii: "x")))
         let nested = try JSONSchemaGrammar(schema: JSON.parse(##"{"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "$ref": "#/$defs/a"}"##))
         #expect(Self.accepts(nested, "[[], [[]], [[[]]]]") && !Self.accepts(nested, "[1]"))
+    }
+
+    @Test("over a SentencePiece vocabulary (Llama 2) the mask sees each token's bytes as the reply holds them: its leading space, byte tokens as bytes")
+    func sentencePiece() throws {
+        let tokenizer = try Tokenizer.load(model: Fixtures.decompressed(FileSystem.join(Fixtures.resources(), "tokenizers/llama2.tokenizer.json.xz")))
+        let V = tokenizer.vocabularySize
+        let end = try #require(tokenizer.eosTokenID ?? tokenizer.id(of: "</s>"))
+        let schema = try JSON.parse(#"{"type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}}, "unit": {"enum": ["celsius"]}, "city": {"type": "string"}}, "required": ["n", "unit", "city"], "additionalProperties": false}"#)
+        let constraint = TokenConstraint(tokenizer: tokenizer, vocabularySize: V, start: JSONSchemaMatcher(try JSONSchemaGrammar(schema: schema)))
+        func allowed() -> Set<Int> {
+            var logits = [Float](repeating: 0, count: V)
+            _ = constraint.mask(&logits, eos: [end])
+            return Set(logits.indices.filter { logits[$0] == 0 })
+        }
+        let doc = #"{"n": [1, 12], "unit": "celsius", "city": "Zürich 東京"}"#
+        let ids = tokenizer.encode(doc)
+        #expect(tokenizer.decode(ids) == doc)
+        for (k, id) in ids.enumerated() {
+            let a = allowed()
+            #expect(a.contains(id), "token \(k) \(tokenizer.token(of: id) ?? "?")")
+            if k > 0, tokenizer.decode(Array(ids.prefix(k))).hasSuffix("[1"), let spaced = tokenizer.id(of: "\u{2581}2") {
+                // "1" then "▁2" reads " 2" in the reply: not the number 12.
+                #expect(!a.contains(spaced))
+            }
+            constraint.advance(id)
+        }
+        #expect(allowed() == [end])
     }
 
     @Test("the mask over the SmolLM2 vocabulary follows the schema: an enum's tokens only, the end token only when the value is whole")

@@ -51,8 +51,14 @@ struct LoadSettings {
 /// generated (the usage count when the server sends one, else the pieces of content received).
 func streamedChat(_ client: HTTPClient, _ s: LoadSettings, index: Int) async -> LoadSample {
     let start = Clock.seconds()
-    let body = JSONValue.object([
-        ("model", .string(s.models[index % s.models.count])),
+    // "lora:K" (llama-server): the base model with its adapter K at scale 1 for this request (llama-server's per-request
+    // "lora" field; started with --lora-init-without-apply, the others stay at 0).
+    let name = s.models[index % s.models.count]
+    var fields: [(String, JSONValue)] = [("model", .string(name.hasPrefix("lora:") ? s.models[0] : name))]
+    if name.hasPrefix("lora:"), let k = Int(name.dropFirst(5)) {
+        fields.append(("lora", .array([.object([("id", .int(k)), ("scale", .double(1))])])))
+    }
+    let body = JSONValue.object(fields + [
         ("messages", .array([.object([("role", .string("user")), ("content", .string(s.prompts[index % s.prompts.count]))])])),
         ("max_tokens", .int(s.maxTokens)), ("temperature", .double(0)), ("stream", .bool(true)),
         ("stream_options", .object([("include_usage", .bool(true))])),
@@ -155,7 +161,7 @@ func runLevels(_ client: HTTPClient, _ settings: LoadSettings, levels: [Int], re
 /// Runs `serve-load` from the command line (main.swift's arguments).
 func serveLoadCommand() throws {
     guard let url = stringOption("--url") else {
-        fail("usage: qlora-bench serve-load --url http://127.0.0.1:PORT --prompts FILE [--models a,b,...] [--clients 1,4,16] [--requests-per-client 4] [--min-requests 8] [--seconds 120] [--max-tokens 64] [--label NAME]")
+        fail("usage: qlora-bench serve-load --url http://127.0.0.1:PORT --prompts FILE [--models a,b,lora:0,...] [--clients 1,4,16] [--requests-per-client 4] [--min-requests 8] [--seconds 120] [--max-tokens 64] [--label NAME]")
     }
     guard let promptFile = stringOption("--prompts") else { fail("serve-load: --prompts FILE (JSON lines with text, prompt or question)") }
     let prompts = try JSON.completeLines(FileSystem.readFile(promptFile)).compactMap { _, line -> String? in
