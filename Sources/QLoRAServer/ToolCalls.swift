@@ -68,14 +68,24 @@ public struct ToolRequest: Sendable {
     /// Whether the reply is constrained to be a call.
     var forced: Bool { choice != .auto }
 
-    /// The schema of one call, any of the tools (or the named one): its name and its parameters' schema.
+    /// The schema of one call, any of the tools (or the named one): its name and its parameters' schema. Each tool's
+    /// own definitions ($defs or definitions: pydantic's nested models) move to the top, renamed per tool, with the
+    /// references into them.
     public func callSchema() -> JSONValue {
         var alternatives: [JSONValue] = []
-        for t in tools.arrayValue ?? [] {
+        var definitions: [(String, JSONValue)] = []
+        for (i, t) in (tools.arrayValue ?? []).enumerated() {
             guard let f = t["function"], let name = f["name"]?.stringValue else { continue }
             if case let .named(n) = choice, n != name { continue }
             var parameters = f["parameters"] ?? .object([("type", .string("object"))])
             if parameters.objectValue?.isEmpty == true { parameters = .object([("type", .string("object"))]) }
+            if case let .object(fields) = parameters {
+                let prefix = "tool\(i)_"
+                for key in ["$defs", "definitions"] {
+                    for (d, body) in fields.first(where: { $0.0 == key })?.1.objectValue ?? [] { definitions.append((prefix + d, Self.rebased(body, prefix))) }
+                }
+                parameters = Self.rebased(.object(fields.filter { $0.0 != "$defs" && $0.0 != "definitions" }), prefix)
+            }
             alternatives.append(.object([
                 ("type", .string("object")),
                 ("properties", .object([("name", .object([("const", .string(name))])), (format.argumentsKey, parameters)])),
@@ -83,7 +93,29 @@ public struct ToolRequest: Sendable {
                 ("additionalProperties", .bool(false)),
             ]))
         }
-        return alternatives.count == 1 ? alternatives[0] : .object([("anyOf", .array(alternatives))])
+        var schema: [(String, JSONValue)] = alternatives.count == 1 ? alternatives[0].objectValue ?? [] : [("anyOf", .array(alternatives))]
+        if !definitions.isEmpty {
+            // The definitions beside a one-tool schema's own keywords need an anyOf wrapper (a $defs beside type is fine too).
+            schema.append(("$defs", .object(definitions)))
+        }
+        return .object(schema)
+    }
+
+    /// `schema` with its references into its own definitions ("#/$defs/X", "#/definitions/X") pointing at the top-level
+    /// "#/$defs/PREFIX" + X, and "#" (the tool's parameters themselves) refused later as unresolvable.
+    static func rebased(_ schema: JSONValue, _ prefix: String) -> JSONValue {
+        switch schema {
+        case let .object(fields):
+            return .object(fields.map { key, value in
+                if key == "$ref", let r = value.stringValue {
+                    for base in ["#/$defs/", "#/definitions/"] where r.hasPrefix(base) { return (key, .string("#/$defs/" + prefix + r.dropFirst(base.count))) }
+                    return (key, value)
+                }
+                return (key, rebased(value, prefix))
+            })
+        case let .array(items): return .array(items.map { rebased($0, prefix) })
+        default: return schema
+        }
     }
 
     /// The calls in a reply and the text before them, or nil when it made none (it is then plain content). A forced

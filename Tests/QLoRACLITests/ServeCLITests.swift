@@ -474,6 +474,26 @@ struct ServeCLITests {
         let roundTrip = #"{"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"}], "tools": \#(tools), "max_tokens": 4}"#
         let back = try await http(.POST, server.base + "/v1/chat/completions", roundTrip)
         #expect(back.status == 200, "\(back.body)")
+        // The prompt is transformers' rendering of the same conversation (chat_template_cases.json's qwen2.5
+        // tool_call_roundtrip), sent as an OpenAI client sends it: arguments as JSON text, the tool message with its call's id.
+        let fixture = try #require(cases["templates"]?["qwen2.5"]?["cases"]?.arrayValue?.first { $0["name"]?.stringValue == "tool_call_roundtrip" })
+        let sent: [JSONValue] = (fixture["messages"]?.arrayValue ?? []).map { m in
+            guard case let .object(fields) = m else { return m }
+            var out: [(String, JSONValue)] = fields.map { key, value in
+                guard key == "tool_calls" else { return (key, value) }
+                return (key, .array((value.arrayValue ?? []).enumerated().map { j, c in
+                    .object([("id", .string("call_\(j)")), ("type", .string("function")),
+                             ("function", .object([("name", c["function"]?["name"] ?? .null), ("arguments", .string(JSON.serialize(c["function"]?["arguments"] ?? .null)))]))])
+                }))
+            }
+            if m["role"]?.stringValue == "tool" { out.append(("tool_call_id", .string("call_0"))) }
+            return .object(out)
+        }
+        let body = JSON.serialize(.object([("messages", .array(sent)), ("tools", fixture["tools"] ?? .null), ("max_tokens", .int(1))]))
+        let same = try await http(.POST, server.base + "/v1/chat/completions", body)
+        let tokenizer = try Tokenizer(jsonFile: FileSystem.join(Fixtures.repositoryRoot(), "Tests/QLoRATokenizerTests/Resources/smollm2-tokenizer.json"))
+        let expected = tokenizer.encode(fixture["rendered"]?.stringValue ?? "").count
+        #expect(same.status == 200 && same.json?["usage"]?["prompt_tokens"]?.intValue == expected, "\(expected) tokens expected: \(same.body)")
         // The errors: a tool_choice naming no tool, malformed tools, arguments that are not JSON, a schema keyword that cannot be enforced.
         for (body, param) in [(#"{\#(ask), "tool_choice": {"type": "function", "function": {"name": "nope"}}}"#, "tool_choice"),
                               (#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#, "tools"),

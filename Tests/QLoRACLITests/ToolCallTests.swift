@@ -69,6 +69,21 @@ struct ToolCallTests {
         #expect(llama.parse(#"{"name": "Paris", "country": "France"}"#) == nil && llama.parse(#" {"name": "a", "parameters": {"x": 2}}"#)?.calls.first?.name == "a")
     }
 
+    @Test("a forced call's schema holds each tool's own $defs (pydantic's nested models), moved to the top and renamed per tool")
+    func nestedDefinitions() throws {
+        let tools = try JSON.parse(##"[{"type": "function", "function": {"name": "get_weather", "parameters": {"$defs": {"City": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": false}}, "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"], "additionalProperties": false}}}, {"type": "function", "function": {"name": "get_time", "parameters": {"definitions": {"City": {"enum": ["Paris"]}}, "type": "object", "properties": {"where": {"$ref": "#/definitions/City"}}, "required": ["where"], "additionalProperties": false}}}]"##)
+        let request = ToolRequest(format: .hermes, choice: .required, tools: tools, names: ["get_weather", "get_time"])
+        let grammar = try JSONSchemaGrammar(schema: request.callSchema())
+        func accepts(_ text: String) -> Bool {
+            var m = JSONSchemaMatcher(grammar)
+            for b in text.utf8 where !m.feed(b) { return false }
+            return m.isComplete
+        }
+        #expect(accepts(#"{"name": "get_weather", "arguments": {"city": {"name": "Paris"}}}"#))
+        #expect(!accepts(#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#))
+        #expect(accepts(#"{"name": "get_time", "arguments": {"where": "Paris"}}"#) && !accepts(#"{"name": "get_time", "arguments": {"where": "Rome"}}"#))
+    }
+
     @Test("streaming: text goes out until a call may begin; the call comes whole at the end")
     func stream() {
         let s = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: ["f"]))
