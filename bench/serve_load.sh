@@ -6,7 +6,8 @@
 #     mixed with the base request by request: base, quill16, quill64, base, ...;
 #   - llama-server on the base alone, 16 slots (llama.cpp built from the llama-cpp-python sdist:
 #     bench/llama_cpp_setup.sh), then with the same two adapters written by `qlora export-adapter` in llama.cpp's
-#     LoRA GGUF, mixed the same way through its per-request "lora" field (--lora-init-without-apply).
+#     LoRA GGUF (one --lora with both, comma-separated: a repeated --lora keeps only the last), mixed the same way
+#     through its per-request "lora" field (--lora-init-without-apply).
 # Usage: bench/serve_load.sh [OUT_DIR]   (default bench/out/serve-load); JSON lines, one per server and level.
 # Needs: swift build -c release (qlora, qlora-bench). Runs one server at a time; nothing else should run.
 set -euo pipefail
@@ -73,7 +74,7 @@ for r in 16 64; do
   [ -f "$OUT/quill$r.gguf" ] || "$QLORA" export-adapter --adapter "$OUT/quill$r" --model "$MODEL" --output "$OUT/quill$r.gguf" >/dev/null
 done
 "$LLAMA_CPP_BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$PORT" -t "$(nproc)" -tb "$(nproc)" --parallel 16 -c 16384 \
-  --lora "$OUT/quill16.gguf" --lora "$OUT/quill64.gguf" --lora-init-without-apply --no-webui >"$OUT/llama-server-mixed.log" 2>&1 &
+  --lora "$OUT/quill16.gguf,$OUT/quill64.gguf" --lora-init-without-apply --no-webui >"$OUT/llama-server-mixed.log" 2>&1 &
 pid=$!
 wait_for "$PORT"
 say "llama-server with two adapters ($LLAMA_CPP_COMMIT)"

@@ -51,12 +51,14 @@ struct LoadSettings {
 /// generated (the usage count when the server sends one, else the pieces of content received).
 func streamedChat(_ client: HTTPClient, _ s: LoadSettings, index: Int) async -> LoadSample {
     let start = Clock.seconds()
-    // "lora:K" (llama-server): the base model with its adapter K at scale 1 for this request (llama-server's per-request
-    // "lora" field; started with --lora-init-without-apply, the others stay at 0).
+    // "lora:K" (llama-server): the base model with its adapter K at scale 1 for this request and every other adapter
+    // at 0 (llama-server's per-request "lora" field); when the list names adapters so, a base request sets them all to 0.
     let name = s.models[index % s.models.count]
     var fields: [(String, JSONValue)] = [("model", .string(name.hasPrefix("lora:") ? s.models[0] : name))]
-    if name.hasPrefix("lora:"), let k = Int(name.dropFirst(5)) {
-        fields.append(("lora", .array([.object([("id", .int(k)), ("scale", .double(1))])])))
+    let adapters = s.models.filter { $0.hasPrefix("lora:") }.compactMap { Int($0.dropFirst(5)) }
+    if !adapters.isEmpty {
+        let own = name.hasPrefix("lora:") ? Int(name.dropFirst(5)) : nil
+        fields.append(("lora", .array(adapters.map { k in .object([("id", .int(k)), ("scale", .double(k == own ? 1 : 0))]) })))
     }
     let body = JSONValue.object(fields + [
         ("messages", .array([.object([("role", .string("user")), ("content", .string(s.prompts[index % s.prompts.count]))])])),
