@@ -348,9 +348,65 @@ void qk_gemv8_avx512(const float *x, const int8_t *q, const float *scales, size_
     }
 }
 
+// Four inputs and more: four rows' codes, scaled, decoded once into `w` (16 KB, in L1) a piece of columns at a time,
+// then each four inputs multiplied with the 16 (row, input) sums in registers: a 16-column step loads four weights
+// and four inputs for 16 multiply-adds (the loop below loads and stores each input's sums at every block). Batched
+// decoding on Zen 5, three interleaved pairs: 16 sequences 454-470 -> 545-574 tokens/s, 4 sequences 309-350 -> 376-390.
+AVX512 static void gemm8_blocked_avx512(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y,
+                                        size_t ldy) {
+    enum { R = 4, NI = 4, CC = 1024 };
+    float w[R][CC];
+    __m512 total[R][GEMM_CHUNK];
+    size_t nb = cols / 32;
+    for (size_t i0 = 0; i0 < nx; i0 += GEMM_CHUNK) {
+        size_t n = nx - i0 < GEMM_CHUNK ? nx - i0 : GEMM_CHUNK;
+        for (size_t r0 = 0; r0 < rows; r0 += R) {
+            size_t m = rows - r0 < R ? rows - r0 : R;
+            for (size_t rr = 0; rr < R; rr++)
+                for (size_t i = 0; i < n; i++) total[rr][i] = _mm512_setzero_ps();
+            for (size_t c0 = 0; c0 < cols; c0 += CC) {
+                size_t cc = cols - c0 < CC ? cols - c0 : CC;
+                for (size_t rr = 0; rr < R; rr++) {
+                    size_t row = r0 + (rr < m ? rr : 0);  // rows past the last repeat the first (their sums are dropped)
+                    for (size_t b = c0 / 32; b < (c0 + cc) / 32; b++) {
+                        __m512 scale = _mm512_set1_ps(scales[row * nb + b]);
+                        __m512 w0, w1;
+                        load_q8_block_avx512(q + row * cols + 32 * b, &w0, &w1);
+                        _mm512_storeu_ps(&w[rr][32 * b - c0], _mm512_mul_ps(w0, scale));
+                        _mm512_storeu_ps(&w[rr][32 * b - c0 + 16], _mm512_mul_ps(w1, scale));
+                    }
+                }
+                for (size_t ib = 0; ib < n; ib += NI) {
+                    const float *xs[NI];
+                    __m512 acc[R][NI];
+                    for (int j = 0; j < NI; j++) {
+                        size_t i = ib + j < n ? ib + j : n - 1;  // inputs past the last repeat it (their sums are not stored)
+                        xs[j] = x + (i0 + i) * cols + c0;
+                        for (int rr = 0; rr < R; rr++) acc[rr][j] = total[rr][i];
+                    }
+                    for (size_t c = 0; c < cc; c += 16) {
+                        __m512 xv[NI];
+                        for (int j = 0; j < NI; j++) xv[j] = _mm512_loadu_ps(xs[j] + c);
+                        for (int rr = 0; rr < R; rr++) {
+                            __m512 wv = _mm512_loadu_ps(&w[rr][c]);
+                            for (int j = 0; j < NI; j++) acc[rr][j] = _mm512_fmadd_ps(wv, xv[j], acc[rr][j]);
+                        }
+                    }
+                    for (int j = 0; j < NI; j++)
+                        if (ib + j < n)
+                            for (int rr = 0; rr < R; rr++) total[rr][ib + j] = acc[rr][j];
+                }
+            }
+            for (size_t rr = 0; rr < m; rr++)
+                for (size_t i = 0; i < n; i++) y[(i0 + i) * ldy + r0 + rr] = _mm512_reduce_add_ps(total[rr][i]);
+        }
+    }
+}
+
 void qk_gemm8_avx512(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy) AVX512;
 void qk_gemm8_avx512(const float *x, size_t nx, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y, size_t ldy) {
     if (nx == 1) { qk_gemv8_avx512(x, q, scales, rows, cols, y); return; }
+    if (nx >= 4) { gemm8_blocked_avx512(x, nx, q, scales, rows, cols, y, ldy); return; }
     size_t nb = cols / 32;
     enum { R = 4 };
     __m512 total[R][GEMM_CHUNK][2];

@@ -185,7 +185,7 @@ struct KernelVariantTests {
             kernels.gemv8(x, q.codes, q.scales, rows, cols, &y)
             expectRows(y, { r in (0..<cols).map { Double(d[r * cols + $0]) * Double(x[$0]) } }, "\(level) q8_0 \(cols)")
             // Several inputs at once.
-            for count in [3, 17] {
+            for count in [3, 8, 17] {
                 let xs = (0..<count).flatMap { i in randomValues(cols, seed: UInt64(cols * 3 + 7 * i)).map { $0 * 40 } }
                 var ys = [Float](repeating: .nan, count: count * rows), yb = ys
                 kernels.gemm8(xs, count, q.codes, q.scales, rows, cols, &ys, rows)
