@@ -195,8 +195,10 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
     /// end tokens `eos` (which only a complete reply may take). Returns false when no token is left (the caller ends
     /// the reply).
     public func mask(_ logits: inout [Float], eos: Set<Int>) -> Bool {
-        let bits = (started ? memo[state] : nil) ?? allowedTokens(count: logits.count, eos: eos)
-        if started && memo[state] == nil {
+        // One lookup (hashing a schema matcher walks its whole stack).
+        let known = started ? memo[state] : nil
+        let bits = known ?? allowedTokens(count: logits.count, eos: eos)
+        if started && known == nil {
             if memo.count >= Self.memoLimit { memo.removeAll(keepingCapacity: true) }
             memo[state] = bits
         }

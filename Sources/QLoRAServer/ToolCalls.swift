@@ -219,27 +219,35 @@ public struct ToolRequest: Sendable {
 public final class ToolStream: @unchecked Sendable {
     public let request: ToolRequest
     public private(set) var text = ""
-    /// Unicode scalars of `text` already sent as content (scalars, not characters: a piece may be a combining mark
-    /// that joins the character before it).
+    /// `text`'s scalars, appended piece by piece (a piece may be a combining mark that joins the character before it,
+    /// so positions count scalars, not characters).
+    private var scalars: [Unicode.Scalar] = []
+    /// Scalars already sent as content.
     private var sent = 0
+    /// Where the first call's marker begins (Hermes), once seen.
+    private var marker: Int?
+    static let opening = Array("<tool_call>".unicodeScalars)
 
     public init(_ request: ToolRequest) { self.request = request }
 
     /// The content to send now for a new piece.
     public func add(_ piece: String) -> String {
+        let before = scalars.count
         text += piece
+        scalars += piece.unicodeScalars
         guard !request.forced else { return "" }
-        let scalars = Array(text.unicodeScalars)
         let safe: Int
         switch request.format {
         case .hermes:
-            let marker = Array("<tool_call>".unicodeScalars)
-            if let at = Self.find(marker, in: scalars) {
+            // Only the new scalars and the marker's length before them can complete the marker.
+            if marker == nil { marker = Self.find(Self.opening, in: scalars, from: max(0, before - Self.opening.count + 1)) }
+            if let at = marker {
                 safe = at
             } else {
                 // Hold back a tail that may be the marker's beginning.
                 var keep = 0
-                for k in stride(from: min(marker.count - 1, scalars.count), through: 1, by: -1) where Array(scalars.suffix(k)) == Array(marker.prefix(k)) {
+                for k in stride(from: min(Self.opening.count - 1, scalars.count), through: 1, by: -1)
+                    where scalars[(scalars.count - k)...].elementsEqual(Self.opening[..<k]) {
                     keep = k
                     break
                 }
@@ -251,37 +259,31 @@ public final class ToolStream: @unchecked Sendable {
             safe = first == nil || first == "{" ? 0 : scalars.count
         }
         guard safe > sent else { return "" }
-        var out = String.UnicodeScalarView()
-        out.append(contentsOf: scalars[sent..<safe])
-        sent = safe
-        return String(out)
+        defer { sent = safe }
+        return Self.string(scalars[sent..<safe])
     }
 
-    static func find(_ needle: [Unicode.Scalar], in hay: [Unicode.Scalar]) -> Int? {
-        guard hay.count >= needle.count else { return nil }
-        for i in 0...(hay.count - needle.count) where Array(hay[i..<(i + needle.count)]) == needle { return i }
+    static func find(_ needle: [Unicode.Scalar], in hay: [Unicode.Scalar], from start: Int = 0) -> Int? {
+        guard hay.count >= needle.count, start <= hay.count - needle.count else { return nil }
+        for i in start...(hay.count - needle.count) where hay[i..<(i + needle.count)].elementsEqual(needle) { return i }
         return nil
+    }
+
+    static func string(_ s: ArraySlice<Unicode.Scalar>) -> String {
+        var v = String.UnicodeScalarView()
+        v.append(contentsOf: s)
+        return String(v)
     }
 
     /// At the end: the content not yet sent and the calls (nil: none, the rest is content).
     public func finish() -> (content: String, calls: [ToolCall]?) {
-        let scalars = Array(text.unicodeScalars)
+        defer { sent = scalars.count }
         if let parsed = request.parse(text) {
-            // What came before the first call and was not sent yet.
-            let before: Int
-            switch request.format {
-            case .hermes: before = Self.find(Array("<tool_call>".unicodeScalars), in: scalars) ?? 0
-            case .llama3: before = 0
-            }
-            var rest = String.UnicodeScalarView()
-            if before > sent { rest.append(contentsOf: scalars[sent..<before]) }
-            sent = scalars.count
-            _ = parsed
-            return (String(rest).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ? "" : String(rest), parsed.calls)
+            // What came before the first call and was not sent yet (Llama 3's call is the whole reply).
+            let end = request.format == .hermes ? (marker ?? Self.find(Self.opening, in: scalars) ?? 0) : 0
+            let rest = end > sent ? Self.string(scalars[sent..<end]) : ""
+            return (rest.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ? "" : rest, parsed.calls)
         }
-        var rest = String.UnicodeScalarView()
-        if scalars.count > sent { rest.append(contentsOf: scalars[sent...]) }
-        sent = scalars.count
-        return (String(rest), nil)
+        return (sent < scalars.count ? Self.string(scalars[sent...]) : "", nil)
     }
 }

@@ -54,6 +54,8 @@ struct Generate: ParsableCommand {
                 ("text", .string(result.text)), ("prompt_tokens", .int(result.promptTokens)),
                 ("generated_tokens", .int(result.tokenIDs.count)), ("finish_reason", .string(result.finishReason)),
                 ("prefill_seconds", .double(result.prefillSeconds)), ("tokens_per_second", .double(result.tokensPerSecond)),
+                // What ran: the cache the generator made and the model's many-row precision.
+                ("kv_cache", .string(generator.cache.dtype.rawValue)), ("compute_dtype", .string(model.computeDType.rawValue)),
             ]))
             return
         }

@@ -145,9 +145,13 @@ struct DefaultModelCLITests {
             let j = try runQLoRA(["generate", "--chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12", "--json",
                                   "--kv-cache", dtype])
             #expect(j.status == 0, "\(j.stderr)")
-            texts.append(try JSON.parse(j.stdout)["text"]?.stringValue ?? "")
+            let reply = try JSON.parse(j.stdout)
+            #expect(reply["kv_cache"]?.stringValue == dtype, "the cache that ran: \(j.stdout)")
+            texts.append(reply["text"]?.stringValue ?? "")
         }
         #expect(texts[0].contains("Paris") && Set(texts).count == 1, "\(texts)")
+        let plain = try runQLoRA(["generate", "-p", "Hi", "--max-tokens", "1", "--json"])
+        #expect((try? JSON.parse(plain.stdout))?["kv_cache"]?.stringValue == "f16", "the default: \(plain.stdout)")
         let bad = try runQLoRA(["generate", "-p", "x", "--kv-cache", "f8"])
         #expect(bad.status != 0 && bad.stderr.contains("--kv-cache must be f16, bf16 or f32"), "\(bad.stderr)")
     }
