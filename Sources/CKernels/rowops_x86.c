@@ -326,6 +326,69 @@ void qk_dropout_avx2(const float *x, uint8_t *mask, float *out, size_t n, uint64
 }
 
 // ---- attention of one key-value head's queries (decoding) ---------------------------------------------
+// Decoding attention's loops over keys and values of element type T: WIDEN8 loads eight of them as eight floats,
+// LINE elements fill a 64-byte cache line (what the prefetches step by). Scores eight positions at a time: eight dot
+// products in eight accumulators, then one reduction tree (hadd, hadd, lane add) that leaves dot t in lane t; the eight
+// key rows stay in L1 for every query. Then out = sum_j p_j v_j: positions in chunks of 32 (their value rows stay in
+// L1 for every query), 64 lanes of a query's output in registers at a time. The cache is read from memory once per
+// step, rows apart by `stride`: keys are fetched 16 positions ahead, values a chunk ahead.
+#define ATTEND_AVX2_BODY(T, WIDEN8, LINE)                                                                                            \
+    size_t j = 0;                                                                                                             \
+    for (; j + 8 <= S; j += 8) {                                                                                              \
+        for (size_t t = 0; t < 8; t++)                                                                                        \
+            for (size_t i = 0; i < d; i += LINE) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0); \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *qq = q + qi * d;                                                                                     \
+            __m256 acc[8];                                                                                                    \
+            for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();                                                      \
+            for (size_t i = 0; i < d; i += 8) {                                                                               \
+                __m256 qv = _mm256_loadu_ps(qq + i);                                                                          \
+                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, WIDEN8(keys + (j + t) * stride + i), acc[t]);    \
+            }                                                                                                                 \
+            __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);                                \
+            __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);                                \
+            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);                                        \
+            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);         \
+            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));               \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (; j < S; j++) {                                                                                                      \
+        const T *k = keys + j * stride;                                                                                \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            __m256 a0 = _mm256_setzero_ps();                                                                                  \
+            for (size_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * d + i), WIDEN8(k + i), a0);       \
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));                                  \
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                                           \
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                                            \
+            scores[qi * S + j] = _mm_cvtss_f32(h) * scale;                                                                    \
+        }                                                                                                                     \
+    }                                                                                                                         \
+    for (size_t qi = 0; qi < nq; qi++) {                                                                                      \
+        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);                                      \
+        else qk_softmax_row_avx2(scores + qi * S, S, S);                                                                      \
+    }                                                                                                                         \
+    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;                                                                        \
+    for (size_t j0 = 0; j0 < S; j0 += 32) {                                                                                   \
+        size_t j1 = S - j0 < 32 ? S : j0 + 32;                                                                                \
+        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)                                                               \
+            for (size_t i = 0; i < d; i += LINE) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);           \
+        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
+            const float *p = scores + qi * S;                                                                                 \
+            for (size_t i0 = 0; i0 < d; i0 += 64) {                                                                           \
+                size_t n = d - i0 < 64 ? (d - i0) / 8 : 8;                                                                    \
+                float *o = out + qi * d + i0;                                                                                 \
+                __m256 acc[8];                                                                                                \
+                for (size_t t = 0; t < n; t++) acc[t] = _mm256_loadu_ps(o + 8 * t);                                           \
+                for (size_t jj = j0; jj < j1; jj++) {                                                                         \
+                    const T *v = values + jj * stride + i0;                                                            \
+                    __m256 pj = _mm256_set1_ps(p[jj]);                                                                        \
+                    for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(pj, WIDEN8(v + 8 * t), acc[t]);                   \
+                }                                                                                                             \
+                for (size_t t = 0; t < n; t++) _mm256_storeu_ps(o + 8 * t, acc[t]);                                           \
+            }                                                                                                                 \
+        }                                                                                                                     \
+    }
+
 void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
                     float scale, float *scores, float *out, float *stats) AVX2;
 void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
@@ -334,67 +397,7 @@ void qk_attend_avx2(const float *q, size_t nq, const float *keys, const float *v
         qk_attend_reference(q, nq, keys, values, S, d, stride, scale, scores, out, stats);
         return;
     }
-    // Scores eight positions at a time: eight dot products in eight accumulators, then one reduction tree
-    // (hadd, hadd, lane add) that leaves dot t in lane t. The eight key rows stay in L1 for every query.
-    size_t j = 0;
-    for (; j + 8 <= S; j += 8) {
-        // The cache is read from memory once per step, rows apart by `stride`: fetch 16 positions ahead.
-        for (size_t t = 0; t < 8; t++)
-            for (size_t i = 0; i < d; i += 16) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0);
-        for (size_t qi = 0; qi < nq; qi++) {
-            const float *qq = q + qi * d;
-            __m256 acc[8];
-            for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-            for (size_t i = 0; i < d; i += 8) {
-                __m256 qv = _mm256_loadu_ps(qq + i);
-                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (j + t) * stride + i), acc[t]);
-            }
-            __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
-            __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
-            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-            // s0123 = [d0 d1 d2 d3 | d0' d1' d2' d3'] (low and high lane halves of the same dots), likewise s4567.
-            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
-        }
-    }
-    for (; j < S; j++) {
-        const float *k = keys + j * stride;
-        for (size_t qi = 0; qi < nq; qi++) {
-            __m256 a0 = _mm256_setzero_ps();
-            for (size_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * d + i), _mm256_loadu_ps(k + i), a0);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            scores[qi * S + j] = _mm_cvtss_f32(h) * scale;
-        }
-    }
-    for (size_t qi = 0; qi < nq; qi++) {
-        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);
-        else qk_softmax_row_avx2(scores + qi * S, S, S);
-    }
-    // out = sum_j p_j v_j: positions in chunks of 32 (their value rows stay in L1 for every query), 64
-    // lanes of a query's output in registers at a time.
-    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;
-    for (size_t j0 = 0; j0 < S; j0 += 32) {
-        size_t j1 = S - j0 < 32 ? S : j0 + 32;
-        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)
-            for (size_t i = 0; i < d; i += 16) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);
-        for (size_t qi = 0; qi < nq; qi++) {
-            const float *p = scores + qi * S;
-            for (size_t i0 = 0; i0 < d; i0 += 64) {
-                size_t n = d - i0 < 64 ? (d - i0) / 8 : 8;
-                float *o = out + qi * d + i0;
-                __m256 acc[8];
-                for (size_t t = 0; t < n; t++) acc[t] = _mm256_loadu_ps(o + 8 * t);
-                for (size_t jj = j0; jj < j1; jj++) {
-                    const float *v = values + jj * stride + i0;
-                    __m256 pj = _mm256_set1_ps(p[jj]);
-                    for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * t), acc[t]);
-                }
-                for (size_t t = 0; t < n; t++) _mm256_storeu_ps(o + 8 * t, acc[t]);
-            }
-        }
-    }
+    ATTEND_AVX2_BODY(float, _mm256_loadu_ps, 16)
 }
 
 void qk_attend_avx512(const float *q, size_t nq, const float *keys, const float *values, size_t S, size_t d, size_t stride,
@@ -450,72 +453,14 @@ void qk_kv_widen_avx2(const uint16_t *src, float *dst, size_t n, int format) {
     qk_kv_widen_reference(src + i, dst + i, n - i, format);
 }
 
-// qk_attend_avx2's loops over 16-bit words: WIDEN8 turns eight words into eight floats.
-#define ATTEND16_AVX2_BODY(WIDEN8)                                                                                            \
-    size_t j = 0;                                                                                                             \
-    for (; j + 8 <= S; j += 8) {                                                                                              \
-        for (size_t t = 0; t < 8; t++)                                                                                        \
-            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(keys + (j + 16 + t) * stride + i), _MM_HINT_T0); \
-        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
-            const float *qq = q + qi * d;                                                                                     \
-            __m256 acc[8];                                                                                                    \
-            for (size_t t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();                                                      \
-            for (size_t i = 0; i < d; i += 8) {                                                                               \
-                __m256 qv = _mm256_loadu_ps(qq + i);                                                                          \
-                for (size_t t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, WIDEN8(keys + (j + t) * stride + i), acc[t]);    \
-            }                                                                                                                 \
-            __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);                                \
-            __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);                                \
-            __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);                                        \
-            __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);         \
-            _mm256_storeu_ps(scores + qi * S + j, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));               \
-        }                                                                                                                     \
-    }                                                                                                                         \
-    for (; j < S; j++) {                                                                                                      \
-        const uint16_t *k = keys + j * stride;                                                                                \
-        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
-            __m256 a0 = _mm256_setzero_ps();                                                                                  \
-            for (size_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * d + i), WIDEN8(k + i), a0);       \
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));                                  \
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                                           \
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                                            \
-            scores[qi * S + j] = _mm_cvtss_f32(h) * scale;                                                                    \
-        }                                                                                                                     \
-    }                                                                                                                         \
-    for (size_t qi = 0; qi < nq; qi++) {                                                                                      \
-        if (stats) stats[2 * qi + 1] = exp_row_avx2(scores + qi * S, S, &stats[2 * qi]);                                      \
-        else qk_softmax_row_avx2(scores + qi * S, S, S);                                                                      \
-    }                                                                                                                         \
-    for (size_t i = 0; i < nq * d; i++) out[i] = 0.0f;                                                                        \
-    for (size_t j0 = 0; j0 < S; j0 += 32) {                                                                                   \
-        size_t j1 = S - j0 < 32 ? S : j0 + 32;                                                                                \
-        for (size_t jj = j0 + 32; jj < j1 + 32 && jj < S; jj++)                                                               \
-            for (size_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(values + jj * stride + i), _MM_HINT_T0);           \
-        for (size_t qi = 0; qi < nq; qi++) {                                                                                  \
-            const float *p = scores + qi * S;                                                                                 \
-            for (size_t i0 = 0; i0 < d; i0 += 64) {                                                                           \
-                size_t n = d - i0 < 64 ? (d - i0) / 8 : 8;                                                                    \
-                float *o = out + qi * d + i0;                                                                                 \
-                __m256 acc[8];                                                                                                \
-                for (size_t t = 0; t < n; t++) acc[t] = _mm256_loadu_ps(o + 8 * t);                                           \
-                for (size_t jj = j0; jj < j1; jj++) {                                                                         \
-                    const uint16_t *v = values + jj * stride + i0;                                                            \
-                    __m256 pj = _mm256_set1_ps(p[jj]);                                                                        \
-                    for (size_t t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(pj, WIDEN8(v + 8 * t), acc[t]);                   \
-                }                                                                                                             \
-                for (size_t t = 0; t < n; t++) _mm256_storeu_ps(o + 8 * t, acc[t]);                                           \
-            }                                                                                                                 \
-        }                                                                                                                     \
-    }
-
 AVX2F16C static void attend16_f16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
                                         size_t stride, float scale, float *scores, float *out, float *stats) {
-    ATTEND16_AVX2_BODY(widen8_f16)
+    ATTEND_AVX2_BODY(uint16_t, widen8_f16, 32)
 }
 
 AVX2F16C static void attend16_bf16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d,
                                          size_t stride, float scale, float *scores, float *out, float *stats) {
-    ATTEND16_AVX2_BODY(widen8_bf16)
+    ATTEND_AVX2_BODY(uint16_t, widen8_bf16, 32)
 }
 
 void qk_attend16_avx2(const float *q, size_t nq, const uint16_t *keys, const uint16_t *values, size_t S, size_t d, size_t stride,

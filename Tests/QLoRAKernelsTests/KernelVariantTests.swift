@@ -299,41 +299,13 @@ struct RowKernelTests {
                     let q = (0..<(nq * d)).map { _ in rng.normal() }
                     let keys = (0..<(S * stride)).map { _ in rng.normal() }, values = (0..<(S * stride)).map { _ in rng.normal() }
                     let scale = 1 / Float(d).squareRoot()
-                    var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
-                    k.attend(q, nq, keys, values, S, d, stride, scale, &scores, &out, nil)
-                    // Split over two ranges of positions (unnormalized, with each range's max and sum), then combined.
-                    let cut = S / 2
-                    var combined = [Float](repeating: .nan, count: nq * d)
-                    if cut > 0 {
-                        var s1 = [Float](repeating: .nan, count: nq * cut), s2 = [Float](repeating: .nan, count: nq * (S - cut))
-                        var o1 = [Float](repeating: .nan, count: nq * d), o2 = o1
-                        var t1 = [Float](repeating: .nan, count: 2 * nq), t2 = t1
-                        k.attend(q, nq, keys, values, cut, d, stride, scale, &s1, &o1, &t1)
+                    checkAttention("\(level) d \(d) S \(S)", q: q, nq: nq, d: d, S: S, scale: scale,
+                                   key: { Double(keys[$0 * stride + $1]) }, value: { Double(values[$0 * stride + $1]) }) { lo, hi, sc, o, st in
                         keys.withUnsafeBufferPointer { kb in
                             values.withUnsafeBufferPointer { vb in
-                                k.attend(q, nq, kb.baseAddress! + cut * stride, vb.baseAddress! + cut * stride, S - cut, d, stride, scale, &s2, &o2, &t2)
+                                k.attend(q, nq, kb.baseAddress! + lo * stride, vb.baseAddress! + lo * stride, hi - lo, d, stride, scale, &sc, &o, st)
                             }
                         }
-                        for qi in 0..<nq {
-                            let m = max(t1[2 * qi], t2[2 * qi])
-                            let w1 = Foundation.exp(t1[2 * qi] - m), w2 = Foundation.exp(t2[2 * qi] - m)
-                            let l = w1 * t1[2 * qi + 1] + w2 * t2[2 * qi + 1]
-                            for i in 0..<d { combined[qi * d + i] = (w1 * o1[qi * d + i] + w2 * o2[qi * d + i]) / l }
-                        }
-                    }
-                    for qi in 0..<nq {
-                        // f64: softmax of the scaled dots, then the weighted sum of values.
-                        let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * Double(keys[j * stride + $1]) } }
-                        let m = dots.max()!
-                        let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
-                        let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(values[$1 * stride + i]) }) }
-                        let label = "\(level) d \(d) S \(S) query \(qi) of \(nq)"
-                        #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, label) == nil)
-                        if cut > 0 {
-                            #expect(Compare.close(Array(combined[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, "\(label) split at \(cut)") == nil)
-                        }
-                        #expect(Compare.close(Array(scores[(qi * S)..<((qi + 1) * S)]), e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5,
-                                              "\(label) probabilities") == nil)
                     }
                 }
             }
@@ -380,39 +352,13 @@ struct RowKernelTests {
                         let widen = { (b: UInt16) in dtype == .f16 ? float16BitsToFloat(b) : bfloat16BitsToFloat(b) }
                         let keys = (0..<(S * stride)).map { _ in narrow(rng.normal()) }, values = (0..<(S * stride)).map { _ in narrow(rng.normal()) }
                         let scale = 1 / Float(d).squareRoot()
-                        var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
-                        k.attend16(q, nq, keys, values, S, d, stride, scale, &scores, &out, nil, format)
-                        let cut = S / 2
-                        var combined = [Float](repeating: .nan, count: nq * d)
-                        if cut > 0 {
-                            var s1 = [Float](repeating: .nan, count: nq * cut), s2 = [Float](repeating: .nan, count: nq * (S - cut))
-                            var o1 = [Float](repeating: .nan, count: nq * d), o2 = o1
-                            var t1 = [Float](repeating: .nan, count: 2 * nq), t2 = t1
-                            k.attend16(q, nq, keys, values, cut, d, stride, scale, &s1, &o1, &t1, format)
+                        checkAttention("\(level) \(dtype) d \(d) S \(S)", q: q, nq: nq, d: d, S: S, scale: scale,
+                                       key: { Double(widen(keys[$0 * stride + $1])) }, value: { Double(widen(values[$0 * stride + $1])) }) { lo, hi, sc, o, st in
                             keys.withUnsafeBufferPointer { kb in
                                 values.withUnsafeBufferPointer { vb in
-                                    k.attend16(q, nq, kb.baseAddress! + cut * stride, vb.baseAddress! + cut * stride, S - cut, d, stride, scale, &s2, &o2,
-                                               &t2, format)
+                                    k.attend16(q, nq, kb.baseAddress! + lo * stride, vb.baseAddress! + lo * stride, hi - lo, d, stride, scale, &sc, &o, st,
+                                               format)
                                 }
-                            }
-                            for qi in 0..<nq {
-                                let m = max(t1[2 * qi], t2[2 * qi])
-                                let w1 = Foundation.exp(t1[2 * qi] - m), w2 = Foundation.exp(t2[2 * qi] - m)
-                                let l = w1 * t1[2 * qi + 1] + w2 * t2[2 * qi + 1]
-                                for i in 0..<d { combined[qi * d + i] = (w1 * o1[qi * d + i] + w2 * o2[qi * d + i]) / l }
-                            }
-                        }
-                        for qi in 0..<nq {
-                            let dots = (0..<S).map { j in
-                                Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * Double(widen(keys[j * stride + $1])) }
-                            }
-                            let m = dots.max()!
-                            let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
-                            let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * Double(widen(values[$1 * stride + i])) }) }
-                            let label = "\(level) \(dtype) d \(d) S \(S) query \(qi) of \(nq)"
-                            #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, label) == nil)
-                            if cut > 0 {
-                                #expect(Compare.close(Array(combined[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, "\(label) split") == nil)
                             }
                         }
                     }
@@ -456,5 +402,43 @@ struct RowKernelTests {
         #expect(mask.prefix(1000).allSatisfy { $0 == 1 })
         reference.dropout(x, &mask, &out, 1000, 1, 65536, 1)
         #expect(mask.prefix(1000).allSatisfy { $0 == 0 })
+    }
+}
+
+/// One decoding-attention kernel, run by `run(lo, hi, scores, out, stats)` over positions lo..<hi (stats nil: normalized),
+/// against an f64 computation over key(j, e) and value(j, e): whole (output and probabilities), and split at S / 2 into
+/// two unnormalized ranges combined by their max and sum.
+private func checkAttention(_ label: String, q: [Float], nq: Int, d: Int, S: Int, scale: Float, key: (Int, Int) -> Double,
+                            value: (Int, Int) -> Double,
+                            run: (Int, Int, inout [Float], inout [Float], UnsafeMutablePointer<Float>?) -> Void) {
+    var scores = [Float](repeating: .nan, count: nq * S), out = [Float](repeating: .nan, count: nq * d)
+    run(0, S, &scores, &out, nil)
+    let cut = S / 2
+    var combined = [Float](repeating: .nan, count: nq * d)
+    if cut > 0 {
+        var s1 = [Float](repeating: .nan, count: nq * cut), s2 = [Float](repeating: .nan, count: nq * (S - cut))
+        var o1 = [Float](repeating: .nan, count: nq * d), o2 = o1
+        var t1 = [Float](repeating: .nan, count: 2 * nq), t2 = t1
+        t1.withUnsafeMutableBufferPointer { run(0, cut, &s1, &o1, $0.baseAddress) }
+        t2.withUnsafeMutableBufferPointer { run(cut, S, &s2, &o2, $0.baseAddress) }
+        for qi in 0..<nq {
+            let m = max(t1[2 * qi], t2[2 * qi])
+            let w1 = Foundation.exp(t1[2 * qi] - m), w2 = Foundation.exp(t2[2 * qi] - m)
+            let l = w1 * t1[2 * qi + 1] + w2 * t2[2 * qi + 1]
+            for i in 0..<d { combined[qi * d + i] = (w1 * o1[qi * d + i] + w2 * o2[qi * d + i]) / l }
+        }
+    }
+    for qi in 0..<nq {
+        // f64: softmax of the scaled dots, then the weighted sum of values.
+        let dots = (0..<S).map { j in Double(scale) * (0..<d).reduce(0.0) { $0 + Double(q[qi * d + $1]) * key(j, $1) } }
+        let m = dots.max()!
+        let e = dots.map { Foundation.exp($0 - m) }, sum = e.reduce(0, +)
+        let expected = (0..<d).map { i in Float((0..<S).reduce(0.0) { $0 + e[$1] / sum * value($1, i) }) }
+        let at = "\(label) query \(qi) of \(nq)"
+        #expect(Compare.close(Array(out[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, at) == nil)
+        if cut > 0 {
+            #expect(Compare.close(Array(combined[(qi * d)..<((qi + 1) * d)]), expected, atol: 2e-6, rtol: 2e-5, "\(at) split at \(cut)") == nil)
+        }
+        #expect(Compare.close(Array(scores[(qi * S)..<((qi + 1) * S)]), e.map { Float($0 / sum) }, atol: 1e-7, rtol: 2e-5, "\(at) probabilities") == nil)
     }
 }
