@@ -57,6 +57,20 @@ struct PrefixCacheTests {
         #expect(generator.prefixCache!.entryCount == 2)
     }
 
+    @Test("entries are per cache type: an f16 prompt's keys are not copied into an f32 cache, and an f16 cache gets them back")
+    func perCacheType() throws {
+        let (model, tokenizer) = try Self.load()
+        let prompt = tokenizer.encode("You are a careful assistant who answers questions about the history of writing instruments. When were quills first used?")
+        let prefixes = PrefixCache(byteBudget: 64 << 20)
+        let f16 = KVCache(config: model.config, capacity: prompt.count + 1, dtype: .f16)
+        _ = try model.forward(prompt, cache: f16, logits: .none)
+        prefixes.store(prompt, model: model, from: f16)
+        #expect(prefixes.entryCount == 1 && prefixes.bytes == 2 * model.config.layerCount * prompt.count * model.config.kvHeadCount * model.config.headDim * 2)
+        #expect(prefixes.restore(prompt, model: model, into: KVCache(config: model.config, capacity: prompt.count + 1, dtype: .f32)) == 0)
+        let again = KVCache(config: model.config, capacity: prompt.count + 1, dtype: .f16)
+        #expect(prefixes.restore(prompt, model: model, into: again) == prompt.count - 1 && again.length == prompt.count - 1)
+    }
+
     @Test("entries are per model, bounded by bytes, least recently used evicted")
     func bounds() throws {
         let (model, tokenizer) = try Self.load()
