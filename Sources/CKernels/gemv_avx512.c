@@ -310,6 +310,160 @@ void qk_gemm4_avx512(const float *x, const float *xp, size_t nx, const uint8_t *
     }
 }
 
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+// The bf16 4-bit product (qk_gemm4_bf16): a block's 16 possible weights, bf16(code[j] * scale), are one vector
+// of 16 words, computed once a block; the codes then index it with vpermw, 32 words at a time, so that a
+// weight costs a share of one permute, not of a lookup, a multiply and a conversion. vpermw reads the low five
+// bits of each index: the table is written twice (words 16-31 = words 0-15) and a byte's low nibble needs no
+// mask; with 32-code blocks the two halves hold two blocks' tables and the index's fifth bit picks the block.
+// A 64-code chunk decodes into its 32 even elements and its 32 odd ones, the order the inputs are prepared in.
+
+void qk_gemm4_bf16_prepare_avx512bf16(const float *x, size_t cols, uint16_t *xb) BF16;
+void qk_gemm4_bf16_prepare_avx512bf16(const float *x, size_t cols, uint16_t *xb) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    size_t c = 0;
+    for (; c + 64 <= cols; c += 64) {
+        __m512 v0 = _mm512_loadu_ps(x + c), v1 = _mm512_loadu_ps(x + c + 16);
+        __m512 v2 = _mm512_loadu_ps(x + c + 32), v3 = _mm512_loadu_ps(x + c + 48);
+        __m512bh e = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(v2, even, v3), _mm512_permutex2var_ps(v0, even, v1));
+        __m512bh o = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(v2, odd, v3), _mm512_permutex2var_ps(v0, odd, v1));
+        _mm512_storeu_si512((void *)(xb + c), (__m512i)e);
+        _mm512_storeu_si512((void *)(xb + c + 32), (__m512i)o);
+    }
+    if (c + 32 <= cols) {
+        __m512 v0 = _mm512_loadu_ps(x + c), v1 = _mm512_loadu_ps(x + c + 16);
+        __m512bh w = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(v0, odd, v1), _mm512_permutex2var_ps(v0, even, v1));
+        _mm512_storeu_si512((void *)(xb + c), (__m512i)w);
+        c += 32;
+    }
+    for (; c < cols; c++) xb[c] = qk_bf16_from_float(x[c]);
+}
+
+// bf16(code[j] * s) for j < 16 in words 0-15, and bf16(code[j] * s2) in words 16-31.
+BF16 static inline __m512i block_table(__m512 code, float s, float s2) {
+    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s)));
+    __m256i hi = s2 == s ? lo : (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s2)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// 64 codes at p (32 bytes) looked up in `table`: the even elements' weights, then the odd ones'. `two`: the
+// table holds two 32-code blocks (words 16-31 the second's), so the index's fifth bit is set for lanes 16-31.
+BF16 static inline void decode64(const uint8_t *p, __m512i table, int two, __m512i *even, __m512i *odd) {
+    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    __m512i hi = _mm512_srli_epi16(b, 4), lo = b;
+    if (two) {
+        const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+        hi = _mm512_or_si512(hi, half);
+        lo = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi16(15)), half);
+    }
+    *even = _mm512_permutexvar_epi16(hi, table);
+    *odd = _mm512_permutexvar_epi16(lo, table);
+}
+
+// 32 codes at p (16 bytes, one block's: its table in words 0-15) as one vector: 16 even weights, 16 odd.
+BF16 static inline __m512i decode32(const uint8_t *p, __m512i table) {
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i t = _mm512_castsi512_si256(table);
+    __m256i e = _mm256_permutexvar_epi16(_mm256_srli_epi16(b, 4), t);
+    __m256i o = _mm256_permutexvar_epi16(_mm256_and_si256(b, _mm256_set1_epi16(15)), t);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1);
+}
+
+// The table of the 64-code chunk starting at element e of a row whose block scales are `decoded`.
+BF16 static inline __m512i chunk_table(__m512 code, const float *decoded, size_t e, size_t blocksize) {
+    if (blocksize == 32) return block_table(code, decoded[e / 32], decoded[e / 32 + 1]);
+    float s = decoded[e / blocksize];
+    return block_table(code, s, s);
+}
+
+// Four rows' decoded 128 codes `w` into the sums of ni (1 or 2) inputs at x (row stride ldx): total[rr * ldt + j]
+// for row rr and input j, held in registers across the group's 16 vdpbf16ps a row.
+BF16 static inline void dot_group(const __m512i w[4][4], const uint16_t *x, size_t ldx, int ni, __m512 *total, size_t ldt) {
+    __m512 acc[4][2];
+    for (int j = 0; j < ni; j++)
+        for (int rr = 0; rr < 4; rr++) acc[rr][j] = total[rr * ldt + j];
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < ni; j++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + j * ldx + 32 * k));
+            for (int rr = 0; rr < 4; rr++) acc[rr][j] = _mm512_dpbf16_ps(acc[rr][j], (__m512bh)w[rr][k], xv);
+        }
+    for (int j = 0; j < ni; j++)
+        for (int rr = 0; rr < 4; rr++) total[rr * ldt + j] = acc[rr][j];
+}
+
+void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                              size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) BF16;
+void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                              size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) {
+    if (blocksize % 32 != 0) {
+        qk_gemm4_bf16_reference(xb, nx, packed, scales, first_block, rows, cols, blocksize, code, y, ldy);
+        return;
+    }
+    // Four rows at a time: each 128 codes of the four decode once into 16 bf16 vectors (registers), then go into
+    // the inputs two at a time (dot_group), each vdpbf16ps two multiply-adds a lane, the (row, input) sums kept in `total`.
+    const __m512 table16 = _mm512_loadu_ps(code);
+    const int two = blocksize == 32;
+    size_t nb = cols / blocksize;
+    enum { R = 4 };
+    __m512 total[R][GEMM_CHUNK];
+    float decoded[R][SCALE_BUFFER];
+    for (size_t r0 = 0; r0 < rows; r0 += R) {
+        size_t m = rows - r0 < R ? rows - r0 : R;
+        for (size_t b0 = 0; b0 < nb; b0 += SCALE_BUFFER) {  // row pieces of SCALE_BUFFER blocks (one for most matrices)
+            size_t nbp = nb - b0 < SCALE_BUFFER ? nb - b0 : SCALE_BUFFER;
+            size_t c0 = b0 * blocksize, cn = nbp * blocksize, gp = cn / 128;
+            for (size_t rr = 0; rr < m; rr++) decode_scales_avx512(scales, first_block + (r0 + rr) * nb + b0, nbp, decoded[rr]);
+            for (size_t i0 = 0; i0 < nx; i0 += GEMM_CHUNK) {
+                size_t n = nx - i0 < GEMM_CHUNK ? nx - i0 : GEMM_CHUNK;
+                for (size_t rr = 0; rr < R; rr++)
+                    for (size_t i = 0; i < n; i++) total[rr][i] = _mm512_setzero_ps();
+                for (size_t g = 0; g < gp; g++) {
+                    __m512i w[R][4];
+                    for (size_t rr = 0; rr < R; rr++) {
+                        size_t row = rr < m ? rr : 0;  // rows past the last repeat it (their sums are dropped)
+                        const uint8_t *pg = packed + (r0 + row) * (cols / 2) + (c0 + 128 * g) / 2;
+                        if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
+                        __m512i t0 = chunk_table(table16, decoded[row], 128 * g, blocksize);
+                        __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], 128 * g + 64, blocksize);
+                        decode64(pg, t0, two, &w[rr][0], &w[rr][1]);
+                        decode64(pg + 32, t1, two, &w[rr][2], &w[rr][3]);
+                    }
+                    size_t ib = 0;
+                    for (; ib + 2 <= n; ib += 2) dot_group(w, xb + (i0 + ib) * cols + c0 + 128 * g, cols, 2, &total[0][ib], GEMM_CHUNK);
+                    if (ib < n) dot_group(w, xb + (i0 + ib) * cols + c0 + 128 * g, cols, 1, &total[0][ib], GEMM_CHUNK);
+                }
+                for (size_t rr = 0; rr < m; rr++) {  // the piece's last 32 to 96 codes: a 64-code chunk, a 32-code one
+                    const uint8_t *pr = packed + (r0 + rr) * (cols / 2) + c0 / 2;
+                    size_t e = 128 * gp;
+                    if (e + 64 <= cn) {
+                        __m512i ev, od;
+                        decode64(pr + e / 2, chunk_table(table16, decoded[rr], e, blocksize), two, &ev, &od);
+                        for (size_t i = 0; i < n; i++) {
+                            const uint16_t *xc = xb + (i0 + i) * cols + c0 + e;
+                            __m512 a = _mm512_dpbf16_ps(total[rr][i], (__m512bh)ev, (__m512bh)_mm512_loadu_si512((const void *)xc));
+                            total[rr][i] = _mm512_dpbf16_ps(a, (__m512bh)od, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)));
+                        }
+                        e += 64;
+                    }
+                    if (e < cn) {  // 32 codes: one block of 32
+                        __m512i w = decode32(pr + e / 2, block_table(table16, decoded[rr][e / 32], decoded[rr][e / 32]));
+                        for (size_t i = 0; i < n; i++)
+                            total[rr][i] = _mm512_dpbf16_ps(total[rr][i], (__m512bh)w, (__m512bh)_mm512_loadu_si512((const void *)(xb + (i0 + i) * cols + c0 + e)));
+                    }
+                }
+                for (size_t rr = 0; rr < m; rr++)
+                    for (size_t i = 0; i < n; i++) {
+                        float v = _mm512_reduce_add_ps(total[rr][i]);
+                        float *yi = &y[(i0 + i) * ldy + r0 + rr];
+                        *yi = b0 == 0 ? v : *yi + v;
+                    }
+            }
+        }
+    }
+}
+
 // A q8_0 block's 32 codes as f32 (not yet scaled), in two vectors.
 AVX512 static inline void load_q8_block_avx512(const int8_t *qb, __m512 *w0, __m512 *w1) {
     *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qb)));
@@ -484,6 +638,11 @@ void qk_gemm_bf16_avx512(const float *x, size_t nx, const uint16_t *w, size_t ro
 }
 
 #else
+void qk_gemm4_bf16_prepare_avx512bf16(const float *x, size_t cols, uint16_t *xb) { qk_gemm4_bf16_prepare_reference(x, cols, xb); }
+void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows,
+                              size_t cols, size_t bs, const float *code, float *y, size_t ldy) {
+    qk_gemm4_bf16_reference(xb, nx, p, s, fb, rows, cols, bs, code, y, ldy);
+}
 // Not x86-64: every entry point runs the reference (qk_cpu_supports reports 0 for the vector levels).
 void qk_gemv4_prepare_avx512(const float *x, size_t cols, float *xp) { qk_gemv4_prepare_reference(x, cols, xp); }
 void qk_gemv4_avx512(const float *x, const float *xp, const uint8_t *p, const qk_block_scales *s, size_t fb, size_t rows, size_t cols,

@@ -7,8 +7,8 @@
 import CKernels
 import QLoRACore
 
-/// The four bf16 kernels of one implementation: conversion to bf16 rows (plain and transposed), packing of
-/// B, and the product.
+/// The bf16 kernels of one implementation: conversion to bf16 rows (plain and transposed), packing of B, the
+/// product, and decoding's 4-bit product (its inputs reordered and rounded once, each weight rounded as it is decoded).
 public struct BF16Kernels: Sendable {
     public let name: String
     let convertRows: @convention(c) (UnsafePointer<Float>?, Int, Int, Int, UnsafeMutablePointer<UInt16>?, Int) -> Void
@@ -16,17 +16,23 @@ public struct BF16Kernels: Sendable {
     let packB: @convention(c) (UnsafePointer<Float>?, Int, Int32, Int, Int, Int, Int, UnsafeMutablePointer<UInt32>?) -> Void
     let gemm: @convention(c) (UnsafePointer<UInt16>?, Int, UnsafePointer<UInt32>?, Int, Int, UnsafeMutablePointer<Float>?, Int,
                               Int, Int, Int, Int, Float, Int32) -> Void
+    /// Decoding's 4-bit products in bf16 (CKernelsGemv.h, qk_gemm4_bf16): inputs reordered and rounded, and the product.
+    public let gemm4Prepare: @convention(c) (UnsafePointer<Float>?, Int, UnsafeMutablePointer<UInt16>?) -> Void
+    let gemm4: @convention(c) (UnsafePointer<UInt16>?, Int, UnsafePointer<UInt8>?, UnsafePointer<qk_block_scales>?, Int, Int, Int, Int,
+                               UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, Int) -> Void
 
     /// The scalar references (any CPU; they define the results).
     public static let reference = BF16Kernels(name: "reference", convertRows: qk_bf16_convert_rows_reference,
                                               convertTransposed: qk_bf16_convert_transposed_reference,
-                                              packB: qk_bf16_pack_b_reference, gemm: qk_bf16_gemm_reference)
+                                              packB: qk_bf16_pack_b_reference, gemm: qk_bf16_gemm_reference,
+                                              gemm4Prepare: qk_gemm4_bf16_prepare_reference, gemm4: qk_gemm4_bf16_reference)
 
     /// The AVX512-BF16 kernels, or nil where this CPU cannot run them.
     public static let avx512bf16: BF16Kernels? = qk_cpu_supports_bf16() != 0
         ? BF16Kernels(name: "avx512bf16", convertRows: qk_bf16_convert_rows_avx512bf16,
                       convertTransposed: qk_bf16_convert_transposed_avx512bf16,
-                      packB: qk_bf16_pack_b_avx512bf16, gemm: qk_bf16_gemm_avx512bf16)
+                      packB: qk_bf16_pack_b_avx512bf16, gemm: qk_bf16_gemm_avx512bf16,
+                      gemm4Prepare: qk_gemm4_bf16_prepare_avx512bf16, gemm4: qk_gemm4_bf16_avx512bf16)
         : nil
 
     /// The process-wide table's bf16 kernels, or the reference where it has none.

@@ -61,6 +61,23 @@ extension Quantized4Bit {
         }
     }
 
+    /// The same product in bf16 (the bf16 compute dtype): each weight rounded to bf16 as it is decoded, the inputs
+    /// given as `xb` [count][cols] through `bf16.gemm4Prepare` (reordered and rounded), products summed in f32.
+    public func gemm(rows: Range<Int>, xb: UnsafePointer<UInt16>, count: Int, into y: UnsafeMutablePointer<Float>, ldy: Int,
+                     bf16: BF16Kernels) {
+        let cols = shape[1]
+        precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
+        let blocksPerRow = cols / blockSize
+        quantType.codebook.withUnsafeBufferPointer { code in
+            packed.withUnsafeBufferPointer { p in
+                withScaleSource { scales in
+                    bf16.gemm4(xb, count, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
+                               rows.count, cols, blockSize, code.baseAddress, y, ldy)
+                }
+            }
+        }
+    }
+
     /// The kernels' view of the block scales (pointers valid inside `body`).
     func withScaleSource<R>(_ body: (UnsafePointer<qk_block_scales>) -> R) -> R {
         if let absmax {

@@ -99,7 +99,7 @@ public struct BlockCall {
     /// cos and sin [rows, rotaryDim / 2] (Ops.ropeTables): this layer's (Gemma 3's sliding layers have their own).
     public var cos: UnsafePointer<Float>
     public var sin: UnsafePointer<Float>
-    /// bf16 kernels for the products over many rows, or nil: f32.
+    /// bf16 kernels for the frozen products (over many rows; and the 4-bit ones over a few), or nil: f32.
     public var bf16: BF16Kernels?
     public var kernels: KernelTable
 

@@ -161,8 +161,8 @@ public struct Linear: Sendable {
     }
 
     /// y[rows, out] = x[rows, in] Wᵀ + b (+ the attached adapter's update). `scratch` must hold `scratchCount`
-    /// floats. `bf16`: the products over many rows take bf16 operands where the kernel table has bf16
-    /// kernels (frozenForward). Call inside Gemm.withSingleThreadedBLAS, as LlamaModel.forward does.
+    /// floats. `bf16`: the frozen product takes bf16 operands where the kernel table has bf16 kernels
+    /// (frozenForward). Call inside Gemm.withSingleThreadedBLAS, as LlamaModel.forward does.
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>,
                         scratch: UnsafeMutablePointer<Float>, bf16: Bool = false, kernels: KernelTable = .current) {
         frozenForward(x, rows: rows, into: y, scratch: scratch, bf16: bf16 ? kernels.bf16 : nil, kernels: kernels)
@@ -170,7 +170,8 @@ public struct Linear: Sendable {
     }
 
     /// y[rows, out] = x[rows, in] Wᵀ + b, the frozen product of inference and training alike. A few rows go
-    /// through the matrix-vector kernels (the weight read once in its own format); more rows through tiles
+    /// through the matrix-vector kernels (the weight read once in its own format; with `bf16` kernels a 4-bit
+    /// weight's products take bf16 operands there too, each weight rounded as it is decoded); more rows through tiles
     /// of W dequantized into `scratch` (`scratchCount` floats) and multiplied by BLAS, split over our workers
     /// (Gemm.parallelGemm: call inside Gemm.withSingleThreadedBLAS) or, with `bf16` kernels, on bf16
     /// operands with f32 sums: x converted once (`converted`, when the caller already has it as
@@ -180,7 +181,7 @@ public struct Linear: Sendable {
                               scratch: UnsafeMutablePointer<Float>, packed: UnsafeMutablePointer<UInt32>? = nil, bf16: BF16Kernels?,
                               kernels: KernelTable = .current) {
         if rows <= Self.batchedRowLimit && gemvSupported {
-            gemv(x, rows: rows, y, kernels: kernels)
+            gemv(x, rows: rows, y, bf16: bf16, kernels: kernels)
         } else if let bf16 {
             let pad = BF16Gemm.paddedCount(inFeatures)
             withBF16Operands(x, converted: converted, rows: rows, packed: packed, bf16: bf16) { xb, packed in
@@ -289,31 +290,43 @@ public struct Linear: Sendable {
     public static let batchedRowLimit = 16
 
     /// y[rows, out] = x[rows, in] Wᵀ for a 4-bit, q8_0 or bf16 W and a few rows of x, W's rows split over
-    /// the worker threads.
-    func gemv(_ x: UnsafePointer<Float>, rows n: Int, _ y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+    /// the worker threads. `bf16`: a 4-bit W's products take bf16 operands (the bf16 compute dtype, as the
+    /// products over many rows do), with these kernels.
+    func gemv(_ x: UnsafePointer<Float>, rows n: Int, _ y: UnsafeMutablePointer<Float>, bf16: BF16Kernels?, kernels: KernelTable) {
         withUnsafeTemporaryAllocation(of: Float.self, capacity: n * inFeatures) { xp in
-            prepare(x, rows: n, into: xp.baseAddress!, kernels: kernels)
-            let prepared = UnsafePointer(xp.baseAddress!)
+            if case .quantized = weight { Self.prepare(x, rows: n, cols: inFeatures, into: xp.baseAddress!, bf16: bf16, kernels: kernels) }
+            let prepared = UnsafeRawPointer(xp.baseAddress!)
             Parallel.forPieces(count: outFeatures, piece: Self.gemvPieceRows) { range in
-                rowsTimes(range, x: x, prepared: prepared, count: n, into: y, kernels: kernels)
+                rowsTimes(range, x: x, prepared: prepared, count: n, into: y, bf16: bf16, kernels: kernels)
             }
         }
     }
 
-    /// x [rows, in] rearranged for the 4-bit kernels (nothing for other weights).
-    func prepare(_ x: UnsafePointer<Float>, rows n: Int, into xp: UnsafeMutablePointer<Float>, kernels: KernelTable) {
-        guard case .quantized = weight else { return }
-        for i in 0..<n { kernels.gemv4Prepare(x + i * inFeatures, inFeatures, xp + i * inFeatures) }
+    /// x [rows, cols] rearranged for the 4-bit kernels into xp (room for rows x cols floats): f32 for
+    /// `kernels.gemm4`, or bf16 words for `bf16.gemm4` when `bf16` is given.
+    static func prepare(_ x: UnsafePointer<Float>, rows n: Int, cols: Int, into xp: UnsafeMutablePointer<Float>, bf16: BF16Kernels?,
+                        kernels: KernelTable) {
+        if let bf16 {
+            let xb = UnsafeMutableRawPointer(xp).assumingMemoryBound(to: UInt16.self)
+            for i in 0..<n { bf16.gemm4Prepare(x + i * cols, cols, xb + i * cols) }
+        } else {
+            for i in 0..<n { kernels.gemv4Prepare(x + i * cols, cols, xp + i * cols) }
+        }
     }
 
     /// y[i * out + r] = row r of W times row i of x, for r in `rows` and i < count, on this thread
-    /// (`gemvSupported` weights). `prepared` is x through `prepare` (read by 4-bit weights only).
-    func rowsTimes(_ rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, count: Int,
-                   into y: UnsafeMutablePointer<Float>, kernels: KernelTable) {
+    /// (`gemvSupported` weights). `prepared` is x through `prepare` with the same `bf16` (read by 4-bit weights only).
+    func rowsTimes(_ rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafeRawPointer, count: Int,
+                   into y: UnsafeMutablePointer<Float>, bf16: BF16Kernels?, kernels: KernelTable) {
         let cols = inFeatures, yr = y + rows.lowerBound
         switch weight {
         case let .quantized(q):
-            q.gemm(rows: rows, x: x, prepared: prepared, count: count, into: yr, ldy: outFeatures, kernels: kernels)
+            if let bf16 {
+                q.gemm(rows: rows, xb: prepared.assumingMemoryBound(to: UInt16.self), count: count, into: yr, ldy: outFeatures, bf16: bf16)
+            } else {
+                q.gemm(rows: rows, x: x, prepared: prepared.assumingMemoryBound(to: Float.self), count: count, into: yr, ldy: outFeatures,
+                       kernels: kernels)
+            }
         case let .q8(q):
             q.codes.withUnsafeBufferPointer { codes in
                 q.scales.withUnsafeBufferPointer { scales in
@@ -347,15 +360,15 @@ public struct Linear: Sendable {
             if let c, let yc { c.frozenForward(x, converted: converted, rows: n, into: yc, scratch: scratch, packed: packed, bf16: bf16, kernels: kernels) }
             return
         }
-        // One preparation serves every 4-bit weight (it depends on the kernel level only).
-        for i in 0..<n { kernels.gemv4Prepare(x + i * a.inFeatures, a.inFeatures, prepared + i * a.inFeatures) }
-        let xp = UnsafePointer(prepared)
+        // One preparation serves every 4-bit weight (it depends on the kernel level and bf16 only).
+        prepare(x, rows: n, cols: a.inFeatures, into: prepared, bf16: bf16, kernels: kernels)
+        let xp = UnsafeRawPointer(prepared)
         let na = a.outFeatures, nb = b.outFeatures, total = na + nb + (c?.outFeatures ?? 0)
         Parallel.forPieces(count: total, piece: gemvPieceRows) { range in
             // The part of `range` that falls in each linear's rows.
             func part(_ l: Linear, _ y: UnsafeMutablePointer<Float>, _ start: Int) {
                 let lo = max(range.lowerBound, start), hi = min(range.upperBound, start + l.outFeatures)
-                if lo < hi { l.rowsTimes((lo - start)..<(hi - start), x: x, prepared: xp, count: n, into: y, kernels: kernels) }
+                if lo < hi { l.rowsTimes((lo - start)..<(hi - start), x: x, prepared: xp, count: n, into: y, bf16: bf16, kernels: kernels) }
             }
             part(a, ya, 0)
             part(b, yb, na)

@@ -101,8 +101,9 @@ public enum ComputeDType: String, Sendable, CaseIterable {
     /// and attention's four products take bf16 operands and sum in f32, on AVX512-BF16's vdpbf16ps at twice
     /// the f32 FMA rate; LoRA, softmax, norms and the loss stay f32. The paper's setting. In inference
     /// (`LlamaModel.computeDType`) it is the products over many rows (prefill, perplexity, scoring) with
-    /// the base weights and the head; decoding a token at a time stays f32. Without AVX512-BF16 both
-    /// compute in f32.
+    /// the base weights and the head, and the 4-bit weights' products of a few rows (decoding one token, or one
+    /// of each of several sequences: each weight rounded to bf16 as it is decoded); a few rows of a q8_0 or bf16
+    /// head and LoRA stay f32. Without AVX512-BF16 both compute in f32.
     case bf16
 }
 
@@ -117,9 +118,9 @@ public final class LlamaModel: @unchecked Sendable {
     public let lmHead: Linear?
     /// Where the weights came from.
     public let source: String
-    /// The precision of the products over many rows (prefill); `.f32` unless a caller asks for bf16.
+    /// The precision of the frozen products (prefill, and decoding's 4-bit products); `.f32` unless a caller asks for bf16.
     public var computeDType: ComputeDType = .f32
-    /// Whether the many-row products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
+    /// Whether the frozen products run in bf16 with these kernels: asked for, and the table has bf16 kernels.
     func bf16Products(_ kernels: KernelTable) -> Bool { computeDType == .bf16 && kernels.bf16 != nil }
     /// How the caches this model makes (`makeCache`) keep keys and values; `.f32` unless a caller asks for
     /// 16 bits (the command line's default, `--kv-cache f16`).

@@ -367,6 +367,57 @@ struct DefaultModelTests {
         #expect(sameArgmax >= prompt.count - 2)
     }
 
+    @Test("bf16 compute when decoding (the 4-bit products of a few rows in bf16): each step gets the logits of the bf16 pass over the whole sequence, a batch those of each sequence alone, within bf16 rounding of f32")
+    func bf16Decode() throws {
+        let model = try load(Self.gguf, .nf4)
+        // The AVX512-BF16 kernels, or the scalar references where the CPU lacks them (the same results, slowly).
+        let kernels = KernelTable.current.withBF16(BF16Kernels.avx512bf16 ?? .reference)
+        let ids = reference.tensor("input_ids")!.values(as: Int64.self).map(Int.init)
+        let sequence = Array((ids + ids).prefix(20)), start = 17  // the whole and the prefill: more rows than the matrix-vector kernels take
+        #expect(start > Linear.batchedRowLimit)
+        let V = model.config.vocabSize
+        func decode(_ dtype: ComputeDType) throws -> (whole: [Float], steps: [[Float]]) {
+            model.computeDType = dtype
+            defer { model.computeDType = .f32 }
+            let whole = try model.forward(sequence, cache: KVCache(config: model.config, capacity: 32), logits: .all, kernels: kernels)
+            let cache = KVCache(config: model.config, capacity: 32)
+            _ = try model.forward(Array(sequence.prefix(start)), cache: cache, logits: .none, kernels: kernels)
+            let steps = try (start..<sequence.count).map { try model.forward([sequence[$0]], cache: cache, logits: .last, kernels: kernels) }
+            return (whole, steps)
+        }
+        let bf16 = try decode(.bf16), f32 = try decode(.f32)
+        var againstWhole: Float = 0, againstF32: Float = 0
+        for (j, t) in (start..<sequence.count).enumerated() {
+            let row = Array(bf16.whole[(t * V)..<((t + 1) * V)]), step = bf16.steps[j], plain = f32.steps[j]
+            let spread = row.max()! - row.min()!
+            againstWhole = max(againstWhole, zip(step, row).map { abs($0 - $1) }.max()! / spread)
+            againstF32 = max(againstF32, zip(step, plain).map { abs($0 - $1) }.max()! / spread)
+            #expect(step.indices.max { step[$0] < step[$1] } == plain.indices.max { plain[$0] < plain[$1] }, "position \(t): argmax")
+        }
+        print("bf16 decoding: largest |logit difference| / logit range against the bf16 whole-sequence pass \(againstWhole), against f32 decoding \(againstF32)")
+        // Both paths round the same weights and inputs to bf16; they sum in other orders, and a sum that lands on
+        // the other side of a bf16 rounding boundary moves the next product's input by one bf16 unit.
+        #expect(againstWhole < 0.01)
+        #expect(againstF32 > 0, "the bf16 products ran")
+        #expect(againstF32 < 0.05)  // bf16 rounding; a wrong operand order gives ~1
+        // A batch of sequences in bf16: each row the logits of its sequence decoded alone (the 4-bit products take each
+        // input on its own; the q8_0 head sums in another order for several inputs).
+        model.computeDType = .bf16
+        defer { model.computeDType = .f32 }
+        let prompts = [Array(ids.prefix(5)), Array(ids.suffix(3)), [504, 1115, 1780]]
+        let alone = prompts.map { _ in KVCache(config: model.config, capacity: 16) }, together = prompts.map { _ in KVCache(config: model.config, capacity: 16) }
+        for (i, p) in prompts.enumerated() {
+            _ = try model.forward(p, cache: alone[i], logits: .none, kernels: kernels)
+            _ = try model.forward(p, cache: together[i], logits: .none, kernels: kernels)
+        }
+        let next = [504, 28, 260]
+        let batch = try model.forward(batch: next, caches: together, kernels: kernels)
+        for i in 0..<prompts.count {
+            let own = try model.forward([next[i]], cache: alone[i], logits: .last, kernels: kernels)
+            #expect(checkClose(Array(batch[(i * V)..<((i + 1) * V)]), own, "bf16 batch, sequence \(i)", tolerance: 1e-5) == nil)
+        }
+    }
+
     @Test("SmolLM2 from GGUF, f32: logits and greedy tokens equal transformers'")
     func f32() throws {
         try run(nil, logitsName: "logits_last", greedyName: "greedy_ids", stopAtEOS: true)

@@ -61,6 +61,20 @@ void qk_gemm4_avx2(const float *x, const float *xp, size_t nx, const uint8_t *pa
 void qk_gemm4_avx512(const float *x, const float *xp, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
                      size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
 
+/// The bf16 compute dtype's 4-bit product (as bitsandbytes with bnb_4bit_compute_dtype=bfloat16): each weight
+/// code[nibble] * scale computed in f32 and rounded to bf16 (nearest even, subnormals to zero: qk_bf16_from_float),
+/// times the input rounded to bf16, the products summed in f32. The inputs come as xb [nx][cols] bf16 words
+/// through qk_gemm4_bf16_prepare (rounded, and each 64 reordered as its 32 even elements then its 32 odd ones,
+/// the order the vector kernel decodes codes in; a last 32 likewise), for the reference and the vector kernel alike; y[i * ldy + r] = row r times input i. The two agree to the order of
+/// the f32 sums: the reference adds each product in element order; the AVX512-BF16 kernel pairs products in
+/// vdpbf16ps's lanes.
+void qk_gemm4_bf16_prepare_reference(const float *x, size_t cols, uint16_t *xb);
+void qk_gemm4_bf16_prepare_avx512bf16(const float *x, size_t cols, uint16_t *xb);
+void qk_gemm4_bf16_reference(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                             size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
+void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
+                              size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy);
+
 /// y[r] = sum_b scales[r * cols / 32 + b] * (sum_{j < 32} q[r * cols + 32 b + j] * x[32 b + j]), cols a multiple of 32.
 void qk_gemv8_reference(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);
 void qk_gemv8_avx2(const float *x, const int8_t *q, const float *scales, size_t rows, size_t cols, float *y);

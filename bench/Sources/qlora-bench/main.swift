@@ -313,6 +313,13 @@ func inferBench(model path: String, prompt P: Int, generate N: Int, depth: Int, 
     ]), pretty: true))
 }
 
+/// --compute-dtype: f32 (the library's default, the reference runs') unless named.
+func computeOption() -> ComputeDType {
+    guard let s = stringOption("--compute-dtype") else { return .f32 }
+    guard let d = ComputeDType(rawValue: s) else { fail("--compute-dtype: f32 or bf16") }
+    return d
+}
+
 /// --kv-cache: the KV cache's element type, f16 (the command line's default) unless named.
 func kvCacheOption() -> KVCacheDType {
     guard let s = stringOption("--kv-cache") else { return .f16 }
@@ -369,6 +376,7 @@ func bandwidthBench(megabytes: Int, repeats: Int) {
 func batchedBench(model path: String, batches: [Int], prompt P: Int, generate N: Int, repeats: Int, options o: LoadOptions) throws {
     let model = try LlamaModel.load(path, options: o)
     model.kvCacheDType = kvCacheOption()
+    model.computeDType = computeOption()
     var rng = SeededGenerator(seed: 7)
     let V = model.config.vocabSize
     var rows: [JSONValue] = []
@@ -397,7 +405,7 @@ func batchedBench(model path: String, batches: [Int], prompt P: Int, generate N:
     print(JSON.serialize(.object([
         ("model", .string(path)), ("quant_type", .string(o.quantType?.rawValue ?? "none")), ("head", .string(model.head.storageName)),
         ("kernels", .string(KernelTable.current.level.description)), ("threads", .int(Parallel.threadCount)),
-        ("prompt_tokens", .int(P)), ("generated_tokens", .int(N)), ("batches", .array(rows)), ("peak_rss_bytes", .int(peakRSS())),
+        ("compute_dtype", .string(model.computeDType.rawValue)), ("kv_cache", .string(model.kvCacheDType.rawValue)), ("prompt_tokens", .int(P)), ("generated_tokens", .int(N)), ("batches", .array(rows)), ("peak_rss_bytes", .int(peakRSS())),
     ]), pretty: true))
 }
 
@@ -406,7 +414,7 @@ do {
     case "serve-load":
         try serveLoadCommand()
     case "batched":
-        guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...] [--kv-cache f16|bf16|f32]") }
+        guard args.count >= 2 else { fail("usage: qlora-bench batched MODEL [--batch 1,4,16] [-p 128] [-n 128] [--repeats 2] [--quant-type ...] [--head-dtype ...] [--compute-dtype f32|bf16] [--kv-cache f16|bf16|f32]") }
         let o = inferenceLoadOptions()
         let batches = (stringOption("--batch") ?? "1,4,16").split(separator: ",").compactMap { Int($0) }
         try batchedBench(model: args[1], batches: batches, prompt: option("-p", 128), generate: option("-n", 128), repeats: option("--repeats", 2),
@@ -418,12 +426,8 @@ do {
             fail("usage: qlora-bench infer MODEL [-p 512] [-n 128] [-d 0] [--repeats 3] [--quant-type nf4|fp4|int4|none] [--head-dtype auto|f32|bf16|q8_0] [--compute-dtype f32|bf16] [--kv-cache f16|bf16|f32]")
         }
         let o = inferenceLoadOptions()
-        let compute = stringOption("--compute-dtype").map { s -> ComputeDType in
-            guard let d = ComputeDType(rawValue: s) else { fail("--compute-dtype: f32 or bf16") }
-            return d
-        } ?? .f32
         try inferBench(model: args[1], prompt: option("-p", 512), generate: option("-n", 128), depth: option("-d", 0), repeats: option("--repeats", 3),
-                       options: o, compute: compute, kvCache: kvCacheOption())
+                       options: o, compute: computeOption(), kvCache: kvCacheOption())
     case "quant":
         guard args.count >= 2 else { fail("usage: qlora-bench quant FILE [--repeats N]") }
         try quantBench(file: args[1], repeats: option("--repeats", 3))
