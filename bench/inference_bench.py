@@ -2,7 +2,8 @@
   - llama-bench -t T -p 512 -n 128 on llama.cpp's own Q4_0, Q4_K_M and F16 conversions (bench/llama_cpp_setup.sh);
   - qlora-bench infer -p 512 -n 128 on our NF4 + double quantization and on f32 weights (the same two tests:
     pp512 = one forward over 512 random tokens from an empty cache, tg128 = 128 one-token forwards from an empty cache);
-  - batched decoding: llama-batched-bench -npp 128 -ntg 128 -npl 1,4,16 against qlora-bench batched;
+  - batched decoding: llama-batched-bench -npp 128 -ntg 128 -npl 1,4,16 against qlora-bench batched (the defaults, and f32);
+  - decoding at depth 512 / 2,048 / 4,096: llama-bench -d against qlora-bench infer -d (the defaults, and f32 throughout);
   - this machine's memory bandwidth (qlora-bench bandwidth) and the decode limit it sets: bandwidth / bytes read a token.
 The configurations run in rounds, each round every configuration once, and each figure is the best over the rounds:
 the machines here are shared and their speed drifts over minutes, so interleaving keeps the comparison fair.
@@ -49,9 +50,9 @@ def llama_depth(bin_dir, gguf, threads, depth):
     return json.loads(out)[0]["avg_ts"]
 
 
-def ours_depth(binary, threads, depth, kv="f16"):
+def ours_depth(binary, threads, depth, kv, compute):
     env = {**os.environ, "QLORA_THREADS": str(threads)}
-    out, _ = timed([binary, "infer", MODEL, "-p", "0", "-n", "128", "-d", str(depth), "--repeats", "2", "--kv-cache", kv], env)
+    out, _ = timed([binary, "infer", MODEL, "-p", "0", "-n", "128", "-d", str(depth), "--repeats", "2", "--kv-cache", kv, "--compute-dtype", compute], env)
     return json.loads(out)["decode_tokens_per_second"]
 
 
@@ -62,9 +63,9 @@ def llama_batched(bin_dir, gguf, threads):
     return {r["pl"]: r["speed_tg"] for r in rows}
 
 
-def ours_batched(binary, threads):
+def ours_batched(binary, threads, compute):
     env = {**os.environ, "QLORA_THREADS": str(threads)}
-    out, _ = timed([binary, "batched", MODEL, "--batch", "1,4,16", "-p", "128", "-n", "128", "--repeats", "1"], env)
+    out, _ = timed([binary, "batched", MODEL, "--batch", "1,4,16", "-p", "128", "-n", "128", "--repeats", "1", "--compute-dtype", compute], env)
     return {r["batch"]: r["decode_tokens_per_second"] for r in json.loads(out)["batches"]}
 
 
@@ -90,7 +91,8 @@ def main():
                ("swift-qlora NF4 + DQ, --compute-dtype f32 --kv-cache f32", lambda: ours(a.binary, "nf4", a.threads, "f32", "f32")),
                ("swift-qlora f32", lambda: ours(a.binary, "none", a.threads))]
     runs = {name: [] for name, _ in configs}
-    batched = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": []}
+    default_compute = "bf16" if bf16_cpu else "f32"
+    batched = {"llama.cpp Q4_0": [], "swift-qlora NF4 + DQ": [], "swift-qlora f32": []}
     bandwidth = []
     depths = (512, 2048, 4096)
     depth = {(name, d): [] for name in ("llama.cpp Q4_0", "swift-qlora f16 cache", "swift-qlora f32 cache") for d in depths}
@@ -101,11 +103,12 @@ def main():
             runs[name].append(run())
         if rnd < 2:
             batched["llama.cpp Q4_0"].append(llama_batched(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads))
-            batched["swift-qlora NF4 + DQ"].append(ours_batched(a.binary, a.threads))
+            batched["swift-qlora NF4 + DQ"].append(ours_batched(a.binary, a.threads, default_compute))
+            batched["swift-qlora f32"].append(ours_batched(a.binary, a.threads, "f32"))
             for d in depths:
                 depth[("llama.cpp Q4_0", d)].append(llama_depth(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads, d))
-                depth[("swift-qlora f16 cache", d)].append(ours_depth(a.binary, a.threads, d, "f16"))
-                depth[("swift-qlora f32 cache", d)].append(ours_depth(a.binary, a.threads, d, "f32"))
+                depth[("swift-qlora f16 cache", d)].append(ours_depth(a.binary, a.threads, d, "f16", default_compute))
+                depth[("swift-qlora f32 cache", d)].append(ours_depth(a.binary, a.threads, d, "f32", "f32"))
 
     read = max(b["read_gbps"] for b in bandwidth)
     copy = max(b["copy_gbps"] for b in bandwidth)
@@ -130,16 +133,17 @@ def main():
     print()
     print("Batched decoding, aggregate tokens/s (128-token prompts, 128 tokens each; llama-batched-bench S_TG):")
     print()
-    print("| sequences | llama.cpp Q4_0 | swift-qlora NF4 + DQ | ratio |")
-    print("|---:|---:|---:|---:|")
+    print(f"| sequences | llama.cpp Q4_0 | swift-qlora NF4 + DQ, the defaults (--compute-dtype {default_compute}) | ratio | swift-qlora, --compute-dtype f32 | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for b in (1, 4, 16):
         l = max(x[b] for x in batched["llama.cpp Q4_0"])
         o = max(x[b] for x in batched["swift-qlora NF4 + DQ"])
-        print(f"| {b} | {l:.1f} | {o:.1f} | {o / l:.2f}x |")
+        f = max(x[b] for x in batched["swift-qlora f32"])
+        print(f"| {b} | {l:.1f} | {o:.1f} | {o / l:.2f}x | {f:.1f} | {f / l:.2f}x |")
     print()
     print("Decoding 128 tokens after a context of D tokens, tokens/s (llama-bench -d D -n 128, its cache f16; qlora-bench infer -d D):")
     print()
-    print("| depth | llama.cpp Q4_0 | swift-qlora NF4 + DQ, f16 cache (default) | ratio | swift-qlora, f32 cache | ratio |")
+    print(f"| depth | llama.cpp Q4_0 | swift-qlora NF4 + DQ, the defaults (f16 cache, --compute-dtype {default_compute}) | ratio | swift-qlora, f32 cache and products | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for d in depths:
         l = max(depth[("llama.cpp Q4_0", d)])

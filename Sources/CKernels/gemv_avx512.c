@@ -371,11 +371,9 @@ BF16 static inline __m512i decode32(const uint8_t *p, __m512i table) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1);
 }
 
-// The table of the 64-code chunk starting at element e of a row whose block scales are `decoded`.
-BF16 static inline __m512i chunk_table(__m512 code, const float *decoded, size_t e, size_t blocksize) {
-    if (blocksize == 32) return block_table(code, decoded[e / 32], decoded[e / 32 + 1]);
-    float s = decoded[e / blocksize];
-    return block_table(code, s, s);
+// The table of the 64-code chunk whose first block is b of a row whose block scales are `decoded`.
+BF16 static inline __m512i chunk_table(__m512 code, const float *decoded, size_t b, int two) {
+    return block_table(code, decoded[b], decoded[b + two]);
 }
 
 // Four rows' decoded 128 codes `w` into the sums of ni (1 or 2) inputs at x (row stride ldx): total[rr * ldt + j]
@@ -393,12 +391,74 @@ BF16 static inline void dot_group(const __m512i w[4][4], const uint16_t *x, size
         for (int rr = 0; rr < 4; rr++) total[rr * ldt + j] = acc[rr][j];
 }
 
+// One input (decoding a single sequence): eight rows at a time, each row's sum in a register over the whole row
+// piece instead of going through memory every 128 codes (eight chains of vdpbf16ps in flight). Each sum takes the
+// same operations in the same order as one input's sum in the batched loop, so that a sequence decoded in a batch
+// gets the bits it gets alone.
+BF16 static void gemm4_bf16_one(const uint16_t *xb, const uint8_t *packed, const qk_block_scales *scales, size_t first_block,
+                                size_t rows, size_t cols, size_t blocksize, __m512 table16, float *y) {
+    enum { R = 8 };
+    const int two = blocksize == 32;
+    size_t nb = cols / blocksize;
+    float decoded[R][SCALE_BUFFER];
+    for (size_t r0 = 0; r0 < rows; r0 += R) {
+        size_t m = rows - r0 < R ? rows - r0 : R;
+        for (size_t b0 = 0; b0 < nb; b0 += SCALE_BUFFER) {
+            size_t nbp = nb - b0 < SCALE_BUFFER ? nb - b0 : SCALE_BUFFER;
+            size_t c0 = b0 * blocksize, cn = nbp * blocksize, gp = cn / 128;
+            for (size_t rr = 0; rr < m; rr++) decode_scales_avx512(scales, first_block + (r0 + rr) * nb + b0, nbp, decoded[rr]);
+            __m512 acc[R];
+            for (int rr = 0; rr < R; rr++) acc[rr] = _mm512_setzero_ps();
+            for (size_t g = 0; g < gp; g++) {
+                const uint16_t *xg = xb + c0 + 128 * g;
+                size_t k0 = 128 * g / blocksize, k1 = (128 * g + 64) / blocksize;  // the two chunks' first blocks
+                for (int rr = 0; rr < R; rr++) {
+                    size_t row = (size_t)rr < m ? (size_t)rr : 0;  // rows past the last repeat it (their sums are dropped)
+                    const uint8_t *pg = packed + (r0 + row) * (cols / 2) + (c0 + 128 * g) / 2;
+                    if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
+                    __m512i t0 = chunk_table(table16, decoded[row], k0, two);
+                    __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], k1, two);
+                    __m512i w[4];
+                    decode64(pg, t0, two, &w[0], &w[1]);
+                    decode64(pg + 32, t1, two, &w[2], &w[3]);
+                    for (int k = 0; k < 4; k++) acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)w[k], (__m512bh)_mm512_loadu_si512((const void *)(xg + 32 * k)));
+                }
+            }
+            for (size_t rr = 0; rr < m; rr++) {  // the piece's last 32 to 96 codes, as the batched loop takes them
+                const uint8_t *pr = packed + (r0 + rr) * (cols / 2) + c0 / 2;
+                size_t e = 128 * gp;
+                if (e + 64 <= cn) {
+                    __m512i ev, od;
+                    decode64(pr + e / 2, chunk_table(table16, decoded[rr], e / blocksize, two), two, &ev, &od);
+                    const uint16_t *xc = xb + c0 + e;
+                    __m512 a = _mm512_dpbf16_ps(acc[rr], (__m512bh)ev, (__m512bh)_mm512_loadu_si512((const void *)xc));
+                    acc[rr] = _mm512_dpbf16_ps(a, (__m512bh)od, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)));
+                    e += 64;
+                }
+                if (e < cn) {
+                    __m512i w = decode32(pr + e / 2, block_table(table16, decoded[rr][e / 32], decoded[rr][e / 32]));
+                    acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)w, (__m512bh)_mm512_loadu_si512((const void *)(xb + c0 + e)));
+                }
+            }
+            for (size_t rr = 0; rr < m; rr++) {
+                float v = _mm512_reduce_add_ps(acc[rr]);
+                y[r0 + rr] = b0 == 0 ? v : y[r0 + rr] + v;
+            }
+        }
+    }
+}
+
 void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
                               size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) BF16;
 void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *packed, const qk_block_scales *scales,
                               size_t first_block, size_t rows, size_t cols, size_t blocksize, const float *code, float *y, size_t ldy) {
-    if (blocksize % 32 != 0) {
+    // A 64-code chunk takes one block's table (two for blocks of 32), and a 128-code group one table from 128 on.
+    if (blocksize % 32 != 0 || (blocksize > 64 && blocksize % 128 != 0)) {
         qk_gemm4_bf16_reference(xb, nx, packed, scales, first_block, rows, cols, blocksize, code, y, ldy);
+        return;
+    }
+    if (nx == 1) {
+        gemm4_bf16_one(xb, packed, scales, first_block, rows, cols, blocksize, _mm512_loadu_ps(code), y);
         return;
     }
     // Four rows at a time: each 128 codes of the four decode once into 16 bf16 vectors (registers), then go into
@@ -421,12 +481,13 @@ void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *pack
                     for (size_t i = 0; i < n; i++) total[rr][i] = _mm512_setzero_ps();
                 for (size_t g = 0; g < gp; g++) {
                     __m512i w[R][4];
+                    size_t k0 = 128 * g / blocksize, k1 = (128 * g + 64) / blocksize;  // the two chunks' first blocks
                     for (size_t rr = 0; rr < R; rr++) {
                         size_t row = rr < m ? rr : 0;  // rows past the last repeat it (their sums are dropped)
                         const uint8_t *pg = packed + (r0 + row) * (cols / 2) + (c0 + 128 * g) / 2;
                         if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
-                        __m512i t0 = chunk_table(table16, decoded[row], 128 * g, blocksize);
-                        __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], 128 * g + 64, blocksize);
+                        __m512i t0 = chunk_table(table16, decoded[row], k0, two);
+                        __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], k1, two);
                         decode64(pg, t0, two, &w[rr][0], &w[rr][1]);
                         decode64(pg + 32, t1, two, &w[rr][2], &w[rr][3]);
                     }
@@ -439,7 +500,7 @@ void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *pack
                     size_t e = 128 * gp;
                     if (e + 64 <= cn) {
                         __m512i ev, od;
-                        decode64(pr + e / 2, chunk_table(table16, decoded[rr], e, blocksize), two, &ev, &od);
+                        decode64(pr + e / 2, chunk_table(table16, decoded[rr], e / blocksize, two), two, &ev, &od);
                         for (size_t i = 0; i < n; i++) {
                             const uint16_t *xc = xb + (i0 + i) * cols + c0 + e;
                             __m512 a = _mm512_dpbf16_ps(total[rr][i], (__m512bh)ev, (__m512bh)_mm512_loadu_si512((const void *)xc));

@@ -189,9 +189,9 @@ import Glibc
 import Darwin
 #endif
 
-/// The precision of inference's 4-bit products and of its KV cache (generate, chat, perplexity, eval, serve).
+/// The precision of inference's frozen products and of its KV cache (generate, chat, perplexity, eval, serve).
 struct InferenceOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Precision of the 4-bit weights' products (a prompt's prefill, decoding, perplexity, MMLU's prompts): auto (bf16 where the CPU has AVX512-BF16, else f32), bf16 (weights and inputs rounded to bf16, sums in f32: QLoRA's bnb_4bit_compute_dtype; on Zen 5 1.8x the f32 prefill and about 1.6x the f32 decoding of 16 sequences at once, perplexity +0.03% on War and Peace) or f32 (equal to transformers in f32: for reference runs).", valueName: "dtype"))
+    @Option(help: ArgumentHelp("Precision of the frozen weights' products (a prompt's prefill, perplexity, MMLU's prompts, and decoding with 4-bit weights): auto (bf16 where the CPU has AVX512-BF16, else f32), bf16 (weights and inputs rounded to bf16, sums in f32: QLoRA's bnb_4bit_compute_dtype; on Zen 5 1.8x the f32 prefill and 1.7x the f32 decoding of 16 sequences at once, perplexity +0.03% on War and Peace) or f32 (equal to transformers in f32: for reference runs).", valueName: "dtype"))
     var computeDtype: String = "auto"
 
     @Option(help: ArgumentHelp("How the KV cache keeps keys and values: f16 (half f32's bytes, so decoding deep in a long context reads half as much; perplexity on War and Peace within 0.014% of f32), bf16 (f32's range, fewer mantissa bits) or f32 (exact: for reference runs).", valueName: "dtype"))
