@@ -86,7 +86,7 @@ def main():
     configs = [("llama.cpp Q4_0", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-Q4_0.gguf"), a.threads)),
                ("llama.cpp Q4_K_M", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-Q4_K_M.gguf"), a.threads)),
                ("llama.cpp F16", lambda: llama_bench(bin_dir, os.path.join(models, "smollm2-f16.gguf"), a.threads)),
-               ("swift-qlora NF4 + DQ, the defaults (bf16 prefill where the CPU has it, f16 cache)",
+               ("swift-qlora NF4 + DQ, the defaults (bf16 products where the CPU has it, f16 cache)",
                 lambda: ours(a.binary, "nf4", a.threads, "bf16" if bf16_cpu else "f32")),
                ("swift-qlora NF4 + DQ, --compute-dtype f32 --kv-cache f32", lambda: ours(a.binary, "nf4", a.threads, "f32", "f32")),
                ("swift-qlora f32", lambda: ours(a.binary, "none", a.threads))]
