@@ -48,16 +48,8 @@ extension Quantized4Bit {
     /// one input runs the matrix-vector kernel.
     public func gemm(rows: Range<Int>, x: UnsafePointer<Float>, prepared: UnsafePointer<Float>, count: Int,
                      into y: UnsafeMutablePointer<Float>, ldy: Int, kernels: KernelTable = .current) {
-        let cols = shape[1]
-        precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
-        let blocksPerRow = cols / blockSize
-        quantType.codebook.withUnsafeBufferPointer { code in
-            packed.withUnsafeBufferPointer { p in
-                withScaleSource { scales in
-                    kernels.gemm4(x, prepared, count, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
-                                  rows.count, cols, blockSize, code.baseAddress, y, ldy)
-                }
-            }
+        withRows(rows) { p, scales, firstBlock, code in
+            kernels.gemm4(x, prepared, count, p, scales, firstBlock, rows.count, shape[1], blockSize, code, y, ldy)
         }
     }
 
@@ -65,14 +57,21 @@ extension Quantized4Bit {
     /// given as `xb` [count][cols] through `bf16.gemm4Prepare` (reordered and rounded), products summed in f32.
     public func gemm(rows: Range<Int>, xb: UnsafePointer<UInt16>, count: Int, into y: UnsafeMutablePointer<Float>, ldy: Int,
                      bf16: BF16Kernels) {
+        withRows(rows) { p, scales, firstBlock, code in
+            bf16.gemm4(xb, count, p, scales, firstBlock, rows.count, shape[1], blockSize, code, y, ldy)
+        }
+    }
+
+    /// The product kernels' operands for rows `rows` of this 2-D tensor (cols a multiple of the block size): the
+    /// rows' first packed byte, the block scales, the index of the rows' first block, and the codebook.
+    private func withRows(_ rows: Range<Int>,
+                          _ body: (UnsafePointer<UInt8>, UnsafePointer<qk_block_scales>, Int, UnsafePointer<Float>) -> Void) {
         let cols = shape[1]
         precondition(cols % blockSize == 0 && rows.upperBound <= shape[0])
-        let blocksPerRow = cols / blockSize
         quantType.codebook.withUnsafeBufferPointer { code in
             packed.withUnsafeBufferPointer { p in
                 withScaleSource { scales in
-                    bf16.gemm4(xb, count, p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * blocksPerRow,
-                               rows.count, cols, blockSize, code.baseAddress, y, ldy)
+                    body(p.baseAddress! + rows.lowerBound * cols / 2, scales, rows.lowerBound * (cols / blockSize), code.baseAddress!)
                 }
             }
         }
