@@ -361,6 +361,8 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         var below: Link?
         /// Whitespace bytes in a row (bounded, so that a model cannot pad forever).
         var spaces = 0
+        /// Frames below the top (how deep the value being written is nested).
+        var depth = 0
 
         final class Link {
             let frame: Frame
@@ -388,18 +390,23 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         }
 
         mutating func push(_ f: Frame) {
-            if let t = top { below = Link(t, below) }
+            if let t = top { below = Link(t, below); depth += 1 }
             top = f
         }
 
         mutating func pop() {
+            if below != nil { depth -= 1 }
             top = below?.frame
             below = below?.below
         }
+
+        /// Whitespace allowed in a row here: a line break ("\r\n" at most) and an indentation of four spaces a level of
+        /// nesting, one level to spare (the containers around the top frame are below it), and at least `maxSpaces`.
+        var spaceLimit: Int { max(JSONSchemaMatcher.maxSpaces, 2 + 4 * (depth + 1)) }
     }
 
-    /// Whitespace in a row between tokens (enough for an indented line of a nested value; a small model left alone
-    /// pads with newlines and spaces).
+    /// Whitespace in a row between tokens, at the least (deeper values get more: Stack.spaceLimit): a small model
+    /// left alone pads with newlines and spaces.
     static let maxSpaces = 12
     /// Alternatives followed at once (anyOf); more are dropped (the output stays valid, the choice narrower).
     static let maxStacks = 32
@@ -458,7 +465,7 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         let space = isSpace(b)
         guard let top = s.top else {
             // The value is complete: trailing whitespace only.
-            if space && s.spaces < maxSpaces { s.spaces += 1; out.append(s) }
+            if space && s.spaces < s.spaceLimit { s.spaces += 1; out.append(s) }
             return
         }
         // Whitespace between tokens, where a frame is between tokens.
@@ -474,7 +481,7 @@ public struct JSONSchemaMatcher: ByteRecognizer {
             // None before the value itself starts: the reply begins with it.
             let atStart: Bool
             if case .value = top, s.below == nil { atStart = true } else { atStart = false }
-            if s.spaces < maxSpaces && !atStart { s.spaces += 1; out.append(s) }
+            if s.spaces < s.spaceLimit && !atStart { s.spaces += 1; out.append(s) }
             return
         }
         s.spaces = 0

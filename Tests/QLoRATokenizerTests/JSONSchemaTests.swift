@@ -37,6 +37,31 @@ struct JSONSchemaTests {
         print("JSONSchemaMatcher against jsonschema: \(checked) texts over \(all.count) schemas")
     }
 
+    @Test("indented values are taken at any depth (a line break and four spaces a level), and a run of whitespace past that is refused")
+    func indentation() throws {
+        // Objects nested eight deep, the innermost holding an array of numbers.
+        var schema: JSONValue = .object([("type", .string("array")), ("items", .object([("type", .string("integer"))]))])
+        var value: JSONValue = .array([.int(1), .int(2)])
+        for level in 0..<8 {
+            schema = .object([("type", .string("object")), ("properties", .object([("k\(level)", schema)])), ("required", .array([.string("k\(level)")]))])
+            value = .object([("k\(level)", value)])
+        }
+        let grammar = try JSONSchemaGrammar(schema: schema)
+        // JSON.serialize(pretty:) indents by two; the same with four spaces and with tabs and \r\n line breaks.
+        let two = JSON.serialize(value, pretty: true)
+        #expect(two.contains("\n" + String(repeating: " ", count: 16)), "the text is nested past the old limit")
+        for text in [two, two.replacingOccurrences(of: "  ", with: "    "), two.replacingOccurrences(of: "  ", with: "\t").replacingOccurrences(of: "\n", with: "\r\n")] {
+            #expect(Self.accepts(grammar, text), "\(text)")
+        }
+        // Padding is still bounded: at the top, after the value, and deep inside.
+        let compact = JSON.serialize(value)
+        #expect(Self.accepts(grammar, compact))
+        #expect(!Self.accepts(grammar, "{" + String(repeating: " ", count: 40) + compact.dropFirst()))
+        #expect(!Self.accepts(grammar, compact + String(repeating: "\n", count: 13)))
+        let deep = two.replacingOccurrences(of: #""k0""#, with: String(repeating: " ", count: 60) + #""k0""#)
+        #expect(deep != two && !Self.accepts(grammar, deep))
+    }
+
     @Test("random walks over the bytes a schema allows never reach a dead end, and those that end parse as JSON")
     func randomWalks() throws {
         var rng = SeededRandom(seed: 9)
