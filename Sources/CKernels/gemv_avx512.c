@@ -376,6 +376,30 @@ BF16 static inline __m512i chunk_table(__m512 code, const float *decoded, size_t
     return block_table(code, decoded[b], decoded[b + two]);
 }
 
+// Group g (128 codes at pg) of a row piece whose block scales are `decoded`, as four vectors: the first 64 codes'
+// even and odd weights, then the second 64's (the order of the prepared inputs' words).
+BF16 static inline void group_bf16(const uint8_t *pg, __m512 code, const float *decoded, size_t g, size_t blocksize, int two, __m512i w[4]) {
+    size_t k0 = 128 * g / blocksize, k1 = (128 * g + 64) / blocksize;  // the two chunks' first blocks
+    __m512i t0 = chunk_table(code, decoded, k0, two);
+    __m512i t1 = blocksize >= 128 ? t0 : chunk_table(code, decoded, k1, two);
+    decode64(pg, t0, two, &w[0], &w[1]);
+    decode64(pg + 32, t1, two, &w[2], &w[3]);
+}
+
+// A row piece's codes past its last whole group, from element e to cn (a 64-code chunk, a block of 32, or both), as
+// up to three vectors in the order they multiply the inputs (vector j: the 32 input words at e + 32 j); returns how many.
+BF16 static inline int tail_bf16(const uint8_t *pr, __m512 code, const float *decoded, size_t e, size_t cn, size_t blocksize, int two,
+                                 __m512i w[3]) {
+    int n = 0;
+    if (e + 64 <= cn) {
+        decode64(pr + e / 2, chunk_table(code, decoded, e / blocksize, two), two, &w[0], &w[1]);
+        n = 2;
+        e += 64;
+    }
+    if (e < cn) w[n++] = decode32(pr + e / 2, block_table(code, decoded[e / 32], decoded[e / 32]));  // a block of 32
+    return n;
+}
+
 // Four rows' decoded 128 codes `w` into the sums of ni (1 or 2) inputs at x (row stride ldx): total[rr * ldt + j]
 // for row rr and input j, held in registers across the group's 16 vdpbf16ps a row.
 BF16 static inline void dot_group(const __m512i w[4][4], const uint16_t *x, size_t ldx, int ni, __m512 *total, size_t ldt) {
@@ -393,8 +417,8 @@ BF16 static inline void dot_group(const __m512i w[4][4], const uint16_t *x, size
 
 // One input (decoding a single sequence): eight rows at a time, each row's sum in a register over the whole row
 // piece instead of going through memory every 128 codes (eight chains of vdpbf16ps in flight). Each sum takes the
-// same operations in the same order as one input's sum in the batched loop, so that a sequence decoded in a batch
-// gets the bits it gets alone.
+// same operations in the same order as one input's sum in the batched loop (the same group_bf16 and tail_bf16, one
+// vdpbf16ps chain, the same reduction), so that a sequence's 4-bit products get the same bits in a batch as alone.
 BF16 static void gemm4_bf16_one(const uint16_t *xb, const uint8_t *packed, const qk_block_scales *scales, size_t first_block,
                                 size_t rows, size_t cols, size_t blocksize, __m512 table16, float *y) {
     enum { R = 8 };
@@ -411,34 +435,20 @@ BF16 static void gemm4_bf16_one(const uint16_t *xb, const uint8_t *packed, const
             for (int rr = 0; rr < R; rr++) acc[rr] = _mm512_setzero_ps();
             for (size_t g = 0; g < gp; g++) {
                 const uint16_t *xg = xb + c0 + 128 * g;
-                size_t k0 = 128 * g / blocksize, k1 = (128 * g + 64) / blocksize;  // the two chunks' first blocks
                 for (int rr = 0; rr < R; rr++) {
                     size_t row = (size_t)rr < m ? (size_t)rr : 0;  // rows past the last repeat it (their sums are dropped)
                     const uint8_t *pg = packed + (r0 + row) * (cols / 2) + (c0 + 128 * g) / 2;
                     if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
-                    __m512i t0 = chunk_table(table16, decoded[row], k0, two);
-                    __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], k1, two);
                     __m512i w[4];
-                    decode64(pg, t0, two, &w[0], &w[1]);
-                    decode64(pg + 32, t1, two, &w[2], &w[3]);
+                    group_bf16(pg, table16, decoded[row], g, blocksize, two, w);
                     for (int k = 0; k < 4; k++) acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)w[k], (__m512bh)_mm512_loadu_si512((const void *)(xg + 32 * k)));
                 }
             }
             for (size_t rr = 0; rr < m; rr++) {  // the piece's last 32 to 96 codes, as the batched loop takes them
-                const uint8_t *pr = packed + (r0 + rr) * (cols / 2) + c0 / 2;
-                size_t e = 128 * gp;
-                if (e + 64 <= cn) {
-                    __m512i ev, od;
-                    decode64(pr + e / 2, chunk_table(table16, decoded[rr], e / blocksize, two), two, &ev, &od);
-                    const uint16_t *xc = xb + c0 + e;
-                    __m512 a = _mm512_dpbf16_ps(acc[rr], (__m512bh)ev, (__m512bh)_mm512_loadu_si512((const void *)xc));
-                    acc[rr] = _mm512_dpbf16_ps(a, (__m512bh)od, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)));
-                    e += 64;
-                }
-                if (e < cn) {
-                    __m512i w = decode32(pr + e / 2, block_table(table16, decoded[rr][e / 32], decoded[rr][e / 32]));
-                    acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)w, (__m512bh)_mm512_loadu_si512((const void *)(xb + c0 + e)));
-                }
+                __m512i w[3];
+                int nt = tail_bf16(packed + (r0 + rr) * (cols / 2) + c0 / 2, table16, decoded[rr], 128 * gp, cn, blocksize, two, w);
+                for (int j = 0; j < nt; j++)
+                    acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)w[j], (__m512bh)_mm512_loadu_si512((const void *)(xb + c0 + 128 * gp + 32 * j)));
             }
             for (size_t rr = 0; rr < m; rr++) {
                 float v = _mm512_reduce_add_ps(acc[rr]);
@@ -481,38 +491,23 @@ void qk_gemm4_bf16_avx512bf16(const uint16_t *xb, size_t nx, const uint8_t *pack
                     for (size_t i = 0; i < n; i++) total[rr][i] = _mm512_setzero_ps();
                 for (size_t g = 0; g < gp; g++) {
                     __m512i w[R][4];
-                    size_t k0 = 128 * g / blocksize, k1 = (128 * g + 64) / blocksize;  // the two chunks' first blocks
                     for (size_t rr = 0; rr < R; rr++) {
                         size_t row = rr < m ? rr : 0;  // rows past the last repeat it (their sums are dropped)
                         const uint8_t *pg = packed + (r0 + row) * (cols / 2) + (c0 + 128 * g) / 2;
                         if (r0 + R < rows) _mm_prefetch((const char *)(pg + R * (cols / 2)), _MM_HINT_T0);
-                        __m512i t0 = chunk_table(table16, decoded[row], k0, two);
-                        __m512i t1 = blocksize >= 128 ? t0 : chunk_table(table16, decoded[row], k1, two);
-                        decode64(pg, t0, two, &w[rr][0], &w[rr][1]);
-                        decode64(pg + 32, t1, two, &w[rr][2], &w[rr][3]);
+                        group_bf16(pg, table16, decoded[row], g, blocksize, two, w[rr]);
                     }
                     size_t ib = 0;
                     for (; ib + 2 <= n; ib += 2) dot_group(w, xb + (i0 + ib) * cols + c0 + 128 * g, cols, 2, &total[0][ib], GEMM_CHUNK);
                     if (ib < n) dot_group(w, xb + (i0 + ib) * cols + c0 + 128 * g, cols, 1, &total[0][ib], GEMM_CHUNK);
                 }
-                for (size_t rr = 0; rr < m; rr++) {  // the piece's last 32 to 96 codes: a 64-code chunk, a 32-code one
-                    const uint8_t *pr = packed + (r0 + rr) * (cols / 2) + c0 / 2;
-                    size_t e = 128 * gp;
-                    if (e + 64 <= cn) {
-                        __m512i ev, od;
-                        decode64(pr + e / 2, chunk_table(table16, decoded[rr], e / blocksize, two), two, &ev, &od);
-                        for (size_t i = 0; i < n; i++) {
-                            const uint16_t *xc = xb + (i0 + i) * cols + c0 + e;
-                            __m512 a = _mm512_dpbf16_ps(total[rr][i], (__m512bh)ev, (__m512bh)_mm512_loadu_si512((const void *)xc));
-                            total[rr][i] = _mm512_dpbf16_ps(a, (__m512bh)od, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)));
-                        }
-                        e += 64;
-                    }
-                    if (e < cn) {  // 32 codes: one block of 32
-                        __m512i w = decode32(pr + e / 2, block_table(table16, decoded[rr][e / 32], decoded[rr][e / 32]));
-                        for (size_t i = 0; i < n; i++)
-                            total[rr][i] = _mm512_dpbf16_ps(total[rr][i], (__m512bh)w, (__m512bh)_mm512_loadu_si512((const void *)(xb + (i0 + i) * cols + c0 + e)));
-                    }
+                for (size_t rr = 0; rr < m; rr++) {  // the piece's last 32 to 96 codes
+                    __m512i w[3];
+                    int nt = tail_bf16(packed + (r0 + rr) * (cols / 2) + c0 / 2, table16, decoded[rr], 128 * gp, cn, blocksize, two, w);
+                    for (size_t i = 0; i < n; i++)
+                        for (int j = 0; j < nt; j++)
+                            total[rr][i] = _mm512_dpbf16_ps(total[rr][i], (__m512bh)w[j],
+                                                            (__m512bh)_mm512_loadu_si512((const void *)(xb + (i0 + i) * cols + c0 + 128 * gp + 32 * j)));
                 }
                 for (size_t rr = 0; rr < m; rr++)
                     for (size_t i = 0; i < n; i++) {

@@ -401,8 +401,9 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         }
 
         /// Whitespace allowed in a row here: a line break ("\r\n" at most) and an indentation of four spaces a level of
-        /// nesting, one level to spare (the containers around the top frame are below it), and at least `maxSpaces`.
-        var spaceLimit: Int { max(JSONSchemaMatcher.maxSpaces, 2 + 4 * (depth + 1)) }
+        /// nesting with one level to spare (inside a container with `depth` containers around it, a key or an item is
+        /// indented depth + 1 levels), and at least `maxSpaces`.
+        var spaceLimit: Int { max(JSONSchemaMatcher.maxSpaces, 2 + 4 * (depth + 2)) }
     }
 
     /// Whitespace in a row between tokens, at the least (deeper values get more: Stack.spaceLimit): a small model

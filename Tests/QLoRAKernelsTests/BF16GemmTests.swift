@@ -217,7 +217,7 @@ struct BF16GemmTests {
         let kernels = bf16Kernels(reference), rows = 38, splits = [0..<13, 13..<31, 31..<38]
         var rng = SeededRandom(seed: 5)
         // 36,000 at block 32: rows longer than the AVX-512 kernel's scale buffer (a second piece of 101 blocks, ending in
-        // a 32-code tail); 96 and 160: tails of 32 and of 64.
+        // a 32-code tail); past the last 128-code group, 64 and 576 end in 64 codes, 160 in 32, 96 in 64 and 32.
         for cols in [64, 96, 128, 160, 576, 1536, 36000] {
             for bs in [32, 64, 128, 256] where cols % bs == 0 {
                 for qt in QuantType.allCases {
