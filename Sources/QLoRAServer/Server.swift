@@ -585,6 +585,11 @@ public final class Server: @unchecked Sendable {
                         let message: JSONValue = .object([("role", .string("assistant")), ("content", parsed.content.map(JSONValue.string) ?? .null),
                                                           ("tool_calls", .array(parsed.calls.map { $0.json(id: Self.toolCallID()) }))])
                         c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string(t.finishReason))])
+                    } else if let t = req.tools, r.finishReason == "length", let call = t.truncatedCall(r.text) {
+                        // A forced call the length limit cut: the call with its arguments as written, finish_reason "length".
+                        let message: JSONValue = .object([("role", .string("assistant")), ("content", .null),
+                                                          ("tool_calls", .array([call.json(id: Self.toolCallID())]))])
+                        c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string("length"))])
                     }
                     var offset = 0
                     return r.logprobs.map { self.withLogprobs(c, $0, chat: chat, offset: &offset) } ?? c
@@ -626,13 +631,14 @@ public final class Server: @unchecked Sendable {
                         finished.append(r)
                         var reason = Self.finishReason(r.finishReason)
                         if let stream = toolStreams[i] {
-                            let (rest, calls) = stream.finish()
+                            let (rest, calls) = stream.finish(truncated: r.finishReason == "length")
                             if !rest.isEmpty { try await writer.write(chunk([choice(rest, delta: true, finish: nil, index: i)])) }
                             if let calls {
                                 // Each call whole in one delta (id, type, name and arguments), as clients join them by index.
                                 let delta: JSONValue = .object([("tool_calls", .array(calls.enumerated().map { k, c in c.json(id: Self.toolCallID(), index: k) }))])
                                 try await writer.write(chunk([.object([("index", .int(i)), ("delta", delta), ("finish_reason", .null)])]))
-                                reason = stream.request.finishReason
+                                // A call cut short keeps "length".
+                                if calls.allSatisfy({ $0.truncatedArguments == nil }) { reason = stream.request.finishReason }
                             }
                         }
                         let end = choice(chat ? nil : "", delta: true, finish: reason, index: i)

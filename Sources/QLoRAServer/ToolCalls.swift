@@ -32,13 +32,22 @@ public enum ToolFormat: String, Sendable {
 public struct ToolCall: Sendable, Equatable {
     public var name: String
     public var arguments: JSONValue
+    /// The arguments as written when the reply was cut short (max_tokens) inside them: not valid JSON, sent as they are
+    /// (as OpenAI returns a call the length limit cut, with finish_reason "length"); nil for a whole call.
+    public var truncatedArguments: String?
+
+    public init(name: String, arguments: JSONValue, truncatedArguments: String? = nil) {
+        self.name = name
+        self.arguments = arguments
+        self.truncatedArguments = truncatedArguments
+    }
 
     /// The OpenAI object: {"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}.
     func json(id: String, index: Int? = nil) -> JSONValue {
         var fields: [(String, JSONValue)] = []
         if let index { fields.append(("index", .int(index))) }
         fields += [("id", .string(id)), ("type", .string("function")),
-                   ("function", .object([("name", .string(name)), ("arguments", .string(JSON.serialize(arguments)))]))]
+                   ("function", .object([("name", .string(name)), ("arguments", .string(truncatedArguments ?? JSON.serialize(arguments)))]))]
         return .object(fields)
     }
 }
@@ -146,6 +155,35 @@ public struct ToolRequest: Sendable {
         }
         if var f = found, !parallel, f.calls.count > 1 { f.calls = [f.calls[0]]; found = f }
         return found
+    }
+
+    /// A forced call that the length limit cut (its JSON unfinished): the function's name, once written whole, and the
+    /// arguments' text from their opening brace on ("" when the reply stopped before them). The constraint keeps the
+    /// reply on the call's schema, so the text is {"name": "...", "arguments": {... with the name first when the model
+    /// wrote it first; a reply that began with the arguments, or stopped inside the name, gives nil (plain content).
+    public func truncatedCall(_ text: String) -> ToolCall? {
+        guard forced else { return nil }
+        let t = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard t.hasPrefix("{") else { return nil }
+        var rest = t.dropFirst().drop { $0.isWhitespace }
+        guard rest.hasPrefix("\"name\"") else { return nil }
+        rest = rest.dropFirst(6).drop { $0.isWhitespace }
+        guard rest.hasPrefix(":") else { return nil }
+        rest = rest.dropFirst().drop { $0.isWhitespace }
+        // The name is one of the tools' (the schema's const), so it holds no escapes: read it to its closing quote.
+        guard rest.hasPrefix("\""), let close = rest.dropFirst().firstIndex(of: "\"") else { return nil }
+        let name = String(rest[rest.index(after: rest.startIndex)..<close])
+        guard names.contains(name) else { return nil }
+        rest = rest[rest.index(after: close)...].drop { $0.isWhitespace }
+        var arguments = ""
+        if rest.hasPrefix(",") {
+            rest = rest.dropFirst().drop { $0.isWhitespace }
+            for key in [format.argumentsKey, format == .hermes ? "parameters" : "arguments"] where rest.hasPrefix("\"\(key)\"") {
+                let value = rest.dropFirst(key.count + 2).drop { $0.isWhitespace }
+                if value.hasPrefix(":") { arguments = String(value.dropFirst().drop { $0.isWhitespace }) }
+            }
+        }
+        return ToolCall(name: name, arguments: .null, truncatedArguments: arguments)
     }
 
     /// One call's JSON: {"name": ..., "arguments" | "parameters": {...}} (either key taken in both formats, as vLLM does),
@@ -275,9 +313,11 @@ public final class ToolStream: @unchecked Sendable {
         return String(v)
     }
 
-    /// At the end: the content not yet sent and the calls (nil: none, the rest is content).
-    public func finish() -> (content: String, calls: [ToolCall]?) {
+    /// At the end: the content not yet sent and the calls (nil: none, the rest is content). `truncated`: the length
+    /// limit ended the reply (a forced call cut short comes back as a call with its arguments as written).
+    public func finish(truncated: Bool = false) -> (content: String, calls: [ToolCall]?) {
         defer { sent = scalars.count }
+        if truncated, request.parse(text) == nil, let call = request.truncatedCall(text) { return ("", [call]) }
         if let parsed = request.parse(text) {
             // What came before the first call and was not sent yet (Llama 3's call is the whole reply).
             let end = request.format == .hermes ? (marker ?? Self.find(Self.opening, in: scalars) ?? 0) : 0

@@ -475,6 +475,32 @@ struct ServeCLITests {
                 if called == "get_weather" { #expect(["celsius", "fahrenheit"].contains(arguments["unit"]?.stringValue ?? "")) }
             }
         }
+        // A forced call the length limit cuts: the call with its arguments as far as they got, finish_reason "length"
+        // (as OpenAI answers), not the unfinished JSON as content.
+        for stream in [false, true] {
+            let named = #"{"type": "function", "function": {"name": "get_time"}}"#
+            let r = try await http(.POST, server.base + "/v1/chat/completions",
+                                   #"{\#(ask.replacingOccurrences(of: #""max_tokens": 60"#, with: #""max_tokens": 12"#)), "tool_choice": \#(named), "stream": \#(stream)}"#)
+            var calls: [JSONValue] = [], reason: String?, content = ""
+            if stream {
+                for event in r.body.components(separatedBy: "\n\n") where event.hasPrefix("data: {") {
+                    let c = try JSON.parse(String(event.dropFirst(6)))["choices"]?.arrayValue?.first
+                    calls += c?["delta"]?["tool_calls"]?.arrayValue ?? []
+                    content += c?["delta"]?["content"]?.stringValue ?? ""
+                    if let f = c?["finish_reason"]?.stringValue { reason = f }
+                }
+            } else {
+                let c = r.json?["choices"]?.arrayValue?.first
+                calls = c?["message"]?["tool_calls"]?.arrayValue ?? []
+                reason = c?["finish_reason"]?.stringValue
+                content = c?["message"]?["content"]?.stringValue ?? ""
+            }
+            let f = calls.first?["function"]
+            let arguments = f?["arguments"]?.stringValue ?? "?"
+            #expect(r.status == 200 && reason == "length" && calls.count == 1 && f?["name"]?.stringValue == "get_time" && content.isEmpty,
+                    "stream \(stream): \(r.body)")
+            #expect(arguments.isEmpty || arguments.hasPrefix("{"), "the arguments as written: \(arguments)")
+        }
         // A call and its result sent back: the template renders them (arguments as the JSON text OpenAI clients send).
         let roundTrip = #"{"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"}], "tools": \#(tools), "max_tokens": 4}"#
         let back = try await http(.POST, server.base + "/v1/chat/completions", roundTrip)

@@ -84,6 +84,26 @@ struct ToolCallTests {
         #expect(accepts(#"{"name": "get_time", "arguments": {"where": "Paris"}}"#) && !accepts(#"{"name": "get_time", "arguments": {"where": "Rome"}}"#))
     }
 
+    @Test("a forced call the length limit cut: its name and its arguments as written, once the name is whole; otherwise none")
+    func truncated() throws {
+        let r = ToolRequest(format: .hermes, choice: .required, tools: .array([]), names: ["get_time", "get_weather"])
+        let cut = try #require(r.truncatedCall(#"{"name": "get_weather", "arguments": {"city": "Par"#))
+        #expect(cut.name == "get_weather" && cut.truncatedArguments == #"{"city": "Par"#)
+        #expect(r.truncatedCall(#" {"name" : "get_time" ,  "#)?.truncatedArguments == "", "stopped before the arguments")
+        #expect(r.truncatedCall(#"{"name": "get_ti"#) == nil, "inside the name")
+        #expect(r.truncatedCall(#"{"name": "other", "arguments": {"#) == nil, "not one of the tools")
+        #expect(r.truncatedCall(#"{"arguments": {"zone": "UTC"}, "name": "get_time""#) == nil, "the arguments first")
+        #expect(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: ["get_time"]).truncatedCall(#"{"name": "get_time", "#) == nil,
+                "only a forced reply is a call by construction")
+        let llama = ToolRequest(format: .llama3, choice: .named("get_time"), tools: .array([]), names: ["get_time"])
+        #expect(llama.truncatedCall(#"{"name": "get_time", "parameters": {"zo"#)?.truncatedArguments == #"{"zo"#)
+        // Streamed: the held-back reply comes out at the end as the call.
+        let s = ToolStream(r)
+        #expect(s.add(#"{"name": "get_time", "arguments": {"zone""#).isEmpty)
+        let (rest, calls) = s.finish(truncated: true)
+        #expect(rest.isEmpty && calls?.first?.name == "get_time" && calls?.first?.truncatedArguments == #"{"zone""#)
+    }
+
     @Test("streaming: text goes out until a call may begin; the call comes whole at the end")
     func stream() {
         let s = ToolStream(ToolRequest(format: .hermes, choice: .auto, tools: .array([]), names: ["f"]))

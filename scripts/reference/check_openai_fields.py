@@ -158,6 +158,17 @@ check("tools + tool_choice naming the function", False, lambda: calls(client.cha
 check("tools + tool_choice=auto", False, lambda: summary(client.chat.completions.create(**ask)))
 
 
+def cut_call():
+    # max_tokens ends a forced call inside its arguments: OpenAI's answer is the call with the arguments as far as they
+    # got and finish_reason "length" (content null).
+    c = client.chat.completions.create(**{**ask, "max_tokens": 12}, tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert c.finish_reason == "length" and c.message.content is None and len(c.message.tool_calls or []) == 1, c
+    return (c.finish_reason, c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments)
+
+
+check("a forced call cut by max_tokens", False, cut_call)
+
+
 def streamed_call():
     parts = {}
     for ch in client.chat.completions.create(**ask, tool_choice="required", stream=True):
