@@ -580,16 +580,11 @@ public final class Server: @unchecked Sendable {
                 ("id", .string(id)), ("object", .string(object)), ("created", .int(created)), ("model", .string(req.model)),
                 ("choices", .array(finished.enumerated().map { i, r in
                     var c = choice(r.text, delta: false, finish: Self.finishReason(r.finishReason), index: i)
-                    if let t = req.tools, let parsed = t.parse(r.text) {
+                    if let t = req.tools, let parsed = t.parse(r.text, truncated: r.finishReason == "length") {
                         // The calls the reply made: content is the text before them (null when none), as OpenAI answers.
                         let message: JSONValue = .object([("role", .string("assistant")), ("content", parsed.content.map(JSONValue.string) ?? .null),
                                                           ("tool_calls", .array(parsed.calls.map { $0.json(id: Self.toolCallID()) }))])
-                        c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string(t.finishReason))])
-                    } else if let t = req.tools, r.finishReason == "length", let call = t.truncatedCall(r.text) {
-                        // A forced call the length limit cut: the call with its arguments as written, finish_reason "length".
-                        let message: JSONValue = .object([("role", .string("assistant")), ("content", .null),
-                                                          ("tool_calls", .array([call.json(id: Self.toolCallID())]))])
-                        c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string("length"))])
+                        c = .object([("index", .int(i)), ("message", message), ("finish_reason", .string(t.finishReason(parsed.calls)))])
                     }
                     var offset = 0
                     return r.logprobs.map { self.withLogprobs(c, $0, chat: chat, offset: &offset) } ?? c
@@ -637,8 +632,7 @@ public final class Server: @unchecked Sendable {
                                 // Each call whole in one delta (id, type, name and arguments), as clients join them by index.
                                 let delta: JSONValue = .object([("tool_calls", .array(calls.enumerated().map { k, c in c.json(id: Self.toolCallID(), index: k) }))])
                                 try await writer.write(chunk([.object([("index", .int(i)), ("delta", delta), ("finish_reason", .null)])]))
-                                // A call cut short keeps "length".
-                                if calls.allSatisfy({ $0.truncatedArguments == nil }) { reason = stream.request.finishReason }
+                                reason = stream.request.finishReason(calls)
                             }
                         }
                         let end = choice(chat ? nil : "", delta: true, finish: reason, index: i)

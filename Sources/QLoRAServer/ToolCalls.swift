@@ -71,8 +71,13 @@ public struct ToolRequest: Sendable {
         self.parallel = parallel
     }
 
-    /// The finish_reason of a reply that made calls: OpenAI's "stop" for a named function, else "tool_calls".
-    var finishReason: String { if case .named = choice { return "stop" }; return "tool_calls" }
+    /// The finish_reason of a reply that made these calls: "length" for a call cut short, else OpenAI's "stop" for a
+    /// named function and "tool_calls" otherwise.
+    func finishReason(_ calls: [ToolCall]) -> String {
+        if calls.contains(where: { $0.truncatedArguments != nil }) { return "length" }
+        if case .named = choice { return "stop" }
+        return "tool_calls"
+    }
 
     /// Whether the reply is constrained to be a call.
     var forced: Bool { choice != .auto }
@@ -128,10 +133,11 @@ public struct ToolRequest: Sendable {
     }
 
     /// The calls in a reply and the text before them, or nil when it made none (it is then plain content). A forced
-    /// reply is the call's JSON itself (the prompt ended with the opening).
-    public func parse(_ text: String) -> (content: String?, calls: [ToolCall])? {
+    /// reply is the call's JSON itself (the prompt ended with the opening); `truncated` (the length limit ended the
+    /// reply): a forced call cut short comes back as the call with its arguments as written (`truncatedCall`).
+    public func parse(_ text: String, truncated: Bool = false) -> (content: String?, calls: [ToolCall])? {
         if forced {
-            guard let call = call(text) else { return nil }
+            guard let call = call(text) ?? (truncated ? truncatedCall(text) : nil) else { return nil }
             return (nil, [call])
         }
         var found: (content: String?, calls: [ToolCall])?
@@ -317,8 +323,7 @@ public final class ToolStream: @unchecked Sendable {
     /// limit ended the reply (a forced call cut short comes back as a call with its arguments as written).
     public func finish(truncated: Bool = false) -> (content: String, calls: [ToolCall]?) {
         defer { sent = scalars.count }
-        if truncated, request.parse(text) == nil, let call = request.truncatedCall(text) { return ("", [call]) }
-        if let parsed = request.parse(text) {
+        if let parsed = request.parse(text, truncated: truncated) {
             // What came before the first call and was not sent yet (Llama 3's call is the whole reply).
             let end = request.format == .hermes ? (marker ?? Self.find(Self.opening, in: scalars) ?? 0) : 0
             let rest = end > sent ? Self.string(scalars[sent..<end]) : ""

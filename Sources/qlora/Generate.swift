@@ -54,8 +54,9 @@ struct Generate: ParsableCommand {
                 ("text", .string(result.text)), ("prompt_tokens", .int(result.promptTokens)),
                 ("generated_tokens", .int(result.tokenIDs.count)), ("finish_reason", .string(result.finishReason)),
                 ("prefill_seconds", .double(result.prefillSeconds)), ("tokens_per_second", .double(result.tokensPerSecond)),
-                // What ran: the cache the generator made and the model's many-row precision.
-                ("kv_cache", .string(generator.cache.dtype.rawValue)), ("compute_dtype", .string(model.computeDType.rawValue)),
+                // What ran: the cache the generator made and the products' precision (bf16 only where the CPU has the kernels).
+                ("kv_cache", .string(generator.cache.dtype.rawValue)),
+                ("compute_dtype", .string(model.computeDType == .bf16 && BF16Gemm.isSupported ? "bf16" : "f32")),
             ]))
             return
         }

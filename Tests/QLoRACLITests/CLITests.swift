@@ -152,6 +152,12 @@ struct DefaultModelCLITests {
         #expect(texts[0].contains("Paris") && Set(texts).count == 1, "\(texts)")
         let plain = try runQLoRA(["generate", "-p", "Hi", "--max-tokens", "1", "--json"])
         #expect((try? JSON.parse(plain.stdout))?["kv_cache"]?.stringValue == "f16", "the default: \(plain.stdout)")
+        // The products' precision that ran: bf16 by default where the CPU has the kernels, f32 when asked (or without them).
+        #expect((try? JSON.parse(plain.stdout))?["compute_dtype"]?.stringValue == (BF16Gemm.isSupported ? "bf16" : "f32"), "\(plain.stdout)")
+        let forced = try runQLoRA(["generate", "-p", "Hi", "--max-tokens", "1", "--json", "--compute-dtype", "bf16"])
+        #expect((try? JSON.parse(forced.stdout))?["compute_dtype"]?.stringValue == (BF16Gemm.isSupported ? "bf16" : "f32"), "\(forced.stdout)")
+        let reference = try runQLoRA(["generate", "-p", "Hi", "--max-tokens", "1", "--json", "--compute-dtype", "f32"])
+        #expect((try? JSON.parse(reference.stdout))?["compute_dtype"]?.stringValue == "f32", "\(reference.stdout)")
         let bad = try runQLoRA(["generate", "-p", "x", "--kv-cache", "f8"])
         #expect(bad.status != 0 && bad.stderr.contains("--kv-cache must be f16, bf16 or f32"), "\(bad.stderr)")
     }
