@@ -262,7 +262,6 @@ public struct ToolRequest: Sendable {
 /// back until the reply ends and is then sent as tool_calls (or as text, if it was none).
 public final class ToolStream: @unchecked Sendable {
     public let request: ToolRequest
-    public private(set) var text = ""
     /// `text`'s scalars, appended piece by piece (a piece may be a combining mark that joins the character before it,
     /// so positions count scalars, not characters).
     private var scalars: [Unicode.Scalar] = []
@@ -277,7 +276,6 @@ public final class ToolStream: @unchecked Sendable {
     /// The content to send now for a new piece.
     public func add(_ piece: String) -> String {
         let before = scalars.count
-        text += piece
         scalars += piece.unicodeScalars
         guard !request.forced else { return "" }
         let safe: Int
@@ -323,9 +321,11 @@ public final class ToolStream: @unchecked Sendable {
     /// limit ended the reply (a forced call cut short comes back as a call with its arguments as written).
     public func finish(truncated: Bool = false) -> (content: String, calls: [ToolCall]?) {
         defer { sent = scalars.count }
-        if let parsed = request.parse(text, truncated: truncated) {
-            // What came before the first call and was not sent yet (Llama 3's call is the whole reply).
-            let end = request.format == .hermes ? (marker ?? Self.find(Self.opening, in: scalars) ?? 0) : 0
+        if let parsed = request.parse(Self.string(scalars[...]), truncated: truncated) {
+            // What came before the first call and was not sent yet: a Hermes reply's text before its marker (`add` found
+            // it); none for a forced call or Llama 3's, which are the whole reply (a forced call's arguments may even
+            // hold the marker's text).
+            let end = request.format == .hermes && !request.forced ? (marker ?? 0) : 0
             let rest = end > sent ? Self.string(scalars[sent..<end]) : ""
             return (rest.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ? "" : rest, parsed.calls)
         }

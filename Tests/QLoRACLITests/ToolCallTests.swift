@@ -97,6 +97,11 @@ struct ToolCallTests {
                 "only a forced reply is a call by construction")
         let llama = ToolRequest(format: .llama3, choice: .named("get_time"), tools: .array([]), names: ["get_time"])
         #expect(llama.truncatedCall(#"{"name": "get_time", "parameters": {"zo"#)?.truncatedArguments == #"{"zo"#)
+        // A forced call whose arguments hold the marker's text: all of it is the call, none of it content.
+        let marked = ToolStream(ToolRequest(format: .hermes, choice: .required, tools: .array([]), names: ["f"]))
+        #expect(marked.add(#"{"name": "f", "arguments": {"q": "<tool_call>"}}"#).isEmpty)
+        let (before, made) = marked.finish()
+        #expect(before.isEmpty && made?.first?.arguments["q"]?.stringValue == "<tool_call>", "\(before)")
         // Streamed: the held-back reply comes out at the end as the call.
         let s = ToolStream(r)
         #expect(s.add(#"{"name": "get_time", "arguments": {"zone""#).isEmpty)
