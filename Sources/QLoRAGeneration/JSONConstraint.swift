@@ -7,6 +7,53 @@ import Foundation
 import QLoRACore
 import QLoRATokenizer
 
+/// JSON's lexical pieces, shared by the json_object recognizer (JSONPrefix) and the json_schema one (JSONSchemaMatcher).
+enum JSONLex {
+    static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
+    static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
+    static func isHex(_ b: UInt8) -> Bool { isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66) }
+
+    /// After a backslash in a string: the escapes of one byte (`u` starts four hex digits instead).
+    static func isSimpleEscape(_ b: UInt8) -> Bool {
+        switch b {
+        case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"), UInt8(ascii: "b"), UInt8(ascii: "f"), UInt8(ascii: "n"),
+             UInt8(ascii: "r"), UInt8(ascii: "t"):
+            return true
+        default: return false
+        }
+    }
+
+    /// Where a number is: after its sign, a leading zero, integer digits, the point, fraction digits, the exponent's
+    /// letter, its sign, its digits.
+    enum NumberState: Hashable {
+        case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits
+
+        /// The state after byte b, or nil when b cannot continue the number (`integer`: no point and no exponent).
+        func next(_ b: UInt8, integer: Bool = false) -> NumberState? {
+            let digit = JSONLex.isDigit(b), e = b == UInt8(ascii: "e") || b == UInt8(ascii: "E")
+            switch self {
+            case .minus: return b == UInt8(ascii: "0") ? .zero : digit ? .integer : nil
+            case .zero, .integer:
+                if digit { return self == .integer ? .integer : nil }
+                if integer { return nil }
+                return b == UInt8(ascii: ".") ? .point : e ? .exponent : nil
+            case .point: return digit ? .fraction : nil
+            case .fraction: return digit ? .fraction : e ? .exponent : nil
+            case .exponent: return b == UInt8(ascii: "+") || b == UInt8(ascii: "-") ? .exponentSign : digit ? .exponentDigits : nil
+            case .exponentSign, .exponentDigits: return digit ? .exponentDigits : nil
+            }
+        }
+
+        /// Whether the number may end here (the next byte then belongs to what follows it).
+        var mayEnd: Bool {
+            switch self {
+            case .zero, .integer, .fraction, .exponentDigits: return true
+            default: return false
+            }
+        }
+    }
+}
+
 /// Whether a byte sequence is the beginning of a JSON object (RFC 8259), fed one byte at a time.
 public struct JSONPrefix: Sendable, Hashable {
     enum State: Hashable {
@@ -25,7 +72,7 @@ public struct JSONPrefix: Sendable, Hashable {
         case done                       // the top-level object is closed: whitespace only
     }
 
-    enum NumberState: Hashable { case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits }
+    typealias NumberState = JSONLex.NumberState
 
     var state = State.start
     /// Open containers, innermost last: '{' or '['.
@@ -37,9 +84,7 @@ public struct JSONPrefix: Sendable, Hashable {
     public var isComplete: Bool { state == .done }
 
     /// JSON's whitespace.
-    public static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
-    static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
-    static func isHex(_ b: UInt8) -> Bool { isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66) }
+    public static func isSpace(_ b: UInt8) -> Bool { JSONLex.isSpace(b) }
 
     /// A value has ended: what may follow it.
     mutating func endValue() { state = stack.isEmpty ? .done : .commaOrClose }
@@ -73,34 +118,34 @@ public struct JSONPrefix: Sendable, Hashable {
     public mutating func feed(_ b: UInt8) -> Bool {
         switch state {
         case .start:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             guard b == UInt8(ascii: "{") else { return false }
             stack.append(b)
             state = .keyOrClose
             return true
         case .done:
-            return Self.isSpace(b)
+            return JSONLex.isSpace(b)
         case .value:
-            return Self.isSpace(b) || startValue(b)
+            return JSONLex.isSpace(b) || startValue(b)
         case .keyOrClose:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             if b == UInt8(ascii: "\"") { state = .string(key: true); return true }
             return close(b)
         case .key:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             guard b == UInt8(ascii: "\"") else { return false }
             state = .string(key: true)
             return true
         case .colon:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             guard b == UInt8(ascii: ":") else { return false }
             state = .value
             return true
         case .valueOrClose:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             return startValue(b) || close(b)
         case .commaOrClose:
-            if Self.isSpace(b) { return true }
+            if JSONLex.isSpace(b) { return true }
             if b == UInt8(ascii: ",") { state = stack.last == UInt8(ascii: "{") ? .key : .value; return true }
             return close(b)
         case let .string(key):
@@ -112,16 +157,11 @@ public struct JSONPrefix: Sendable, Hashable {
             default: return b >= 0x20
             }
         case let .escape(key):
-            switch b {
-            case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"), UInt8(ascii: "b"), UInt8(ascii: "f"), UInt8(ascii: "n"),
-                 UInt8(ascii: "r"), UInt8(ascii: "t"):
-                state = .string(key: key)
-                return true
-            case UInt8(ascii: "u"): state = .unicode(key: key, left: 4); return true
-            default: return false
-            }
+            if JSONLex.isSimpleEscape(b) { state = .string(key: key); return true }
+            if b == UInt8(ascii: "u") { state = .unicode(key: key, left: 4); return true }
+            return false
         case let .unicode(key, left):
-            guard Self.isHex(b) else { return false }
+            guard JSONLex.isHex(b) else { return false }
             state = left == 1 ? .string(key: key) : .unicode(key: key, left: left - 1)
             return true
         case let .literal(rest):
@@ -129,27 +169,11 @@ public struct JSONPrefix: Sendable, Hashable {
             if rest.count == 1 { endValue() } else { state = .literal(rest: Array(rest.dropFirst())) }
             return true
         case let .number(n):
-            let digit = Self.isDigit(b)
-            switch (n, b) {
-            case (.minus, _) where b == UInt8(ascii: "0"): state = .number(.zero); return true
-            case (.minus, _) where digit: state = .number(.integer); return true
-            case (.integer, _) where digit: return true
-            case (.zero, UInt8(ascii: ".")), (.integer, UInt8(ascii: ".")): state = .number(.point); return true
-            case (.point, _) where digit, (.fraction, _) where digit: state = .number(.fraction); return true
-            case (.zero, UInt8(ascii: "e")), (.zero, UInt8(ascii: "E")), (.integer, UInt8(ascii: "e")), (.integer, UInt8(ascii: "E")),
-                 (.fraction, UInt8(ascii: "e")), (.fraction, UInt8(ascii: "E")):
-                state = .number(.exponent)
-                return true
-            case (.exponent, UInt8(ascii: "+")), (.exponent, UInt8(ascii: "-")): state = .number(.exponentSign); return true
-            case (.exponent, _) where digit, (.exponentSign, _) where digit, (.exponentDigits, _) where digit:
-                state = .number(.exponentDigits)
-                return true
-            default:
-                // The number ends here if it may; the byte then belongs to what follows it.
-                guard [.zero, .integer, .fraction, .exponentDigits].contains(n) else { return false }
-                endValue()
-                return feed(b)
-            }
+            if let next = n.next(b) { state = .number(next); return true }
+            // The number ends here if it may; the byte then belongs to what follows it.
+            guard n.mayEnd else { return false }
+            endValue()
+            return feed(b)
         }
     }
 

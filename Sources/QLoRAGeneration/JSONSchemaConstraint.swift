@@ -353,7 +353,7 @@ public struct JSONSchemaMatcher: ByteRecognizer {
 
     enum ObjectPhase: Hashable { case keyOrClose, key, colon(property: Int), commaOrClose }
     enum ArrayPhase: Hashable { case valueOrClose, commaOrClose, value }
-    enum NumberState: Hashable { case minus, zero, integer, point, fraction, exponent, exponentSign, exponentDigits }
+    typealias NumberState = JSONLex.NumberState
 
     /// A stack of frames, innermost on top, sharing the frames below the top between copies.
     struct Stack: Hashable {
@@ -447,10 +447,6 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         return true
     }
 
-    static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
-    static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
-    static func isHex(_ b: UInt8) -> Bool { isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66) }
-
     /// The entries lo..<hi of a sorted list whose byte at `typed` is `b` (they stay a contiguous range).
     static func narrow(_ list: [[UInt8]], _ lo: Int, _ hi: Int, typed: Int, _ b: UInt8) -> (Int, Int) {
         var l = lo
@@ -463,7 +459,7 @@ public struct JSONSchemaMatcher: ByteRecognizer {
     /// The stacks `s` becomes on byte `b` (none: it cannot continue), appended to `out`.
     static func feed(_ s: Stack, _ b: UInt8, _ g: JSONSchemaGrammar, into out: inout Results) {
         var s = s
-        let space = isSpace(b)
+        let space = JSONLex.isSpace(b)
         guard let top = s.top else {
             // The value is complete: trailing whitespace only.
             if space && s.spaces < s.spaceLimit { s.spaces += 1; out.append(s) }
@@ -579,9 +575,9 @@ public struct JSONSchemaMatcher: ByteRecognizer {
                     if b >= 0x20 { out.append(s) }
                 case 1:
                     if b == UInt8(ascii: "u") { s.top = .string(node: node, lo: -1, hi: -1, typed: 0, escape: 5); out.append(s); return }
-                    if Array("\"\\/bfnrt".utf8).contains(b) { s.top = .string(node: node, lo: -1, hi: -1, typed: 0, escape: 0); out.append(s) }
+                    if JSONLex.isSimpleEscape(b) { s.top = .string(node: node, lo: -1, hi: -1, typed: 0, escape: 0); out.append(s) }
                 default:
-                    guard isHex(b) else { return }
+                    guard JSONLex.isHex(b) else { return }
                     s.top = .string(node: node, lo: -1, hi: -1, typed: 0, escape: escape == 2 ? 0 : escape - 1)
                     out.append(s)
                 }
@@ -599,27 +595,13 @@ public struct JSONSchemaMatcher: ByteRecognizer {
             s.top = .string(node: node, lo: l, hi: h, typed: typed + 1, escape: 0)
             out.append(s)
         case let .number(integer, state, digits):
-            let digit = isDigit(b)
-            // Up to 15 digits before the point and after it (f64's precision), 2 in the exponent (f64's range).
+            // Up to 15 digits before the point and after it (f64's precision), 2 in the exponent (f64's range): a digit
+            // that stays in its state needs room.
             let room = digits < (state == .exponentSign || state == .exponentDigits ? 2 : 15)
-            var next: NumberState?
-            switch (state, b) {
-            case (.minus, _) where b == UInt8(ascii: "0"): next = .zero
-            case (.minus, _) where digit: next = .integer
-            case (.integer, _) where digit && room: next = .integer
-            case (.zero, UInt8(ascii: ".")) where !integer, (.integer, UInt8(ascii: ".")) where !integer: next = .point
-            case (.point, _) where digit, (.fraction, _) where digit && room: next = .fraction
-            case (.zero, UInt8(ascii: "e")) where !integer, (.zero, UInt8(ascii: "E")) where !integer, (.integer, UInt8(ascii: "e")) where !integer,
-                 (.integer, UInt8(ascii: "E")) where !integer, (.fraction, UInt8(ascii: "e")), (.fraction, UInt8(ascii: "E")):
-                next = .exponent
-            case (.exponent, UInt8(ascii: "+")), (.exponent, UInt8(ascii: "-")): next = .exponentSign
-            case (.exponent, _) where digit, (.exponentSign, _) where digit, (.exponentDigits, _) where digit && room: next = .exponentDigits
-            default: next = nil
-            }
-            if let next {
-                s.top = .number(integer: integer, state: next, digits: next == state ? digits + 1 : digit ? 1 : 0)
+            if let next = state.next(b, integer: integer), next != state || room {
+                s.top = .number(integer: integer, state: next, digits: next == state ? digits + 1 : JSONLex.isDigit(b) ? 1 : 0)
                 out.append(s)
-            } else if [.zero, .integer, .fraction, .exponentDigits].contains(state) {
+            } else if state.mayEnd {
                 // The number ends before this byte, which belongs to what follows it.
                 s.pop()
                 feed(s, b, g, into: &out)
@@ -666,7 +648,7 @@ public struct JSONSchemaMatcher: ByteRecognizer {
         case let .number(integer):
             if b == UInt8(ascii: "-") { s.top = .number(integer: integer, state: .minus, digits: 0) }
             else if b == UInt8(ascii: "0") { s.top = .number(integer: integer, state: .zero, digits: 1) }
-            else if isDigit(b) { s.top = .number(integer: integer, state: .integer, digits: 1) }
+            else if JSONLex.isDigit(b) { s.top = .number(integer: integer, state: .integer, digits: 1) }
             else { return }
             out.append(s)
         case let .literal(texts):
