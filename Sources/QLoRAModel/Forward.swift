@@ -201,7 +201,7 @@ extension LlamaModel {
             let out = try forward(all, cache: cache, logits: logits, kernels: kernels)
             return logits == .all ? Array(out.suffix(T * c.vocabSize)) : out
         }
-        let ws = workspace(cache, rows: T, kernels: kernels)
+        let ws = workspace(cache, rows: T, widen: T > 1 && cache.dtype != .f32, kernels: kernels)
         for (t, token) in tokens.enumerated() { embed(token, into: ws.h + t * c.hiddenSize) }
         let rope = ropeTables(positions: Array(start..<(start + T)), long: Array(repeating: long, count: T))
         // More than one row: the BLAS products are split over our own workers with BLAS on one thread
@@ -293,12 +293,12 @@ extension LlamaModel {
     }
 
     /// The cache's workspace, made (or remade larger) for `rows` tokens and attention rows of `capacity`, with
-    /// the bf16 operands' buffers when these kernels run the products in bf16.
-    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil, widen: Bool? = nil, kernels: KernelTable) -> ForwardWorkspace {
+    /// the bf16 operands' buffers when these kernels run the products in bf16. `widen`: room to widen a 16-bit cache's
+    /// keys and values, which a prefill's attention needs (decoding reads them as they are).
+    func workspace(_ cache: KVCache, rows: Int, capacity: Int? = nil, widen: Bool, kernels: KernelTable) -> ForwardWorkspace {
         let capacity = capacity ?? cache.capacity
         let bf16 = bf16Products(kernels) && rows > Linear.batchedRowLimit
-        // Room to widen keys and values only for a 16-bit cache read by many rows (decoding reads them as they are).
-        let widen = (widen ?? (cache.dtype != .f32)) || cache.workspace?.widens == true
+        let widen = widen || cache.workspace?.widens == true  // a workspace that has the room keeps it
         if let ws = cache.workspace, ws.rows >= rows, ws.capacity >= capacity, !bf16 || ws.packed != nil, !widen || ws.widens { return ws }
         let linears = (layers.first?.linears ?? []) + [head]
         let scratchCount = linears.map(\.scratchCount).max() ?? 0
@@ -331,7 +331,7 @@ extension LlamaModel {
         let runs = try adapterRuns(adapters, rowCounts: Array(repeating: 1, count: B))
         for (i, cache) in caches.enumerated() { try refreshLongRope(cache, reaching: cache.length, adapter: adapters?[i], kernels: kernels) }
         let kvDim = c.kvHeadCount * c.headDim
-        let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!, kernels: kernels)
+        let ws = workspace(caches[0], rows: B, capacity: caches.map(\.capacity).max()!, widen: false, kernels: kernels)
         for (i, token) in tokens.enumerated() { embed(token, into: ws.h + i * c.hiddenSize) }
         let positions = caches.map(\.length)
         let longRows = positions.map { c.usesLongRope(maxPosition: $0) }
@@ -378,7 +378,8 @@ extension LlamaModel {
         let runs = try adapterRuns(adapters, rowCounts: rows.counts)
         let kvDim = c.kvHeadCount * c.headDim, D = c.hiddenSize
         let offsets = rows.offsets, starts = rows.starts, n = rows.counts.reduce(0, +)
-        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!, widen: caches.contains { $0.dtype != .f32 }, kernels: kernels)
+        let ws = workspace(caches[0], rows: n, capacity: caches.map(\.capacity).max()!,
+                           widen: !rows.decoding && caches.contains { $0.dtype != .f32 }, kernels: kernels)
         var positions: [Int] = [], longRows: [Bool] = []
         positions.reserveCapacity(n)
         let longSequences = zip(caches, tokens).map { c.usesLongRope(maxPosition: $0.length + $1.count - 1) }
