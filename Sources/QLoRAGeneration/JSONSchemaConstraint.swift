@@ -139,26 +139,25 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
             return names.count == list.count && !names.isEmpty ? names : nil
         }
 
-        static func isOfType(_ v: JSONValue, _ t: String) -> Bool {
-            switch (v, t) {
-            case (.object, "object"), (.array, "array"), (.string, "string"), (.bool, "boolean"), (.null, "null"), (.number, "number"): return true
-            case let (.number(n), "integer"): return Double(n).map { $0.rounded() == $0 } ?? false
-            default: return false
+        /// A value's JSON type name ("number" for every number).
+        static func kind(_ v: JSONValue) -> String {
+            switch v {
+            case .object: return "object"
+            case .array: return "array"
+            case .string: return "string"
+            case .bool: return "boolean"
+            case .null: return "null"
+            case .number: return "number"
             }
+        }
+
+        static func isOfType(_ v: JSONValue, _ t: String) -> Bool {
+            if case let .number(n) = v, t == "integer" { return Double(n).map { $0.rounded() == $0 } ?? false }
+            return kind(v) == t
         }
 
         /// The JSON types a schema's values may have, when it says so plainly (type, enum or const), else nil.
         static func declaredTypes(_ s: JSONValue) -> Set<String>? {
-            func kind(_ v: JSONValue) -> String {
-                switch v {
-                case .object: return "object"
-                case .array: return "array"
-                case .string: return "string"
-                case .bool: return "boolean"
-                case .null: return "null"
-                case .number: return "number"
-                }
-            }
             if let values = s["enum"]?.arrayValue ?? s["const"].map({ [$0] }) { return Set(values.map(kind)) }
             guard let t = s["type"], let names = typeNames(t) else { return nil }
             return Set(names.map { $0 == "integer" ? "number" : $0 })
@@ -188,15 +187,17 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
             }
             guard case let .object(fields) = s else { throw fail(path, "a schema must be an object or a boolean") }
             let keys = Set(fields.map(\.0))
+            /// Whether the schema has no keyword but these (and annotations).
+            func only(_ allowed: Set<String>) -> Bool { keys.subtracting(JSONSchemaGrammar.annotations).subtracting(allowed).isEmpty }
             if let ref = s["$ref"]?.stringValue {
-                guard keys.subtracting(JSONSchemaGrammar.annotations).subtracting(["$ref"]).isEmpty else {
+                guard only(["$ref"]) else {
                     throw fail(path, "$ref beside other keywords is not supported")
                 }
                 return try reference(ref, path: path)
             }
             if let alternatives = s["anyOf"] ?? s["oneOf"] {
                 let key = s["anyOf"] != nil ? "anyOf" : "oneOf"
-                guard keys.subtracting(JSONSchemaGrammar.annotations).subtracting([key]).isEmpty else {
+                guard only([key]) else {
                     throw fail(path, "\(key) beside other keywords is not supported; move them into each alternative")
                 }
                 guard let list = alternatives.arrayValue, !list.isEmpty else { throw fail("\(path)/\(key)", "must be a non-empty array of schemas") }
@@ -216,14 +217,14 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 return add(.anyOf(ids))
             }
             if let all = s["allOf"] {
-                guard let list = all.arrayValue, list.count == 1, keys.subtracting(JSONSchemaGrammar.annotations).subtracting(["allOf"]).isEmpty else {
+                guard let list = all.arrayValue, list.count == 1, only(["allOf"]) else {
                     throw fail(path, "allOf is supported only with one schema and nothing beside it")
                 }
                 return try compile(list[0], path: "\(path)/allOf/0")
             }
             if let values = s["enum"] ?? s["const"].map({ JSONValue.array([$0]) }) {
                 let key = s["enum"] != nil ? "enum" : "const"
-                guard keys.subtracting(JSONSchemaGrammar.annotations).subtracting([key, "type"]).isEmpty else {
+                guard only([key, "type"]) else {
                     throw fail(path, "\(key) beside keywords other than type is not supported")
                 }
                 guard var list = values.arrayValue, !list.isEmpty else { throw fail("\(path)/enum", "must be a non-empty array") }
@@ -243,14 +244,12 @@ public final class JSONSchemaGrammar: @unchecked Sendable {
                 if !others.isEmpty { ids.append(add(.literal(Array(Set(others)).sorted { $0.lexicographicallyPrecedes($1) }))) }
                 return ids.count == 1 ? ids[0] : add(.anyOf(ids))
             }
-            var types: [String]
-            switch s["type"] {
-            case nil: types = keys.contains("properties") ? ["object"] : keys.contains("items") ? ["array"] : []
-            case let .string(t)?: types = [t]
-            case let .array(list)?:
-                types = list.compactMap(\.stringValue)
-                guard types.count == list.count, !types.isEmpty else { throw fail("\(path)/type", "must be a type name or a list of them") }
-            default: throw fail("\(path)/type", "must be a type name or a list of them")
+            let types: [String]
+            if let t = s["type"] {
+                guard let names = Self.typeNames(t) else { throw fail("\(path)/type", "must be a type name or a list of them") }
+                types = names
+            } else {
+                types = keys.contains("properties") ? ["object"] : keys.contains("items") ? ["array"] : []
             }
             if types.isEmpty {
                 let unknown = keys.subtracting(JSONSchemaGrammar.annotations)
@@ -487,7 +486,9 @@ public struct JSONSchemaMatcher: ByteRecognizer {
             start(node, b, s, g, into: &out)
         case let .object(node, seen, phase):
             guard case let .object(keys, values, required, additional) = g.nodes[node] else { return }
-            let open = (0..<keys.count).contains { seen & (1 << UInt64($0)) == 0 } || additional != nil
+            // A key may still come: one not seen yet (at most 64 properties: a bit each), or any with additionalProperties.
+            let all: UInt64 = keys.count == 64 ? ~0 : (1 << UInt64(keys.count)) - 1
+            let open = seen & all != all || additional != nil
             switch phase {
             case .keyOrClose, .key:
                 if b == UInt8(ascii: "\""), open {
