@@ -176,12 +176,6 @@ public struct JSONPrefix: Sendable, Hashable {
             return feed(b)
         }
     }
-
-    /// Takes `bytes`; false when they cannot continue (self is then left partway: use a copy).
-    public mutating func feed<S: Sequence>(_ bytes: S) -> Bool where S.Element == UInt8 {
-        for b in bytes where !feed(b) { return false }
-        return true
-    }
 }
 
 /// A byte-level recognizer of what a constrained reply may be: takes bytes while they can continue it.
@@ -190,6 +184,14 @@ public protocol ByteRecognizer: Hashable {
     mutating func feed(_ b: UInt8) -> Bool
     /// Whether the bytes so far are a whole reply (an end token may come).
     var isComplete: Bool { get }
+}
+
+extension ByteRecognizer {
+    /// Takes `bytes`; false when they cannot continue (self is then left partway: use a copy).
+    public mutating func feed<S: Sequence>(_ bytes: S) -> Bool where S.Element == UInt8 {
+        for b in bytes where !feed(b) { return false }
+        return true
+    }
 }
 
 extension JSONPrefix: ByteRecognizer {}
@@ -244,8 +246,7 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
                 allowed = complete
             } else if !complete, let bytes = table.indices.contains(id) ? table[id] : nil {
                 var copy = state
-                allowed = true
-                for b in bytes where !copy.feed(b) { allowed = false; break }
+                allowed = copy.feed(bytes)
             }
             if allowed { bits[id >> 6] |= 1 << UInt64(id & 63) }
         }
@@ -257,7 +258,7 @@ public final class TokenConstraint<Recognizer: ByteRecognizer>: @unchecked Senda
         let table = started ? pieces : firstPieces
         started = true
         guard table.indices.contains(id), let bytes = table[id] else { return }
-        for b in bytes where !state.feed(b) { return }
+        _ = state.feed(bytes)
     }
 }
 

@@ -76,8 +76,7 @@ struct ToolCallTests {
         let grammar = try JSONSchemaGrammar(schema: request.callSchema())
         func accepts(_ text: String) -> Bool {
             var m = JSONSchemaMatcher(grammar)
-            for b in text.utf8 where !m.feed(b) { return false }
-            return m.isComplete
+            return m.feed(text.utf8) && m.isComplete
         }
         #expect(accepts(#"{"name": "get_weather", "arguments": {"city": {"name": "Paris"}}}"#))
         #expect(!accepts(#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#))
