@@ -193,8 +193,9 @@ public final class Server: @unchecked Sendable {
     static let implementedFields: Set<String> = [
         "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
         "logit_bias", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "user", "safety_identifier", "n", "logprobs",
+        "response_format",
     ]
-    static let chatFields: Set<String> = implementedFields.union(["messages", "top_logprobs"])
+    static let chatFields: Set<String> = implementedFields.union(["messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"])
     static let completionFields: Set<String> = implementedFields.union(["prompt"])
 
     /// OpenAI's fields that this server does not implement, with the values that ask for nothing (what the
@@ -212,15 +213,8 @@ public final class Server: @unchecked Sendable {
         case "best_of" where !chat: return value.intValue == 1 ? nil : "best_of is not implemented; send 1 or leave it out"
         case "echo" where !chat: return value.boolValue == false ? nil : "echo is not implemented; send false or leave it out"
         case "suffix" where !chat: return value.stringValue == "" ? nil : "suffix (insertion) is not implemented; leave it out"
-        case "response_format":
-            // json_schema's own fields are checked where the schema is compiled (parse).
-            if value["type"]?.stringValue == "json_schema" { return nil }
-            return ["text", "json_object"].contains(value["type"]?.stringValue ?? "") && value.objectValue?.count == 1 ? nil
-                : "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}}"
-        case "tools" where chat, "tool_choice" where chat: return nil  // ToolRequest.read checks them
         case "functions" where chat, "function_call" where chat:
             return empty(value) || value.stringValue == "none" || value.stringValue == "auto" ? nil : "\(key) (deprecated by OpenAI) is not implemented; send tools and tool_choice"
-        case "parallel_tool_calls" where chat: return value.boolValue != nil ? nil : "must be true or false"
         case "modalities" where chat: return value.arrayValue?.map(\.stringValue) == ["text"] ? nil : "only [\"text\"] is implemented"
         case "store" where chat: return value.boolValue == false ? nil : "this server stores no completions; send false or leave it out"
         case "metadata" where chat: return empty(value) ? nil : "metadata goes with store, which this server does not implement"
@@ -263,7 +257,7 @@ public final class Server: @unchecked Sendable {
         for (key, value) in v.objectValue ?? [] where value != .null && !(chat ? chatFields : completionFields).contains(key) {
             if let why = unimplemented(key, value, chat: chat) {
                 let known = !why.hasPrefix("this server does not know")
-                throw APIError.invalid(known ? "Unsupported value for \"\(key)\": \(why)" : "Unrecognized request field \"\(key)\": \(why) (\(chat ? "/v1/chat/completions" : "/v1/completions") takes \((chat ? chatFields.union(["response_format", "tools", "tool_choice", "parallel_tool_calls"]) : completionFields.union(["response_format"])).sorted().joined(separator: ", ")))",
+                throw APIError.invalid(known ? "Unsupported value for \"\(key)\": \(why)" : "Unrecognized request field \"\(key)\": \(why) (\(chat ? "/v1/chat/completions" : "/v1/completions") takes \((chat ? chatFields : completionFields).sorted().joined(separator: ", ")))",
                                        param: key, code: known ? "unsupported_value" : "unknown_parameter")
             }
         }
@@ -338,8 +332,16 @@ public final class Server: @unchecked Sendable {
             o.logprobs = k
         }
         // JSON output by constrained decoding: any object, or a value of the request's JSON Schema.
-        if v["response_format"]?["type"]?.stringValue == "json_object" { o.responseFormat = .jsonObject }
-        if let format = v["response_format"], format["type"]?.stringValue == "json_schema" { o.responseFormat = .jsonSchema(try jsonSchema(format)) }
+        if let format = v["response_format"], format != .null {
+            switch format["type"]?.stringValue {
+            case "text"? where format.objectValue?.count == 1: break
+            case "json_object"? where format.objectValue?.count == 1: o.responseFormat = .jsonObject
+            case "json_schema"?: o.responseFormat = .jsonSchema(try jsonSchema(format))  // its own fields are checked there
+            default:
+                throw APIError.invalid("Unsupported value for \"response_format\": must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}}",
+                                       param: "response_format", code: "unsupported_value")
+            }
+        }
         var choices = 1
         if let x = v["n"], x != .null {
             guard let n = x.intValue, n >= 1 else { throw APIError.invalid("\"n\" must be a positive integer", param: "n") }

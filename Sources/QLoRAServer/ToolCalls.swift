@@ -207,6 +207,8 @@ public struct ToolRequest: Sendable {
     /// left out of the prompt so that no call can come).
     static func read(_ v: JSONValue, template: ChatTemplate?) throws -> ToolRequest? {
         func bad(_ param: String, _ message: String) -> APIError { APIError.invalid(message, param: param) }
+        let parallel = v["parallel_tool_calls"].flatMap { $0 == .null ? nil : $0 }
+        if let parallel, parallel.boolValue == nil { throw bad("parallel_tool_calls", "must be true or false") }
         let list = v["tools"].flatMap { $0 == .null ? nil : $0 }
         guard let list else {
             if let c = v["tool_choice"], c != .null, c.stringValue != "none", c.stringValue != "auto" {
@@ -250,10 +252,7 @@ public struct ToolRequest: Sendable {
                                    param: "tools", code: "unsupported_value")
         }
         var request = ToolRequest(format: format, choice: choice, tools: list, names: names)
-        if let p = v["parallel_tool_calls"], p != .null {
-            guard let b = p.boolValue else { throw bad("parallel_tool_calls", "must be true or false") }
-            request.parallel = b
-        }
+        if let b = parallel?.boolValue { request.parallel = b }
         return request
     }
 }

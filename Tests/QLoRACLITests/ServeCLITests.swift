@@ -333,6 +333,12 @@ struct ServeCLITests {
         }
         let badSchema = try await error(#"{\#(hi), "response_format": {"type": "json_schema", "json_schema": {"name": "x y", "schema": {}}}}"#)
         #expect(badSchema.1 == "response_format" && badSchema.2?.contains("name") == true)
+        // Other formats, or a known one with fields it does not take; parallel_tool_calls must be a boolean even without tools.
+        for format in [#"{"type": "xml"}"#, #"{"type": "json_object", "schema": {}}"#, #""json""#] {
+            let r = try await error(#"{\#(hi), "response_format": \#(format)}"#)
+            #expect(r.0 == 400 && r.1 == "response_format" && r.2?.contains("json_schema") == true, "\(format): \(r)")
+        }
+        #expect(try await error(#"{\#(hi), "parallel_tool_calls": "yes"}"#).1 == "parallel_tool_calls")
         // SmolLM2's template has no tool calls: tools are a 400 naming them (above); tool_choice without tools too.
         #expect(try await error(#"{\#(hi), "tool_choice": "required"}"#).1 == "tool_choice")
         let toolMessage = try await error(#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "hi"}]}"#)
